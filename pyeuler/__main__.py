@@ -1,0 +1,5 @@
+import sys
+
+from pyeuler.cli import main
+
+sys.exit(main())

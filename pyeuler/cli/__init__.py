@@ -1,0 +1,34 @@
+"""``pyeuler`` command line: ``info``, ``bench``, ``train``, ``eval``.
+
+Each subcommand lives in its own module exposing ``add_parser(subparsers)``, which
+registers the subcommand and sets ``func`` to the function that runs it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from pyeuler.cli import bench, eval as eval_cmd, info, train
+
+_SUBCOMMANDS = (info, bench, train, eval_cmd)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="pyeuler",
+        description="Fast, robust Euler ResNets: explicit step factor h and implicit Euler skips.",
+    )
+    subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for module in _SUBCOMMANDS:
+        module.add_parser(subparsers)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return int(args.func(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

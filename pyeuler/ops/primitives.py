@@ -1,0 +1,158 @@
+"""Kernel primitives: the small contract every fused backend implements.
+
+A normalisation + affine + (scaled) residual add + ReLU, forward and backward, factors into
+four memory-bound passes over the activation tensor.  Everything else (BatchNorm vs
+GroupNorm, learnable h, running statistics, the BN backward algebra, SyncBatchNorm-style
+all-reduces between passes) is arithmetic on per-channel vectors and lives in
+:mod:`pyeuler.ops.norm_act`, shared by all backends.
+
+Tensors are ``(N, C, *spatial)`` with 0–3 spatial dims, contiguous or channels_last, in
+float32 / float16 / bfloat16 (float64 too for this eager version).  Per-channel
+coefficients are float32 of shape ``[C]`` ("per channel") or ``[N, C]`` ("per sample and
+channel", used by GroupNorm).  All accumulation is in float32 (float64 for float64 input).
+
+This module is the readable definition: each kernel backend (``pyeuler.triton``,
+``pyeuler.cuda``) exposes functions with exactly these names and signatures, and is
+tested against these.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "norm_stats",
+    "affine_act_forward",
+    "affine_act_backward_reduce",
+    "affine_act_backward_apply",
+    "ie_residual",
+    "ie_update",
+]
+
+
+def _acc_dtype(x: Tensor) -> torch.dtype:
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def _coef(v: Tensor, x: Tensor) -> Tensor:
+    """Broadcast a [C] or [N, C] coefficient against (N, C, *spatial)."""
+    spatial = (1,) * (x.dim() - 2)
+    if v.dim() == 1:
+        return v.view(1, -1, *spatial)
+    return v.view(v.shape[0], v.shape[1], *spatial)
+
+
+def norm_stats(x: Tensor, groups: int) -> tuple[Tensor, Tensor]:
+    """Biased mean and variance.
+
+    groups == 0: BatchNorm statistics per channel over (N, *spatial) -> two [C] tensors.
+    groups >= 1: GroupNorm statistics per (sample, group) over (C/groups, *spatial)
+    -> two [N, groups] tensors.  Kernels use a Welford / Chan merge, never E[x²]−E[x]².
+    """
+    xf = x.to(_acc_dtype(x))
+    if groups == 0:
+        dims = [0] + list(range(2, x.dim()))
+        var, mean = torch.var_mean(xf, dim=dims, correction=0)
+        return mean, var
+    xg = xf.reshape(x.shape[0], groups, -1)
+    var, mean = torch.var_mean(xg, dim=2, correction=0)
+    return mean, var
+
+
+def _relu_mask(x: Tensor, scale: Tensor, shift: Tensor, mask: Tensor | None, relu: bool):
+    if mask is not None:
+        return mask
+    if not relu:
+        return None
+    xf = x.to(_acc_dtype(x))
+    return (_coef(scale, x) * xf + _coef(shift, x)) > 0
+
+
+def affine_act_forward(
+    x: Tensor,
+    scale: Tensor,
+    shift: Tensor,
+    shortcut: Tensor | None,
+    relu: bool,
+    save_mask: bool,
+) -> tuple[Tensor, Tensor | None]:
+    """``y = act(shortcut + scale·x + shift)``; shortcut optional, act = ReLU if ``relu``.
+
+    Returns y (x's dtype and memory format) and, iff ``save_mask``, the boolean ``y > 0``.
+    """
+    acc = _acc_dtype(x)
+    y = _coef(scale, x) * x.to(acc) + _coef(shift, x)
+    if shortcut is not None:
+        y = y + shortcut.to(acc)
+    if relu:
+        y = torch.relu(y)
+    mask = (y > 0) if save_mask else None
+    return y.to(x.dtype), mask
+
+
+def affine_act_backward_reduce(
+    dy: Tensor,
+    x: Tensor,
+    scale: Tensor,
+    shift: Tensor,
+    center: Tensor,
+    mask: Tensor | None,
+    relu: bool,
+    per_sample: bool,
+) -> tuple[Tensor, Tensor]:
+    """Sums of ``g`` and ``g·(x − center)`` where ``g = dy·m``.
+
+    ``m`` is ``mask`` when given, else ``scale·x + shift > 0`` when ``relu``, else 1.
+    Sums run over (N, *spatial) -> [C] tensors, or over (*spatial) -> [N, C] when
+    ``per_sample``.  ``center`` is [C] or [N, C] (the mean the statistics used).
+    """
+    acc = _acc_dtype(x)
+    m = _relu_mask(x, scale, shift, mask, relu)
+    g = dy.to(acc)
+    if m is not None:
+        g = g * m
+    xc = x.to(acc) - _coef(center, x)
+    dims = list(range(2, x.dim())) if per_sample else [0] + list(range(2, x.dim()))
+    if not dims:  # per_sample with no spatial dims: nothing to sum
+        return g, g * xc
+    return g.sum(dims), (g * xc).sum(dims)
+
+
+def affine_act_backward_apply(
+    dy: Tensor,
+    x: Tensor,
+    scale: Tensor,
+    shift: Tensor,
+    mask: Tensor | None,
+    relu: bool,
+    a: Tensor,
+    b: Tensor,
+    c: Tensor,
+    center: Tensor,
+    want_dshortcut: bool,
+) -> tuple[Tensor, Tensor | None]:
+    """``dx = a·g + b·(x − center) + c`` with ``g = dy·m`` (``m`` as in the reduce).
+
+    a, b, c, center are [C] or [N, C].  dx has x's dtype and memory format; the shortcut's
+    gradient ``g`` (dy's dtype) is returned iff ``want_dshortcut``.
+    """
+    acc = _acc_dtype(x)
+    m = _relu_mask(x, scale, shift, mask, relu)
+    g = dy.to(acc)
+    if m is not None:
+        g = g * m
+    dx = _coef(a, x) * g + _coef(b, x) * (x.to(acc) - _coef(center, x)) + _coef(c, x)
+    return dx.to(x.dtype), (g.to(dy.dtype) if want_dshortcut else None)
+
+
+def ie_residual(x: Tensor, c: Tensor, fx: Tensor, theta: float) -> Tensor:
+    """IE-Skip residual ``e = x − c − θ·f(x)`` (SPEC §2)."""
+    acc = _acc_dtype(x)
+    return (x.to(acc) - c.to(acc) - theta * fx.to(acc)).to(x.dtype)
+
+
+def ie_update(x: Tensor, e: Tensor, v: Tensor, step_size: float, theta: float) -> Tensor:
+    """IE-Skip gradient step ``x − 2γ·(e − θ·v)`` with ``v = J_fᵀ e`` (SPEC §2)."""
+    acc = _acc_dtype(x)
+    return (x.to(acc) - 2.0 * step_size * (e.to(acc) - theta * v.to(acc))).to(x.dtype)
