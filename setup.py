@@ -39,7 +39,7 @@ def _cuda_extension():
         name="pyeuler._C",
         sources=sources,
         include_dirs=[str(ROOT / "kernels")],
-        extra_compile_args={"cxx": ["-O3"], "nvcc": ["-O3", "--use_fast_math", "-lineinfo"]},
+        extra_compile_args={"cxx": ["-O3"], "nvcc": ["-O3", "-lineinfo"]},
     )
     return [ext], {"build_ext": BuildExtension}
 
