@@ -1,0 +1,171 @@
+"""Datasets for the robustness experiments, as in-memory tensors in [0, 1] — no downloads.
+
+- ``digits``: scikit-learn's bundled 8×8 handwritten digits (1,797 images, 10 classes),
+  pixel values 0..16 scaled to [0, 1], shape (N, 1, 8, 8).
+- ``moons``: scikit-learn's two interleaving half-circles, points min-max scaled to
+  [0, 1]², shape (N, 2), 2 classes.
+- ``cifar10``: the standard "CIFAR-10 python version" pickle batches
+  (``data_batch_1..5``, ``test_batch``) read from ``data_dir`` without torchvision; images
+  kept as uint8 (N, 3, 32, 32) (scaled to [0, 1] per batch by the training loop).
+
+Splits are deterministic given ``seed`` (digits: stratified; cifar10: the official one).
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import pickle
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+__all__ = ["Data", "load", "load_digits", "load_moons", "load_cifar10", "DATASETS",
+           "random_crop_flip"]
+
+DATASETS = ("digits", "moons", "cifar10")
+
+
+@dataclass
+class Data:
+    name: str
+    x_train: torch.Tensor
+    y_train: torch.Tensor
+    x_test: torch.Tensor
+    y_test: torch.Tensor
+    num_classes: int
+    #: shape of one input, e.g. (1, 8, 8) or (2,)
+    input_shape: tuple
+
+    @property
+    def in_channels(self) -> int:
+        return self.input_shape[0]
+
+    def __repr__(self) -> str:
+        return (f"Data({self.name!r}, train={tuple(self.x_train.shape)}, "
+                f"test={tuple(self.x_test.shape)}, classes={self.num_classes})")
+
+
+def _check_fraction(test_fraction: float) -> None:
+    if not isinstance(test_fraction, (int, float)) or not 0 < test_fraction < 1:
+        raise ValueError(f"test_fraction: expected a number in (0, 1), got {test_fraction!r}")
+
+
+def load_digits(seed: int = 0, test_fraction: float = 0.25) -> Data:
+    """sklearn digits as (N, 1, 8, 8) float32 in [0, 1]; stratified split with ``seed``."""
+    from sklearn.datasets import load_digits as _load
+    from sklearn.model_selection import train_test_split
+
+    _check_fraction(test_fraction)
+    d = _load()
+    x = (d.images.astype(np.float32) / 16.0)[:, None]
+    y = d.target.astype(np.int64)
+    xtr, xte, ytr, yte = train_test_split(x, y, test_size=test_fraction, random_state=seed,
+                                          stratify=y)
+    return Data("digits", torch.from_numpy(xtr), torch.from_numpy(ytr), torch.from_numpy(xte),
+                torch.from_numpy(yte), 10, (1, 8, 8))
+
+
+def load_moons(seed: int = 0, n_samples: int = 2000, noise: float = 0.15,
+               test_fraction: float = 0.25) -> Data:
+    """sklearn two-moons, (N, 2) float32 min-max scaled to [0, 1] (over all samples)."""
+    from sklearn.datasets import make_moons
+    from sklearn.model_selection import train_test_split
+
+    _check_fraction(test_fraction)
+    if not isinstance(n_samples, int) or n_samples < 8:
+        raise ValueError(f"n_samples: expected an int >= 8, got {n_samples!r}")
+    x, y = make_moons(n_samples=n_samples, noise=noise, random_state=seed)
+    x = (x - x.min(0)) / (x.max(0) - x.min(0))
+    xtr, xte, ytr, yte = train_test_split(x.astype(np.float32), y.astype(np.int64),
+                                          test_size=test_fraction, random_state=seed, stratify=y)
+    return Data("moons", torch.from_numpy(xtr), torch.from_numpy(ytr), torch.from_numpy(xte),
+                torch.from_numpy(yte), 2, (2,))
+
+
+class _CifarUnpickler(pickle.Unpickler):
+    """Only what the CIFAR python batches contain (numpy arrays, dicts, lists, bytes): a
+    pickle from elsewhere cannot run code."""
+
+    _ALLOWED = {
+        ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+        ("numpy", "ndarray"), ("numpy", "dtype"),
+        ("numpy.core.multiarray", "scalar"), ("numpy._core.multiarray", "scalar"),
+    }
+
+    def find_class(self, module, name):
+        if (module, name) in self._ALLOWED:
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"refusing to load {module}.{name}")
+
+
+def _read_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    try:
+        with open(path, "rb") as f:
+            d = _CifarUnpickler(f, encoding="bytes").load()
+        data = d.get(b"data", d.get("data")) if isinstance(d, dict) else None
+        labels = d.get(b"labels", d.get("labels")) if isinstance(d, dict) else None
+        if data is None or labels is None:
+            raise ValueError("no 'data'/'labels' entries")
+        data = np.asarray(data, dtype=np.uint8)
+        labels = np.asarray(labels, dtype=np.int64)
+        if data.ndim != 2 or data.shape[1] != 3072 or len(labels) != len(data):
+            raise ValueError(f"data has shape {data.shape}, labels {labels.shape}; "
+                             "expected (n, 3072) and (n,)")
+    except (OSError, EOFError, pickle.UnpicklingError, ValueError, TypeError,
+            AttributeError, KeyError) as e:
+        raise ValueError(f"{path}: not a CIFAR-10 python batch ({e})") from e
+    return data.reshape(-1, 3, 32, 32), labels
+
+
+def load_cifar10(data_dir: str | os.PathLike) -> Data:
+    """CIFAR-10 from the python pickle batches in ``data_dir`` (the extracted
+    ``cifar-10-batches-py`` folder, or its parent). Images stay uint8 (N, 3, 32, 32)."""
+    if data_dir is None:
+        raise ValueError("data_dir: cifar10 needs --data-dir pointing at the extracted "
+                         "'cifar-10-batches-py' folder (no downloads are made)")
+    root = Path(data_dir).expanduser()
+    if (root / "cifar-10-batches-py").is_dir():
+        root = root / "cifar-10-batches-py"
+    names = [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]
+    missing = [n for n in names if not (root / n).is_file()]
+    if missing:
+        raise FileNotFoundError(f"data_dir: {root} lacks the CIFAR-10 python batches "
+                                f"{', '.join(missing)} (get cifar-10-python.tar.gz from "
+                                "https://www.cs.toronto.edu/~kriz/cifar.html and extract it)")
+    train = [_read_batch(root / n) for n in names[:5]]
+    xte, yte = _read_batch(root / "test_batch")
+    xtr = np.concatenate([t[0] for t in train])
+    ytr = np.concatenate([t[1] for t in train])
+    return Data("cifar10", torch.from_numpy(xtr), torch.from_numpy(ytr), torch.from_numpy(xte),
+                torch.from_numpy(yte), 10, (3, 32, 32))
+
+
+def load(name: str, seed: int = 0, data_dir: str | os.PathLike | None = None, **kw) -> Data:
+    """Load a dataset by name: ``digits`` (default elsewhere), ``moons``, ``cifar10``."""
+    key = str(name).lower()
+    if key == "digits":
+        return load_digits(seed=seed, **kw)
+    if key == "moons":
+        return load_moons(seed=seed, **kw)
+    if key in ("cifar10", "cifar-10"):
+        return load_cifar10(data_dir)
+    raise ValueError(f"data: unknown dataset {name!r}; choose from {', '.join(DATASETS)}")
+
+
+def random_crop_flip(x: torch.Tensor, padding: int = 4,
+                     generator: torch.Generator | None = None) -> torch.Tensor:
+    """Standard CIFAR augmentation on a batch (N, C, H, W): zero-pad by ``padding``, random
+    crop back to H×W, random horizontal flip."""
+    n, c, h, w = x.shape
+    padded = torch.nn.functional.pad(x, (padding,) * 4)
+    dy = torch.randint(0, 2 * padding + 1, (n,), generator=generator)
+    dx = torch.randint(0, 2 * padding + 1, (n,), generator=generator)
+    rows = (dy[:, None] + torch.arange(h))[:, None, :, None].expand(n, c, h, padded.shape[3])
+    out = torch.gather(padded, 2, rows)
+    cols = (dx[:, None] + torch.arange(w))[:, None, None, :].expand(n, c, h, w)
+    out = torch.gather(out, 3, cols)
+    flip = torch.rand(n, generator=generator) < 0.5
+    return torch.where(flip[:, None, None, None], out.flip(3), out)

@@ -1,0 +1,84 @@
+"""Models by name, for the CLI, checkpoints and the report.
+
+Names: ``resnet-D`` (post-activation CIFAR ResNet, D = 6n+2: 20, 32, 44, 56, 110, 218),
+``preact-18|34|50``, ``wrn-D-W`` (WideResNet, D = 6n+4, e.g. ``wrn-34-10``; ``wrn-10-1``
+is tiny), ``mlp`` or ``mlp-WIDTH-DEPTH`` (residual MLP; default width 32, depth 4).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+
+import torch.nn as nn
+
+__all__ = ["build_model", "default_model", "MODEL_NAMES", "is_ie_capable"]
+
+MODEL_NAMES = ("resnet-20|32|44|56|110|218", "preact-18|34|50", "wrn-34-10 (wrn-D-W)",
+               "mlp (mlp-WIDTH-DEPTH)")
+
+_DEFAULTS = {"digits": "wrn-10-1", "moons": "mlp", "cifar10": "preact-18"}
+
+
+def default_model(data: str) -> str:
+    """The model the CLI uses for ``data`` when ``--model`` is not given."""
+    return _DEFAULTS.get(data, "preact-18")
+
+
+def is_ie_capable(name: str) -> bool:
+    return not name.lower().startswith("resnet-")
+
+
+def build_model(name: str, input_shape: tuple, num_classes: int, *, h: float = 1.0,
+                ie_steps: int = 0, ie_step_size: float = 0.1, theta: float = 1.0,
+                grad: str = "unrolled", backend: str | None = None) -> nn.Module:
+    """Build a pyeuler model by name for inputs of ``input_shape`` (without batch dim)."""
+    from pyeuler import models
+
+    key = name.strip().lower()
+    input_shape = tuple(int(s) for s in input_shape)
+    if isinstance(ie_steps, bool) or not isinstance(ie_steps, int) or ie_steps < 0:
+        raise ValueError(f"ie_steps: expected an int >= 0, got {ie_steps!r}")
+    if not (isinstance(h, (int, float)) and math.isfinite(h) and h > 0):
+        raise ValueError(f"h: expected a positive number, got {h!r}")
+    ie = dict(ie_steps=ie_steps, ie_step_size=ie_step_size, theta=theta, grad=grad,
+              backend=backend)
+
+    if key.startswith("mlp"):
+        m = re.fullmatch(r"mlp(?:-(\d+)-(\d+))?", key)
+        if not m:
+            raise ValueError(f"model: expected 'mlp' or 'mlp-WIDTH-DEPTH', got {name!r}")
+        width, depth = (int(m.group(1)), int(m.group(2))) if m.group(1) else (32, 4)
+        in_features = math.prod(input_shape)
+        net = models.mlp_resnet(in_features=in_features, width=width, depth=depth,
+                                num_classes=num_classes, h=h, **ie)
+        return net if len(input_shape) == 1 else nn.Sequential(nn.Flatten(), net)
+
+    if len(input_shape) != 3:
+        raise ValueError(f"model: {name!r} is convolutional and needs image inputs (C, H, W); "
+                         f"the data has inputs of shape {input_shape} (use --model mlp)")
+    in_channels = input_shape[0]
+    if key.startswith("resnet-"):
+        m = re.fullmatch(r"resnet-(\d+)", key)
+        depth = int(m.group(1)) if m else -1
+        if depth < 8 or (depth - 2) % 6:
+            raise ValueError(f"model: resnet-D needs D = 6n+2 (20, 32, 44, 56, 110, 218), got {name!r}")
+        if ie_steps:
+            raise ValueError(f"ie_steps: {name!r} (post-activation ResNet) has no IE-Skips; "
+                             "use preact-*, wrn-* or mlp for ie_steps > 0")
+        return models.resnet_cifar(depth=depth, h=h, num_classes=num_classes,
+                                   in_channels=in_channels)
+    if key.startswith("preact-"):
+        m = re.fullmatch(r"preact-(18|34|50)", key)
+        if not m:
+            raise ValueError(f"model: expected preact-18, preact-34 or preact-50, got {name!r}")
+        return models.preact_resnet(depth=int(m.group(1)), num_classes=num_classes,
+                                    in_channels=in_channels, h=h, **ie)
+    if key.startswith("wrn-"):
+        m = re.fullmatch(r"wrn-(\d+)-(\d+)", key)
+        depth = int(m.group(1)) if m else -1
+        if depth < 10 or (depth - 4) % 6:
+            raise ValueError(f"model: wrn-D-W needs D = 6n+4 (e.g. wrn-34-10, wrn-10-1), got {name!r}")
+        return models.wide_resnet(depth=depth, widen_factor=int(m.group(2)),
+                                  num_classes=num_classes, in_channels=in_channels, h=h, **ie)
+    raise ValueError(f"model: unknown model {name!r}; choose from {', '.join(MODEL_NAMES)}")

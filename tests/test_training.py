@@ -1,0 +1,144 @@
+"""Adversarial training losses, loops, evaluation and the gradient-masking warning."""
+
+import warnings
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from pyeuler.robust import (GradientMaskingWarning, accuracy, evaluate, pgd, pgd_at_loss,
+                            trades_adversarial, trades_loss, train_epoch,
+                            uses_detached_ie_gradients)
+
+
+def mlp(seed=0, in_features=2, classes=2):
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(in_features, 32), nn.ReLU(), nn.Linear(32, classes))
+
+
+def points(n=64, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.rand(n, 2, generator=g)
+    return x, (x[:, 0] > x[:, 1]).long()
+
+
+def test_trades_loss_equals_its_formula():
+    model = mlp()
+    x, y = points()
+    x_adv = torch.clamp(x + 0.05 * torch.randn_like(x), 0, 1)
+    loss, logits = trades_loss(model, x, y, beta=6.0, x_adv=x_adv)
+    p = F.softmax(model(x), 1)
+    q = F.softmax(model(x_adv), 1)
+    ce = -torch.log(p[torch.arange(len(y)), y]).mean()
+    kl = (p * (p.log() - q.log())).sum(1).mean()
+    assert torch.allclose(loss, ce + 6.0 * kl, rtol=1e-5, atol=1e-6)
+    assert torch.allclose(logits, model(x))
+    assert kl > 0  # the test is not vacuous
+    # beta = 0 is plain cross entropy; x_adv = x gives zero KL
+    assert torch.allclose(trades_loss(model, x, y, beta=0.0, x_adv=x_adv)[0], ce)
+    assert torch.allclose(trades_loss(model, x, y, beta=6.0, x_adv=x)[0], ce, atol=1e-6)
+
+
+def test_trades_adversarial_increases_kl_within_ball():
+    model = mlp()
+    x, _ = points()
+    eps = 0.1
+    adv = trades_adversarial(model, x, eps=eps, alpha=0.02, steps=10)
+    assert (adv - x).abs().max() <= eps + 1e-6 and adv.min() >= 0 and adv.max() <= 1
+    with torch.no_grad():
+        p = F.log_softmax(model(x), 1)
+        kl = lambda z: F.kl_div(F.log_softmax(model(z), 1), p, reduction="sum", log_target=True)
+        assert kl(adv) > kl(torch.clamp(x + eps * torch.sign(torch.randn_like(x)), 0, 1))
+
+
+def test_pgd_at_loss_is_cross_entropy_on_pgd_examples():
+    model = mlp()
+    x, y = points()
+    loss0, _ = pgd_at_loss(model, x, y, eps=0.0, alpha=0.0, steps=3)
+    assert torch.allclose(loss0, F.cross_entropy(model(x), y))
+    loss, logits = pgd_at_loss(model, x, y, eps=0.1, alpha=0.025, steps=10)
+    assert loss > loss0
+    assert torch.allclose(loss, F.cross_entropy(logits, y))
+
+
+@pytest.mark.parametrize("adv", ["none", "pgd", "trades"])
+def test_train_epoch_learns(adv):
+    model = mlp()
+    x, y = points(256)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    g = torch.Generator().manual_seed(0)
+    first = train_epoch(model, x, y, opt, batch_size=64, adv=adv, eps=0.03, steps=3,
+                        generator=g, progress=False)
+    for _ in range(15):
+        last = train_epoch(model, x, y, opt, batch_size=64, adv=adv, eps=0.03, steps=3,
+                           generator=g, progress=False)
+    assert last.samples == 256 and last.loss < first.loss
+    assert accuracy(model, x, y) > 0.85
+    assert model.training
+
+
+def test_pgd_training_beats_natural_training_under_attack():
+    from pyeuler.data import load_digits
+    d = load_digits(seed=0)
+    eps = 0.1
+    results = {}
+    for adv in ("none", "pgd"):
+        torch.manual_seed(1)
+        model = nn.Sequential(nn.Flatten(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 64),
+                              nn.ReLU(), nn.Linear(64, 10))
+        opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+        g = torch.Generator().manual_seed(0)
+        for _ in range(10):
+            train_epoch(model, d.x_train, d.y_train, opt, batch_size=64, adv=adv, eps=eps,
+                        steps=5, generator=g, progress=False)
+        atk = lambda m, xb, yb: pgd(m, xb, yb, eps, eps / 4, 10, random_start=False)
+        results[adv] = (accuracy(model, d.x_test, d.y_test),
+                        accuracy(model, d.x_test, d.y_test, attack=atk))
+    assert results["none"][0] > 0.9 and results["pgd"][0] > 0.9, results
+    assert results["pgd"][1] > results["none"][1] + 0.15, results
+
+
+def test_train_epoch_rejects_bad_adv():
+    with pytest.raises(ValueError, match="adv"):
+        train_epoch(mlp(), *points(), torch.optim.SGD(mlp().parameters(), lr=0.1), adv="fgsm")
+    with pytest.raises(ValueError, match="batch_size"):
+        train_epoch(mlp(), *points(), torch.optim.SGD(mlp().parameters(), lr=0.1), batch_size=0)
+
+
+class FakeIE(nn.Module):
+    """Stands in for an IE-Skip: exposes .grad and .steps like pyeuler's IE modules."""
+
+    def __init__(self, grad, steps):
+        super().__init__()
+        self.grad, self.steps = grad, steps
+        self.lin = nn.Linear(2, 2)
+
+    def forward(self, x):
+        return self.lin(x)
+
+
+@pytest.mark.parametrize("grad, steps, masked", [
+    ("detached", 1, True), ("detached", 0, False), ("unrolled", 3, False), ("implicit", 1, False)])
+def test_gradient_masking_warning(grad, steps, masked):
+    model = nn.Sequential(FakeIE(grad, steps), nn.ReLU(), nn.Linear(2, 2))
+    x, y = points(32)
+    assert uses_detached_ie_gradients(model) is masked
+    with warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter("always")
+        res = evaluate(model, x, y, attacks=["fgsm"], eps=[0.05])
+    assert any(issubclass(i.category, GradientMaskingWarning) for i in w) is masked
+    assert set(res) == {"clean", "fgsm"} and set(res["fgsm"]) == {0.05}
+
+
+def test_evaluate_structure_and_monotone_in_eps():
+    model = mlp()
+    x, y = points(128)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    for _ in range(20):
+        train_epoch(model, x, y, opt, batch_size=32, progress=False)
+    res = evaluate(model, x, y, attacks=["fgsm", "pgd-10", "cw"], eps=[0.0, 0.05, 0.2],
+                   random_start=False)
+    assert res["fgsm"][0.0] == res["clean"] == res["pgd-10"][0.0]
+    assert res["pgd-10"][0.2] <= res["pgd-10"][0.05] <= res["clean"]
+    assert 0 <= res["cw"] <= res["clean"]
