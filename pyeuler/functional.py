@@ -1,0 +1,76 @@
+"""Functional ops (SPEC §1–§3).  Every op takes ``backend=`` (None: the process default).
+
+BatchNorm arguments follow ``torch.nn.functional.batch_norm``: with ``training=True`` batch
+statistics normalise and, when ``running_mean``/``running_var`` are given, are folded into
+them in place (unbiased variance, ``momentum``); with ``training=False`` the running
+statistics normalise.
+"""
+
+from __future__ import annotations
+
+from torch import Tensor
+
+from pyeuler.ops.ie_skip import ie_residual as _ie_residual
+from pyeuler.ops.ie_skip import ie_skip
+from pyeuler.ops.ie_skip import ie_update as _ie_update
+from pyeuler.ops.norm_act import norm_act
+from pyeuler.ops.preact_branch import branch_jvp
+from pyeuler.ops.residual import scaled_residual_add
+from pyeuler.backend import resolve_backend
+
+__all__ = ["bn_relu", "group_norm_relu", "bn_add_relu", "scaled_residual_add", "ie_residual",
+           "ie_update", "ie_skip", "branch_vjp", "branch_jvp"]
+
+
+def bn_relu(x: Tensor, weight: Tensor | None = None, bias: Tensor | None = None,
+            running_mean: Tensor | None = None, running_var: Tensor | None = None, *,
+            training: bool = True, momentum: float = 0.1, eps: float = 1e-5,
+            backend: str | None = None) -> Tensor:
+    """``ReLU(BN(x))``: the pre-activation head."""
+    return norm_act(x, weight, bias, running_mean, running_var, training=training,
+                    momentum=momentum, eps=eps, backend=backend)
+
+
+def group_norm_relu(x: Tensor, num_groups: int = 1, weight: Tensor | None = None,
+                    bias: Tensor | None = None, *, eps: float = 1e-5,
+                    backend: str | None = None) -> Tensor:
+    """``ReLU(GroupNorm(num_groups)(x))`` (per-sample statistics; 1 group as in the IE code)."""
+    if not isinstance(num_groups, int) or num_groups < 1:
+        raise ValueError(f"num_groups must be a positive int, got {num_groups!r}")
+    return norm_act(x, weight, bias, eps=eps, groups=num_groups, backend=backend)
+
+
+def bn_add_relu(z: Tensor, shortcut: Tensor | None, h: float | Tensor = 1.0,
+                weight: Tensor | None = None, bias: Tensor | None = None,
+                running_mean: Tensor | None = None, running_var: Tensor | None = None, *,
+                training: bool = True, momentum: float = 0.1, eps: float = 1e-5,
+                relu: bool = True, backend: str | None = None) -> Tensor:
+    """``ReLU(shortcut + h·BN(z))``: the post-activation tail.  ``h`` a float, a scalar or a
+    per-channel tensor (learnable if it requires grad); shortcut and ReLU optional."""
+    return norm_act(z, weight, bias, running_mean, running_var, training=training,
+                    momentum=momentum, eps=eps, shortcut=shortcut, h=h, relu=relu,
+                    backend=backend)
+
+
+def ie_residual(x: Tensor, c: Tensor, fx: Tensor, theta: float = 1.0,
+                backend: str | None = None) -> Tensor:
+    """IE-Skip residual ``e = x − c − θ·f(x)``."""
+    return _ie_residual(x, c, fx, theta, resolve_backend(backend, x.device))
+
+
+def ie_update(x: Tensor, e: Tensor, v: Tensor, step_size: float = 0.1, theta: float = 1.0,
+              backend: str | None = None) -> Tensor:
+    """IE-Skip update ``x − 2γ·(e − θ·v)`` with ``v = J_fᵀ e``."""
+    return _ie_update(x, e, v, step_size, theta, resolve_backend(backend, x.device))
+
+
+def branch_vjp(branch, x: Tensor, v: Tensor, backend: str | None = None) -> Tensor:
+    """``J_f(x)ᵀ v`` for a :class:`pyeuler.nn.PreActBranch` by the explicit formula of
+    SPEC §3 (running statistics untouched)."""
+    from pyeuler.ops.preact_branch import branch_forward
+    from pyeuler.ops.preact_branch import branch_vjp as _vjp
+
+    name = resolve_backend(backend, x.device)
+    name = "eager" if name == "reference" else name
+    _, cache = branch_forward(branch, x, name, update_running=False)
+    return _vjp(branch, cache, v, name)

@@ -1,0 +1,215 @@
+"""IE-Skip: the explicit Euler step followed by K gradient steps toward implicit Euler (SPEC §2).
+
+    c    = x0 + (1-θ)·f(x0)
+    x⁽⁰⁾ = x0 + f(x0)
+    x⁽ᵏ⁾ = x⁽ᵏ⁻¹⁾ − 2γ·(e − θ·J_f(x⁽ᵏ⁻¹⁾)ᵀ e),   e = x⁽ᵏ⁻¹⁾ − c − θ·f(x⁽ᵏ⁻¹⁾)
+
+Two algorithms compute it:
+
+- :func:`_ie_autograd`, the literal one: ``torch.autograd.grad`` of ‖e‖² (with
+  ``create_graph`` for exact "unrolled" gradients).  It is the ``"reference"`` backend and
+  the path for branches pyeuler does not know.
+- :func:`_ie_explicit`, for :class:`pyeuler.nn.PreActBranch`: J_fᵀe written out
+  (:func:`pyeuler.ops.preact_branch.branch_vjp`), no ‖e‖² reduction, no autograd inside
+  the forward.  "unrolled" differentiates through those explicit ops (each differentiable
+  once more); "detached" runs the correction under ``no_grad``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+from torch import Tensor, nn
+
+from pyeuler.backend import resolve_backend
+from pyeuler.ops import primitives
+from pyeuler.ops.preact_branch import branch_forward, branch_vjp
+
+__all__ = ["GRAD_MODES", "BN_UPDATES", "ie_skip", "ie_residual", "ie_update", "validate_ie_args"]
+
+GRAD_MODES = ("unrolled", "detached", "implicit")
+BN_UPDATES = ("all", "first")
+
+
+# ----------------------------------------------------------------------------------------
+# Elementwise pieces.  Linear maps, so their backward is written with torch ops and stays
+# differentiable (the "unrolled" gradient needs that).
+
+
+def _kernels(backend: str):
+    if backend == "triton":
+        from pyeuler import triton as kernels
+    else:
+        from pyeuler import cuda as kernels
+    return kernels
+
+
+@torch.library.custom_op("pyeuler::ie_residual", mutates_args=())
+def _ie_residual_op(x: Tensor, c: Tensor, fx: Tensor, theta: float, backend: str) -> Tensor:
+    return _kernels(backend).ie_residual(x, c, fx, theta)
+
+
+@_ie_residual_op.register_fake
+def _(x, c, fx, theta, backend):
+    return torch.empty_like(x)
+
+
+def _ie_residual_setup(ctx, inputs, output):
+    x, c, fx, theta, _ = inputs
+    ctx.theta, ctx.dtypes = theta, (x.dtype, c.dtype, fx.dtype)
+
+
+def _ie_residual_backward(ctx, de):
+    dx_dtype, dc_dtype, dfx_dtype = ctx.dtypes
+    return de.to(dx_dtype), (-de).to(dc_dtype), (-ctx.theta * de).to(dfx_dtype), None, None
+
+
+torch.library.register_autograd("pyeuler::ie_residual", _ie_residual_backward,
+                                setup_context=_ie_residual_setup)
+
+
+@torch.library.custom_op("pyeuler::ie_update", mutates_args=())
+def _ie_update_op(x: Tensor, e: Tensor, v: Tensor, step_size: float, theta: float,
+                  backend: str) -> Tensor:
+    return _kernels(backend).ie_update(x, e, v, step_size, theta)
+
+
+@_ie_update_op.register_fake
+def _(x, e, v, step_size, theta, backend):
+    return torch.empty_like(x)
+
+
+def _ie_update_setup(ctx, inputs, output):
+    x, e, v, step_size, theta, _ = inputs
+    ctx.coeffs, ctx.dtypes = (step_size, theta), (x.dtype, e.dtype, v.dtype)
+
+
+def _ie_update_backward(ctx, dout):
+    step_size, theta = ctx.coeffs
+    dx_dtype, de_dtype, dv_dtype = ctx.dtypes
+    return (dout.to(dx_dtype), (-2.0 * step_size * dout).to(de_dtype),
+            (2.0 * step_size * theta * dout).to(dv_dtype), None, None, None)
+
+
+torch.library.register_autograd("pyeuler::ie_update", _ie_update_backward,
+                                setup_context=_ie_update_setup)
+
+
+def ie_residual(x: Tensor, c: Tensor, fx: Tensor, theta: float, backend: str = "eager") -> Tensor:
+    """``e = x − c − θ·f(x)``."""
+    if backend in ("eager", "reference"):
+        return primitives.ie_residual(x, c, fx, theta)
+    return _ie_residual_op(x, c, fx, theta, backend)
+
+
+def ie_update(x: Tensor, e: Tensor, v: Tensor, step_size: float, theta: float,
+              backend: str = "eager") -> Tensor:
+    """``x − 2γ·(e − θ·v)``, one gradient step on ‖x − c − θ·f(x)‖²."""
+    if backend in ("eager", "reference"):
+        return primitives.ie_update(x, e, v, step_size, theta)
+    return _ie_update_op(x, e, v, step_size, theta, backend)
+
+
+# ----------------------------------------------------------------------------------------
+# The two algorithms.
+
+
+@contextlib.contextmanager
+def _running_stats_frozen(module: nn.Module):
+    """Restore every BatchNorm buffer in ``module`` on exit (``bn_update="first"``)."""
+    buffers = [b for m in module.modules() if isinstance(m, nn.modules.batchnorm._NormBase)
+               for b in (m.running_mean, m.running_var, m.num_batches_tracked) if b is not None]
+    saved = [b.clone() for b in buffers]
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for buffer, value in zip(buffers, saved):
+                buffer.copy_(value)
+
+
+def _ie_autograd(f, module, x0, steps, step_size, theta, grad, bn_update):
+    fx0 = f(x0)
+    x = x0 + fx0
+    if steps == 0:
+        return x
+    c = x0 if theta == 1.0 else x0 + (1.0 - theta) * fx0
+    frozen = _running_stats_frozen(module) if bn_update == "first" else contextlib.nullcontext()
+    outer_grad = torch.is_grad_enabled()
+    with frozen, torch.enable_grad():
+        for _ in range(steps):
+            create_graph = grad == "unrolled" and outer_grad and x.requires_grad
+            xk = x if create_graph else x.detach().requires_grad_()
+            e = xk - c - theta * f(xk)
+            (grad_xk,) = torch.autograd.grad(e.pow(2).sum(), xk, create_graph=create_graph)
+            with torch.set_grad_enabled(outer_grad):
+                x = x - step_size * grad_xk
+    return x
+
+
+def _refine(branch, x0, fx0, x, steps, step_size, theta, update_running, backend):
+    c = x0 if theta == 1.0 else x0 + (1.0 - theta) * fx0
+    for _ in range(steps):
+        fx, cache = branch_forward(branch, x, backend, update_running=update_running)
+        e = ie_residual(x, c, fx, theta, backend)
+        v = branch_vjp(branch, cache, e, backend)
+        x = ie_update(x, e, v, step_size, theta, backend)
+    return x
+
+
+def _ie_explicit(branch, x0, steps, step_size, theta, grad, bn_update, backend):
+    fx0, _ = branch_forward(branch, x0, backend)
+    x = x0 + fx0
+    if steps == 0:
+        return x
+    update_running = bn_update == "all"
+    if grad == "unrolled" and torch.is_grad_enabled():
+        return _refine(branch, x0, fx0, x, steps, step_size, theta, update_running, backend)
+    with torch.no_grad():
+        refined = _refine(branch, x0, fx0, x, steps, step_size, theta, update_running, backend)
+    if not torch.is_grad_enabled():
+        return refined
+    # "detached": the value of x⁽ᴷ⁾, the gradient of x0 + f(x0).
+    return x + (refined - x).detach()
+
+
+def validate_ie_args(steps, step_size, theta, grad, bn_update) -> None:
+    """Clear errors for bad IE-Skip settings (also used by modules at construction)."""
+    if not isinstance(steps, int) or isinstance(steps, bool) or steps < 0:
+        raise ValueError(f"steps (ie_steps) must be an int >= 0, got {steps!r}")
+    if not isinstance(step_size, (int, float)) or not step_size > 0:
+        raise ValueError(f"step_size (ie_step_size) must be > 0, got {step_size!r}")
+    if not isinstance(theta, (int, float)) or not 0.0 <= theta <= 1.0:
+        raise ValueError(f"theta must be in [0, 1], got {theta!r}")
+    if grad not in GRAD_MODES:
+        raise ValueError(f"grad must be one of {GRAD_MODES}, got {grad!r}")
+    if bn_update not in BN_UPDATES:
+        raise ValueError(f"bn_update must be one of {BN_UPDATES}, got {bn_update!r}")
+    if grad == "implicit":
+        raise NotImplementedError(
+            "grad='implicit' (solve x = c + θ·f(x) and differentiate by the implicit function "
+            "theorem) is not implemented yet; it builds on the fast IE-Skip work (issue #4). "
+            "Use grad='unrolled' (exact) or grad='detached'.")
+
+
+def ie_skip(branch, x: Tensor, steps: int = 1, step_size: float = 0.1, theta: float = 1.0,
+            grad: str = "unrolled", bn_update: str = "all", backend: str | None = None) -> Tensor:
+    """IE-Skip around a shape-preserving ``branch``: x0 + f(x0) refined by ``steps`` gradient
+    steps toward the implicit (θ-method) Euler solution.  See SPEC §2 for the modes."""
+    from pyeuler.nn.branch import PreActBranch
+
+    if not callable(branch):
+        raise TypeError(f"branch must be a callable module, got {type(branch).__name__}")
+    if not isinstance(x, Tensor) or not x.is_floating_point():
+        raise TypeError("x must be a floating-point Tensor")
+    validate_ie_args(steps, step_size, theta, grad, bn_update)
+    name = resolve_backend(backend, x.device)
+    if isinstance(branch, PreActBranch):
+        if name != "reference":
+            return _ie_explicit(branch, x, steps, step_size, theta, grad, bn_update, name)
+        f = lambda inp: branch(inp, backend="reference")  # noqa: E731
+    else:
+        f = branch
+    module = branch if isinstance(branch, nn.Module) else nn.Module()
+    return _ie_autograd(f, module, x, steps, step_size, theta, grad, bn_update)

@@ -1,0 +1,109 @@
+"""The pre-activation branch ``f(x) = h·W2 ⋆ ρ(N2(W1 ⋆ ρ(N1(x))))`` as explicit functions.
+
+:func:`branch_forward` evaluates f and keeps what its Jacobian needs; :func:`branch_vjp`
+gives ``J_fᵀ e`` with SPEC §3's explicit formula (convolution data-gradients through
+``aten.convolution_backward``, the norm backward of :mod:`pyeuler.ops.norm_act`), never
+generic autograd; :func:`branch_jvp` gives ``J_f v`` by forward-mode AD, no graph kept.
+Everything is built from differentiable ops, so the "unrolled" IE-Skip gradient is exact.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from pyeuler.ops.norm_act import NormStats, norm_act_backward, norm_act_module
+
+__all__ = ["BranchCache", "branch_forward", "branch_vjp", "branch_jvp", "scale_by_step"]
+
+_CONV_INPUT_GRAD = {
+    nn.Conv1d: torch.nn.grad.conv1d_input,
+    nn.Conv2d: torch.nn.grad.conv2d_input,
+    nn.Conv3d: torch.nn.grad.conv3d_input,
+}
+
+
+@dataclass
+class BranchCache:
+    """Intermediates of one evaluation of the branch, enough for its VJP."""
+
+    stats1: NormStats
+    stats2: NormStats
+    dropout_noise: Tensor | None
+
+
+def scale_by_step(t: Tensor, h: float | Tensor) -> Tensor:
+    """``h·t`` for a float, scalar or per-channel ``h``."""
+    if isinstance(h, Tensor):
+        return t * (h.view(1, -1, *([1] * (t.dim() - 2))) if h.dim() == 1 else h)
+    return t if h == 1.0 else t * h
+
+
+def _dropout_noise(u: Tensor, p: float, training: bool) -> Tensor | None:
+    # Drawn explicitly (as ATen's CPU dropout does) so the VJP can reuse the same mask.
+    if not training or p == 0.0:
+        return None
+    return torch.empty_like(u).bernoulli_(1.0 - p).div_(1.0 - p)
+
+
+def branch_forward(branch, x: Tensor, backend: str, update_running: bool = True):
+    """``(f(x), cache)``; running statistics updated unless ``update_running=False``."""
+    u1, stats1 = norm_act_module(branch.bn1, x, update_running=update_running, backend=backend,
+                                 return_stats=True)
+    z1 = branch.conv1(u1)
+    u2, stats2 = norm_act_module(branch.bn2, z1, update_running=update_running, backend=backend,
+                                 return_stats=True)
+    noise = _dropout_noise(u2, branch.dropout, branch.training)
+    fx = branch.conv2(u2 if noise is None else u2 * noise)
+    return scale_by_step(fx, branch.h), BranchCache(stats1, stats2, noise)
+
+
+def _layer_input_grad(layer: nn.Module, grad_out: Tensor, input_shape: torch.Size) -> Tensor:
+    """``Wᵀ ⋆ g``: the data gradient of a bias-free conv or linear layer."""
+    if isinstance(layer, nn.Linear):
+        return grad_out @ layer.weight
+    input_grad = _CONV_INPUT_GRAD[type(layer)]
+    return input_grad(input_shape, layer.weight, grad_out, layer.stride, layer.padding,
+                      layer.dilation, layer.groups)
+
+
+def _norm_relu_input_grad(norm: nn.Module, stats: NormStats, grad_out: Tensor, backend: str):
+    groups = norm.num_groups if isinstance(norm, nn.GroupNorm) else 0
+    dx, *_ = norm_act_backward(grad_out, stats.x, norm.weight, norm.bias, None, 1.0, stats.mean,
+                               stats.var, stats.mask, norm.eps, groups, True, stats.batch_stats,
+                               (True, False, False, False, False), backend)
+    return dx
+
+
+def branch_vjp(branch, cache: BranchCache, e: Tensor, backend: str) -> Tensor:
+    """``J_fᵀ e`` at the point ``cache`` was taken (SPEC §3)."""
+    g = scale_by_step(e, branch.h)
+    g = _layer_input_grad(branch.conv2, g, cache.stats2.x.shape)
+    if cache.dropout_noise is not None:
+        g = g * cache.dropout_noise
+    g = _norm_relu_input_grad(branch.bn2, cache.stats2, g, backend)
+    g = _layer_input_grad(branch.conv1, g, cache.stats1.x.shape)
+    return _norm_relu_input_grad(branch.bn1, cache.stats1, g, backend)
+
+
+def branch_jvp(branch, x: Tensor, v: Tensor) -> Tensor:
+    """``J_f v`` at ``x`` by forward-mode AD (no graph, running statistics untouched).
+
+    Dropout is off: a Jacobian of a random map is rarely what a diagnostic wants.
+    """
+    def f(inp):
+        u1 = norm_act_module(branch.bn1, inp, update_running=False, backend="eager")
+        u2 = norm_act_module(branch.bn2, branch.conv1(u1), update_running=False, backend="eager")
+        return scale_by_step(branch.conv2(u2), branch.h)
+
+    _, tangent = torch.func.jvp(f, (x,), (v,))
+    return tangent
+
+
+def dropout_for_reference(u: Tensor, p: float, training: bool) -> Tensor:
+    """The branch's dropout, drawing the same random numbers as :func:`branch_forward`."""
+    noise = _dropout_noise(u, p, training)
+    return u if noise is None else u * noise
+
