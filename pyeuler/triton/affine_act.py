@@ -1,0 +1,400 @@
+"""Fused affine + residual add + ReLU: forward, and the two backward passes.
+
+- forward: ``y = act(shortcut + scale·x + shift)`` (+ the ReLU mask), one read of x (and the
+  shortcut), one write of y;
+- backward reduce: per-channel or per-(sample, channel) sums of ``g = dy·m`` and
+  ``g·(x − center)``: partials per chunk, then an in-order second stage (no float atomics,
+  so deterministic); the ``[C]`` sums are what SyncBatchNorm would all-reduce;
+- backward apply: ``dx = a·g + b·(x − center) + c`` and optionally ``g`` for the shortcut.
+
+Tiles are ``[outer, inner]`` with ``inner`` the contiguous axis (see ``_utils``): planar x
+tiles ``[planes, S]`` (a coefficient per tile row), channels-last x tiles ``[N·S rows, C]``
+(a coefficient vector per tile, loaded once), so every load and store is coalesced and
+vectorised along the contiguous dim and no per-element integer division is needed.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from pyeuler.triton._utils import (
+    autotune_configs,
+    check_activation,
+    check_like,
+    coefficients,
+    dense_layout,
+    inner_block,
+    needs_wide_index,
+    num_splits,
+    outer_block,
+    same_layout,
+    spatial_size,
+)
+
+__all__ = ["affine_act_forward", "affine_act_backward_reduce", "affine_act_backward_apply"]
+
+# Elementwise passes: 2-4K-element tiles (16 B per thread per tensor in bf16) keep enough
+# bytes in flight; reductions stream longer with a register accumulator per lane.
+_ELEMENTWISE_CONFIGS = autotune_configs([(2048, 4), (4096, 8)], interpreter_tile=2048)
+_REDUCTION_CONFIGS = autotune_configs([(2048, 4), (4096, 8), (8192, 8)], interpreter_tile=2048)
+_MAX_CHANNEL_BLOCK = 128  # 128 bf16 channels = 256 B per row: two full cache lines
+_MAX_SPATIAL_BLOCK = 1024
+
+
+@triton.jit
+def _plane_coef_index(planes, C, PER_SAMPLE: tl.constexpr):
+    """Coefficient offset of planar planes ``n·C + c`` ([N, C] coefficients are row-major)."""
+    if PER_SAMPLE:
+        index = planes
+    else:
+        index = planes % C
+    return index
+
+
+@triton.jit
+def _coef_index(outer, inner, outer_ok, inner_ok, C, S,
+                CHANNELS_LAST: tl.constexpr, PER_SAMPLE: tl.constexpr):
+    """Offsets (and mask) into a ``[C]`` / ``[N, C]`` coefficient, broadcastable to the tile."""
+    if CHANNELS_LAST:  # outer = n·S + s, inner = c
+        if PER_SAMPLE:
+            index = (outer // S)[:, None] * C + inner[None, :]
+            ok = outer_ok[:, None] & inner_ok[None, :]
+        else:
+            index = inner[None, :]
+            ok = inner_ok[None, :]
+    else:  # outer = n·C + c, inner = s
+        index = _plane_coef_index(outer, C, PER_SAMPLE)[:, None]
+        ok = outer_ok[:, None]
+    return index, ok
+
+
+@triton.jit
+def _elementwise_tile(n_outer, n_inner, BLOCK_O: tl.constexpr, BLOCK_I: tl.constexpr,
+                      WIDE_INDEX: tl.constexpr):
+    pid_outer = tl.program_id(0)
+    if WIDE_INDEX:
+        pid_outer = pid_outer.to(tl.int64)
+    outer = pid_outer * BLOCK_O + tl.arange(0, BLOCK_O)
+    inner = tl.program_id(1) * BLOCK_I + tl.arange(0, BLOCK_I)
+    outer_ok = outer < n_outer
+    inner_ok = inner < n_inner
+    offsets = outer[:, None] * n_inner + inner[None, :]
+    return outer, inner, outer_ok, inner_ok, offsets, outer_ok[:, None] & inner_ok[None, :]
+
+
+@triton.jit
+def _gated_grad(dy, x, mask_ptr, offsets, ok, scale_ptr, shift_ptr, coef, coef_ok,
+                LOAD_MASK: tl.constexpr, RECOMPUTE_MASK: tl.constexpr):
+    """``g = dy·m``: m is the saved mask, else ``scale·x + shift > 0``, else 1."""
+    if LOAD_MASK:
+        keep = tl.load(mask_ptr + offsets, mask=ok, other=0)
+        dy = dy * keep.to(tl.float32)
+    elif RECOMPUTE_MASK:
+        scale = tl.load(scale_ptr + coef, mask=coef_ok, other=0.0)
+        shift = tl.load(shift_ptr + coef, mask=coef_ok, other=0.0)
+        dy = dy * (scale * x + shift > 0).to(tl.float32)
+    return dy
+
+
+@triton.autotune(configs=_ELEMENTWISE_CONFIGS, key=["n_outer", "n_inner"])
+@triton.heuristics({"BLOCK_O": lambda a: outer_block(a["TILE"], a["BLOCK_I"], a["n_outer"])})
+@triton.jit
+def _affine_act_forward_kernel(
+    x_ptr, scale_ptr, shift_ptr, shortcut_ptr, y_ptr, mask_ptr,
+    n_outer, n_inner, C, S,
+    CHANNELS_LAST: tl.constexpr, PER_SAMPLE: tl.constexpr, HAS_SHORTCUT: tl.constexpr,
+    RELU: tl.constexpr, SAVE_MASK: tl.constexpr,
+    BLOCK_I: tl.constexpr, TILE: tl.constexpr, BLOCK_O: tl.constexpr, WIDE_INDEX: tl.constexpr,
+):
+    outer, inner, outer_ok, inner_ok, offsets, ok = _elementwise_tile(
+        n_outer, n_inner, BLOCK_O, BLOCK_I, WIDE_INDEX)
+    coef, coef_ok = _coef_index(outer, inner, outer_ok, inner_ok, C, S, CHANNELS_LAST, PER_SAMPLE)
+    scale = tl.load(scale_ptr + coef, mask=coef_ok, other=0.0)
+    shift = tl.load(shift_ptr + coef, mask=coef_ok, other=0.0)
+    x = tl.load(x_ptr + offsets, mask=ok, other=0.0).to(tl.float32)
+    y = scale * x + shift
+    if HAS_SHORTCUT:
+        y += tl.load(shortcut_ptr + offsets, mask=ok, other=0.0).to(tl.float32)
+    if RELU:
+        y = tl.maximum(y, 0.0)
+    tl.store(y_ptr + offsets, y.to(y_ptr.dtype.element_ty), mask=ok)
+    if SAVE_MASK:
+        tl.store(mask_ptr + offsets, y > 0, mask=ok)
+
+
+@triton.autotune(configs=_REDUCTION_CONFIGS, key=["rows_per_segment", "C", "rows_per_split", "n_segments"])
+@triton.heuristics({"BLOCK_R": lambda a: outer_block(a["TILE"], a["BLOCK_C"], a["rows_per_split"])})
+@triton.jit
+def _grad_sums_columns_kernel(
+    dy_ptr, x_ptr, scale_ptr, shift_ptr, center_ptr, mask_ptr, sum_g_ptr, sum_gx_ptr,
+    rows_per_segment, C, S, rows_per_split, n_segments,
+    PER_SAMPLE: tl.constexpr, LOAD_MASK: tl.constexpr, RECOMPUTE_MASK: tl.constexpr,
+    BLOCK_C: tl.constexpr, TILE: tl.constexpr, BLOCK_R: tl.constexpr, WIDE_INDEX: tl.constexpr,
+):
+    """Channels-last partial sums over rows ``n·S + s``.
+
+    Grid ``(n_segments, cdiv(C, BLOCK_C), n_splits)``: segment = sample (per-sample sums,
+    ``rows_per_segment = S``) or the whole batch (``n_segments = 1``).  Partials go to
+    ``[n_splits, n_segments·C]``.  Accumulates whole tiles in registers and reduces across
+    rows once at the end.
+    """
+    segment = tl.program_id(0)
+    split = tl.program_id(2)
+    if WIDE_INDEX:
+        segment = segment.to(tl.int64)
+    cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    col_ok = cols < C
+    segment_start = segment * rows_per_segment
+    row_start = segment_start + split * rows_per_split
+    row_stop = tl.minimum(row_start + rows_per_split, segment_start + rows_per_segment)
+
+    acc_g = tl.zeros([BLOCK_R, BLOCK_C], dtype=tl.float32)
+    acc_gx = tl.zeros([BLOCK_R, BLOCK_C], dtype=tl.float32)
+    for r0 in range(row_start, row_stop, BLOCK_R):
+        rows = r0 + tl.arange(0, BLOCK_R)
+        row_ok = rows < row_stop
+        ok = row_ok[:, None] & col_ok[None, :]
+        offsets = rows[:, None] * C + cols[None, :]
+        coef, coef_ok = _coef_index(rows, cols, row_ok, col_ok, C, S, True, PER_SAMPLE)
+        dy = tl.load(dy_ptr + offsets, mask=ok, other=0.0).to(tl.float32)
+        x = tl.load(x_ptr + offsets, mask=ok, other=0.0).to(tl.float32)
+        g = _gated_grad(dy, x, mask_ptr, offsets, ok, scale_ptr, shift_ptr, coef, coef_ok,
+                        LOAD_MASK, RECOMPUTE_MASK)
+        center = tl.load(center_ptr + coef, mask=coef_ok, other=0.0)
+        acc_g += g
+        acc_gx += g * (x - center)  # g is 0 on masked lanes
+
+    out = (split * n_segments + segment) * C + cols
+    tl.store(sum_g_ptr + out, tl.sum(acc_g, axis=0), mask=col_ok)
+    tl.store(sum_gx_ptr + out, tl.sum(acc_gx, axis=0), mask=col_ok)
+
+
+@triton.autotune(configs=_REDUCTION_CONFIGS, key=["planes_per_result", "S", "planes_per_split"])
+@triton.heuristics({"BLOCK_P": lambda a: outer_block(a["TILE"], a["BLOCK_S"], a["planes_per_split"])})
+@triton.jit
+def _grad_sums_planes_kernel(
+    dy_ptr, x_ptr, scale_ptr, shift_ptr, center_ptr, mask_ptr, sum_g_ptr, sum_gx_ptr,
+    n_results, planes_per_result, planes_per_split, C, S,
+    PER_SAMPLE: tl.constexpr, LOAD_MASK: tl.constexpr, RECOMPUTE_MASK: tl.constexpr,
+    BLOCK_S: tl.constexpr, TILE: tl.constexpr, BLOCK_P: tl.constexpr, WIDE_INDEX: tl.constexpr,
+):
+    """Planar partial sums: result ``k`` sums planes ``k + o·C`` (o < planes_per_result).
+
+    Per-channel: k = c, planes_per_result = N.  Per-sample: k = n·C + c, one plane.
+    Grid ``(n_results, n_splits)``; partials go to ``[n_splits, n_results]``.
+    """
+    result = tl.program_id(0)
+    split = tl.program_id(1)
+    if WIDE_INDEX:
+        result = result.to(tl.int64)
+    o_start = split * planes_per_split
+    o_stop = tl.minimum(o_start + planes_per_split, planes_per_result)
+
+    acc_g = tl.zeros([BLOCK_P, BLOCK_S], dtype=tl.float32)
+    acc_gx = tl.zeros([BLOCK_P, BLOCK_S], dtype=tl.float32)
+    for o0 in range(o_start, o_stop, BLOCK_P):
+        o = o0 + tl.arange(0, BLOCK_P)
+        plane_ok = o < o_stop
+        planes = result + o * C
+        coef = _plane_coef_index(planes, C, PER_SAMPLE)[:, None]
+        coef_ok = plane_ok[:, None]
+        center = tl.load(center_ptr + coef, mask=coef_ok, other=0.0)
+        for s0 in range(0, S, BLOCK_S):
+            s = s0 + tl.arange(0, BLOCK_S)
+            ok = coef_ok & (s[None, :] < S)
+            offsets = planes[:, None] * S + s[None, :]
+            dy = tl.load(dy_ptr + offsets, mask=ok, other=0.0).to(tl.float32)
+            x = tl.load(x_ptr + offsets, mask=ok, other=0.0).to(tl.float32)
+            g = _gated_grad(dy, x, mask_ptr, offsets, ok, scale_ptr, shift_ptr, coef, coef_ok,
+                            LOAD_MASK, RECOMPUTE_MASK)
+            acc_g += g
+            acc_gx += g * (x - center)  # g is 0 on masked lanes
+
+    out = split * n_results + result
+    tl.store(sum_g_ptr + out, tl.sum(acc_g))
+    tl.store(sum_gx_ptr + out, tl.sum(acc_gx))
+
+
+@triton.jit
+def _sum_partials_kernel(g_parts_ptr, gx_parts_ptr, sum_g_ptr, sum_gx_ptr, n_parts, K,
+                         BLOCK_K: tl.constexpr):
+    """Sum ``[n_parts, K]`` partials along parts, in order (deterministic)."""
+    ks = tl.program_id(0) * BLOCK_K + tl.arange(0, BLOCK_K)
+    ok = ks < K
+    sum_g = tl.zeros([BLOCK_K], dtype=tl.float32)
+    sum_gx = tl.zeros([BLOCK_K], dtype=tl.float32)
+    for p in range(0, n_parts):
+        sum_g += tl.load(g_parts_ptr + p * K + ks, mask=ok, other=0.0)
+        sum_gx += tl.load(gx_parts_ptr + p * K + ks, mask=ok, other=0.0)
+    tl.store(sum_g_ptr + ks, sum_g, mask=ok)
+    tl.store(sum_gx_ptr + ks, sum_gx, mask=ok)
+
+
+@triton.autotune(configs=_ELEMENTWISE_CONFIGS, key=["n_outer", "n_inner"])
+@triton.heuristics({"BLOCK_O": lambda a: outer_block(a["TILE"], a["BLOCK_I"], a["n_outer"])})
+@triton.jit
+def _affine_act_backward_apply_kernel(
+    dy_ptr, x_ptr, scale_ptr, shift_ptr, mask_ptr, a_ptr, b_ptr, c_ptr, center_ptr,
+    dx_ptr, dshortcut_ptr,
+    n_outer, n_inner, C, S,
+    CHANNELS_LAST: tl.constexpr, PER_SAMPLE: tl.constexpr, LOAD_MASK: tl.constexpr,
+    RECOMPUTE_MASK: tl.constexpr, WANT_DSHORTCUT: tl.constexpr,
+    BLOCK_I: tl.constexpr, TILE: tl.constexpr, BLOCK_O: tl.constexpr, WIDE_INDEX: tl.constexpr,
+):
+    outer, inner, outer_ok, inner_ok, offsets, ok = _elementwise_tile(
+        n_outer, n_inner, BLOCK_O, BLOCK_I, WIDE_INDEX)
+    coef, coef_ok = _coef_index(outer, inner, outer_ok, inner_ok, C, S, CHANNELS_LAST, PER_SAMPLE)
+    dy = tl.load(dy_ptr + offsets, mask=ok, other=0.0).to(tl.float32)
+    x = tl.load(x_ptr + offsets, mask=ok, other=0.0).to(tl.float32)
+    g = _gated_grad(dy, x, mask_ptr, offsets, ok, scale_ptr, shift_ptr, coef, coef_ok,
+                    LOAD_MASK, RECOMPUTE_MASK)
+    a = tl.load(a_ptr + coef, mask=coef_ok, other=0.0)
+    b = tl.load(b_ptr + coef, mask=coef_ok, other=0.0)
+    c = tl.load(c_ptr + coef, mask=coef_ok, other=0.0)
+    center = tl.load(center_ptr + coef, mask=coef_ok, other=0.0)
+    dx = a * g + b * (x - center) + c
+    tl.store(dx_ptr + offsets, dx.to(dx_ptr.dtype.element_ty), mask=ok)
+    if WANT_DSHORTCUT:
+        tl.store(dshortcut_ptr + offsets, g.to(dshortcut_ptr.dtype.element_ty), mask=ok)
+
+
+# ----------------------------------------------------------------------------- host side
+
+
+def _elementwise_geometry(x: torch.Tensor, channels_last: bool) -> tuple[int, int, int]:
+    """``(n_outer, n_inner, BLOCK_I)`` of the ``[outer, inner]`` view of a dense x."""
+    n, c, s = x.shape[0], x.shape[1], spatial_size(x)
+    if channels_last:
+        return n * s, c, inner_block(c, _MAX_CHANNEL_BLOCK)
+    return n * c, s, inner_block(s, _MAX_SPATIAL_BLOCK)
+
+
+def _elementwise_grid(n_outer: int, n_inner: int):
+    return lambda meta: (triton.cdiv(n_outer, meta["BLOCK_O"]), triton.cdiv(n_inner, meta["BLOCK_I"]))
+
+
+def _check_mask(mask: torch.Tensor | None, x: torch.Tensor) -> None:
+    if mask is not None:
+        check_like(mask, "mask", x, dtypes=(torch.bool,))
+
+
+def affine_act_forward(
+    x: torch.Tensor,
+    scale: torch.Tensor,
+    shift: torch.Tensor,
+    shortcut: torch.Tensor | None,
+    relu: bool,
+    save_mask: bool,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``y = act(shortcut + scale·x + shift)``; y in x's dtype and layout, mask iff save_mask."""
+    check_activation(x)
+    per_sample, (scale, shift) = coefficients(x, scale=scale, shift=shift)
+    if shortcut is not None:
+        check_like(shortcut, "shortcut", x)
+    x, channels_last = dense_layout(x)
+    if shortcut is not None:
+        shortcut = same_layout(shortcut, x)
+    y = torch.empty_like(x)
+    mask = torch.empty_like(x, dtype=torch.bool) if save_mask else None
+    if x.numel() == 0:
+        return y, mask
+    n_outer, n_inner, block_i = _elementwise_geometry(x, channels_last)
+    _affine_act_forward_kernel[_elementwise_grid(n_outer, n_inner)](
+        x, scale, shift, shortcut, y, mask,
+        n_outer, n_inner, x.shape[1], spatial_size(x),
+        CHANNELS_LAST=channels_last, PER_SAMPLE=per_sample, HAS_SHORTCUT=shortcut is not None,
+        RELU=bool(relu), SAVE_MASK=bool(save_mask), BLOCK_I=block_i, WIDE_INDEX=needs_wide_index(x))
+    return y, mask
+
+
+def affine_act_backward_reduce(
+    dy: torch.Tensor,
+    x: torch.Tensor,
+    scale: torch.Tensor,
+    shift: torch.Tensor,
+    center: torch.Tensor,
+    mask: torch.Tensor | None,
+    relu: bool,
+    per_sample: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Float32 sums of ``g = dy·m`` and ``g·(x − center)``: ``[C]``, or ``[N, C]`` if per_sample."""
+    check_activation(x)
+    check_like(dy, "dy", x)
+    _check_mask(mask, x)
+    per_sample_coef, (scale, shift, center) = coefficients(x, scale=scale, shift=shift, center=center)
+    x, channels_last = dense_layout(x)
+    dy = same_layout(dy, x)
+    if mask is not None:
+        mask = same_layout(mask, x)
+    n, c, s = x.shape[0], x.shape[1], spatial_size(x)
+    out_shape = (n, c) if per_sample else (c,)
+    if x.numel() == 0:
+        return (torch.zeros(out_shape, device=x.device, dtype=torch.float32),
+                torch.zeros(out_shape, device=x.device, dtype=torch.float32))
+    flags = dict(PER_SAMPLE=per_sample_coef, LOAD_MASK=mask is not None,
+                 RECOMPUTE_MASK=mask is None and bool(relu), WIDE_INDEX=needs_wide_index(x))
+    k = n * c if per_sample else c
+
+    if channels_last:
+        n_segments, rows_per_segment = (n, s) if per_sample else (1, n * s)
+        block_c = inner_block(c, _MAX_CHANNEL_BLOCK)
+        channel_blocks = triton.cdiv(c, block_c)
+        splits, rows_per_split = num_splits(rows_per_segment, c, channel_blocks * n_segments, x.device)
+        g_parts, gx_parts = (torch.empty((splits, k), device=x.device, dtype=torch.float32) for _ in range(2))
+        _grad_sums_columns_kernel[(n_segments, channel_blocks, splits)](
+            dy, x, scale, shift, center, mask, g_parts, gx_parts,
+            rows_per_segment, c, s, rows_per_split, n_segments, BLOCK_C=block_c, **flags)
+    else:
+        planes_per_result = 1 if per_sample else n
+        splits, planes_per_split = num_splits(planes_per_result, s, k, x.device)
+        g_parts, gx_parts = (torch.empty((splits, k), device=x.device, dtype=torch.float32) for _ in range(2))
+        _grad_sums_planes_kernel[(k, splits)](
+            dy, x, scale, shift, center, mask, g_parts, gx_parts,
+            k, planes_per_result, planes_per_split, c, s,
+            BLOCK_S=inner_block(s, _MAX_SPATIAL_BLOCK), **flags)
+
+    if splits == 1:
+        return g_parts.view(out_shape), gx_parts.view(out_shape)
+    sum_g, sum_gx = (torch.empty(out_shape, device=x.device, dtype=torch.float32) for _ in range(2))
+    block_k = min(1024, triton.next_power_of_2(k))
+    _sum_partials_kernel[(triton.cdiv(k, block_k),)](g_parts, gx_parts, sum_g, sum_gx, splits, k, BLOCK_K=block_k)
+    return sum_g, sum_gx
+
+
+def affine_act_backward_apply(
+    dy: torch.Tensor,
+    x: torch.Tensor,
+    scale: torch.Tensor,
+    shift: torch.Tensor,
+    mask: torch.Tensor | None,
+    relu: bool,
+    a: torch.Tensor,
+    b: torch.Tensor,
+    c: torch.Tensor,
+    center: torch.Tensor,
+    want_dshortcut: bool,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``dx = a·g + b·(x − center) + c`` (x's dtype and layout); ``g`` (dy's dtype) iff asked."""
+    check_activation(x)
+    check_like(dy, "dy", x)
+    _check_mask(mask, x)
+    per_sample, (scale, shift, a, b, c, center) = coefficients(
+        x, scale=scale, shift=shift, a=a, b=b, c=c, center=center)
+    x, channels_last = dense_layout(x)
+    dy = same_layout(dy, x)
+    if mask is not None:
+        mask = same_layout(mask, x)
+    dx = torch.empty_like(x)
+    dshortcut = torch.empty_like(x, dtype=dy.dtype) if want_dshortcut else None
+    if x.numel() == 0:
+        return dx, dshortcut
+    n_outer, n_inner, block_i = _elementwise_geometry(x, channels_last)
+    _affine_act_backward_apply_kernel[_elementwise_grid(n_outer, n_inner)](
+        dy, x, scale, shift, mask, a, b, c, center, dx, dshortcut,
+        n_outer, n_inner, x.shape[1], spatial_size(x),
+        CHANNELS_LAST=channels_last, PER_SAMPLE=per_sample, LOAD_MASK=mask is not None,
+        RECOMPUTE_MASK=mask is None and bool(relu), WANT_DSHORTCUT=bool(want_dshortcut),
+        BLOCK_I=block_i, WIDE_INDEX=needs_wide_index(x))
+    return dx, dshortcut

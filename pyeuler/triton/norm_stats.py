@@ -1,0 +1,257 @@
+"""BatchNorm / GroupNorm statistics: Welford partials, then a deterministic Chan merge.
+
+Two stages, no atomics, so results are bitwise reproducible for a given device:
+
+1. each program streams one chunk of the reduction domain and keeps a Welford state
+   ``(count, mean, M2)`` per register lane (no cross-thread reduction inside the loop), then
+   merges its lanes with Chan's formula into one partial per channel (BN) or per
+   (sample, group) (GN), written to ``[n_splits, K]`` buffers;
+2. one small kernel merges the partials in split order and also writes ``var = M2/count``.
+
+``norm_stats_partials`` and ``merge_stats`` are exposed separately so that SyncBatchNorm
+style code can all-gather the per-rank ``(count, mean, M2)`` between the stages (SPEC §8).
+Welford never forms E[x²] − E[x]², so inputs with |mean| ≫ std keep their variance.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from pyeuler.triton._utils import (
+    autotune_configs,
+    check_activation,
+    dense_layout,
+    inner_block,
+    needs_wide_index,
+    num_splits,
+    outer_block,
+    spatial_size,
+)
+
+__all__ = ["norm_stats", "norm_stats_partials", "merge_stats"]
+
+# A reduction program streams many tiles; 8 warps with 4-8K-element tiles keeps enough
+# loads in flight per SM to approach HBM bandwidth (two-pass BN lower bound, PERF.md).
+_REDUCTION_CONFIGS = autotune_configs([(2048, 4), (4096, 8), (8192, 8)], interpreter_tile=2048)
+
+
+@triton.jit
+def _welford_lanes_to_partial(count, mean, m2, AXIS: tl.constexpr):
+    """Chan-merge per-lane Welford states along ``AXIS`` (all axes if None)."""
+    total = tl.sum(count, axis=AXIS)
+    safe_total = tl.maximum(total, 1.0)
+    merged_mean = tl.sum(count * mean, axis=AXIS) / safe_total
+    if AXIS is None:
+        deviation = mean - merged_mean
+    else:
+        deviation = mean - tl.expand_dims(merged_mean, AXIS)
+    merged_m2 = tl.sum(m2 + count * deviation * deviation, axis=AXIS)
+    return total, merged_mean, merged_m2
+
+
+@triton.autotune(configs=_REDUCTION_CONFIGS, key=["n_rows", "C", "rows_per_split"])
+@triton.heuristics({"BLOCK_R": lambda a: outer_block(a["TILE"], a["BLOCK_C"], a["rows_per_split"])})
+@triton.jit
+def _channel_stats_partials_kernel(
+    x_ptr, count_ptr, mean_ptr, m2_ptr,
+    n_rows, C, rows_per_split,
+    BLOCK_C: tl.constexpr, TILE: tl.constexpr, BLOCK_R: tl.constexpr, WIDE_INDEX: tl.constexpr,
+):
+    """Per-channel partials of a channels-last x viewed as ``[n_rows = N·S, C]``.
+
+    Grid ``(n_splits, cdiv(C, BLOCK_C))``.  Tiles are ``[BLOCK_R, BLOCK_C]`` with C the
+    contiguous axis, so each warp reads whole cache lines of consecutive channels.
+    """
+    split = tl.program_id(0)
+    if WIDE_INDEX:
+        split = split.to(tl.int64)
+    cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    col_ok = cols < C
+    row_start = split * rows_per_split
+    row_stop = tl.minimum(row_start + rows_per_split, n_rows)
+
+    count = tl.zeros([BLOCK_R], dtype=tl.float32)
+    mean = tl.zeros([BLOCK_R, BLOCK_C], dtype=tl.float32)
+    m2 = tl.zeros([BLOCK_R, BLOCK_C], dtype=tl.float32)
+    for r0 in range(row_start, row_stop, BLOCK_R):
+        rows = r0 + tl.arange(0, BLOCK_R)
+        row_ok = rows < row_stop
+        ok = row_ok[:, None] & col_ok[None, :]
+        x = tl.load(x_ptr + rows[:, None] * C + cols[None, :], mask=ok, other=0.0).to(tl.float32)
+        # Every lane that is valid in this iteration has seen exactly one element per earlier
+        # iteration (only the chunk's last tile is partial), so 1/count is one scalar.
+        inv_count = 1.0 / ((r0 - row_start) // BLOCK_R + 1).to(tl.float32)
+        delta = x - mean
+        new_mean = mean + delta * inv_count
+        mean = tl.where(ok, new_mean, mean)
+        m2 = tl.where(ok, m2 + delta * (x - new_mean), m2)
+        count = tl.where(row_ok, count + 1.0, count)
+
+    total, part_mean, part_m2 = _welford_lanes_to_partial(
+        tl.broadcast_to(count[:, None], [BLOCK_R, BLOCK_C]), mean, m2, 0)
+    out = split * C + cols
+    tl.store(count_ptr + out, total, mask=col_ok)
+    tl.store(mean_ptr + out, part_mean, mask=col_ok)
+    tl.store(m2_ptr + out, part_m2, mask=col_ok)
+
+
+@triton.autotune(configs=_REDUCTION_CONFIGS, key=["n_outer", "n_inner", "outer_per_split"])
+@triton.heuristics({"BLOCK_O": lambda a: outer_block(a["TILE"], a["BLOCK_I"], a["outer_per_split"])})
+@triton.jit
+def _segment_stats_partials_kernel(
+    x_ptr, count_ptr, mean_ptr, m2_ptr,
+    n_segments, segments_per_block, segment_block_stride, segment_stride,
+    n_outer, outer_stride, n_inner, outer_per_split,
+    BLOCK_I: tl.constexpr, TILE: tl.constexpr, BLOCK_O: tl.constexpr, WIDE_INDEX: tl.constexpr,
+):
+    """One partial per segment (a BN channel of planar x, or a GN (sample, group)).
+
+    Segment ``k`` is the strided box ``base(k) + o·outer_stride + i`` for ``o < n_outer``,
+    ``i < n_inner`` (``i`` contiguous), with
+    ``base(k) = (k // segments_per_block)·segment_block_stride + (k % segments_per_block)·segment_stride``.
+    Grid ``(n_segments, n_splits)``; split ``j`` covers ``o`` in ``[j·outer_per_split, …)``.
+    """
+    segment = tl.program_id(0)
+    split = tl.program_id(1)
+    if WIDE_INDEX:
+        segment = segment.to(tl.int64)
+        split = split.to(tl.int64)
+    base = (segment // segments_per_block) * segment_block_stride + (segment % segments_per_block) * segment_stride
+    o_start = split * outer_per_split
+    o_stop = tl.minimum(o_start + outer_per_split, n_outer)
+
+    count = tl.zeros([BLOCK_O, BLOCK_I], dtype=tl.float32)
+    mean = tl.zeros([BLOCK_O, BLOCK_I], dtype=tl.float32)
+    m2 = tl.zeros([BLOCK_O, BLOCK_I], dtype=tl.float32)
+    for o0 in range(o_start, o_stop, BLOCK_O):
+        outer = o0 + tl.arange(0, BLOCK_O)
+        row_ptr = x_ptr + base + outer[:, None] * outer_stride
+        outer_ok = outer[:, None] < o_stop
+        for i0 in range(0, n_inner, BLOCK_I):
+            inner = i0 + tl.arange(0, BLOCK_I)
+            ok = outer_ok & (inner[None, :] < n_inner)
+            x = tl.load(row_ptr + inner[None, :], mask=ok, other=0.0).to(tl.float32)
+            # Lane counts differ here (partial blocks along both axes), hence the division.
+            new_count = tl.where(ok, count + 1.0, count)
+            delta = x - mean
+            new_mean = mean + delta / tl.maximum(new_count, 1.0)
+            mean = tl.where(ok, new_mean, mean)
+            m2 = tl.where(ok, m2 + delta * (x - new_mean), m2)
+            count = new_count
+
+    total, part_mean, part_m2 = _welford_lanes_to_partial(count, mean, m2, None)
+    out = split * n_segments + segment
+    tl.store(count_ptr + out, total)
+    tl.store(mean_ptr + out, part_mean)
+    tl.store(m2_ptr + out, part_m2)
+
+
+@triton.jit
+def _merge_stats_kernel(
+    count_ptr, mean_ptr, m2_ptr,
+    out_count_ptr, out_mean_ptr, out_m2_ptr, out_var_ptr,
+    n_parts, K,
+    BLOCK_K: tl.constexpr,
+):
+    """Chan-merge ``[n_parts, K]`` partials along the parts axis, in order (deterministic)."""
+    ks = tl.program_id(0) * BLOCK_K + tl.arange(0, BLOCK_K)
+    ok = ks < K
+    count = tl.zeros([BLOCK_K], dtype=tl.float32)
+    mean = tl.zeros([BLOCK_K], dtype=tl.float32)
+    m2 = tl.zeros([BLOCK_K], dtype=tl.float32)
+    for p in range(0, n_parts):
+        part = p * K + ks
+        part_count = tl.load(count_ptr + part, mask=ok, other=0.0)
+        part_mean = tl.load(mean_ptr + part, mask=ok, other=0.0)
+        part_m2 = tl.load(m2_ptr + part, mask=ok, other=0.0)
+        merged = count + part_count
+        weight = part_count / tl.maximum(merged, 1.0)
+        delta = part_mean - mean
+        mean = mean + delta * weight
+        m2 = m2 + part_m2 + delta * delta * count * weight
+        count = merged
+    tl.store(out_count_ptr + ks, count, mask=ok)
+    tl.store(out_mean_ptr + ks, mean, mask=ok)
+    tl.store(out_m2_ptr + ks, m2, mask=ok)
+    tl.store(out_var_ptr + ks, m2 / tl.maximum(count, 1.0), mask=ok)  # lanes past K hold 0/0
+
+
+def _check_groups(x: torch.Tensor, groups: int) -> None:
+    if not isinstance(groups, int) or isinstance(groups, bool) or groups < 0:
+        raise ValueError(f"groups must be an int >= 0 (0 = BatchNorm), got {groups!r}")
+    if groups > 0 and x.shape[1] % groups:
+        raise ValueError(f"groups={groups} must divide the channel count C={x.shape[1]}")
+    if x.numel() == 0:
+        raise ValueError(f"x has no elements (shape {tuple(x.shape)}): statistics are undefined")
+
+
+def norm_stats_partials(x: torch.Tensor, groups: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Welford partials ``(count, mean, M2)``, each float32 ``[n_parts, K]``.
+
+    K = C for BatchNorm (``groups == 0``), N·groups for GroupNorm (row-major ``[N, groups]``).
+    Merge them with :func:`merge_stats` (after an all-gather across ranks, if distributed).
+    """
+    check_activation(x)
+    _check_groups(x, groups)
+    x, channels_last = dense_layout(x)
+    n, c, s = x.shape[0], x.shape[1], spatial_size(x)
+    wide = needs_wide_index(x)
+
+    if groups == 0 and channels_last:
+        block_c = inner_block(c, 128)
+        channel_blocks = triton.cdiv(c, block_c)
+        splits, rows_per_split = num_splits(n * s, c, channel_blocks, x.device)
+        parts = [torch.empty((splits, c), device=x.device, dtype=torch.float32) for _ in range(3)]
+        _channel_stats_partials_kernel[(splits, channel_blocks)](
+            x, *parts, n * s, c, rows_per_split, BLOCK_C=block_c, WIDE_INDEX=wide)
+        return tuple(parts)
+
+    if groups == 0:  # planar BN: channel k, planes n at stride C·S, S contiguous
+        segments, per_block, block_stride, seg_stride = c, c, 0, s
+        n_outer, outer_stride, n_inner = n, c * s, s
+    elif channels_last:  # GN: (n, g), spatial rows at stride C, C/groups contiguous channels
+        cg = c // groups
+        segments, per_block, block_stride, seg_stride = n * groups, groups, s * c, cg
+        n_outer, outer_stride, n_inner = s, c, cg
+    else:  # planar GN: (n, g), the group's planes at stride S, S contiguous
+        cg = c // groups
+        segments, per_block, block_stride, seg_stride = n * groups, groups, c * s, cg * s
+        n_outer, outer_stride, n_inner = cg, s, s
+    splits, outer_per_split = num_splits(n_outer, n_inner, segments, x.device)
+    parts = [torch.empty((splits, segments), device=x.device, dtype=torch.float32) for _ in range(3)]
+    _segment_stats_partials_kernel[(segments, splits)](
+        x, *parts, segments, per_block, block_stride, seg_stride,
+        n_outer, outer_stride, n_inner, outer_per_split,
+        BLOCK_I=inner_block(n_inner, 1024), WIDE_INDEX=wide)
+    return tuple(parts)
+
+
+def _merge(count, mean, m2):
+    n_parts, k = mean.shape
+    outs = [torch.empty(k, device=mean.device, dtype=torch.float32) for _ in range(4)]
+    block_k = min(1024, triton.next_power_of_2(k))
+    _merge_stats_kernel[(triton.cdiv(k, block_k),)](count, mean, m2, *outs, n_parts, k, BLOCK_K=block_k)
+    return outs
+
+
+def merge_stats(count: torch.Tensor, mean: torch.Tensor, m2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Chan-merge float32 ``[n_parts, K]`` Welford partials along dim 0 -> ``[K]`` each.
+
+    Order-deterministic.  Also merges per-rank results stacked by an all-gather.
+    """
+    for name, t in (("count", count), ("mean", mean), ("m2", m2)):
+        if t.dim() != 2 or t.shape != mean.shape or t.dtype != torch.float32 or t.device != mean.device:
+            raise ValueError(f"{name} must be float32 [n_parts, K] like mean {list(mean.shape)} on {mean.device}, "
+                             f"got {t.dtype} {list(t.shape)} on {t.device}")
+    total, merged_mean, merged_m2, _ = _merge(count.contiguous(), mean.contiguous(), m2.contiguous())
+    return total, merged_mean, merged_m2
+
+
+def norm_stats(x: torch.Tensor, groups: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Biased mean and variance, float32: ``[C]`` (groups == 0) or ``[N, groups]``."""
+    _, mean, _, var = _merge(*norm_stats_partials(x, groups))
+    if groups == 0:
+        return mean, var
+    return mean.view(x.shape[0], groups), var.view(x.shape[0], groups)
