@@ -1,0 +1,355 @@
+// Fused per-channel affine + residual add + ReLU: forward, backward reduce, backward apply.
+#include <type_traits>
+
+#include "reduce.cuh"
+
+namespace pyeuler {
+namespace kernels {
+namespace {
+
+// ---------------------------------------------------------------------------------------
+// Per-element helpers
+
+// V coefficients for the V elements of one access: one channel broadcast (channels-first:
+// the access runs along S) or V consecutive channels (channels-last).
+template <int V, bool kChannelsLast>
+__device__ __forceinline__ void load_coefs(const pyeuler_coef_t& coef, int64_t sample,
+                                           int64_t channel, float (&out)[V]) {
+#pragma unroll
+  for (int i = 0; i < V; ++i) out[i] = coef_at(coef, sample, kChannelsLast ? channel + i : channel);
+}
+
+// scale * x + shift rounded after each operation, like the eager reference's two kernels:
+// the ReLU gate recomputed in the backward must agree with it bit for bit.
+__device__ __forceinline__ float affine(float scale, float x, float shift) {
+  return __fadd_rn(__fmul_rn(scale, x), shift);
+}
+
+// m of the backward: the saved mask, else the recomputed ReLU gate, else 1.
+template <int V>
+__device__ __forceinline__ void backward_gate(const uint8_t* mask, bool relu, int64_t offset,
+                                              const float (&x)[V], const float (&scale)[V],
+                                              const float (&shift)[V], float (&gate)[V]) {
+  if (mask != nullptr) {
+    load_mask<V>(mask, offset, gate);
+  } else {
+#pragma unroll
+    for (int i = 0; i < V; ++i) gate[i] = (!relu || affine(scale[i], x[i], shift[i]) > 0.f);
+  }
+}
+
+// Grid-stride loop over the V-element accesses of a dense (N, C, S) tensor, handing each
+// one's element offset, sample and (first) channel to `body`.
+template <int V, bool kChannelsLast, typename Body>
+__device__ __forceinline__ void for_each_vector(const pyeuler_geometry_t& geo, Body&& body) {
+  const int64_t vectors = geo.n * geo.c * geo.s / V;
+  const int64_t start = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+  const int64_t step = int64_t(gridDim.x) * blockDim.x;
+  if (start >= vectors) return;
+  // digits (n, c, s / V) channels-first, (n, s, c / V) channels-last
+  MixedRadixCursor pos(start, step, kChannelsLast ? geo.s : geo.c,
+                       (kChannelsLast ? geo.c : geo.s) / V);
+  for (int64_t i = start; i < vectors; i += step, pos.advance()) {
+    body(i * V, pos.outer, kChannelsLast ? pos.inner * V : pos.middle);
+  }
+}
+
+// Runs launch(width, channels_last) with the widest access the layout and pointers allow:
+// channels-first vectors run along S (need S % V == 0), channels-last along C.
+template <typename T, typename Launch>
+cudaError_t launch_elementwise(const pyeuler_geometry_t& geo, bool pointers_aligned,
+                               Launch&& launch) {
+  constexpr int V = vector_width<T>();
+  using Wide = std::integral_constant<int, V>;
+  using Scalar = std::integral_constant<int, 1>;
+  const bool channels_last = geo.layout == PYEULER_LAYOUT_CHANNELS_LAST;
+  const bool vectorize = pointers_aligned && (channels_last ? geo.c : geo.s) % V == 0;
+  if (channels_last) {
+    return vectorize ? launch(Wide{}, std::true_type{}) : launch(Scalar{}, std::true_type{});
+  }
+  return vectorize ? launch(Wide{}, std::false_type{}) : launch(Scalar{}, std::false_type{});
+}
+
+// ---------------------------------------------------------------------------------------
+// Forward: y = act(shortcut + scale * x + shift), mask = y > 0
+
+template <typename T>
+struct ForwardArgs {
+  const T* x;
+  const T* shortcut;  // nullable
+  pyeuler_coef_t scale, shift;
+  bool relu;
+  T* y;
+  uint8_t* mask;  // nullable
+};
+
+template <typename T, int V, bool kChannelsLast>
+__global__ void __launch_bounds__(kMaxThreads)
+    affine_act_forward_kernel(ForwardArgs<T> args, pyeuler_geometry_t geo) {
+  for_each_vector<V, kChannelsLast>(geo, [&](int64_t offset, int64_t sample, int64_t channel) {
+    float scale[V], shift[V], x[V], shortcut[V], y[V];
+    load_coefs<V, kChannelsLast>(args.scale, sample, channel, scale);
+    load_coefs<V, kChannelsLast>(args.shift, sample, channel, shift);
+    load_floats<T, V>(args.x, offset, x);
+    if (args.shortcut != nullptr) load_floats<T, V>(args.shortcut, offset, shortcut);
+    bool positive[V];
+#pragma unroll
+    for (int i = 0; i < V; ++i) {
+      y[i] = affine(scale[i], x[i], shift[i]);
+      if (args.shortcut != nullptr) y[i] = __fadd_rn(y[i], shortcut[i]);
+      if (args.relu && y[i] < 0.f) y[i] = 0.f;  // NaN propagates, as torch.relu
+      positive[i] = y[i] > 0.f;
+    }
+    store_floats<T, V>(args.y, offset, y);
+    if (args.mask != nullptr) store_mask<V>(args.mask, offset, positive);
+  });
+}
+
+// ---------------------------------------------------------------------------------------
+// Backward apply: g = dy * m, dx = a * g + b * (x - center) + c, dshortcut = g
+
+template <typename T>
+struct ApplyArgs {
+  const T* dy;
+  const T* x;
+  const uint8_t* mask;  // nullable
+  pyeuler_coef_t scale, shift;
+  bool relu;
+  pyeuler_coef_t a, b, c, center;
+  T* dx;
+  T* dshortcut;  // nullable
+};
+
+template <typename T, int V, bool kChannelsLast>
+__global__ void __launch_bounds__(kMaxThreads)
+    affine_act_backward_apply_kernel(ApplyArgs<T> args, pyeuler_geometry_t geo) {
+  const bool gate_from_affine = args.mask == nullptr && args.relu;
+  for_each_vector<V, kChannelsLast>(geo, [&](int64_t offset, int64_t sample, int64_t channel) {
+    float scale[V] = {}, shift[V] = {}, a[V], b[V], c[V], center[V], dy[V], x[V], gate[V];
+    if (gate_from_affine) {
+      load_coefs<V, kChannelsLast>(args.scale, sample, channel, scale);
+      load_coefs<V, kChannelsLast>(args.shift, sample, channel, shift);
+    }
+    load_coefs<V, kChannelsLast>(args.a, sample, channel, a);
+    load_coefs<V, kChannelsLast>(args.b, sample, channel, b);
+    load_coefs<V, kChannelsLast>(args.c, sample, channel, c);
+    load_coefs<V, kChannelsLast>(args.center, sample, channel, center);
+    load_floats<T, V>(args.dy, offset, dy);
+    load_floats<T, V>(args.x, offset, x);
+    backward_gate<V>(args.mask, args.relu, offset, x, scale, shift, gate);
+    float g[V], dx[V];
+#pragma unroll
+    for (int i = 0; i < V; ++i) {
+      g[i] = dy[i] * gate[i];
+      dx[i] = a[i] * g[i] + b[i] * (x[i] - center[i]) + c[i];
+    }
+    store_floats<T, V>(args.dx, offset, dx);
+    if (args.dshortcut != nullptr) store_floats<T, V>(args.dshortcut, offset, g);
+  });
+}
+
+// ---------------------------------------------------------------------------------------
+// Backward reduce: sums of g and g * (x - center) (policy for reduce.cuh)
+
+// g = dy * m for the V elements at `offset`; also returns x as float.
+template <typename T, int V>
+struct GatedGradient {
+  const T* dy;
+  const T* x;
+  const uint8_t* mask;  // nullable
+  bool relu;
+
+  __device__ __forceinline__ void load(int64_t offset, const float (&scale)[V],
+                                       const float (&shift)[V], float (&g)[V],
+                                       float (&x_v)[V]) const {
+    float dy_v[V], gate[V];
+    load_floats<T, V>(dy, offset, dy_v);
+    load_floats<T, V>(x, offset, x_v);
+    backward_gate<V>(mask, relu, offset, x_v, scale, shift, gate);
+#pragma unroll
+    for (int i = 0; i < V; ++i) g[i] = dy_v[i] * gate[i];
+  }
+};
+
+template <typename T>
+struct GradSumsPolicy {
+  using State = GradSums;
+  using Combine = GradSumsCombine;
+
+  const T* dy;
+  const T* x;
+  const uint8_t* mask;  // nullable
+  pyeuler_coef_t scale, shift, center;
+  bool relu;
+  int64_t channels;
+
+  // scale/shift only feed the recomputed ReLU gate and may be absent otherwise.
+  __device__ __forceinline__ void coefs_at(int64_t sample, int64_t channel, float& scale_c,
+                                           float& shift_c, float& center_c) const {
+    const bool gate_from_affine = mask == nullptr && relu;
+    scale_c = gate_from_affine ? coef_at(scale, sample, channel) : 0.f;
+    shift_c = gate_from_affine ? coef_at(shift, sample, channel) : 0.f;
+    center_c = coef_at(center, sample, channel);
+  }
+
+  // Rows kernel: unit (sample, channel) = (u / C, u % C); BatchNorm units are channels (u < C).
+  struct UnitBinding {
+    const T* dy;
+    const T* x;
+    const uint8_t* mask;
+    bool relu;
+    float scale, shift, center;
+
+    template <int V>
+    __device__ __forceinline__ void push(GradSums& acc, int64_t offset) const {
+      float scale_v[V], shift_v[V], g[V], x_v[V];
+#pragma unroll
+      for (int i = 0; i < V; ++i) scale_v[i] = scale, shift_v[i] = shift;
+      GatedGradient<T, V>{dy, x, mask, relu}.load(offset, scale_v, shift_v, g, x_v);
+#pragma unroll
+      for (int i = 0; i < V; ++i) {
+        acc.g += g[i];
+        acc.g_xc += g[i] * (x_v[i] - center);
+      }
+    }
+  };
+  __device__ UnitBinding bind_unit(int64_t unit) const {
+    UnitBinding binding{dy, x, mask, relu};
+    coefs_at(unit / channels, unit % channels, binding.scale, binding.shift, binding.center);
+    return binding;
+  }
+
+  // Channels-last kernel: lanes are V consecutive channels of one sample.
+  template <int V>
+  struct LanesBinding {
+    GatedGradient<T, V> gradient;
+    float scale[V], shift[V], center[V];
+
+    __device__ __forceinline__ void push(GradSums (&lanes)[V], int64_t offset) const {
+      float g[V], x_v[V];
+      gradient.load(offset, scale, shift, g, x_v);
+#pragma unroll
+      for (int i = 0; i < V; ++i) {
+        lanes[i].g += g[i];
+        lanes[i].g_xc += g[i] * (x_v[i] - center[i]);
+      }
+    }
+  };
+  template <int V>
+  __device__ LanesBinding<V> bind_lanes(int64_t sample, int64_t channel) const {
+    LanesBinding<V> binding{{dy, x, mask, relu}};
+#pragma unroll
+    for (int i = 0; i < V; ++i) {
+      coefs_at(sample, channel + i, binding.scale[i], binding.shift[i], binding.center[i]);
+    }
+    return binding;
+  }
+};
+
+cudaError_t plan_backward_reduce(const pyeuler_geometry_t& geo, int per_sample,
+                                 ReductionPlan* plan) {
+  if (!geometry_is_valid(geo)) return cudaErrorInvalidValue;
+  int sm_count = 0;
+  const cudaError_t err = current_sm_count(&sm_count);
+  if (err != cudaSuccess) return err;
+  if (geo.layout == PYEULER_LAYOUT_CHANNELS_LAST) {
+    *plan = per_sample ? channels_last_reduction(geo.n, geo.s, geo.c, sm_count)
+                       : channels_last_reduction(1, geo.n * geo.s, geo.c, sm_count);
+  } else {
+    const int64_t units = per_sample ? geo.n * geo.c : geo.c;
+    const int64_t rows = per_sample ? 1 : geo.n;
+    *plan = rows_reduction({units, units, geo.s, 0, rows, geo.s, geo.c * geo.s}, sm_count);
+  }
+  return cudaSuccess;
+}
+
+}  // namespace
+}  // namespace kernels
+}  // namespace pyeuler
+
+using namespace pyeuler::kernels;
+
+extern "C" cudaError_t pyeuler_affine_act_forward(const void* x, const void* shortcut,
+                                                  pyeuler_dtype_t dtype, pyeuler_geometry_t geo,
+                                                  pyeuler_coef_t scale, pyeuler_coef_t shift,
+                                                  int relu, void* y, uint8_t* mask,
+                                                  cudaStream_t stream) {
+  if (!geometry_is_valid(geo)) return cudaErrorInvalidValue;
+  return dispatch_dtype(dtype, [&](auto tag) {
+    using T = decltype(tag);
+    const ForwardArgs<T> args{static_cast<const T*>(x), static_cast<const T*>(shortcut), scale,
+                              shift, relu != 0, static_cast<T*>(y), mask};
+    const bool aligned = all_vector_aligned<T>({x, shortcut, y}, {mask});
+    return launch_elementwise<T>(geo, aligned, [&](auto width, auto channels_last) {
+      constexpr int V = decltype(width)::value;
+      unsigned blocks = 0;
+      const cudaError_t err = elementwise_grid(geo.n * geo.c * geo.s / V, kMaxThreads, &blocks);
+      if (err != cudaSuccess) return err;
+      affine_act_forward_kernel<T, V, decltype(channels_last)::value>
+          <<<blocks, kMaxThreads, 0, stream>>>(args, geo);
+      return cudaGetLastError();
+    });
+  });
+}
+
+extern "C" cudaError_t pyeuler_affine_act_backward_apply(
+    const void* dy, const void* x, const uint8_t* mask, pyeuler_dtype_t dtype,
+    pyeuler_geometry_t geo, pyeuler_coef_t scale, pyeuler_coef_t shift, int relu,
+    pyeuler_coef_t a, pyeuler_coef_t b, pyeuler_coef_t c, pyeuler_coef_t center, void* dx,
+    void* dshortcut, cudaStream_t stream) {
+  if (!geometry_is_valid(geo)) return cudaErrorInvalidValue;
+  return dispatch_dtype(dtype, [&](auto tag) {
+    using T = decltype(tag);
+    const ApplyArgs<T> args{static_cast<const T*>(dy), static_cast<const T*>(x), mask,
+                            scale, shift, relu != 0, a, b, c, center, static_cast<T*>(dx),
+                            static_cast<T*>(dshortcut)};
+    const bool aligned = all_vector_aligned<T>({dy, x, dx, dshortcut}, {mask});
+    return launch_elementwise<T>(geo, aligned, [&](auto width, auto channels_last) {
+      constexpr int V = decltype(width)::value;
+      unsigned blocks = 0;
+      const cudaError_t err = elementwise_grid(geo.n * geo.c * geo.s / V, kMaxThreads, &blocks);
+      if (err != cudaSuccess) return err;
+      affine_act_backward_apply_kernel<T, V, decltype(channels_last)::value>
+          <<<blocks, kMaxThreads, 0, stream>>>(args, geo);
+      return cudaGetLastError();
+    });
+  });
+}
+
+extern "C" cudaError_t pyeuler_affine_act_backward_reduce_workspace_size(pyeuler_geometry_t geo,
+                                                                         int per_sample,
+                                                                         size_t* bytes) {
+  ReductionPlan plan;
+  const cudaError_t err = plan_backward_reduce(geo, per_sample, &plan);
+  if (err != cudaSuccess) return err;
+  *bytes = partials_bytes<GradSums>(plan.splits(), plan.units());
+  return cudaSuccess;
+}
+
+extern "C" cudaError_t pyeuler_affine_act_backward_reduce(
+    const void* dy, const void* x, const uint8_t* mask, pyeuler_dtype_t dtype,
+    pyeuler_geometry_t geo, pyeuler_coef_t scale, pyeuler_coef_t shift, pyeuler_coef_t center,
+    int relu, int per_sample, float* sum_g, float* sum_g_xc, void* workspace,
+    size_t workspace_bytes, cudaStream_t stream) {
+  // Summing over N needs one coefficient per channel.
+  if (!per_sample && (scale.sample_stride || shift.sample_stride || center.sample_stride)) {
+    return cudaErrorInvalidValue;
+  }
+  ReductionPlan plan;
+  cudaError_t err = plan_backward_reduce(geo, per_sample, &plan);
+  if (err != cudaSuccess) return err;
+  if (workspace_bytes < partials_bytes<GradSums>(plan.splits(), plan.units())) {
+    return cudaErrorInvalidValue;
+  }
+  float* partials = static_cast<float*>(workspace);
+  err = dispatch_dtype(dtype, [&](auto tag) {
+    using T = decltype(tag);
+    const GradSumsPolicy<T> policy{static_cast<const T*>(dy), static_cast<const T*>(x),
+                                   mask, scale, shift, center, relu != 0, geo.c};
+    const bool aligned = all_vector_aligned<T>({dy, x}, {mask});
+    return launch_partials<T>(policy, plan, aligned, partials, stream);
+  });
+  if (err != cudaSuccess) return err;
+  return launch_finalize<GradSums, GradSumsCombine>(partials, plan.splits(), plan.units(), sum_g,
+                                                    sum_g_xc, stream);
+}

@@ -1,0 +1,308 @@
+// Device helpers shared by the pyeuler kernels: dtype conversion, 128-bit vector access,
+// Welford merges, deterministic block reductions, and the host-side launch plumbing.
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <cstdint>
+#include <initializer_list>
+
+#include "pyeuler_kernels.h"
+
+namespace pyeuler {
+namespace kernels {
+
+// ---------------------------------------------------------------------------------------
+// dtypes: storage type T, arithmetic in float
+
+__device__ __forceinline__ float to_float(float v) { return v; }
+__device__ __forceinline__ float to_float(__half v) { return __half2float(v); }
+__device__ __forceinline__ float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
+
+template <typename T>
+__device__ __forceinline__ T from_float(float v);
+template <>
+__device__ __forceinline__ float from_float<float>(float v) { return v; }
+template <>
+__device__ __forceinline__ __half from_float<__half>(float v) { return __float2half_rn(v); }
+template <>
+__device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float v) {
+  return __float2bfloat16_rn(v);
+}
+
+// Calls f(T{}) with T the storage type of `dtype`; invalid dtypes are an argument error.
+template <typename F>
+cudaError_t dispatch_dtype(pyeuler_dtype_t dtype, F&& f) {
+  switch (dtype) {
+    case PYEULER_DTYPE_FLOAT32: return f(float{});
+    case PYEULER_DTYPE_FLOAT16: return f(__half{});
+    case PYEULER_DTYPE_BFLOAT16: return f(__nv_bfloat16{});
+  }
+  return cudaErrorInvalidValue;
+}
+
+// ---------------------------------------------------------------------------------------
+// 128-bit vector access
+
+constexpr int kVectorBytes = 16;
+
+// Elements per 128-bit access: 4 floats or 8 halves.
+template <typename T>
+constexpr int vector_width() {
+  return kVectorBytes / sizeof(T);
+}
+
+// V consecutive elements aligned as one access, so the compiler emits a single LDG/STG.
+template <typename T, int V>
+struct alignas(sizeof(T) * V) Packed {
+  T v[V];
+};
+
+template <typename T, int V>
+__device__ __forceinline__ void load_floats(const T* ptr, int64_t offset, float (&out)[V]) {
+  const Packed<T, V> packed = *reinterpret_cast<const Packed<T, V>*>(ptr + offset);
+#pragma unroll
+  for (int i = 0; i < V; ++i) out[i] = to_float(packed.v[i]);
+}
+
+template <typename T, int V>
+__device__ __forceinline__ void store_floats(T* ptr, int64_t offset, const float (&in)[V]) {
+  Packed<T, V> packed;
+#pragma unroll
+  for (int i = 0; i < V; ++i) packed.v[i] = from_float<T>(in[i]);
+  *reinterpret_cast<Packed<T, V>*>(ptr + offset) = packed;
+}
+
+// Masks are torch.bool: one byte, 0 or 1.
+template <int V>
+__device__ __forceinline__ void load_mask(const uint8_t* ptr, int64_t offset, float (&out)[V]) {
+  const Packed<uint8_t, V> packed = *reinterpret_cast<const Packed<uint8_t, V>*>(ptr + offset);
+#pragma unroll
+  for (int i = 0; i < V; ++i) out[i] = packed.v[i] ? 1.f : 0.f;
+}
+
+template <int V>
+__device__ __forceinline__ void store_mask(uint8_t* ptr, int64_t offset, const bool (&in)[V]) {
+  Packed<uint8_t, V> packed;
+#pragma unroll
+  for (int i = 0; i < V; ++i) packed.v[i] = in[i] ? 1 : 0;
+  *reinterpret_cast<Packed<uint8_t, V>*>(ptr + offset) = packed;
+}
+
+inline bool is_aligned(const void* ptr, int64_t bytes) {
+  return reinterpret_cast<uintptr_t>(ptr) % bytes == 0;
+}
+
+// The vector path needs every activation pointer aligned for a V-element access
+// (null pointers are absent operands and do not count).
+template <typename T>
+bool all_vector_aligned(std::initializer_list<const void*> activations,
+                        std::initializer_list<const void*> masks = {}) {
+  constexpr int64_t kWidth = vector_width<T>();
+  for (const void* p : activations) {
+    if (p != nullptr && !is_aligned(p, kWidth * sizeof(T))) return false;
+  }
+  for (const void* p : masks) {
+    if (p != nullptr && !is_aligned(p, kWidth)) return false;
+  }
+  return true;
+}
+
+// ---------------------------------------------------------------------------------------
+// Welford statistics
+
+struct Welford {
+  float count;
+  float mean;
+  float m2;  // sum of squared deviations from the mean
+};
+
+// Chan et al.'s pairwise merge; exact for empty operands (count 0).
+__device__ __forceinline__ Welford welford_combine(const Welford& a, const Welford& b) {
+  const float count = a.count + b.count;
+  const float b_weight = count > 0.f ? b.count / count : 0.f;
+  const float delta = b.mean - a.mean;
+  return {count, a.mean + delta * b_weight, a.m2 + b.m2 + delta * delta * a.count * b_weight};
+}
+
+// Statistics of V values, merged in as one block: one division per vector, not per element.
+template <int V>
+__device__ __forceinline__ Welford welford_of(const float (&values)[V]) {
+  float sum = 0.f;
+#pragma unroll
+  for (int i = 0; i < V; ++i) sum += values[i];
+  const float mean = sum * (1.f / V);
+  float m2 = 0.f;
+#pragma unroll
+  for (int i = 0; i < V; ++i) m2 += (values[i] - mean) * (values[i] - mean);
+  return {float(V), mean, m2};
+}
+
+// One Welford per lane (channel) of a vector; every lane has seen the same number of rows,
+// so the reciprocal of the count is shared.
+template <int V>
+__device__ __forceinline__ void welford_push_lanes(Welford (&lanes)[V], const float (&values)[V]) {
+  const float count = lanes[0].count + 1.f;
+  const float inv_count = 1.f / count;
+#pragma unroll
+  for (int i = 0; i < V; ++i) {
+    const float delta = values[i] - lanes[i].mean;
+    lanes[i].count = count;
+    lanes[i].mean += delta * inv_count;
+    lanes[i].m2 += delta * (values[i] - lanes[i].mean);
+  }
+}
+
+struct WelfordCombine {
+  __device__ __forceinline__ Welford operator()(const Welford& a, const Welford& b) const {
+    return welford_combine(a, b);
+  }
+};
+
+// The two sums of the backward reduce: sum(g) and sum(g * (x - center)).
+struct GradSums {
+  float g;
+  float g_xc;
+};
+
+struct GradSumsCombine {
+  __device__ __forceinline__ GradSums operator()(const GradSums& a, const GradSums& b) const {
+    return {a.g + b.g, a.g_xc + b.g_xc};
+  }
+};
+
+__device__ __forceinline__ Welford shfl_down(const Welford& w, int offset) {
+  return {__shfl_down_sync(0xffffffffu, w.count, offset),
+          __shfl_down_sync(0xffffffffu, w.mean, offset),
+          __shfl_down_sync(0xffffffffu, w.m2, offset)};
+}
+
+__device__ __forceinline__ GradSums shfl_down(const GradSums& s, int offset) {
+  return {__shfl_down_sync(0xffffffffu, s.g, offset),
+          __shfl_down_sync(0xffffffffu, s.g_xc, offset)};
+}
+
+// ---------------------------------------------------------------------------------------
+// Deterministic block reductions (fixed combine order, no atomics)
+
+constexpr int kWarpSize = 32;
+constexpr int kMaxThreads = 256;
+
+// Reduces one value per thread; the result is valid in thread 0 only.  blockDim.x must be
+// a multiple of 32 and at most kMaxThreads; every thread of the block must call this.
+template <typename State, typename Combine>
+__device__ State block_reduce(State value, Combine combine) {
+  __shared__ State warp_results[kMaxThreads / kWarpSize];
+  for (int offset = kWarpSize / 2; offset > 0; offset /= 2) {
+    value = combine(value, shfl_down(value, offset));
+  }
+  const int lane = threadIdx.x % kWarpSize;
+  const int warp = threadIdx.x / kWarpSize;
+  if (lane == 0) warp_results[warp] = value;
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    for (int w = 1; w < int(blockDim.x / kWarpSize); ++w) value = combine(value, warp_results[w]);
+  }
+  return value;
+}
+
+// Channel-tiled blocks: thread t works on column t % tile_width of rows t / tile_width.
+// Folds the `row_lanes` partial states of each column onto row lane 0 by a fixed tree
+// (lanes [half, active) onto [0, active - half)).  `scratch` holds blockDim.x * V states.
+// Every thread of the block must call this.
+template <typename State, int V, typename Combine>
+__device__ void reduce_over_row_lanes(State (&state)[V], State* scratch, int row_lane, int column,
+                                      int tile_width, int row_lanes, Combine combine) {
+  for (int active = row_lanes; active > 1;) {
+    const int half = (active + 1) / 2;
+    if (row_lane >= half && row_lane < active) {
+#pragma unroll
+      for (int i = 0; i < V; ++i) scratch[(row_lane * tile_width + column) * V + i] = state[i];
+    }
+    __syncthreads();
+    if (row_lane < active - half) {
+#pragma unroll
+      for (int i = 0; i < V; ++i) {
+        state[i] = combine(state[i], scratch[((row_lane + half) * tile_width + column) * V + i]);
+      }
+    }
+    __syncthreads();
+    active = half;
+  }
+}
+
+// ---------------------------------------------------------------------------------------
+// Index arithmetic
+
+// A position in a 3-digit mixed-radix number (outer, middle, inner) that advances by a
+// fixed stride without any division inside the loop: grid-stride loops over (N, C, S) or
+// (N, S, C) tensors use it to know each vector's sample and channel cheaply.
+struct MixedRadixCursor {
+  int64_t outer, middle, inner;
+  int64_t middle_radix, inner_radix;
+  int64_t step_outer, step_middle, step_inner;
+
+  __device__ MixedRadixCursor(int64_t start, int64_t step, int64_t middle_radix_,
+                              int64_t inner_radix_)
+      : middle_radix(middle_radix_), inner_radix(inner_radix_) {
+    inner = start % inner_radix;
+    middle = (start / inner_radix) % middle_radix;
+    outer = start / (inner_radix * middle_radix);
+    step_inner = step % inner_radix;
+    step_middle = (step / inner_radix) % middle_radix;
+    step_outer = step / (inner_radix * middle_radix);
+  }
+
+  __device__ __forceinline__ void advance() {
+    inner += step_inner;
+    const int64_t inner_carry = inner >= inner_radix;
+    inner -= inner_carry * inner_radix;
+    middle += step_middle + inner_carry;
+    const int64_t middle_carry = middle >= middle_radix;
+    middle -= middle_carry * middle_radix;
+    outer += step_outer + middle_carry;
+  }
+};
+
+__host__ __device__ inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+// Per-(sample, channel) coefficient of a [C] or [N, C] float32 vector.
+__device__ __forceinline__ float coef_at(const pyeuler_coef_t& coef, int64_t n, int64_t c) {
+  return coef.data[n * coef.sample_stride + c];
+}
+
+// ---------------------------------------------------------------------------------------
+// Host-side launch plumbing
+
+inline bool geometry_is_valid(const pyeuler_geometry_t& geo) {
+  return geo.n > 0 && geo.c > 0 && geo.s > 0 &&
+         (geo.layout == PYEULER_LAYOUT_CHANNELS_FIRST ||
+          geo.layout == PYEULER_LAYOUT_CHANNELS_LAST);
+}
+
+// Streaming multiprocessors of the current device: sizes the grids (two cheap driver
+// queries, no synchronisation).
+inline cudaError_t current_sm_count(int* sm_count) {
+  int device = 0;
+  cudaError_t err = cudaGetDevice(&device);
+  if (err != cudaSuccess) return err;
+  return cudaDeviceGetAttribute(sm_count, cudaDevAttrMultiProcessorCount, device);
+}
+
+// Grid for a grid-stride elementwise loop over `work_items`: enough resident blocks to
+// fill every SM, never more than there is work for.
+inline cudaError_t elementwise_grid(int64_t work_items, int threads, unsigned* blocks) {
+  int sm_count = 0;
+  cudaError_t err = current_sm_count(&sm_count);
+  if (err != cudaSuccess) return err;
+  constexpr int64_t kBlocksPerSm = 2048 / kMaxThreads * 4;
+  const int64_t wanted = ceil_div(work_items, threads);
+  const int64_t cap = int64_t(sm_count) * kBlocksPerSm;
+  *blocks = unsigned(wanted < cap ? wanted : cap);
+  return cudaSuccess;
+}
+
+}  // namespace kernels
+}  // namespace pyeuler

@@ -1,0 +1,132 @@
+/*
+ * pyeuler CUDA kernels: the C ABI.
+ *
+ * Plain C, no torch: the host wrapper (csrc/) and the standalone tests (kernels/tests/)
+ * both call these.  The math of every entry point is defined by pyeuler/ops/primitives.py;
+ * the comments here only say how the arguments are laid out.
+ *
+ * Tensors are dense (N, C, S) views of (N, C, *spatial) activations, S = prod(spatial):
+ *   PYEULER_LAYOUT_CHANNELS_FIRST: element (n, c, s) at (n * C + c) * S + s  (NCHW)
+ *   PYEULER_LAYOUT_CHANNELS_LAST:  element (n, c, s) at (n * S + s) * C + c  (NHWC)
+ * All activation tensors of one call (x, dy, shortcut, mask, outputs) share that layout.
+ * Activations are float32, float16 or bfloat16 (one dtype per call); masks are one byte
+ * per element (torch.bool); statistics, coefficients and sums are float32, and all
+ * accumulation is in float32.  Indexing is 64-bit throughout.
+ *
+ * Every entry point only enqueues work on `stream` (no host synchronisation, no
+ * allocation) and returns cudaSuccess, cudaErrorInvalidValue for arguments it cannot
+ * handle, or the launch error.  Entry points with a `workspace` need at least the bytes
+ * their *_workspace_size function reports for the same arguments on the current device.
+ */
+#ifndef PYEULER_KERNELS_H_
+#define PYEULER_KERNELS_H_
+
+#include <stddef.h>
+#include <stdint.h>
+
+#include <cuda_runtime_api.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+typedef enum pyeuler_dtype {
+  PYEULER_DTYPE_FLOAT32 = 0,
+  PYEULER_DTYPE_FLOAT16 = 1,
+  PYEULER_DTYPE_BFLOAT16 = 2,
+} pyeuler_dtype_t;
+
+typedef enum pyeuler_layout {
+  PYEULER_LAYOUT_CHANNELS_FIRST = 0,
+  PYEULER_LAYOUT_CHANNELS_LAST = 1,
+} pyeuler_layout_t;
+
+typedef struct pyeuler_geometry {
+  int64_t n; /* batch */
+  int64_t c; /* channels */
+  int64_t s; /* flattened spatial size, 1 for (N, C) tensors */
+  pyeuler_layout_t layout;
+} pyeuler_geometry_t;
+
+/* A float32 per-channel coefficient: value for (n, c) is data[n * sample_stride + c].
+ * sample_stride is 0 for a [C] vector and C for an [N, C] matrix. */
+typedef struct pyeuler_coef {
+  const float* data;
+  int64_t sample_stride;
+} pyeuler_coef_t;
+
+/* ---- statistics ------------------------------------------------------------------ */
+
+/* Biased mean and variance (primitives.norm_stats).  groups == 0: BatchNorm statistics,
+ * mean/var are [C].  groups >= 1 (dividing C): GroupNorm statistics, mean/var are [N, groups].
+ * Two stages: per-block Welford partials (count, mean, M2) into the workspace, then
+ * pyeuler_welford_finalize merges them in a fixed order (deterministic, no atomics). */
+cudaError_t pyeuler_norm_stats_workspace_size(pyeuler_geometry_t geo, int64_t groups,
+                                              size_t* bytes);
+cudaError_t pyeuler_norm_stats(const void* x, pyeuler_dtype_t dtype, pyeuler_geometry_t geo,
+                               int64_t groups, float* mean, float* var, void* workspace,
+                               size_t workspace_bytes, cudaStream_t stream);
+
+/* Chan-merges Welford partials, float32 laid out as [3][num_partials][num_units]
+ * (counts, then means, then M2s), partial p = 0, 1, ... in order, into mean/var [num_units].
+ * This is pyeuler_norm_stats' second stage; a multi-GPU caller can gather every rank's
+ * partials (or every rank's (count, mean, M2)) into this layout and finalize them once,
+ * which gives SyncBatchNorm's statistics. */
+cudaError_t pyeuler_welford_finalize(const float* partials, int64_t num_partials,
+                                     int64_t num_units, float* mean, float* var,
+                                     cudaStream_t stream);
+
+/* ---- fused affine + residual + ReLU ---------------------------------------------- */
+
+/* y = act(shortcut + scale * x + shift) (primitives.affine_act_forward).  shortcut may be
+ * NULL (same dtype as x otherwise); mask may be NULL, else it receives y > 0. */
+cudaError_t pyeuler_affine_act_forward(const void* x, const void* shortcut, pyeuler_dtype_t dtype,
+                                       pyeuler_geometry_t geo, pyeuler_coef_t scale,
+                                       pyeuler_coef_t shift, int relu, void* y, uint8_t* mask,
+                                       cudaStream_t stream);
+
+/* Sums of g and g * (x - center), g = dy * m (primitives.affine_act_backward_reduce):
+ * m = mask if mask != NULL, else (scale * x + shift > 0) if relu, else 1.  per_sample == 0:
+ * sums over (N, S) into [C]; all coefficients must then be [C].  per_sample != 0: sums over S
+ * into [N, C].  dy has x's dtype.  Partials then a fixed-order second stage, like the stats. */
+cudaError_t pyeuler_affine_act_backward_reduce_workspace_size(pyeuler_geometry_t geo,
+                                                              int per_sample, size_t* bytes);
+cudaError_t pyeuler_affine_act_backward_reduce(const void* dy, const void* x, const uint8_t* mask,
+                                               pyeuler_dtype_t dtype, pyeuler_geometry_t geo,
+                                               pyeuler_coef_t scale, pyeuler_coef_t shift,
+                                               pyeuler_coef_t center, int relu, int per_sample,
+                                               float* sum_g, float* sum_g_xc, void* workspace,
+                                               size_t workspace_bytes, cudaStream_t stream);
+
+/* dx = a * g + b * (x - center) + c with g as in the reduce
+ * (primitives.affine_act_backward_apply); dshortcut (may be NULL) receives g. */
+cudaError_t pyeuler_affine_act_backward_apply(const void* dy, const void* x, const uint8_t* mask,
+                                              pyeuler_dtype_t dtype, pyeuler_geometry_t geo,
+                                              pyeuler_coef_t scale, pyeuler_coef_t shift, int relu,
+                                              pyeuler_coef_t a, pyeuler_coef_t b, pyeuler_coef_t c,
+                                              pyeuler_coef_t center, void* dx, void* dshortcut,
+                                              cudaStream_t stream);
+
+/* ---- IE-Skip elementwise steps (layout-agnostic: all operands share one dense layout) ---- */
+
+/* e = x - c - theta * fx */
+cudaError_t pyeuler_ie_residual(const void* x, const void* c, const void* fx,
+                                pyeuler_dtype_t dtype, int64_t numel, double theta, void* e,
+                                cudaStream_t stream);
+
+/* x_next = x - 2 * step_size * (e - theta * v) */
+cudaError_t pyeuler_ie_update(const void* x, const void* e, const void* v, pyeuler_dtype_t dtype,
+                              int64_t numel, double step_size, double theta, void* x_next,
+                              cudaStream_t stream);
+
+/* ---- build information ----------------------------------------------------------- */
+
+/* Writes the compute capabilities (major * 10 + minor) the kernels were compiled for into
+ * archs[0 .. capacity) and returns how many there are. */
+int pyeuler_compiled_archs(int* archs, int capacity);
+
+#ifdef __cplusplus
+} /* extern "C" */
+#endif
+
+#endif /* PYEULER_KERNELS_H_ */
