@@ -1,0 +1,207 @@
+"""Compile every Triton kernel of :mod:`pyeuler.triton` for an NVIDIA GPU, without one.
+
+    python -m pyeuler.triton.compile_check [--arch 90] [--jobs 2]
+
+CI has no GPU and tests the kernels in the CPU interpreter, which never lowers them, so a
+kernel the GPU compiler rejects would pass there.  This runs the real pipeline (TTIR →
+TTGIR → LLVM → PTX → cubin, ptxas included) for sm_90 for each data dtype and the
+constexpr combinations that select different code, and exits non-zero on any failure.
+It must run without ``TRITON_INTERPRET`` (the interpreter replaces the JIT functions).
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import importlib
+import multiprocessing
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+
+DATA = "data"  # pointer to activation-like tensors: x, dy, y, the shortcut, dx
+DATA_DTYPES = ("fp32", "fp16", "bf16")
+
+
+@dataclass(frozen=True)
+class KernelSpec:
+    """How the host launches one kernel: argument types and constexpr values that matter."""
+
+    module: str
+    name: str
+    pointers: dict[str, str]  # argument -> DATA or a Triton pointer type ("*fp32", "*u1")
+    blocks: dict[str, int] = field(default_factory=dict)  # block sizes the host would pick
+    flags: tuple[str, ...] = ()  # boolean constexprs
+    floats: tuple[str, ...] = ()  # float scalar arguments (fp32); other scalars are ints
+    outer_block: tuple[str, str] | None = None  # (heuristic block, inner block): TILE // inner
+
+
+_STATS_PARTS = {"count_ptr": "*fp32", "mean_ptr": "*fp32", "m2_ptr": "*fp32"}
+_GRAD_SUM_PTRS = {"dy_ptr": DATA, "x_ptr": DATA, "scale_ptr": "*fp32", "shift_ptr": "*fp32",
+                  "center_ptr": "*fp32", "mask_ptr": "*u1", "sum_g_ptr": "*fp32", "sum_gx_ptr": "*fp32"}
+_GRAD_SUM_FLAGS = ("PER_SAMPLE", "LOAD_MASK", "RECOMPUTE_MASK", "WIDE_INDEX")
+
+SPECS = (
+    KernelSpec("pyeuler.triton.norm_stats", "_channel_stats_partials_kernel",
+               {"x_ptr": DATA, **_STATS_PARTS}, {"BLOCK_C": 32}, ("WIDE_INDEX",),
+               outer_block=("BLOCK_R", "BLOCK_C")),
+    KernelSpec("pyeuler.triton.norm_stats", "_segment_stats_partials_kernel",
+               {"x_ptr": DATA, **_STATS_PARTS}, {"BLOCK_I": 256}, ("WIDE_INDEX",),
+               outer_block=("BLOCK_O", "BLOCK_I")),
+    KernelSpec("pyeuler.triton.norm_stats", "_merge_stats_kernel",
+               {**_STATS_PARTS, "out_count_ptr": "*fp32", "out_mean_ptr": "*fp32",
+                "out_m2_ptr": "*fp32", "out_var_ptr": "*fp32"}, {"BLOCK_K": 1024}),
+    KernelSpec("pyeuler.triton.affine_act", "_affine_act_forward_kernel",
+               {"x_ptr": DATA, "scale_ptr": "*fp32", "shift_ptr": "*fp32", "shortcut_ptr": DATA,
+                "y_ptr": DATA, "mask_ptr": "*u1"}, {"BLOCK_I": 64},
+               ("CHANNELS_LAST", "PER_SAMPLE", "HAS_SHORTCUT", "RELU", "SAVE_MASK", "WIDE_INDEX"),
+               outer_block=("BLOCK_O", "BLOCK_I")),
+    KernelSpec("pyeuler.triton.affine_act", "_grad_sums_columns_kernel", _GRAD_SUM_PTRS,
+               {"BLOCK_C": 64}, _GRAD_SUM_FLAGS, outer_block=("BLOCK_R", "BLOCK_C")),
+    KernelSpec("pyeuler.triton.affine_act", "_grad_sums_planes_kernel", _GRAD_SUM_PTRS,
+               {"BLOCK_S": 1024}, _GRAD_SUM_FLAGS, outer_block=("BLOCK_P", "BLOCK_S")),
+    KernelSpec("pyeuler.triton.affine_act", "_sum_partials_kernel",
+               {"g_parts_ptr": "*fp32", "gx_parts_ptr": "*fp32", "sum_g_ptr": "*fp32",
+                "sum_gx_ptr": "*fp32"}, {"BLOCK_K": 1024}),
+    KernelSpec("pyeuler.triton.affine_act", "_affine_act_backward_apply_kernel",
+               {"dy_ptr": DATA, "x_ptr": DATA, "scale_ptr": "*fp32", "shift_ptr": "*fp32",
+                "mask_ptr": "*u1", "a_ptr": "*fp32", "b_ptr": "*fp32", "c_ptr": "*fp32",
+                "center_ptr": "*fp32", "dx_ptr": DATA, "dshortcut_ptr": DATA}, {"BLOCK_I": 32},
+               ("CHANNELS_LAST", "PER_SAMPLE", "LOAD_MASK", "RECOMPUTE_MASK", "WANT_DSHORTCUT",
+                "WIDE_INDEX"),
+               outer_block=("BLOCK_O", "BLOCK_I")),
+    KernelSpec("pyeuler.triton.ie", "_ie_residual_kernel",
+               {"x_ptr": DATA, "c_ptr": DATA, "fx_ptr": DATA, "e_ptr": DATA},
+               flags=("WIDE_INDEX",), floats=("theta",)),
+    KernelSpec("pyeuler.triton.ie", "_ie_update_kernel",
+               {"x_ptr": DATA, "e_ptr": DATA, "v_ptr": DATA, "out_ptr": DATA},
+               flags=("WIDE_INDEX",), floats=("two_step_size", "theta")),
+)
+
+
+@dataclass(frozen=True)
+class Job:
+    spec: KernelSpec
+    dtype: str | None  # None: the kernel has no data-typed pointer
+    flags: tuple[tuple[str, bool], ...]
+    tile: int | None  # autotune config's TILE, None if not autotuned
+    num_warps: int
+
+    def label(self) -> str:
+        on = [name for name, value in self.flags if value] or ["-"]
+        tile = f" TILE={self.tile}" if self.tile else ""
+        return f"{self.spec.name}[{self.dtype or 'fp32'}{tile} w{self.num_warps} {'+'.join(on)}]"
+
+
+def _unwrap(kernel):
+    """The JITFunction under ``triton.autotune`` / ``triton.heuristics`` wrappers."""
+    from triton.runtime.jit import JITFunction
+
+    while not isinstance(kernel, JITFunction):
+        kernel = kernel.fn
+    return kernel
+
+
+def _configs(kernel) -> list[tuple[int | None, int]]:
+    """``(TILE, num_warps)`` of each autotune config, or the launch default."""
+    configs = getattr(kernel, "configs", None)
+    if not configs:
+        return [(None, 4)]
+    return [(config.kwargs["TILE"], config.num_warps) for config in configs]
+
+
+def _flag_combos(flags: tuple[str, ...], exhaustive_one_hot: bool) -> list[dict[str, bool]]:
+    """All off and all on (every ``if FLAG`` branch compiled), plus each flag alone."""
+    combos = [dict.fromkeys(flags, False), dict.fromkeys(flags, True)]
+    if exhaustive_one_hot and len(flags) > 1:
+        combos += [{**dict.fromkeys(flags, False), flag: True} for flag in flags]
+    return combos
+
+
+def jobs() -> list[Job]:
+    out = []
+    for spec in SPECS:
+        kernel = getattr(importlib.import_module(spec.module), spec.name)
+        configs = _configs(kernel)
+        has_data = DATA in spec.pointers.values()
+        for dtype in DATA_DTYPES if has_data else (None,):
+            first_dtype = dtype in ("fp32", None)
+            for combo in _flag_combos(spec.flags, exhaustive_one_hot=first_dtype):
+                out.append(Job(spec, dtype, tuple(combo.items()), *configs[0]))
+            if first_dtype:  # other tuning configs: different tiles and warp counts
+                for tile, warps in configs[1:]:
+                    out.append(Job(spec, dtype, tuple(dict.fromkeys(spec.flags, False).items()), tile, warps))
+    return out
+
+
+def compile_job(job: Job, arch: int) -> tuple[str, float, str | None]:
+    """Compile one job to cubin; returns ``(label, seconds, error or None)``."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+
+    spec = job.spec
+    fn = _unwrap(getattr(importlib.import_module(spec.module), spec.name))
+    flags = dict(job.flags)
+    wide = flags.get("WIDE_INDEX", False)
+    constexprs: dict[str, object] = {**spec.blocks, **flags}
+    if job.tile is not None:
+        constexprs["TILE"] = job.tile
+    if spec.outer_block is not None:
+        derived, inner = spec.outer_block
+        constexprs[derived] = max(1, job.tile // spec.blocks[inner])
+    signature, attrs = {}, {}
+    for index, (name, param) in enumerate(zip(fn.arg_names, fn.params)):
+        if param.is_constexpr:
+            signature[name] = "constexpr"
+            if name not in constexprs:
+                return job.label(), 0.0, f"no value for constexpr {name}"
+        elif name in spec.pointers:
+            kind = spec.pointers[name]
+            signature[name] = f"*{job.dtype}" if kind == DATA else kind
+            attrs[(index,)] = [["tt.divisibility", 16]]  # torch allocations are 16-B aligned
+        elif name in spec.floats:
+            signature[name] = "fp32"
+        else:
+            signature[name] = "i64" if wide else "i32"
+    start = time.perf_counter()
+    try:
+        source = triton.compiler.ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs)
+        compiled = triton.compile(source, target=GPUTarget("cuda", arch, 32),
+                                  options={"num_warps": job.num_warps, "enable_fp_fusion": True})
+        if not compiled.asm.get("cubin"):
+            raise RuntimeError("no cubin produced")
+    except Exception as exc:  # report every failure, not only the first
+        return job.label(), time.perf_counter() - start, f"{type(exc).__name__}: {exc}"
+    return job.label(), time.perf_counter() - start, None
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--arch", type=int, default=90, help="CUDA compute capability, e.g. 90")
+    parser.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1))
+    parser.add_argument("--list", action="store_true", help="print the compile jobs and exit")
+    args = parser.parse_args(argv)
+    if os.environ.get("TRITON_INTERPRET", "0").lower() not in ("", "0", "false", "no", "off", "n"):
+        print("compile_check: unset TRITON_INTERPRET (the interpreter replaces JIT functions)",
+              file=sys.stderr)
+        return 2
+
+    todo = jobs()
+    if args.list:
+        print("\n".join(job.label() for job in todo))
+        return 0
+    start = time.perf_counter()
+    context = multiprocessing.get_context("spawn")  # no fork after torch/triton threads start
+    with concurrent.futures.ProcessPoolExecutor(args.jobs, mp_context=context) as pool:
+        results = list(pool.map(compile_job, todo, [args.arch] * len(todo)))
+    failures = [(label, error) for label, _, error in results if error]
+    for label, error in failures:
+        print(f"FAILED {label}: {error}", file=sys.stderr)
+    print(f"compile_check: {len(todo) - len(failures)}/{len(todo)} kernels compiled for sm_{args.arch} "
+          f"in {time.perf_counter() - start:.1f}s")
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
