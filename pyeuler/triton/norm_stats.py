@@ -10,7 +10,9 @@ Two stages, no atomics, so results are bitwise reproducible for a given device:
 
 ``norm_stats_partials`` and ``merge_stats`` are exposed separately so that SyncBatchNorm
 style code can all-gather the per-rank ``(count, mean, M2)`` between the stages (SPEC §8).
-Welford never forms E[x²] − E[x]², so inputs with |mean| ≫ std keep their variance.
+Welford never forms E[x²] − E[x]², and each program first subtracts one of its own
+elements (the shifted-data trick: x − shift is exact for nearby values), so inputs with
+|mean| ≫ std keep their variance to float32 rounding of the deviations, not of the mean.
 """
 
 from __future__ import annotations
@@ -71,6 +73,7 @@ def _channel_stats_partials_kernel(
     col_ok = cols < C
     row_start = split * rows_per_split
     row_stop = tl.minimum(row_start + rows_per_split, n_rows)
+    shift = tl.load(x_ptr + row_start * C + cols, mask=col_ok, other=0.0).to(tl.float32)
 
     count = tl.zeros([BLOCK_R], dtype=tl.float32)
     mean = tl.zeros([BLOCK_R, BLOCK_C], dtype=tl.float32)
@@ -80,6 +83,7 @@ def _channel_stats_partials_kernel(
         row_ok = rows < row_stop
         ok = row_ok[:, None] & col_ok[None, :]
         x = tl.load(x_ptr + rows[:, None] * C + cols[None, :], mask=ok, other=0.0).to(tl.float32)
+        x -= shift[None, :]
         # Every lane that is valid in this iteration has seen exactly one element per earlier
         # iteration (only the chunk's last tile is partial), so 1/count is one scalar.
         inv_count = 1.0 / ((r0 - row_start) // BLOCK_R + 1).to(tl.float32)
@@ -93,7 +97,7 @@ def _channel_stats_partials_kernel(
         tl.broadcast_to(count[:, None], [BLOCK_R, BLOCK_C]), mean, m2, 0)
     out = split * C + cols
     tl.store(count_ptr + out, total, mask=col_ok)
-    tl.store(mean_ptr + out, part_mean, mask=col_ok)
+    tl.store(mean_ptr + out, shift + part_mean, mask=col_ok)
     tl.store(m2_ptr + out, part_m2, mask=col_ok)
 
 
@@ -121,6 +125,7 @@ def _segment_stats_partials_kernel(
     base = (segment // segments_per_block) * segment_block_stride + (segment % segments_per_block) * segment_stride
     o_start = split * outer_per_split
     o_stop = tl.minimum(o_start + outer_per_split, n_outer)
+    shift = tl.load(x_ptr + base + o_start * outer_stride).to(tl.float32)
 
     count = tl.zeros([BLOCK_O, BLOCK_I], dtype=tl.float32)
     mean = tl.zeros([BLOCK_O, BLOCK_I], dtype=tl.float32)
@@ -132,7 +137,7 @@ def _segment_stats_partials_kernel(
         for i0 in range(0, n_inner, BLOCK_I):
             inner = i0 + tl.arange(0, BLOCK_I)
             ok = outer_ok & (inner[None, :] < n_inner)
-            x = tl.load(row_ptr + inner[None, :], mask=ok, other=0.0).to(tl.float32)
+            x = tl.load(row_ptr + inner[None, :], mask=ok, other=0.0).to(tl.float32) - shift
             # Lane counts differ here (partial blocks along both axes), hence the division.
             new_count = tl.where(ok, count + 1.0, count)
             delta = x - mean
@@ -144,7 +149,7 @@ def _segment_stats_partials_kernel(
     total, part_mean, part_m2 = _welford_lanes_to_partial(count, mean, m2, None)
     out = split * n_segments + segment
     tl.store(count_ptr + out, total)
-    tl.store(mean_ptr + out, part_mean)
+    tl.store(mean_ptr + out, shift + part_mean)
     tl.store(m2_ptr + out, part_m2)
 
 

@@ -1,0 +1,397 @@
+"""The Triton primitives against the eager contract :mod:`pyeuler.ops.primitives`.
+
+Without a GPU they run in Triton's CPU interpreter (TRITON_INTERPRET=1, set before triton
+is imported), so shapes are small; tests marked ``gpu`` use real sizes and need CUDA.
+Tolerances (SPEC §6): float32 close to the eager float32 result; float16/bfloat16 at most
+2× the eager low-precision error against a float64 reference, plus a small floor.
+"""
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+pytest.importorskip("triton")
+
+import pyeuler.triton as tri  # noqa: E402
+from pyeuler.ops import primitives as ref  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU; none on this machine")
+
+# (N, C, *spatial): 0-3 spatial dims, odd sizes, N = 1, spatial 1×1.
+SHAPES = [(4, 5, 7, 5), (3, 3), (2, 17, 9), (2, 6, 3, 4, 5), (1, 6, 1, 1)]
+LAYOUTS = ["contiguous", "channels_last", "strided"]
+
+
+def make(shape, layout="contiguous", dtype=torch.float32, mean=0.0, std=1.0):
+    """A random (N, C, *spatial) tensor in the given memory layout."""
+    if layout == "strided":  # a view with gaps (every other element of a wider tensor)
+        return (torch.randn(*shape, 2, device=DEVICE) * std + mean).to(dtype)[..., 0]
+    x = (torch.randn(shape, device=DEVICE) * std + mean).to(dtype)
+    if layout == "channels_last":
+        x = x.movedim(1, -1).contiguous().movedim(-1, 1)
+    return x
+
+
+def cases(shapes=SHAPES, layouts=LAYOUTS):
+    """(shape, layout) pairs; 2-D tensors have one dense layout, so skip channels_last."""
+    return [pytest.param(s, lay, id=f"{'x'.join(map(str, s))}-{lay}")
+            for s in shapes for lay in layouts if not (len(s) == 2 and lay == "channels_last")]
+
+
+def coef(x, per_sample, positive=False):
+    n, c = x.shape[:2]
+    v = torch.randn((n, c) if per_sample else (c,), device=x.device)
+    return v.abs() + 0.5 if positive else v
+
+
+def assert_close32(actual, expected, *, rtol=1e-5, atol=1e-5):
+    torch.testing.assert_close(actual, expected, rtol=rtol, atol=atol)
+
+
+# Triton 3.9's interpreter truncates float32 -> bfloat16 (GPUs round to nearest even), so its
+# bfloat16 outputs may be one ulp further off than the GPU's: 2**-7 of the largest value.
+INTERPRETED_BF16_FLOOR = 2.0**-7 if not torch.cuda.is_available() else 0.0
+
+
+def assert_lowp(actual, eager, exact, floor=1e-6):
+    """Error vs a float64 reference ≤ 2× the eager low-precision error + a floor."""
+    if actual.dtype == torch.bfloat16:
+        floor = max(floor, INTERPRETED_BF16_FLOOR)
+    scale = exact.abs().max().item() + 1e-30
+    err = (actual.double() - exact).abs().max().item()
+    eager_err = (eager.double() - exact).abs().max().item()
+    assert err <= 2 * eager_err + floor * scale, (err, eager_err, scale)
+
+
+def assert_sums_close(actual, expected_64, magnitude_64):
+    """Sums in float32 vs float64: error relative to the sum of |terms| (cancellation-safe)."""
+    tol = 1e-5 * magnitude_64 + 1e-6
+    assert ((actual.double() - expected_64).abs() <= tol).all(), (actual, expected_64)
+
+
+def assert_mask_close(actual, expected, pre_activation):
+    """Masks agree except where the pre-activation is ~0 (FMA vs mul+add may round apart)."""
+    differ = actual != expected
+    assert (pre_activation.abs()[differ] < 1e-5).all()
+
+
+def to64(*tensors):
+    return [None if t is None else t.double() for t in tensors]
+
+
+# ----------------------------------------------------------------------------- norm_stats
+
+
+@pytest.mark.parametrize("shape,layout", cases() + cases([(8, 3, 32, 32)], ["contiguous", "channels_last"]))
+def test_norm_stats_fp32(shape, layout):
+    x = make(shape, layout, mean=1.5, std=2.0)
+    for groups in sorted({0, 1, 3 if shape[1] % 3 == 0 else 1}):
+        mean, var = tri.norm_stats(x, groups)
+        mean64, var64 = ref.norm_stats(x.double(), groups)
+        assert mean.dtype == var.dtype == torch.float32
+        assert mean.shape == mean64.shape and var.shape == var64.shape
+        assert_close32(mean, mean64.float())
+        assert_close32(var, var64.float())
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("groups", [0, 2])
+def test_norm_stats_large_mean_is_robust(layout, groups):
+    """mean 1e3, std 1e-1: E[x²]−E[x]² in float32 loses the variance entirely; Welford keeps it."""
+    x = make((16, 4, 16, 16), layout, mean=1e3, std=1e-1)
+    mean, var = tri.norm_stats(x, groups)
+    mean64, var64 = ref.norm_stats(x.double(), groups)
+    rel = ((var.double() - var64) / var64).abs().max().item()
+    assert rel < 1e-4, rel
+    assert ((mean.double() - mean64).abs() / mean64.abs()).max().item() < 1e-6
+
+    xf = x.float().transpose(0, 1).reshape(4, -1) if groups == 0 else x.float().reshape(16, groups, -1)
+    naive = (xf * xf).mean(-1) - xf.mean(-1) ** 2
+    naive_rel = ((naive.double().reshape(var64.shape) - var64) / var64).abs().max().item()
+    assert naive_rel > 100 * rel  # the test would catch the naive formula
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_norm_stats_low_precision(dtype, layout):
+    x = make((4, 6, 7, 5), layout, dtype, mean=0.5)
+    for groups in (0, 3):
+        mean, var = tri.norm_stats(x, groups)
+        eager_mean, eager_var = ref.norm_stats(x, groups)
+        mean64, var64 = ref.norm_stats(x.double(), groups)
+        assert mean.dtype == torch.float32
+        assert_lowp(mean, eager_mean, mean64)
+        assert_lowp(var, eager_var, var64)
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_norm_stats_partials_merge_like_sync_batchnorm(layout):
+    """Per-rank partials, gathered and merged, give the statistics of the whole batch."""
+    x = make((6, 5, 9, 7), layout, mean=3.0)
+    ranks = [x[:2], x[2:]]
+    gathered = [torch.cat(parts) for parts in zip(*(tri.norm_stats_partials(r, 0) for r in ranks))]
+    count, mean, m2 = tri.merge_stats(*gathered)
+    mean64, var64 = ref.norm_stats(x.double(), 0)
+    assert_close32(count, torch.full_like(count, 6 * 9 * 7))
+    assert_close32(mean, mean64.float())
+    assert_close32(m2 / count, var64.float())
+
+
+def test_norm_stats_is_deterministic():
+    x = make((8, 3, 32, 32), "channels_last")
+    first = tri.norm_stats(x, 0)
+    again = tri.norm_stats(x, 0)
+    assert all(torch.equal(a, b) for a, b in zip(first, again))
+
+
+# ----------------------------------------------------------------------------- affine_act
+
+
+@pytest.mark.parametrize("shape,layout", cases())
+@pytest.mark.parametrize("per_sample", [False, True], ids=["per_channel", "per_sample"])
+def test_affine_act_forward_fp32(shape, layout, per_sample):
+    x = make(shape, layout)
+    scale, shift = coef(x, per_sample), coef(x, per_sample)
+    for shortcut, relu, save_mask in [(None, True, True), (make(shape, "contiguous"), True, False),
+                                      (make(shape, layout), False, True)]:
+        y, mask = tri.affine_act_forward(x, scale, shift, shortcut, relu, save_mask)
+        y_ref, mask_ref = ref.affine_act_forward(x, scale, shift, shortcut, relu, save_mask)
+        assert y.dtype == x.dtype
+        assert_close32(y, y_ref)
+        if layout != "strided":
+            assert y.stride() == x.stride()  # keeps the memory format
+        if save_mask:
+            assert mask.dtype == torch.bool
+            pre = ref.affine_act_forward(x, scale, shift, shortcut, False, False)[0]
+            assert_mask_close(mask, mask_ref, pre)
+        else:
+            assert mask is None
+
+
+def _reduce_inputs(shape, layout, per_sample_coef):
+    x = make(shape, layout)
+    dy = make(shape, "contiguous")
+    scale, shift, center = coef(x, per_sample_coef), coef(x, per_sample_coef), coef(x, per_sample_coef)
+    return dy, x, scale, shift, center
+
+
+def _expected_sums(dy, x, scale, shift, center, mask, relu, per_sample):
+    sums64 = ref.affine_act_backward_reduce(*to64(dy, x, scale, shift, center), mask, relu, per_sample)
+    abs64 = ref.affine_act_backward_reduce(*to64(dy.abs(), x, scale, shift, center), mask, relu, per_sample)
+    gx_abs = ref.affine_act_backward_reduce(*to64(dy.abs(), (x - ref._coef(center, x)).abs(), scale, shift,
+                                                  torch.zeros_like(center)), mask, False, per_sample)[1]
+    return sums64, (abs64[0], gx_abs)
+
+
+# (per-sample coefficients, (saved mask?, relu, per-sample sums) variants): BN-like first,
+# GroupNorm-like second, then the other combinations.
+REDUCE_VARIANTS = {
+    "coef_C": (False, [(False, True, False), (True, False, True)]),
+    "coef_NC": (True, [(True, True, True), (False, False, False)]),
+}
+
+
+@pytest.mark.parametrize("shape,layout", cases())
+@pytest.mark.parametrize("variants", REDUCE_VARIANTS)
+def test_affine_act_backward_reduce_fp32(shape, layout, variants):
+    per_sample_coef, flag_sets = REDUCE_VARIANTS[variants]
+    dy, x, scale, shift, center = _reduce_inputs(shape, layout, per_sample_coef)
+    saved = ref.affine_act_forward(x, scale, shift, None, True, True)[1]
+    for use_saved, relu, per_sample in flag_sets:
+        mask = saved if use_saved else None
+        sum_g, sum_gx = tri.affine_act_backward_reduce(dy, x, scale, shift, center, mask, relu, per_sample)
+        (g64, gx64), (g_abs, gx_abs) = _expected_sums(dy, x, scale, shift, center, mask, relu, per_sample)
+        assert sum_g.dtype == sum_gx.dtype == torch.float32
+        assert sum_g.shape == g64.shape and sum_gx.shape == gx64.shape
+        assert_sums_close(sum_g, g64, g_abs)
+        assert_sums_close(sum_gx, gx64, gx_abs)
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("per_sample", [False, True])
+def test_affine_act_backward_reduce_many_splits(layout, per_sample):
+    """Big enough to split each sum into several partials (second-stage reduce)."""
+    dy, x, scale, shift, center = _reduce_inputs((8, 3, 32, 32), layout, False)
+    sum_g, sum_gx = tri.affine_act_backward_reduce(dy, x, scale, shift, center, None, True, per_sample)
+    (g64, gx64), (g_abs, gx_abs) = _expected_sums(dy, x, scale, shift, center, None, True, per_sample)
+    assert_sums_close(sum_g, g64, g_abs)
+    assert_sums_close(sum_gx, gx64, gx_abs)
+
+
+@pytest.mark.parametrize("shape,layout", cases())
+@pytest.mark.parametrize("per_sample", [False, True], ids=["per_channel", "per_sample"])
+def test_affine_act_backward_apply_fp32(shape, layout, per_sample):
+    dy, x, scale, shift, center = _reduce_inputs(shape, layout, per_sample)
+    a, b, c = coef(x, per_sample), coef(x, per_sample), coef(x, per_sample)
+    saved = ref.affine_act_forward(x, scale, shift, make(shape), True, True)[1]
+    for mask, relu, want_dshortcut in [(None, True, True), (saved, True, False), (None, False, True)]:
+        dx, dshortcut = tri.affine_act_backward_apply(dy, x, scale, shift, mask, relu, a, b, c, center,
+                                                      want_dshortcut)
+        dx_ref, ds_ref = ref.affine_act_backward_apply(dy, x, scale, shift, mask, relu, a, b, c, center,
+                                                       want_dshortcut)
+        assert_close32(dx, dx_ref)
+        if layout != "strided":
+            assert dx.stride() == x.stride()
+        if want_dshortcut:
+            assert dshortcut.dtype == dy.dtype
+            assert_close32(dshortcut, ds_ref)
+        else:
+            assert dshortcut is None
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_affine_act_low_precision(dtype, layout):
+    shape = (3, 6, 5, 7)
+    x, shortcut, dy = make(shape, layout, dtype), make(shape, layout, dtype), make(shape, layout, dtype)
+    scale, shift, center = coef(x, False), coef(x, False), coef(x, False)
+    a, b, c = coef(x, False), coef(x, False), coef(x, False)
+
+    y, mask = tri.affine_act_forward(x, scale, shift, shortcut, True, True)
+    y_eager, mask_eager = ref.affine_act_forward(x, scale, shift, shortcut, True, True)
+    y64, _ = ref.affine_act_forward(*to64(x, scale, shift, shortcut), True, False)
+    assert y.dtype == dtype
+    assert_lowp(y, y_eager, y64)
+    assert torch.equal(mask, mask_eager)
+
+    sums = tri.affine_act_backward_reduce(dy, x, scale, shift, center, mask, True, False)
+    sums_eager = ref.affine_act_backward_reduce(dy, x, scale, shift, center, mask, True, False)
+    sums64 = ref.affine_act_backward_reduce(*to64(dy, x, scale, shift, center), mask, True, False)
+    for got, eager, exact in zip(sums, sums_eager, sums64):
+        assert_lowp(got, eager, exact, floor=1e-5)
+
+    dx, dshortcut = tri.affine_act_backward_apply(dy, x, scale, shift, None, True, a, b, c, center, True)
+    dx_eager, ds_eager = ref.affine_act_backward_apply(dy, x, scale, shift, None, True, a, b, c, center, True)
+    dx64, ds64 = ref.affine_act_backward_apply(*to64(dy, x, scale, shift), None, True,
+                                               *to64(a, b, c, center), True)
+    assert dx.dtype == dshortcut.dtype == dtype
+    assert_lowp(dx, dx_eager, dx64)
+    assert_lowp(dshortcut, ds_eager, ds64)
+
+
+# ----------------------------------------------------------------------------- IE-Skip
+
+
+@pytest.mark.parametrize("shape,layout", cases([(4, 5, 7, 5), (3, 3), (2, 6, 3, 4, 5)]))
+def test_ie_fp32(shape, layout):
+    x, c, fx = make(shape, layout), make(shape, "contiguous"), make(shape, layout)
+    e = tri.ie_residual(x, c, fx, 0.7)
+    assert_close32(e, ref.ie_residual(x, c, fx, 0.7))
+    v = make(shape, "strided")
+    out = tri.ie_update(x, e, v, 0.1, 0.7)
+    assert_close32(out, ref.ie_update(x, e, v, 0.1, 0.7))
+    if layout != "strided":
+        assert e.stride() == out.stride() == x.stride()
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_ie_low_precision(dtype):
+    x, c, fx, v = (make((3, 6, 5, 7), "channels_last", dtype) for _ in range(4))
+    e = tri.ie_residual(x, c, fx, 1.0)
+    assert e.dtype == dtype
+    assert_lowp(e, ref.ie_residual(x, c, fx, 1.0), ref.ie_residual(*to64(x, c, fx), 1.0))
+    out = tri.ie_update(x, e, v, 0.1, 1.0)
+    assert_lowp(out, ref.ie_update(x, e, v, 0.1, 1.0), ref.ie_update(*to64(x, e, v), 0.1, 1.0))
+
+
+# ----------------------------------------------------------------------------- errors
+
+
+def test_errors_name_the_argument():
+    x = make((2, 4, 3, 3))
+    s = torch.ones(4, device=DEVICE)
+    with pytest.raises(TypeError, match="x must be float32"):
+        tri.norm_stats(x.double(), 0)
+    with pytest.raises(ValueError, match="groups=3"):
+        tri.norm_stats(x, 3)
+    with pytest.raises(ValueError, match=r"scale must have shape \[C\]"):
+        tri.affine_act_forward(x, torch.ones(3, device=DEVICE), s, None, True, False)
+    with pytest.raises(TypeError, match="shift must be float32"):
+        tri.affine_act_forward(x, s, s.half(), None, True, False)
+    with pytest.raises(ValueError, match="shortcut must have x's shape"):
+        tri.affine_act_forward(x, s, s, x[:1], True, False)
+    with pytest.raises(TypeError, match="mask must be bool"):
+        tri.affine_act_backward_reduce(x, x, s, s, s, x, True, False)
+    with pytest.raises(TypeError, match="dy must be"):
+        tri.affine_act_backward_apply(x.to(torch.int32), x, s, s, None, True, s, s, s, s, False)
+    with pytest.raises(ValueError, match=r"center must have shape"):
+        tri.affine_act_backward_apply(x, x, s, s, None, True, s, s, s, torch.ones(2, 2, device=DEVICE), False)
+    with pytest.raises(ValueError, match="fx must have x's shape"):
+        tri.ie_residual(x, x, x[0], 1.0)
+    with pytest.raises(TypeError, match="step_size must be a Python float"):
+        tri.ie_update(x, x, x, torch.tensor(0.1), 1.0)
+
+
+def test_import_without_triton_gives_a_clear_error():
+    code = (
+        "import sys; sys.modules['triton'] = None\n"
+        "import torch, pyeuler.triton as t\n"
+        "ok, why = t.is_available(); assert not ok and 'triton is not installed' in why, why\n"
+        "try:\n    t.norm_stats(torch.ones(2, 3), 0)\n"
+        "except RuntimeError as e:\n    assert 'norm_stats needs triton' in str(e), e\n"
+        "else:\n    raise AssertionError('no error')\n"
+    )
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {**os.environ, "PYTHONPATH": root + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+
+
+def test_is_available_reports_why():
+    ok, why = tri.is_available()
+    assert ok, why
+    if not torch.cuda.is_available():
+        assert "interpreter" in why
+
+
+# ----------------------------------------------------------------------------- GPU sizes
+
+
+@gpu
+@pytest.mark.gpu
+@pytest.mark.parametrize("shape", [(128, 160, 32, 32), (128, 640, 8, 8)])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_wrn_shapes_bf16_on_gpu(shape, layout):
+    x, dy, shortcut = (make(shape, layout, torch.bfloat16, mean=0.3) for _ in range(3))
+    for groups in (0, 1):
+        mean, var = tri.norm_stats(x, groups)
+        eager = ref.norm_stats(x, groups)
+        exact = ref.norm_stats(x.double(), groups)
+        assert_lowp(mean, eager[0], exact[0])
+        assert_lowp(var, eager[1], exact[1])
+    scale, shift, center = coef(x, False), coef(x, False), coef(x, False)
+    y, mask = tri.affine_act_forward(x, scale, shift, shortcut, True, True)
+    y_eager, _ = ref.affine_act_forward(x, scale, shift, shortcut, True, True)
+    assert_lowp(y, y_eager, ref.affine_act_forward(*to64(x, scale, shift, shortcut), True, False)[0])
+    first = tri.affine_act_backward_reduce(dy, x, scale, shift, center, mask, True, False)
+    again = tri.affine_act_backward_reduce(dy, x, scale, shift, center, mask, True, False)
+    assert all(torch.equal(a, b) for a, b in zip(first, again))  # no atomics: bitwise repeatable
+    exact = ref.affine_act_backward_reduce(*to64(dy, x, scale, shift, center), mask, True, False)
+    eager = ref.affine_act_backward_reduce(dy, x, scale, shift, center, mask, True, False)
+    for got, e, ex in zip(first, eager, exact):
+        assert_lowp(got, e, ex, floor=1e-5)
+
+
+@gpu
+@pytest.mark.gpu
+@pytest.mark.slow
+def test_int64_offsets_on_gpu():
+    """More than 2**31 elements: offsets must not wrap."""
+    n = 2**31 // (64 * 1024) + 1
+    try:
+        x = torch.randn(n, 64, 32, 32, device="cuda", dtype=torch.bfloat16)
+    except torch.OutOfMemoryError:
+        pytest.skip("not enough GPU memory for a 2**31-element tensor")
+    scale = torch.full((64,), 2.0, device="cuda")
+    y, _ = tri.affine_act_forward(x, scale, torch.zeros_like(scale), None, False, False)
+    assert torch.equal(y[-1], (x[-1].float() * 2).bfloat16())
+    del y
+    mean, _ = tri.norm_stats(x, 0)
+    torch.testing.assert_close(mean, x.float().mean((0, 2, 3)), rtol=1e-4, atol=1e-4)
