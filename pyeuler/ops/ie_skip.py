@@ -115,18 +115,26 @@ def ie_update(x: Tensor, e: Tensor, v: Tensor, step_size: float, theta: float,
 # The two algorithms.
 
 
+_RUNNING = ("running_mean", "running_var", "num_batches_tracked")
+
+
 @contextlib.contextmanager
 def _running_stats_frozen(module: nn.Module):
-    """Restore every BatchNorm buffer in ``module`` on exit (``bn_update="first"``)."""
-    buffers = [b for m in module.modules() if isinstance(m, nn.modules.batchnorm._NormBase)
-               for b in (m.running_mean, m.running_var, m.num_batches_tracked) if b is not None]
-    saved = [b.clone() for b in buffers]
+    """Let BatchNorms in ``module`` update throw-away copies of their running statistics
+    (``bn_update="first"``).  The originals are swapped back untouched: restoring them in
+    place would bump their version counters, which BatchNorm's autograd node checks."""
+    norms = [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._NormBase)
+             and m.track_running_stats]
+    originals = [[getattr(m, name) for name in _RUNNING] for m in norms]
+    for m, buffers in zip(norms, originals):
+        for name, buffer in zip(_RUNNING, buffers):
+            setattr(m, name, buffer.clone())
     try:
         yield
     finally:
-        with torch.no_grad():
-            for buffer, value in zip(buffers, saved):
-                buffer.copy_(value)
+        for m, buffers in zip(norms, originals):
+            for name, buffer in zip(_RUNNING, buffers):
+                setattr(m, name, buffer)
 
 
 def _ie_autograd(f, module, x0, steps, step_size, theta, grad, bn_update):

@@ -271,10 +271,10 @@ def _norm_act_bwd(
     batch_stats: bool,
     needs: list[bool],
     backend: str,
-) -> list[Tensor]:
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     grads = _backward_math(_kernels(backend), dy, dmean, dvar, x, weight, bias, h, h_value, mean, var,
                            mask, eps, groups, relu, batch_stats, tuple(needs))
-    return [g if g is not None else x.new_empty(0) for g in grads]
+    return tuple(g if g is not None else x.new_empty(0) for g in grads)
 
 
 @_norm_act_bwd.register_fake
@@ -282,13 +282,13 @@ def _(dy, dmean, dvar, x, weight, bias, h, mean, var, mask, h_value, eps, groups
       needs, backend):
     empty = x.new_empty(0)
     param = mean.new_empty(x.shape[1])
-    return [
+    return (
         torch.empty_like(x) if needs[0] else empty,
-        torch.empty_like(dy) if needs[1] else empty,
-        param.clone() if needs[2] else empty,
-        param.clone() if needs[3] else empty,
-        mean.new_empty(h.shape) if needs[4] and h is not None else empty,
-    ]
+        torch.empty_like(dy) if needs[1] else empty.clone(),
+        param.clone() if needs[2] else empty.clone(),
+        param.clone() if needs[3] else empty.clone(),
+        mean.new_empty(h.shape) if needs[4] and h is not None else empty.clone(),
+    )
 
 
 def _bwd_setup_context(ctx, inputs, output):
