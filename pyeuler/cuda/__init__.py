@@ -1,0 +1,218 @@
+"""CUDA C++ backend of the kernel primitives (:mod:`pyeuler.ops.primitives`).
+
+Same names, signatures and semantics as the eager reference, on CUDA tensors in float32,
+float16 or bfloat16, contiguous or channels_last.  The kernels live in ``kernels/`` (plain
+CUDA C++ behind a C ABI) and are exposed to torch as the ops ``torch.ops.pyeuler.cuda_*``
+by ``csrc/``; see :mod:`pyeuler.cuda._build` for how the extension is found or built.
+
+Importing this package never fails and never builds anything: :func:`is_available` says
+whether the backend can run here (loading or JIT-building the extension on first call), and
+every primitive raises ``RuntimeError`` with that reason when it cannot.
+"""
+
+from __future__ import annotations
+
+import threading
+from types import ModuleType
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "is_available",
+    "norm_stats",
+    "affine_act_forward",
+    "affine_act_backward_reduce",
+    "affine_act_backward_apply",
+    "ie_residual",
+    "ie_update",
+]
+
+_lock = threading.Lock()
+_extension: ModuleType | None = None
+_load_error: str | None = None
+
+
+def _load() -> ModuleType:
+    """The extension module, loaded (or built) once; RuntimeError with the reason if not."""
+    global _extension, _load_error
+    with _lock:
+        if _extension is None and _load_error is None:
+            if torch.version.cuda is None:
+                _load_error = f"torch {torch.__version__} was built without CUDA"
+            else:
+                from pyeuler.cuda._build import load_extension
+
+                try:
+                    _extension = load_extension()
+                except Exception as exc:  # a failed build must not break the import
+                    _load_error = f"the CUDA extension could not be loaded or built: {exc}"
+                else:
+                    _register_fakes()
+        if _extension is None:
+            raise RuntimeError(f"pyeuler.cuda is not available: {_load_error}")
+        return _extension
+
+
+def is_available() -> tuple[bool, str]:
+    """``(True, "")`` when the kernels can run on the current device, else ``(False, reason)``."""
+    if torch.version.cuda is None:
+        return False, f"torch {torch.__version__} was built without CUDA"
+    if not torch.cuda.is_available():
+        return False, "no CUDA device is visible"
+    try:
+        extension = _load()
+    except RuntimeError as exc:
+        return False, str(exc)
+    major, minor = torch.cuda.get_device_capability()
+    archs = extension.compiled_archs()
+    # SASS for sm_XY runs on sm_XZ with Z >= Y (same major); there is no PTX to JIT.
+    if not any(a // 10 == major and a % 10 <= minor for a in archs):
+        return False, (f"the CUDA extension was compiled for sm_{archs} but the device is "
+                       f"sm_{major}{minor}; rebuild with TORCH_CUDA_ARCH_LIST including "
+                       f"{major}.{minor}")
+    return True, ""
+
+
+# ---------------------------------------------------------------------------------------
+# The primitives (signatures of pyeuler.ops.primitives)
+
+
+def _check_cuda(**tensors: Tensor | None) -> None:
+    for name, t in tensors.items():
+        if t is not None and t.device.type != "cuda":
+            raise ValueError(f"pyeuler.cuda: {name} must be a CUDA tensor, got one on {t.device}")
+
+
+def norm_stats(x: Tensor, groups: int) -> tuple[Tensor, Tensor]:
+    _check_cuda(x=x)
+    _load()
+    mean, var = torch.ops.pyeuler.cuda_norm_stats(x, groups)
+    return mean, var
+
+
+def affine_act_forward(
+    x: Tensor,
+    scale: Tensor,
+    shift: Tensor,
+    shortcut: Tensor | None,
+    relu: bool,
+    save_mask: bool,
+) -> tuple[Tensor, Tensor | None]:
+    _check_cuda(x=x, scale=scale, shift=shift, shortcut=shortcut)
+    _load()
+    y, mask = torch.ops.pyeuler.cuda_affine_act_forward(x, scale, shift, shortcut, relu, save_mask)
+    return y, (mask if save_mask else None)
+
+
+def affine_act_backward_reduce(
+    dy: Tensor,
+    x: Tensor,
+    scale: Tensor,
+    shift: Tensor,
+    center: Tensor,
+    mask: Tensor | None,
+    relu: bool,
+    per_sample: bool,
+) -> tuple[Tensor, Tensor]:
+    _check_cuda(dy=dy, x=x, scale=scale, shift=shift, center=center, mask=mask)
+    _load()
+    sum_g, sum_g_xc = torch.ops.pyeuler.cuda_affine_act_backward_reduce(
+        dy, x, scale, shift, center, mask, relu, per_sample)
+    return sum_g, sum_g_xc
+
+
+def affine_act_backward_apply(
+    dy: Tensor,
+    x: Tensor,
+    scale: Tensor,
+    shift: Tensor,
+    mask: Tensor | None,
+    relu: bool,
+    a: Tensor,
+    b: Tensor,
+    c: Tensor,
+    center: Tensor,
+    want_dshortcut: bool,
+) -> tuple[Tensor, Tensor | None]:
+    _check_cuda(dy=dy, x=x, scale=scale, shift=shift, mask=mask, a=a, b=b, c=c, center=center)
+    _load()
+    dx, dshortcut = torch.ops.pyeuler.cuda_affine_act_backward_apply(
+        dy, x, scale, shift, mask, relu, a, b, c, center, want_dshortcut)
+    return dx, (dshortcut if want_dshortcut else None)
+
+
+def ie_residual(x: Tensor, c: Tensor, fx: Tensor, theta: float) -> Tensor:
+    _check_cuda(x=x, c=c, fx=fx)
+    _load()
+    return torch.ops.pyeuler.cuda_ie_residual(x, c, fx, float(theta))
+
+
+def ie_update(x: Tensor, e: Tensor, v: Tensor, step_size: float, theta: float) -> Tensor:
+    _check_cuda(x=x, e=e, v=v)
+    _load()
+    return torch.ops.pyeuler.cuda_ie_update(x, e, v, float(step_size), float(theta))
+
+
+# ---------------------------------------------------------------------------------------
+# Fake (meta) implementations, so torch.compile can trace the ops.  Output layouts follow
+# csrc/ops.cpp: channels_last when x is densely channels_last (and not also contiguous),
+# else contiguous; optional outputs that were not requested are empty tensors.
+
+
+def _is_channels_last(x: Tensor) -> bool:
+    return not x.is_contiguous() and x.movedim(1, -1).is_contiguous()
+
+
+def _empty_in_layout_of(x: Tensor, dtype: torch.dtype) -> Tensor:
+    if not _is_channels_last(x):
+        return x.new_empty(x.shape, dtype=dtype)
+    nsc = (x.shape[0], *x.shape[2:], x.shape[1])
+    return x.new_empty(nsc, dtype=dtype).movedim(-1, 1)
+
+
+def _fake_norm_stats(x, groups):
+    shape = (x.shape[1],) if groups == 0 else (x.shape[0], groups)
+    return x.new_empty(shape, dtype=torch.float32), x.new_empty(shape, dtype=torch.float32)
+
+
+def _fake_affine_act_forward(x, scale, shift, shortcut, relu, save_mask):
+    mask = (_empty_in_layout_of(x, torch.bool) if save_mask
+            else x.new_empty((0,), dtype=torch.bool))
+    return _empty_in_layout_of(x, x.dtype), mask
+
+
+def _fake_affine_act_backward_reduce(dy, x, scale, shift, center, mask, relu, per_sample):
+    shape = tuple(x.shape[:2]) if per_sample else (x.shape[1],)
+    return x.new_empty(shape, dtype=torch.float32), x.new_empty(shape, dtype=torch.float32)
+
+
+def _fake_affine_act_backward_apply(dy, x, scale, shift, mask, relu, a, b, c, center,
+                                    want_dshortcut):
+    dshortcut = (_empty_in_layout_of(x, dy.dtype) if want_dshortcut
+                 else dy.new_empty((0,)))
+    return _empty_in_layout_of(x, x.dtype), dshortcut
+
+
+def _fake_ie_residual(x, c, fx, theta):
+    return _empty_in_layout_of(x, x.dtype)
+
+
+def _fake_ie_update(x, e, v, step_size, theta):
+    return _empty_in_layout_of(x, x.dtype)
+
+
+_FAKES = {
+    "pyeuler::cuda_norm_stats": _fake_norm_stats,
+    "pyeuler::cuda_affine_act_forward": _fake_affine_act_forward,
+    "pyeuler::cuda_affine_act_backward_reduce": _fake_affine_act_backward_reduce,
+    "pyeuler::cuda_affine_act_backward_apply": _fake_affine_act_backward_apply,
+    "pyeuler::cuda_ie_residual": _fake_ie_residual,
+    "pyeuler::cuda_ie_update": _fake_ie_update,
+}
+
+
+def _register_fakes() -> None:
+    """Called once, right after the extension defined the ops."""
+    for name, fake in _FAKES.items():
+        torch.library.register_fake(name, fake)

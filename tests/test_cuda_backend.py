@@ -1,0 +1,360 @@
+"""The CUDA C++ backend (:mod:`pyeuler.cuda`) against the eager contract.
+
+On a GPU: parity of every primitive with :mod:`pyeuler.ops.primitives` (and with the Triton
+backend when it runs), every dtype, contiguous / channels_last / strided inputs, odd shapes.
+Tolerances (SPEC §6): float32 close to the eager float32 result; float16/bfloat16 at most 2×
+the eager low-precision error against a float64 reference, plus a small floor; sums against
+float64 relative to the sum of the terms' magnitudes.
+
+Everywhere (CPU too): is_available() fails cleanly, the fake implementations used by
+torch.compile agree with the reference's output shapes and layouts, and the Python wrapper,
+the torch op schemas and the C ABI agree with each other.
+"""
+
+from __future__ import annotations
+
+import inspect
+import re
+from pathlib import Path
+
+import pytest
+import torch
+
+import pyeuler.cuda as cuda_backend
+from pyeuler.ops import primitives as ref
+
+ROOT = Path(__file__).resolve().parents[1]
+HAS_CUDA = torch.cuda.is_available()
+gpu = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU; none on this machine")
+DEVICE = "cuda" if HAS_CUDA else "cpu"
+
+# (N, C, *spatial): 0-3 spatial dims, odd sizes, N = 1, spatial 1x1, vector-friendly sizes.
+SHAPES = [(4, 5, 7, 5), (3, 3), (2, 17, 9), (2, 6, 3, 4, 5), (1, 6, 1, 1), (8, 16, 8, 8),
+          (4, 40, 12, 12)]
+LAYOUTS = ["contiguous", "channels_last", "strided"]
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+
+
+def make(shape, layout="contiguous", dtype=torch.float32, device=DEVICE, mean=0.0, std=1.0):
+    if layout == "strided":  # a view with gaps
+        return (torch.randn(*shape, 2, device=device) * std + mean).to(dtype)[..., 0]
+    x = (torch.randn(shape, device=device) * std + mean).to(dtype)
+    if layout == "channels_last":
+        x = x.movedim(1, -1).contiguous().movedim(-1, 1)
+    return x
+
+
+def cases(shapes=SHAPES, layouts=LAYOUTS):
+    return [pytest.param(s, lay, id=f"{'x'.join(map(str, s))}-{lay}")
+            for s in shapes for lay in layouts if not (len(s) == 2 and lay == "channels_last")]
+
+
+def coef(x, per_sample, positive=False):
+    n, c = x.shape[:2]
+    v = torch.randn((n, c) if per_sample else (c,), device=x.device)
+    return v.abs() + 0.5 if positive else v
+
+
+def broadcast(v, x):
+    spatial = (1,) * (x.dim() - 2)
+    return v.view(1, -1, *spatial) if v.dim() == 1 else v.view(*v.shape, *spatial)
+
+
+def relu_gate32(x, scale, shift):
+    """The ReLU gate as float32 kernels compute it (a float64 recomputation may differ at 0)."""
+    return broadcast(scale, x) * x.float() + broadcast(shift, x) > 0
+
+
+def assert_lowp(actual, eager, exact, floor=1e-6):
+    """Error vs a float64 reference <= 2x the eager low-precision error + a floor."""
+    scale = exact.abs().max().item() + 1e-30
+    err = (actual.double() - exact).abs().max().item()
+    eager_err = (eager.double() - exact).abs().max().item()
+    assert err <= 2 * eager_err + floor * scale, (err, eager_err, scale)
+
+
+def assert_output(actual, eager, exact):
+    """float32 (TF32 off): rtol 1e-4, atol 1e-5; low precision: the 2x rule."""
+    assert actual.dtype == eager.dtype and actual.shape == eager.shape
+    if actual.dtype == torch.float32:
+        torch.testing.assert_close(actual, eager, rtol=1e-4, atol=1e-5)
+    else:
+        assert_lowp(actual, eager, exact)
+
+
+def assert_sums_close(actual, expected_64, magnitude_64):
+    tol = 1e-5 * magnitude_64 + 1e-6
+    assert ((actual.double() - expected_64).abs() <= tol).all(), (actual, expected_64)
+
+
+def doubles(*tensors):
+    return [None if t is None else t.double() for t in tensors]
+
+
+# ---------------------------------------------------------------------------------------
+# CPU-runnable: availability, fakes, consistency of the layers
+
+
+@pytest.mark.skipif(HAS_CUDA, reason="checks the CPU-only answer")
+def test_is_available_says_why_not():
+    ok, reason = cuda_backend.is_available()
+    assert ok is False
+    assert isinstance(reason, str) and reason
+
+
+def test_primitives_reject_cpu_tensors_by_name():
+    x = torch.randn(2, 3, 4)
+    with pytest.raises(ValueError, match="x must be a CUDA tensor"):
+        cuda_backend.norm_stats(x, 0)
+    with pytest.raises(ValueError, match="must be a CUDA tensor"):
+        cuda_backend.ie_update(x, x, x, 0.1, 1.0)
+
+
+@pytest.mark.parametrize("shape,layout", cases(SHAPES[:5]))
+def test_fakes_match_reference_outputs(shape, layout):
+    """The meta implementations give the eager outputs' shapes, dtypes and layouts."""
+    x = make(shape, layout, device="cpu")
+    scale, shift = coef(x, False), coef(x, False)
+    fake_y, fake_mask = cuda_backend._fake_affine_act_forward(x, scale, shift, x, True, True)
+    y, mask = ref.affine_act_forward(x, scale, shift, x, True, True)
+    for fake, real in ((fake_y, y), (fake_mask, mask)):
+        assert (fake.shape, fake.dtype) == (real.shape, real.dtype)
+        if x.is_contiguous() or x.movedim(1, -1).is_contiguous():
+            assert fake.stride() == real.stride()
+    for groups in (0, 1):
+        mean, var = ref.norm_stats(x, groups)
+        for fake, real in zip(cuda_backend._fake_norm_stats(x, groups), (mean, var)):
+            assert (fake.shape, fake.dtype) == (real.shape, real.dtype)
+    for per_sample in (False, True):
+        sums = ref.affine_act_backward_reduce(x, x, scale, shift, scale, None, True, per_sample)
+        fakes = cuda_backend._fake_affine_act_backward_reduce(x, x, scale, shift, scale, None,
+                                                              True, per_sample)
+        assert [(f.shape, f.dtype) for f in fakes] == [(s.shape, s.dtype) for s in sums]
+    fake_dx, fake_ds = cuda_backend._fake_affine_act_backward_apply(
+        x, x, scale, shift, None, True, scale, scale, scale, scale, True)
+    dx, ds = ref.affine_act_backward_apply(x, x, scale, shift, None, True, scale, scale, scale,
+                                           scale, True)
+    assert (fake_dx.shape, fake_dx.dtype, fake_ds.shape) == (dx.shape, dx.dtype, ds.shape)
+    assert cuda_backend._fake_ie_update(x, x, x, 0.1, 1.0).shape == x.shape
+
+
+def test_wrappers_schemas_and_c_abi_agree():
+    """Python wrappers <-> op schemas in csrc/ <-> fakes <-> the C ABI's definitions."""
+    ops_cpp = (ROOT / "csrc" / "ops.cpp").read_text()
+    schemas = dict(re.findall(r'"cuda_(\w+)\(([^)]*)\)', ops_cpp.replace('"\n      "', "")))
+    assert set(schemas) == set(ref.__all__)
+    for name, arguments in schemas.items():
+        reference_params = list(inspect.signature(getattr(ref, name)).parameters)
+        assert list(inspect.signature(getattr(cuda_backend, name)).parameters) == reference_params
+        schema_params = [a.split()[-1] for a in arguments.replace('" "', "").split(",")]
+        assert schema_params == reference_params, name
+        assert f"pyeuler::cuda_{name}" in cuda_backend._FAKES
+        assert f'm.impl("cuda_{name}"' in ops_cpp
+    header = (ROOT / "kernels" / "pyeuler_kernels.h").read_text()
+    declared = set(re.findall(r"^(?:cudaError_t|int) (pyeuler_\w+)\(", header, re.M))
+    defined = set()
+    for source in (ROOT / "kernels").glob("*.cu"):
+        defined |= set(re.findall(r'extern "C" (?:cudaError_t|int) (pyeuler_\w+)\(',
+                                  source.read_text()))
+    assert declared and declared == defined
+
+
+def test_jit_build_compiles_what_setup_py_compiles():
+    from pyeuler.cuda import _build
+
+    expected = sorted((ROOT / "csrc").glob("*.cpp")) + sorted((ROOT / "kernels").glob("*.cu"))
+    assert _build.compiled_sources() == expected
+    assert _build.SOURCE_ROOT == ROOT
+    assert _build.build_directory().name.startswith("cuda-ext-")
+
+
+# ---------------------------------------------------------------------------------------
+# GPU: parity with the eager reference
+
+
+@pytest.fixture(scope="module")
+def cuda_ready():
+    ok, reason = cuda_backend.is_available()
+    if not ok:
+        pytest.fail(f"a GPU is present but pyeuler.cuda is unavailable: {reason}")
+
+
+@gpu
+@pytest.mark.usefixtures("cuda_ready")
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape,layout", cases())
+def test_norm_stats(shape, layout, dtype):
+    x = make(shape, layout, dtype, mean=3.0, std=2.0)  # offset mean: E[x^2]-E[x]^2 would fail
+    c = shape[1]
+    for groups in sorted({0, 1, next(g for g in (3, 2, 1) if c % g == 0)}):
+        mean, var = cuda_backend.norm_stats(x, groups)
+        mean64, var64 = ref.norm_stats(x.double(), groups)
+        assert mean.dtype == var.dtype == torch.float32
+        torch.testing.assert_close(mean.double(), mean64, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(var.double(), var64, rtol=1e-4, atol=1e-5)
+
+
+@gpu
+@pytest.mark.usefixtures("cuda_ready")
+def test_norm_stats_is_deterministic_with_many_splits():
+    x = make((64, 40, 32, 32), "channels_last", torch.bfloat16)
+    first = cuda_backend.norm_stats(x, 0)
+    for _ in range(3):
+        again = cuda_backend.norm_stats(x, 0)
+        assert all(torch.equal(a, b) for a, b in zip(first, again))
+    mean64, var64 = ref.norm_stats(x.double(), 0)
+    torch.testing.assert_close(first[0].double(), mean64, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(first[1].double(), var64, rtol=1e-4, atol=1e-5)
+
+
+@gpu
+@pytest.mark.usefixtures("cuda_ready")
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape,layout", cases())
+@pytest.mark.parametrize("variant", ["shortcut_relu", "relu_per_sample", "plain"])
+def test_affine_act_forward(shape, layout, dtype, variant):
+    x = make(shape, layout, dtype)
+    per_sample = variant == "relu_per_sample"
+    scale, shift = coef(x, per_sample), coef(x, per_sample)
+    shortcut = make(shape, layout, dtype) if variant == "shortcut_relu" else None
+    relu = variant != "plain"
+    y, mask = cuda_backend.affine_act_forward(x, scale, shift, shortcut, relu, True)
+    y_eager, mask_eager = ref.affine_act_forward(x, scale, shift, shortcut, relu, True)
+    y_exact, _ = ref.affine_act_forward(*doubles(x, scale, shift, shortcut), relu, False)
+    assert_output(y, y_eager, y_exact)
+    assert torch.equal(mask, mask_eager)
+    if layout == "channels_last":
+        assert y.is_contiguous(memory_format=torch.channels_last) or y.dim() != 4
+    _, no_mask = cuda_backend.affine_act_forward(x, scale, shift, shortcut, relu, False)
+    assert no_mask is None
+
+
+@gpu
+@pytest.mark.usefixtures("cuda_ready")
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape,layout", cases())
+@pytest.mark.parametrize("gate", ["mask", "relu", "none"])
+@pytest.mark.parametrize("per_sample", [False, True], ids=["per_channel", "per_sample"])
+def test_affine_act_backward_reduce(shape, layout, dtype, gate, per_sample):
+    dy, x = make(shape, layout, dtype), make(shape, layout, dtype, mean=0.5)
+    scale, shift, center = coef(x, per_sample), coef(x, per_sample), coef(x, per_sample)
+    mask = make(shape, layout).gt(0) if gate == "mask" else None
+    relu = gate != "none"
+    sum_g, sum_g_xc = cuda_backend.affine_act_backward_reduce(dy, x, scale, shift, center, mask,
+                                                              relu, per_sample)
+    gate64 = mask if mask is not None else (relu_gate32(x, scale, shift) if relu else None)
+    expected = ref.affine_act_backward_reduce(*doubles(dy, x, scale, shift, center), gate64,
+                                              relu, per_sample)
+    g = dy.double() * (gate64 if gate64 is not None else 1)
+    g_xc = g * (x.double() - broadcast(center.double(), x))
+    dims = list(range(2, x.dim())) if per_sample else [0, *range(2, x.dim())]
+    magnitudes = [t.abs().sum(dims) if dims else t.abs() for t in (g, g_xc)]
+    for actual, exact, magnitude in zip((sum_g, sum_g_xc), expected, magnitudes):
+        assert actual.dtype == torch.float32 and actual.shape == exact.shape
+        assert_sums_close(actual, exact, magnitude)
+
+
+@gpu
+@pytest.mark.usefixtures("cuda_ready")
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape,layout", cases())
+@pytest.mark.parametrize("gate", ["mask", "relu", "none"])
+@pytest.mark.parametrize("per_sample", [False, True], ids=["per_channel", "per_sample"])
+def test_affine_act_backward_apply(shape, layout, dtype, gate, per_sample):
+    dy, x = make(shape, layout, dtype), make(shape, layout, dtype)
+    scale, shift = coef(x, per_sample), coef(x, per_sample)
+    a, b, c, center = (coef(x, per_sample) for _ in range(4))
+    mask = make(shape, layout).gt(0) if gate == "mask" else None
+    relu = gate != "none"
+    dx, dshortcut = cuda_backend.affine_act_backward_apply(dy, x, scale, shift, mask, relu, a, b,
+                                                           c, center, True)
+    dx_eager, g_eager = ref.affine_act_backward_apply(dy, x, scale, shift, mask, relu, a, b, c,
+                                                      center, True)
+    gate64 = mask if mask is not None else (relu_gate32(x, scale, shift) if relu else None)
+    dx_exact, _ = ref.affine_act_backward_apply(*doubles(dy, x, scale, shift), gate64, relu,
+                                                *doubles(a, b, c, center), False)
+    assert_output(dx, dx_eager, dx_exact)
+    assert torch.equal(dshortcut, g_eager)
+    _, none = cuda_backend.affine_act_backward_apply(dy, x, scale, shift, mask, relu, a, b, c,
+                                                     center, False)
+    assert none is None
+
+
+@gpu
+@pytest.mark.usefixtures("cuda_ready")
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape,layout", cases())
+def test_ie_residual_and_update(shape, layout, dtype):
+    x, c, fx = (make(shape, layout, dtype) for _ in range(3))
+    theta, step_size = 0.75, 0.1
+    e = cuda_backend.ie_residual(x, c, fx, theta)
+    assert_output(e, ref.ie_residual(x, c, fx, theta), ref.ie_residual(*doubles(x, c, fx), theta))
+    x_next = cuda_backend.ie_update(x, e, fx, step_size, theta)
+    assert_output(x_next, ref.ie_update(x, e, fx, step_size, theta),
+                  ref.ie_update(*doubles(x, e, fx), step_size, theta))
+
+
+@gpu
+@pytest.mark.usefixtures("cuda_ready")
+def test_bad_arguments_are_named():
+    x = make((2, 4, 3, 3))
+    scale = coef(x, False)
+    with pytest.raises(TypeError, match="x must be float32, float16 or bfloat16"):
+        cuda_backend.norm_stats(x.double(), 0)
+    with pytest.raises(RuntimeError, match="shortcut has shape"):
+        cuda_backend.affine_act_forward(x, scale, scale, x[:1], True, False)
+    with pytest.raises(TypeError, match="shortcut must be"):
+        cuda_backend.affine_act_forward(x, scale, scale, x.half(), True, False)
+    with pytest.raises(RuntimeError, match=r"scale must be \[C\]"):
+        cuda_backend.affine_act_forward(x, scale[:3], scale, None, True, False)
+    with pytest.raises(RuntimeError, match="groups must be 0"):
+        cuda_backend.norm_stats(x, 3)
+
+
+@gpu
+@pytest.mark.usefixtures("cuda_ready")
+def test_ops_trace_under_torch_compile():
+    x = make((4, 8, 6, 6), "channels_last", torch.bfloat16)
+    scale, shift = coef(x, False), coef(x, False)
+
+    def step(x):
+        mean, var = cuda_backend.norm_stats(x, 0)
+        y, _ = cuda_backend.affine_act_forward(x, scale / (var + 1e-5).sqrt(), shift - mean,
+                                               None, True, False)
+        return y
+
+    torch.testing.assert_close(torch.compile(step, fullgraph=True)(x), step(x))
+
+
+# ---------------------------------------------------------------------------------------
+# GPU: parity with the Triton backend
+
+
+def _triton_on_gpu() -> bool:
+    if not HAS_CUDA:
+        return False
+    from pyeuler import triton as triton_backend
+
+    return triton_backend.is_available()[0]
+
+
+@pytest.mark.skipif(not _triton_on_gpu(), reason="needs a CUDA GPU with triton")
+@pytest.mark.usefixtures("cuda_ready")
+@pytest.mark.parametrize("shape,layout", cases([(4, 5, 7, 5), (8, 16, 8, 8)]))
+def test_matches_triton(shape, layout):
+    from pyeuler import triton as tri
+
+    x, dy = make(shape, layout), make(shape, layout)
+    scale, shift, center = coef(x, False), coef(x, False), coef(x, False)
+    for cu, tr in zip(cuda_backend.norm_stats(x, 0), tri.norm_stats(x, 0)):
+        torch.testing.assert_close(cu, tr, rtol=1e-4, atol=1e-5)
+    y_cu, m_cu = cuda_backend.affine_act_forward(x, scale, shift, dy, True, True)
+    y_tr, m_tr = tri.affine_act_forward(x, scale, shift, dy, True, True)
+    torch.testing.assert_close(y_cu, y_tr, rtol=1e-4, atol=1e-5)
+    assert (m_cu != m_tr).float().mean() < 1e-3  # may differ only where y rounds to ~0
+    for cu, tr in zip(
+            cuda_backend.affine_act_backward_reduce(dy, x, scale, shift, center, None, True, False),
+            tri.affine_act_backward_reduce(dy, x, scale, shift, center, None, True, False)):
+        torch.testing.assert_close(cu, tr, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(cuda_backend.ie_update(x, dy, y_cu, 0.1, 1.0),
+                               tri.ie_update(x, dy, y_cu, 0.1, 1.0), rtol=1e-4, atol=1e-5)
