@@ -301,6 +301,32 @@ def test_ie_low_precision(dtype):
     assert_lowp(out, ref.ie_update(x, e, v, 0.1, 1.0), ref.ie_update(*to64(x, e, v), 0.1, 1.0))
 
 
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_int64_offset_kernels_agree(layout, monkeypatch):
+    """The int64-offset variants (chosen for ≥ 2**31 elements), forced on a small tensor."""
+    import pyeuler.triton._utils as utils
+
+    monkeypatch.setattr(utils, "_INT32_SAFE_NUMEL", 0)
+    x, dy, shortcut = make((3, 5, 4, 3), layout), make((3, 5, 4, 3), layout), make((3, 5, 4, 3), layout)
+    scale, shift, center = coef(x, False), coef(x, False), coef(x, False)
+    for groups in (0, 5):
+        for got, want in zip(tri.norm_stats(x, groups), ref.norm_stats(x.double(), groups)):
+            assert_close32(got, want.float())
+    y, mask = tri.affine_act_forward(x, scale, shift, shortcut, True, True)
+    assert_close32(y, ref.affine_act_forward(x, scale, shift, shortcut, True, True)[0])
+    for per_sample in (False, True):
+        got = tri.affine_act_backward_reduce(dy, x, scale, shift, center, mask, True, per_sample)
+        want = ref.affine_act_backward_reduce(dy, x, scale, shift, center, mask, True, per_sample)
+        for g, w in zip(got, want):
+            assert_close32(g, w)
+    dx, ds = tri.affine_act_backward_apply(dy, x, scale, shift, mask, True, scale, shift, center, center, True)
+    dx_ref, ds_ref = ref.affine_act_backward_apply(dy, x, scale, shift, mask, True, scale, shift, center, center,
+                                                   True)
+    assert_close32(dx, dx_ref)
+    assert_close32(ds, ds_ref)
+    assert_close32(tri.ie_update(x, dy, shortcut, 0.1, 1.0), ref.ie_update(x, dy, shortcut, 0.1, 1.0))
+
+
 # ----------------------------------------------------------------------------- errors
 
 

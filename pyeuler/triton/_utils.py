@@ -44,6 +44,13 @@ def autotune_configs(tiles_and_warps: list[tuple[int, int]], interpreter_tile: i
     return [triton.Config({"TILE": tile}, num_warps=warps) for tile, warps in tiles_and_warps]
 
 
+# Reductions use one fixed tiling instead of autotuning: the tiling fixes the summation order,
+# and an autotuner's timing-dependent pick would make results differ bitwise between runs.
+# 4096-element tiles over 8 warps keep 16 loads per thread in flight per tensor.
+REDUCTION_TILE = 4096
+REDUCTION_WARPS = 8
+
+
 def outer_block(tile: int, inner_block: int, n_outer: int) -> int:
     """Rows of a ``[outer, inner]`` tile: fill ``tile`` elements, but no more rows than exist."""
     return max(1, min(tile // inner_block, triton.next_power_of_2(max(n_outer, 1))))

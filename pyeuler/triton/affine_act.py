@@ -20,6 +20,8 @@ import triton
 import triton.language as tl
 
 from pyeuler.triton._utils import (
+    REDUCTION_TILE,
+    REDUCTION_WARPS,
     autotune_configs,
     check_activation,
     check_like,
@@ -35,10 +37,10 @@ from pyeuler.triton._utils import (
 
 __all__ = ["affine_act_forward", "affine_act_backward_reduce", "affine_act_backward_apply"]
 
-# Elementwise passes: 2-4K-element tiles (16 B per thread per tensor in bf16) keep enough
-# bytes in flight; reductions stream longer with a register accumulator per lane.
+# Elementwise passes are autotuned (their results do not depend on the tiling): 2-4K-element
+# tiles, i.e. 16-byte vectors per thread per tensor in bf16.  Reductions use the fixed
+# REDUCTION_TILE (see _utils) so their summation order never changes.
 _ELEMENTWISE_CONFIGS = autotune_configs([(2048, 4), (4096, 8)], interpreter_tile=2048)
-_REDUCTION_CONFIGS = autotune_configs([(2048, 4), (4096, 8), (8192, 8)], interpreter_tile=2048)
 _MAX_CHANNEL_BLOCK = 128  # 128 bf16 channels = 256 B per row: two full cache lines
 _MAX_SPATIAL_BLOCK = 1024
 
@@ -124,7 +126,6 @@ def _affine_act_forward_kernel(
         tl.store(mask_ptr + offsets, y > 0, mask=ok)
 
 
-@triton.autotune(configs=_REDUCTION_CONFIGS, key=["rows_per_segment", "C", "rows_per_split", "n_segments"])
 @triton.heuristics({"BLOCK_R": lambda a: outer_block(a["TILE"], a["BLOCK_C"], a["rows_per_split"])})
 @triton.jit
 def _grad_sums_columns_kernel(
@@ -171,7 +172,6 @@ def _grad_sums_columns_kernel(
     tl.store(sum_gx_ptr + out, tl.sum(acc_gx, axis=0), mask=col_ok)
 
 
-@triton.autotune(configs=_REDUCTION_CONFIGS, key=["planes_per_result", "S", "planes_per_split"])
 @triton.heuristics({"BLOCK_P": lambda a: outer_block(a["TILE"], a["BLOCK_S"], a["planes_per_split"])})
 @triton.jit
 def _grad_sums_planes_kernel(
@@ -345,7 +345,8 @@ def affine_act_backward_reduce(
         g_parts, gx_parts = (torch.empty((splits, k), device=x.device, dtype=torch.float32) for _ in range(2))
         _grad_sums_columns_kernel[(n_segments, channel_blocks, splits)](
             dy, x, scale, shift, center, mask, g_parts, gx_parts,
-            rows_per_segment, c, s, rows_per_split, n_segments, BLOCK_C=block_c, **flags)
+            rows_per_segment, c, s, rows_per_split, n_segments, BLOCK_C=block_c, **flags,
+            TILE=REDUCTION_TILE, num_warps=REDUCTION_WARPS)
     else:
         planes_per_result = 1 if per_sample else n
         splits, planes_per_split = num_splits(planes_per_result, s, k, x.device)
@@ -353,7 +354,7 @@ def affine_act_backward_reduce(
         _grad_sums_planes_kernel[(k, splits)](
             dy, x, scale, shift, center, mask, g_parts, gx_parts,
             k, planes_per_result, planes_per_split, c, s,
-            BLOCK_S=inner_block(s, _MAX_SPATIAL_BLOCK), **flags)
+            BLOCK_S=inner_block(s, _MAX_SPATIAL_BLOCK), **flags, TILE=REDUCTION_TILE, num_warps=REDUCTION_WARPS)
 
     if splits == 1:
         return g_parts.view(out_shape), gx_parts.view(out_shape)

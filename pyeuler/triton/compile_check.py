@@ -104,17 +104,28 @@ def _unwrap(kernel):
 
 
 def _configs(kernel) -> list[tuple[int | None, int]]:
-    """``(TILE, num_warps)`` of each autotune config, or the launch default."""
+    """``(TILE, num_warps)`` of each autotune config, else what the host launches with."""
+    from pyeuler.triton._utils import REDUCTION_TILE, REDUCTION_WARPS
+
     configs = getattr(kernel, "configs", None)
-    if not configs:
-        return [(None, 4)]
-    return [(config.kwargs["TILE"], config.num_warps) for config in configs]
+    if configs:
+        return [(config.kwargs["TILE"], config.num_warps) for config in configs]
+    if "TILE" in _unwrap(kernel).arg_names:  # reductions: one fixed tiling
+        return [(REDUCTION_TILE, REDUCTION_WARPS)]
+    return [(None, 4)]
 
 
-def _flag_combos(flags: tuple[str, ...], exhaustive_one_hot: bool) -> list[dict[str, bool]]:
-    """All off and all on (every ``if FLAG`` branch compiled), plus each flag alone."""
+def _flag_combos(flags: tuple[str, ...], first_dtype: bool) -> list[dict[str, bool]]:
+    """Flag settings to compile for one dtype.
+
+    First dtype: all off, all on (every ``if FLAG`` branch) and each flag alone.  Other
+    dtypes only change the data loads and stores: every optional one on, with the int32
+    offsets that real sizes use.
+    """
+    if not first_dtype:
+        return [{**dict.fromkeys(flags, True), **({"WIDE_INDEX": False} if "WIDE_INDEX" in flags else {})}]
     combos = [dict.fromkeys(flags, False), dict.fromkeys(flags, True)]
-    if exhaustive_one_hot and len(flags) > 1:
+    if len(flags) > 1:
         combos += [{**dict.fromkeys(flags, False), flag: True} for flag in flags]
     return combos
 
@@ -127,7 +138,7 @@ def jobs() -> list[Job]:
         has_data = DATA in spec.pointers.values()
         for dtype in DATA_DTYPES if has_data else (None,):
             first_dtype = dtype in ("fp32", None)
-            for combo in _flag_combos(spec.flags, exhaustive_one_hot=first_dtype):
+            for combo in _flag_combos(spec.flags, first_dtype):
                 out.append(Job(spec, dtype, tuple(combo.items()), *configs[0]))
             if first_dtype:  # other tuning configs: different tiles and warp counts
                 for tile, warps in configs[1:]:

@@ -22,7 +22,8 @@ import triton
 import triton.language as tl
 
 from pyeuler.triton._utils import (
-    autotune_configs,
+    REDUCTION_TILE,
+    REDUCTION_WARPS,
     check_activation,
     dense_layout,
     inner_block,
@@ -33,11 +34,6 @@ from pyeuler.triton._utils import (
 )
 
 __all__ = ["norm_stats", "norm_stats_partials", "merge_stats"]
-
-# A reduction program streams many tiles; 8 warps with 4-8K-element tiles keeps enough
-# loads in flight per SM to approach HBM bandwidth (two-pass BN lower bound, PERF.md).
-_REDUCTION_CONFIGS = autotune_configs([(2048, 4), (4096, 8), (8192, 8)], interpreter_tile=2048)
-
 
 @triton.jit
 def _welford_lanes_to_partial(count, mean, m2, AXIS: tl.constexpr):
@@ -53,7 +49,6 @@ def _welford_lanes_to_partial(count, mean, m2, AXIS: tl.constexpr):
     return total, merged_mean, merged_m2
 
 
-@triton.autotune(configs=_REDUCTION_CONFIGS, key=["n_rows", "C", "rows_per_split"])
 @triton.heuristics({"BLOCK_R": lambda a: outer_block(a["TILE"], a["BLOCK_C"], a["rows_per_split"])})
 @triton.jit
 def _channel_stats_partials_kernel(
@@ -101,7 +96,6 @@ def _channel_stats_partials_kernel(
     tl.store(m2_ptr + out, part_m2, mask=col_ok)
 
 
-@triton.autotune(configs=_REDUCTION_CONFIGS, key=["n_outer", "n_inner", "outer_per_split"])
 @triton.heuristics({"BLOCK_O": lambda a: outer_block(a["TILE"], a["BLOCK_I"], a["outer_per_split"])})
 @triton.jit
 def _segment_stats_partials_kernel(
@@ -210,7 +204,8 @@ def norm_stats_partials(x: torch.Tensor, groups: int) -> tuple[torch.Tensor, tor
         splits, rows_per_split = num_splits(n * s, c, channel_blocks, x.device)
         parts = [torch.empty((splits, c), device=x.device, dtype=torch.float32) for _ in range(3)]
         _channel_stats_partials_kernel[(splits, channel_blocks)](
-            x, *parts, n * s, c, rows_per_split, BLOCK_C=block_c, WIDE_INDEX=wide)
+            x, *parts, n * s, c, rows_per_split, BLOCK_C=block_c, WIDE_INDEX=wide,
+            TILE=REDUCTION_TILE, num_warps=REDUCTION_WARPS)
         return tuple(parts)
 
     if groups == 0:  # planar BN: channel k, planes n at stride C·S, S contiguous
@@ -229,7 +224,7 @@ def norm_stats_partials(x: torch.Tensor, groups: int) -> tuple[torch.Tensor, tor
     _segment_stats_partials_kernel[(segments, splits)](
         x, *parts, segments, per_block, block_stride, seg_stride,
         n_outer, outer_stride, n_inner, outer_per_split,
-        BLOCK_I=inner_block(n_inner, 1024), WIDE_INDEX=wide)
+        BLOCK_I=inner_block(n_inner, 1024), WIDE_INDEX=wide, TILE=REDUCTION_TILE, num_warps=REDUCTION_WARPS)
     return tuple(parts)
 
 
@@ -241,7 +236,8 @@ def _merge(count, mean, m2):
     return outs
 
 
-def merge_stats(count: torch.Tensor, mean: torch.Tensor, m2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def merge_stats(count: torch.Tensor, mean: torch.Tensor,
+                m2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Chan-merge float32 ``[n_parts, K]`` Welford partials along dim 0 -> ``[K]`` each.
 
     Order-deterministic.  Also merges per-rank results stacked by an all-gather.
