@@ -1,6 +1,6 @@
 """BatchNorm / GroupNorm statistics: Welford partials, then a deterministic Chan merge.
 
-Two stages, no atomics, so results are bitwise reproducible for a given device:
+Two stages, no atomics and a fixed tiling, so results are bitwise reproducible on a device:
 
 1. each program streams one chunk of the reduction domain and keeps a Welford state
    ``(count, mean, M2)`` per register lane (no cross-thread reduction inside the loop), then
@@ -34,6 +34,7 @@ from pyeuler.triton._utils import (
 )
 
 __all__ = ["norm_stats", "norm_stats_partials", "merge_stats"]
+
 
 @triton.jit
 def _welford_lanes_to_partial(count, mean, m2, AXIS: tl.constexpr):
