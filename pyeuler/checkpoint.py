@@ -77,13 +77,20 @@ def load_checkpoint(path: str | os.PathLike, map_location: Any = "cpu") -> dict:
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:
-        raise CheckpointError(
-            f"checkpoint: {path} holds objects that weights_only=True loading refuses "
-            f"(not a pyeuler checkpoint, or not a trusted one): {str(e).splitlines()[0]}") from e
+        msg = str(e)
+        detail = next((line.strip() for line in msg.splitlines() if "Unsupported global" in line),
+                      None)
+        if detail is not None:
+            detail = detail.split("WeightsUnpickler error:")[-1].split(". Please use")[0].strip()
+            raise CheckpointError(
+                f"checkpoint: {path} holds objects that weights_only=True loading refuses "
+                f"(not a pyeuler checkpoint, or not a trusted one): {detail}") from e
+        raise CheckpointError(f"checkpoint: {path} is corrupt or not a torch checkpoint "
+                              f"(unpickling failed)") from e
     except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile, KeyError) as e:
+        first = str(e).splitlines()[0].split(". ")[0] if str(e) else ""
         raise CheckpointError(f"checkpoint: {path} is corrupt or truncated, or not a torch "
-                              f"file ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
-                              ) from e
+                              f"file ({type(e).__name__}: {first[:200]})") from e
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
         raise CheckpointError(f"checkpoint: {path} is a torch file but not a pyeuler "
                               "checkpoint (no 'format': 'pyeuler-checkpoint' entry)")

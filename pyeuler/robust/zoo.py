@@ -31,8 +31,13 @@ def is_ie_capable(name: str) -> bool:
 
 def build_model(name: str, input_shape: tuple, num_classes: int, *, h: float = 1.0,
                 ie_steps: int = 0, ie_step_size: float = 0.1, theta: float = 1.0,
-                grad: str = "unrolled", backend: str | None = None) -> nn.Module:
-    """Build a pyeuler model by name for inputs of ``input_shape`` (without batch dim)."""
+                grad: str = "unrolled", norm: str | None = None,
+                backend: str | None = None) -> nn.Module:
+    """Build a pyeuler model by name for inputs of ``input_shape`` (without batch dim).
+
+    ``norm`` is "batch" or "group" (GroupNorm(1, C), the IE authors' choice); None means
+    "group" for the IE-capable models and BatchNorm for ``resnet-D`` (which has only BN).
+    """
     from pyeuler import models
 
     key = name.strip().lower()
@@ -41,8 +46,10 @@ def build_model(name: str, input_shape: tuple, num_classes: int, *, h: float = 1
         raise ValueError(f"ie_steps: expected an int >= 0, got {ie_steps!r}")
     if not (isinstance(h, (int, float)) and math.isfinite(h) and h > 0):
         raise ValueError(f"h: expected a positive number, got {h!r}")
+    if norm not in (None, "batch", "group"):
+        raise ValueError(f"norm: expected 'batch' or 'group', got {norm!r}")
     ie = dict(ie_steps=ie_steps, ie_step_size=ie_step_size, theta=theta, grad=grad,
-              backend=backend)
+              norm=norm or "group", backend=backend)
 
     if key.startswith("mlp"):
         m = re.fullmatch(r"mlp(?:-(\d+)-(\d+))?", key)
@@ -63,6 +70,8 @@ def build_model(name: str, input_shape: tuple, num_classes: int, *, h: float = 1
         depth = int(m.group(1)) if m else -1
         if depth < 8 or (depth - 2) % 6:
             raise ValueError(f"model: resnet-D needs D = 6n+2 (20, 32, 44, 56, 110, 218), got {name!r}")
+        if norm == "group":
+            raise ValueError(f"norm: {name!r} (post-activation ResNet) has BatchNorm only")
         if ie_steps:
             raise ValueError(f"ie_steps: {name!r} (post-activation ResNet) has no IE-Skips; "
                              "use preact-*, wrn-* or mlp for ie_steps > 0")

@@ -1,0 +1,365 @@
+"""``pyeuler train``: train ResNet vs IE-ResNet (naturally or adversarially) and print a
+table of clean and robust accuracy.
+
+With no arguments: a tiny WideResNet (wrn-10-1) on scikit-learn's bundled 8×8 digits,
+K = 0 (ResNet) and K = 1 (IE-ResNet), a few epochs, FGSM at eps = 0.1; about a minute
+on two CPU cores, nothing downloaded.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+# Training schedules. "quick" is for the small bundled data sets; the others are the
+# papers' CIFAR schedules (milestones as fractions of the epochs, so --epochs rescales them).
+PRESETS: dict[str, dict] = {
+    "quick": dict(optimizer="adam", lr=3e-3, momentum=0.9, weight_decay=0.0, schedule="cosine",
+                  milestones=(), batch_size=64, epochs=None,
+                  doc="Adam 3e-3, cosine decay, batch 64; epochs: digits 8, moons 30, cifar10 10"),
+    "he2016": dict(optimizer="sgd", lr=0.1, momentum=0.9, weight_decay=1e-4, schedule="step",
+                   milestones=(0.5, 0.75), batch_size=128, epochs=164,
+                   doc="He et al. 2016 CIFAR ResNet: SGD 0.1, momentum 0.9, wd 1e-4, batch 128, "
+                       "164 epochs (64k iterations), lr x0.1 at 50%% and 75%%"),
+    "madry": dict(optimizer="sgd", lr=0.1, momentum=0.9, weight_decay=2e-4, schedule="step",
+                  milestones=(0.5, 0.75), batch_size=128, epochs=205, adv="pgd",
+                  eps=8 / 255, alpha=2 / 255, attack_steps=10,
+                  doc="Madry et al. PGD-AT: SGD 0.1, momentum 0.9, wd 2e-4, batch 128, "
+                      "205 epochs (80k iterations), lr x0.1 at 50%% and 75%%; PGD-10, "
+                      "eps 8/255, alpha 2/255"),
+    "trades": dict(optimizer="sgd", lr=0.1, momentum=0.9, weight_decay=2e-4, schedule="step",
+                   milestones=(75 / 76,), batch_size=128, epochs=76, adv="trades",
+                   eps=0.031, alpha=0.007, attack_steps=10, beta=6.0,
+                   doc="Zhang et al. 2019 TRADES (WRN-34-10): SGD 0.1, momentum 0.9, wd 2e-4, "
+                       "batch 128, 76 epochs, lr x0.1 at epoch 75; 10 steps, eps 0.031, "
+                       "step 0.007, beta 6"),
+}
+
+_QUICK_EPOCHS = {"digits": 8, "moons": 30, "cifar10": 10}
+_DEFAULT_EPS = {"digits": 0.1, "moons": 0.05, "cifar10": 8 / 255}
+
+
+def _nonneg_int(s: str) -> int:
+    v = int(s)
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"expected an int >= 0, got {s}")
+    return v
+
+
+def _pos_int(s: str) -> int:
+    v = int(s)
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"expected an int >= 1, got {s}")
+    return v
+
+
+def _nonneg_float(s: str) -> float:
+    v = float(s)
+    if not math.isfinite(v) or v < 0:
+        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {s}")
+    return v
+
+
+def _pos_float(s: str) -> float:
+    v = float(s)
+    if not math.isfinite(v) or v <= 0:
+        raise argparse.ArgumentTypeError(f"expected a number > 0, got {s}")
+    return v
+
+
+def add_common_runtime_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", default="auto",
+                   help="cpu, cuda, cuda:N or auto (cuda if available) [auto]")
+    p.add_argument("--backend", default=None,
+                   help="pyeuler kernel backend for the model (reference, eager, triton, cuda, "
+                        "auto) [PYEULER_BACKEND or the library default]")
+    p.add_argument("--threads", type=_pos_int, default=None, help="torch CPU threads")
+    p.add_argument("--no-progress", action="store_true",
+                   help="no progress bars (they are off anyway when stderr is not a terminal)")
+
+
+def add_parser(subparsers) -> argparse.ArgumentParser:
+    p = subparsers.add_parser(
+        "train", help="train ResNet vs IE-ResNet and report clean / robust accuracy",
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="presets:\n" + "\n".join(f"  {k:7s} {v['doc'].replace('%%', '%')}"
+                                         for k, v in PRESETS.items()))
+    g = p.add_argument_group("data")
+    g.add_argument("--data", default="digits", choices=("digits", "moons", "cifar10"),
+                   help="digits (bundled with scikit-learn), moons, or cifar10 (needs "
+                        "--data-dir) [digits]")
+    g.add_argument("--data-dir", default=None,
+                   help="folder with the CIFAR-10 python batches (cifar-10-batches-py)")
+    g.add_argument("--seed", type=int, default=0, help="seed for the split, init and order [0]")
+    g = p.add_argument_group("model")
+    g.add_argument("--model", default=None,
+                   help="resnet-20|32|44|56|110|218, preact-18|34|50, wrn-D-W (wrn-34-10, "
+                        "wrn-10-1), mlp or mlp-WIDTH-DEPTH [digits: wrn-10-1, moons: mlp, "
+                        "cifar10: preact-18]")
+    g.add_argument("--h", type=_pos_float, default=1.0, help="step factor h [1.0]")
+    g.add_argument("--ie-steps", type=_nonneg_int, nargs="+", default=None, metavar="K",
+                   help="IE-Skip inner steps; several values train one model each "
+                        "[0 1; 0 for resnet-*]")
+    g.add_argument("--ie-step-size", type=_pos_float, default=0.1, help="IE step size γ [0.1]")
+    g.add_argument("--theta", type=float, default=1.0, help="θ-method parameter in [0, 1] [1.0]")
+    g.add_argument("--norm", default=None, choices=("batch", "group"),
+                   help="normalisation in the blocks: group = GroupNorm(1, C) as in the IE "
+                        "authors' code (BatchNorm's running statistics fit IE-Skips' repeated "
+                        "branch evaluations badly in eval mode) [group; batch for resnet-*]")
+    g.add_argument("--grad", default="unrolled", choices=("unrolled", "detached", "implicit"),
+                   help="IE-Skip gradient mode [unrolled]")
+    g = p.add_argument_group("training")
+    g.add_argument("--preset", default=None, choices=tuple(PRESETS),
+                   help="schedule preset [quick for digits/moons, he2016 for cifar10]; "
+                        "explicit options override it")
+    g.add_argument("--epochs", type=_pos_int, default=None)
+    g.add_argument("--batch-size", type=_pos_int, default=None)
+    g.add_argument("--lr", type=_pos_float, default=None)
+    g.add_argument("--optimizer", choices=("sgd", "adam"), default=None)
+    g.add_argument("--momentum", type=_nonneg_float, default=None)
+    g.add_argument("--weight-decay", type=_nonneg_float, default=None)
+    g.add_argument("--adv", choices=("none", "pgd", "trades"), default=None,
+                   help="adversarial training: none, pgd (Madry PGD-AT) or trades [none]")
+    g.add_argument("--eps", type=_nonneg_float, default=None,
+                   help="L∞ radius for adversarial training and the table's attacks "
+                        "[digits 0.1, moons 0.05, cifar10 8/255]")
+    g.add_argument("--alpha", type=_nonneg_float, default=None,
+                   help="PGD/TRADES training step [2.5·eps/steps: 2/255 for PGD-10 at 8/255]")
+    g.add_argument("--attack-steps", type=_pos_int, default=None,
+                   help="PGD/TRADES steps during training [10]")
+    g.add_argument("--beta", type=_nonneg_float, default=None, help="TRADES β [6]")
+    g = p.add_argument_group("evaluation and output")
+    g.add_argument("--attacks", nargs="+", default=["fgsm"],
+                   help="attacks for the table: fgsm, pgd-N, cw [fgsm]")
+    g.add_argument("--eval-samples", type=_pos_int, default=None,
+                   help="attack only the first N test samples (clean accuracy uses all)")
+    g.add_argument("--out", default=None, metavar="DIR",
+                   help="save a checkpoint per model to DIR after every epoch")
+    g.add_argument("--resume", action="store_true",
+                   help="continue from the checkpoints in --out when they exist")
+    g.add_argument("--json", default=None, metavar="PATH", help="write the results as JSON")
+    add_common_runtime_args(p)
+    p.set_defaults(func=run)
+    return p
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(name)
+    except RuntimeError as e:
+        raise SystemExit(f"pyeuler: error: --device: {e}")
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("pyeuler: error: --device: CUDA is not available on this machine")
+    return dev
+
+
+def resolve_config(args: argparse.Namespace) -> dict:
+    """Merge preset and explicit options into one JSON-able run configuration."""
+    from pyeuler.robust.zoo import default_model, is_ie_capable
+
+    preset_name = args.preset or ("he2016" if args.data == "cifar10" else "quick")
+    preset = PRESETS[preset_name]
+
+    def pick(key, fallback):
+        v = getattr(args, key, None)
+        if v is not None:
+            return v
+        v = preset.get(key)
+        return fallback if v is None else v
+
+    model = args.model or default_model(args.data)
+    ie_steps = args.ie_steps if args.ie_steps is not None else ([0, 1] if is_ie_capable(model) else [0])
+    adv = pick("adv", "none")
+    eps = pick("eps", _DEFAULT_EPS[args.data])
+    steps = pick("attack_steps", 10)
+    if not 0 <= args.theta <= 1:
+        raise SystemExit(f"pyeuler: error: --theta: expected a number in [0, 1], got {args.theta}")
+    if args.resume and not args.out:
+        raise SystemExit("pyeuler: error: --resume needs --out DIR (where the checkpoints are)")
+    if args.data == "cifar10" and not args.data_dir:
+        raise SystemExit("pyeuler: error: --data-dir: cifar10 needs the folder with the "
+                         "CIFAR-10 python batches (nothing is downloaded)")
+    return dict(
+        data=args.data, data_dir=args.data_dir, seed=args.seed, model=model, h=args.h,
+        ie_steps=list(dict.fromkeys(ie_steps)), ie_step_size=args.ie_step_size,
+        theta=args.theta, grad=args.grad,
+        norm=args.norm or ("group" if is_ie_capable(model) else "batch"), preset=preset_name,
+        epochs=pick("epochs", _QUICK_EPOCHS[args.data]), batch_size=pick("batch_size", 64),
+        lr=pick("lr", 1e-3), optimizer=pick("optimizer", "adam"),
+        momentum=pick("momentum", 0.9), weight_decay=pick("weight_decay", 0.0),
+        schedule=preset["schedule"], milestones=list(preset["milestones"]),
+        adv=adv, eps=eps, alpha=pick("alpha", 2.5 * eps / steps), attack_steps=steps,
+        beta=pick("beta", 6.0), attacks=list(args.attacks), eval_samples=args.eval_samples,
+        backend=args.backend,
+    )
+
+
+def lr_at(cfg: dict, epoch: int) -> float:
+    """Learning rate for ``epoch`` (0-based) under the configured schedule."""
+    if cfg["schedule"] == "cosine":
+        return cfg["lr"] * 0.5 * (1 + math.cos(math.pi * epoch / cfg["epochs"]))
+    drops = sum(epoch >= math.floor(f * cfg["epochs"]) for f in cfg["milestones"])
+    return cfg["lr"] * 0.1 ** drops
+
+
+def make_optimizer(cfg: dict, model: torch.nn.Module) -> torch.optim.Optimizer:
+    if cfg["optimizer"] == "sgd":
+        return torch.optim.SGD(model.parameters(), lr=cfg["lr"], momentum=cfg["momentum"],
+                               weight_decay=cfg["weight_decay"])
+    return torch.optim.Adam(model.parameters(), lr=cfg["lr"], weight_decay=cfg["weight_decay"])
+
+
+def model_kwargs(cfg: dict, k: int) -> dict:
+    return dict(h=cfg["h"], ie_steps=k, ie_step_size=cfg["ie_step_size"], theta=cfg["theta"],
+                grad=cfg["grad"], norm=cfg["norm"])
+
+
+def row_name(k: int) -> str:
+    return "ResNet (K=0)" if k == 0 else f"IE-ResNet (K={k})"
+
+
+def checkpoint_path(out: str, cfg: dict, k: int) -> Path:
+    h = f"-h{cfg['h']:g}" if cfg["h"] != 1 else ""
+    return Path(out) / f"{cfg['data']}-{cfg['model']}{h}-K{k}-{cfg['adv']}-seed{cfg['seed']}.pt"
+
+
+def train_one(cfg: dict, data, k: int, device: torch.device, progress: bool | None,
+              out: str | None = None, resume: bool = False, log=print) -> dict:
+    """Train one model (IE steps ``k``) per ``cfg``; returns its results row."""
+    from pyeuler.checkpoint import CheckpointError, load_checkpoint, load_model_state, save_checkpoint
+    from pyeuler.data import random_crop_flip
+    from pyeuler.robust import build_model, train_epoch
+
+    kwargs = model_kwargs(cfg, k)
+    torch.manual_seed(cfg["seed"])
+    model = build_model(cfg["model"], data.input_shape, data.num_classes, backend=cfg["backend"],
+                        **kwargs).to(device)
+    opt = make_optimizer(cfg, model)
+    start, elapsed = 0, 0.0
+    path = checkpoint_path(out, cfg, k) if out else None
+    if path is not None and resume and path.exists():
+        ckpt = load_checkpoint(path, map_location=device)
+        spec = {"name": cfg["model"], "kwargs": kwargs}
+        if ckpt["model"] != spec or ckpt["config"].get("data") != cfg["data"]:
+            raise CheckpointError(f"checkpoint: {path} was saved for {ckpt['model']} on "
+                                  f"{ckpt['config'].get('data')!r}; this run builds {spec} on "
+                                  f"{cfg['data']!r} (use another --out, or drop --resume)")
+        load_model_state(model, ckpt, path)
+        if ckpt.get("optimizer") is not None:
+            opt.load_state_dict(ckpt["optimizer"])
+        start = ckpt["epoch"]
+        elapsed = float(ckpt["metrics"].get("train_seconds", 0.0))
+        log(f"resumed {path} at epoch {start}")
+    augment = random_crop_flip if cfg["data"] == "cifar10" else None
+    for epoch in range(start, cfg["epochs"]):
+        for group in opt.param_groups:
+            group["lr"] = lr_at(cfg, epoch)
+        g = torch.Generator().manual_seed(cfg["seed"] * 100003 + epoch)
+        stats = train_epoch(model, data.x_train, data.y_train, opt, batch_size=cfg["batch_size"],
+                            adv=cfg["adv"], eps=cfg["eps"], alpha=cfg["alpha"],
+                            steps=cfg["attack_steps"], beta=cfg["beta"], generator=g,
+                            device=device, transform=augment, progress=progress,
+                            desc=f"{row_name(k)} epoch {epoch + 1}/{cfg['epochs']}")
+        elapsed += stats.seconds
+        if path is not None:
+            save_checkpoint(path, model, name=cfg["model"], model_kwargs=kwargs, optimizer=opt,
+                            epoch=epoch + 1, config=cfg,
+                            metrics={"train_seconds": elapsed, "train_loss": stats.loss})
+    return {"model": model, "train_seconds": elapsed, "checkpoint": str(path) if path else None}
+
+
+def evaluate_row(cfg: dict, model, data, device, progress) -> dict:
+    from pyeuler.robust import evaluate
+
+    n = cfg["eval_samples"] or len(data.x_test)
+    from pyeuler.robust.training import accuracy
+
+    clean = accuracy(model, data.x_test, data.y_test, device=device, progress=progress,
+                     desc="clean")
+    res = evaluate(model, data.x_test[:n], data.y_test[:n], attacks=cfg["attacks"],
+                   eps=[cfg["eps"]], device=device, progress=progress)
+    row = {"clean": clean}
+    for name in cfg["attacks"]:
+        row[name] = res[name] if name.lower() == "cw" else res[name][float(cfg["eps"])]
+    return row
+
+
+def format_table(cfg: dict, rows: list[dict]) -> str:
+    eps = cfg["eps"]
+    eps_s = f"{eps * 255:.3g}/255" if cfg["data"] == "cifar10" else f"{eps:g}"
+    cols = ["clean acc"] + [f"{a.upper() if a.lower() in ('fgsm', 'cw') else a.upper()} acc"
+                            + ("" if a.lower() == "cw" else f" (eps={eps_s})")
+                            for a in cfg["attacks"]] + ["train time"]
+    names = [r["name"] for r in rows]
+    w0 = max(len("model"), *(len(n) for n in names))
+    widths = [max(len(c), 9) for c in cols]
+    lines = ["  ".join(["model".ljust(w0)] + [c.rjust(w) for c, w in zip(cols, widths)])]
+    lines.append("-" * len(lines[0]))
+    for r in rows:
+        vals = [f"{100 * r['clean']:.1f}%"] + [f"{100 * r[a]:.1f}%" for a in cfg["attacks"]]
+        vals.append(f"{r['train_seconds']:.1f} s")
+        lines.append("  ".join([r["name"].ljust(w0)] + [v.rjust(w) for v, w in zip(vals, widths)]))
+    return "\n".join(lines)
+
+
+def run(args: argparse.Namespace) -> int:
+    from pyeuler.checkpoint import CheckpointError
+    from pyeuler.data import load
+    from pyeuler.robust.attacks import make_attack
+
+    cfg = resolve_config(args)
+    for a in cfg["attacks"]:
+        try:
+            make_attack(a, eps=cfg["eps"])
+        except ValueError as e:
+            raise SystemExit(f"pyeuler: error: --attacks: {e}")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = resolve_device(args.device)
+    progress = False if args.no_progress else None
+    try:
+        data = load(cfg["data"], seed=cfg["seed"], data_dir=cfg["data_dir"])
+    except (ValueError, FileNotFoundError) as e:
+        raise SystemExit(f"pyeuler: error: {e}")
+    adv = {"none": "natural training", "pgd": f"PGD-{cfg['attack_steps']} adversarial training",
+           "trades": f"TRADES (beta={cfg['beta']:g}) training"}[cfg["adv"]]
+    print(f"{cfg['data']}: {len(data.x_train)} train / {len(data.x_test)} test | model "
+          f"{cfg['model']}, h={cfg['h']:g}, IE step {cfg['ie_step_size']:g}, theta="
+          f"{cfg['theta']:g}, grad={cfg['grad']}, norm={cfg['norm']} | {adv}, {cfg['epochs']} epochs "
+          f"({cfg['preset']}: {cfg['optimizer']} lr {cfg['lr']:g}) | {device}", flush=True)
+    rows = []
+    for k in cfg["ie_steps"]:
+        try:
+            trained = train_one(cfg, data, k, device, progress, args.out, args.resume)
+        except (CheckpointError, FileNotFoundError) as e:
+            print(f"pyeuler: error: {e}", file=sys.stderr)
+            return 2
+        except ValueError as e:  # bad model name / arguments from build_model
+            print(f"pyeuler: error: {e}", file=sys.stderr)
+            return 2
+        row = {"name": row_name(k), "ie_steps": k, "train_seconds": trained["train_seconds"],
+               "checkpoint": trained["checkpoint"]}
+        t0 = time.perf_counter()
+        row.update(evaluate_row(cfg, trained["model"], data, device, progress))
+        row["eval_seconds"] = time.perf_counter() - t0
+        rows.append(row)
+        print(f"  {row['name']}: clean {100 * row['clean']:.1f}%, trained in "
+              f"{row['train_seconds']:.1f} s", flush=True)
+    print()
+    print(format_table(cfg, rows))
+    if args.out:
+        print(f"\ncheckpoints in {args.out}/ (evaluate with: pyeuler eval --checkpoint "
+              f"{rows[-1]['checkpoint']} --attack pgd-20)")
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps({"config": cfg, "results": rows}, indent=2))
+        print(f"results written to {args.json}")
+    return 0
