@@ -84,7 +84,7 @@ struct ForwardArgs {
 };
 
 template <typename T, int V, bool kChannelsLast>
-__global__ void __launch_bounds__(kMaxThreads)
+__global__ void __launch_bounds__(kMaxThreads, kMinBlocksPerSm)
     affine_act_forward_kernel(ForwardArgs<T> args, pyeuler_geometry_t geo) {
   for_each_vector<V, kChannelsLast>(geo, [&](int64_t offset, int64_t sample, int64_t channel) {
     float scale[V], shift[V], x[V], shortcut[V], y[V];
@@ -121,7 +121,7 @@ struct ApplyArgs {
 };
 
 template <typename T, int V, bool kChannelsLast>
-__global__ void __launch_bounds__(kMaxThreads)
+__global__ void __launch_bounds__(kMaxThreads, kMinBlocksPerSm)
     affine_act_backward_apply_kernel(ApplyArgs<T> args, pyeuler_geometry_t geo) {
   const bool gate_from_affine = args.mask == nullptr && args.relu;
   for_each_vector<V, kChannelsLast>(geo, [&](int64_t offset, int64_t sample, int64_t channel) {

@@ -189,6 +189,9 @@ __device__ __forceinline__ GradSums shfl_down(const GradSums& s, int offset) {
 
 constexpr int kWarpSize = 32;
 constexpr int kMaxThreads = 256;
+// Streaming kernels keep >= 3 blocks (768 threads) resident per SM to hide DRAM latency;
+// this caps them at 80 registers (4 spills the widest channels-last kernels).
+constexpr int kMinBlocksPerSm = 3;
 
 // Reduces one value per thread; the result is valid in thread 0 only.  blockDim.x must be
 // a multiple of 32 and at most kMaxThreads; every thread of the block must call this.

@@ -25,7 +25,7 @@ struct IeUpdate {
 
 // out = op(a, b, c) elementwise: V-wide accesses for the bulk, then the < V trailing elements.
 template <typename T, int V, typename Op>
-__global__ void __launch_bounds__(kMaxThreads)
+__global__ void __launch_bounds__(kMaxThreads, kMinBlocksPerSm)
     ternary_map_kernel(const T* a, const T* b, const T* c, T* out, int64_t numel, Op op) {
   const int64_t start = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
   const int64_t step = int64_t(gridDim.x) * blockDim.x;

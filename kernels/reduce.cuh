@@ -94,7 +94,7 @@ struct RowSet {
 };
 
 template <typename Policy, int V>
-__global__ void __launch_bounds__(kMaxThreads)
+__global__ void __launch_bounds__(kMaxThreads, kMinBlocksPerSm)
     reduce_rows_kernel(Policy policy, RowSet set, int64_t num_splits, float* partials) {
   using State = typename Policy::State;
   const int64_t unit = blockIdx.x;
@@ -130,7 +130,7 @@ __global__ void __launch_bounds__(kMaxThreads)
 constexpr int64_t kChannelsPerTile = 128;
 
 template <typename Policy, int V>
-__global__ void __launch_bounds__(kMaxThreads)
+__global__ void __launch_bounds__(kMaxThreads, kMinBlocksPerSm)
     reduce_channels_last_kernel(Policy policy, int64_t rows, int64_t channels, int64_t num_splits,
                                 float* partials) {
   using State = typename Policy::State;
