@@ -1,0 +1,209 @@
+"""Fused backends ("triton"; "cuda" on a GPU) against the eager path, and the custom-op
+autograd they share.
+
+The custom ops' backward formulas are checked in float64 with gradcheck/gradgradcheck by
+routing the ops to the eager primitives (kernels do not take float64); the kernels
+themselves are then checked for parity under the Triton interpreter on CPU, at real sizes
+on a GPU.
+"""
+
+import copy
+
+import pytest
+import torch
+
+import pyeuler.ops.ie_skip as ie_ops
+import pyeuler.ops.norm_act as na
+from pyeuler.functional import ie_skip
+from pyeuler.models import resnet_cifar, wide_resnet
+from pyeuler.nn import PreActBranch
+from pyeuler.ops import primitives
+from conftest import requires_cuda, triton_usable
+from helpers import F32, assert_close_low_precision, assert_tensors_close, grads, twin
+
+KERNEL_BACKENDS = [
+    pytest.param("triton", marks=pytest.mark.skipif(not triton_usable()[0],
+                                                    reason=f"triton: {triton_usable()[1]}")),
+    pytest.param("cuda", marks=requires_cuda),
+]
+
+
+def _device(backend):
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@pytest.fixture
+def routed_to_primitives(monkeypatch):
+    """Run the custom-op path ("triton") on the eager primitives: float64 works."""
+    monkeypatch.setattr(na, "_kernels", lambda backend: primitives)
+    monkeypatch.setattr(ie_ops, "_kernels", lambda backend: primitives)
+    monkeypatch.setattr(na, "resolve_backend", lambda backend, device: backend)
+    monkeypatch.setattr(ie_ops, "resolve_backend", lambda backend, device: backend)
+
+
+@pytest.mark.parametrize("groups", [0, 2])
+@pytest.mark.parametrize("with_shortcut", [False, True])
+@pytest.mark.parametrize("h_kind", ["float", "scalar", "channel"])
+@pytest.mark.parametrize("training", [True, False])
+def test_custom_op_autograd_gradcheck_gradgradcheck(routed_to_primitives, groups, with_shortcut,
+                                                    h_kind, training):
+    if groups and not training:
+        pytest.skip("group norm has no eval mode")
+    dt = torch.float64
+    x = (torch.randn(3, 4, 5, dtype=dt) + 0.3).requires_grad_()
+    w, b = (torch.rand(4, dtype=dt) + 0.5).requires_grad_(), torch.randn(4, dtype=dt).requires_grad_()
+    s = torch.randn(3, 4, 5, dtype=dt, requires_grad=True) if with_shortcut else None
+    h = 0.7 if h_kind == "float" else (torch.tensor(0.6, dtype=dt) if h_kind == "scalar"
+                                       else torch.rand(4, dtype=dt) + 0.2).requires_grad_()
+    rm, rv = torch.randn(4, dtype=dt), torch.rand(4, dtype=dt) + 0.5
+    args = [x, w, b] + ([s] if s is not None else []) + ([h] if torch.is_tensor(h) else [])
+
+    def f(*a):
+        it = iter(a)
+        xx, ww, bb = next(it), next(it), next(it)
+        ss = next(it) if s is not None else None
+        hh = next(it) if torch.is_tensor(h) else h
+        return na.norm_act(xx, ww, bb, None if groups else rm, None if groups else rv,
+                           training=training, groups=groups, shortcut=ss, h=hh,
+                           update_running=False, backend="triton")
+
+    assert torch.autograd.gradcheck(f, args)
+    assert torch.autograd.gradgradcheck(f, args)
+
+
+@pytest.mark.parametrize("norm", ["batch", "group"])
+@pytest.mark.parametrize("grad", ["unrolled", "detached"])
+def test_custom_op_ie_skip_gradients_equal_eager(routed_to_primitives, norm, grad):
+    branch = PreActBranch(3, norm=norm).double()
+    ref = copy.deepcopy(branch)
+    x = torch.randn(2, 3, 4, 4, dtype=torch.float64, requires_grad=True)
+    y = ie_skip(branch, x, 2, theta=0.5, grad=grad, backend="triton")
+    y_ref = ie_skip(ref, x, 2, theta=0.5, grad=grad, backend="eager")
+    torch.testing.assert_close(y, y_ref)
+    dy = torch.randn_like(y)
+    assert_tensors_close(grads((y * dy).sum(), [x, *branch.parameters()]),
+                         grads((y_ref * dy).sum(), [x, *ref.parameters()]))
+    if grad == "unrolled":  # third order through the custom ops; fast mode keeps it cheap
+        assert torch.autograd.gradgradcheck(
+            lambda t: ie_skip(branch, t, 1, theta=0.5, grad="unrolled", backend="triton"),
+            (torch.randn(2, 3, 2, 2, dtype=torch.float64, requires_grad=True),), fast_mode=True)
+
+
+def test_opcheck_custom_ops(routed_to_primitives):
+    x, s = torch.randn(3, 4, 5), torch.randn(3, 4, 5)
+    w, b, h = torch.rand(4), torch.randn(4), torch.rand(4)
+    fwd = torch.ops.pyeuler.norm_act_fwd.default
+    for args in [(x, w, b, None, None, 1.0, None, None, 1e-5, 0, True, False, "triton"),
+                 (x, w, b, s, h, 1.0, None, None, 1e-5, 0, True, True, "triton"),
+                 (x, w, b, None, None, 0.5, None, None, 1e-5, 2, True, False, "triton")]:
+        torch.library.opcheck(fwd, args)
+    var, mean = torch.var_mean(x, (0, 2), correction=0)
+    torch.library.opcheck(torch.ops.pyeuler.norm_act_bwd.default,
+                          (torch.randn_like(x), None, None, x, w, b, None, mean, var, None, 1.0,
+                           1e-5, 0, True, True, [True, False, True, True, False], "triton"))
+    torch.library.opcheck(torch.ops.pyeuler.ie_residual.default, (x, s, x, 0.5, "triton"))
+    torch.library.opcheck(torch.ops.pyeuler.ie_update.default, (x, s, x, 0.1, 0.5, "triton"))
+
+
+def _norm_args(shape, dtype, device, channels_last):
+    x = torch.randn(shape, device=device) * 1.5 + 0.3
+    if channels_last:
+        x = x.to(memory_format=torch.channels_last if x.dim() == 4 else torch.channels_last_3d)
+    x = x.to(dtype).requires_grad_()
+    c = shape[1]
+    w = (torch.rand(c, device=device) + 0.5).requires_grad_()
+    b = torch.randn(c, device=device).requires_grad_()
+    return x, w, b
+
+
+CPU_SHAPES = [(3, 5, 4, 3), (2, 3, 7), (5, 6), (1, 4, 2, 3, 2), (4, 17, 1, 1)]
+
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+@pytest.mark.parametrize("shape", CPU_SHAPES)
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("groups", [0, 1])
+def test_norm_act_parity_float32(backend, shape, channels_last, groups):
+    if channels_last and len(shape) < 4:
+        pytest.skip("channels_last needs 2 or 3 spatial dims")
+    device = _device(backend)
+    x, w, b = _norm_args(shape, torch.float32, device, channels_last)
+    s = torch.randn(shape, device=device, requires_grad=True)
+    h = (torch.rand(shape[1], device=device) + 0.1).requires_grad_()
+    rm, rv = torch.zeros(shape[1], device=device), torch.ones(shape[1], device=device)
+    rm2, rv2 = rm.clone(), rv.clone()
+    kw = dict(groups=groups, shortcut=s, h=h)
+    y = na.norm_act(x, w, b, rm if not groups else None, rv if not groups else None, backend=backend, **kw)
+    y_ref = na.norm_act(x, w, b, rm2 if not groups else None, rv2 if not groups else None, backend="eager", **kw)
+    torch.testing.assert_close(y, y_ref, **F32)
+    dy = torch.randn_like(y)
+    assert_tensors_close(grads((y * dy).sum(), [x, w, b, s, h]),
+                         grads((y_ref * dy).sum(), [x, w, b, s, h]), **F32)
+    torch.testing.assert_close(rm, rm2, **F32)
+    torch.testing.assert_close(rv, rv2, **F32)
+
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_norm_act_low_precision(backend, dtype):
+    device = _device(backend)
+    x64 = torch.randn(4, 6, 5, 5, dtype=torch.float64, device=device)
+    s64 = torch.randn_like(x64)
+    w, b = torch.rand(6, device=device) + 0.5, torch.randn(6, device=device)
+    y64 = na.norm_act(x64, w.double(), b.double(), shortcut=s64, h=0.5, backend="eager")
+    y_lp = na.norm_act(x64.to(dtype), w, b, shortcut=s64.to(dtype), h=0.5, backend="eager")
+    y = na.norm_act(x64.to(dtype), w, b, shortcut=s64.to(dtype), h=0.5, backend=backend)
+    assert y.dtype == dtype
+    assert_close_low_precision(y, y_lp, y64, floor=1e-3)
+
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+def test_eval_mode_n1(backend):
+    device = _device(backend)
+    x = torch.randn(1, 3, 2, 2, device=device)
+    rm, rv = torch.randn(3, device=device), torch.rand(3, device=device) + 0.5
+    y = na.norm_act(x, None, None, rm, rv, training=False, backend=backend)
+    torch.testing.assert_close(y, na.norm_act(x, None, None, rm, rv, training=False, backend="eager"), **F32)
+
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+@pytest.mark.parametrize("grad", ["unrolled", "detached"])
+@pytest.mark.parametrize("norm", ["batch", "group"])
+def test_ie_wrn_parity(backend, grad, norm):
+    device = _device(backend)
+    model = wide_resnet(10, 1, num_classes=3, ie_steps=2 if grad == "unrolled" else 1, grad=grad,
+                        norm=norm).to(device)
+    fast = twin(model, backend=backend)
+    ref = twin(model, backend="reference")
+    x = torch.rand(2, 3, 6, 6, device=device)
+    y, y_ref = fast(x), ref(x)
+    torch.testing.assert_close(y, y_ref, **F32)
+    assert_tensors_close(grads(y.square().sum(), list(fast.parameters())),
+                         grads(y_ref.square().sum(), list(ref.parameters())), rtol=1e-3, atol=1e-4)
+    assert_tensors_close(list(fast.buffers()), list(ref.buffers()), **F32)
+
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+def test_resnet_cifar_parity_and_input_gradient(backend):
+    device = _device(backend)
+    model = resnet_cifar(8, h=0.1).to(device)
+    fast, ref = twin(model, backend=backend), twin(model, backend="reference")
+    x = torch.rand(2, 3, 8, 8, device=device, requires_grad=True)
+    fast.eval(), ref.eval()
+    y, y_ref = fast(x), ref(x)
+    torch.testing.assert_close(y, y_ref, **F32)
+    torch.testing.assert_close(grads(y.sum(), [x])[0], grads(y_ref.sum(), [x])[0], **F32)
+
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+def test_compiled_model_gradients_equal_eager(backend):
+    device = _device(backend)
+    model = wide_resnet(10, 1, num_classes=3, ie_steps=1).to(device)
+    fast = twin(model, backend=backend)
+    ref = twin(model, backend=backend)
+    compiled = torch.compile(fast, fullgraph=True, backend="aot_eager" if device == "cpu" else "inductor")
+    x = torch.rand(2, 3, 6, 6, device=device)
+    y, y_ref = compiled(x), ref(x)
+    torch.testing.assert_close(y, y_ref, **F32)
+    assert_tensors_close(grads(y.square().sum(), list(fast.parameters())),
+                         grads(y_ref.square().sum(), list(ref.parameters())), rtol=1e-3, atol=1e-4)
