@@ -54,6 +54,12 @@ def _load() -> ModuleType:
         return _extension
 
 
+def _require_extension() -> None:
+    # A plain global check, so torch.compile traces the wrappers without graph breaks.
+    if _extension is None:
+        _load()
+
+
 def is_available() -> tuple[bool, str]:
     """``(True, "")`` when the kernels can run on the current device, else ``(False, reason)``."""
     if torch.version.cuda is None:
@@ -86,7 +92,7 @@ def _check_cuda(**tensors: Tensor | None) -> None:
 
 def norm_stats(x: Tensor, groups: int) -> tuple[Tensor, Tensor]:
     _check_cuda(x=x)
-    _load()
+    _require_extension()
     mean, var = torch.ops.pyeuler.cuda_norm_stats(x, groups)
     return mean, var
 
@@ -100,7 +106,7 @@ def affine_act_forward(
     save_mask: bool,
 ) -> tuple[Tensor, Tensor | None]:
     _check_cuda(x=x, scale=scale, shift=shift, shortcut=shortcut)
-    _load()
+    _require_extension()
     y, mask = torch.ops.pyeuler.cuda_affine_act_forward(x, scale, shift, shortcut, relu, save_mask)
     return y, (mask if save_mask else None)
 
@@ -116,7 +122,7 @@ def affine_act_backward_reduce(
     per_sample: bool,
 ) -> tuple[Tensor, Tensor]:
     _check_cuda(dy=dy, x=x, scale=scale, shift=shift, center=center, mask=mask)
-    _load()
+    _require_extension()
     sum_g, sum_g_xc = torch.ops.pyeuler.cuda_affine_act_backward_reduce(
         dy, x, scale, shift, center, mask, relu, per_sample)
     return sum_g, sum_g_xc
@@ -136,7 +142,7 @@ def affine_act_backward_apply(
     want_dshortcut: bool,
 ) -> tuple[Tensor, Tensor | None]:
     _check_cuda(dy=dy, x=x, scale=scale, shift=shift, mask=mask, a=a, b=b, c=c, center=center)
-    _load()
+    _require_extension()
     dx, dshortcut = torch.ops.pyeuler.cuda_affine_act_backward_apply(
         dy, x, scale, shift, mask, relu, a, b, c, center, want_dshortcut)
     return dx, (dshortcut if want_dshortcut else None)
@@ -144,13 +150,13 @@ def affine_act_backward_apply(
 
 def ie_residual(x: Tensor, c: Tensor, fx: Tensor, theta: float) -> Tensor:
     _check_cuda(x=x, c=c, fx=fx)
-    _load()
+    _require_extension()
     return torch.ops.pyeuler.cuda_ie_residual(x, c, fx, float(theta))
 
 
 def ie_update(x: Tensor, e: Tensor, v: Tensor, step_size: float, theta: float) -> Tensor:
     _check_cuda(x=x, e=e, v=v)
-    _load()
+    _require_extension()
     return torch.ops.pyeuler.cuda_ie_update(x, e, v, float(step_size), float(theta))
 
 
