@@ -14,6 +14,7 @@ as in a repository checkout or an editable install.
 from __future__ import annotations
 
 import hashlib
+import importlib
 import os
 import sys
 from pathlib import Path
@@ -50,11 +51,15 @@ def build_directory() -> Path:
 def load_extension() -> ModuleType:
     """Import ``pyeuler._C`` or JIT-build it; raises RuntimeError saying why it cannot."""
     try:
-        from pyeuler import _C
-    except ImportError:
-        pass
+        prebuilt = importlib.import_module("pyeuler._C")
+    except ModuleNotFoundError as exc:
+        if exc.name != "pyeuler._C":
+            raise
+    except ImportError as exc:  # built, but for another torch: say so, then rebuild
+        print(f"pyeuler.cuda: the installed pyeuler._C does not load ({exc}); "
+              "falling back to a JIT build", file=sys.stderr)
     else:
-        return _C
+        return prebuilt
     sources = compiled_sources()
     if not any(p.suffix == ".cu" for p in sources) or not any(p.suffix == ".cpp" for p in sources):
         raise RuntimeError(
