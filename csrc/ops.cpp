@@ -73,8 +73,8 @@ Tensor empty_in_layout_of(const Tensor& like, at::ScalarType dtype) {
 
 // `t` in the layout of `like` (copied only when it is not already).
 Tensor in_layout_of(const Tensor& t, const Tensor& like) {
-  return is_dense_in_layout(t, is_channels_last(like)) ? t
-                                                       : empty_in_layout_of(like, t.scalar_type()).copy_(t);
+  if (is_dense_in_layout(t, is_channels_last(like))) return t;
+  return empty_in_layout_of(like, t.scalar_type()).copy_(t);
 }
 
 void check_activation(const Tensor& x, const char* name) {
@@ -182,13 +182,12 @@ std::tuple<Tensor, Tensor> affine_act_forward(const Tensor& x_in, const Tensor& 
   Tensor y = empty_in_layout_of(x, x.scalar_type());
   Tensor mask = save_mask ? empty_in_layout_of(x, at::kBool)
                           : at::empty({0}, x.options().dtype(at::kBool));
-  check_launch(
-      pyeuler_affine_act_forward(x.data_ptr(), data_or_null<const void>(shortcut),
-                                 kernel_dtype(x, "x"), geometry_of(x), scale_arg.abi,
-                                 shift_arg.abi, relu, y.data_ptr(),
-                                 save_mask ? reinterpret_cast<uint8_t*>(mask.data_ptr<bool>()) : nullptr,
-                                 current_stream(x.device())),
-      "affine_act_forward");
+  uint8_t* mask_out = save_mask ? reinterpret_cast<uint8_t*>(mask.data_ptr<bool>()) : nullptr;
+  check_launch(pyeuler_affine_act_forward(x.data_ptr(), data_or_null<const void>(shortcut),
+                                          kernel_dtype(x, "x"), geometry_of(x), scale_arg.abi,
+                                          shift_arg.abi, relu, y.data_ptr(), mask_out,
+                                          current_stream(x.device())),
+               "affine_act_forward");
   return {y, mask};
 }
 

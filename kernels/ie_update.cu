@@ -60,11 +60,8 @@ cudaError_t launch_ternary_map(const void* a, const void* b, const void* c, void
     const T* b_t = static_cast<const T*>(b);
     const T* c_t = static_cast<const T*>(c);
     T* out_t = static_cast<T*>(out);
-    if (aligned) {
-      ternary_map_kernel<T, V, Op><<<blocks, kMaxThreads, 0, stream>>>(a_t, b_t, c_t, out_t, numel, op);
-    } else {
-      ternary_map_kernel<T, 1, Op><<<blocks, kMaxThreads, 0, stream>>>(a_t, b_t, c_t, out_t, numel, op);
-    }
+    auto* kernel = aligned ? ternary_map_kernel<T, V, Op> : ternary_map_kernel<T, 1, Op>;
+    kernel<<<blocks, kMaxThreads, 0, stream>>>(a_t, b_t, c_t, out_t, numel, op);
     return cudaGetLastError();
   });
 }

@@ -288,10 +288,12 @@ cudaError_t launch_finalize(const float* partials, int64_t splits, int64_t units
 // A reduction is either kind of stage 1 plus the shared stage 2.
 struct ReductionPlan {
   bool channels_last;
-  RowsPlan rows;              // valid when !channels_last
-  ChannelsLastPlan columns;   // valid when channels_last
+  RowsPlan rows;             // valid when !channels_last
+  ChannelsLastPlan columns;  // valid when channels_last
 
-  int64_t units() const { return channels_last ? columns.samples * columns.channels : rows.set.units; }
+  int64_t units() const {
+    return channels_last ? columns.samples * columns.channels : rows.set.units;
+  }
   int64_t splits() const { return channels_last ? columns.splits : rows.splits; }
 };
 

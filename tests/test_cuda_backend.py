@@ -169,13 +169,22 @@ source = open(sys.argv[1]).read()
 lib = torch.library.Library("pyeuler", "FRAGMENT")
 for pieces in re.findall(r'm\.def\(\s*((?:"[^"]*"\s*)+)\)', source):
     lib.define("".join(re.findall(r'"([^"]*)"', pieces)))
-empty_bool = lambda x: x.new_empty((0,), dtype=torch.bool)
+
+
+def forward(x, scale, shift, shortcut, relu, save_mask):
+    y, mask = ref.affine_act_forward(x, scale, shift, shortcut, relu, save_mask)
+    return y, x.new_empty((0,), dtype=torch.bool) if mask is None else mask
+
+
+def apply(dy, *args):
+    dx, g = ref.affine_act_backward_apply(dy, *args)
+    return dx, dy.new_empty((0,)) if g is None else g
+
+
 lib.impl("cuda_norm_stats", ref.norm_stats, "CPU")
-lib.impl("cuda_affine_act_forward", lambda x, s, t, sc, relu, save: (
-    lambda y, m: (y, empty_bool(x) if m is None else m))(*ref.affine_act_forward(x, s, t, sc, relu, save)), "CPU")
+lib.impl("cuda_affine_act_forward", forward, "CPU")
 lib.impl("cuda_affine_act_backward_reduce", ref.affine_act_backward_reduce, "CPU")
-lib.impl("cuda_affine_act_backward_apply", lambda *a: (
-    lambda dx, g: (dx, a[0].new_empty((0,)) if g is None else g))(*ref.affine_act_backward_apply(*a)), "CPU")
+lib.impl("cuda_affine_act_backward_apply", apply, "CPU")
 lib.impl("cuda_ie_residual", ref.ie_residual, "CPU")
 lib.impl("cuda_ie_update", ref.ie_update, "CPU")
 cuda_backend._register_fakes()
@@ -184,7 +193,8 @@ ops = torch.ops.pyeuler
 def step(x, dy, scale, shift):
     mean, var = ops.cuda_norm_stats(x, 0)
     y, mask = ops.cuda_affine_act_forward(x, scale, shift, dy, True, True)
-    sum_g, sum_gx = ops.cuda_affine_act_backward_reduce(dy, x, scale, shift, mean, mask, True, False)
+    sum_g, sum_gx = ops.cuda_affine_act_backward_reduce(dy, x, scale, shift, mean, mask, True,
+                                                        False)
     dx, g = ops.cuda_affine_act_backward_apply(dy, x, scale, shift, mask, True, sum_g, sum_gx,
                                                var, mean, True)
     e = ops.cuda_ie_residual(x, y, dx, 1.0)
@@ -199,7 +209,7 @@ print("traced")
 """
 
 
-@pytest.mark.skipif(HAS_CUDA, reason="defines CPU stand-ins for the ops; the GPU run has the real ones")
+@pytest.mark.skipif(HAS_CUDA, reason="CPU stand-ins for the ops; a GPU run has the real ones")
 def test_schemas_and_fakes_trace_under_torch_compile():
     """csrc/'s schemas parse, the fakes register on them, and aot_eager traces a fullgraph."""
     import subprocess

@@ -289,8 +289,9 @@ struct BackwardCase {
 
   // g = dy * m, m = mask / recomputed ReLU gate / 1
   float gradient(int64_t n, int64_t c, int64_t i, bool use_mask, bool relu) const {
-    const bool gate = use_mask ? mask[i] != 0
-                               : (!relu || affine(scale.at(n, c), x.values[i], shift.at(n, c)) > 0.f);
+    const bool gate =
+        use_mask ? mask[i] != 0
+                 : (!relu || affine(scale.at(n, c), x.values[i], shift.at(n, c)) > 0.f);
     return gate ? dy.values[i] : 0.f;
   }
 };
@@ -304,7 +305,8 @@ void test_backward_reduce(const Shape& shape, Random& rng, bool use_mask, bool r
   const int64_t units = per_sample ? shape.n * shape.c : shape.c;
   DeviceArray<float> sum_g(units, false), sum_g_xc(units, false);
   size_t bytes = 0;
-  CHECK_CUDA(pyeuler_affine_act_backward_reduce_workspace_size(shape.geometry(), per_sample, &bytes));
+  CHECK_CUDA(
+      pyeuler_affine_act_backward_reduce_workspace_size(shape.geometry(), per_sample, &bytes));
   DeviceArray<unsigned char> workspace(bytes, false);
   CHECK_CUDA(pyeuler_affine_act_backward_reduce(
       dy.get(), x.get(), use_mask ? mask.get() : nullptr, Dtype<T>::kEnum, shape.geometry(),
