@@ -1,0 +1,202 @@
+"""The PERF.md workloads, shared by ``pyeuler bench`` and the pytest-benchmark suites.
+
+- :func:`time_train_step`: one full training step of an (IE-)WideResNet (forward,
+  cross-entropy, backward, SGD-momentum step); median over timed steps after warm-up,
+  CUDA events on a GPU; peak memory; optionally the share of GPU time in convolutions.
+- :func:`op_bytes`: the bytes an op must move (PERF.md "ideal"), for GB/s figures.
+- :func:`write_results`: ``benchmarks/results/<device>-<date>.json`` and ``.md``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as _dt
+import json
+import platform
+import statistics
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+import pyeuler
+from pyeuler.models import wide_resnet
+
+__all__ = ["StepCase", "StepResult", "time_train_step", "op_bytes", "environment", "write_results"]
+
+
+@dataclass(frozen=True)
+class StepCase:
+    """One row of the headline table."""
+
+    steps: int  # IE steps K (0 = the plain network)
+    grad: str  # "unrolled" | "detached"
+    precision: str  # "bf16" (autocast, channels_last) | "fp32" (TF32 allowed)
+    backend: str  # "reference" | "eager" | "triton" | "cuda"
+    compiled: bool = False
+
+    @property
+    def label(self) -> str:
+        name = f"{self.backend}+compile" if self.compiled else self.backend
+        return f"K={self.steps} {self.grad} {self.precision} {name}"
+
+
+@dataclass
+class StepResult:
+    case: StepCase
+    median_ms: float
+    images_per_s: float
+    peak_mem_gib: float | None
+    conv_share: float | None = None
+    extra: dict = field(default_factory=dict)
+
+
+def _configure_compile() -> None:
+    # Without these, torch.compile refuses autograd.grad(create_graph=True) inside forward
+    # (PERF.md).
+    torch._functorch.config.donated_buffer = False
+    torch._dynamo.config.trace_autograd_ops = True
+
+
+def _timer(device: torch.device):
+    if device.type == "cuda":
+        def measure(fn):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            torch.cuda.synchronize()
+            return start.elapsed_time(end)
+    else:
+        def measure(fn):
+            t0 = time.perf_counter()
+            fn()
+            return (time.perf_counter() - t0) * 1e3
+    return measure
+
+
+def time_train_step(case: StepCase, *, depth: int = 34, widen_factor: int = 10,
+                    batch_size: int = 128, image_size: int = 32, warmup: int = 3, iters: int = 10,
+                    device: str | torch.device | None = None, profile: bool = False,
+                    seed: int = 0) -> StepResult:
+    """Median time of one training step of ``wide_resnet(depth, widen_factor)``."""
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    torch.manual_seed(seed)
+    model = wide_resnet(depth, widen_factor, ie_steps=case.steps, grad=case.grad,
+                        backend=case.backend).to(device)
+    x = torch.rand(batch_size, 3, image_size, image_size, device=device)
+    y = torch.randint(0, 10, (batch_size,), device=device)
+    bf16 = case.precision == "bf16"
+    if bf16:
+        model, x = model.to(memory_format=torch.channels_last), x.to(memory_format=torch.channels_last)
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = not bf16
+    forward = model
+    if case.compiled:
+        _configure_compile()
+        forward = torch.compile(model)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if bf16
+                else contextlib.nullcontext())
+
+    def step():
+        optimizer.zero_grad(set_to_none=True)
+        with autocast:
+            loss = F.cross_entropy(forward(x), y)
+        loss.backward()
+        optimizer.step()
+
+    measure = _timer(device)
+    compile_ms = measure(step)  # first step: compilation, autotuning, allocator warm-up
+    for _ in range(warmup - 1):
+        step()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    times = [measure(step) for _ in range(iters)]
+    median = statistics.median(times)
+    peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None
+    conv_share = _conv_share(step, device) if profile else None
+    return StepResult(case, median, batch_size / median * 1e3, peak, conv_share,
+                      {"first_step_ms": compile_ms, "times_ms": times})
+
+
+def _conv_share(step, device: torch.device) -> float:
+    """Fraction of device (CPU: self CPU) time spent in convolution kernels over one step."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CUDA] if device.type == "cuda" else [ProfilerActivity.CPU]
+    with profile(activities=activities) as prof:
+        step()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+    total = conv = 0.0
+    for event in prof.key_averages():
+        t = event.self_device_time_total if device.type == "cuda" else event.self_cpu_time_total
+        total += t
+        name = event.key.lower()
+        if "conv" in name or "cudnn" in name or "sm90_xmma" in name or "implicit_gemm" in name:
+            conv += t
+    return conv / total if total else float("nan")
+
+
+def op_bytes(numel: int, element_size: int, op: str, backward: bool) -> int:
+    """Bytes an op must move: PERF.md's "ideal" passes (read x, write y, ...)."""
+    passes = {("bn_relu", False): 2, ("bn_add_relu", False): 3,
+              ("bn_relu", True): 2 + 3, ("bn_add_relu", True): 3 + 4}[(op, backward)]
+    return passes * numel * element_size
+
+
+def environment() -> dict:
+    """Device and library versions recorded with every result file."""
+    env = {
+        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "pyeuler": pyeuler.__version__,
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "python": platform.python_version(),
+        "device": torch.cuda.get_device_name() if torch.cuda.is_available() else platform.processor() or "cpu",
+        "backends": {k: v[0] for k, v in pyeuler.available_backends().items()},
+    }
+    try:
+        import triton
+
+        env["triton"] = triton.__version__
+    except ImportError:
+        env["triton"] = None
+    return env
+
+
+def _markdown(results: list[StepResult], env: dict, config: dict) -> str:
+    lines = [f"# pyeuler bench — {env['device']}", "",
+             f"torch {env['torch']}, CUDA {env['cuda']}, triton {env['triton']}, {env['date']}",
+             f"config: {json.dumps(config)}", "",
+             "| case | median ms | images/s | peak GiB | conv share | vs reference |",
+             "|---|---|---|---|---|---|"]
+    ref = {(r.case.steps, r.case.grad, r.case.precision): r.median_ms for r in results
+           if r.case.backend == "reference" and not r.case.compiled}
+    for r in results:
+        base = ref.get((r.case.steps, r.case.grad, r.case.precision))
+        speedup = f"{base / r.median_ms:.2f}×" if base else "—"
+        peak = f"{r.peak_mem_gib:.2f}" if r.peak_mem_gib is not None else "—"
+        share = f"{100 * r.conv_share:.0f} %" if r.conv_share is not None else "—"
+        lines.append(f"| {r.case.label} | {r.median_ms:.1f} | {r.images_per_s:.0f} | {peak} | "
+                     f"{share} | {speedup} |")
+    return "\n".join(lines) + "\n"
+
+
+def write_results(results: list[StepResult], config: dict, out_dir: str | Path) -> tuple[Path, Path]:
+    """Write ``<device>-<date>.json`` and ``.md``; returns both paths."""
+    env = environment()
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    device = "".join(c if c.isalnum() else "-" for c in env["device"]).strip("-").lower()
+    stem = out_dir / f"{device}-{env['date'][:10]}"
+    payload = {"environment": env, "config": config,
+               "results": [dict(asdict(r), label=r.case.label) for r in results]}
+    json_path, md_path = stem.with_suffix(".json"), stem.with_suffix(".md")
+    json_path.write_text(json.dumps(payload, indent=2) + "\n")
+    md_path.write_text(_markdown(results, env, config))
+    return json_path, md_path
