@@ -26,6 +26,7 @@ __all__ = [
     "affine_act_forward",
     "affine_act_backward_reduce",
     "affine_act_backward_apply",
+    "affine_act_backward_apply_ie_update",
     "ie_residual",
     "ie_update",
 ]
@@ -144,6 +145,38 @@ def affine_act_backward_apply(
         g = g * m
     dx = _coef(a, x) * g + _coef(b, x) * (x.to(acc) - _coef(center, x)) + _coef(c, x)
     return dx.to(x.dtype), (g.to(dy.dtype) if want_dshortcut else None)
+
+
+def affine_act_backward_apply_ie_update(
+    dy: Tensor,
+    x: Tensor,
+    scale: Tensor,
+    shift: Tensor,
+    mask: Tensor | None,
+    relu: bool,
+    a: Tensor,
+    b: Tensor,
+    c: Tensor,
+    center: Tensor,
+    e: Tensor,
+    step_size: float,
+    theta: float,
+) -> Tensor:
+    """The IE-Skip update fused into the last backward pass of its VJP.
+
+    With ``v = a·g + b·(x − center) + c`` (:func:`affine_act_backward_apply`'s dx, here the
+    VJP ``J_fᵀe`` of a pre-activation branch whose input is ``x``), returns
+    ``x − 2γ·(e − θ·v)`` in x's dtype and memory format without materialising v:
+    reads dy, x, e once and writes one tensor, instead of two passes and two writes.
+    """
+    acc = _acc_dtype(x)
+    m = _relu_mask(x, scale, shift, mask, relu)
+    g = dy.to(acc)
+    if m is not None:
+        g = g * m
+    xf = x.to(acc)
+    v = _coef(a, x) * g + _coef(b, x) * (xf - _coef(center, x)) + _coef(c, x)
+    return (xf - 2.0 * step_size * (e.to(acc) - theta * v)).to(x.dtype)
 
 
 def ie_residual(x: Tensor, c: Tensor, fx: Tensor, theta: float) -> Tensor:
