@@ -24,7 +24,7 @@ from torch import Tensor, nn
 
 from pyeuler.backend import resolve_backend
 from pyeuler.ops import primitives
-from pyeuler.ops.preact_branch import branch_forward, branch_vjp
+from pyeuler.ops.preact_branch import branch_forward, branch_vjp, branch_vjp_ie_update
 
 __all__ = ["GRAD_MODES", "BN_UPDATES", "ie_skip", "ie_residual", "ie_update", "validate_ie_args"]
 
@@ -158,11 +158,15 @@ def _ie_autograd(f, module, x0, steps, step_size, theta, grad, bn_update):
 
 def _refine(branch, x0, fx0, x, steps, step_size, theta, update_running, backend):
     c = x0 if theta == 1.0 else x0 + (1.0 - theta) * fx0
+    differentiable = torch.is_grad_enabled()
     for _ in range(steps):
         fx, cache = branch_forward(branch, x, backend, update_running=update_running)
         e = ie_residual(x, c, fx, theta, backend)
-        v = branch_vjp(branch, cache, e, backend)
-        x = ie_update(x, e, v, step_size, theta, backend)
+        if differentiable:
+            v = branch_vjp(branch, cache, e, backend)
+            x = ie_update(x, e, v, step_size, theta, backend)
+        else:  # nothing to differentiate: fuse the update into the VJP's last pass
+            x = branch_vjp_ie_update(branch, cache, e, step_size, theta, backend)
     return x
 
 

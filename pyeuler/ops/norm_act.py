@@ -31,7 +31,8 @@ from torch import Tensor
 from pyeuler.backend import resolve_backend
 from pyeuler.ops import primitives
 
-__all__ = ["NormStats", "norm_act", "norm_act_backward", "norm_act_module", "update_running_stats"]
+__all__ = ["NormStats", "norm_act", "norm_act_backward", "norm_act_module", "norm_relu_backward_ie_update",
+           "update_running_stats"]
 
 
 def _kernels(backend: str):
@@ -121,12 +122,14 @@ def _forward_math(kernels, x, weight, bias, shortcut, h, h_value, mean_in, var_i
     return y, mean, var, mask
 
 
-def _backward_math(kernels, dy, dmean, dvar, x, weight, bias, h, h_value, mean, var, mask, eps,
-                   groups, relu, batch_stats, needs):
-    """Gradients (dx, dshortcut, dweight, dbias, dh) of the forward; SPEC §3's BNᵀ.
+def _backward_terms(kernels, dy, dmean, dvar, x, weight, bias, h, h_value, mean, var, mask, eps,
+                    groups, relu, batch_stats, needs):
+    """The reduction pass and the per-channel algebra of the backward (SPEC §3's BNᵀ).
 
-    ``needs`` = (x, shortcut, weight, bias, h) flags.  ``dmean``/``dvar`` are gradients
-    flowing into the batch statistics themselves (IE-Skip VJPs use them), or None.
+    Returns ``(apply_args, dweight, dbias, dh)``: ``apply_args`` = (scale, shift, a, b, c,
+    center) for the elementwise pass ``dx = a·g + b·(x − center) + c``.  ``needs`` =
+    (x, shortcut, weight, bias, h) flags.  ``dmean``/``dvar`` are gradients flowing into
+    the batch statistics themselves (IE-Skip VJPs use them), or None.
     """
     n, channels = x.shape[0], x.shape[1]
     scale, shift, invstd = _forward_coefficients(mean, var, weight, bias, h, h_value, eps, groups,
@@ -171,14 +174,24 @@ def _backward_math(kernels, dy, dmean, dvar, x, weight, bias, h, h_value, mean, 
                 mean_dxhat, mean_dxhat_xhat = mean_dxhat / count, mean_dxhat_xhat / count
             c = -invstd_c * mean_dxhat
             b = -invstd_c * invstd_c * mean_dxhat_xhat
+    if need_x and batch_stats and (dmean is not None or dvar is not None):
+        count = _count(x, groups)
+        if dmean is not None:
+            c = c + _center(dmean, groups, channels) / count
+        if dvar is not None:
+            b = b + _center(dvar, groups, channels) * (2.0 / count)
+    return (scale, shift, a, b, c, center), dweight, dbias, dh
+
+
+def _backward_math(kernels, dy, dmean, dvar, x, weight, bias, h, h_value, mean, var, mask, eps,
+                   groups, relu, batch_stats, needs):
+    """Gradients (dx, dshortcut, dweight, dbias, dh) of the forward (see _backward_terms)."""
+    (scale, shift, a, b, c, center), dweight, dbias, dh = _backward_terms(
+        kernels, dy, dmean, dvar, x, weight, bias, h, h_value, mean, var, mask, eps, groups, relu,
+        batch_stats, needs)
+    need_x, need_shortcut = needs[0], needs[1]
     dx = dshortcut = None
     if need_x or need_shortcut:
-        if need_x and batch_stats and (dmean is not None or dvar is not None):
-            count = _count(x, groups)
-            if dmean is not None:
-                c = c + _center(dmean, groups, channels) / count
-            if dvar is not None:
-                b = b + _center(dvar, groups, channels) * (2.0 / count)
         dx, dshortcut = kernels.affine_act_backward_apply(dy, x, scale, shift, mask, relu, a, b, c,
                                                           center, need_shortcut)
         if not need_x:
@@ -468,6 +481,19 @@ def norm_act_backward(dy, x, weight, bias, h, h_value, mean, var, mask, eps, gro
     grads = _norm_act_bwd(dy, dmean, dvar, x, weight, bias, h, mean, var, mask, h_value, eps, groups,
                           relu, batch_stats, list(needs), backend)
     return tuple(g if need else None for g, need in zip(grads, needs))
+
+
+def norm_relu_backward_ie_update(dy: Tensor, stats: NormStats, norm: torch.nn.Module, e: Tensor,
+                                 step_size: float, theta: float, backend: str) -> Tensor:
+    """``x − 2γ·(e − θ·v)`` with ``v`` the input gradient of ``ReLU(norm(x))`` at ``stats``
+    for output gradient ``dy``, in one fused pass (no autograd: "detached" / no-grad IE-Skips)."""
+    kernels = _kernels(backend)
+    groups = norm.num_groups if isinstance(norm, torch.nn.GroupNorm) else 0
+    (scale, shift, a, b, c, center), *_ = _backward_terms(
+        kernels, dy, None, None, stats.x, norm.weight, norm.bias, None, 1.0, stats.mean, stats.var,
+        stats.mask, norm.eps, groups, True, stats.batch_stats, (True, False, False, False, False))
+    return kernels.affine_act_backward_apply_ie_update(dy, stats.x, scale, shift, stats.mask, True,
+                                                       a, b, c, center, e, step_size, theta)
 
 
 def norm_act_module(

@@ -14,9 +14,11 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from pyeuler.ops.norm_act import NormStats, norm_act_backward, norm_act_module
+from pyeuler.ops.norm_act import (NormStats, norm_act_backward, norm_act_module,
+                                  norm_relu_backward_ie_update)
 
-__all__ = ["BranchCache", "branch_forward", "branch_vjp", "branch_jvp", "scale_by_step"]
+__all__ = ["BranchCache", "branch_forward", "branch_vjp", "branch_vjp_ie_update", "branch_jvp",
+           "scale_by_step"]
 
 _CONV_INPUT_GRAD = {
     nn.Conv1d: torch.nn.grad.conv1d_input,
@@ -77,15 +79,28 @@ def _norm_relu_input_grad(norm: nn.Module, stats: NormStats, grad_out: Tensor, b
     return dx
 
 
-def branch_vjp(branch, cache: BranchCache, e: Tensor, backend: str) -> Tensor:
-    """``J_fᵀ e`` at the point ``cache`` was taken (SPEC §3)."""
+def _vjp_to_first_activation(branch, cache: BranchCache, e: Tensor, backend: str) -> Tensor:
+    """The VJP back to the output of ``ReLU(bn1(x))``."""
     g = scale_by_step(e, branch.h)
     g = _layer_input_grad(branch.conv2, g, cache.stats2.x.shape)
     if cache.dropout_noise is not None:
         g = g * cache.dropout_noise
     g = _norm_relu_input_grad(branch.bn2, cache.stats2, g, backend)
-    g = _layer_input_grad(branch.conv1, g, cache.stats1.x.shape)
+    return _layer_input_grad(branch.conv1, g, cache.stats1.x.shape)
+
+
+def branch_vjp(branch, cache: BranchCache, e: Tensor, backend: str) -> Tensor:
+    """``J_fᵀ e`` at the point ``cache`` was taken (SPEC §3)."""
+    g = _vjp_to_first_activation(branch, cache, e, backend)
     return _norm_relu_input_grad(branch.bn1, cache.stats1, g, backend)
+
+
+def branch_vjp_ie_update(branch, cache: BranchCache, e: Tensor, step_size: float, theta: float,
+                         backend: str) -> Tensor:
+    """``x − 2γ·(e − θ·J_fᵀe)`` at the branch input x, the update fused into the VJP's last
+    pass.  No autograd: for "detached" and no-grad IE-Skips."""
+    g = _vjp_to_first_activation(branch, cache, e, backend)
+    return norm_relu_backward_ie_update(g, cache.stats1, branch.bn1, e, step_size, theta, backend)
 
 
 def branch_jvp(branch, x: Tensor, v: Tensor) -> Tensor:
