@@ -1,5 +1,23 @@
+import functools
+
 import pytest
 import torch
 
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(),
                                    reason="op benchmarks run at WRN-34-10 sizes on a GPU only")
+
+
+@functools.cache
+def copy_bandwidth_gbs() -> float:
+    """Measured device copy bandwidth (read + write), the 100 % of PERF.md's "ideal"."""
+    src = torch.empty(2**28, dtype=torch.uint8, device="cuda")
+    dst = torch.empty_like(src)
+    for _ in range(3):
+        dst.copy_(src)
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(20):
+        dst.copy_(src)
+    end.record()
+    torch.cuda.synchronize()
+    return 2 * src.numel() * 20 / (start.elapsed_time(end) / 1e3) / 1e9
