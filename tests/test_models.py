@@ -61,7 +61,7 @@ def test_ie_wrn_structure():
 @pytest.mark.parametrize("builder, x", [
     (lambda **kw: resnet_cifar(8, h=0.1, num_classes=5, **kw), torch.rand(2, 3, 8, 8)),
     (lambda **kw: preact_resnet(18, base_width=4, num_classes=5, **kw), torch.rand(2, 3, 8, 8)),
-    (lambda **kw: preact_resnet(50, base_width=2, num_classes=5, ie_steps=1, **kw), torch.rand(2, 3, 8, 8)),
+    (lambda **kw: preact_resnet(50, base_width=2, num_classes=5, ie_steps=1, **kw), torch.rand(4, 3, 16, 16)),
     (lambda **kw: wide_resnet(10, 1, num_classes=5, in_channels=1, ie_steps=2, downsample="conv3x3",
                               norm="group", **kw), torch.rand(2, 1, 8, 8)),
     (lambda **kw: mlp_resnet(2, 8, 3, num_classes=5, ie_steps=1, h_mode="channel", h=0.5, **kw),
@@ -75,7 +75,7 @@ def test_models_eager_equal_reference(builder, x):
     ref = twin(model, backend="reference")
     y, y_ref = model(x), ref(x)
     assert y.shape == (x.shape[0], 5)
-    torch.testing.assert_close(y, y_ref, rtol=1e-9, atol=1e-10)
+    torch.testing.assert_close(y, y_ref, rtol=1e-8, atol=1e-9)
     g = torch.autograd.grad(y.square().sum(), list(model.parameters()))
     g_ref = torch.autograd.grad(y_ref.square().sum(), list(ref.parameters()))
     for a, b in zip(g, g_ref):
