@@ -249,6 +249,32 @@ std::tuple<Tensor, Tensor> affine_act_backward_apply(
   return {dx, dshortcut};
 }
 
+Tensor affine_act_backward_apply_ie_update(
+    const Tensor& dy_in, const Tensor& x_in, const Tensor& scale, const Tensor& shift,
+    const std::optional<Tensor>& mask_in, bool relu, const Tensor& a, const Tensor& b,
+    const Tensor& c, const Tensor& center, const Tensor& e_in, double step_size, double theta) {
+  check_activation(x_in, "x");
+  const Tensor x = as_kernel_layout(x_in);
+  const Tensor dy = companion(dy_in, x, "dy", x.scalar_type());
+  const Tensor e = companion(e_in, x, "e", x.scalar_type());
+  const std::optional<Tensor> mask = mask_arg(mask_in, x);
+  const Coef scale_arg = coef_arg(scale, x, "scale");
+  const Coef shift_arg = coef_arg(shift, x, "shift");
+  const Coef a_arg = coef_arg(a, x, "a");
+  const Coef b_arg = coef_arg(b, x, "b");
+  const Coef c_arg = coef_arg(c, x, "c");
+  const Coef center_arg = coef_arg(center, x, "center");
+  const c10::DeviceGuard guard(x.device());
+  Tensor x_new = empty_in_layout_of(x, x.scalar_type());
+  check_launch(pyeuler_affine_act_backward_apply_ie_update(
+                   dy.data_ptr(), x.data_ptr(), mask_data(mask), kernel_dtype(x, "x"),
+                   geometry_of(x), scale_arg.abi, shift_arg.abi, relu, a_arg.abi, b_arg.abi,
+                   c_arg.abi, center_arg.abi, e.data_ptr(), step_size, theta, x_new.data_ptr(),
+                   current_stream(x.device())),
+               "affine_act_backward_apply_ie_update");
+  return x_new;
+}
+
 Tensor ie_residual(const Tensor& x_in, const Tensor& c_in, const Tensor& fx_in, double theta) {
   check_activation(x_in, "x");
   const Tensor x = as_kernel_layout(x_in);
@@ -292,6 +318,10 @@ TORCH_LIBRARY_FRAGMENT(pyeuler, m) {
       "cuda_affine_act_backward_apply(Tensor dy, Tensor x, Tensor scale, Tensor shift, "
       "Tensor? mask, bool relu, Tensor a, Tensor b, Tensor c, Tensor center, "
       "bool want_dshortcut) -> (Tensor, Tensor)");
+  m.def(
+      "cuda_affine_act_backward_apply_ie_update(Tensor dy, Tensor x, Tensor scale, "
+      "Tensor shift, Tensor? mask, bool relu, Tensor a, Tensor b, Tensor c, Tensor center, "
+      "Tensor e, float step_size, float theta) -> Tensor");
   m.def("cuda_ie_residual(Tensor x, Tensor c, Tensor fx, float theta) -> Tensor");
   m.def("cuda_ie_update(Tensor x, Tensor e, Tensor v, float step_size, float theta) -> Tensor");
 }
@@ -301,6 +331,8 @@ TORCH_LIBRARY_IMPL(pyeuler, CUDA, m) {
   m.impl("cuda_affine_act_forward", &pyeuler::affine_act_forward);
   m.impl("cuda_affine_act_backward_reduce", &pyeuler::affine_act_backward_reduce);
   m.impl("cuda_affine_act_backward_apply", &pyeuler::affine_act_backward_apply);
+  m.impl("cuda_affine_act_backward_apply_ie_update",
+         &pyeuler::affine_act_backward_apply_ie_update);
   m.impl("cuda_ie_residual", &pyeuler::ie_residual);
   m.impl("cuda_ie_update", &pyeuler::ie_update);
 }

@@ -1,4 +1,5 @@
-// Fused per-channel affine + residual add + ReLU: forward, backward reduce, backward apply.
+// Fused per-channel affine + residual add + ReLU: forward, backward reduce, backward apply
+// (plain, or with the IE-Skip update fused into it).
 #include <type_traits>
 
 #include "reduce.cuh"
@@ -106,7 +107,9 @@ __global__ void __launch_bounds__(kMaxThreads, kMinBlocksPerSm)
 }
 
 // ---------------------------------------------------------------------------------------
-// Backward apply: g = dy * m, dx = a * g + b * (x - center) + c, dshortcut = g
+// Backward apply: g = dy * m, dx = a * g + b * (x - center) + c, dshortcut = g.
+// kIeUpdate (the IE-Skip's last VJP pass): dx is the VJP v, and the output receives the
+// step x - 2γ·(e - θ·v) instead, so v is never written.
 
 template <typename T>
 struct ApplyArgs {
@@ -116,11 +119,13 @@ struct ApplyArgs {
   pyeuler_coef_t scale, shift;
   bool relu;
   pyeuler_coef_t a, b, c, center;
-  T* dx;
+  T* dx;         // x_new with kIeUpdate
   T* dshortcut;  // nullable
+  const T* e;    // kIeUpdate only
+  IeUpdate step;  // kIeUpdate only
 };
 
-template <typename T, int V, bool kChannelsLast>
+template <typename T, int V, bool kChannelsLast, bool kIeUpdate>
 __global__ void __launch_bounds__(kMaxThreads, kMinBlocksPerSm)
     affine_act_backward_apply_kernel(ApplyArgs<T> args, pyeuler_geometry_t geo) {
   const bool gate_from_affine = args.mask == nullptr && args.relu;
@@ -143,8 +148,41 @@ __global__ void __launch_bounds__(kMaxThreads, kMinBlocksPerSm)
       g[i] = dy[i] * gate[i];
       dx[i] = a[i] * g[i] + b[i] * (x[i] - center[i]) + c[i];
     }
+    if constexpr (kIeUpdate) {
+      float e[V];
+      load_floats<T, V>(args.e, offset, e);
+#pragma unroll
+      for (int i = 0; i < V; ++i) dx[i] = args.step(x[i], e[i], dx[i]);
+    }
     store_floats<T, V>(args.dx, offset, dx);
     if (args.dshortcut != nullptr) store_floats<T, V>(args.dshortcut, offset, g);
+  });
+}
+
+// Both C entry points of the backward apply; `e` and `step` are read only with kIeUpdate.
+template <bool kIeUpdate>
+cudaError_t launch_backward_apply(const void* dy, const void* x, const uint8_t* mask,
+                                  pyeuler_dtype_t dtype, const pyeuler_geometry_t& geo,
+                                  pyeuler_coef_t scale, pyeuler_coef_t shift, int relu,
+                                  pyeuler_coef_t a, pyeuler_coef_t b, pyeuler_coef_t c,
+                                  pyeuler_coef_t center, const void* e, IeUpdate step, void* dx,
+                                  void* dshortcut, cudaStream_t stream) {
+  if (!geometry_is_valid(geo)) return cudaErrorInvalidValue;
+  return dispatch_dtype(dtype, [&](auto tag) {
+    using T = decltype(tag);
+    const ApplyArgs<T> args{static_cast<const T*>(dy), static_cast<const T*>(x), mask,
+                            scale, shift, relu != 0, a, b, c, center, static_cast<T*>(dx),
+                            static_cast<T*>(dshortcut), static_cast<const T*>(e), step};
+    const bool aligned = all_vector_aligned<T>({dy, x, dx, dshortcut, e}, {mask});
+    return launch_elementwise<T>(geo, aligned, [&](auto width, auto channels_last) {
+      constexpr int V = decltype(width)::value;
+      unsigned blocks = 0;
+      const cudaError_t err = elementwise_grid(geo.n * geo.c * geo.s / V, kMaxThreads, &blocks);
+      if (err != cudaSuccess) return err;
+      affine_act_backward_apply_kernel<T, V, decltype(channels_last)::value, kIeUpdate>
+          <<<blocks, kMaxThreads, 0, stream>>>(args, geo);
+      return cudaGetLastError();
+    });
   });
 }
 
@@ -297,23 +335,19 @@ extern "C" cudaError_t pyeuler_affine_act_backward_apply(
     pyeuler_geometry_t geo, pyeuler_coef_t scale, pyeuler_coef_t shift, int relu,
     pyeuler_coef_t a, pyeuler_coef_t b, pyeuler_coef_t c, pyeuler_coef_t center, void* dx,
     void* dshortcut, cudaStream_t stream) {
-  if (!geometry_is_valid(geo)) return cudaErrorInvalidValue;
-  return dispatch_dtype(dtype, [&](auto tag) {
-    using T = decltype(tag);
-    const ApplyArgs<T> args{static_cast<const T*>(dy), static_cast<const T*>(x), mask,
-                            scale, shift, relu != 0, a, b, c, center, static_cast<T*>(dx),
-                            static_cast<T*>(dshortcut)};
-    const bool aligned = all_vector_aligned<T>({dy, x, dx, dshortcut}, {mask});
-    return launch_elementwise<T>(geo, aligned, [&](auto width, auto channels_last) {
-      constexpr int V = decltype(width)::value;
-      unsigned blocks = 0;
-      const cudaError_t err = elementwise_grid(geo.n * geo.c * geo.s / V, kMaxThreads, &blocks);
-      if (err != cudaSuccess) return err;
-      affine_act_backward_apply_kernel<T, V, decltype(channels_last)::value>
-          <<<blocks, kMaxThreads, 0, stream>>>(args, geo);
-      return cudaGetLastError();
-    });
-  });
+  return launch_backward_apply<false>(dy, x, mask, dtype, geo, scale, shift, relu, a, b, c,
+                                      center, nullptr, IeUpdate{}, dx, dshortcut, stream);
+}
+
+extern "C" cudaError_t pyeuler_affine_act_backward_apply_ie_update(
+    const void* dy, const void* x, const uint8_t* mask, pyeuler_dtype_t dtype,
+    pyeuler_geometry_t geo, pyeuler_coef_t scale, pyeuler_coef_t shift, int relu,
+    pyeuler_coef_t a, pyeuler_coef_t b, pyeuler_coef_t c, pyeuler_coef_t center, const void* e,
+    double step_size, double theta, void* x_new, cudaStream_t stream) {
+  if (e == nullptr) return cudaErrorInvalidValue;
+  return launch_backward_apply<true>(dy, x, mask, dtype, geo, scale, shift, relu, a, b, c,
+                                     center, e, ie_update_step(step_size, theta), x_new,
+                                     nullptr, stream);
 }
 
 extern "C" cudaError_t pyeuler_affine_act_backward_reduce_workspace_size(pyeuler_geometry_t geo,

@@ -7,19 +7,12 @@ namespace pyeuler {
 namespace kernels {
 namespace {
 
-// Each operation rounded separately, like the eager reference's kernels.
+// Each operation rounded separately, like the eager reference's kernels (IeUpdate, the
+// gradient step, is in common.cuh).
 struct IeResidual {
   float theta;
   __device__ __forceinline__ float operator()(float x, float c, float fx) const {
     return __fsub_rn(__fsub_rn(x, c), __fmul_rn(theta, fx));
-  }
-};
-
-struct IeUpdate {
-  float two_step_size;  // 2γ, formed in double first as the reference does
-  float theta;
-  __device__ __forceinline__ float operator()(float x, float e, float v) const {
-    return __fsub_rn(x, __fmul_rn(two_step_size, __fsub_rn(e, __fmul_rn(theta, v))));
   }
 };
 
@@ -82,5 +75,5 @@ extern "C" cudaError_t pyeuler_ie_update(const void* x, const void* e, const voi
                                          pyeuler_dtype_t dtype, int64_t numel, double step_size,
                                          double theta, void* x_next, cudaStream_t stream) {
   return launch_ternary_map(x, e, v, x_next, dtype, numel,
-                            IeUpdate{float(2.0 * step_size), float(theta)}, stream);
+                            ie_update_step(step_size, theta), stream);
 }

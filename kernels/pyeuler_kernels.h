@@ -107,6 +107,15 @@ cudaError_t pyeuler_affine_act_backward_apply(const void* dy, const void* x, con
                                               pyeuler_coef_t center, void* dx, void* dshortcut,
                                               cudaStream_t stream);
 
+/* The IE-Skip step fused into the apply (primitives.affine_act_backward_apply_ie_update):
+ * x_new = x - 2 * step_size * (e - theta * v) with v the dx above, which is never written.
+ * e has x's dtype; x_new is written instead of dx (there is no dshortcut). */
+cudaError_t pyeuler_affine_act_backward_apply_ie_update(
+    const void* dy, const void* x, const uint8_t* mask, pyeuler_dtype_t dtype,
+    pyeuler_geometry_t geo, pyeuler_coef_t scale, pyeuler_coef_t shift, int relu,
+    pyeuler_coef_t a, pyeuler_coef_t b, pyeuler_coef_t c, pyeuler_coef_t center, const void* e,
+    double step_size, double theta, void* x_new, cudaStream_t stream);
+
 /* ---- IE-Skip elementwise steps (layout-agnostic: all operands share one dense layout) ---- */
 
 /* e = x - c - theta * fx */

@@ -108,6 +108,10 @@ def test_primitives_reject_cpu_tensors_by_name():
         cuda_backend.norm_stats(x, 0)
     with pytest.raises(ValueError, match="must be a CUDA tensor"):
         cuda_backend.ie_update(x, x, x, 0.1, 1.0)
+    s = torch.ones(3)
+    with pytest.raises(ValueError, match="dy must be a CUDA tensor"):
+        cuda_backend.affine_act_backward_apply_ie_update(x, x, s, s, None, True, s, s, s, s, x,
+                                                         0.1, 1.0)
 
 
 @pytest.mark.parametrize("shape,layout", cases(SHAPES[:5]))
@@ -135,6 +139,12 @@ def test_fakes_match_reference_outputs(shape, layout):
     dx, ds = ref.affine_act_backward_apply(x, x, scale, shift, None, True, scale, scale, scale,
                                            scale, True)
     assert (fake_dx.shape, fake_dx.dtype, fake_ds.shape) == (dx.shape, dx.dtype, ds.shape)
+    ie_args = (x, x, scale, shift, None, True, scale, scale, scale, scale, x, 0.1, 1.0)
+    fake_new = cuda_backend._fake_affine_act_backward_apply_ie_update(*ie_args)
+    x_new = ref.affine_act_backward_apply_ie_update(*ie_args)
+    assert (fake_new.shape, fake_new.dtype) == (x_new.shape, x_new.dtype)
+    if x.is_contiguous() or x.movedim(1, -1).is_contiguous():
+        assert fake_new.stride() == x_new.stride()
     assert cuda_backend._fake_ie_update(x, x, x, 0.1, 1.0).shape == x.shape
 
 
@@ -185,6 +195,8 @@ lib.impl("cuda_norm_stats", ref.norm_stats, "CPU")
 lib.impl("cuda_affine_act_forward", forward, "CPU")
 lib.impl("cuda_affine_act_backward_reduce", ref.affine_act_backward_reduce, "CPU")
 lib.impl("cuda_affine_act_backward_apply", apply, "CPU")
+lib.impl("cuda_affine_act_backward_apply_ie_update", ref.affine_act_backward_apply_ie_update,
+         "CPU")
 lib.impl("cuda_ie_residual", ref.ie_residual, "CPU")
 lib.impl("cuda_ie_update", ref.ie_update, "CPU")
 cuda_backend._register_fakes()
@@ -198,7 +210,9 @@ def step(x, dy, scale, shift):
     dx, g = ops.cuda_affine_act_backward_apply(dy, x, scale, shift, mask, True, sum_g, sum_gx,
                                                var, mean, True)
     e = ops.cuda_ie_residual(x, y, dx, 1.0)
-    return ops.cuda_ie_update(x, e, g, 0.1, 1.0), mean, var, sum_g
+    x_new = ops.cuda_affine_act_backward_apply_ie_update(dy, x, scale, shift, mask, True, sum_g,
+                                                         sum_gx, var, mean, e, 0.1, 1.0)
+    return ops.cuda_ie_update(x, e, g, 0.1, 1.0), x_new, mean, var, sum_g
 x = torch.randn(4, 6, 5, 5).to(memory_format=torch.channels_last)
 args = (x, torch.randn_like(x), torch.randn(6), torch.randn(6))
 compiled = torch.compile(step, backend="aot_eager", fullgraph=True)(*args)
@@ -346,6 +360,39 @@ def test_affine_act_backward_apply(shape, layout, dtype, gate, per_sample):
 @pytest.mark.usefixtures("cuda_ready")
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("shape,layout", cases())
+@pytest.mark.parametrize("gate,per_sample", [("mask", False), ("relu", True), ("none", False)],
+                         ids=["mask-per_channel", "relu-per_sample", "none-per_channel"])
+def test_affine_act_backward_apply_ie_update(shape, layout, dtype, gate, per_sample):
+    dy, x = make(shape, layout, dtype), make(shape, layout, dtype)
+    e = make(shape, "contiguous" if layout == "channels_last" else layout, dtype)
+    scale, shift = coef(x, per_sample), coef(x, per_sample)
+    a, b, c, center = (coef(x, per_sample) for _ in range(4))
+    mask = make(shape, layout).gt(0) if gate == "mask" else None
+    relu = gate != "none"
+    step_size, theta = 0.1, 0.75
+    x_new = cuda_backend.affine_act_backward_apply_ie_update(dy, x, scale, shift, mask, relu, a, b,
+                                                             c, center, e, step_size, theta)
+    eager = ref.affine_act_backward_apply_ie_update(dy, x, scale, shift, mask, relu, a, b, c,
+                                                    center, e, step_size, theta)
+    gate64 = mask if mask is not None else (relu_gate32(x, scale, shift) if relu else None)
+    exact = ref.affine_act_backward_apply_ie_update(*doubles(dy, x, scale, shift), gate64, relu,
+                                                    *doubles(a, b, c, center, e), step_size,
+                                                    theta)
+    assert_output(x_new, eager, exact)
+    if layout == "channels_last" and x.dim() == 4:
+        assert x_new.is_contiguous(memory_format=torch.channels_last)
+    # the fused pass equals the two-pass apply + ie_update
+    v, _ = cuda_backend.affine_act_backward_apply(dy, x, scale, shift, mask, relu, a, b, c,
+                                                  center, False)
+    if dtype == torch.float32:
+        torch.testing.assert_close(x_new, cuda_backend.ie_update(x, e, v, step_size, theta),
+                                   rtol=1e-5, atol=1e-6)
+
+
+@gpu
+@pytest.mark.usefixtures("cuda_ready")
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape,layout", cases())
 def test_ie_residual_and_update(shape, layout, dtype):
     x, c, fx = (make(shape, layout, dtype) for _ in range(3))
     theta, step_size = 0.75, 0.1
@@ -420,3 +467,7 @@ def test_matches_triton(shape, layout):
         torch.testing.assert_close(cu, tr, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(cuda_backend.ie_update(x, dy, y_cu, 0.1, 1.0),
                                tri.ie_update(x, dy, y_cu, 0.1, 1.0), rtol=1e-4, atol=1e-5)
+    ie_args = (dy, x, scale, shift, m_cu, True, scale, shift, center, center, y_cu, 0.1, 1.0)
+    torch.testing.assert_close(cuda_backend.affine_act_backward_apply_ie_update(*ie_args),
+                               tri.affine_act_backward_apply_ie_update(*ie_args), rtol=1e-4,
+                               atol=1e-5)

@@ -246,6 +246,39 @@ def test_affine_act_backward_apply_fp32(shape, layout, per_sample):
             assert dshortcut is None
 
 
+@pytest.mark.parametrize("shape,layout", cases([(4, 5, 7, 5), (3, 3), (2, 6, 3, 4, 5), (1, 6, 1, 1)]))
+@pytest.mark.parametrize("per_sample", [False, True], ids=["per_channel", "per_sample"])
+def test_affine_act_backward_apply_ie_update_fp32(shape, layout, per_sample):
+    dy, x, scale, shift, center = _reduce_inputs(shape, layout, per_sample)
+    a, b, c = coef(x, per_sample), coef(x, per_sample), coef(x, per_sample)
+    saved = ref.affine_act_forward(x, scale, shift, None, True, True)[1]
+    for mask, relu, e_layout in [(None, True, layout), (saved, True, "contiguous"), (None, False, "strided")]:
+        e = make(shape, e_layout)
+        args = (dy, x, scale, shift, mask, relu, a, b, c, center, e, 0.1, 0.7)
+        out = tri.affine_act_backward_apply_ie_update(*args)
+        assert out.dtype == x.dtype
+        assert_close32(out, ref.affine_act_backward_apply_ie_update(*args))
+        if layout != "strided":
+            assert out.stride() == x.stride()
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_affine_act_backward_apply_ie_update_low_precision(dtype, layout):
+    shape = (3, 6, 5, 7)
+    x, dy, e = (make(shape, layout, dtype) for _ in range(3))
+    scale, shift, center = coef(x, False), coef(x, False), coef(x, False)
+    a, b, c = coef(x, True), coef(x, True), coef(x, True)  # GroupNorm-like [N, C]
+    out = tri.affine_act_backward_apply_ie_update(dy, x, scale, shift, None, True, a, b, c, center, e, 0.1, 1.0)
+    eager = ref.affine_act_backward_apply_ie_update(dy, x, scale, shift, None, True, a, b, c, center, e, 0.1, 1.0)
+    # the float64 reference with the gate as float32 computes it (recomputed at ~0 it may flip)
+    gate = ref._coef(scale, x) * x.float() + ref._coef(shift, x) > 0
+    exact = ref.affine_act_backward_apply_ie_update(*to64(dy, x, scale, shift), gate, True,
+                                                    *to64(a, b, c, center, e), 0.1, 1.0)
+    assert out.dtype == dtype
+    assert_lowp(out, eager, exact)
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
 def test_affine_act_low_precision(dtype, layout):
@@ -325,6 +358,8 @@ def test_int64_offset_kernels_agree(layout, monkeypatch):
     assert_close32(dx, dx_ref)
     assert_close32(ds, ds_ref)
     assert_close32(tri.ie_update(x, dy, shortcut, 0.1, 1.0), ref.ie_update(x, dy, shortcut, 0.1, 1.0))
+    args = (dy, x, scale, shift, mask, True, scale, shift, center, center, shortcut, 0.1, 1.0)
+    assert_close32(tri.affine_act_backward_apply_ie_update(*args), ref.affine_act_backward_apply_ie_update(*args))
 
 
 # ----------------------------------------------------------------------------- errors
@@ -349,6 +384,10 @@ def test_errors_name_the_argument():
         tri.affine_act_backward_apply(x.to(torch.int32), x, s, s, None, True, s, s, s, s, False)
     with pytest.raises(ValueError, match=r"center must have shape"):
         tri.affine_act_backward_apply(x, x, s, s, None, True, s, s, s, torch.ones(2, 2, device=DEVICE), False)
+    with pytest.raises(ValueError, match="e must have x's shape"):
+        tri.affine_act_backward_apply_ie_update(x, x, s, s, None, True, s, s, s, s, x[:1], 0.1, 1.0)
+    with pytest.raises(TypeError, match="theta must be a Python float"):
+        tri.affine_act_backward_apply_ie_update(x, x, s, s, None, True, s, s, s, s, x, 0.1, None)
     with pytest.raises(ValueError, match="fx must have x's shape"):
         tri.ie_residual(x, x, x[0], 1.0)
     with pytest.raises(TypeError, match="step_size must be a Python float"):

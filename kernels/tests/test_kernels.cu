@@ -369,6 +369,46 @@ void test_backward_apply(const Shape& shape, Random& rng, bool use_mask, bool re
   expect_close(what + "dshortcut", to_floats(dshortcut.download()), want_g, 0.0, 0.0);
 }
 
+// The IE-Skip step fused into the apply: x - 2γ·(e - θ·v), v the apply's dx (never written).
+template <typename T>
+void test_backward_apply_ie_update(const Shape& shape, Random& rng, bool use_mask, bool relu,
+                                   bool per_sample_coefs, bool misaligned) {
+  const double step_size = 0.1, theta = 0.75;
+  const BackwardCase<T> in(shape, rng, per_sample_coefs);
+  const int64_t coef_rows = per_sample_coefs ? shape.n : 1;
+  const int64_t stride = per_sample_coefs ? shape.c : 0;
+  const Coef a(rng.uniform(coef_rows * shape.c, -1.f, 1.f), stride);
+  const Coef b(rng.uniform(coef_rows * shape.c, -1.f, 1.f), stride);
+  const Coef c_coef(rng.uniform(coef_rows * shape.c, -0.1f, 0.1f), stride);
+  const Activation<T> e(rng.uniform(shape.numel(), -1.f, 1.f));
+  DeviceArray<T> dy(in.dy.stored, misaligned), x(in.x.stored, misaligned);
+  DeviceArray<T> e_dev(e.stored, misaligned), x_new(shape.numel(), misaligned);
+  DeviceArray<uint8_t> mask(in.mask, misaligned);
+  CHECK_CUDA(pyeuler_affine_act_backward_apply_ie_update(
+      dy.get(), x.get(), use_mask ? mask.get() : nullptr, Dtype<T>::kEnum, shape.geometry(),
+      in.scale.abi(), in.shift.abi(), relu, a.abi(), b.abi(), c_coef.abi(), in.center.abi(),
+      e_dev.get(), step_size, theta, x_new.get(), nullptr));
+
+  std::vector<double> want(shape.numel()), atol(shape.numel());
+  for (int64_t n = 0; n < shape.n; ++n)
+    for (int64_t c = 0; c < shape.c; ++c)
+      for (int64_t s = 0; s < shape.s; ++s) {
+        const int64_t i = shape.at(n, c, s);
+        const double g = in.gradient(n, c, i, use_mask, relu);
+        const double xc = double(in.x.values[i]) - in.center.at(n, c);
+        const double v = a.at(n, c) * g + b.at(n, c) * xc + c_coef.at(n, c);
+        const double step = 2.0 * step_size * (double(e.values[i]) - theta * v);
+        want[i] = in.x.values[i] - step;
+        // float32 rounding of v's three terms (scaled by 2γθ) and of the step's operations
+        const double v_err = 1e-6 * (std::fabs(a.at(n, c) * g) + std::fabs(b.at(n, c) * xc) + 1.0);
+        atol[i] = 2.0 * step_size * theta * v_err +
+                  1e-6 * (std::fabs(in.x.values[i]) + std::fabs(step) + std::fabs(e.values[i]));
+      }
+  const std::string what = std::string("backward_apply_ie_update mask=") +
+                           std::to_string(use_mask) + " relu=" + std::to_string(relu) + " ";
+  expect_close(what + "x_new", to_floats(x_new.download()), want, Dtype<T>::kRtol, atol);
+}
+
 template <typename T>
 void test_ie(const Shape& shape, Random& rng, bool misaligned) {
   const double theta = 0.75, step_size = 0.1;
@@ -419,6 +459,9 @@ void test_dtype(Random& rng) {
         test_forward<T>(shape, rng, false, false, true, misaligned);
         test_backward_apply<T>(shape, rng, true, true, false, misaligned);
         test_backward_apply<T>(shape, rng, false, true, true, misaligned);
+        test_backward_apply_ie_update<T>(shape, rng, true, true, false, misaligned);
+        test_backward_apply_ie_update<T>(shape, rng, false, true, true, misaligned);
+        test_backward_apply_ie_update<T>(shape, rng, false, false, false, misaligned);
         test_ie<T>(shape, rng, misaligned);
       }
       test_backward_reduce<T>(shape, rng, true, true, false);

@@ -24,6 +24,7 @@ __all__ = [
     "affine_act_forward",
     "affine_act_backward_reduce",
     "affine_act_backward_apply",
+    "affine_act_backward_apply_ie_update",
     "ie_residual",
     "ie_update",
 ]
@@ -148,6 +149,28 @@ def affine_act_backward_apply(
     return dx, (dshortcut if want_dshortcut else None)
 
 
+def affine_act_backward_apply_ie_update(
+    dy: Tensor,
+    x: Tensor,
+    scale: Tensor,
+    shift: Tensor,
+    mask: Tensor | None,
+    relu: bool,
+    a: Tensor,
+    b: Tensor,
+    c: Tensor,
+    center: Tensor,
+    e: Tensor,
+    step_size: float,
+    theta: float,
+) -> Tensor:
+    _check_cuda(dy=dy, x=x, scale=scale, shift=shift, mask=mask, a=a, b=b, c=c, center=center,
+                e=e)
+    _require_extension()
+    return torch.ops.pyeuler.cuda_affine_act_backward_apply_ie_update(
+        dy, x, scale, shift, mask, relu, a, b, c, center, e, float(step_size), float(theta))
+
+
 def ie_residual(x: Tensor, c: Tensor, fx: Tensor, theta: float) -> Tensor:
     _check_cuda(x=x, c=c, fx=fx)
     _require_extension()
@@ -200,6 +223,11 @@ def _fake_affine_act_backward_apply(dy, x, scale, shift, mask, relu, a, b, c, ce
     return _empty_in_layout_of(x, x.dtype), dshortcut
 
 
+def _fake_affine_act_backward_apply_ie_update(dy, x, scale, shift, mask, relu, a, b, c, center,
+                                              e, step_size, theta):
+    return _empty_in_layout_of(x, x.dtype)
+
+
 def _fake_ie_residual(x, c, fx, theta):
     return _empty_in_layout_of(x, x.dtype)
 
@@ -213,6 +241,7 @@ _FAKES = {
     "pyeuler::cuda_affine_act_forward": _fake_affine_act_forward,
     "pyeuler::cuda_affine_act_backward_reduce": _fake_affine_act_backward_reduce,
     "pyeuler::cuda_affine_act_backward_apply": _fake_affine_act_backward_apply,
+    "pyeuler::cuda_affine_act_backward_apply_ie_update": _fake_affine_act_backward_apply_ie_update,
     "pyeuler::cuda_ie_residual": _fake_ie_residual,
     "pyeuler::cuda_ie_update": _fake_ie_update,
 }

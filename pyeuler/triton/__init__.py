@@ -18,6 +18,7 @@ __all__ = [
     "affine_act_forward",
     "affine_act_backward_reduce",
     "affine_act_backward_apply",
+    "affine_act_backward_apply_ie_update",
     "ie_residual",
     "ie_update",
 ]
@@ -46,6 +47,7 @@ def is_available() -> tuple[bool, str]:
 if _IMPORT_ERROR is None:
     from pyeuler.triton.affine_act import (
         affine_act_backward_apply,
+        affine_act_backward_apply_ie_update,
         affine_act_backward_reduce,
         affine_act_forward,
     )

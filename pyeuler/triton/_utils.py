@@ -139,6 +139,13 @@ def check_like(t: torch.Tensor, name: str, x: torch.Tensor, dtypes=SUPPORTED_DTY
         raise TypeError(f"{name} must be {names}, got {t.dtype}")
 
 
+def check_float(value: float, name: str) -> float:
+    """A Python number passed as a kernel's float scalar (a tensor would force a sync)."""
+    if isinstance(value, torch.Tensor) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a Python float, got {type(value).__name__}")
+    return float(value)
+
+
 def check_coefficient(v: torch.Tensor, name: str, x: torch.Tensor) -> None:
     """A per-channel ``[C]`` or per-(sample, channel) ``[N, C]`` float32 coefficient."""
     if not isinstance(v, torch.Tensor):

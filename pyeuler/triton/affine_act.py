@@ -5,7 +5,9 @@
 - backward reduce: per-channel or per-(sample, channel) sums of ``g = dy·m`` and
   ``g·(x − center)``: partials per chunk, then an in-order second stage (no float atomics,
   so deterministic); the ``[C]`` sums are what SyncBatchNorm would all-reduce;
-- backward apply: ``dx = a·g + b·(x − center) + c`` and optionally ``g`` for the shortcut.
+- backward apply: ``dx = a·g + b·(x − center) + c`` and optionally ``g`` for the shortcut;
+  or, as the IE-Skip's last VJP pass, the step ``x − 2γ·(e − θ·dx)`` in dx's place (one more
+  read, e; v = dx is never written).
 
 Tiles are ``[outer, inner]`` with ``inner`` the contiguous axis (see ``_utils``): planar x
 tiles ``[planes, S]`` (a coefficient per tile row), channels-last x tiles ``[N·S rows, C]``
@@ -24,6 +26,7 @@ from pyeuler.triton._utils import (
     REDUCTION_WARPS,
     autotune_configs,
     check_activation,
+    check_float,
     check_like,
     coefficients,
     dense_layout,
@@ -35,7 +38,12 @@ from pyeuler.triton._utils import (
     spatial_size,
 )
 
-__all__ = ["affine_act_forward", "affine_act_backward_reduce", "affine_act_backward_apply"]
+__all__ = [
+    "affine_act_forward",
+    "affine_act_backward_reduce",
+    "affine_act_backward_apply",
+    "affine_act_backward_apply_ie_update",
+]
 
 # Elementwise passes are autotuned (their results do not depend on the tiling): 2-4K-element
 # tiles, i.e. 16-byte vectors per thread per tensor in bf16.  Reductions use the fixed
@@ -237,12 +245,17 @@ def _sum_partials_kernel(g_parts_ptr, gx_parts_ptr, sum_g_ptr, sum_gx_ptr, n_par
 @triton.jit
 def _affine_act_backward_apply_kernel(
     dy_ptr, x_ptr, scale_ptr, shift_ptr, mask_ptr, a_ptr, b_ptr, c_ptr, center_ptr,
-    dx_ptr, dshortcut_ptr,
-    n_outer, n_inner, C, S,
+    dx_ptr, dshortcut_ptr, e_ptr,
+    n_outer, n_inner, C, S, two_step_size, theta,
     CHANNELS_LAST: tl.constexpr, PER_SAMPLE: tl.constexpr, LOAD_MASK: tl.constexpr,
-    RECOMPUTE_MASK: tl.constexpr, WANT_DSHORTCUT: tl.constexpr,
+    RECOMPUTE_MASK: tl.constexpr, WANT_DSHORTCUT: tl.constexpr, IE_UPDATE: tl.constexpr,
     BLOCK_I: tl.constexpr, TILE: tl.constexpr, BLOCK_O: tl.constexpr, WIDE_INDEX: tl.constexpr,
 ):
+    """``dx = a·g + b·(x − center) + c`` into ``dx_ptr``, and ``g`` into ``dshortcut_ptr``.
+
+    ``IE_UPDATE``: ``dx`` is the IE-Skip VJP ``v``, and ``dx_ptr`` receives the step
+    ``x − 2γ·(e − θ·v)`` instead (``two_step_size`` = 2γ), so v is never written.
+    """
     outer, inner, outer_ok, inner_ok, offsets, ok = _elementwise_tile(
         n_outer, n_inner, BLOCK_O, BLOCK_I, WIDE_INDEX)
     coef, coef_ok = _coef_index(outer, inner, outer_ok, inner_ok, C, S, CHANNELS_LAST, PER_SAMPLE)
@@ -255,6 +268,9 @@ def _affine_act_backward_apply_kernel(
     c = tl.load(c_ptr + coef, mask=coef_ok, other=0.0)
     center = tl.load(center_ptr + coef, mask=coef_ok, other=0.0)
     dx = a * g + b * (x - center) + c
+    if IE_UPDATE:
+        e = tl.load(e_ptr + offsets, mask=ok, other=0.0).to(tl.float32)
+        dx = x - two_step_size * (e - theta * dx)
     tl.store(dx_ptr + offsets, dx.to(dx_ptr.dtype.element_ty), mask=ok)
     if WANT_DSHORTCUT:
         tl.store(dshortcut_ptr + offsets, g.to(dshortcut_ptr.dtype.element_ty), mask=ok)
@@ -364,6 +380,36 @@ def affine_act_backward_reduce(
     return sum_g, sum_gx
 
 
+def _backward_apply(dy, x, scale, shift, mask, relu, a, b, c, center, want_dshortcut,
+                    e=None, step_size=0.0, theta=0.0):
+    """Validate and launch the apply kernel; with ``e``, its IE-update epilogue."""
+    check_activation(x)
+    check_like(dy, "dy", x)
+    _check_mask(mask, x)
+    if e is not None:
+        check_like(e, "e", x)
+    per_sample, (scale, shift, a, b, c, center) = coefficients(
+        x, scale=scale, shift=shift, a=a, b=b, c=c, center=center)
+    x, channels_last = dense_layout(x)
+    dy = same_layout(dy, x)
+    if mask is not None:
+        mask = same_layout(mask, x)
+    if e is not None:
+        e = same_layout(e, x)
+    dx = torch.empty_like(x)
+    dshortcut = torch.empty_like(x, dtype=dy.dtype) if want_dshortcut else None
+    if x.numel() == 0:
+        return dx, dshortcut
+    n_outer, n_inner, block_i = _elementwise_geometry(x, channels_last)
+    _affine_act_backward_apply_kernel[_elementwise_grid(n_outer, n_inner)](
+        dy, x, scale, shift, mask, a, b, c, center, dx, dshortcut, e,
+        n_outer, n_inner, x.shape[1], spatial_size(x), 2.0 * step_size, theta,
+        CHANNELS_LAST=channels_last, PER_SAMPLE=per_sample, LOAD_MASK=mask is not None,
+        RECOMPUTE_MASK=mask is None and bool(relu), WANT_DSHORTCUT=bool(want_dshortcut),
+        IE_UPDATE=e is not None, BLOCK_I=block_i, WIDE_INDEX=needs_wide_index(x))
+    return dx, dshortcut
+
+
 def affine_act_backward_apply(
     dy: torch.Tensor,
     x: torch.Tensor,
@@ -378,24 +424,27 @@ def affine_act_backward_apply(
     want_dshortcut: bool,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """``dx = a·g + b·(x − center) + c`` (x's dtype and layout); ``g`` (dy's dtype) iff asked."""
-    check_activation(x)
-    check_like(dy, "dy", x)
-    _check_mask(mask, x)
-    per_sample, (scale, shift, a, b, c, center) = coefficients(
-        x, scale=scale, shift=shift, a=a, b=b, c=c, center=center)
-    x, channels_last = dense_layout(x)
-    dy = same_layout(dy, x)
-    if mask is not None:
-        mask = same_layout(mask, x)
-    dx = torch.empty_like(x)
-    dshortcut = torch.empty_like(x, dtype=dy.dtype) if want_dshortcut else None
-    if x.numel() == 0:
-        return dx, dshortcut
-    n_outer, n_inner, block_i = _elementwise_geometry(x, channels_last)
-    _affine_act_backward_apply_kernel[_elementwise_grid(n_outer, n_inner)](
-        dy, x, scale, shift, mask, a, b, c, center, dx, dshortcut,
-        n_outer, n_inner, x.shape[1], spatial_size(x),
-        CHANNELS_LAST=channels_last, PER_SAMPLE=per_sample, LOAD_MASK=mask is not None,
-        RECOMPUTE_MASK=mask is None and bool(relu), WANT_DSHORTCUT=bool(want_dshortcut),
-        BLOCK_I=block_i, WIDE_INDEX=needs_wide_index(x))
-    return dx, dshortcut
+    return _backward_apply(dy, x, scale, shift, mask, relu, a, b, c, center, want_dshortcut)
+
+
+def affine_act_backward_apply_ie_update(
+    dy: torch.Tensor,
+    x: torch.Tensor,
+    scale: torch.Tensor,
+    shift: torch.Tensor,
+    mask: torch.Tensor | None,
+    relu: bool,
+    a: torch.Tensor,
+    b: torch.Tensor,
+    c: torch.Tensor,
+    center: torch.Tensor,
+    e: torch.Tensor,
+    step_size: float,
+    theta: float,
+) -> torch.Tensor:
+    """``x − 2γ·(e − θ·v)`` with ``v = a·g + b·(x − center) + c`` never written (x's dtype and layout)."""
+    step_size = check_float(step_size, "step_size")
+    theta = check_float(theta, "theta")
+    x_new, _ = _backward_apply(dy, x, scale, shift, mask, relu, a, b, c, center, False,
+                               e=e, step_size=step_size, theta=theta)
+    return x_new

@@ -14,6 +14,7 @@ from pyeuler.triton._utils import (
     SUPPORTED_DTYPES,
     autotune_configs,
     check_device,
+    check_float,
     check_like,
     needs_wide_index,
     same_layout,
@@ -81,19 +82,13 @@ def _prepare(x: torch.Tensor, **others: torch.Tensor) -> list[torch.Tensor]:
     return [x] + [same_layout(t, x) for t in others.values()]
 
 
-def _check_scalar(value: float, name: str) -> float:
-    if isinstance(value, torch.Tensor) or not isinstance(value, (int, float)):
-        raise TypeError(f"{name} must be a Python float, got {type(value).__name__}")
-    return float(value)
-
-
 def _grid(numel: int):
     return lambda meta: (triton.cdiv(numel, meta["TILE"]),)
 
 
 def ie_residual(x: torch.Tensor, c: torch.Tensor, fx: torch.Tensor, theta: float) -> torch.Tensor:
     """IE-Skip residual ``e = x − c − θ·f(x)`` in x's dtype and layout."""
-    theta = _check_scalar(theta, "theta")
+    theta = check_float(theta, "theta")
     x, c, fx = _prepare(x, c=c, fx=fx)
     e = torch.empty_like(x)
     if x.numel():
@@ -104,8 +99,8 @@ def ie_residual(x: torch.Tensor, c: torch.Tensor, fx: torch.Tensor, theta: float
 
 def ie_update(x: torch.Tensor, e: torch.Tensor, v: torch.Tensor, step_size: float, theta: float) -> torch.Tensor:
     """IE-Skip gradient step ``x − 2γ·(e − θ·v)`` with ``v = J_fᵀ e``, in x's dtype and layout."""
-    step_size = _check_scalar(step_size, "step_size")
-    theta = _check_scalar(theta, "theta")
+    step_size = check_float(step_size, "step_size")
+    theta = check_float(theta, "theta")
     x, e, v = _prepare(x, e=e, v=v)
     out = torch.empty_like(x)
     if x.numel():
