@@ -51,17 +51,47 @@ class EulerBasicBlock(nn.Module):
                                backend=self.backend)
 
 
-class _PreActBlockBase(nn.Module):
-    """Shared forward: IE-Skip when shapes match and ``steps > 0``, else ``S(x) + h·F(x)``."""
+def _make_shortcut(in_planes, planes, stride, downsample, norm, norm_groups, dim):
+    if stride == 1 and in_planes == planes:
+        return None
+    if downsample == "conv3x3":
+        return nn.Sequential(make_norm(norm, in_planes, dim, norm_groups), nn.ReLU(),
+                             make_conv(dim, in_planes, planes, 3, stride))
+    return make_conv(dim, in_planes, planes, 1, stride)
 
-    def _init_ie(self, ie_steps, ie_step_size, theta, grad, bn_update, downsample):
+
+class PreActBlock(nn.Module):
+    """Pre-activation block (PreAct-ResNet, WideResNet): ``S(x) + h·F(x)``, F a
+    :class:`PreActBranch`.  When shapes match and ``ie_steps > 0`` the block is an IE-Skip
+    around F.  Down-sampling shortcut: ``"conv1x1"`` on ReLU(bn1(x)) (WRN convention) or
+    the IE authors' ``"conv3x3"`` (norm → ReLU → 3×3 conv with the stride) on x.
+    """
+
+    expansion = 1
+
+    def __init__(self, in_planes: int, planes: int, stride: int = 1, *, h: float = 1.0,
+                 h_mode: str = "fixed", norm: str = "batch", norm_groups: int = 1,
+                 dropout: float = 0.0, downsample: str = "conv1x1", ie_steps: int = 0,
+                 ie_step_size: float = 0.1, theta: float = 1.0, grad: str = "unrolled",
+                 bn_update: str = "all", dim: int = 2, backend: str | None = None):
+        super().__init__()
         validate_ie_args(ie_steps, ie_step_size, theta, grad, bn_update)
         if downsample not in DOWNSAMPLES:
             raise ValueError(f"downsample must be one of {DOWNSAMPLES}, got {downsample!r}")
+        self.branch = self._make_branch(in_planes, planes, stride, norm=norm,
+                                        norm_groups=norm_groups, dropout=dropout, h=h,
+                                        h_mode=h_mode, dim=dim, backend=backend)
+        self.shortcut = _make_shortcut(in_planes, planes * self.expansion, stride, downsample,
+                                       norm, norm_groups, dim)
         # Only shape-preserving blocks get an IE-Skip (SPEC §2).
         self.steps = ie_steps if self.shortcut is None else 0
         self.step_size, self.theta = float(ie_step_size), float(theta)
         self.grad, self.bn_update = grad, bn_update
+
+    @staticmethod
+    def _make_branch(in_planes, planes, stride, *, dropout, **kwargs) -> nn.Module:
+        return PreActBranch(in_planes, kwargs.pop("norm"), dropout, out_channels=planes,
+                            stride=stride, **kwargs)
 
     def forward(self, x: Tensor) -> Tensor:
         branch = self.branch
@@ -80,37 +110,6 @@ class _PreActBlockBase(nn.Module):
             return ""
         return (f"ie_steps={self.steps}, ie_step_size={self.step_size}, theta={self.theta}, "
                 f"grad={self.grad!r}, bn_update={self.bn_update!r}")
-
-
-def _make_shortcut(in_planes, planes, stride, downsample, norm, norm_groups, dim):
-    if stride == 1 and in_planes == planes:
-        return None
-    if downsample == "conv3x3":
-        return nn.Sequential(make_norm(norm, in_planes, dim, norm_groups), nn.ReLU(),
-                             make_conv(dim, in_planes, planes, 3, stride))
-    return make_conv(dim, in_planes, planes, 1, stride)
-
-
-class PreActBlock(_PreActBlockBase):
-    """Pre-activation block (PreAct-ResNet, WideResNet): ``S(x) + h·F(x)``, F a
-    :class:`PreActBranch`.  When shapes match and ``ie_steps > 0`` the block is an IE-Skip
-    around F.  Down-sampling shortcut: ``"conv1x1"`` on ReLU(bn1(x)) (WRN convention) or
-    the IE authors' ``"conv3x3"`` (norm → ReLU → 3×3 conv with the stride) on x.
-    """
-
-    expansion = 1
-
-    def __init__(self, in_planes: int, planes: int, stride: int = 1, *, h: float = 1.0,
-                 h_mode: str = "fixed", norm: str = "batch", norm_groups: int = 1,
-                 dropout: float = 0.0, downsample: str = "conv1x1", ie_steps: int = 0,
-                 ie_step_size: float = 0.1, theta: float = 1.0, grad: str = "unrolled",
-                 bn_update: str = "all", dim: int = 2, backend: str | None = None):
-        super().__init__()
-        self.branch = PreActBranch(in_planes, norm, dropout, out_channels=planes, stride=stride,
-                                   dim=dim, norm_groups=norm_groups, h=h, h_mode=h_mode,
-                                   backend=backend)
-        self.shortcut = _make_shortcut(in_planes, planes, stride, downsample, norm, norm_groups, dim)
-        self._init_ie(ie_steps, ie_step_size, theta, grad, bn_update, downsample)
 
 
 class PreActBottleneckBranch(nn.Module):
@@ -142,22 +141,13 @@ class PreActBottleneckBranch(nn.Module):
         return scale_by_step(self.tail(self.head(x)), self.h)
 
 
-class PreActBottleneck(_PreActBlockBase):
+class PreActBottleneck(PreActBlock):
     """Pre-activation bottleneck block (PreAct-ResNet-50); IE-Skips via generic autograd."""
 
     expansion = 4
 
-    def __init__(self, in_planes: int, planes: int, stride: int = 1, *, h: float = 1.0,
-                 h_mode: str = "fixed", norm: str = "batch", norm_groups: int = 1,
-                 dropout: float = 0.0, downsample: str = "conv1x1", ie_steps: int = 0,
-                 ie_step_size: float = 0.1, theta: float = 1.0, grad: str = "unrolled",
-                 bn_update: str = "all", dim: int = 2, backend: str | None = None):
-        super().__init__()
+    @staticmethod
+    def _make_branch(in_planes, planes, stride, *, dropout, **kwargs) -> nn.Module:
         if dropout:
             raise ValueError("dropout is not supported in PreActBottleneck")
-        self.branch = PreActBottleneckBranch(in_planes, planes, stride, norm=norm,
-                                             norm_groups=norm_groups, h=h, h_mode=h_mode,
-                                             dim=dim, backend=backend)
-        self.shortcut = _make_shortcut(in_planes, planes * self.expansion, stride, downsample,
-                                       norm, norm_groups, dim)
-        self._init_ie(ie_steps, ie_step_size, theta, grad, bn_update, downsample)
+        return PreActBottleneckBranch(in_planes, planes, stride, **kwargs)
