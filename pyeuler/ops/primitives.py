@@ -120,6 +120,16 @@ def affine_act_backward_reduce(
     return g.sum(dims), (g * xc).sum(dims)
 
 
+def _gated_input_grad(dy, x, scale, shift, mask, relu, a, b, c, center):
+    """``g = dy·m`` and ``a·g + b·(x − center) + c`` in the accumulation dtype."""
+    acc = _acc_dtype(x)
+    m = _relu_mask(x, scale, shift, mask, relu)
+    g = dy.to(acc)
+    if m is not None:
+        g = g * m
+    return g, _coef(a, x) * g + _coef(b, x) * (x.to(acc) - _coef(center, x)) + _coef(c, x)
+
+
 def affine_act_backward_apply(
     dy: Tensor,
     x: Tensor,
@@ -138,12 +148,7 @@ def affine_act_backward_apply(
     a, b, c, center are [C] or [N, C].  dx has x's dtype and memory format; the shortcut's
     gradient ``g`` (dy's dtype) is returned iff ``want_dshortcut``.
     """
-    acc = _acc_dtype(x)
-    m = _relu_mask(x, scale, shift, mask, relu)
-    g = dy.to(acc)
-    if m is not None:
-        g = g * m
-    dx = _coef(a, x) * g + _coef(b, x) * (x.to(acc) - _coef(center, x)) + _coef(c, x)
+    g, dx = _gated_input_grad(dy, x, scale, shift, mask, relu, a, b, c, center)
     return dx.to(x.dtype), (g.to(dy.dtype) if want_dshortcut else None)
 
 
@@ -169,14 +174,9 @@ def affine_act_backward_apply_ie_update(
     ``x − 2γ·(e − θ·v)`` in x's dtype and memory format without materialising v:
     reads dy, x, e once and writes one tensor, instead of two passes and two writes.
     """
+    _, v = _gated_input_grad(dy, x, scale, shift, mask, relu, a, b, c, center)
     acc = _acc_dtype(x)
-    m = _relu_mask(x, scale, shift, mask, relu)
-    g = dy.to(acc)
-    if m is not None:
-        g = g * m
-    xf = x.to(acc)
-    v = _coef(a, x) * g + _coef(b, x) * (xf - _coef(center, x)) + _coef(c, x)
-    return (xf - 2.0 * step_size * (e.to(acc) - theta * v)).to(x.dtype)
+    return (x.to(acc) - 2.0 * step_size * (e.to(acc) - theta * v)).to(x.dtype)
 
 
 def ie_residual(x: Tensor, c: Tensor, fx: Tensor, theta: float) -> Tensor:
