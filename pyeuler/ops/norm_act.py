@@ -115,8 +115,8 @@ def _forward_math(kernels, x, weight, bias, shortcut, h, h_value, mean_in, var_i
     if mean_in is None:
         mean, var = kernels.norm_stats(x, groups)
     else:
-        mean, var = mean_in.to(torch.float64 if x.dtype == torch.float64 else torch.float32), \
-            var_in.to(torch.float64 if x.dtype == torch.float64 else torch.float32)
+        acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+        mean, var = mean_in.to(acc), var_in.to(acc)
     scale, shift, _ = _forward_coefficients(mean, var, weight, bias, h, h_value, eps, groups, channels)
     y, mask = kernels.affine_act_forward(x, scale, shift, shortcut, relu, save_mask)
     return y, mean, var, mask
