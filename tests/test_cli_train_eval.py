@@ -104,8 +104,8 @@ def test_eval_mismatched_checkpoint(digits_run, tmp_path, capsys):
 
 
 def test_moons_detached_gradients_warn_and_unrolled_does_not(tmp_path, capsys):
-    rc = main(["train", "--data", "moons", "--epochs", "2", "--ie-steps", "1", "--grad",
-               "detached", "--out", str(tmp_path), "--no-progress"])
+    rc = main(["train", "--data", "moons", "--epochs", "1", "--ie-steps", "1", "--grad",
+               "detached", "--eval-samples", "32", "--out", str(tmp_path), "--no-progress"])
     assert rc == 0
     ckpt = tmp_path / "moons-mlp-K1-none-seed0.pt"
     with warnings.catch_warnings(record=True) as w:
@@ -122,6 +122,7 @@ def test_moons_detached_gradients_warn_and_unrolled_does_not(tmp_path, capsys):
 def test_adversarial_training_runs(tmp_path, capsys):
     rc = main(["train", "--data", "moons", "--epochs", "1", "--adv", "trades",
                "--attack-steps", "2", "--ie-steps", "0", "--attacks", "fgsm", "pgd-5",
+               "--eval-samples", "64",
                "--json", str(tmp_path / "r.json"), "--no-progress"])
     assert rc == 0
     cfg = json.loads((tmp_path / "r.json").read_text())["config"]
