@@ -152,3 +152,25 @@ def test_train_bad_options_exit_with_message(argv, message, capsys):
         main(argv)
     text = str(e.value.code) + capsys.readouterr().err
     assert e.value.code != 0 and message in text
+
+
+def test_cifar10_from_pickle_batches(tmp_path, capsys):
+    import pickle
+
+    import numpy as np
+    rng = np.random.default_rng(0)
+    folder = tmp_path / "cifar-10-batches-py"
+    folder.mkdir()
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        with open(folder / name, "wb") as f:
+            pickle.dump({b"labels": rng.integers(0, 10, 8).tolist(),
+                         b"data": rng.integers(0, 256, (8, 3072), dtype=np.uint8)}, f)
+    rc = main(["train", "--data", "cifar10", "--data-dir", str(tmp_path), "--model", "wrn-10-1",
+               "--epochs", "1", "--batch-size", "16", "--ie-steps", "0", "--out",
+               str(tmp_path / "ck"), "--no-progress"])
+    assert rc == 0
+    out = capsys.readouterr().out
+    assert "cifar10: 40 train / 8 test" in out and "FGSM acc (eps=8/255)" in out
+    ckpt = tmp_path / "ck" / "cifar10-wrn-10-1-K0-none-seed0.pt"
+    assert main(["eval", "--checkpoint", str(ckpt), "--attack", "pgd-2", "--no-progress"]) == 0
+    assert "pgd-2 accuracy (eps=8/255)" in capsys.readouterr().out

@@ -218,7 +218,8 @@ def write_markdown(results: dict, figures: list[str], path: Path, figrel: str) -
          f"PGD-AT: PGD-{meta['at_steps']} with random start, α = 2.5ε/{meta['at_steps']}, at the "
          f"headline ε. Evaluation: FGSM, and PGD-{meta['pgd_steps']} (random start, α = 2.5ε/"
          f"{meta['pgd_steps']}) on {meta['samples']} test samples per seed (clean accuracy on the "
-         "same samples).",
+         "same samples). Train times are wall-clock seconds of this run on the machine "
+         "named above, which may have been shared with other jobs: indicative only.",
          ""]
 
     def table(title, group, extra=None):
@@ -229,7 +230,7 @@ def write_markdown(results: dict, figures: list[str], path: Path, figrel: str) -
                 if 2 * e in group[0]["grid"] else None, "train time (s)"]
         cols = [c for c in cols if c]
         if extra:
-            cols.insert(-1, extra[0])
+            cols.insert(-1, extra[0].format(e=e))
         L.extend([f"### {title}", "", "| " + " | ".join(cols) + " |",
                   "|" + "---|" * len(cols)])
         for v in _variants(group):
@@ -252,7 +253,7 @@ def write_markdown(results: dict, figures: list[str], path: Path, figrel: str) -
         ie = _group(runs, data=data_name, experiment="IE-Skips")
         if ie:
             table(f"ResNet vs IE-ResNet-1 / -3, natural and PGD adversarial training ({data_name})",
-                  ie, extra=("PGD ε, attacker uses detached IE gradients",
+                  ie, extra=("PGD ε={e} through detached IE gradients",
                              lambda v: _ms([r["pgd_detached_at_eps"] for r in v])
                              if "pgd_detached_at_eps" in v[0] else "—"))
         bn = _group(runs, data=data_name, experiment="BatchNorm in IE-Skips")
@@ -355,13 +356,22 @@ def main(argv=None) -> int:
     p.add_argument("--epochs-scale", type=float, default=1.0,
                    help="multiply the epochs (0.25 for a quick look) [1]")
     p.add_argument("--out", default="docs", help="folder for robustness_report.md and figures/")
-    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads (1 avoids OpenMP oversubscription on a busy machine)")
+    p.add_argument("--render-only", action="store_true",
+                   help="rewrite the report and figures from OUT/figures/results.json, no training")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     out = Path(args.out)
     figdir = out / "figures"
     figdir.mkdir(parents=True, exist_ok=True)
+    if args.render_only:
+        results = json.loads((figdir / "results.json").read_text())
+        figures = plot(results, figdir)
+        write_markdown(results, figures, out / "robustness_report.md", "figures")
+        print(f"rewrote {out / 'robustness_report.md'} and {len(figures)} figures")
+        return 0
     t0 = time.perf_counter()
     results = run_experiments(args.data, args.seeds, args.pgd_steps, args.samples,
                               args.epochs_scale, args.at_steps,
