@@ -42,3 +42,29 @@ def assert_tensors_close(a, b, **kw):
             assert x is None and y is None, f"entry {i}: one side has no gradient"
             continue
         torch.testing.assert_close(x, y, msg=lambda m: f"entry {i}: {m}", **kw)
+
+
+def make_input(shape, layout="contiguous", dtype=torch.float32, device="cpu", mean=0.0, std=1.0):
+    """A random (N, C, *spatial) tensor: "contiguous", "channels_last" or "strided" (a view
+    with gaps: every other element of a wider tensor)."""
+    if layout == "strided":
+        return (torch.randn(*shape, 2, device=device) * std + mean).to(dtype)[..., 0]
+    x = (torch.randn(shape, device=device) * std + mean).to(dtype)
+    if layout == "channels_last":
+        x = x.movedim(1, -1).contiguous().movedim(-1, 1)
+    return x
+
+
+def layout_cases(shapes, layouts):
+    """(shape, layout) params; 2-D tensors have one dense layout, so no channels_last."""
+    import pytest
+
+    return [pytest.param(s, lay, id=f"{'x'.join(map(str, s))}-{lay}")
+            for s in shapes for lay in layouts if not (len(s) == 2 and lay == "channels_last")]
+
+
+def random_coef(x, per_sample, positive=False):
+    """A float32 [C] (or [N, C] when ``per_sample``) coefficient for ``x``."""
+    n, c = x.shape[:2]
+    v = torch.randn((n, c) if per_sample else (c,), device=x.device)
+    return v.abs() + 0.5 if positive else v

@@ -20,6 +20,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from helpers import layout_cases, make_input, random_coef
+
 import pyeuler.cuda as cuda_backend
 from pyeuler.ops import primitives as ref
 
@@ -36,23 +38,14 @@ DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
 
 def make(shape, layout="contiguous", dtype=torch.float32, device=DEVICE, mean=0.0, std=1.0):
-    if layout == "strided":  # a view with gaps
-        return (torch.randn(*shape, 2, device=device) * std + mean).to(dtype)[..., 0]
-    x = (torch.randn(shape, device=device) * std + mean).to(dtype)
-    if layout == "channels_last":
-        x = x.movedim(1, -1).contiguous().movedim(-1, 1)
-    return x
+    return make_input(shape, layout, dtype, device, mean, std)
 
 
 def cases(shapes=SHAPES, layouts=LAYOUTS):
-    return [pytest.param(s, lay, id=f"{'x'.join(map(str, s))}-{lay}")
-            for s in shapes for lay in layouts if not (len(s) == 2 and lay == "channels_last")]
+    return layout_cases(shapes, layouts)
 
 
-def coef(x, per_sample, positive=False):
-    n, c = x.shape[:2]
-    v = torch.randn((n, c) if per_sample else (c,), device=x.device)
-    return v.abs() + 0.5 if positive else v
+coef = random_coef
 
 
 def broadcast(v, x):

@@ -13,6 +13,8 @@ import sys
 import pytest
 import torch
 
+from helpers import layout_cases, make_input, random_coef
+
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
@@ -29,26 +31,15 @@ SHAPES = [(4, 5, 7, 5), (3, 3), (2, 17, 9), (2, 6, 3, 4, 5), (1, 6, 1, 1)]
 LAYOUTS = ["contiguous", "channels_last", "strided"]
 
 
-def make(shape, layout="contiguous", dtype=torch.float32, mean=0.0, std=1.0):
-    """A random (N, C, *spatial) tensor in the given memory layout."""
-    if layout == "strided":  # a view with gaps (every other element of a wider tensor)
-        return (torch.randn(*shape, 2, device=DEVICE) * std + mean).to(dtype)[..., 0]
-    x = (torch.randn(shape, device=DEVICE) * std + mean).to(dtype)
-    if layout == "channels_last":
-        x = x.movedim(1, -1).contiguous().movedim(-1, 1)
-    return x
+def make(shape, layout="contiguous", dtype=torch.float32, device=DEVICE, mean=0.0, std=1.0):
+    return make_input(shape, layout, dtype, device, mean, std)
 
 
 def cases(shapes=SHAPES, layouts=LAYOUTS):
-    """(shape, layout) pairs; 2-D tensors have one dense layout, so skip channels_last."""
-    return [pytest.param(s, lay, id=f"{'x'.join(map(str, s))}-{lay}")
-            for s in shapes for lay in layouts if not (len(s) == 2 and lay == "channels_last")]
+    return layout_cases(shapes, layouts)
 
 
-def coef(x, per_sample, positive=False):
-    n, c = x.shape[:2]
-    v = torch.randn((n, c) if per_sample else (c,), device=x.device)
-    return v.abs() + 0.5 if positive else v
+coef = random_coef
 
 
 def assert_close32(actual, expected, *, rtol=1e-5, atol=1e-5):
