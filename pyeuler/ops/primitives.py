@@ -27,6 +27,8 @@ __all__ = [
     "affine_act_backward_reduce",
     "affine_act_backward_apply",
     "affine_act_backward_apply_ie_update",
+    "affine_act_double_backward_reduce",
+    "affine_act_double_backward_apply",
     "ie_residual",
     "ie_update",
 ]
@@ -177,6 +179,83 @@ def affine_act_backward_apply_ie_update(
     _, v = _gated_input_grad(dy, x, scale, shift, mask, relu, a, b, c, center)
     acc = _acc_dtype(x)
     return (x.to(acc) - 2.0 * step_size * (e.to(acc) - theta * v)).to(x.dtype)
+
+
+def affine_act_double_backward_reduce(
+    ddx: Tensor,
+    dy: Tensor,
+    x: Tensor,
+    scale: Tensor,
+    shift: Tensor,
+    center: Tensor,
+    mask: Tensor | None,
+    relu: bool,
+    per_sample: bool,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Sums of ``ddx``, ``ddx·(x − center)`` and ``ddx·g`` (``g = dy·m``, ``m`` as in
+    :func:`affine_act_backward_reduce`).
+
+    The reduction pass of the backward of :func:`affine_act_backward_apply`: ``ddx`` is the
+    gradient flowing into its ``dx = a·g + b·(x − center) + c``, and the three sums are the
+    gradients of ``c``, ``b`` and ``a``.  Same reduction sets and shapes as the first-order
+    reduce ([C], or [N, C] when ``per_sample``).
+    """
+    acc = _acc_dtype(x)
+    m = _relu_mask(x, scale, shift, mask, relu)
+    g = dy.to(acc)
+    if m is not None:
+        g = g * m
+    dd = ddx.to(acc)
+    xc = x.to(acc) - _coef(center, x)
+    terms = (dd, dd * xc, dd * g)
+    dims = list(range(2, x.dim())) if per_sample else [0] + list(range(2, x.dim()))
+    if not dims:
+        return terms
+    return tuple(t.sum(dims) for t in terms)
+
+
+def affine_act_double_backward_apply(
+    ddx: Tensor,
+    dy: Tensor,
+    x: Tensor,
+    scale: Tensor,
+    shift: Tensor,
+    mask: Tensor | None,
+    relu: bool,
+    a: Tensor,
+    b: Tensor,
+    p: Tensor,
+    q: Tensor,
+    center: Tensor,
+    ddshortcut: Tensor | None,
+) -> tuple[Tensor, Tensor]:
+    """The elementwise pass of the backward of :func:`affine_act_backward_apply`.
+
+    ``dx = a·g + b·(x − center) + c`` with ``g = dy·m`` (``m`` piecewise constant, so its
+    derivative is zero), and the reduce sums ``S1 = Σg``, ``S2 = Σg·(x − center)`` that the
+    per-channel coefficients were computed from.  Given ``ddx`` (the gradient of dx), ``p``
+    and ``q`` (the gradients of S1 and S2) and ``ddshortcut`` (the gradient of the
+    shortcut's gradient ``g``; optional), returns
+
+        ddy = m·(a·ddx + p + q·(x − center) + ddshortcut)      (dy's dtype and layout)
+        dxx = b·ddx + q·g                                      (x's dtype and layout)
+
+    the gradients of dy and of x (at fixed ``center``; the per-channel algebra adds the
+    centre's share).  a, b, p, q, center are [C] or [N, C].
+    """
+    acc = _acc_dtype(x)
+    m = _relu_mask(x, scale, shift, mask, relu)
+    g = dy.to(acc)
+    dd = ddx.to(acc)
+    xc = x.to(acc) - _coef(center, x)
+    ddy = _coef(a, x) * dd + _coef(p, x) + _coef(q, x) * xc
+    if ddshortcut is not None:
+        ddy = ddy + ddshortcut.to(acc)
+    if m is not None:
+        ddy = ddy * m
+        g = g * m
+    dxx = _coef(b, x) * dd + _coef(q, x) * g
+    return ddy.to(dy.dtype), dxx.to(x.dtype)
 
 
 def ie_residual(x: Tensor, c: Tensor, fx: Tensor, theta: float) -> Tensor:
