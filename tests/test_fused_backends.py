@@ -98,9 +98,18 @@ def test_opcheck_custom_ops(routed_to_primitives):
                  (x, w, b, None, None, 0.5, None, None, 1e-5, 2, True, False, "triton")]:
         torch.library.opcheck(fwd, args)
     var, mean = torch.var_mean(x, (0, 2), correction=0)
+    dy, needs = torch.randn_like(x), [True, False, True, True, False]
     torch.library.opcheck(torch.ops.pyeuler.norm_act_bwd.default,
-                          (torch.randn_like(x), None, None, x, w, b, None, mean, var, None, 1.0,
-                           1e-5, 0, True, True, [True, False, True, True, False], "triton"))
+                          (dy, None, None, x, w, b, None, mean, var, None, 1.0,
+                           1e-5, 0, True, True, needs, "triton"))
+    ddx, coef = torch.randn_like(x), [torch.randn(4) for _ in range(4)]
+    for mask in (None, x > 0):
+        torch.library.opcheck(torch.ops.pyeuler.affine_act_double_backward_reduce.default,
+                              (ddx, dy, x, w, b, mean, mask, True, False, "triton"))
+        torch.library.opcheck(torch.ops.pyeuler.affine_act_double_backward_apply.default,
+                              (ddx, dy, x, w, b, mask, True, *coef, mean, s, "triton"))
+    torch.library.opcheck(torch.ops.pyeuler.affine_act_double_backward_reduce.default,
+                          (ddx, dy, x, w, b, torch.randn(3, 4), None, False, True, "triton"))
     torch.library.opcheck(torch.ops.pyeuler.ie_residual.default, (x, s, x, 0.5, "triton"))
     torch.library.opcheck(torch.ops.pyeuler.ie_update.default, (x, s, x, 0.1, 0.5, "triton"))
 

@@ -12,8 +12,9 @@ The passes come from a kernel module implementing :mod:`pyeuler.ops.primitives`:
 ``primitives`` itself for ``backend="eager"`` (torch ops, so autograd differentiates
 everything, float64 included), ``pyeuler.triton`` or ``pyeuler.cuda`` for the fused
 backends.  The fused backends run as ``torch.library`` custom ops whose backward is itself
-a custom op, differentiable once more through the eager formula, so second-order
-gradients (needed by "unrolled" IE-Skips) stay exact under ``torch.compile``.
+a custom op; its backward (the second order, needed by "unrolled" IE-Skips) is again two
+fused passes, a reduce and an elementwise apply, with BatchNorm's second-order algebra on
+per-channel vectors.  Every order stays exact under ``torch.compile``.
 
 Batch mean and variance are outputs of the forward *and differentiable*: the IE-Skip's
 VJP reuses them, and its "unrolled" gradient must flow through them.  Running statistics
@@ -122,31 +123,31 @@ def _forward_math(kernels, x, weight, bias, shortcut, h, h_value, mean_in, var_i
     return y, mean, var, mask
 
 
-def _backward_terms(kernels, dy, dmean, dvar, x, weight, bias, h, h_value, mean, var, mask, eps,
-                    groups, relu, batch_stats, needs):
-    """The reduction pass and the per-channel algebra of the backward (SPEC §3's BNᵀ).
+def _sums_needed(needs, batch_stats: bool) -> bool:
+    need_x, _, need_weight, need_bias, need_h = needs
+    return need_weight or need_bias or need_h or (need_x and batch_stats)
 
-    Returns ``(apply_args, dweight, dbias, dh)``: ``apply_args`` = (scale, shift, a, b, c,
-    center) for the elementwise pass ``dx = a·g + b·(x − center) + c``.  ``needs`` =
-    (x, shortcut, weight, bias, h) flags.  ``dmean``/``dvar`` are gradients flowing into
-    the batch statistics themselves (IE-Skip VJPs use them), or None.
+
+def _coefficients(sum_g, sum_gxc, dmean, dvar, weight, bias, h, mean, var, h_value, eps, groups,
+                  batch_stats, needs, channels, count):
+    """The per-channel half of the backward (SPEC §3's BNᵀ): from the reduce sums
+    ``Σg``, ``Σg·(x − center)`` to ``(a, b, c)`` of ``dx = a·g + b·(x − center) + c`` and
+    the parameter gradients ``(dweight, dbias, dh)`` (None where not in ``needs``).
+
+    Pure arithmetic on [C] / [N, C] vectors: the second-order backward differentiates it
+    with ``torch.func.vjp`` at negligible cost.  ``dmean``/``dvar`` are gradients flowing
+    into the batch statistics themselves (IE-Skip VJPs use them), or None.
     """
-    n, channels = x.shape[0], x.shape[1]
-    scale, shift, invstd = _forward_coefficients(mean, var, weight, bias, h, h_value, eps, groups,
-                                                 channels)
-    center = _center(mean, groups, channels)
+    invstd = torch.rsqrt(var + eps)
     w = _per_channel(weight, channels, invstd)
     step = _step(h, h_value, channels, invstd)
-    need_x, need_shortcut, need_weight, need_bias, need_h = needs
-    need_sums = need_weight or need_bias or need_h or (need_x and batch_stats)
-    dweight = dbias = dh = None
-    a = (step * w) * (invstd if groups == 0 else _expand_groups(invstd, channels))
+    invstd_c = invstd if groups == 0 else _expand_groups(invstd, channels)
+    need_x, _, need_weight, need_bias, need_h = needs
+    per_sample = groups > 0
+    a = step * w * invstd_c
     b = c = torch.zeros_like(a)
-    if need_sums:
-        per_sample = groups > 0
-        sum_g, sum_gxc = kernels.affine_act_backward_reduce(dy, x, scale, shift, center, mask, relu,
-                                                            per_sample)
-        invstd_c = invstd if groups == 0 else _expand_groups(invstd, channels)
+    dweight = dbias = dh = None
+    if sum_g is not None:
         # Σ dŷ·x̂ per (sample,) channel, where ŷ = w·x̂ + b is the normalised output.
         sum_gxhat = sum_gxc * invstd_c
         if per_sample:
@@ -158,15 +159,13 @@ def _backward_terms(kernels, dy, dmean, dvar, x, weight, bias, h, h_value, mean,
         if need_h:
             bvec = _per_channel(bias, channels, invstd) if bias is not None else torch.zeros_like(w)
             dh_c = w * sum_gxhat + bvec * sum_g
-            dh_c = dh_c.sum(0) if per_sample else dh_c
-            dh = _sum_to(dh_c, h)
+            dh = _sum_to(dh_c.sum(0) if per_sample else dh_c, h)
         if need_x and batch_stats:
-            count = _count(x, groups)
             # mean over the statistic's set of dx̂ = h·w·g and of dx̂·x̂.
             mean_dxhat = step * w * sum_g
             mean_dxhat_xhat = step * w * sum_gxhat
             if per_sample:
-                groups_shape = (n, groups, channels // groups)
+                groups_shape = (mean.shape[0], groups, channels // groups)
                 mean_dxhat = _expand_groups(mean_dxhat.reshape(groups_shape).sum(2) / count, channels)
                 mean_dxhat_xhat = _expand_groups(mean_dxhat_xhat.reshape(groups_shape).sum(2) / count,
                                                  channels)
@@ -174,19 +173,41 @@ def _backward_terms(kernels, dy, dmean, dvar, x, weight, bias, h, h_value, mean,
                 mean_dxhat, mean_dxhat_xhat = mean_dxhat / count, mean_dxhat_xhat / count
             c = -invstd_c * mean_dxhat
             b = -invstd_c * invstd_c * mean_dxhat_xhat
-    if need_x and batch_stats and (dmean is not None or dvar is not None):
-        count = _count(x, groups)
+    if need_x and batch_stats:
         if dmean is not None:
             c = c + _center(dmean, groups, channels) / count
         if dvar is not None:
             b = b + _center(dvar, groups, channels) * (2.0 / count)
-    return (scale, shift, a, b, c, center), dweight, dbias, dh
+    return a, b, c, dweight, dbias, dh
+
+
+def _backward_terms(kernels, dy, dmean, dvar, x, weight, bias, h, h_value, mean, var, mask, eps,
+                    groups, relu, batch_stats, needs):
+    """The reduction pass and the per-channel algebra of the backward.
+
+    Returns ``(apply_args, dweight, dbias, dh, sums)``: ``apply_args`` = (scale, shift, a,
+    b, c, center) for the elementwise pass ``dx = a·g + b·(x − center) + c``; ``sums`` =
+    (Σg, Σg·(x − center)) or None when nothing needs them.  ``needs`` = (x, shortcut,
+    weight, bias, h) flags.
+    """
+    channels = x.shape[1]
+    scale, shift, _ = _forward_coefficients(mean, var, weight, bias, h, h_value, eps, groups,
+                                            channels)
+    center = _center(mean, groups, channels)
+    sums = None
+    if _sums_needed(needs, batch_stats):
+        sums = kernels.affine_act_backward_reduce(dy, x, scale, shift, center, mask, relu, groups > 0)
+    a, b, c, dweight, dbias, dh = _coefficients(
+        *(sums or (None, None)), dmean, dvar, weight, bias, h, mean, var, h_value, eps, groups,
+        batch_stats, needs, channels, _count(x, groups))
+    return (scale, shift, a, b, c, center), dweight, dbias, dh, sums
 
 
 def _backward_math(kernels, dy, dmean, dvar, x, weight, bias, h, h_value, mean, var, mask, eps,
                    groups, relu, batch_stats, needs):
-    """Gradients (dx, dshortcut, dweight, dbias, dh) of the forward (see _backward_terms)."""
-    (scale, shift, a, b, c, center), dweight, dbias, dh = _backward_terms(
+    """Gradients (dx, dshortcut, dweight, dbias, dh) of the forward, and the reduce sums
+    (see _backward_terms)."""
+    (scale, shift, a, b, c, center), dweight, dbias, dh, sums = _backward_terms(
         kernels, dy, dmean, dvar, x, weight, bias, h, h_value, mean, var, mask, eps, groups, relu,
         batch_stats, needs)
     need_x, need_shortcut = needs[0], needs[1]
@@ -196,14 +217,166 @@ def _backward_math(kernels, dy, dmean, dvar, x, weight, bias, h, h_value, mean, 
                                                           center, need_shortcut)
         if not need_x:
             dx = None
-    return dx, dshortcut, dweight, dbias, dh
+    return (dx, dshortcut, dweight, dbias, dh), sums
+
+
+_BWD_INPUTS = ("dy", "dmean", "dvar", "x", "weight", "bias", "h", "mean", "var")
+_COEFFICIENT_INPUTS = ("sum_g", "sum_gxc", "dmean", "dvar", "weight", "bias", "h", "mean", "var")
+
+
+def _double_backward_math(inputs, sums, output_grads, sum_grads, config, wanted, backend):
+    """Gradients of norm_act_bwd's inputs (``_BWD_INPUTS``) from the gradients of its
+    outputs: ``output_grads`` = those of (dx, dshortcut, dweight, dbias, dh), ``sum_grads``
+    = those of the reduce sums (Σg, Σg·(x − center)).  The second order of the op.
+
+    Two passes over the activations, like the first-order backward: a reduce of the
+    gradient of dx (its sums are the gradients of a, b, c), then one elementwise pass giving
+    the gradients of dy and x; both are fused-kernel ops.  In between, the per-channel
+    algebra of :func:`_coefficients` is differentiated by ``torch.func.vjp`` on vectors.
+    Everything stays differentiable, so third and higher orders are exact too.
+    ``wanted`` flags the gradients to compute, in ``_BWD_INPUTS`` order (None elsewhere).
+    """
+    named = dict(zip(_BWD_INPUTS, inputs[:9]))
+    mask = inputs[9]
+    dy, x, mean = named["dy"], named["x"], named["mean"]
+    g_dx, g_dshortcut, g_dweight, g_dbias, g_dh = output_grads
+    h_value, eps, groups, relu, batch_stats, needs = config
+    channels, count, per_sample = x.shape[1], _count(x, groups), groups > 0
+    scale, shift, _ = _forward_coefficients(mean, named["var"], named["weight"], named["bias"],
+                                            named["h"], h_value, eps, groups, channels)
+    center = _center(mean, groups, channels)
+    primals = dict(named, sum_g=sums[0] if sums else None, sum_gxc=sums[1] if sums else None)
+    varying = [k for k in _COEFFICIENT_INPUTS if primals[k] is not None]
+
+    def coefficients(*values):
+        v = dict(primals, **dict(zip(varying, values)))
+        out = _coefficients(v["sum_g"], v["sum_gxc"], v["dmean"], v["dvar"], v["weight"], v["bias"],
+                            v["h"], v["mean"], v["var"], h_value, eps, groups, batch_stats, needs,
+                            channels, count)
+        return tuple(t for t in out if t is not None)
+
+    coeffs, coefficients_vjp = torch.func.vjp(coefficients, *[primals[k] for k in varying])
+    a, b = coeffs[0], coeffs[1]
+    g_dx = g_dx if needs[0] else None
+    if g_dx is not None:
+        sum_dd, sum_dd_xc, sum_dd_g = _double_backward_reduce_op(g_dx, dy, x, scale, shift, center,
+                                                                 mask, relu, per_sample, backend)
+        cotangents = [sum_dd_g, sum_dd_xc, sum_dd]
+    else:
+        cotangents = [torch.zeros_like(t) for t in coeffs[:3]]
+    param_grads = [g for g, need in zip((g_dweight, g_dbias, g_dh), needs[2:]) if need]
+    cotangents += [g if g is not None else torch.zeros_like(o) for g, o in zip(param_grads, coeffs[3:])]
+    grads = dict(zip(varying, coefficients_vjp(tuple(cotangents))))
+    p, q = grads.get("sum_g"), grads.get("sum_gxc")
+    if sums:  # the sums are outputs too
+        p = p if sum_grads[0] is None else p + sum_grads[0]
+        q = q if sum_grads[1] is None else q + sum_grads[1]
+    if wanted[7]:
+        # the centre (the mean, per group) enters dx = … + b·(x − center) and Σg·(x − center).
+        dcenter = -b * cotangents[2]
+        if q is not None:
+            dcenter = dcenter - q * sums[0]
+        if per_sample:
+            dcenter = dcenter.reshape(mean.shape[0], groups, channels // groups).sum(2)
+        grads["mean"] = grads["mean"] + dcenter
+    ddy = dxx = None
+    if wanted[0] or wanted[3]:
+        zeros = torch.zeros_like(a)
+        ddy, dxx = _double_backward_apply_op(
+            g_dx if g_dx is not None else torch.zeros_like(x), dy, x, scale, shift, mask, relu,
+            a, b, zeros if p is None else p, zeros if q is None else q, center,
+            g_dshortcut if needs[1] else None, backend)
+    grads.update(dy=ddy, x=dxx)
+    return tuple(grads.get(k) if want else None for k, want in zip(_BWD_INPUTS, wanted))
 
 
 # ----------------------------------------------------------------------------------------
-# Fused backends as custom ops.  The backward is a custom op too; its own backward is the
-# vector–Jacobian product of the same math written with torch ops (`primitives`).
+# Fused backends as custom ops.  norm_act_fwd's backward is norm_act_bwd; norm_act_bwd's
+# backward is written with the two double-backward kernel ops and torch ops on vectors; the
+# kernel ops' own backward is the vector–Jacobian product of the eager primitive.  So every
+# order of derivative is exact, under torch.compile too (no autograd.Function anywhere).
 
-_BWD_INPUTS = ("dy", "dmean", "dvar", "x", "weight", "bias", "h", "mean", "var")
+
+def _unaliased(outputs, inputs):
+    """Custom-op outputs may alias neither inputs nor each other; kernels may return views
+    of one buffer (their reduce sums), or, without spatial dims, an input itself."""
+    taken = {t.untyped_storage().data_ptr() for t in inputs if isinstance(t, Tensor) and t.numel()}
+    result = []
+    for t in outputs:
+        if t.numel():
+            if t.untyped_storage().data_ptr() in taken:
+                t = t.clone()
+            taken.add(t.untyped_storage().data_ptr())
+        result.append(t)
+    return tuple(result)
+
+
+def _register_eager_vjp_autograd(op_name: str, primitive) -> None:
+    """Autograd for a custom op wrapping kernel ``primitive``: the VJP of the eager version
+    (:mod:`primitives`), itself differentiable.  The op's arguments are the primitive's,
+    then ``backend``."""
+
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(*(t if isinstance(t, Tensor) else None for t in inputs))
+        ctx.constants = [None if isinstance(t, Tensor) else t for t in inputs]
+
+    def backward(ctx, *grads):
+        args = [t if t is not None else c for t, c in zip(ctx.saved_tensors, ctx.constants)]
+        varying = [i for i, t in enumerate(args) if isinstance(t, Tensor) and t.is_floating_point()
+                   and ctx.needs_input_grad[i]]
+
+        def eager(*tensors):
+            values = list(args)
+            for i, t in zip(varying, tensors):
+                values[i] = t
+            return tuple(primitive(*values[:-1]))
+
+        outs, vjp = torch.func.vjp(eager, *[args[i] for i in varying])
+        cotangents = tuple(g if g is not None else torch.zeros_like(o) for g, o in zip(grads, outs))
+        result = [None] * len(args)
+        for i, g in zip(varying, vjp(cotangents)):
+            result[i] = g
+        return tuple(result)
+
+    torch.library.register_autograd(op_name, backward, setup_context=setup_context)
+
+
+@torch.library.custom_op("pyeuler::affine_act_double_backward_reduce", mutates_args=())
+def _double_backward_reduce_op(ddx: Tensor, dy: Tensor, x: Tensor, scale: Tensor, shift: Tensor,
+                               center: Tensor, mask: Tensor | None, relu: bool, per_sample: bool,
+                               backend: str) -> tuple[Tensor, Tensor, Tensor]:
+    sums = _kernels(backend).affine_act_double_backward_reduce(ddx, dy, x, scale, shift, center,
+                                                               mask, relu, per_sample)
+    return _unaliased(sums, (ddx, dy, x, scale, shift, center, mask))
+
+
+@_double_backward_reduce_op.register_fake
+def _(ddx, dy, x, scale, shift, center, mask, relu, per_sample, backend):
+    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    shape = x.shape[:2] if per_sample else x.shape[1:2]
+    return tuple(x.new_empty(shape, dtype=acc) for _ in range(3))
+
+
+_register_eager_vjp_autograd("pyeuler::affine_act_double_backward_reduce",
+                             primitives.affine_act_double_backward_reduce)
+
+
+@torch.library.custom_op("pyeuler::affine_act_double_backward_apply", mutates_args=())
+def _double_backward_apply_op(ddx: Tensor, dy: Tensor, x: Tensor, scale: Tensor, shift: Tensor,
+                              mask: Tensor | None, relu: bool, a: Tensor, b: Tensor, p: Tensor,
+                              q: Tensor, center: Tensor, ddshortcut: Tensor | None,
+                              backend: str) -> tuple[Tensor, Tensor]:
+    return tuple(_kernels(backend).affine_act_double_backward_apply(
+        ddx, dy, x, scale, shift, mask, relu, a, b, p, q, center, ddshortcut))
+
+
+@_double_backward_apply_op.register_fake
+def _(ddx, dy, x, scale, shift, mask, relu, a, b, p, q, center, ddshortcut, backend):
+    return torch.empty_like(x, dtype=dy.dtype), torch.empty_like(x)
+
+
+_register_eager_vjp_autograd("pyeuler::affine_act_double_backward_apply",
+                             primitives.affine_act_double_backward_apply)
 
 
 @torch.library.custom_op("pyeuler::norm_act_fwd", mutates_args=())
@@ -265,6 +438,10 @@ torch.library.register_autograd("pyeuler::norm_act_fwd", _fwd_backward,
                                 setup_context=_fwd_setup_context)
 
 
+def _empty_if_none(values, like: Tensor):
+    return tuple(v if v is not None else like.new_empty(0) for v in values)
+
+
 @torch.library.custom_op("pyeuler::norm_act_bwd", mutates_args=())
 def _norm_act_bwd(
     dy: Tensor,
@@ -284,10 +461,13 @@ def _norm_act_bwd(
     batch_stats: bool,
     needs: list[bool],
     backend: str,
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    grads = _backward_math(_kernels(backend), dy, dmean, dvar, x, weight, bias, h, h_value, mean, var,
-                           mask, eps, groups, relu, batch_stats, tuple(needs))
-    return tuple(g if g is not None else x.new_empty(0) for g in grads)
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """The five gradients, then the reduce sums (Σg, Σg·(x − center)), kept for the
+    second order; empty tensors stand for None."""
+    grads, sums = _backward_math(_kernels(backend), dy, dmean, dvar, x, weight, bias, h, h_value,
+                                 mean, var, mask, eps, groups, relu, batch_stats, tuple(needs))
+    return _unaliased(_empty_if_none(grads + (sums or (None, None)), x),
+                      (dy, dmean, dvar, x, weight, bias, h, mean, var, mask))
 
 
 @_norm_act_bwd.register_fake
@@ -295,43 +475,39 @@ def _(dy, dmean, dvar, x, weight, bias, h, mean, var, mask, h_value, eps, groups
       needs, backend):
     empty = x.new_empty(0)
     param = mean.new_empty(x.shape[1])
+    sum_shape = (x.shape[1],) if groups == 0 else (x.shape[0], x.shape[1])
+    sums = _sums_needed(needs, batch_stats)
     return (
         torch.empty_like(x) if needs[0] else empty,
         torch.empty_like(dy) if needs[1] else empty.clone(),
         param.clone() if needs[2] else empty.clone(),
         param.clone() if needs[3] else empty.clone(),
         mean.new_empty(h.shape) if needs[4] and h is not None else empty.clone(),
+        mean.new_empty(sum_shape) if sums else empty.clone(),
+        mean.new_empty(sum_shape) if sums else empty.clone(),
     )
 
 
 def _bwd_setup_context(ctx, inputs, output):
-    ctx.save_for_backward(*inputs[:10])
+    sums = output[5:] if output[5].numel() else (None, None)
+    ctx.save_for_backward(*inputs[:10], *sums)
     ctx.config = inputs[10:]
 
 
-def _bwd_backward(ctx, *grad_outputs):
-    """Second order: VJP of the eager formula (torch ops), so BN's second-order terms stay."""
-    saved = ctx.saved_tensors
-    dy, dmean, dvar, x, weight, bias, h, mean, var, mask = saved
-    h_value, eps, groups, relu, batch_stats, needs, _ = ctx.config
-    named = dict(zip(_BWD_INPUTS, (dy, dmean, dvar, x, weight, bias, h, mean, var)))
-    wrt = [k for i, k in enumerate(_BWD_INPUTS)
-           if named[k] is not None and ctx.needs_input_grad[i]]
+def _none_if_empty(t: Tensor | None) -> Tensor | None:
+    return t if t is not None and t.numel() else None
 
-    def formula(*tensors):
-        values = dict(named, **dict(zip(wrt, tensors)))
-        outs = _backward_math(primitives, values["dy"], values["dmean"], values["dvar"],
-                              values["x"], values["weight"], values["bias"], values["h"], h_value,
-                              values["mean"], values["var"], mask, eps, groups, relu, batch_stats,
-                              tuple(needs))
-        return tuple(o for o in outs if o is not None)
 
-    outs, vjp = torch.func.vjp(formula, *[named[k] for k in wrt])
-    given = [g for g, needed in zip(grad_outputs, needs) if needed]
-    cotangents = tuple(g if g is not None and g.numel() else torch.zeros_like(o)
-                       for g, o in zip(given, outs))
-    grads = dict(zip(wrt, vjp(cotangents)))
-    return (*(grads.get(k) for k in _BWD_INPUTS), None, None, None, None, None, None, None, None)
+def _bwd_backward(ctx, *output_grads):
+    *inputs, sum_g, sum_gxc = ctx.saved_tensors
+    h_value, eps, groups, relu, batch_stats, needs, backend = ctx.config
+    sums = None if sum_g is None else (sum_g, sum_gxc)
+    wanted = [ctx.needs_input_grad[i] and inputs[i] is not None for i in range(9)]
+    grads = _double_backward_math(inputs, sums, [_none_if_empty(g) for g in output_grads[:5]],
+                                  [_none_if_empty(g) for g in output_grads[5:]],
+                                  (h_value, eps, groups, relu, batch_stats, tuple(needs)), wanted,
+                                  backend)
+    return (*grads, *(None,) * 8)
 
 
 torch.library.register_autograd("pyeuler::norm_act_bwd", _bwd_backward,
@@ -476,11 +652,12 @@ def norm_act_backward(dy, x, weight, bias, h, h_value, mean, var, mask, eps, gro
     entries are None.
     """
     if backend == "eager":
-        return _backward_math(primitives, dy, dmean, dvar, x, weight, bias, h, h_value, mean, var,
-                              mask, eps, groups, relu, batch_stats, tuple(needs))
+        grads, _ = _backward_math(primitives, dy, dmean, dvar, x, weight, bias, h, h_value, mean,
+                                  var, mask, eps, groups, relu, batch_stats, tuple(needs))
+        return grads
     grads = _norm_act_bwd(dy, dmean, dvar, x, weight, bias, h, mean, var, mask, h_value, eps, groups,
                           relu, batch_stats, list(needs), backend)
-    return tuple(g if need else None for g, need in zip(grads, needs))
+    return tuple(g if need else None for g, need in zip(grads[:5], needs))
 
 
 def norm_relu_backward_ie_update(dy: Tensor, stats: NormStats, norm: torch.nn.Module, e: Tensor,
