@@ -300,6 +300,94 @@ def test_affine_act_low_precision(dtype, layout):
     assert_lowp(dshortcut, ds_eager, ds64)
 
 
+
+# ----------------------------------------------------------------------------- double backward
+
+
+def _expected_double_sums(ddx, dy, x, scale, shift, center, mask, relu, per_sample):
+    """float64 sums, and the sums of |terms| that bound their float32 rounding."""
+    sums64 = ref.affine_act_double_backward_reduce(*to64(ddx, dy, x, scale, shift, center), mask, relu,
+                                                   per_sample)
+    abs_dd, _, abs_ddg = ref.affine_act_double_backward_reduce(
+        *to64(ddx.abs(), dy.abs(), x, scale, shift, center), mask, relu, per_sample)
+    abs_ddxc = ref.affine_act_double_backward_reduce(
+        *to64(ddx.abs(), dy, (x - ref._coef(center, x)).abs(), scale, shift, torch.zeros_like(center)),
+        None, False, per_sample)[1]
+    return sums64, (abs_dd, abs_ddxc, abs_ddg)
+
+
+def _check_double_sums(ddx, dy, x, scale, shift, center, mask, relu, per_sample):
+    sums = tri.affine_act_double_backward_reduce(ddx, dy, x, scale, shift, center, mask, relu, per_sample)
+    sums64, magnitudes = _expected_double_sums(ddx, dy, x, scale, shift, center, mask, relu, per_sample)
+    assert len(sums) == 3
+    for got, want, magnitude in zip(sums, sums64, magnitudes):
+        assert got.dtype == torch.float32 and got.shape == want.shape
+        assert_sums_close(got, want, magnitude)
+
+
+@pytest.mark.parametrize("shape,layout", cases())
+@pytest.mark.parametrize("variants", REDUCE_VARIANTS)
+def test_affine_act_double_backward_reduce_fp32(shape, layout, variants):
+    per_sample_coef, flag_sets = REDUCE_VARIANTS[variants]
+    dy, x, scale, shift, center = _reduce_inputs(shape, layout, per_sample_coef)
+    ddx = make(shape, "strided")
+    saved = ref.affine_act_forward(x, scale, shift, None, True, True)[1]
+    for use_saved, relu, per_sample in flag_sets:
+        _check_double_sums(ddx, dy, x, scale, shift, center, saved if use_saved else None, relu, per_sample)
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_affine_act_double_backward_reduce_many_splits(layout):
+    """Several partials per sum, merged by the second stage (three sums at once)."""
+    dy, x, scale, shift, center = _reduce_inputs((8, 3, 16, 16), layout, False)
+    _check_double_sums(make((8, 3, 16, 16), layout), dy, x, scale, shift, center, None, True, False)
+
+
+@pytest.mark.parametrize("shape,layout", cases())
+@pytest.mark.parametrize("per_sample", [False, True], ids=["per_channel", "per_sample"])
+def test_affine_act_double_backward_apply_fp32(shape, layout, per_sample):
+    dy, x, scale, shift, center = _reduce_inputs(shape, layout, per_sample)
+    a, b, p, q = (coef(x, per_sample) for _ in range(4))
+    saved = ref.affine_act_forward(x, scale, shift, make(shape), True, True)[1]
+    for mask, relu, ddx_layout, ddshortcut in [(None, True, layout, make(shape, "strided")),
+                                               (saved, True, "contiguous", None),
+                                               (None, False, "strided", make(shape, layout))]:
+        args = (make(shape, ddx_layout), dy, x, scale, shift, mask, relu, a, b, p, q, center, ddshortcut)
+        ddy, dxx = tri.affine_act_double_backward_apply(*args)
+        ddy_ref, dxx_ref = ref.affine_act_double_backward_apply(*args)
+        assert ddy.dtype == dy.dtype and dxx.dtype == x.dtype
+        assert_close32(ddy, ddy_ref)
+        assert_close32(dxx, dxx_ref)
+        if layout != "strided":
+            assert ddy.stride() == dxx.stride() == x.stride()
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_affine_act_double_backward_low_precision(dtype, layout):
+    shape = (3, 6, 5, 7)
+    x, dy, ddshortcut = (make(shape, layout, dtype) for _ in range(3))
+    ddx = make(shape, layout)  # float32 ddx with low-precision activations: dtypes may differ
+    scale, shift, center = coef(x, False), coef(x, False), coef(x, False)
+    a, b, p, q = (coef(x, True) for _ in range(4))  # GroupNorm-like [N, C]
+    # the float64 references with the gate as float32 computes it (recomputed at ~0 it may flip)
+    gate = ref._coef(scale, x) * x.float() + ref._coef(shift, x) > 0
+
+    sums = tri.affine_act_double_backward_reduce(ddx, dy, x, scale, shift, center, None, True, False)
+    eager = ref.affine_act_double_backward_reduce(ddx, dy, x, scale, shift, center, None, True, False)
+    exact = ref.affine_act_double_backward_reduce(*to64(ddx, dy, x, scale, shift, center), gate, True, False)
+    for got, e, ex in zip(sums, eager, exact):
+        assert_lowp(got, e, ex, floor=1e-5)
+
+    args = (ddx, dy, x, scale, shift, None, True, a, b, p, q, center, ddshortcut)
+    ddy, dxx = tri.affine_act_double_backward_apply(*args)
+    eager = ref.affine_act_double_backward_apply(*args)
+    exact = ref.affine_act_double_backward_apply(*to64(ddx, dy, x, scale, shift), gate, True,
+                                                 *to64(a, b, p, q, center, ddshortcut))
+    assert ddy.dtype == dxx.dtype == dtype
+    assert_lowp(ddy, eager[0], exact[0])
+    assert_lowp(dxx, eager[1], exact[1])
+
 # ----------------------------------------------------------------------------- IE-Skip
 
 
@@ -351,6 +439,15 @@ def test_int64_offset_kernels_agree(layout, monkeypatch):
     assert_close32(tri.ie_update(x, dy, shortcut, 0.1, 1.0), ref.ie_update(x, dy, shortcut, 0.1, 1.0))
     args = (dy, x, scale, shift, mask, True, scale, shift, center, center, shortcut, 0.1, 1.0)
     assert_close32(tri.affine_act_backward_apply_ie_update(*args), ref.affine_act_backward_apply_ie_update(*args))
+    ddx = shortcut
+    for per_sample in (False, True):
+        args = (ddx, dy, x, scale, shift, center, mask, True, per_sample)
+        got = tri.affine_act_double_backward_reduce(*args)
+        for g, w in zip(got, ref.affine_act_double_backward_reduce(*args)):
+            assert_close32(g, w)
+    args = (ddx, dy, x, scale, shift, mask, True, scale, shift, center, center, center, shortcut)
+    for g, w in zip(tri.affine_act_double_backward_apply(*args), ref.affine_act_double_backward_apply(*args)):
+        assert_close32(g, w)
 
 
 # ----------------------------------------------------------------------------- errors
@@ -383,6 +480,25 @@ def test_errors_name_the_argument():
         tri.ie_residual(x, x, x[0], 1.0)
     with pytest.raises(TypeError, match="step_size must be a Python float"):
         tri.ie_update(x, x, x, torch.tensor(0.1), 1.0)
+
+
+def test_double_backward_errors_name_the_argument():
+    x = make((2, 4, 3, 3))
+    s = torch.ones(4, device=DEVICE)
+    with pytest.raises(ValueError, match="ddx must have x's shape"):
+        tri.affine_act_double_backward_reduce(x[:1], x, x, s, s, s, None, True, False)
+    with pytest.raises(TypeError, match="dy must be"):
+        tri.affine_act_double_backward_reduce(x, x.double(), x, s, s, s, None, True, False)
+    with pytest.raises(TypeError, match="mask must be bool"):
+        tri.affine_act_double_backward_reduce(x, x, x, s, s, s, x, True, False)
+    with pytest.raises(TypeError, match="ddx must be"):
+        tri.affine_act_double_backward_apply(x.to(torch.int32), x, x, s, s, None, True, s, s, s, s, s, None)
+    with pytest.raises(ValueError, match=r"q must have shape"):
+        tri.affine_act_double_backward_apply(x, x, x, s, s, None, True, s, s, s, s[:2], s, None)
+    with pytest.raises(TypeError, match="p must be float32"):
+        tri.affine_act_double_backward_apply(x, x, x, s, s, None, True, s, s, s.double(), s, s, None)
+    with pytest.raises(ValueError, match="ddshortcut must have x's shape"):
+        tri.affine_act_double_backward_apply(x, x, x, s, s, None, True, s, s, s, s, s, x[:, :2])
 
 
 def test_import_without_triton_gives_a_clear_error():
@@ -431,6 +547,14 @@ def test_wrn_shapes_bf16_on_gpu(shape, layout):
     assert all(torch.equal(a, b) for a, b in zip(first, again))  # no atomics: bitwise repeatable
     exact = ref.affine_act_backward_reduce(*to64(dy, x, scale, shift, center), mask, True, False)
     eager = ref.affine_act_backward_reduce(dy, x, scale, shift, center, mask, True, False)
+    for got, e, ex in zip(first, eager, exact):
+        assert_lowp(got, e, ex, floor=1e-5)
+    ddx = make(shape, layout, torch.bfloat16)
+    first = tri.affine_act_double_backward_reduce(ddx, dy, x, scale, shift, center, mask, True, False)
+    again = tri.affine_act_double_backward_reduce(ddx, dy, x, scale, shift, center, mask, True, False)
+    assert all(torch.equal(a, b) for a, b in zip(first, again))
+    exact = ref.affine_act_double_backward_reduce(*to64(ddx, dy, x, scale, shift, center), mask, True, False)
+    eager = ref.affine_act_double_backward_reduce(ddx, dy, x, scale, shift, center, mask, True, False)
     for got, e, ex in zip(first, eager, exact):
         assert_lowp(got, e, ex, floor=1e-5)
 

@@ -19,6 +19,8 @@ __all__ = [
     "affine_act_backward_reduce",
     "affine_act_backward_apply",
     "affine_act_backward_apply_ie_update",
+    "affine_act_double_backward_reduce",
+    "affine_act_double_backward_apply",
     "ie_residual",
     "ie_update",
 ]
@@ -49,6 +51,8 @@ if _IMPORT_ERROR is None:
         affine_act_backward_apply,
         affine_act_backward_apply_ie_update,
         affine_act_backward_reduce,
+        affine_act_double_backward_apply,
+        affine_act_double_backward_reduce,
         affine_act_forward,
     )
     from pyeuler.triton.ie import ie_residual, ie_update

@@ -7,7 +7,10 @@
   so deterministic); the ``[C]`` sums are what SyncBatchNorm would all-reduce;
 - backward apply: ``dx = a·g + b·(x − center) + c`` and optionally ``g`` for the shortcut;
   or, as the IE-Skip's last VJP pass, the step ``x − 2γ·(e − θ·dx)`` in dx's place (one more
-  read, e; v = dx is never written).
+  read, e; v = dx is never written);
+- double backward (the backward of backward apply, for second-order gradients): the same
+  reduce over ``ddx`` with a third sum ``ddx·g``, and one elementwise pass writing both
+  ``ddy = m·(a·ddx + p + q·(x − center) + ddshortcut)`` and ``dxx = b·ddx + q·g``.
 
 Tiles are ``[outer, inner]`` with ``inner`` the contiguous axis (see ``_utils``): planar x
 tiles ``[planes, S]`` (a coefficient per tile row), channels-last x tiles ``[N·S rows, C]``
@@ -43,6 +46,8 @@ __all__ = [
     "affine_act_backward_reduce",
     "affine_act_backward_apply",
     "affine_act_backward_apply_ie_update",
+    "affine_act_double_backward_reduce",
+    "affine_act_double_backward_apply",
 ]
 
 # Elementwise passes are autotuned (their results do not depend on the tiling): 2-4K-element
@@ -95,17 +100,26 @@ def _elementwise_tile(n_outer, n_inner, BLOCK_O: tl.constexpr, BLOCK_I: tl.const
 
 
 @triton.jit
-def _gated_grad(dy, x, mask_ptr, offsets, ok, scale_ptr, shift_ptr, coef, coef_ok,
-                LOAD_MASK: tl.constexpr, RECOMPUTE_MASK: tl.constexpr):
-    """``g = dy·m``: m is the saved mask, else ``scale·x + shift > 0``, else 1."""
+def _gate(x, mask_ptr, offsets, ok, scale_ptr, shift_ptr, coef, coef_ok,
+          LOAD_MASK: tl.constexpr, RECOMPUTE_MASK: tl.constexpr):
+    """The ReLU gate ``m`` as 0./1.: the saved mask, else ``scale·x + shift > 0``, else 1."""
     if LOAD_MASK:
-        keep = tl.load(mask_ptr + offsets, mask=ok, other=0)
-        dy = dy * keep.to(tl.float32)
+        m = tl.load(mask_ptr + offsets, mask=ok, other=0).to(tl.float32)
     elif RECOMPUTE_MASK:
         scale = tl.load(scale_ptr + coef, mask=coef_ok, other=0.0)
         shift = tl.load(shift_ptr + coef, mask=coef_ok, other=0.0)
-        dy = dy * (scale * x + shift > 0).to(tl.float32)
-    return dy
+        m = (scale * x + shift > 0).to(tl.float32)
+    else:
+        m = tl.zeros_like(x) + 1.0  # the multiplications by it fold away when compiled
+    return m
+
+
+@triton.jit
+def _gated_grad(dy, x, mask_ptr, offsets, ok, scale_ptr, shift_ptr, coef, coef_ok,
+                LOAD_MASK: tl.constexpr, RECOMPUTE_MASK: tl.constexpr):
+    """``g = dy·m`` (see ``_gate``)."""
+    return dy * _gate(x, mask_ptr, offsets, ok, scale_ptr, shift_ptr, coef, coef_ok,
+                      LOAD_MASK, RECOMPUTE_MASK)
 
 
 @triton.autotune(configs=_ELEMENTWISE_CONFIGS, key=["n_outer", "n_inner"])
@@ -137,17 +151,20 @@ def _affine_act_forward_kernel(
 @triton.heuristics({"BLOCK_R": lambda a: outer_block(a["TILE"], a["BLOCK_C"], a["rows_per_split"])})
 @triton.jit
 def _grad_sums_columns_kernel(
-    dy_ptr, x_ptr, scale_ptr, shift_ptr, center_ptr, mask_ptr, sum_g_ptr, sum_gx_ptr,
-    rows_per_segment, C, S, rows_per_split, n_segments,
+    dy_ptr, x_ptr, ddx_ptr, scale_ptr, shift_ptr, center_ptr, mask_ptr, parts_ptr,
+    rows_per_segment, C, S, rows_per_split, n_segments, sum_stride,
     PER_SAMPLE: tl.constexpr, LOAD_MASK: tl.constexpr, RECOMPUTE_MASK: tl.constexpr,
+    DOUBLE_BACKWARD: tl.constexpr,
     BLOCK_C: tl.constexpr, TILE: tl.constexpr, BLOCK_R: tl.constexpr, WIDE_INDEX: tl.constexpr,
 ):
-    """Channels-last partial sums over rows ``n·S + s``.
+    """Channels-last partial sums of ``w``, ``w·(x − center)`` (and ``w·g``) over rows ``n·S + s``.
+
+    ``w = g = dy·m``; with ``DOUBLE_BACKWARD``, ``w = ddx`` and the third sum is added.
 
     Grid ``(n_segments, cdiv(C, BLOCK_C), n_splits)``: segment = sample (per-sample sums,
     ``rows_per_segment = S``) or the whole batch (``n_segments = 1``).  Partials go to
-    ``[n_splits, n_segments·C]``.  Accumulates whole tiles in registers and reduces across
-    rows once at the end.
+    ``[n_sums, n_splits, n_segments·C]`` (``sum_stride`` apart).  Accumulates whole tiles in
+    registers and reduces across rows once at the end.
     """
     segment = tl.program_id(0)
     split = tl.program_id(2)
@@ -159,8 +176,9 @@ def _grad_sums_columns_kernel(
     row_start = segment_start + split * rows_per_split
     row_stop = tl.minimum(row_start + rows_per_split, segment_start + rows_per_segment)
 
-    acc_g = tl.zeros([BLOCK_R, BLOCK_C], dtype=tl.float32)
-    acc_gx = tl.zeros([BLOCK_R, BLOCK_C], dtype=tl.float32)
+    acc_w = tl.zeros([BLOCK_R, BLOCK_C], dtype=tl.float32)
+    acc_wx = tl.zeros([BLOCK_R, BLOCK_C], dtype=tl.float32)
+    acc_wg = tl.zeros([BLOCK_R, BLOCK_C], dtype=tl.float32)  # compiled away unless DOUBLE_BACKWARD
     for r0 in range(row_start, row_stop, BLOCK_R):
         rows = r0 + tl.arange(0, BLOCK_R)
         row_ok = rows < row_stop
@@ -172,26 +190,36 @@ def _grad_sums_columns_kernel(
         g = _gated_grad(dy, x, mask_ptr, offsets, ok, scale_ptr, shift_ptr, coef, coef_ok,
                         LOAD_MASK, RECOMPUTE_MASK)
         center = tl.load(center_ptr + coef, mask=coef_ok, other=0.0)
-        acc_g += g
-        acc_gx += g * (x - center)  # g is 0 on masked lanes
+        if DOUBLE_BACKWARD:
+            w = tl.load(ddx_ptr + offsets, mask=ok, other=0.0).to(tl.float32)
+            acc_wg += w * g
+        else:
+            w = g
+        acc_w += w
+        acc_wx += w * (x - center)  # w is 0 on masked lanes
 
     out = (split * n_segments + segment) * C + cols
-    tl.store(sum_g_ptr + out, tl.sum(acc_g, axis=0), mask=col_ok)
-    tl.store(sum_gx_ptr + out, tl.sum(acc_gx, axis=0), mask=col_ok)
+    tl.store(parts_ptr + out, tl.sum(acc_w, axis=0), mask=col_ok)
+    tl.store(parts_ptr + sum_stride + out, tl.sum(acc_wx, axis=0), mask=col_ok)
+    if DOUBLE_BACKWARD:
+        tl.store(parts_ptr + 2 * sum_stride + out, tl.sum(acc_wg, axis=0), mask=col_ok)
 
 
 @triton.heuristics({"BLOCK_P": lambda a: outer_block(a["TILE"], a["BLOCK_S"], a["planes_per_split"])})
 @triton.jit
 def _grad_sums_planes_kernel(
-    dy_ptr, x_ptr, scale_ptr, shift_ptr, center_ptr, mask_ptr, sum_g_ptr, sum_gx_ptr,
-    n_results, planes_per_result, planes_per_split, C, S,
+    dy_ptr, x_ptr, ddx_ptr, scale_ptr, shift_ptr, center_ptr, mask_ptr, parts_ptr,
+    n_results, planes_per_result, planes_per_split, C, S, sum_stride,
     PER_SAMPLE: tl.constexpr, LOAD_MASK: tl.constexpr, RECOMPUTE_MASK: tl.constexpr,
+    DOUBLE_BACKWARD: tl.constexpr,
     BLOCK_S: tl.constexpr, TILE: tl.constexpr, BLOCK_P: tl.constexpr, WIDE_INDEX: tl.constexpr,
 ):
-    """Planar partial sums: result ``k`` sums planes ``k + o·C`` (o < planes_per_result).
+    """Planar partial sums (terms as in the columns kernel): result ``k`` sums planes
+    ``k + o·C`` (o < planes_per_result).
 
     Per-channel: k = c, planes_per_result = N.  Per-sample: k = n·C + c, one plane.
-    Grid ``(n_results, n_splits)``; partials go to ``[n_splits, n_results]``.
+    Grid ``(n_results, n_splits)``; partials go to ``[n_sums, n_splits, n_results]``
+    (``sum_stride`` apart).
     """
     result = tl.program_id(0)
     split = tl.program_id(1)
@@ -200,8 +228,9 @@ def _grad_sums_planes_kernel(
     o_start = split * planes_per_split
     o_stop = tl.minimum(o_start + planes_per_split, planes_per_result)
 
-    acc_g = tl.zeros([BLOCK_P, BLOCK_S], dtype=tl.float32)
-    acc_gx = tl.zeros([BLOCK_P, BLOCK_S], dtype=tl.float32)
+    acc_w = tl.zeros([BLOCK_P, BLOCK_S], dtype=tl.float32)
+    acc_wx = tl.zeros([BLOCK_P, BLOCK_S], dtype=tl.float32)
+    acc_wg = tl.zeros([BLOCK_P, BLOCK_S], dtype=tl.float32)  # compiled away unless DOUBLE_BACKWARD
     for o0 in range(o_start, o_stop, BLOCK_P):
         o = o0 + tl.arange(0, BLOCK_P)
         plane_ok = o < o_stop
@@ -217,27 +246,35 @@ def _grad_sums_planes_kernel(
             x = tl.load(x_ptr + offsets, mask=ok, other=0.0).to(tl.float32)
             g = _gated_grad(dy, x, mask_ptr, offsets, ok, scale_ptr, shift_ptr, coef, coef_ok,
                             LOAD_MASK, RECOMPUTE_MASK)
-            acc_g += g
-            acc_gx += g * (x - center)  # g is 0 on masked lanes
+            if DOUBLE_BACKWARD:
+                w = tl.load(ddx_ptr + offsets, mask=ok, other=0.0).to(tl.float32)
+                acc_wg += w * g
+            else:
+                w = g
+            acc_w += w
+            acc_wx += w * (x - center)  # w is 0 on masked lanes
 
     out = split * n_results + result
-    tl.store(sum_g_ptr + out, tl.sum(acc_g))
-    tl.store(sum_gx_ptr + out, tl.sum(acc_gx))
+    tl.store(parts_ptr + out, tl.sum(acc_w))
+    tl.store(parts_ptr + sum_stride + out, tl.sum(acc_wx))
+    if DOUBLE_BACKWARD:
+        tl.store(parts_ptr + 2 * sum_stride + out, tl.sum(acc_wg))
 
 
 @triton.jit
-def _sum_partials_kernel(g_parts_ptr, gx_parts_ptr, sum_g_ptr, sum_gx_ptr, n_parts, K,
-                         BLOCK_K: tl.constexpr):
-    """Sum ``[n_parts, K]`` partials along parts, in order (deterministic)."""
+def _sum_partials_kernel(parts_ptr, sums_ptr, n_parts, K, BLOCK_K: tl.constexpr):
+    """Sum ``[n_sums, n_parts, K]`` partials along parts, in order (deterministic).
+
+    Grid ``(cdiv(K, BLOCK_K), n_sums)``; sums go to ``[n_sums, K]``.
+    """
+    which = tl.program_id(1)
     ks = tl.program_id(0) * BLOCK_K + tl.arange(0, BLOCK_K)
     ok = ks < K
-    sum_g = tl.zeros([BLOCK_K], dtype=tl.float32)
-    sum_gx = tl.zeros([BLOCK_K], dtype=tl.float32)
+    parts_ptr += which * n_parts * K
+    total = tl.zeros([BLOCK_K], dtype=tl.float32)
     for p in range(0, n_parts):
-        sum_g += tl.load(g_parts_ptr + p * K + ks, mask=ok, other=0.0)
-        sum_gx += tl.load(gx_parts_ptr + p * K + ks, mask=ok, other=0.0)
-    tl.store(sum_g_ptr + ks, sum_g, mask=ok)
-    tl.store(sum_gx_ptr + ks, sum_gx, mask=ok)
+        total += tl.load(parts_ptr + p * K + ks, mask=ok, other=0.0)
+    tl.store(sums_ptr + which * K + ks, total, mask=ok)
 
 
 @triton.autotune(configs=_ELEMENTWISE_CONFIGS, key=["n_outer", "n_inner"])
@@ -274,6 +311,38 @@ def _affine_act_backward_apply_kernel(
     tl.store(dx_ptr + offsets, dx.to(dx_ptr.dtype.element_ty), mask=ok)
     if WANT_DSHORTCUT:
         tl.store(dshortcut_ptr + offsets, g.to(dshortcut_ptr.dtype.element_ty), mask=ok)
+
+
+@triton.autotune(configs=_ELEMENTWISE_CONFIGS, key=["n_outer", "n_inner"])
+@triton.heuristics({"BLOCK_O": lambda a: outer_block(a["TILE"], a["BLOCK_I"], a["n_outer"])})
+@triton.jit
+def _affine_act_double_backward_apply_kernel(
+    ddx_ptr, dy_ptr, x_ptr, scale_ptr, shift_ptr, mask_ptr, a_ptr, b_ptr, p_ptr, q_ptr,
+    center_ptr, ddshortcut_ptr, ddy_ptr, dxx_ptr,
+    n_outer, n_inner, C, S,
+    CHANNELS_LAST: tl.constexpr, PER_SAMPLE: tl.constexpr, LOAD_MASK: tl.constexpr,
+    RECOMPUTE_MASK: tl.constexpr, HAS_DDSHORTCUT: tl.constexpr,
+    BLOCK_I: tl.constexpr, TILE: tl.constexpr, BLOCK_O: tl.constexpr, WIDE_INDEX: tl.constexpr,
+):
+    """``ddy = m·(a·ddx + p + q·(x − center) + ddshortcut)`` and ``dxx = b·ddx + q·g``."""
+    outer, inner, outer_ok, inner_ok, offsets, ok = _elementwise_tile(
+        n_outer, n_inner, BLOCK_O, BLOCK_I, WIDE_INDEX)
+    coef, coef_ok = _coef_index(outer, inner, outer_ok, inner_ok, C, S, CHANNELS_LAST, PER_SAMPLE)
+    ddx = tl.load(ddx_ptr + offsets, mask=ok, other=0.0).to(tl.float32)
+    dy = tl.load(dy_ptr + offsets, mask=ok, other=0.0).to(tl.float32)
+    x = tl.load(x_ptr + offsets, mask=ok, other=0.0).to(tl.float32)
+    m = _gate(x, mask_ptr, offsets, ok, scale_ptr, shift_ptr, coef, coef_ok, LOAD_MASK, RECOMPUTE_MASK)
+    a = tl.load(a_ptr + coef, mask=coef_ok, other=0.0)
+    b = tl.load(b_ptr + coef, mask=coef_ok, other=0.0)
+    p = tl.load(p_ptr + coef, mask=coef_ok, other=0.0)
+    q = tl.load(q_ptr + coef, mask=coef_ok, other=0.0)
+    center = tl.load(center_ptr + coef, mask=coef_ok, other=0.0)
+    ddy = a * ddx + p + q * (x - center)
+    if HAS_DDSHORTCUT:
+        ddy += tl.load(ddshortcut_ptr + offsets, mask=ok, other=0.0).to(tl.float32)
+    dxx = b * ddx + q * (dy * m)
+    tl.store(ddy_ptr + offsets, (m * ddy).to(ddy_ptr.dtype.element_ty), mask=ok)
+    tl.store(dxx_ptr + offsets, dxx.to(dxx_ptr.dtype.element_ty), mask=ok)
 
 
 # ----------------------------------------------------------------------------- host side
@@ -325,6 +394,61 @@ def affine_act_forward(
     return y, mask
 
 
+def _grad_sums(dy, x, scale, shift, center, mask, relu, per_sample, ddx=None):
+    """Validate and launch the split reduction, then merge its partials in order.
+
+    Sums of ``g``, ``g·(x − center)``; with ``ddx``, of ``ddx``, ``ddx·(x − center)``,
+    ``ddx·g``.  Each float32, ``[C]`` or ``[N, C]`` if per_sample.
+    """
+    check_activation(x)
+    check_like(dy, "dy", x)
+    if ddx is not None:
+        check_like(ddx, "ddx", x)
+    _check_mask(mask, x)
+    per_sample_coef, (scale, shift, center) = coefficients(x, scale=scale, shift=shift, center=center)
+    x, channels_last = dense_layout(x)
+    dy = same_layout(dy, x)
+    if ddx is not None:
+        ddx = same_layout(ddx, x)
+    if mask is not None:
+        mask = same_layout(mask, x)
+    n, c, s = x.shape[0], x.shape[1], spatial_size(x)
+    out_shape = (n, c) if per_sample else (c,)
+    n_sums = 2 if ddx is None else 3
+    if x.numel() == 0:
+        return tuple(torch.zeros(out_shape, device=x.device, dtype=torch.float32) for _ in range(n_sums))
+    flags = dict(PER_SAMPLE=per_sample_coef, LOAD_MASK=mask is not None,
+                 RECOMPUTE_MASK=mask is None and bool(relu), DOUBLE_BACKWARD=ddx is not None,
+                 WIDE_INDEX=needs_wide_index(x))
+    k = n * c if per_sample else c
+
+    if channels_last:
+        n_segments, rows_per_segment = (n, s) if per_sample else (1, n * s)
+        block_c = inner_block(c, _MAX_CHANNEL_BLOCK)
+        channel_blocks = triton.cdiv(c, block_c)
+        splits, rows_per_split = num_splits(rows_per_segment, c, channel_blocks * n_segments, x.device)
+        parts = torch.empty((n_sums, splits, k), device=x.device, dtype=torch.float32)
+        _grad_sums_columns_kernel[(n_segments, channel_blocks, splits)](
+            dy, x, ddx, scale, shift, center, mask, parts,
+            rows_per_segment, c, s, rows_per_split, n_segments, splits * k, BLOCK_C=block_c, **flags,
+            TILE=REDUCTION_TILE, num_warps=REDUCTION_WARPS)
+    else:
+        planes_per_result = 1 if per_sample else n
+        splits, planes_per_split = num_splits(planes_per_result, s, k, x.device)
+        parts = torch.empty((n_sums, splits, k), device=x.device, dtype=torch.float32)
+        _grad_sums_planes_kernel[(k, splits)](
+            dy, x, ddx, scale, shift, center, mask, parts,
+            k, planes_per_result, planes_per_split, c, s, splits * k,
+            BLOCK_S=inner_block(s, _MAX_SPATIAL_BLOCK), **flags, TILE=REDUCTION_TILE, num_warps=REDUCTION_WARPS)
+
+    if splits == 1:
+        return tuple(parts.view(n_sums, *out_shape).unbind(0))
+    sums = torch.empty((n_sums, *out_shape), device=x.device, dtype=torch.float32)
+    block_k = min(1024, triton.next_power_of_2(k))
+    _sum_partials_kernel[(triton.cdiv(k, block_k), n_sums)](parts, sums, splits, k, BLOCK_K=block_k)
+    return tuple(sums.unbind(0))
+
+
 def affine_act_backward_reduce(
     dy: torch.Tensor,
     x: torch.Tensor,
@@ -336,48 +460,22 @@ def affine_act_backward_reduce(
     per_sample: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Float32 sums of ``g = dy·m`` and ``g·(x − center)``: ``[C]``, or ``[N, C]`` if per_sample."""
-    check_activation(x)
-    check_like(dy, "dy", x)
-    _check_mask(mask, x)
-    per_sample_coef, (scale, shift, center) = coefficients(x, scale=scale, shift=shift, center=center)
-    x, channels_last = dense_layout(x)
-    dy = same_layout(dy, x)
-    if mask is not None:
-        mask = same_layout(mask, x)
-    n, c, s = x.shape[0], x.shape[1], spatial_size(x)
-    out_shape = (n, c) if per_sample else (c,)
-    if x.numel() == 0:
-        return (torch.zeros(out_shape, device=x.device, dtype=torch.float32),
-                torch.zeros(out_shape, device=x.device, dtype=torch.float32))
-    flags = dict(PER_SAMPLE=per_sample_coef, LOAD_MASK=mask is not None,
-                 RECOMPUTE_MASK=mask is None and bool(relu), WIDE_INDEX=needs_wide_index(x))
-    k = n * c if per_sample else c
+    return _grad_sums(dy, x, scale, shift, center, mask, relu, per_sample)
 
-    if channels_last:
-        n_segments, rows_per_segment = (n, s) if per_sample else (1, n * s)
-        block_c = inner_block(c, _MAX_CHANNEL_BLOCK)
-        channel_blocks = triton.cdiv(c, block_c)
-        splits, rows_per_split = num_splits(rows_per_segment, c, channel_blocks * n_segments, x.device)
-        g_parts, gx_parts = (torch.empty((splits, k), device=x.device, dtype=torch.float32) for _ in range(2))
-        _grad_sums_columns_kernel[(n_segments, channel_blocks, splits)](
-            dy, x, scale, shift, center, mask, g_parts, gx_parts,
-            rows_per_segment, c, s, rows_per_split, n_segments, BLOCK_C=block_c, **flags,
-            TILE=REDUCTION_TILE, num_warps=REDUCTION_WARPS)
-    else:
-        planes_per_result = 1 if per_sample else n
-        splits, planes_per_split = num_splits(planes_per_result, s, k, x.device)
-        g_parts, gx_parts = (torch.empty((splits, k), device=x.device, dtype=torch.float32) for _ in range(2))
-        _grad_sums_planes_kernel[(k, splits)](
-            dy, x, scale, shift, center, mask, g_parts, gx_parts,
-            k, planes_per_result, planes_per_split, c, s,
-            BLOCK_S=inner_block(s, _MAX_SPATIAL_BLOCK), **flags, TILE=REDUCTION_TILE, num_warps=REDUCTION_WARPS)
 
-    if splits == 1:
-        return g_parts.view(out_shape), gx_parts.view(out_shape)
-    sum_g, sum_gx = (torch.empty(out_shape, device=x.device, dtype=torch.float32) for _ in range(2))
-    block_k = min(1024, triton.next_power_of_2(k))
-    _sum_partials_kernel[(triton.cdiv(k, block_k),)](g_parts, gx_parts, sum_g, sum_gx, splits, k, BLOCK_K=block_k)
-    return sum_g, sum_gx
+def affine_act_double_backward_reduce(
+    ddx: torch.Tensor,
+    dy: torch.Tensor,
+    x: torch.Tensor,
+    scale: torch.Tensor,
+    shift: torch.Tensor,
+    center: torch.Tensor,
+    mask: torch.Tensor | None,
+    relu: bool,
+    per_sample: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Float32 sums of ``ddx``, ``ddx·(x − center)``, ``ddx·g``: ``[C]``, or ``[N, C]`` if per_sample."""
+    return _grad_sums(dy, x, scale, shift, center, mask, relu, per_sample, ddx=ddx)
 
 
 def _backward_apply(dy, x, scale, shift, mask, relu, a, b, c, center, want_dshortcut,
@@ -448,3 +546,49 @@ def affine_act_backward_apply_ie_update(
     x_new, _ = _backward_apply(dy, x, scale, shift, mask, relu, a, b, c, center, False,
                                e=e, step_size=step_size, theta=theta)
     return x_new
+
+
+def affine_act_double_backward_apply(
+    ddx: torch.Tensor,
+    dy: torch.Tensor,
+    x: torch.Tensor,
+    scale: torch.Tensor,
+    shift: torch.Tensor,
+    mask: torch.Tensor | None,
+    relu: bool,
+    a: torch.Tensor,
+    b: torch.Tensor,
+    p: torch.Tensor,
+    q: torch.Tensor,
+    center: torch.Tensor,
+    ddshortcut: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``ddy = m·(a·ddx + p + q·(x − center) + ddshortcut)`` (dy's dtype) and
+    ``dxx = b·ddx + q·g`` (x's dtype), both in x's layout."""
+    check_activation(x)
+    check_like(ddx, "ddx", x)
+    check_like(dy, "dy", x)
+    _check_mask(mask, x)
+    if ddshortcut is not None:
+        check_like(ddshortcut, "ddshortcut", x)
+    per_sample, (scale, shift, a, b, p, q, center) = coefficients(
+        x, scale=scale, shift=shift, a=a, b=b, p=p, q=q, center=center)
+    x, channels_last = dense_layout(x)
+    ddx = same_layout(ddx, x)
+    dy = same_layout(dy, x)
+    if mask is not None:
+        mask = same_layout(mask, x)
+    if ddshortcut is not None:
+        ddshortcut = same_layout(ddshortcut, x)
+    ddy = torch.empty_like(x, dtype=dy.dtype)
+    dxx = torch.empty_like(x)
+    if x.numel() == 0:
+        return ddy, dxx
+    n_outer, n_inner, block_i = _elementwise_geometry(x, channels_last)
+    _affine_act_double_backward_apply_kernel[_elementwise_grid(n_outer, n_inner)](
+        ddx, dy, x, scale, shift, mask, a, b, p, q, center, ddshortcut, ddy, dxx,
+        n_outer, n_inner, x.shape[1], spatial_size(x),
+        CHANNELS_LAST=channels_last, PER_SAMPLE=per_sample, LOAD_MASK=mask is not None,
+        RECOMPUTE_MASK=mask is None and bool(relu), HAS_DDSHORTCUT=ddshortcut is not None,
+        BLOCK_I=block_i, WIDE_INDEX=needs_wide_index(x))
+    return ddy, dxx

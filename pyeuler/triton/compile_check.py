@@ -38,9 +38,9 @@ class KernelSpec:
 
 
 _STATS_PARTS = {"count_ptr": "*fp32", "mean_ptr": "*fp32", "m2_ptr": "*fp32"}
-_GRAD_SUM_PTRS = {"dy_ptr": DATA, "x_ptr": DATA, "scale_ptr": "*fp32", "shift_ptr": "*fp32",
-                  "center_ptr": "*fp32", "mask_ptr": "*u1", "sum_g_ptr": "*fp32", "sum_gx_ptr": "*fp32"}
-_GRAD_SUM_FLAGS = ("PER_SAMPLE", "LOAD_MASK", "RECOMPUTE_MASK", "WIDE_INDEX")
+_GRAD_SUM_PTRS = {"dy_ptr": DATA, "x_ptr": DATA, "ddx_ptr": DATA, "scale_ptr": "*fp32",
+                  "shift_ptr": "*fp32", "center_ptr": "*fp32", "mask_ptr": "*u1", "parts_ptr": "*fp32"}
+_GRAD_SUM_FLAGS = ("PER_SAMPLE", "LOAD_MASK", "RECOMPUTE_MASK", "DOUBLE_BACKWARD", "WIDE_INDEX")
 
 SPECS = (
     KernelSpec("pyeuler.triton.norm_stats", "_channel_stats_partials_kernel",
@@ -62,8 +62,7 @@ SPECS = (
     KernelSpec("pyeuler.triton.affine_act", "_grad_sums_planes_kernel", _GRAD_SUM_PTRS,
                {"BLOCK_S": 1024}, _GRAD_SUM_FLAGS, outer_block=("BLOCK_P", "BLOCK_S")),
     KernelSpec("pyeuler.triton.affine_act", "_sum_partials_kernel",
-               {"g_parts_ptr": "*fp32", "gx_parts_ptr": "*fp32", "sum_g_ptr": "*fp32",
-                "sum_gx_ptr": "*fp32"}, {"BLOCK_K": 1024}),
+               {"parts_ptr": "*fp32", "sums_ptr": "*fp32"}, {"BLOCK_K": 1024}),
     KernelSpec("pyeuler.triton.affine_act", "_affine_act_backward_apply_kernel",
                {"dy_ptr": DATA, "x_ptr": DATA, "scale_ptr": "*fp32", "shift_ptr": "*fp32",
                 "mask_ptr": "*u1", "a_ptr": "*fp32", "b_ptr": "*fp32", "c_ptr": "*fp32",
@@ -72,6 +71,15 @@ SPECS = (
                ("CHANNELS_LAST", "PER_SAMPLE", "LOAD_MASK", "RECOMPUTE_MASK", "WANT_DSHORTCUT",
                 "IE_UPDATE", "WIDE_INDEX"),
                floats=("two_step_size", "theta"), outer_block=("BLOCK_O", "BLOCK_I")),
+    KernelSpec("pyeuler.triton.affine_act", "_affine_act_double_backward_apply_kernel",
+               {"ddx_ptr": DATA, "dy_ptr": DATA, "x_ptr": DATA, "scale_ptr": "*fp32",
+                "shift_ptr": "*fp32", "mask_ptr": "*u1", "a_ptr": "*fp32", "b_ptr": "*fp32",
+                "p_ptr": "*fp32", "q_ptr": "*fp32", "center_ptr": "*fp32", "ddshortcut_ptr": DATA,
+                "ddy_ptr": DATA, "dxx_ptr": DATA},
+               {"BLOCK_I": 32},
+               ("CHANNELS_LAST", "PER_SAMPLE", "LOAD_MASK", "RECOMPUTE_MASK", "HAS_DDSHORTCUT",
+                "WIDE_INDEX"),
+               outer_block=("BLOCK_O", "BLOCK_I")),
     KernelSpec("pyeuler.triton.ie", "_ie_residual_kernel",
                {"x_ptr": DATA, "c_ptr": DATA, "fx_ptr": DATA, "e_ptr": DATA},
                flags=("WIDE_INDEX",), floats=("theta",)),
