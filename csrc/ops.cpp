@@ -275,6 +275,75 @@ Tensor affine_act_backward_apply_ie_update(
   return x_new;
 }
 
+std::tuple<Tensor, Tensor, Tensor> affine_act_double_backward_reduce(
+    const Tensor& ddx_in, const Tensor& dy_in, const Tensor& x_in, const Tensor& scale,
+    const Tensor& shift, const Tensor& center, const std::optional<Tensor>& mask_in, bool relu,
+    bool per_sample) {
+  check_activation(x_in, "x");
+  const Tensor x = as_kernel_layout(x_in);
+  const Tensor ddx = companion(ddx_in, x, "ddx", x.scalar_type());
+  const Tensor dy = companion(dy_in, x, "dy", x.scalar_type());
+  const std::optional<Tensor> mask = mask_arg(mask_in, x);
+  const Coef scale_arg = coef_arg(scale, x, "scale");
+  const Coef shift_arg = coef_arg(shift, x, "shift");
+  const Coef center_arg = coef_arg(center, x, "center");
+  TORCH_CHECK(per_sample || (scale.dim() == 1 && shift.dim() == 1 && center.dim() == 1),
+              "pyeuler.cuda.affine_act_double_backward_reduce: scale, shift and center must be "
+              "[C] when per_sample is False (sums over N need one coefficient per channel)");
+  const c10::DeviceGuard guard(x.device());
+  const pyeuler_geometry_t geo = geometry_of(x);
+  const auto options = x.options().dtype(at::kFloat);
+  Tensor sum_ddx = per_sample ? at::empty({geo.n, geo.c}, options) : at::empty({geo.c}, options);
+  Tensor sum_ddx_xc = at::empty_like(sum_ddx);
+  Tensor sum_ddx_g = at::empty_like(sum_ddx);
+  size_t bytes = 0;
+  check_launch(pyeuler_affine_act_double_backward_reduce_workspace_size(geo, per_sample, &bytes),
+               "affine_act_double_backward_reduce");
+  Tensor scratch = workspace(bytes, x);
+  check_launch(pyeuler_affine_act_double_backward_reduce(
+                   ddx.data_ptr(), dy.data_ptr(), x.data_ptr(), mask_data(mask),
+                   kernel_dtype(x, "x"), geo, scale_arg.abi, shift_arg.abi, center_arg.abi, relu,
+                   per_sample, sum_ddx.data_ptr<float>(), sum_ddx_xc.data_ptr<float>(),
+                   sum_ddx_g.data_ptr<float>(), scratch.data_ptr(), bytes,
+                   current_stream(x.device())),
+               "affine_act_double_backward_reduce");
+  return {sum_ddx, sum_ddx_xc, sum_ddx_g};
+}
+
+std::tuple<Tensor, Tensor> affine_act_double_backward_apply(
+    const Tensor& ddx_in, const Tensor& dy_in, const Tensor& x_in, const Tensor& scale,
+    const Tensor& shift, const std::optional<Tensor>& mask_in, bool relu, const Tensor& a,
+    const Tensor& b, const Tensor& p, const Tensor& q, const Tensor& center,
+    const std::optional<Tensor>& ddshortcut_in) {
+  check_activation(x_in, "x");
+  const Tensor x = as_kernel_layout(x_in);
+  const Tensor ddx = companion(ddx_in, x, "ddx", x.scalar_type());
+  const Tensor dy = companion(dy_in, x, "dy", x.scalar_type());
+  const std::optional<Tensor> mask = mask_arg(mask_in, x);
+  std::optional<Tensor> ddshortcut;
+  if (ddshortcut_in.has_value()) {
+    ddshortcut = companion(*ddshortcut_in, x, "ddshortcut", x.scalar_type());
+  }
+  const Coef scale_arg = coef_arg(scale, x, "scale");
+  const Coef shift_arg = coef_arg(shift, x, "shift");
+  const Coef a_arg = coef_arg(a, x, "a");
+  const Coef b_arg = coef_arg(b, x, "b");
+  const Coef p_arg = coef_arg(p, x, "p");
+  const Coef q_arg = coef_arg(q, x, "q");
+  const Coef center_arg = coef_arg(center, x, "center");
+  const c10::DeviceGuard guard(x.device());
+  Tensor ddy = empty_in_layout_of(x, dy.scalar_type());
+  Tensor dxx = empty_in_layout_of(x, x.scalar_type());
+  check_launch(pyeuler_affine_act_double_backward_apply(
+                   ddx.data_ptr(), dy.data_ptr(), x.data_ptr(), mask_data(mask),
+                   kernel_dtype(x, "x"), geometry_of(x), scale_arg.abi, shift_arg.abi, relu,
+                   a_arg.abi, b_arg.abi, p_arg.abi, q_arg.abi, center_arg.abi,
+                   data_or_null<const void>(ddshortcut), ddy.data_ptr(), dxx.data_ptr(),
+                   current_stream(x.device())),
+               "affine_act_double_backward_apply");
+  return {ddy, dxx};
+}
+
 Tensor ie_residual(const Tensor& x_in, const Tensor& c_in, const Tensor& fx_in, double theta) {
   check_activation(x_in, "x");
   const Tensor x = as_kernel_layout(x_in);
@@ -322,6 +391,14 @@ TORCH_LIBRARY_FRAGMENT(pyeuler, m) {
       "cuda_affine_act_backward_apply_ie_update(Tensor dy, Tensor x, Tensor scale, "
       "Tensor shift, Tensor? mask, bool relu, Tensor a, Tensor b, Tensor c, Tensor center, "
       "Tensor e, float step_size, float theta) -> Tensor");
+  m.def(
+      "cuda_affine_act_double_backward_reduce(Tensor ddx, Tensor dy, Tensor x, Tensor scale, "
+      "Tensor shift, Tensor center, Tensor? mask, bool relu, bool per_sample) "
+      "-> (Tensor, Tensor, Tensor)");
+  m.def(
+      "cuda_affine_act_double_backward_apply(Tensor ddx, Tensor dy, Tensor x, Tensor scale, "
+      "Tensor shift, Tensor? mask, bool relu, Tensor a, Tensor b, Tensor p, Tensor q, "
+      "Tensor center, Tensor? ddshortcut) -> (Tensor, Tensor)");
   m.def("cuda_ie_residual(Tensor x, Tensor c, Tensor fx, float theta) -> Tensor");
   m.def("cuda_ie_update(Tensor x, Tensor e, Tensor v, float step_size, float theta) -> Tensor");
 }
@@ -333,6 +410,8 @@ TORCH_LIBRARY_IMPL(pyeuler, CUDA, m) {
   m.impl("cuda_affine_act_backward_apply", &pyeuler::affine_act_backward_apply);
   m.impl("cuda_affine_act_backward_apply_ie_update",
          &pyeuler::affine_act_backward_apply_ie_update);
+  m.impl("cuda_affine_act_double_backward_reduce", &pyeuler::affine_act_double_backward_reduce);
+  m.impl("cuda_affine_act_double_backward_apply", &pyeuler::affine_act_double_backward_apply);
   m.impl("cuda_ie_residual", &pyeuler::ie_residual);
   m.impl("cuda_ie_update", &pyeuler::ie_update);
 }

@@ -1,5 +1,5 @@
 // Fused per-channel affine + residual add + ReLU: forward, backward reduce, backward apply
-// (plain, or with the IE-Skip update fused into it).
+// (plain, or with the IE-Skip update fused into it), and the double-backward reduce and apply.
 #include <type_traits>
 
 #include "reduce.cuh"
@@ -187,44 +187,125 @@ cudaError_t launch_backward_apply(const void* dy, const void* x, const uint8_t* 
 }
 
 // ---------------------------------------------------------------------------------------
-// Backward reduce: sums of g and g * (x - center) (policy for reduce.cuh)
+// Double-backward apply: with g = dy * m,
+//   ddy = m * (a * ddx + p + q * (x - center) + ddshortcut),  dxx = b * ddx + q * g.
 
-// g = dy * m for the V elements at `offset`; also returns x as float.
-template <typename T, int V>
-struct GatedGradient {
+template <typename T>
+struct DoubleApplyArgs {
+  const T* ddx;
+  const T* dy;
+  const T* x;
+  const uint8_t* mask;  // nullable
+  pyeuler_coef_t scale, shift;
+  bool relu;
+  pyeuler_coef_t a, b, p, q, center;
+  const T* ddshortcut;  // nullable
+  T* ddy;
+  T* dxx;
+};
+
+template <typename T, int V, bool kChannelsLast>
+__global__ void __launch_bounds__(kMaxThreads, kMinBlocksPerSm)
+    affine_act_double_backward_apply_kernel(DoubleApplyArgs<T> args, pyeuler_geometry_t geo) {
+  const bool gate_from_affine = args.mask == nullptr && args.relu;
+  for_each_vector<V, kChannelsLast>(geo, [&](int64_t offset, int64_t sample, int64_t channel) {
+    // Each coefficient is loaded where it is used and dies there: holding V = 8 lanes of all
+    // seven at once spills the channels-last 16-bit kernels past kMinBlocksPerSm's cap.
+    float scale[V] = {}, shift[V] = {}, x[V], gate[V];
+    if (gate_from_affine) {
+      load_coefs<V, kChannelsLast>(args.scale, sample, channel, scale);
+      load_coefs<V, kChannelsLast>(args.shift, sample, channel, shift);
+    }
+    load_floats<T, V>(args.x, offset, x);
+    backward_gate<V>(args.mask, args.relu, offset, x, scale, shift, gate);
+    float coef[V], ddx[V], dy[V], xc[V], ddy[V], dxx[V];
+    load_floats<T, V>(args.ddx, offset, ddx);
+    load_coefs<V, kChannelsLast>(args.a, sample, channel, coef);
+#pragma unroll
+    for (int i = 0; i < V; ++i) ddy[i] = coef[i] * ddx[i];
+    load_coefs<V, kChannelsLast>(args.p, sample, channel, coef);
+#pragma unroll
+    for (int i = 0; i < V; ++i) ddy[i] += coef[i];
+    load_coefs<V, kChannelsLast>(args.b, sample, channel, coef);
+#pragma unroll
+    for (int i = 0; i < V; ++i) dxx[i] = coef[i] * ddx[i];
+    load_coefs<V, kChannelsLast>(args.center, sample, channel, coef);
+#pragma unroll
+    for (int i = 0; i < V; ++i) xc[i] = x[i] - coef[i];
+    load_floats<T, V>(args.dy, offset, dy);
+    load_coefs<V, kChannelsLast>(args.q, sample, channel, coef);
+#pragma unroll
+    for (int i = 0; i < V; ++i) {
+      ddy[i] += coef[i] * xc[i];
+      dxx[i] += coef[i] * (dy[i] * gate[i]);
+    }
+    if (args.ddshortcut != nullptr) {
+      float ddshortcut[V];
+      load_floats<T, V>(args.ddshortcut, offset, ddshortcut);
+#pragma unroll
+      for (int i = 0; i < V; ++i) ddy[i] += ddshortcut[i];
+    }
+#pragma unroll
+    for (int i = 0; i < V; ++i) ddy[i] *= gate[i];
+    store_floats<T, V>(args.ddy, offset, ddy);
+    store_floats<T, V>(args.dxx, offset, dxx);
+  });
+}
+
+// ---------------------------------------------------------------------------------------
+// Backward reduces (policies for reduce.cuh), K sums per unit.  K = 2, the first order: g and
+// g * (x - center).  K = 3, the double backward: ddx, ddx * (x - center) and ddx * g.
+
+// Adds one element's terms to the sums.
+template <int K>
+__device__ __forceinline__ void accumulate(Sums<K>& sums, float g, float xc, float ddx) {
+  static_assert(K == 2 || K == 3, "first-order (2) or double-backward (3) sums");
+  if constexpr (K == 2) {
+    sums.v[0] += g;
+    sums.v[1] += g * xc;
+  } else {
+    sums.v[0] += ddx;
+    sums.v[1] += ddx * xc;
+    sums.v[2] += ddx * g;
+  }
+}
+
+template <typename T, int K>
+struct GradSumsInputs {
+  const T* ddx;  // read only when K == 3
   const T* dy;
   const T* x;
   const uint8_t* mask;  // nullable
   bool relu;
 
+  // g = dy * m, x and (K == 3) ddx as float for the V elements at `offset`.
+  template <int V>
   __device__ __forceinline__ void load(int64_t offset, const float (&scale)[V],
-                                       const float (&shift)[V], float (&g)[V],
-                                       float (&x_v)[V]) const {
+                                       const float (&shift)[V], float (&g)[V], float (&x_v)[V],
+                                       float (&ddx_v)[V]) const {
     float dy_v[V], gate[V];
     load_floats<T, V>(dy, offset, dy_v);
     load_floats<T, V>(x, offset, x_v);
     backward_gate<V>(mask, relu, offset, x_v, scale, shift, gate);
 #pragma unroll
     for (int i = 0; i < V; ++i) g[i] = dy_v[i] * gate[i];
+    if constexpr (K == 3) load_floats<T, V>(ddx, offset, ddx_v);
   }
 };
 
-template <typename T>
+template <typename T, int K>
 struct GradSumsPolicy {
-  using State = GradSums;
-  using Combine = GradSumsCombine;
+  using State = Sums<K>;
+  using Combine = SumsCombine;
 
-  const T* dy;
-  const T* x;
-  const uint8_t* mask;  // nullable
+  GradSumsInputs<T, K> inputs;
   pyeuler_coef_t scale, shift, center;
-  bool relu;
   int64_t channels;
 
   // scale/shift only feed the recomputed ReLU gate and may be absent otherwise.
   __device__ __forceinline__ void coefs_at(int64_t sample, int64_t channel, float& scale_c,
                                            float& shift_c, float& center_c) const {
-    const bool gate_from_affine = mask == nullptr && relu;
+    const bool gate_from_affine = inputs.mask == nullptr && inputs.relu;
     scale_c = gate_from_affine ? coef_at(scale, sample, channel) : 0.f;
     shift_c = gate_from_affine ? coef_at(shift, sample, channel) : 0.f;
     center_c = coef_at(center, sample, channel);
@@ -232,27 +313,21 @@ struct GradSumsPolicy {
 
   // Rows kernel: unit (sample, channel) = (u / C, u % C); BatchNorm units are channels (u < C).
   struct UnitBinding {
-    const T* dy;
-    const T* x;
-    const uint8_t* mask;
-    bool relu;
+    GradSumsInputs<T, K> inputs;
     float scale, shift, center;
 
     template <int V>
-    __device__ __forceinline__ void push(GradSums& acc, int64_t offset) const {
-      float scale_v[V], shift_v[V], g[V], x_v[V];
+    __device__ __forceinline__ void push(State& acc, int64_t offset) const {
+      float scale_v[V], shift_v[V], g[V], x_v[V], ddx_v[V] = {};
 #pragma unroll
       for (int i = 0; i < V; ++i) scale_v[i] = scale, shift_v[i] = shift;
-      GatedGradient<T, V>{dy, x, mask, relu}.load(offset, scale_v, shift_v, g, x_v);
+      inputs.template load<V>(offset, scale_v, shift_v, g, x_v, ddx_v);
 #pragma unroll
-      for (int i = 0; i < V; ++i) {
-        acc.g += g[i];
-        acc.g_xc += g[i] * (x_v[i] - center);
-      }
+      for (int i = 0; i < V; ++i) accumulate(acc, g[i], x_v[i] - center, ddx_v[i]);
     }
   };
   __device__ UnitBinding bind_unit(int64_t unit) const {
-    UnitBinding binding{dy, x, mask, relu};
+    UnitBinding binding{inputs};
     coefs_at(unit / channels, unit % channels, binding.scale, binding.shift, binding.center);
     return binding;
   }
@@ -260,22 +335,19 @@ struct GradSumsPolicy {
   // Channels-last kernel: lanes are V consecutive channels of one sample.
   template <int V>
   struct LanesBinding {
-    GatedGradient<T, V> gradient;
+    GradSumsInputs<T, K> inputs;
     float scale[V], shift[V], center[V];
 
-    __device__ __forceinline__ void push(GradSums (&lanes)[V], int64_t offset) const {
-      float g[V], x_v[V];
-      gradient.load(offset, scale, shift, g, x_v);
+    __device__ __forceinline__ void push(State (&lanes)[V], int64_t offset) const {
+      float g[V], x_v[V], ddx_v[V] = {};
+      inputs.template load<V>(offset, scale, shift, g, x_v, ddx_v);
 #pragma unroll
-      for (int i = 0; i < V; ++i) {
-        lanes[i].g += g[i];
-        lanes[i].g_xc += g[i] * (x_v[i] - center[i]);
-      }
+      for (int i = 0; i < V; ++i) accumulate(lanes[i], g[i], x_v[i] - center[i], ddx_v[i]);
     }
   };
   template <int V>
   __device__ LanesBinding<V> bind_lanes(int64_t sample, int64_t channel) const {
-    LanesBinding<V> binding{{dy, x, mask, relu}};
+    LanesBinding<V> binding{inputs};
 #pragma unroll
     for (int i = 0; i < V; ++i) {
       coefs_at(sample, channel + i, binding.scale[i], binding.shift[i], binding.center[i]);
@@ -299,6 +371,48 @@ cudaError_t plan_backward_reduce(const pyeuler_geometry_t& geo, int per_sample,
     *plan = rows_reduction({units, units, geo.s, 0, rows, geo.s, geo.c * geo.s}, sm_count);
   }
   return cudaSuccess;
+}
+
+template <int K>
+cudaError_t backward_reduce_workspace_size(const pyeuler_geometry_t& geo, int per_sample,
+                                           size_t* bytes) {
+  ReductionPlan plan;
+  const cudaError_t err = plan_backward_reduce(geo, per_sample, &plan);
+  if (err != cudaSuccess) return err;
+  *bytes = partials_bytes<Sums<K>>(plan.splits(), plan.units());
+  return cudaSuccess;
+}
+
+// The C entry points of both backward reduces; `ddx` is read only with K == 3.
+template <int K>
+cudaError_t launch_backward_reduce(const void* ddx, const void* dy, const void* x,
+                                   const uint8_t* mask, pyeuler_dtype_t dtype,
+                                   const pyeuler_geometry_t& geo, pyeuler_coef_t scale,
+                                   pyeuler_coef_t shift, pyeuler_coef_t center, int relu,
+                                   int per_sample, const Results<K>& sums, void* workspace,
+                                   size_t workspace_bytes, cudaStream_t stream) {
+  // Summing over N needs one coefficient per channel.
+  if (!per_sample && (scale.sample_stride || shift.sample_stride || center.sample_stride)) {
+    return cudaErrorInvalidValue;
+  }
+  ReductionPlan plan;
+  cudaError_t err = plan_backward_reduce(geo, per_sample, &plan);
+  if (err != cudaSuccess) return err;
+  if (workspace_bytes < partials_bytes<Sums<K>>(plan.splits(), plan.units())) {
+    return cudaErrorInvalidValue;
+  }
+  float* partials = static_cast<float*>(workspace);
+  err = dispatch_dtype(dtype, [&](auto tag) {
+    using T = decltype(tag);
+    const GradSumsInputs<T, K> inputs{static_cast<const T*>(ddx), static_cast<const T*>(dy),
+                                      static_cast<const T*>(x), mask, relu != 0};
+    const GradSumsPolicy<T, K> policy{inputs, scale, shift, center, geo.c};
+    const bool aligned = all_vector_aligned<T>({ddx, dy, x}, {mask});
+    return launch_partials<T>(policy, plan, aligned, partials, stream);
+  });
+  if (err != cudaSuccess) return err;
+  return launch_finalize<Sums<K>, SumsCombine>(partials, plan.splits(), plan.units(), sums,
+                                               stream);
 }
 
 }  // namespace
@@ -350,14 +464,35 @@ extern "C" cudaError_t pyeuler_affine_act_backward_apply_ie_update(
                                      nullptr, stream);
 }
 
+extern "C" cudaError_t pyeuler_affine_act_double_backward_apply(
+    const void* ddx, const void* dy, const void* x, const uint8_t* mask, pyeuler_dtype_t dtype,
+    pyeuler_geometry_t geo, pyeuler_coef_t scale, pyeuler_coef_t shift, int relu,
+    pyeuler_coef_t a, pyeuler_coef_t b, pyeuler_coef_t p, pyeuler_coef_t q,
+    pyeuler_coef_t center, const void* ddshortcut, void* ddy, void* dxx, cudaStream_t stream) {
+  if (!geometry_is_valid(geo)) return cudaErrorInvalidValue;
+  return dispatch_dtype(dtype, [&](auto tag) {
+    using T = decltype(tag);
+    const DoubleApplyArgs<T> args{static_cast<const T*>(ddx), static_cast<const T*>(dy),
+                                  static_cast<const T*>(x), mask, scale, shift, relu != 0, a, b, p,
+                                  q, center, static_cast<const T*>(ddshortcut),
+                                  static_cast<T*>(ddy), static_cast<T*>(dxx)};
+    const bool aligned = all_vector_aligned<T>({ddx, dy, x, ddshortcut, ddy, dxx}, {mask});
+    return launch_elementwise<T>(geo, aligned, [&](auto width, auto channels_last) {
+      constexpr int V = decltype(width)::value;
+      unsigned blocks = 0;
+      const cudaError_t err = elementwise_grid(geo.n * geo.c * geo.s / V, kMaxThreads, &blocks);
+      if (err != cudaSuccess) return err;
+      affine_act_double_backward_apply_kernel<T, V, decltype(channels_last)::value>
+          <<<blocks, kMaxThreads, 0, stream>>>(args, geo);
+      return cudaGetLastError();
+    });
+  });
+}
+
 extern "C" cudaError_t pyeuler_affine_act_backward_reduce_workspace_size(pyeuler_geometry_t geo,
                                                                          int per_sample,
                                                                          size_t* bytes) {
-  ReductionPlan plan;
-  const cudaError_t err = plan_backward_reduce(geo, per_sample, &plan);
-  if (err != cudaSuccess) return err;
-  *bytes = partials_bytes<GradSums>(plan.splits(), plan.units());
-  return cudaSuccess;
+  return backward_reduce_workspace_size<2>(geo, per_sample, bytes);
 }
 
 extern "C" cudaError_t pyeuler_affine_act_backward_reduce(
@@ -365,25 +500,23 @@ extern "C" cudaError_t pyeuler_affine_act_backward_reduce(
     pyeuler_geometry_t geo, pyeuler_coef_t scale, pyeuler_coef_t shift, pyeuler_coef_t center,
     int relu, int per_sample, float* sum_g, float* sum_g_xc, void* workspace,
     size_t workspace_bytes, cudaStream_t stream) {
-  // Summing over N needs one coefficient per channel.
-  if (!per_sample && (scale.sample_stride || shift.sample_stride || center.sample_stride)) {
-    return cudaErrorInvalidValue;
-  }
-  ReductionPlan plan;
-  cudaError_t err = plan_backward_reduce(geo, per_sample, &plan);
-  if (err != cudaSuccess) return err;
-  if (workspace_bytes < partials_bytes<GradSums>(plan.splits(), plan.units())) {
-    return cudaErrorInvalidValue;
-  }
-  float* partials = static_cast<float*>(workspace);
-  err = dispatch_dtype(dtype, [&](auto tag) {
-    using T = decltype(tag);
-    const GradSumsPolicy<T> policy{static_cast<const T*>(dy), static_cast<const T*>(x),
-                                   mask, scale, shift, center, relu != 0, geo.c};
-    const bool aligned = all_vector_aligned<T>({dy, x}, {mask});
-    return launch_partials<T>(policy, plan, aligned, partials, stream);
-  });
-  if (err != cudaSuccess) return err;
-  return launch_finalize<GradSums, GradSumsCombine>(partials, plan.splits(), plan.units(), sum_g,
-                                                    sum_g_xc, stream);
+  return launch_backward_reduce<2>(nullptr, dy, x, mask, dtype, geo, scale, shift, center, relu,
+                                   per_sample, Results<2>{{sum_g, sum_g_xc}}, workspace,
+                                   workspace_bytes, stream);
+}
+
+extern "C" cudaError_t pyeuler_affine_act_double_backward_reduce_workspace_size(
+    pyeuler_geometry_t geo, int per_sample, size_t* bytes) {
+  return backward_reduce_workspace_size<3>(geo, per_sample, bytes);
+}
+
+extern "C" cudaError_t pyeuler_affine_act_double_backward_reduce(
+    const void* ddx, const void* dy, const void* x, const uint8_t* mask, pyeuler_dtype_t dtype,
+    pyeuler_geometry_t geo, pyeuler_coef_t scale, pyeuler_coef_t shift, pyeuler_coef_t center,
+    int relu, int per_sample, float* sum_ddx, float* sum_ddx_xc, float* sum_ddx_g,
+    void* workspace, size_t workspace_bytes, cudaStream_t stream) {
+  if (ddx == nullptr) return cudaErrorInvalidValue;
+  return launch_backward_reduce<3>(ddx, dy, x, mask, dtype, geo, scale, shift, center, relu,
+                                   per_sample, Results<3>{{sum_ddx, sum_ddx_xc, sum_ddx_g}},
+                                   workspace, workspace_bytes, stream);
 }

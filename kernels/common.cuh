@@ -178,15 +178,20 @@ struct WelfordCombine {
   }
 };
 
-// The two sums of the backward reduce: sum(g) and sum(g * (x - center)).
-struct GradSums {
-  float g;
-  float g_xc;
+// K plain sums, the state of the backward reduces: (g, g * (x - center)) for the first
+// order, (ddx, ddx * (x - center), ddx * g) for the double backward.
+template <int K>
+struct Sums {
+  float v[K];
 };
 
-struct GradSumsCombine {
-  __device__ __forceinline__ GradSums operator()(const GradSums& a, const GradSums& b) const {
-    return {a.g + b.g, a.g_xc + b.g_xc};
+struct SumsCombine {
+  template <int K>
+  __device__ __forceinline__ Sums<K> operator()(const Sums<K>& a, const Sums<K>& b) const {
+    Sums<K> sum;
+#pragma unroll
+    for (int k = 0; k < K; ++k) sum.v[k] = a.v[k] + b.v[k];
+    return sum;
   }
 };
 
@@ -196,9 +201,12 @@ __device__ __forceinline__ Welford shfl_down(const Welford& w, int offset) {
           __shfl_down_sync(0xffffffffu, w.m2, offset)};
 }
 
-__device__ __forceinline__ GradSums shfl_down(const GradSums& s, int offset) {
-  return {__shfl_down_sync(0xffffffffu, s.g, offset),
-          __shfl_down_sync(0xffffffffu, s.g_xc, offset)};
+template <int K>
+__device__ __forceinline__ Sums<K> shfl_down(const Sums<K>& s, int offset) {
+  Sums<K> shifted;
+#pragma unroll
+  for (int k = 0; k < K; ++k) shifted.v[k] = __shfl_down_sync(0xffffffffu, s.v[k], offset);
+  return shifted;
 }
 
 // ---------------------------------------------------------------------------------------

@@ -102,14 +102,14 @@ extern "C" cudaError_t pyeuler_norm_stats(const void* x, pyeuler_dtype_t dtype,
     return launch_partials<T>(policy, plan, all_vector_aligned<T>({x}), partials, stream);
   });
   if (err != cudaSuccess) return err;
-  return launch_finalize<Welford, WelfordCombine>(partials, plan.splits(), plan.units(), mean, var,
-                                                  stream);
+  return launch_finalize<Welford, WelfordCombine>(partials, plan.splits(), plan.units(),
+                                                  Results<2>{{mean, var}}, stream);
 }
 
 extern "C" cudaError_t pyeuler_welford_finalize(const float* partials, int64_t num_partials,
                                                 int64_t num_units, float* mean, float* var,
                                                 cudaStream_t stream) {
   if (num_partials < 1 || num_units < 1) return cudaErrorInvalidValue;
-  return launch_finalize<Welford, WelfordCombine>(partials, num_partials, num_units, mean, var,
-                                                  stream);
+  return launch_finalize<Welford, WelfordCombine>(partials, num_partials, num_units,
+                                                  Results<2>{{mean, var}}, stream);
 }

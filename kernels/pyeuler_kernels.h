@@ -8,7 +8,7 @@
  * Tensors are dense (N, C, S) views of (N, C, *spatial) activations, S = prod(spatial):
  *   PYEULER_LAYOUT_CHANNELS_FIRST: element (n, c, s) at (n * C + c) * S + s  (NCHW)
  *   PYEULER_LAYOUT_CHANNELS_LAST:  element (n, c, s) at (n * S + s) * C + c  (NHWC)
- * All activation tensors of one call (x, dy, shortcut, mask, outputs) share that layout.
+ * All activation tensors of one call (x, dy, ddx, shortcut, mask, outputs) share that layout.
  * Activations are float32, float16 or bfloat16 (one dtype per call); masks are one byte
  * per element (torch.bool); statistics, coefficients and sums are float32, and all
  * accumulation is in float32.  Indexing is 64-bit throughout.
@@ -115,6 +115,27 @@ cudaError_t pyeuler_affine_act_backward_apply_ie_update(
     pyeuler_geometry_t geo, pyeuler_coef_t scale, pyeuler_coef_t shift, int relu,
     pyeuler_coef_t a, pyeuler_coef_t b, pyeuler_coef_t c, pyeuler_coef_t center, const void* e,
     double step_size, double theta, void* x_new, cudaStream_t stream);
+
+/* Sums of ddx, ddx * (x - center) and ddx * g, g as in the reduce above
+ * (primitives.affine_act_double_backward_reduce).  ddx has x's dtype; reduction sets,
+ * coefficient rules and the two stages are those of pyeuler_affine_act_backward_reduce. */
+cudaError_t pyeuler_affine_act_double_backward_reduce_workspace_size(pyeuler_geometry_t geo,
+                                                                     int per_sample,
+                                                                     size_t* bytes);
+cudaError_t pyeuler_affine_act_double_backward_reduce(
+    const void* ddx, const void* dy, const void* x, const uint8_t* mask, pyeuler_dtype_t dtype,
+    pyeuler_geometry_t geo, pyeuler_coef_t scale, pyeuler_coef_t shift, pyeuler_coef_t center,
+    int relu, int per_sample, float* sum_ddx, float* sum_ddx_xc, float* sum_ddx_g,
+    void* workspace, size_t workspace_bytes, cudaStream_t stream);
+
+/* ddy = m * (a * ddx + p + q * (x - center) + ddshortcut) and dxx = b * ddx + q * g, with m and
+ * g as in the reduce (primitives.affine_act_double_backward_apply).  ddshortcut may be NULL
+ * (no term); ddx, ddshortcut, ddy and dxx have x's dtype. */
+cudaError_t pyeuler_affine_act_double_backward_apply(
+    const void* ddx, const void* dy, const void* x, const uint8_t* mask, pyeuler_dtype_t dtype,
+    pyeuler_geometry_t geo, pyeuler_coef_t scale, pyeuler_coef_t shift, int relu,
+    pyeuler_coef_t a, pyeuler_coef_t b, pyeuler_coef_t p, pyeuler_coef_t q,
+    pyeuler_coef_t center, const void* ddshortcut, void* ddy, void* dxx, cudaStream_t stream);
 
 /* ---- IE-Skip elementwise steps (layout-agnostic: all operands share one dense layout) ---- */
 

@@ -1,5 +1,5 @@
 // Two-stage deterministic reductions over (N, C, S) activations, shared by the statistics
-// (Welford) and the backward reduce (gradient sums).
+// (Welford) and the backward reduces (gradient sums).
 //
 // Stage 1 writes one partial state per (split, unit) into a float32 workspace laid out as
 // [state field][split][unit]; stage 2 (finalize_partials_kernel) folds the splits of every
@@ -33,35 +33,44 @@ __device__ __forceinline__ void load_partial(const float* partials, int64_t inde
   w = {partials[index], partials[plane + index], partials[2 * plane + index]};
 }
 
+template <int K>
 __device__ __forceinline__ void store_partial(float* partials, int64_t index, int64_t plane,
-                                              const GradSums& s) {
-  partials[index] = s.g;
-  partials[plane + index] = s.g_xc;
+                                              const Sums<K>& s) {
+#pragma unroll
+  for (int k = 0; k < K; ++k) partials[k * plane + index] = s.v[k];
 }
 
+template <int K>
 __device__ __forceinline__ void load_partial(const float* partials, int64_t index, int64_t plane,
-                                             GradSums& s) {
-  s = {partials[index], partials[plane + index]};
+                                             Sums<K>& s) {
+#pragma unroll
+  for (int k = 0; k < K; ++k) s.v[k] = partials[k * plane + index];
 }
 
+// Every state is a plain aggregate of floats, one workspace plane per float.
 template <typename State>
-constexpr int64_t state_floats();
-template <>
-constexpr int64_t state_floats<Welford>() { return 3; }
-template <>
-constexpr int64_t state_floats<GradSums>() { return 2; }
-
-// Final outputs: (mean, biased variance) or (sum g, sum g * (x - center)).
-__device__ __forceinline__ void write_result(const Welford& w, int64_t unit, float* mean,
-                                             float* var) {
-  mean[unit] = w.mean;
-  var[unit] = w.m2 / w.count;
+constexpr int64_t state_floats() {
+  return sizeof(State) / sizeof(float);
 }
 
-__device__ __forceinline__ void write_result(const GradSums& s, int64_t unit, float* sum_g,
-                                             float* sum_g_xc) {
-  sum_g[unit] = s.g;
-  sum_g_xc[unit] = s.g_xc;
+// Destinations of stage 2: K float arrays of num_units each.
+template <int K>
+struct Results {
+  float* arrays[K];
+};
+
+// Final outputs: (mean, biased variance), or the K sums.
+__device__ __forceinline__ void write_result(const Welford& w, int64_t unit,
+                                             const Results<2>& out) {
+  out.arrays[0][unit] = w.mean;
+  out.arrays[1][unit] = w.m2 / w.count;
+}
+
+template <int K>
+__device__ __forceinline__ void write_result(const Sums<K>& s, int64_t unit,
+                                             const Results<K>& out) {
+#pragma unroll
+  for (int k = 0; k < K; ++k) out.arrays[k][unit] = s.v[k];
 }
 
 // ---------------------------------------------------------------------------------------
@@ -174,10 +183,10 @@ __global__ void __launch_bounds__(kMaxThreads, kMinBlocksPerSm)
 constexpr int kFinalizeUnits = 32;
 constexpr int kFinalizeThreads = 512;
 
-template <typename State, typename Combine>
+template <typename State, typename Combine, int K>
 __global__ void __launch_bounds__(kFinalizeThreads)
     finalize_partials_kernel(const float* partials, int64_t num_splits, int64_t num_units,
-                             float* out_first, float* out_second) {
+                             Results<K> out) {
   extern __shared__ unsigned char shared_bytes[];
   State* scratch = reinterpret_cast<State*>(shared_bytes);
   const int column = threadIdx.x % kFinalizeUnits;
@@ -196,7 +205,7 @@ __global__ void __launch_bounds__(kFinalizeThreads)
   }
   reduce_over_row_lanes<State, 1>(acc, scratch, split_lane, column, kFinalizeUnits, split_lanes,
                                   Combine{});
-  if (split_lane == 0 && unit < num_units) write_result(acc[0], unit, out_first, out_second);
+  if (split_lane == 0 && unit < num_units) write_result(acc[0], unit, out);
 }
 
 // ---------------------------------------------------------------------------------------
@@ -275,13 +284,13 @@ cudaError_t launch_channels_last(const Policy& policy, const ChannelsLastPlan& p
   return cudaGetLastError();
 }
 
-template <typename State, typename Combine>
-cudaError_t launch_finalize(const float* partials, int64_t splits, int64_t units, float* first,
-                            float* second, cudaStream_t stream) {
+template <typename State, typename Combine, int K>
+cudaError_t launch_finalize(const float* partials, int64_t splits, int64_t units,
+                            const Results<K>& out, cudaStream_t stream) {
   const unsigned blocks = unsigned(ceil_div(units, kFinalizeUnits));
   const size_t scratch = size_t(kFinalizeThreads) * sizeof(State);
-  finalize_partials_kernel<State, Combine><<<blocks, kFinalizeThreads, scratch, stream>>>(
-      partials, splits, units, first, second);
+  finalize_partials_kernel<State, Combine, K><<<blocks, kFinalizeThreads, scratch, stream>>>(
+      partials, splits, units, out);
   return cudaGetLastError();
 }
 

@@ -105,6 +105,11 @@ def test_primitives_reject_cpu_tensors_by_name():
     with pytest.raises(ValueError, match="dy must be a CUDA tensor"):
         cuda_backend.affine_act_backward_apply_ie_update(x, x, s, s, None, True, s, s, s, s, x,
                                                          0.1, 1.0)
+    with pytest.raises(ValueError, match="ddx must be a CUDA tensor"):
+        cuda_backend.affine_act_double_backward_reduce(x, x, x, s, s, s, None, True, False)
+    with pytest.raises(ValueError, match="ddx must be a CUDA tensor"):
+        cuda_backend.affine_act_double_backward_apply(x, x, x, s, s, None, True, s, s, s, s, s,
+                                                      None)
 
 
 @pytest.mark.parametrize("shape,layout", cases(SHAPES[:5]))
@@ -138,6 +143,17 @@ def test_fakes_match_reference_outputs(shape, layout):
     assert (fake_new.shape, fake_new.dtype) == (x_new.shape, x_new.dtype)
     if x.is_contiguous() or x.movedim(1, -1).is_contiguous():
         assert fake_new.stride() == x_new.stride()
+    for per_sample in (False, True):
+        reduce_args = (x, x, x, scale, shift, scale, None, True, per_sample)
+        sums = ref.affine_act_double_backward_reduce(*reduce_args)
+        fakes = cuda_backend._fake_affine_act_double_backward_reduce(*reduce_args)
+        assert [(f.shape, f.dtype) for f in fakes] == [(s.shape, s.dtype) for s in sums]
+    dd_args = (x, x.half(), x, scale, shift, None, True, scale, scale, scale, scale, scale, x)
+    for fake, real in zip(cuda_backend._fake_affine_act_double_backward_apply(*dd_args),
+                          ref.affine_act_double_backward_apply(*dd_args)):
+        assert (fake.shape, fake.dtype) == (real.shape, real.dtype)
+        if x.is_contiguous() or x.movedim(1, -1).is_contiguous():
+            assert fake.stride() == real.stride()
     assert cuda_backend._fake_ie_update(x, x, x, 0.1, 1.0).shape == x.shape
 
 
@@ -190,6 +206,8 @@ lib.impl("cuda_affine_act_backward_reduce", ref.affine_act_backward_reduce, "CPU
 lib.impl("cuda_affine_act_backward_apply", apply, "CPU")
 lib.impl("cuda_affine_act_backward_apply_ie_update", ref.affine_act_backward_apply_ie_update,
          "CPU")
+lib.impl("cuda_affine_act_double_backward_reduce", ref.affine_act_double_backward_reduce, "CPU")
+lib.impl("cuda_affine_act_double_backward_apply", ref.affine_act_double_backward_apply, "CPU")
 lib.impl("cuda_ie_residual", ref.ie_residual, "CPU")
 lib.impl("cuda_ie_update", ref.ie_update, "CPU")
 cuda_backend._register_fakes()
@@ -205,7 +223,12 @@ def step(x, dy, scale, shift):
     e = ops.cuda_ie_residual(x, y, dx, 1.0)
     x_new = ops.cuda_affine_act_backward_apply_ie_update(dy, x, scale, shift, mask, True, sum_g,
                                                          sum_gx, var, mean, e, 0.1, 1.0)
-    return ops.cuda_ie_update(x, e, g, 0.1, 1.0), x_new, mean, var, sum_g
+    sum_dd, sum_dd_xc, sum_dd_g = ops.cuda_affine_act_double_backward_reduce(
+        dx, dy, x, scale, shift, mean, mask, True, False)
+    ddy, dxx = ops.cuda_affine_act_double_backward_apply(dx, dy, x, scale, shift, mask, True,
+                                                         sum_g, sum_gx, sum_dd, sum_dd_xc, mean,
+                                                         g)
+    return (ops.cuda_ie_update(x, e, g, 0.1, 1.0), x_new, mean, var, sum_g, sum_dd_g, ddy, dxx)
 x = torch.randn(4, 6, 5, 5).to(memory_format=torch.channels_last)
 args = (x, torch.randn_like(x), torch.randn(6), torch.randn(6))
 compiled = torch.compile(step, backend="aot_eager", fullgraph=True)(*args)
@@ -386,6 +409,85 @@ def test_affine_act_backward_apply_ie_update(shape, layout, dtype, gate, per_sam
 @pytest.mark.usefixtures("cuda_ready")
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("shape,layout", cases())
+@pytest.mark.parametrize("gate", ["mask", "relu", "none"])
+@pytest.mark.parametrize("per_sample", [False, True], ids=["per_channel", "per_sample"])
+def test_affine_act_double_backward_reduce(shape, layout, dtype, gate, per_sample):
+    ddx, dy = make(shape, layout, dtype), make(shape, layout, dtype)
+    x = make(shape, layout, dtype, mean=0.5)
+    scale, shift, center = coef(x, per_sample), coef(x, per_sample), coef(x, per_sample)
+    mask = make(shape, layout).gt(0) if gate == "mask" else None
+    relu = gate != "none"
+    sums = cuda_backend.affine_act_double_backward_reduce(ddx, dy, x, scale, shift, center, mask,
+                                                          relu, per_sample)
+    gate64 = mask if mask is not None else (relu_gate32(x, scale, shift) if relu else None)
+    expected = ref.affine_act_double_backward_reduce(*doubles(ddx, dy, x, scale, shift, center),
+                                                     gate64, relu, per_sample)
+    dd = ddx.double()
+    g = dy.double() * (gate64 if gate64 is not None else 1)
+    terms = (dd, dd * (x.double() - broadcast(center.double(), x)), dd * g)
+    dims = list(range(2, x.dim())) if per_sample else [0, *range(2, x.dim())]
+    magnitudes = [t.abs().sum(dims) if dims else t.abs() for t in terms]
+    assert len(sums) == 3
+    for actual, exact, magnitude in zip(sums, expected, magnitudes):
+        assert actual.dtype == torch.float32 and actual.shape == exact.shape
+        assert_sums_close(actual, exact, magnitude)
+
+
+@gpu
+@pytest.mark.usefixtures("cuda_ready")
+@pytest.mark.parametrize("shape,layout", cases([(4, 5, 7, 5), (64, 40, 16, 16)],
+                                               ["contiguous", "channels_last"]))
+@pytest.mark.parametrize("per_sample", [False, True], ids=["per_channel", "per_sample"])
+def test_double_backward_reduce_is_the_first_order_reduction(shape, layout, per_sample):
+    """With ddx = dy and no gate, the first two sums are the first-order reduce's bit for bit
+    (same plan, same combine order), and repeated calls agree bitwise (no atomics)."""
+    ddx, x = make(shape, layout, torch.bfloat16), make(shape, layout, torch.bfloat16)
+    scale, shift, center = (coef(x, per_sample) for _ in range(3))
+    args = (ddx, x, x, scale, shift, center, None, False, per_sample)
+    sums = cuda_backend.affine_act_double_backward_reduce(*args)
+    sum_g, sum_g_xc = cuda_backend.affine_act_backward_reduce(ddx, x, scale, shift, center, None,
+                                                              False, per_sample)
+    assert torch.equal(sums[0], sum_g) and torch.equal(sums[1], sum_g_xc)
+    again = cuda_backend.affine_act_double_backward_reduce(*args)
+    assert all(torch.equal(a, b) for a, b in zip(sums, again))
+
+
+@gpu
+@pytest.mark.usefixtures("cuda_ready")
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape,layout", cases())
+@pytest.mark.parametrize("gate,per_sample,with_ddshortcut",
+                         [("mask", False, True), ("relu", True, True), ("relu", False, False),
+                          ("none", True, False)],
+                         ids=["mask-per_channel-ddshortcut", "relu-per_sample-ddshortcut",
+                              "relu-per_channel", "none-per_sample"])
+def test_affine_act_double_backward_apply(shape, layout, dtype, gate, per_sample,
+                                          with_ddshortcut):
+    ddx, dy, x = (make(shape, layout, dtype) for _ in range(3))
+    # in another layout than x where there is one: the op copies it into x's
+    ddshortcut = (make(shape, "contiguous" if layout == "channels_last" else layout, dtype)
+                  if with_ddshortcut else None)
+    scale, shift = coef(x, per_sample), coef(x, per_sample)
+    a, b, p, q, center = (coef(x, per_sample) for _ in range(5))
+    mask = make(shape, layout).gt(0) if gate == "mask" else None
+    relu = gate != "none"
+    args = (ddx, dy, x, scale, shift, mask, relu, a, b, p, q, center, ddshortcut)
+    ddy, dxx = cuda_backend.affine_act_double_backward_apply(*args)
+    ddy_eager, dxx_eager = ref.affine_act_double_backward_apply(*args)
+    gate64 = mask if mask is not None else (relu_gate32(x, scale, shift) if relu else None)
+    ddy_exact, dxx_exact = ref.affine_act_double_backward_apply(
+        *doubles(ddx, dy, x, scale, shift), gate64, relu, *doubles(a, b, p, q, center, ddshortcut))
+    assert_output(ddy, ddy_eager, ddy_exact)
+    assert_output(dxx, dxx_eager, dxx_exact)
+    if layout == "channels_last" and x.dim() == 4:
+        assert ddy.is_contiguous(memory_format=torch.channels_last)
+        assert dxx.is_contiguous(memory_format=torch.channels_last)
+
+
+@gpu
+@pytest.mark.usefixtures("cuda_ready")
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape,layout", cases())
 def test_ie_residual_and_update(shape, layout, dtype):
     x, c, fx = (make(shape, layout, dtype) for _ in range(3))
     theta, step_size = 0.75, 0.1
@@ -411,6 +513,18 @@ def test_bad_arguments_are_named():
         cuda_backend.affine_act_forward(x, scale[:3], scale, None, True, False)
     with pytest.raises(RuntimeError, match="groups must be 0"):
         cuda_backend.norm_stats(x, 3)
+    with pytest.raises(TypeError, match="ddx must be"):
+        cuda_backend.affine_act_double_backward_reduce(x.half(), x, x, scale, scale, scale, None,
+                                                       True, False)
+    with pytest.raises(RuntimeError, match=r"center must be \[C\] when per_sample is False"):
+        cuda_backend.affine_act_double_backward_reduce(x, x, x, scale, scale, coef(x, True), None,
+                                                       True, False)
+    with pytest.raises(RuntimeError, match="ddshortcut has shape"):
+        cuda_backend.affine_act_double_backward_apply(x, x, x, scale, scale, None, True, scale,
+                                                      scale, scale, scale, scale, x[:1])
+    with pytest.raises(RuntimeError, match=r"q must be \[C\]"):
+        cuda_backend.affine_act_double_backward_apply(x, x, x, scale, scale, None, True, scale,
+                                                      scale, scale, scale[:3], scale, None)
 
 
 @gpu

@@ -287,12 +287,14 @@ struct BackwardCase {
         center(rng.uniform((per_sample_coefs ? s.n : 1) * s.c, 0.f, 1.f),
                per_sample_coefs ? s.c : 0) {}
 
-  // g = dy * m, m = mask / recomputed ReLU gate / 1
+  // m = mask / recomputed ReLU gate / 1
+  bool gate(int64_t n, int64_t c, int64_t i, bool use_mask, bool relu) const {
+    return use_mask ? mask[i] != 0
+                    : (!relu || affine(scale.at(n, c), x.values[i], shift.at(n, c)) > 0.f);
+  }
+  // g = dy * m
   float gradient(int64_t n, int64_t c, int64_t i, bool use_mask, bool relu) const {
-    const bool gate =
-        use_mask ? mask[i] != 0
-                 : (!relu || affine(scale.at(n, c), x.values[i], shift.at(n, c)) > 0.f);
-    return gate ? dy.values[i] : 0.f;
+    return gate(n, c, i, use_mask, relu) ? dy.values[i] : 0.f;
   }
 };
 
@@ -409,6 +411,98 @@ void test_backward_apply_ie_update(const Shape& shape, Random& rng, bool use_mas
   expect_close(what + "x_new", to_floats(x_new.download()), want, Dtype<T>::kRtol, atol);
 }
 
+// Sums of ddx, ddx * (x - center) and ddx * g; misaligned pointers take the scalar path.
+template <typename T>
+void test_double_backward_reduce(const Shape& shape, Random& rng, bool use_mask, bool relu,
+                                 bool per_sample, bool misaligned) {
+  const BackwardCase<T> in(shape, rng, per_sample);
+  const Activation<T> ddx(rng.uniform(shape.numel(), -1.f, 1.f));
+  DeviceArray<T> ddx_dev(ddx.stored, misaligned), dy(in.dy.stored, misaligned),
+      x(in.x.stored, misaligned);
+  DeviceArray<uint8_t> mask(in.mask, misaligned);
+  const int64_t units = per_sample ? shape.n * shape.c : shape.c;
+  DeviceArray<float> sum_ddx(units, false), sum_ddx_xc(units, false), sum_ddx_g(units, false);
+  size_t bytes = 0;
+  CHECK_CUDA(pyeuler_affine_act_double_backward_reduce_workspace_size(shape.geometry(),
+                                                                      per_sample, &bytes));
+  DeviceArray<unsigned char> workspace(bytes, false);
+  CHECK_CUDA(pyeuler_affine_act_double_backward_reduce(
+      ddx_dev.get(), dy.get(), x.get(), use_mask ? mask.get() : nullptr, Dtype<T>::kEnum,
+      shape.geometry(), in.scale.abi(), in.shift.abi(), in.center.abi(), relu, per_sample,
+      sum_ddx.get(), sum_ddx_xc.get(), sum_ddx_g.get(), workspace.get(), bytes, nullptr));
+
+  constexpr int kSums = 3;  // ddx, ddx * (x - center), ddx * g
+  std::vector<double> want[kSums], atol[kSums];
+  for (int k = 0; k < kSums; ++k) want[k].assign(units, 0.0), atol[k].assign(units, 0.0);
+  for (int64_t n = 0; n < shape.n; ++n)
+    for (int64_t c = 0; c < shape.c; ++c)
+      for (int64_t s = 0; s < shape.s; ++s) {
+        const int64_t i = shape.at(n, c, s);
+        const int64_t u = per_sample ? n * shape.c + c : c;
+        const double dd = ddx.values[i];
+        const double terms[kSums] = {dd, dd * (double(in.x.values[i]) - in.center.at(n, c)),
+                                     dd * in.gradient(n, c, i, use_mask, relu)};
+        for (int k = 0; k < kSums; ++k) want[k][u] += terms[k], atol[k][u] += std::fabs(terms[k]);
+      }
+  // float32 accumulation: error bounded relative to the sum of magnitudes
+  for (int k = 0; k < kSums; ++k)
+    for (double& bound : atol[k]) bound = 1e-5 * bound + 1e-6;
+  const std::string what = std::string("double_backward_reduce mask=") +
+                           std::to_string(use_mask) + " relu=" + std::to_string(relu) +
+                           " per_sample=" + std::to_string(per_sample) + " ";
+  expect_close(what + "sum_ddx", sum_ddx.download(), want[0], 0.0, atol[0]);
+  expect_close(what + "sum_ddx_xc", sum_ddx_xc.download(), want[1], 0.0, atol[1]);
+  expect_close(what + "sum_ddx_g", sum_ddx_g.download(), want[2], 0.0, atol[2]);
+}
+
+// ddy = m * (a * ddx + p + q * (x - center) + ddshortcut), dxx = b * ddx + q * g.
+template <typename T>
+void test_double_backward_apply(const Shape& shape, Random& rng, bool use_mask, bool relu,
+                                bool with_ddshortcut, bool per_sample_coefs, bool misaligned) {
+  const BackwardCase<T> in(shape, rng, per_sample_coefs);
+  const int64_t coef_rows = per_sample_coefs ? shape.n : 1;
+  const int64_t stride = per_sample_coefs ? shape.c : 0;
+  const Coef a(rng.uniform(coef_rows * shape.c, -1.f, 1.f), stride);
+  const Coef b(rng.uniform(coef_rows * shape.c, -1.f, 1.f), stride);
+  const Coef p(rng.uniform(coef_rows * shape.c, -0.1f, 0.1f), stride);
+  const Coef q(rng.uniform(coef_rows * shape.c, -1.f, 1.f), stride);
+  const Activation<T> ddx(rng.uniform(shape.numel(), -1.f, 1.f));
+  const Activation<T> ddshortcut(rng.uniform(shape.numel(), -1.f, 1.f));
+  DeviceArray<T> ddx_dev(ddx.stored, misaligned), dy(in.dy.stored, misaligned),
+      x(in.x.stored, misaligned), ddshortcut_dev(ddshortcut.stored, misaligned);
+  DeviceArray<T> ddy(shape.numel(), misaligned), dxx(shape.numel(), misaligned);
+  DeviceArray<uint8_t> mask(in.mask, misaligned);
+  CHECK_CUDA(pyeuler_affine_act_double_backward_apply(
+      ddx_dev.get(), dy.get(), x.get(), use_mask ? mask.get() : nullptr, Dtype<T>::kEnum,
+      shape.geometry(), in.scale.abi(), in.shift.abi(), relu, a.abi(), b.abi(), p.abi(), q.abi(),
+      in.center.abi(), with_ddshortcut ? ddshortcut_dev.get() : nullptr, ddy.get(), dxx.get(),
+      nullptr));
+
+  std::vector<double> want_ddy(shape.numel()), want_dxx(shape.numel());
+  std::vector<double> atol_ddy(shape.numel()), atol_dxx(shape.numel());
+  for (int64_t n = 0; n < shape.n; ++n)
+    for (int64_t c = 0; c < shape.c; ++c)
+      for (int64_t s = 0; s < shape.s; ++s) {
+        const int64_t i = shape.at(n, c, s);
+        const double dd = ddx.values[i];
+        const double xc = double(in.x.values[i]) - in.center.at(n, c);
+        const double shortcut_term = with_ddshortcut ? ddshortcut.values[i] : 0.0;
+        const double inner = a.at(n, c) * dd + p.at(n, c) + q.at(n, c) * xc + shortcut_term;
+        const double g = in.gradient(n, c, i, use_mask, relu);
+        want_ddy[i] = in.gate(n, c, i, use_mask, relu) ? inner : 0.0;
+        want_dxx[i] = b.at(n, c) * dd + q.at(n, c) * g;
+        // float32 rounding of the terms
+        atol_ddy[i] = 1e-6 * (std::fabs(a.at(n, c) * dd) + std::fabs(q.at(n, c) * xc) +
+                              std::fabs(shortcut_term) + 1.0);
+        atol_dxx[i] = 1e-6 * (std::fabs(b.at(n, c) * dd) + std::fabs(q.at(n, c) * g) + 1.0);
+      }
+  const std::string what = std::string("double_backward_apply mask=") +
+                           std::to_string(use_mask) + " relu=" + std::to_string(relu) +
+                           " ddshortcut=" + std::to_string(with_ddshortcut) + " ";
+  expect_close(what + "ddy", to_floats(ddy.download()), want_ddy, Dtype<T>::kRtol, atol_ddy);
+  expect_close(what + "dxx", to_floats(dxx.download()), want_dxx, Dtype<T>::kRtol, atol_dxx);
+}
+
 template <typename T>
 void test_ie(const Shape& shape, Random& rng, bool misaligned) {
   const double theta = 0.75, step_size = 0.1;
@@ -462,6 +556,9 @@ void test_dtype(Random& rng) {
         test_backward_apply_ie_update<T>(shape, rng, true, true, false, misaligned);
         test_backward_apply_ie_update<T>(shape, rng, false, true, true, misaligned);
         test_backward_apply_ie_update<T>(shape, rng, false, false, false, misaligned);
+        test_double_backward_apply<T>(shape, rng, true, true, true, false, misaligned);
+        test_double_backward_apply<T>(shape, rng, false, true, false, true, misaligned);
+        test_double_backward_apply<T>(shape, rng, false, false, true, false, misaligned);
         test_ie<T>(shape, rng, misaligned);
       }
       test_backward_reduce<T>(shape, rng, true, true, false);
@@ -469,6 +566,11 @@ void test_dtype(Random& rng) {
       test_backward_reduce<T>(shape, rng, false, false, false);
       test_backward_reduce<T>(shape, rng, false, true, true);
       test_backward_reduce<T>(shape, rng, true, false, true);
+      test_double_backward_reduce<T>(shape, rng, true, true, false, false);
+      test_double_backward_reduce<T>(shape, rng, false, true, false, false);
+      test_double_backward_reduce<T>(shape, rng, false, false, true, false);
+      test_double_backward_reduce<T>(shape, rng, false, true, true, true);
+      test_double_backward_reduce<T>(shape, rng, true, false, false, true);
       std::printf("%-4s %-8s %s\n", g_failures == failures_before ? "ok" : "FAIL",
                   Dtype<T>::kName, shape.name().c_str());
     }

@@ -25,6 +25,8 @@ __all__ = [
     "affine_act_backward_reduce",
     "affine_act_backward_apply",
     "affine_act_backward_apply_ie_update",
+    "affine_act_double_backward_reduce",
+    "affine_act_double_backward_apply",
     "ie_residual",
     "ie_update",
 ]
@@ -171,6 +173,47 @@ def affine_act_backward_apply_ie_update(
         dy, x, scale, shift, mask, relu, a, b, c, center, e, float(step_size), float(theta))
 
 
+def affine_act_double_backward_reduce(
+    ddx: Tensor,
+    dy: Tensor,
+    x: Tensor,
+    scale: Tensor,
+    shift: Tensor,
+    center: Tensor,
+    mask: Tensor | None,
+    relu: bool,
+    per_sample: bool,
+) -> tuple[Tensor, Tensor, Tensor]:
+    _check_cuda(ddx=ddx, dy=dy, x=x, scale=scale, shift=shift, center=center, mask=mask)
+    _require_extension()
+    sum_ddx, sum_ddx_xc, sum_ddx_g = torch.ops.pyeuler.cuda_affine_act_double_backward_reduce(
+        ddx, dy, x, scale, shift, center, mask, relu, per_sample)
+    return sum_ddx, sum_ddx_xc, sum_ddx_g
+
+
+def affine_act_double_backward_apply(
+    ddx: Tensor,
+    dy: Tensor,
+    x: Tensor,
+    scale: Tensor,
+    shift: Tensor,
+    mask: Tensor | None,
+    relu: bool,
+    a: Tensor,
+    b: Tensor,
+    p: Tensor,
+    q: Tensor,
+    center: Tensor,
+    ddshortcut: Tensor | None,
+) -> tuple[Tensor, Tensor]:
+    _check_cuda(ddx=ddx, dy=dy, x=x, scale=scale, shift=shift, mask=mask, a=a, b=b, p=p, q=q,
+                center=center, ddshortcut=ddshortcut)
+    _require_extension()
+    ddy, dxx = torch.ops.pyeuler.cuda_affine_act_double_backward_apply(
+        ddx, dy, x, scale, shift, mask, relu, a, b, p, q, center, ddshortcut)
+    return ddy, dxx
+
+
 def ie_residual(x: Tensor, c: Tensor, fx: Tensor, theta: float) -> Tensor:
     _check_cuda(x=x, c=c, fx=fx)
     _require_extension()
@@ -228,6 +271,17 @@ def _fake_affine_act_backward_apply_ie_update(dy, x, scale, shift, mask, relu, a
     return _empty_in_layout_of(x, x.dtype)
 
 
+def _fake_affine_act_double_backward_reduce(ddx, dy, x, scale, shift, center, mask, relu,
+                                            per_sample):
+    shape = tuple(x.shape[:2]) if per_sample else (x.shape[1],)
+    return tuple(x.new_empty(shape, dtype=torch.float32) for _ in range(3))
+
+
+def _fake_affine_act_double_backward_apply(ddx, dy, x, scale, shift, mask, relu, a, b, p, q,
+                                           center, ddshortcut):
+    return _empty_in_layout_of(x, dy.dtype), _empty_in_layout_of(x, x.dtype)
+
+
 def _fake_ie_residual(x, c, fx, theta):
     return _empty_in_layout_of(x, x.dtype)
 
@@ -242,6 +296,8 @@ _FAKES = {
     "pyeuler::cuda_affine_act_backward_reduce": _fake_affine_act_backward_reduce,
     "pyeuler::cuda_affine_act_backward_apply": _fake_affine_act_backward_apply,
     "pyeuler::cuda_affine_act_backward_apply_ie_update": _fake_affine_act_backward_apply_ie_update,
+    "pyeuler::cuda_affine_act_double_backward_reduce": _fake_affine_act_double_backward_reduce,
+    "pyeuler::cuda_affine_act_double_backward_apply": _fake_affine_act_double_backward_apply,
     "pyeuler::cuda_ie_residual": _fake_ie_residual,
     "pyeuler::cuda_ie_update": _fake_ie_update,
 }
