@@ -72,7 +72,7 @@ def test_custom_op_autograd_gradcheck_gradgradcheck(routed_to_primitives, groups
 
 
 @pytest.mark.parametrize("norm", ["batch", "group"])
-@pytest.mark.parametrize("grad", ["unrolled", "detached"])
+@pytest.mark.parametrize("grad", ["unrolled", "detached", "implicit"])
 def test_custom_op_ie_skip_gradients_equal_eager(routed_to_primitives, norm, grad):
     branch = PreActBranch(3, norm=norm).double()
     ref = copy.deepcopy(branch)
@@ -176,11 +176,11 @@ def test_eval_mode_n1(backend):
 
 
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS)
-@pytest.mark.parametrize("grad", ["unrolled", "detached"])
+@pytest.mark.parametrize("grad", ["unrolled", "detached", "implicit"])
 @pytest.mark.parametrize("norm", ["batch", "group"])
 def test_ie_wrn_parity(backend, grad, norm):
     device = _device(backend)
-    model = wide_resnet(10, 1, num_classes=3, ie_steps=2 if grad == "unrolled" else 1, grad=grad,
+    model = wide_resnet(10, 1, num_classes=3, ie_steps=1 if grad == "detached" else 2, grad=grad,
                         norm=norm).to(device)
     fast = twin(model, backend=backend)
     ref = twin(model, backend="reference")

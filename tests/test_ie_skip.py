@@ -1,5 +1,7 @@
 """IE-Skips: the explicit path ("eager") against the literal autograd algorithm ("reference")."""
 
+import contextlib
+
 import pytest
 import torch
 from torch import nn
@@ -189,9 +191,82 @@ def test_iesKip_module_uses_branch_backend():
     torch.testing.assert_close(module(x), ie_skip(branch, x, 2, backend="reference"), **F32)
 
 
-def test_implicit_mode_is_not_implemented_yet():
-    with pytest.raises(NotImplementedError, match="issue #4"):
-        IESkip(_branch(), grad="implicit")
+@pytest.mark.parametrize("theta", [0.5, 1.0])
+@pytest.mark.parametrize("norm", ["batch", "group"])
+@pytest.mark.parametrize("train", [True, False])
+@pytest.mark.parametrize("bn_update", ["all", "first"])
+def test_implicit_equals_reference(theta, norm, train, bn_update):
+    if norm == "group" and bn_update == "first":
+        pytest.skip("group norm has no running statistics")
+    _compare(_branch(norm, h=0.5), _x(), 12, theta, "implicit", bn_update, train=train)
+
+
+def test_implicit_input_gradient_only():
+    _compare(_branch(h=0.5), _x(), 8, 1.0, "implicit", param_grad=False)
+
+
+@pytest.mark.parametrize("theta", [0.5, 1.0])
+def test_implicit_solves_the_equation_and_has_the_ift_gradient(theta):
+    """x* = x0 + (1−θ)·f(x0) + θ·f(x*) to float64 precision, and gradcheck of the map
+    x0, W ↦ x* (finite differences of the converged solve) against the implicit-function-
+    theorem gradient, for the input and a weight."""
+    branch = _branch("group", h=0.4)
+    x0 = _x()
+    f = lambda t: branch(t, backend="reference")  # noqa: E731
+    y = ie_skip(branch, x0, 200, theta=theta, grad="implicit", tol=1e-14)
+    torch.testing.assert_close(y, x0 + (1 - theta) * f(x0) + theta * f(y), rtol=1e-12, atol=1e-12)
+
+    def solve(x, weight):
+        with _swapped(branch.conv1, "weight", weight):
+            return ie_skip(branch, x, 200, theta=theta, grad="implicit", tol=1e-14)
+
+    assert torch.autograd.gradcheck(solve, (x0.clone().requires_grad_(),
+                                            branch.conv1.weight.detach().clone().requires_grad_()),
+                                    fast_mode=True)
+
+
+def test_implicit_input_jacobian_is_the_ift_formula():
+    """∂x*/∂x0 = (I − θ·J_f(x*))⁻¹ (I + (1−θ)·J_f(x0)), from dense Jacobians (tiny shape)."""
+    theta = 0.5
+    branch = _branch("group", channels=2, h=0.5)
+    x0 = torch.randn(2, 2, 2, 2, dtype=DT)
+    f = lambda t: branch(t, backend="reference")  # noqa: E731
+    solve = lambda t: ie_skip(branch, t, 80, theta=theta, grad="implicit", tol=1e-14)  # noqa: E731
+    n = x0.numel()
+    y = solve(x0).detach()
+    jac_f = lambda t: torch.autograd.functional.jacobian(f, t).reshape(n, n)  # noqa: E731
+    eye = torch.eye(n, dtype=DT)
+    expected = torch.linalg.solve(eye - theta * jac_f(y), eye + (1 - theta) * jac_f(x0))
+    actual = torch.autograd.functional.jacobian(solve, x0).reshape(n, n)
+    torch.testing.assert_close(actual, expected, rtol=1e-9, atol=1e-11)
+
+
+@contextlib.contextmanager
+def _swapped(module, name, tensor):
+    """``module.<name>`` is ``tensor`` (a plain tensor gradcheck perturbs) for the block."""
+    original = module._parameters.pop(name)
+    setattr(module, name, tensor)
+    try:
+        yield
+    finally:
+        delattr(module, name)
+        module._parameters[name] = original
+
+
+def test_implicit_no_grad_gives_the_same_value():
+    branch, x = _branch("group", h=0.5), _x()
+    y = ie_skip(branch, x.clone().requires_grad_(), 10, grad="implicit")
+    with torch.no_grad():
+        torch.testing.assert_close(ie_skip(branch, x, 10, grad="implicit"), y.detach())
+
+
+def test_implicit_settings_are_checked():
+    with pytest.raises(ValueError, match="tol"):
+        ie_skip(_branch(), _x(), 3, grad="unrolled", tol=1e-6)
+    with pytest.raises(ValueError, match="tol"):
+        ie_skip(_branch(), _x(), 3, grad="implicit", tol=0.0)
+    with pytest.raises(ValueError, match="dropout"):
+        ie_skip(_branch(dropout=0.3), _x(), 3, grad="implicit")
 
 
 @pytest.mark.parametrize("kwargs, match", [

@@ -15,23 +15,26 @@ class IESkip(nn.Module):
     For a :class:`~pyeuler.nn.PreActBranch` the refinement uses pyeuler's explicit VJP and
     fused kernels; any other shape-preserving module goes through generic autograd.
     ``grad``: ``"unrolled"`` (exact), ``"detached"`` (the IE authors' cheaper gradient,
-    that of x0 + f(x0)), ``"implicit"`` (not implemented yet).
+    that of x0 + f(x0)), ``"implicit"`` (solve the implicit equation with a budget of
+    ``steps`` evaluations, optionally stopping at relative residual ``tol``, and
+    differentiate by the implicit function theorem).
     """
 
     def __init__(self, branch: nn.Module, steps: int = 1, step_size: float = 0.1,
                  theta: float = 1.0, grad: str = "unrolled", bn_update: str = "all",
-                 backend: str | None = None):
+                 backend: str | None = None, *, tol: float | None = None):
         super().__init__()
-        validate_ie_args(steps, step_size, theta, grad, bn_update)
+        validate_ie_args(steps, step_size, theta, grad, bn_update, tol)
         self.branch = branch
         self.steps, self.step_size, self.theta = steps, float(step_size), float(theta)
-        self.grad, self.bn_update, self.backend = grad, bn_update, backend
+        self.grad, self.bn_update, self.backend, self.tol = grad, bn_update, backend, tol
 
     def forward(self, x: Tensor) -> Tensor:
         backend = self.backend or getattr(self.branch, "backend", None)
         return ie_skip(self.branch, x, self.steps, self.step_size, self.theta, self.grad,
-                       self.bn_update, backend)
+                       self.bn_update, backend, tol=self.tol)
 
     def extra_repr(self) -> str:
+        tol = f", tol={self.tol}" if self.tol is not None else ""
         return (f"steps={self.steps}, step_size={self.step_size}, theta={self.theta}, "
-                f"grad={self.grad!r}, bn_update={self.bn_update!r}")
+                f"grad={self.grad!r}, bn_update={self.bn_update!r}{tol}")

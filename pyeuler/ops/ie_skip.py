@@ -13,6 +13,11 @@ Two algorithms compute it:
   (:func:`pyeuler.ops.preact_branch.branch_vjp`), no ‖e‖² reduction, no autograd inside
   the forward.  "unrolled" differentiates through those explicit ops (each differentiable
   once more); "detached" runs the correction under ``no_grad``.
+
+``grad="implicit"`` is a third algorithm, :func:`_ie_implicit`: it solves
+``x = c + θ·f(x)`` by Anderson-accelerated fixed-point iteration (``steps`` evaluations of
+f) and differentiates by the implicit function theorem, ``u = (I − θ·J_fᵀ)⁻¹ ḡ`` solved the
+same way, J_fᵀu explicit for a PreActBranch and by autograd otherwise.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ from torch import Tensor, nn
 
 from pyeuler.backend import resolve_backend
 from pyeuler.ops import primitives
+from pyeuler.ops.fixed_point import anderson
 from pyeuler.ops.preact_branch import branch_forward, branch_vjp, branch_vjp_ie_update
 
 __all__ = ["GRAD_MODES", "BN_UPDATES", "ie_skip", "ie_residual", "ie_update", "validate_ie_args"]
@@ -186,7 +192,63 @@ def _ie_explicit(branch, x0, steps, step_size, theta, grad, bn_update, backend):
     return x + (refined - x).detach()
 
 
-def validate_ie_args(steps, step_size, theta, grad, bn_update) -> None:
+def _explicit_evaluator(branch, backend):
+    """``evaluate(x, update_running, differentiable) → (f(x), vjp)`` for a PreActBranch:
+    J_fᵀu by the explicit formula at the evaluated point, never autograd."""
+    def evaluate(x, update_running, differentiable):
+        with torch.set_grad_enabled(differentiable):
+            fx, cache = branch_forward(branch, x, backend, update_running=update_running)
+        return fx, lambda u: branch_vjp(branch, cache, u, backend)
+
+    return evaluate
+
+
+def _autograd_evaluator(f, module):
+    """The same for any branch ``f``: J_fᵀu by ``torch.autograd.grad`` on a kept graph."""
+    def evaluate(x, update_running, differentiable):
+        frozen = contextlib.nullcontext() if update_running else _running_stats_frozen(module)
+        if not differentiable:
+            with frozen, torch.no_grad():
+                return f(x), None
+        point = x if x.requires_grad else x.detach().requires_grad_()  # x0 keeps its graph
+        with frozen, torch.enable_grad():
+            fx = f(point)
+        return fx, lambda u: torch.autograd.grad(fx, point, u, retain_graph=True)[0]
+
+    return evaluate
+
+
+def _ie_implicit(evaluate, x0, steps, theta, tol, bn_update):
+    """x* with ``x* = c + θ·f(x*)`` and its implicit-function-theorem gradient.
+
+    Running statistics are updated by f(x0), and by the final f(x*) when
+    ``bn_update="all"``; the solver's own evaluations (their number depends on ``tol``)
+    never touch them.  The value returned is ``c + θ·f(x*)``, one Picard step past the
+    solver's output, whose graph carries the gradient: a hook on it replaces the incoming
+    ḡ by ``u = (I − θ·J_f(x*)ᵀ)⁻¹ ḡ``, which then flows to x0 and the parameters through
+    c and f(x*) exactly as the theorem says.
+    """
+    fx0, _ = evaluate(x0, True, torch.is_grad_enabled())
+    c = x0 if theta == 1.0 else x0 + (1.0 - theta) * fx0
+    with torch.no_grad():
+        c_value = c.detach()
+        x_star = anderson(lambda x: c_value + theta * evaluate(x, False, False)[0],
+                          (x0 + fx0).detach(), steps, tol)
+    differentiable = torch.is_grad_enabled()
+    fx, vjp = evaluate(x_star, bn_update == "all", differentiable)
+    out = c + theta * fx
+    if differentiable and out.requires_grad and theta > 0.0:
+        def implicit_gradient(grad_out):
+            if grad_out is None:  # an undefined gradient stays undefined
+                return None
+            with torch.no_grad():
+                return anderson(lambda u: grad_out + theta * vjp(u), grad_out, steps, tol)
+
+        out.register_hook(implicit_gradient)
+    return out
+
+
+def validate_ie_args(steps, step_size, theta, grad, bn_update, tol=None) -> None:
     """Clear errors for bad IE-Skip settings (also used by modules at construction)."""
     if not isinstance(steps, int) or isinstance(steps, bool) or steps < 0:
         raise ValueError(f"steps (ie_steps) must be an int >= 0, got {steps!r}")
@@ -198,30 +260,42 @@ def validate_ie_args(steps, step_size, theta, grad, bn_update) -> None:
         raise ValueError(f"grad must be one of {GRAD_MODES}, got {grad!r}")
     if bn_update not in BN_UPDATES:
         raise ValueError(f"bn_update must be one of {BN_UPDATES}, got {bn_update!r}")
-    if grad == "implicit":
-        raise NotImplementedError(
-            "grad='implicit' (solve x = c + θ·f(x) and differentiate by the implicit function "
-            "theorem) is not implemented yet; it builds on the fast IE-Skip work (issue #4). "
-            "Use grad='unrolled' (exact) or grad='detached'.")
+    if tol is not None and (grad != "implicit" or not isinstance(tol, (int, float)) or not tol > 0):
+        raise ValueError(f"tol must be None or > 0, and only with grad='implicit'; got tol={tol!r} "
+                         f"with grad={grad!r}")
 
 
 def ie_skip(branch, x: Tensor, steps: int = 1, step_size: float = 0.1, theta: float = 1.0,
-            grad: str = "unrolled", bn_update: str = "all", backend: str | None = None) -> Tensor:
+            grad: str = "unrolled", bn_update: str = "all", backend: str | None = None, *,
+            tol: float | None = None) -> Tensor:
     """IE-Skip around a shape-preserving ``branch``: x0 + f(x0) refined by ``steps`` gradient
-    steps toward the implicit (θ-method) Euler solution.  See SPEC §2 for the modes."""
+    steps toward the implicit (θ-method) Euler solution.  See SPEC §2 for the modes.
+
+    With ``grad="implicit"``, ``steps`` is the solver's budget of branch evaluations (forward
+    and backward each) and ``tol`` an optional early stop on the relative residual
+    ‖x − c − θ·f(x)‖ / ‖c + θ·f(x)‖ (it reads the residual on the host every iteration);
+    ``step_size`` is unused.
+    """
     from pyeuler.nn.branch import PreActBranch
 
     if not callable(branch):
         raise TypeError(f"branch must be a callable module, got {type(branch).__name__}")
     if not isinstance(x, Tensor) or not x.is_floating_point():
         raise TypeError("x must be a floating-point Tensor")
-    validate_ie_args(steps, step_size, theta, grad, bn_update)
+    validate_ie_args(steps, step_size, theta, grad, bn_update, tol)
     name = resolve_backend(backend, x.device)
+    explicit = isinstance(branch, PreActBranch) and name != "reference"
     if isinstance(branch, PreActBranch):
-        if name != "reference":
-            return _ie_explicit(branch, x, steps, step_size, theta, grad, bn_update, name)
+        if grad == "implicit" and branch.training and branch.dropout > 0:
+            raise ValueError("grad='implicit' needs a deterministic branch: dropout must be 0 in "
+                             "training mode (each evaluation would draw a new mask)")
         f = lambda inp: branch(inp, backend="reference")  # noqa: E731
     else:
         f = branch
     module = branch if isinstance(branch, nn.Module) else nn.Module()
+    if grad == "implicit" and steps > 0:
+        evaluate = _explicit_evaluator(branch, name) if explicit else _autograd_evaluator(f, module)
+        return _ie_implicit(evaluate, x, steps, theta, tol, bn_update)
+    if explicit:
+        return _ie_explicit(branch, x, steps, step_size, theta, grad, bn_update, name)
     return _ie_autograd(f, module, x, steps, step_size, theta, grad, bn_update)
