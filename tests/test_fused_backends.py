@@ -89,6 +89,58 @@ def test_custom_op_ie_skip_gradients_equal_eager(routed_to_primitives, norm, gra
             (torch.randn(2, 3, 2, 2, dtype=torch.float64, requires_grad=True),), fast_mode=True)
 
 
+@pytest.mark.parametrize("groups", [0, 2])
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize("stride", [1, 2])
+def test_norm_relu_conv_gradcheck_gradgradcheck(routed_to_primitives, groups, training, stride):
+    """conv(ReLU(norm(x))) recomputing the activation in its backward: exact to 2nd order."""
+    if groups and not training:
+        pytest.skip("group norm has no eval mode")
+    dt = torch.float64
+    x = (torch.randn(2, 4, 5, 4, dtype=dt) + 0.3).requires_grad_()
+    w, b = (torch.rand(4, dtype=dt) + 0.5).requires_grad_(), torch.randn(4, dtype=dt).requires_grad_()
+    conv = torch.nn.Conv2d(4, 3, 3, stride=stride, padding=1, bias=False).double()
+    rm, rv = torch.randn(4, dtype=dt), torch.rand(4, dtype=dt) + 0.5
+
+    def f(xx, ww, bb, kernel):
+        conv._parameters.pop("weight", None)
+        conv.weight = kernel  # a plain tensor: gradcheck perturbs it
+        return na.norm_act(xx, ww, bb, None if groups else rm, None if groups else rv,
+                           training=training, groups=groups, update_running=False,
+                           backend="triton", conv=conv)
+
+    kernel = torch.randn(3, 4, 3, 3, dtype=dt, requires_grad=True)
+    args = (x, w, b, kernel)
+    assert torch.autograd.gradcheck(f, args)
+    assert torch.autograd.gradgradcheck(f, args)
+
+
+def test_norm_relu_conv_equals_unfused_and_updates_running_stats(routed_to_primitives):
+    norm = torch.nn.BatchNorm2d(4)
+    conv = torch.nn.Conv2d(4, 4, 3, padding=1, bias=False)
+    norm_ref = copy.deepcopy(norm)
+    x = torch.randn(3, 4, 5, 5, requires_grad=True)
+    z, stats = na.norm_act_module(norm, x, backend="triton", return_stats=True, conv=conv)
+    z_ref = conv(na.norm_act_module(norm_ref, x, backend="eager"))
+    torch.testing.assert_close(z, z_ref, **F32)
+    assert stats.mask is None and stats.x is x
+    assert_tensors_close(list(norm.buffers()), list(norm_ref.buffers()))
+    dz = torch.randn_like(z)
+    assert_tensors_close(grads((z * dz).sum(), [x, norm.weight, conv.weight]),
+                         grads((z_ref * dz).sum(), [x, norm_ref.weight, conv.weight]), **F32)
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(conv=torch.nn.Linear(4, 4, bias=False)), "conv must be an nn.Conv"),
+    (dict(conv=torch.nn.Conv1d(4, 4, 3, padding=1, bias=False)), "spatial dims"),
+    (dict(conv=torch.nn.Conv2d(4, 4, 3, padding=1)), "bias-free"),
+    (dict(conv=torch.nn.Conv2d(4, 4, 3, padding=1, bias=False), relu=False), "relu=True"),
+])
+def test_norm_relu_conv_bad_arguments(kwargs, match):
+    with pytest.raises((TypeError, ValueError), match=match):
+        na.norm_act(torch.randn(2, 4, 3, 3), backend="eager", **kwargs)
+
+
 def test_opcheck_custom_ops(routed_to_primitives):
     x, s = torch.randn(3, 4, 5), torch.randn(3, 4, 5)
     w, b, h = torch.rand(4), torch.randn(4), torch.rand(4)
@@ -110,6 +162,12 @@ def test_opcheck_custom_ops(routed_to_primitives):
                               (ddx, dy, x, w, b, mask, True, *coef, mean, s, "triton"))
     torch.library.opcheck(torch.ops.pyeuler.affine_act_double_backward_reduce.default,
                           (ddx, dy, x, w, b, torch.randn(3, 4), None, False, True, "triton"))
+    torch.library.opcheck(torch.ops.pyeuler.affine_relu.default, (x, w, b, "triton"))
+    x4, kernel = torch.randn(2, 4, 5, 5), torch.randn(3, 4, 3, 3)
+    for stats in [(None, None), (torch.randn(4), torch.rand(4) + 0.5)]:
+        torch.library.opcheck(torch.ops.pyeuler.norm_relu_conv.default,
+                              (x4, w, b, *stats, 1e-5, 0, kernel, [1, 1], [1, 1], [1, 1], 1,
+                               "triton"))
     torch.library.opcheck(torch.ops.pyeuler.ie_residual.default, (x, s, x, 0.5, "triton"))
     torch.library.opcheck(torch.ops.pyeuler.ie_update.default, (x, s, x, 0.1, 0.5, "triton"))
 

@@ -166,7 +166,8 @@ def _refine(branch, x0, fx0, x, steps, step_size, theta, update_running, backend
     c = x0 if theta == 1.0 else x0 + (1.0 - theta) * fx0
     differentiable = torch.is_grad_enabled()
     for _ in range(steps):
-        fx, cache = branch_forward(branch, x, backend, update_running=update_running)
+        fx, cache = branch_forward(branch, x, backend, update_running=update_running,
+                                   recompute=differentiable)
         e = ie_residual(x, c, fx, theta, backend)
         if differentiable:
             v = branch_vjp(branch, cache, e, backend)
@@ -177,7 +178,9 @@ def _refine(branch, x0, fx0, x, steps, step_size, theta, update_running, backend
 
 
 def _ie_explicit(branch, x0, steps, step_size, theta, grad, bn_update, backend):
-    fx0, _ = branch_forward(branch, x0, backend)
+    # "unrolled" keeps K + 1 branch evaluations and K VJPs alive: recompute activations.
+    unrolled = grad == "unrolled" and steps > 0 and torch.is_grad_enabled()
+    fx0, _ = branch_forward(branch, x0, backend, recompute=unrolled)
     x = x0 + fx0
     if steps == 0:
         return x

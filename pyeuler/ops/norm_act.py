@@ -515,6 +515,100 @@ torch.library.register_autograd("pyeuler::norm_act_bwd", _bwd_backward,
 
 
 # ----------------------------------------------------------------------------------------
+# ``conv(ReLU(norm(x)))`` keeping x, not the activation, for the backward: the activation is
+# recomputed there by one elementwise pass (memory: "unrolled" IE-Skips keep several branch
+# evaluations alive at once).
+
+
+def _affine_relu_eager(x, scale, shift):
+    return primitives.affine_act_forward(x, scale, shift, None, True, False)[:1]
+
+
+@torch.library.custom_op("pyeuler::affine_relu", mutates_args=())
+def _affine_relu_op(x: Tensor, scale: Tensor, shift: Tensor, backend: str) -> Tensor:
+    return _kernels(backend).affine_act_forward(x, scale, shift, None, True, False)[0]
+
+
+@_affine_relu_op.register_fake
+def _(x, scale, shift, backend):
+    return torch.empty_like(x)
+
+
+_register_eager_vjp_autograd("pyeuler::affine_relu", _affine_relu_eager)
+
+
+def _conv_args(conv_weight: Tensor, stride, padding, dilation, conv_groups):
+    spatial = conv_weight.dim() - 2
+    return list(stride), list(padding), list(dilation), False, [0] * spatial, conv_groups
+
+
+@torch.library.custom_op("pyeuler::norm_relu_conv", mutates_args=())
+def _norm_relu_conv(
+    x: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    mean_in: Tensor | None,
+    var_in: Tensor | None,
+    eps: float,
+    groups: int,
+    conv_weight: Tensor,
+    stride: list[int],
+    padding: list[int],
+    dilation: list[int],
+    conv_groups: int,
+    backend: str,
+) -> tuple[Tensor, Tensor, Tensor]:
+    u, mean, var, _ = _forward_math(_kernels(backend), x, weight, bias, None, None, 1.0, mean_in,
+                                    var_in, eps, groups, True, False)
+    if mean_in is not None:  # outputs must not alias inputs
+        mean, var = mean.clone(), var.clone()
+    z = torch.convolution(u, conv_weight, None, *_conv_args(conv_weight, stride, padding, dilation,
+                                                             conv_groups))
+    return z, mean, var
+
+
+@_norm_relu_conv.register_fake
+def _(x, weight, bias, mean_in, var_in, eps, groups, conv_weight, stride, padding, dilation,
+      conv_groups, backend):
+    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    stat_shape = (x.shape[1],) if groups == 0 else (x.shape[0], groups)
+    z = torch.convolution(torch.empty_like(x), conv_weight, None,
+                          *_conv_args(conv_weight, stride, padding, dilation, conv_groups))
+    return z, x.new_empty(stat_shape, dtype=acc), x.new_empty(stat_shape, dtype=acc)
+
+
+def _conv_setup_context(ctx, inputs, output):
+    (x, weight, bias, mean_in, var_in, eps, groups, conv_weight, stride, padding, dilation,
+     conv_groups, backend) = inputs
+    _, mean, var = output
+    ctx.save_for_backward(x, weight, bias, mean, var, conv_weight)
+    ctx.config = (eps, groups, mean_in is None, _conv_args(conv_weight, stride, padding, dilation,
+                                                           conv_groups), backend)
+
+
+def _conv_backward(ctx, dz, dmean, dvar):
+    x, weight, bias, mean, var, conv_weight = ctx.saved_tensors
+    eps, groups, batch_stats, conv_args, backend = ctx.config
+    need_x, need_weight, need_bias, need_conv = (ctx.needs_input_grad[i] for i in (0, 1, 2, 7))
+    need_input = need_x or need_weight or need_bias
+    scale, shift, _ = _forward_coefficients(mean, var, weight, bias, None, 1.0, eps, groups,
+                                            x.shape[1])
+    u = _affine_relu_op(x, scale, shift, backend) if need_conv else x
+    du, dconv, _ = torch.ops.aten.convolution_backward(dz, u, conv_weight, None, *conv_args,
+                                                       [need_input, need_conv, False])
+    dx = dweight = dbias = None
+    if need_input:
+        dx, _, dweight, dbias, _ = norm_act_backward(
+            du, x, weight, bias, None, 1.0, mean, var, None, eps, groups, True, batch_stats,
+            (need_x, False, need_weight, need_bias, False), backend, dmean=dmean, dvar=dvar)
+    return dx, dweight, dbias, None, None, None, None, dconv, None, None, None, None, None
+
+
+torch.library.register_autograd("pyeuler::norm_relu_conv", _conv_backward,
+                                setup_context=_conv_setup_context)
+
+
+# ----------------------------------------------------------------------------------------
 # Public entry points.
 
 
@@ -569,6 +663,18 @@ def _validate(x, weight, bias, running_mean, running_var, shortcut, h, groups, t
         raise ValueError("eval mode (training=False) needs running_mean and running_var")
 
 
+def _validate_conv(conv, x, shortcut, h, relu):
+    if not isinstance(conv, (torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Conv3d)):
+        raise TypeError(f"conv must be an nn.Conv1d/2d/3d, got {type(conv).__name__}")
+    if conv.weight.dim() != x.dim():
+        raise ValueError(f"conv is a {conv.weight.dim() - 2}-d convolution but x has "
+                         f"{x.dim() - 2} spatial dims")
+    if conv.bias is not None or conv.padding_mode != "zeros" or isinstance(conv.padding, str):
+        raise ValueError("conv must be bias-free with numeric zero padding")
+    if shortcut is not None or not relu or not (isinstance(h, float) and h == 1.0):
+        raise ValueError("conv needs relu=True, no shortcut and h=1.0")
+
+
 def _reference(x, weight, bias, running_mean, running_var, training, momentum, eps, groups,
                shortcut, h, relu, update_running):
     """The literal torch.nn.functional composition every other backend is tested against."""
@@ -607,6 +713,7 @@ def norm_act(
     update_running: bool = True,
     backend: str | None = None,
     return_stats: bool = False,
+    conv: torch.nn.Module | None = None,
 ):
     """``act(shortcut + h·Norm(x))`` with BatchNorm (``groups=0``) or GroupNorm(groups).
 
@@ -615,27 +722,42 @@ def norm_act(
     otherwise.  GroupNorm always uses per-sample statistics.  ``h`` is a float, a scalar
     tensor or a per-channel tensor (learnable if it requires grad).  With
     ``return_stats=True`` also returns the :class:`NormStats` a backward pass needs.
+
+    ``conv`` (a bias-free ``nn.Conv{1,2,3}d``; ReLU, no shortcut, ``h=1``) returns
+    ``conv(ReLU(Norm(x)))`` instead.  On the fused backends its backward then recomputes
+    the activation from x rather than keeping it: one elementwise pass for a tensor of
+    memory.
     """
     _validate(x, weight, bias, running_mean, running_var, shortcut, h, groups, training)
+    if conv is not None:
+        _validate_conv(conv, x, shortcut, h, relu)
     name = resolve_backend(backend, x.device)
     if name == "reference":
         if return_stats:
             raise ValueError("return_stats=True needs an explicit backend, not 'reference'")
-        return _reference(x, weight, bias, running_mean, running_var, training, momentum, eps,
-                          groups, shortcut, h, relu, update_running)
+        y = _reference(x, weight, bias, running_mean, running_var, training, momentum, eps,
+                       groups, shortcut, h, relu, update_running)
+        return y if conv is None else conv(y)
     h_tensor = h.reshape(-1)[0] if isinstance(h, Tensor) and h.numel() == 1 and h.dim() == 1 else h
     h_tensor, h_value = (h_tensor, 1.0) if isinstance(h_tensor, Tensor) else (None, float(h))
     batch_stats = groups > 0 or training or running_mean is None
     mean_in = None if batch_stats else running_mean
     var_in = None if batch_stats else running_var
     save_mask = relu and shortcut is not None
-    if name == "eager":
+    if conv is not None and name != "eager":
+        y, mean, var = _norm_relu_conv(x, weight, bias, mean_in, var_in, eps, groups, conv.weight,
+                                       list(conv.stride), list(conv.padding), list(conv.dilation),
+                                       conv.groups, name)
+        mask = None
+    elif name == "eager":
         y, mean, var, mask = _forward_math(primitives, x, weight, bias, shortcut, h_tensor, h_value,
                                            mean_in, var_in, eps, groups, relu, save_mask)
     else:
         y, mean, var, mask = _norm_act_fwd(x, weight, bias, shortcut, h_tensor, h_value, mean_in,
                                            var_in, eps, groups, relu, save_mask, name)
         mask = mask if save_mask else None
+    if conv is not None and name == "eager":
+        y = conv(y)
     if groups == 0 and batch_stats and running_mean is not None and update_running:
         update_running_stats(running_mean, running_var, mean, var, _count(x, 0), momentum)
     if return_stats:
@@ -683,6 +805,7 @@ def norm_act_module(
     update_running: bool = True,
     backend: str | None = None,
     return_stats: bool = False,
+    conv: torch.nn.Module | None = None,
 ):
     """:func:`norm_act` with the parameters and buffers of an ``nn.BatchNorm*d`` or
     ``nn.GroupNorm``, updating ``num_batches_tracked`` and honouring ``momentum=None``
@@ -690,7 +813,7 @@ def norm_act_module(
     if isinstance(norm, torch.nn.GroupNorm):
         return norm_act(x, norm.weight, norm.bias, eps=norm.eps, groups=norm.num_groups,
                         shortcut=shortcut, h=h, relu=relu, backend=backend,
-                        return_stats=return_stats)
+                        return_stats=return_stats, conv=conv)
     if not isinstance(norm, torch.nn.modules.batchnorm._BatchNorm):
         raise TypeError(f"norm must be an nn.BatchNorm*d or nn.GroupNorm, got {type(norm).__name__}")
     momentum: float | Tensor = 0.0 if norm.momentum is None else norm.momentum
@@ -706,4 +829,4 @@ def norm_act_module(
         norm.running_var if use_running else None,
         training=norm.training or norm.running_mean is None, momentum=momentum, eps=norm.eps,
         shortcut=shortcut, h=h, relu=relu, update_running=tracking, backend=backend,
-        return_stats=return_stats)
+        return_stats=return_stats, conv=conv)

@@ -50,11 +50,27 @@ def _dropout_noise(u: Tensor, p: float, training: bool) -> Tensor | None:
     return torch.empty_like(u).bernoulli_(1.0 - p).div_(1.0 - p)
 
 
-def branch_forward(branch, x: Tensor, backend: str, update_running: bool = True):
-    """``(f(x), cache)``; running statistics updated unless ``update_running=False``."""
-    u1, stats1 = norm_act_module(branch.bn1, x, update_running=update_running, backend=backend,
-                                 return_stats=True)
-    z1 = branch.conv1(u1)
+def branch_forward(branch, x: Tensor, backend: str, update_running: bool = True,
+                   recompute: bool = False):
+    """``(f(x), cache)``; running statistics updated unless ``update_running=False``.
+
+    ``recompute=True`` keeps only the convolutions' pre-activation inputs for the backward
+    (x and conv1's output), recomputing ``ReLU(norm(·))`` there: half the branch's saved
+    activations, for an elementwise pass each (convolution layers, no dropout noise).
+    """
+    convolutional = not isinstance(branch.conv1, nn.Linear)
+    fuse = recompute and convolutional
+    if fuse:
+        z1, stats1 = norm_act_module(branch.bn1, x, update_running=update_running, backend=backend,
+                                     return_stats=True, conv=branch.conv1)
+    else:
+        u1, stats1 = norm_act_module(branch.bn1, x, update_running=update_running, backend=backend,
+                                     return_stats=True)
+        z1 = branch.conv1(u1)
+    if fuse and not (branch.training and branch.dropout > 0):
+        fx, stats2 = norm_act_module(branch.bn2, z1, update_running=update_running, backend=backend,
+                                     return_stats=True, conv=branch.conv2)
+        return scale_by_step(fx, branch.h), BranchCache(stats1, stats2, None)
     u2, stats2 = norm_act_module(branch.bn2, z1, update_running=update_running, backend=backend,
                                  return_stats=True)
     noise = _dropout_noise(u2, branch.dropout, branch.training)
