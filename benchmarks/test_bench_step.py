@@ -28,4 +28,4 @@ def test_train_step(benchmark, steps, grad, precision, backend):
     result = benchmark.pedantic(time_train_step, args=(case,), kwargs=dict(SIZE, iters=3, warmup=1),
                                 rounds=1, iterations=1)
     benchmark.extra_info.update(median_step_ms=result.median_ms, images_per_s=result.images_per_s,
-                                peak_mem_gib=result.peak_mem_gib)
+                                peak_mem_gib=result.peak_mem_gib, saved_mib=result.saved_mib)

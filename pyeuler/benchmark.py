@@ -3,6 +3,8 @@
 - :func:`time_train_step`: one full training step of an (IE-)WideResNet (forward,
   cross-entropy, backward, SGD-momentum step); median over timed steps after warm-up,
   CUDA events on a GPU; peak memory; optionally the share of GPU time in convolutions.
+- :func:`saved_tensor_bytes`: the activation memory autograd keeps for the backward, a
+  device-independent count (peak memory needs a GPU).
 - :func:`op_bytes`: the bytes an op must move (PERF.md "ideal"), for GB/s figures.
 - :func:`write_results`: ``benchmarks/results/<device>-<date>.json`` and ``.md``.
 """
@@ -24,7 +26,8 @@ import torch.nn.functional as F
 import pyeuler
 from pyeuler.models import wide_resnet
 
-__all__ = ["StepCase", "StepResult", "time_train_step", "op_bytes", "environment", "write_results"]
+__all__ = ["StepCase", "StepResult", "time_train_step", "saved_tensor_bytes", "op_bytes",
+           "environment", "write_results"]
 
 
 @dataclass(frozen=True)
@@ -32,7 +35,7 @@ class StepCase:
     """One row of the headline table."""
 
     steps: int  # IE steps K (0 = the plain network)
-    grad: str  # "unrolled" | "detached"
+    grad: str  # "unrolled" | "detached" | "implicit"
     precision: str  # "bf16" (autocast, channels_last) | "fp32" (TF32 allowed)
     backend: str  # "reference" | "eager" | "triton" | "cuda"
     compiled: bool = False
@@ -50,6 +53,7 @@ class StepResult:
     images_per_s: float
     peak_mem_gib: float | None
     conv_share: float | None = None
+    saved_mib: float | None = None
     extra: dict = field(default_factory=dict)
 
 
@@ -75,6 +79,21 @@ def _timer(device: torch.device):
             fn()
             return (time.perf_counter() - t0) * 1e3
     return measure
+
+
+def saved_tensor_bytes(forward):
+    """``(bytes, forward())``: the distinct storages autograd saves for the backward while
+    ``forward`` runs (each counted once, whatever views of it are saved)."""
+    storages: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        storage = t.untyped_storage()
+        storages[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = forward()
+    return sum(storages.values()), out
 
 
 def time_train_step(case: StepCase, *, depth: int = 34, widen_factor: int = 10,
@@ -119,7 +138,12 @@ def time_train_step(case: StepCase, *, depth: int = 34, widen_factor: int = 10,
     median = statistics.median(times)
     peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None
     conv_share = _conv_share(step, device) if profile else None
-    return StepResult(case, median, batch_size / median * 1e3, peak, conv_share,
+    saved_mib = None
+    if not case.compiled:  # compiled graphs keep their own buffers, invisible to the hooks
+        with autocast:
+            saved, _ = saved_tensor_bytes(lambda: F.cross_entropy(forward(x), y))
+        saved_mib = saved / 2**20
+    return StepResult(case, median, batch_size / median * 1e3, peak, conv_share, saved_mib,
                       {"first_step_ms": compile_ms, "times_ms": times})
 
 
@@ -173,8 +197,8 @@ def _markdown(results: list[StepResult], env: dict, config: dict) -> str:
     lines = [f"# pyeuler bench — {env['device']}", "",
              f"torch {env['torch']}, CUDA {env['cuda']}, triton {env['triton']}, {env['date']}",
              f"config: {json.dumps(config)}", "",
-             "| case | median ms | images/s | peak GiB | conv share | vs reference |",
-             "|---|---|---|---|---|---|"]
+             "| case | median ms | images/s | peak GiB | saved MiB | conv share | vs reference |",
+             "|---|---|---|---|---|---|---|"]
     ref = {(r.case.steps, r.case.grad, r.case.precision): r.median_ms for r in results
            if r.case.backend == "reference" and not r.case.compiled}
     for r in results:
@@ -182,8 +206,9 @@ def _markdown(results: list[StepResult], env: dict, config: dict) -> str:
         speedup = f"{base / r.median_ms:.2f}×" if base else "—"
         peak = f"{r.peak_mem_gib:.2f}" if r.peak_mem_gib is not None else "—"
         share = f"{100 * r.conv_share:.0f} %" if r.conv_share is not None else "—"
+        saved = f"{r.saved_mib:.0f}" if r.saved_mib is not None else "—"
         lines.append(f"| {r.case.label} | {r.median_ms:.1f} | {r.images_per_s:.0f} | {peak} | "
-                     f"{share} | {speedup} |")
+                     f"{saved} | {share} | {speedup} |")
     return "\n".join(lines) + "\n"
 
 

@@ -14,6 +14,7 @@ import torch
 
 import pyeuler.ops.ie_skip as ie_ops
 import pyeuler.ops.norm_act as na
+from pyeuler.benchmark import saved_tensor_bytes
 from pyeuler.functional import ie_skip
 from pyeuler.models import resnet_cifar, wide_resnet
 from pyeuler.nn import PreActBranch
@@ -128,6 +129,20 @@ def test_norm_relu_conv_equals_unfused_and_updates_running_stats(routed_to_primi
     dz = torch.randn_like(z)
     assert_tensors_close(grads((z * dz).sum(), [x, norm.weight, conv.weight]),
                          grads((z_ref * dz).sum(), [x, norm_ref.weight, conv.weight]), **F32)
+
+
+@pytest.mark.parametrize("norm", ["batch", "group"])
+@pytest.mark.parametrize("steps", [1, 3])
+def test_unrolled_ie_keeps_fewer_activations_than_reference(routed_to_primitives, norm, steps):
+    """Recomputing ReLU(norm(·)) in the convolutions' backward: an unrolled IE-Skip on the
+    custom-op path saves ~2/3 of the reference's bytes for the backward (0.67× measured on
+    this CPU in float32; the bound leaves room, not a target)."""
+    branch = PreActBranch(8, norm=norm)
+    x = torch.randn(4, 8, 6, 6, requires_grad=True)
+    saved = {backend: saved_tensor_bytes(
+        lambda: ie_skip(twin(branch), x, steps, backend=backend).square().sum())[0]
+        for backend in ("reference", "triton")}
+    assert saved["triton"] < 0.75 * saved["reference"], saved
 
 
 @pytest.mark.parametrize("kwargs, match", [

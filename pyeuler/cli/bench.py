@@ -19,7 +19,9 @@ def add_parser(subparsers) -> None:
                              "fused backend for the device)")
     parser.add_argument("--steps", nargs="+", type=int, default=[0, 1, 3], help="IE steps K")
     parser.add_argument("--grads", nargs="+", default=["unrolled", "detached"],
-                        choices=["unrolled", "detached"])
+                        choices=["unrolled", "detached", "implicit"],
+                        help="IE gradient modes (PERF.md's rows: unrolled, detached); with "
+                             "'implicit', K is the solver's evaluation budget")
     parser.add_argument("--precisions", nargs="+", default=None, choices=["bf16", "fp32"],
                         help="default: bf16 and fp32 on a GPU, fp32 on a CPU")
     parser.add_argument("--compile", dest="compile", action="store_true", default=None,
