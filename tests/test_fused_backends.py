@@ -116,6 +116,42 @@ def test_norm_relu_conv_gradcheck_gradgradcheck(routed_to_primitives, groups, tr
     assert torch.autograd.gradgradcheck(f, args)
 
 
+@pytest.mark.parametrize("groups", [0, 2])
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize("stride", [1, 2])
+def test_norm_relu_backward_conv_gradcheck_gradgradcheck(routed_to_primitives, groups, training,
+                                                         stride):
+    """Wᵀ⋆(ReLU∘norm)ᵀdy recomputing the norm's input gradient in its backward: equal to the
+    unfused composition, and exact to second order in dy, x, the norm's parameters and
+    statistics, and the conv weight."""
+    if groups and not training:
+        pytest.skip("group norm has no eval mode")
+    dt = torch.float64
+    norm = (torch.nn.GroupNorm(groups, 4) if groups else torch.nn.BatchNorm2d(4)).double()
+    norm.train(training)
+    conv = torch.nn.Conv2d(2, 4, 3, stride=stride, padding=1, bias=False).double()
+    x = torch.randn(2, 4, 3, 2, dtype=dt) + 0.3
+    input_shape = (2, 2, 3 * stride, 2 * stride)
+
+    def f(dy, xx, weight, bias, kernel):
+        norm._parameters.pop("weight", None), norm._parameters.pop("bias", None)
+        conv._parameters.pop("weight", None)
+        norm.weight, norm.bias, conv.weight = weight, bias, kernel  # plain tensors to perturb
+        _, stats = na.norm_act_module(norm, xx, update_running=False, backend="triton",
+                                      return_stats=True)
+        return na.norm_relu_backward_conv(dy, stats, norm, conv, input_shape, "triton")
+
+    args = (torch.randn_like(x), x, torch.rand(4, dtype=dt) + 0.5, torch.randn(4, dtype=dt),
+            torch.randn(4, 2, 3, 3, dtype=dt))
+    args = tuple(a.requires_grad_() for a in args)
+    fused = f(*args)
+    _, stats = na.norm_act_module(norm, x, update_running=False, backend="eager", return_stats=True)
+    unfused = na.norm_relu_backward_conv(args[0], stats, norm, conv, input_shape, "eager")
+    torch.testing.assert_close(fused, unfused)
+    assert torch.autograd.gradcheck(f, args)
+    assert torch.autograd.gradgradcheck(f, args)
+
+
 def test_norm_relu_conv_equals_unfused_and_updates_running_stats(routed_to_primitives):
     norm = torch.nn.BatchNorm2d(4)
     conv = torch.nn.Conv2d(4, 4, 3, padding=1, bias=False)
@@ -183,6 +219,14 @@ def test_opcheck_custom_ops(routed_to_primitives):
         torch.library.opcheck(torch.ops.pyeuler.norm_relu_conv.default,
                               (x4, w, b, *stats, 1e-5, 0, kernel, [1, 1], [1, 1], [1, 1], 1,
                                "triton"))
+    torch.library.opcheck(torch.ops.pyeuler.affine_act_backward_apply.default,
+                          (dy, x, w, b, None, True, *coef[:3], mean, "triton"))
+    var4, mean4 = torch.var_mean(x4, (0, 2, 3), correction=0)
+    for batch_stats in (True, False):
+        torch.library.opcheck(torch.ops.pyeuler.norm_relu_backward_conv.default,
+                              (torch.randn(2, 4, 5, 5), None, None, x4, w, b, mean4, var4, 1e-5, 0,
+                               batch_stats, torch.randn(4, 3, 3, 3), [2, 3, 5, 5], [1, 1], [1, 1],
+                               [1, 1], 1, "triton"))
     torch.library.opcheck(torch.ops.pyeuler.ie_residual.default, (x, s, x, 0.5, "triton"))
     torch.library.opcheck(torch.ops.pyeuler.ie_update.default, (x, s, x, 0.1, 0.5, "triton"))
 

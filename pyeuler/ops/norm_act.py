@@ -32,8 +32,8 @@ from torch import Tensor
 from pyeuler.backend import resolve_backend
 from pyeuler.ops import primitives
 
-__all__ = ["NormStats", "norm_act", "norm_act_backward", "norm_act_module", "norm_relu_backward_ie_update",
-           "update_running_stats"]
+__all__ = ["NormStats", "norm_act", "norm_act_backward", "norm_act_module", "norm_relu_backward_conv",
+           "norm_relu_backward_ie_update", "update_running_stats"]
 
 
 def _kernels(backend: str):
@@ -608,6 +608,127 @@ torch.library.register_autograd("pyeuler::norm_relu_conv", _conv_backward,
                                 setup_context=_conv_setup_context)
 
 
+# Its VJP counterpart, ``Wᵀ⋆(ReLU∘norm)ᵀ dy`` (the input gradient of the conv that produced
+# the norm's input), keeps dy and x for the backward and recomputes the norm's input
+# gradient there from the saved reduce sums: one elementwise pass instead of a stored tensor.
+
+
+def _backward_apply_eager(dy, x, scale, shift, mask, relu, a, b, c, center):
+    return primitives.affine_act_backward_apply(dy, x, scale, shift, mask, relu, a, b, c, center,
+                                                False)[:1]
+
+
+@torch.library.custom_op("pyeuler::affine_act_backward_apply", mutates_args=())
+def _backward_apply_op(dy: Tensor, x: Tensor, scale: Tensor, shift: Tensor, mask: Tensor | None,
+                       relu: bool, a: Tensor, b: Tensor, c: Tensor, center: Tensor,
+                       backend: str) -> Tensor:
+    return _kernels(backend).affine_act_backward_apply(dy, x, scale, shift, mask, relu, a, b, c,
+                                                       center, False)[0]
+
+
+@_backward_apply_op.register_fake
+def _(dy, x, scale, shift, mask, relu, a, b, c, center, backend):
+    return torch.empty_like(x)
+
+
+_register_eager_vjp_autograd("pyeuler::affine_act_backward_apply", _backward_apply_eager)
+
+_INPUT_GRAD_ONLY = (True, False, False, False, False)
+
+
+def _conv_input_grad(dx: Tensor, input_shape, conv_weight: Tensor, conv_args) -> Tensor:
+    placeholder = dx.new_empty(1).expand(input_shape)  # only its shape is read
+    return torch.ops.aten.convolution_backward(dx, placeholder, conv_weight, None, *conv_args,
+                                               [True, False, False])[0]
+
+
+@torch.library.custom_op("pyeuler::norm_relu_backward_conv", mutates_args=())
+def _norm_relu_backward_conv(
+    dy: Tensor,
+    dmean: Tensor | None,
+    dvar: Tensor | None,
+    x: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    mean: Tensor,
+    var: Tensor,
+    eps: float,
+    groups: int,
+    batch_stats: bool,
+    conv_weight: Tensor,
+    input_shape: list[int],
+    stride: list[int],
+    padding: list[int],
+    dilation: list[int],
+    conv_groups: int,
+    backend: str,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """``(Wᵀ⋆dx, Σg, Σg·(x − center))``, dx the input gradient of ``ReLU(norm(x))``; the
+    sums (empty when the backward needs none) are kept to recompute dx."""
+    (dx, *_), sums = _backward_math(_kernels(backend), dy, dmean, dvar, x, weight, bias, None, 1.0,
+                                    mean, var, None, eps, groups, True, batch_stats,
+                                    _INPUT_GRAD_ONLY)
+    conv_args = _conv_args(conv_weight, stride, padding, dilation, conv_groups)
+    grad_input = _conv_input_grad(dx, input_shape, conv_weight, conv_args)
+    inputs = (dy, dmean, dvar, x, weight, bias, mean, var, conv_weight)
+    return _unaliased((grad_input,) + (sums or (x.new_empty(0), x.new_empty(0))), inputs)
+
+
+@_norm_relu_backward_conv.register_fake
+def _(dy, dmean, dvar, x, weight, bias, mean, var, eps, groups, batch_stats, conv_weight,
+      input_shape, stride, padding, dilation, conv_groups, backend):
+    conv_args = _conv_args(conv_weight, stride, padding, dilation, conv_groups)
+    grad_input = _conv_input_grad(torch.empty_like(x), input_shape, conv_weight, conv_args)
+    sum_shape = (x.shape[1],) if groups == 0 else (x.shape[0], x.shape[1])
+    sums = _sums_needed(_INPUT_GRAD_ONLY, batch_stats)
+    return (grad_input, mean.new_empty(sum_shape if sums else (0,)),
+            mean.new_empty(sum_shape if sums else (0,)))
+
+
+def _backward_conv_setup_context(ctx, inputs, output):
+    (dy, dmean, dvar, x, weight, bias, mean, var, eps, groups, batch_stats, conv_weight,
+     input_shape, stride, padding, dilation, conv_groups, backend) = inputs
+    sums = output[1:] if output[1].numel() else (None, None)
+    ctx.save_for_backward(dy, dmean, dvar, x, weight, bias, mean, var, conv_weight, *sums)
+    ctx.config = (eps, groups, batch_stats,
+                  _conv_args(conv_weight, stride, padding, dilation, conv_groups), backend)
+
+
+def _backward_conv_backward(ctx, grad_input_grad, sum_g_grad, sum_gxc_grad):
+    dy, dmean, dvar, x, weight, bias, mean, var, conv_weight, sum_g, sum_gxc = ctx.saved_tensors
+    eps, groups, batch_stats, conv_args, backend = ctx.config
+    sums = None if sum_g is None else (sum_g, sum_gxc)
+    # the map dx ↦ Wᵀ⋆dx is linear in dx and in W; its adjoint in dx is the convolution.
+    dx_grad = torch.convolution(grad_input_grad, conv_weight, None, *conv_args)
+    conv_weight_grad = None
+    if ctx.needs_input_grad[11]:
+        channels = x.shape[1]
+        scale, shift, _ = _forward_coefficients(mean, var, weight, bias, None, 1.0, eps, groups,
+                                                channels)
+        a, b, c, *_ = _coefficients(*(sums or (None, None)), dmean, dvar, weight, bias, None, mean,
+                                    var, 1.0, eps, groups, batch_stats, _INPUT_GRAD_ONLY, channels,
+                                    _count(x, groups))
+        dx = _backward_apply_op(dy, x, scale, shift, None, True, a, b, c,
+                                _center(mean, groups, channels), backend)
+        conv_weight_grad = torch.ops.aten.convolution_backward(
+            dx, grad_input_grad, conv_weight, None, *conv_args, [False, True, False])[1]
+    inputs = (dy, dmean, dvar, x, weight, bias, None, mean, var, None)
+    # _BWD_INPUTS order; h (position 6) is not an input here
+    wanted = [i is not None and ctx.needs_input_grad[i] and inputs[k] is not None
+              for k, i in enumerate((0, 1, 2, 3, 4, 5, None, 6, 7))]
+    grads = _double_backward_math(inputs, sums, (dx_grad, None, None, None, None),
+                                  (_none_if_empty(sum_g_grad), _none_if_empty(sum_gxc_grad)),
+                                  (1.0, eps, groups, True, batch_stats, _INPUT_GRAD_ONLY), wanted,
+                                  backend)
+    g_dy, g_dmean, g_dvar, g_x, g_weight, g_bias, _, g_mean, g_var = grads
+    return (g_dy, g_dmean, g_dvar, g_x, g_weight, g_bias, g_mean, g_var, None, None, None,
+            conv_weight_grad, None, None, None, None, None, None)
+
+
+torch.library.register_autograd("pyeuler::norm_relu_backward_conv", _backward_conv_backward,
+                                setup_context=_backward_conv_setup_context)
+
+
 # ----------------------------------------------------------------------------------------
 # Public entry points.
 
@@ -793,6 +914,31 @@ def norm_relu_backward_ie_update(dy: Tensor, stats: NormStats, norm: torch.nn.Mo
         stats.mask, norm.eps, groups, True, stats.batch_stats, (True, False, False, False, False))
     return kernels.affine_act_backward_apply_ie_update(dy, stats.x, scale, shift, stats.mask, True,
                                                        a, b, c, center, e, step_size, theta)
+
+
+def norm_relu_backward_conv(dy: Tensor, stats: NormStats, norm: torch.nn.Module,
+                            conv: torch.nn.Module, input_shape, backend: str) -> Tensor:
+    """``Wᵀ⋆v``: the input gradient of ``conv`` (which produced ``stats.x``) where ``v`` is
+    the input gradient of ``ReLU(norm(x))`` at ``stats`` for output gradient ``dy``.
+
+    On the fused backends v is not kept for the backward but recomputed there (one
+    elementwise pass); differentiable to any order, like :func:`norm_act_backward`.
+    """
+    groups = norm.num_groups if isinstance(norm, torch.nn.GroupNorm) else 0
+    if backend == "eager":
+        dx, *_ = norm_act_backward(dy, stats.x, norm.weight, norm.bias, None, 1.0, stats.mean,
+                                   stats.var, stats.mask, norm.eps, groups, True, stats.batch_stats,
+                                   _INPUT_GRAD_ONLY, backend)
+        conv_args = _conv_args(conv.weight, conv.stride, conv.padding, conv.dilation, conv.groups)
+        return _conv_input_grad(dx, input_shape, conv.weight, conv_args)
+    if stats.mask is not None:
+        raise ValueError("norm_relu_backward_conv recomputes the ReLU mask from x: stats must "
+                         "come from an evaluation without a shortcut")
+    grad_input, _, _ = _norm_relu_backward_conv(
+        dy, None, None, stats.x, norm.weight, norm.bias, stats.mean, stats.var, norm.eps, groups,
+        stats.batch_stats, conv.weight, list(input_shape), list(conv.stride), list(conv.padding),
+        list(conv.dilation), conv.groups, backend)
+    return grad_input
 
 
 def norm_act_module(

@@ -15,7 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from pyeuler.ops.norm_act import (NormStats, norm_act_backward, norm_act_module,
-                                  norm_relu_backward_ie_update)
+                                  norm_relu_backward_conv, norm_relu_backward_ie_update)
 
 __all__ = ["BranchCache", "branch_forward", "branch_vjp", "branch_vjp_ie_update", "branch_jvp",
            "scale_by_step"]
@@ -34,6 +34,7 @@ class BranchCache:
     stats1: NormStats
     stats2: NormStats
     dropout_noise: Tensor | None
+    recompute: bool = False  # the VJP, too, recomputes rather than keeps (see branch_forward)
 
 
 def scale_by_step(t: Tensor, h: float | Tensor) -> Tensor:
@@ -55,7 +56,8 @@ def branch_forward(branch, x: Tensor, backend: str, update_running: bool = True,
     """``(f(x), cache)``; running statistics updated unless ``update_running=False``.
 
     ``recompute=True`` keeps only the convolutions' pre-activation inputs for the backward
-    (x and conv1's output), recomputing ``ReLU(norm(·))`` there: half the branch's saved
+    (x and conv1's output), recomputing ``ReLU(norm(·))`` there, and :func:`branch_vjp`
+    at this point likewise recomputes the norm's input gradient before conv1ᵀ: fewer saved
     activations, for an elementwise pass each (convolution layers, no dropout noise).
     """
     convolutional = not isinstance(branch.conv1, nn.Linear)
@@ -70,12 +72,12 @@ def branch_forward(branch, x: Tensor, backend: str, update_running: bool = True,
     if fuse and not (branch.training and branch.dropout > 0):
         fx, stats2 = norm_act_module(branch.bn2, z1, update_running=update_running, backend=backend,
                                      return_stats=True, conv=branch.conv2)
-        return scale_by_step(fx, branch.h), BranchCache(stats1, stats2, None)
+        return scale_by_step(fx, branch.h), BranchCache(stats1, stats2, None, recompute=True)
     u2, stats2 = norm_act_module(branch.bn2, z1, update_running=update_running, backend=backend,
                                  return_stats=True)
     noise = _dropout_noise(u2, branch.dropout, branch.training)
     fx = branch.conv2(u2 if noise is None else u2 * noise)
-    return scale_by_step(fx, branch.h), BranchCache(stats1, stats2, noise)
+    return scale_by_step(fx, branch.h), BranchCache(stats1, stats2, noise, recompute=fuse)
 
 
 def _layer_input_grad(layer: nn.Module, grad_out: Tensor, input_shape: torch.Size) -> Tensor:
@@ -101,6 +103,9 @@ def _vjp_to_first_activation(branch, cache: BranchCache, e: Tensor, backend: str
     g = _layer_input_grad(branch.conv2, g, cache.stats2.x.shape)
     if cache.dropout_noise is not None:
         g = g * cache.dropout_noise
+    if cache.recompute:
+        return norm_relu_backward_conv(g, cache.stats2, branch.bn2, branch.conv1,
+                                       cache.stats1.x.shape, backend)
     g = _norm_relu_input_grad(branch.bn2, cache.stats2, g, backend)
     return _layer_input_grad(branch.conv1, g, cache.stats1.x.shape)
 
