@@ -17,6 +17,7 @@ import json
 import platform
 import statistics
 import time
+import weakref
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -82,17 +83,22 @@ def _timer(device: torch.device):
 
 
 def saved_tensor_bytes(forward):
-    """``(bytes, forward())``: the distinct storages autograd saves for the backward while
-    ``forward`` runs (each counted once, whatever views of it are saved)."""
-    storages: dict[int, int] = {}
+    """``(bytes, forward())``: the storages autograd holds for the backward once ``forward``
+    has run, each counted once whatever views of it are saved (tensors saved by graphs
+    already freed inside the forward, like a detached IE-Skip's inner one, do not count)."""
+    saved: list[weakref.ref] = []
 
     def pack(t: torch.Tensor) -> torch.Tensor:
-        storage = t.untyped_storage()
-        storages[storage.data_ptr()] = storage.nbytes()
+        saved.append(weakref.ref(t))
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         out = forward()
+    storages = {}
+    for ref in saved:
+        t = ref()
+        if t is not None:
+            storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
     return sum(storages.values()), out
 
 

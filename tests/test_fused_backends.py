@@ -170,15 +170,15 @@ def test_norm_relu_conv_equals_unfused_and_updates_running_stats(routed_to_primi
 @pytest.mark.parametrize("norm", ["batch", "group"])
 @pytest.mark.parametrize("steps", [1, 3])
 def test_unrolled_ie_keeps_fewer_activations_than_reference(routed_to_primitives, norm, steps):
-    """Recomputing ReLU(norm(·)) in the convolutions' backward: an unrolled IE-Skip on the
-    custom-op path saves ~2/3 of the reference's bytes for the backward (0.67× measured on
-    this CPU in float32; the bound leaves room, not a target)."""
+    """Recomputing instead of storing: an unrolled IE-Skip on the custom-op path keeps
+    0.58–0.60× the reference's bytes for the backward (float32, this shape); the bound
+    leaves room for allocator details, it is not the target."""
     branch = PreActBranch(8, norm=norm)
     x = torch.randn(4, 8, 6, 6, requires_grad=True)
     saved = {backend: saved_tensor_bytes(
         lambda: ie_skip(twin(branch), x, steps, backend=backend).square().sum())[0]
         for backend in ("reference", "triton")}
-    assert saved["triton"] < 0.75 * saved["reference"], saved
+    assert saved["triton"] < 0.7 * saved["reference"], saved
 
 
 @pytest.mark.parametrize("kwargs, match", [
