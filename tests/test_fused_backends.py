@@ -333,3 +333,17 @@ def test_compiled_model_gradients_equal_eager(backend):
     torch.testing.assert_close(y, y_ref, **F32)
     assert_tensors_close(grads(y.square().sum(), list(fast.parameters())),
                          grads(y_ref.square().sum(), list(ref.parameters())), rtol=1e-3, atol=1e-4)
+
+
+@pytest.mark.parametrize("grad", ["detached", "implicit"])
+def test_compiled_other_grad_modes_equal_eager(routed_to_primitives, grad):
+    """torch.compile(fullgraph=True) of the custom-op path in the other modes (the implicit
+    mode's gradient hook included)."""
+    model = wide_resnet(10, 1, num_classes=3, ie_steps=2, grad=grad)
+    fast, ref = twin(model, backend="triton"), twin(model, backend="triton")
+    compiled = torch.compile(fast, fullgraph=True, backend="aot_eager")
+    x = torch.rand(2, 3, 6, 6)
+    y, y_ref = compiled(x), ref(x)
+    torch.testing.assert_close(y, y_ref, **F32)
+    assert_tensors_close(grads(y.square().sum(), list(fast.parameters())),
+                         grads(y_ref.square().sum(), list(ref.parameters())), **F32)
