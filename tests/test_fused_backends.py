@@ -347,3 +347,34 @@ def test_compiled_other_grad_modes_equal_eager(routed_to_primitives, grad):
     torch.testing.assert_close(y, y_ref, **F32)
     assert_tensors_close(grads(y.square().sum(), list(fast.parameters())),
                          grads(y_ref.square().sum(), list(ref.parameters())), **F32)
+
+
+def _relative_errors(model, x, reference_model, autocast_dtype):
+    """Relative (norm) errors of the output and of each parameter gradient against float64."""
+    y64 = reference_model(x.double())
+    g64 = grads(y64.square().sum(), list(reference_model.parameters()))
+    with torch.autocast("cpu", dtype=autocast_dtype):
+        y = model(x)
+    g = grads(y.float().square().sum(), list(model.parameters()))
+    rel = lambda a, b: ((a.double() - b).norm() / b.norm().clamp_min(1e-30)).item()  # noqa: E731
+    return [rel(y, y64)] + [rel(a, b) for a, b in zip(g, g64)]
+
+
+@pytest.mark.parametrize("backend", ["eager", *KERNEL_BACKENDS])
+@pytest.mark.parametrize("grad", ["unrolled", "detached", "implicit"])
+def test_ie_wrn_under_autocast_bf16(backend, grad):
+    """SPEC §6 under CPU autocast (bf16 convolutions, explicit VJP casting as autograd
+    would): output and gradient errors against float64 at most 2× the reference's."""
+    if backend == "cuda" or (backend == "triton" and grad != "unrolled"):
+        pytest.skip("the interpreter is slow: the Triton path is covered by 'unrolled'")
+    torch.manual_seed(0)
+    model = wide_resnet(10, 1, num_classes=3, ie_steps=1 if backend == "triton" else 2, grad=grad,
+                        norm="group")
+    x = torch.rand(4, 3, 6, 6)
+    exact = twin(model, backend="eager").double()
+    ours = _relative_errors(twin(model, backend=backend), x, exact, torch.bfloat16)
+    reference = _relative_errors(twin(model, backend="reference"), x, exact, torch.bfloat16)
+    # bf16 rounding leaves 5-40 % relative error in these tiny layers' gradients, and an
+    # entry's reference error can be small by luck: the floor is 5 % of the norm.
+    for i, (err, ref_err) in enumerate(zip(ours, reference)):
+        assert err <= 2 * ref_err + 0.05, f"entry {i}: {err:.3g} vs reference {ref_err:.3g}"

@@ -241,10 +241,15 @@ def _ie_implicit(evaluate, x0, steps, theta, tol, bn_update):
     fx, vjp = evaluate(x_star, bn_update == "all", differentiable)
     out = c + theta * fx
     if differentiable and out.requires_grad and theta > 0.0:
+        # the backward runs outside the caller's autocast region: J_fᵀu must see the same one
+        device = x0.device.type
+        autocast = (device, torch.get_autocast_dtype(device), torch.is_autocast_enabled(device))
+
         def implicit_gradient(grad_out):
             if grad_out is None:  # an undefined gradient stays undefined
                 return None
-            with torch.no_grad():
+            with torch.no_grad(), torch.autocast(autocast[0], dtype=autocast[1],
+                                                 enabled=autocast[2]):
                 return anderson(lambda u: grad_out + theta * vjp(u), grad_out, steps, tol)
 
         out.register_hook(implicit_gradient)

@@ -537,6 +537,17 @@ def _(x, scale, shift, backend):
 _register_eager_vjp_autograd("pyeuler::affine_relu", _affine_relu_eager)
 
 
+def conv_weight_for(x: Tensor, weight: Tensor) -> Tensor:
+    """The conv weight as a convolution on ``x`` uses it: cast to the autocast dtype when
+    autocast is on for x's device (as ``F.conv*d`` would, differentiably), else as is."""
+    if torch.is_autocast_enabled(x.device.type):
+        return weight.to(torch.get_autocast_dtype(x.device.type))
+    if weight.dtype != x.dtype:
+        raise TypeError(f"conv weight is {weight.dtype} but x is {x.dtype} (outside autocast "
+                        "they must match)")
+    return weight
+
+
 def _conv_args(conv_weight: Tensor, stride, padding, dilation, conv_groups):
     spatial = conv_weight.dim() - 2
     return list(stride), list(padding), list(dilation), False, [0] * spatial, conv_groups
@@ -562,8 +573,9 @@ def _norm_relu_conv(
                                     var_in, eps, groups, True, False)
     if mean_in is not None:  # outputs must not alias inputs
         mean, var = mean.clone(), var.clone()
-    z = torch.convolution(u, conv_weight, None, *_conv_args(conv_weight, stride, padding, dilation,
-                                                             conv_groups))
+    # under autocast the convolution runs in the weight's (autocast) dtype, as F.conv*d would
+    z = torch.convolution(u.to(conv_weight.dtype), conv_weight, None,
+                          *_conv_args(conv_weight, stride, padding, dilation, conv_groups))
     return z, mean, var
 
 
@@ -572,7 +584,7 @@ def _(x, weight, bias, mean_in, var_in, eps, groups, conv_weight, stride, paddin
       conv_groups, backend):
     acc = torch.float64 if x.dtype == torch.float64 else torch.float32
     stat_shape = (x.shape[1],) if groups == 0 else (x.shape[0], groups)
-    z = torch.convolution(torch.empty_like(x), conv_weight, None,
+    z = torch.convolution(torch.empty_like(x, dtype=conv_weight.dtype), conv_weight, None,
                           *_conv_args(conv_weight, stride, padding, dilation, conv_groups))
     return z, x.new_empty(stat_shape, dtype=acc), x.new_empty(stat_shape, dtype=acc)
 
@@ -594,12 +606,14 @@ def _conv_backward(ctx, dz, dmean, dvar):
     scale, shift, _ = _forward_coefficients(mean, var, weight, bias, None, 1.0, eps, groups,
                                             x.shape[1])
     u = _affine_relu_op(x, scale, shift, backend) if need_conv else x
-    du, dconv, _ = torch.ops.aten.convolution_backward(dz, u, conv_weight, None, *conv_args,
+    du, dconv, _ = torch.ops.aten.convolution_backward(dz, u.to(conv_weight.dtype), conv_weight,
+                                                       None, *conv_args,
                                                        [need_input, need_conv, False])
     dx = dweight = dbias = None
     if need_input:
         dx, _, dweight, dbias, _ = norm_act_backward(
-            du, x, weight, bias, None, 1.0, mean, var, None, eps, groups, True, batch_stats,
+            du.to(x.dtype), x, weight, bias, None, 1.0, mean, var, None, eps, groups, True,
+            batch_stats,
             (need_x, False, need_weight, need_bias, False), backend, dmean=dmean, dvar=dvar)
     return dx, dweight, dbias, None, None, None, None, dconv, None, None, None, None, None
 
@@ -669,7 +683,7 @@ def _norm_relu_backward_conv(
                                     mean, var, None, eps, groups, True, batch_stats,
                                     _INPUT_GRAD_ONLY)
     conv_args = _conv_args(conv_weight, stride, padding, dilation, conv_groups)
-    grad_input = _conv_input_grad(dx, input_shape, conv_weight, conv_args)
+    grad_input = _conv_input_grad(dx.to(conv_weight.dtype), input_shape, conv_weight, conv_args)
     inputs = (dy, dmean, dvar, x, weight, bias, mean, var, conv_weight)
     return _unaliased((grad_input,) + (sums or (x.new_empty(0), x.new_empty(0))), inputs)
 
@@ -678,7 +692,8 @@ def _norm_relu_backward_conv(
 def _(dy, dmean, dvar, x, weight, bias, mean, var, eps, groups, batch_stats, conv_weight,
       input_shape, stride, padding, dilation, conv_groups, backend):
     conv_args = _conv_args(conv_weight, stride, padding, dilation, conv_groups)
-    grad_input = _conv_input_grad(torch.empty_like(x), input_shape, conv_weight, conv_args)
+    grad_input = _conv_input_grad(torch.empty_like(x, dtype=conv_weight.dtype), input_shape,
+                                  conv_weight, conv_args)
     sum_shape = (x.shape[1],) if groups == 0 else (x.shape[0], x.shape[1])
     sums = _sums_needed(_INPUT_GRAD_ONLY, batch_stats)
     return (grad_input, mean.new_empty(sum_shape if sums else (0,)),
@@ -699,7 +714,7 @@ def _backward_conv_backward(ctx, grad_input_grad, sum_g_grad, sum_gxc_grad):
     eps, groups, batch_stats, conv_args, backend = ctx.config
     sums = None if sum_g is None else (sum_g, sum_gxc)
     # the map dx ↦ Wᵀ⋆dx is linear in dx and in W; its adjoint in dx is the convolution.
-    dx_grad = torch.convolution(grad_input_grad, conv_weight, None, *conv_args)
+    dx_grad = torch.convolution(grad_input_grad, conv_weight, None, *conv_args).to(x.dtype)
     conv_weight_grad = None
     if ctx.needs_input_grad[11]:
         channels = x.shape[1]
@@ -711,7 +726,8 @@ def _backward_conv_backward(ctx, grad_input_grad, sum_g_grad, sum_gxc_grad):
         dx = _backward_apply_op(dy, x, scale, shift, None, True, a, b, c,
                                 _center(mean, groups, channels), backend)
         conv_weight_grad = torch.ops.aten.convolution_backward(
-            dx, grad_input_grad, conv_weight, None, *conv_args, [False, True, False])[1]
+            dx.to(conv_weight.dtype), grad_input_grad, conv_weight, None, *conv_args,
+            [False, True, False])[1]
     inputs = (dy, dmean, dvar, x, weight, bias, None, mean, var, None)
     # _BWD_INPUTS order; h (position 6) is not an input here
     wanted = [i is not None and ctx.needs_input_grad[i] and inputs[k] is not None
@@ -866,9 +882,9 @@ def norm_act(
     var_in = None if batch_stats else running_var
     save_mask = relu and shortcut is not None
     if conv is not None and name != "eager":
-        y, mean, var = _norm_relu_conv(x, weight, bias, mean_in, var_in, eps, groups, conv.weight,
-                                       list(conv.stride), list(conv.padding), list(conv.dilation),
-                                       conv.groups, name)
+        y, mean, var = _norm_relu_conv(x, weight, bias, mean_in, var_in, eps, groups,
+                                       conv_weight_for(x, conv.weight), list(conv.stride),
+                                       list(conv.padding), list(conv.dilation), conv.groups, name)
         mask = None
     elif name == "eager":
         y, mean, var, mask = _forward_math(primitives, x, weight, bias, shortcut, h_tensor, h_value,
@@ -919,24 +935,26 @@ def norm_relu_backward_ie_update(dy: Tensor, stats: NormStats, norm: torch.nn.Mo
 def norm_relu_backward_conv(dy: Tensor, stats: NormStats, norm: torch.nn.Module,
                             conv: torch.nn.Module, input_shape, backend: str) -> Tensor:
     """``Wᵀ⋆v``: the input gradient of ``conv`` (which produced ``stats.x``) where ``v`` is
-    the input gradient of ``ReLU(norm(x))`` at ``stats`` for output gradient ``dy``.
+    the input gradient of ``ReLU(norm(x))`` at ``stats`` for output gradient ``dy``; in the
+    convolution's compute dtype (the autocast dtype under autocast).
 
     On the fused backends v is not kept for the backward but recomputed there (one
     elementwise pass); differentiable to any order, like :func:`norm_act_backward`.
     """
     groups = norm.num_groups if isinstance(norm, torch.nn.GroupNorm) else 0
+    conv_weight = conv_weight_for(dy, conv.weight)
     if backend == "eager":
         dx, *_ = norm_act_backward(dy, stats.x, norm.weight, norm.bias, None, 1.0, stats.mean,
                                    stats.var, stats.mask, norm.eps, groups, True, stats.batch_stats,
                                    _INPUT_GRAD_ONLY, backend)
-        conv_args = _conv_args(conv.weight, conv.stride, conv.padding, conv.dilation, conv.groups)
-        return _conv_input_grad(dx, input_shape, conv.weight, conv_args)
+        conv_args = _conv_args(conv_weight, conv.stride, conv.padding, conv.dilation, conv.groups)
+        return _conv_input_grad(dx.to(conv_weight.dtype), input_shape, conv_weight, conv_args)
     if stats.mask is not None:
         raise ValueError("norm_relu_backward_conv recomputes the ReLU mask from x: stats must "
                          "come from an evaluation without a shortcut")
     grad_input, _, _ = _norm_relu_backward_conv(
         dy, None, None, stats.x, norm.weight, norm.bias, stats.mean, stats.var, norm.eps, groups,
-        stats.batch_stats, conv.weight, list(input_shape), list(conv.stride), list(conv.padding),
+        stats.batch_stats, conv_weight, list(input_shape), list(conv.stride), list(conv.padding),
         list(conv.dilation), conv.groups, backend)
     return grad_input
 

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from pyeuler.ops.norm_act import (NormStats, norm_act_backward, norm_act_module,
+from pyeuler.ops.norm_act import (NormStats, conv_weight_for, norm_act_backward, norm_act_module,
                                   norm_relu_backward_conv, norm_relu_backward_ie_update)
 
 __all__ = ["BranchCache", "branch_forward", "branch_vjp", "branch_vjp_ie_update", "branch_jvp",
@@ -80,13 +80,17 @@ def branch_forward(branch, x: Tensor, backend: str, update_running: bool = True,
     return scale_by_step(fx, branch.h), BranchCache(stats1, stats2, noise, recompute=fuse)
 
 
-def _layer_input_grad(layer: nn.Module, grad_out: Tensor, input_shape: torch.Size) -> Tensor:
-    """``Wᵀ ⋆ g``: the data gradient of a bias-free conv or linear layer."""
+def _layer_input_grad(layer: nn.Module, grad_out: Tensor, layer_input: Tensor) -> Tensor:
+    """``Wᵀ ⋆ g``: the data gradient of a bias-free conv or linear layer, computed in the
+    layer's compute dtype (the autocast dtype under autocast) and returned in its input's
+    dtype, as autograd through the layer would give it."""
+    weight = conv_weight_for(grad_out, layer.weight)
+    grad_out = grad_out.to(weight.dtype)
     if isinstance(layer, nn.Linear):
-        return grad_out @ layer.weight
+        return (grad_out @ weight).to(layer_input.dtype)
     input_grad = _CONV_INPUT_GRAD[type(layer)]
-    return input_grad(input_shape, layer.weight, grad_out, layer.stride, layer.padding,
-                      layer.dilation, layer.groups)
+    return input_grad(layer_input.shape, weight, grad_out, layer.stride, layer.padding,
+                      layer.dilation, layer.groups).to(layer_input.dtype)
 
 
 def _norm_relu_input_grad(norm: nn.Module, stats: NormStats, grad_out: Tensor, backend: str):
@@ -100,14 +104,16 @@ def _norm_relu_input_grad(norm: nn.Module, stats: NormStats, grad_out: Tensor, b
 def _vjp_to_first_activation(branch, cache: BranchCache, e: Tensor, backend: str) -> Tensor:
     """The VJP back to the output of ``ReLU(bn1(x))``."""
     g = scale_by_step(e, branch.h)
-    g = _layer_input_grad(branch.conv2, g, cache.stats2.x.shape)
+    # conv2's input, ReLU(bn2(z1)), has z1's dtype; conv1's has x's.
+    g = _layer_input_grad(branch.conv2, g, cache.stats2.x)
     if cache.dropout_noise is not None:
         g = g * cache.dropout_noise
     if cache.recompute:
-        return norm_relu_backward_conv(g, cache.stats2, branch.bn2, branch.conv1,
-                                       cache.stats1.x.shape, backend)
+        g = norm_relu_backward_conv(g, cache.stats2, branch.bn2, branch.conv1,
+                                    cache.stats1.x.shape, backend)
+        return g.to(cache.stats1.x.dtype)
     g = _norm_relu_input_grad(branch.bn2, cache.stats2, g, backend)
-    return _layer_input_grad(branch.conv1, g, cache.stats1.x.shape)
+    return _layer_input_grad(branch.conv1, g, cache.stats1.x)
 
 
 def branch_vjp(branch, cache: BranchCache, e: Tensor, backend: str) -> Tensor:
