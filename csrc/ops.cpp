@@ -135,6 +135,33 @@ std::optional<Tensor> mask_arg(const std::optional<Tensor>& mask, const Tensor& 
   return companion(*mask, x, "mask", at::kBool);
 }
 
+// What both backward reductions read besides x: dy, the ReLU gate and the coefficients.
+struct ReduceOperands {
+  Tensor dy;
+  std::optional<Tensor> mask;
+  Coef scale, shift, center;
+  pyeuler_geometry_t geo;
+};
+
+ReduceOperands reduce_operands(const Tensor& dy_in, const Tensor& x, const Tensor& scale,
+                               const Tensor& shift, const Tensor& center,
+                               const std::optional<Tensor>& mask_in, bool per_sample,
+                               const char* op) {
+  ReduceOperands in{companion(dy_in, x, "dy", x.scalar_type()), mask_arg(mask_in, x),
+                    coef_arg(scale, x, "scale"), coef_arg(shift, x, "shift"),
+                    coef_arg(center, x, "center"), geometry_of(x)};
+  TORCH_CHECK(per_sample || (scale.dim() == 1 && shift.dim() == 1 && center.dim() == 1),
+              "pyeuler.cuda.", op, ": scale, shift and center must be [C] when per_sample is "
+              "False (sums over N need one coefficient per channel)");
+  return in;
+}
+
+// Float32 sums: [C], or [N, C] per sample.
+Tensor empty_sums(const Tensor& x, const pyeuler_geometry_t& geo, bool per_sample) {
+  const auto options = x.options().dtype(at::kFloat);
+  return per_sample ? at::empty({geo.n, geo.c}, options) : at::empty({geo.c}, options);
+}
+
 const uint8_t* mask_data(const std::optional<Tensor>& mask) {
   return mask.has_value() ? reinterpret_cast<const uint8_t*>(mask->data_ptr<bool>()) : nullptr;
 }
@@ -196,26 +223,18 @@ std::tuple<Tensor, Tensor> affine_act_backward_reduce(
     const Tensor& center, const std::optional<Tensor>& mask_in, bool relu, bool per_sample) {
   check_activation(x_in, "x");
   const Tensor x = as_kernel_layout(x_in);
-  const Tensor dy = companion(dy_in, x, "dy", x.scalar_type());
-  const std::optional<Tensor> mask = mask_arg(mask_in, x);
-  const Coef scale_arg = coef_arg(scale, x, "scale");
-  const Coef shift_arg = coef_arg(shift, x, "shift");
-  const Coef center_arg = coef_arg(center, x, "center");
-  TORCH_CHECK(per_sample || (scale.dim() == 1 && shift.dim() == 1 && center.dim() == 1),
-              "pyeuler.cuda.affine_act_backward_reduce: scale, shift and center must be [C] "
-              "when per_sample is False (sums over N need one coefficient per channel)");
+  const ReduceOperands in = reduce_operands(dy_in, x, scale, shift, center, mask_in, per_sample,
+                                            "affine_act_backward_reduce");
   const c10::DeviceGuard guard(x.device());
-  const pyeuler_geometry_t geo = geometry_of(x);
-  const auto options = x.options().dtype(at::kFloat);
-  Tensor sum_g = per_sample ? at::empty({geo.n, geo.c}, options) : at::empty({geo.c}, options);
+  Tensor sum_g = empty_sums(x, in.geo, per_sample);
   Tensor sum_g_xc = at::empty_like(sum_g);
   size_t bytes = 0;
-  check_launch(pyeuler_affine_act_backward_reduce_workspace_size(geo, per_sample, &bytes),
+  check_launch(pyeuler_affine_act_backward_reduce_workspace_size(in.geo, per_sample, &bytes),
                "affine_act_backward_reduce");
   Tensor scratch = workspace(bytes, x);
   check_launch(pyeuler_affine_act_backward_reduce(
-                   dy.data_ptr(), x.data_ptr(), mask_data(mask), kernel_dtype(x, "x"), geo,
-                   scale_arg.abi, shift_arg.abi, center_arg.abi, relu, per_sample,
+                   in.dy.data_ptr(), x.data_ptr(), mask_data(in.mask), kernel_dtype(x, "x"), in.geo,
+                   in.scale.abi, in.shift.abi, in.center.abi, relu, per_sample,
                    sum_g.data_ptr<float>(), sum_g_xc.data_ptr<float>(), scratch.data_ptr(), bytes,
                    current_stream(x.device())),
                "affine_act_backward_reduce");
@@ -282,27 +301,20 @@ std::tuple<Tensor, Tensor, Tensor> affine_act_double_backward_reduce(
   check_activation(x_in, "x");
   const Tensor x = as_kernel_layout(x_in);
   const Tensor ddx = companion(ddx_in, x, "ddx", x.scalar_type());
-  const Tensor dy = companion(dy_in, x, "dy", x.scalar_type());
-  const std::optional<Tensor> mask = mask_arg(mask_in, x);
-  const Coef scale_arg = coef_arg(scale, x, "scale");
-  const Coef shift_arg = coef_arg(shift, x, "shift");
-  const Coef center_arg = coef_arg(center, x, "center");
-  TORCH_CHECK(per_sample || (scale.dim() == 1 && shift.dim() == 1 && center.dim() == 1),
-              "pyeuler.cuda.affine_act_double_backward_reduce: scale, shift and center must be "
-              "[C] when per_sample is False (sums over N need one coefficient per channel)");
+  const ReduceOperands in = reduce_operands(dy_in, x, scale, shift, center, mask_in, per_sample,
+                                            "affine_act_double_backward_reduce");
   const c10::DeviceGuard guard(x.device());
-  const pyeuler_geometry_t geo = geometry_of(x);
-  const auto options = x.options().dtype(at::kFloat);
-  Tensor sum_ddx = per_sample ? at::empty({geo.n, geo.c}, options) : at::empty({geo.c}, options);
+  Tensor sum_ddx = empty_sums(x, in.geo, per_sample);
   Tensor sum_ddx_xc = at::empty_like(sum_ddx);
   Tensor sum_ddx_g = at::empty_like(sum_ddx);
   size_t bytes = 0;
-  check_launch(pyeuler_affine_act_double_backward_reduce_workspace_size(geo, per_sample, &bytes),
-               "affine_act_double_backward_reduce");
+  check_launch(
+      pyeuler_affine_act_double_backward_reduce_workspace_size(in.geo, per_sample, &bytes),
+      "affine_act_double_backward_reduce");
   Tensor scratch = workspace(bytes, x);
   check_launch(pyeuler_affine_act_double_backward_reduce(
-                   ddx.data_ptr(), dy.data_ptr(), x.data_ptr(), mask_data(mask),
-                   kernel_dtype(x, "x"), geo, scale_arg.abi, shift_arg.abi, center_arg.abi, relu,
+                   ddx.data_ptr(), in.dy.data_ptr(), x.data_ptr(), mask_data(in.mask),
+                   kernel_dtype(x, "x"), in.geo, in.scale.abi, in.shift.abi, in.center.abi, relu,
                    per_sample, sum_ddx.data_ptr<float>(), sum_ddx_xc.data_ptr<float>(),
                    sum_ddx_g.data_ptr<float>(), scratch.data_ptr(), bytes,
                    current_stream(x.device())),
