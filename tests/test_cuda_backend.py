@@ -578,3 +578,12 @@ def test_matches_triton(shape, layout):
     torch.testing.assert_close(cuda_backend.affine_act_backward_apply_ie_update(*ie_args),
                                tri.affine_act_backward_apply_ie_update(*ie_args), rtol=1e-4,
                                atol=1e-5)
+    ddx = make(shape, layout)
+    reduce_args = (ddx, dy, x, scale, shift, center, None, True, False)
+    for cu, tr in zip(cuda_backend.affine_act_double_backward_reduce(*reduce_args),
+                      tri.affine_act_double_backward_reduce(*reduce_args)):
+        torch.testing.assert_close(cu, tr, rtol=1e-4, atol=1e-4)
+    apply_args = (ddx, dy, x, scale, shift, None, True, scale, shift, center, scale, center, y_cu)
+    for cu, tr in zip(cuda_backend.affine_act_double_backward_apply(*apply_args),
+                      tri.affine_act_double_backward_apply(*apply_args)):
+        torch.testing.assert_close(cu, tr, rtol=1e-4, atol=1e-5)
