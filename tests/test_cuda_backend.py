@@ -587,3 +587,20 @@ def test_matches_triton(shape, layout):
     for cu, tr in zip(cuda_backend.affine_act_double_backward_apply(*apply_args),
                       tri.affine_act_double_backward_apply(*apply_args)):
         torch.testing.assert_close(cu, tr, rtol=1e-4, atol=1e-5)
+
+
+@gpu
+@pytest.mark.usefixtures("cuda_ready")
+def test_mixed_dtypes_follow_the_contract():
+    """Autocast mixes float32 block inputs with bfloat16 convolution outputs: operands in
+    another dtype than x are read as the eager contract reads them."""
+    x = make((4, 6, 5, 5), "channels_last")
+    low = make((4, 6, 5, 5), "channels_last", torch.bfloat16)
+    scale, shift = coef(x, False), coef(x, False)
+    torch.testing.assert_close(cuda_backend.ie_residual(x, x, low, 0.5),
+                               ref.ie_residual(x, x, low, 0.5))
+    torch.testing.assert_close(cuda_backend.ie_update(x, low, low, 0.1, 0.5),
+                               ref.ie_update(x, low, low, 0.1, 0.5))
+    for got, want in zip(cuda_backend.affine_act_forward(low, scale, shift, x, True, True),
+                         ref.affine_act_forward(low, scale, shift, x, True, True)):
+        torch.testing.assert_close(got, want, atol=2**-7, rtol=2**-7)

@@ -93,6 +93,13 @@ def _check_cuda(**tensors: Tensor | None) -> None:
             raise ValueError(f"pyeuler.cuda: {name} must be a CUDA tensor, got one on {t.device}")
 
 
+def _like_x(x: Tensor, t: Tensor | None) -> Tensor | None:
+    """The kernels take one activation dtype per call (x's).  Other operands may differ
+    (autocast adds bfloat16 convolution outputs to float32 block inputs): they are converted
+    to x's dtype, as the contract's float32 arithmetic would read them."""
+    return t if t is None or t.dtype == x.dtype else t.to(x.dtype)
+
+
 def norm_stats(x: Tensor, groups: int) -> tuple[Tensor, Tensor]:
     _check_cuda(x=x)
     _require_extension()
@@ -110,7 +117,8 @@ def affine_act_forward(
 ) -> tuple[Tensor, Tensor | None]:
     _check_cuda(x=x, scale=scale, shift=shift, shortcut=shortcut)
     _require_extension()
-    y, mask = torch.ops.pyeuler.cuda_affine_act_forward(x, scale, shift, shortcut, relu, save_mask)
+    y, mask = torch.ops.pyeuler.cuda_affine_act_forward(x, scale, shift, _like_x(x, shortcut), relu,
+                                                        save_mask)
     return y, (mask if save_mask else None)
 
 
@@ -127,7 +135,7 @@ def affine_act_backward_reduce(
     _check_cuda(dy=dy, x=x, scale=scale, shift=shift, center=center, mask=mask)
     _require_extension()
     sum_g, sum_g_xc = torch.ops.pyeuler.cuda_affine_act_backward_reduce(
-        dy, x, scale, shift, center, mask, relu, per_sample)
+        _like_x(x, dy), x, scale, shift, center, mask, relu, per_sample)
     return sum_g, sum_g_xc
 
 
@@ -147,8 +155,8 @@ def affine_act_backward_apply(
     _check_cuda(dy=dy, x=x, scale=scale, shift=shift, mask=mask, a=a, b=b, c=c, center=center)
     _require_extension()
     dx, dshortcut = torch.ops.pyeuler.cuda_affine_act_backward_apply(
-        dy, x, scale, shift, mask, relu, a, b, c, center, want_dshortcut)
-    return dx, (dshortcut if want_dshortcut else None)
+        _like_x(x, dy), x, scale, shift, mask, relu, a, b, c, center, want_dshortcut)
+    return dx, (dshortcut.to(dy.dtype) if want_dshortcut else None)
 
 
 def affine_act_backward_apply_ie_update(
@@ -170,7 +178,8 @@ def affine_act_backward_apply_ie_update(
                 e=e)
     _require_extension()
     return torch.ops.pyeuler.cuda_affine_act_backward_apply_ie_update(
-        dy, x, scale, shift, mask, relu, a, b, c, center, e, float(step_size), float(theta))
+        _like_x(x, dy), x, scale, shift, mask, relu, a, b, c, center, _like_x(x, e),
+        float(step_size), float(theta))
 
 
 def affine_act_double_backward_reduce(
@@ -187,7 +196,7 @@ def affine_act_double_backward_reduce(
     _check_cuda(ddx=ddx, dy=dy, x=x, scale=scale, shift=shift, center=center, mask=mask)
     _require_extension()
     sum_ddx, sum_ddx_xc, sum_ddx_g = torch.ops.pyeuler.cuda_affine_act_double_backward_reduce(
-        ddx, dy, x, scale, shift, center, mask, relu, per_sample)
+        _like_x(x, ddx), _like_x(x, dy), x, scale, shift, center, mask, relu, per_sample)
     return sum_ddx, sum_ddx_xc, sum_ddx_g
 
 
@@ -210,20 +219,22 @@ def affine_act_double_backward_apply(
                 center=center, ddshortcut=ddshortcut)
     _require_extension()
     ddy, dxx = torch.ops.pyeuler.cuda_affine_act_double_backward_apply(
-        ddx, dy, x, scale, shift, mask, relu, a, b, p, q, center, ddshortcut)
-    return ddy, dxx
+        _like_x(x, ddx), _like_x(x, dy), x, scale, shift, mask, relu, a, b, p, q, center,
+        _like_x(x, ddshortcut))
+    return ddy.to(dy.dtype), dxx
 
 
 def ie_residual(x: Tensor, c: Tensor, fx: Tensor, theta: float) -> Tensor:
     _check_cuda(x=x, c=c, fx=fx)
     _require_extension()
-    return torch.ops.pyeuler.cuda_ie_residual(x, c, fx, float(theta))
+    return torch.ops.pyeuler.cuda_ie_residual(x, _like_x(x, c), _like_x(x, fx), float(theta))
 
 
 def ie_update(x: Tensor, e: Tensor, v: Tensor, step_size: float, theta: float) -> Tensor:
     _check_cuda(x=x, e=e, v=v)
     _require_extension()
-    return torch.ops.pyeuler.cuda_ie_update(x, e, v, float(step_size), float(theta))
+    return torch.ops.pyeuler.cuda_ie_update(x, _like_x(x, e), _like_x(x, v), float(step_size),
+                                            float(theta))
 
 
 # ---------------------------------------------------------------------------------------
