@@ -227,6 +227,9 @@ def test_opcheck_custom_ops(routed_to_primitives):
                               (torch.randn(2, 4, 5, 5), None, None, x4, w, b, mean4, var4, 1e-5, 0,
                                batch_stats, torch.randn(4, 3, 3, 3), [2, 3, 5, 5], [1, 1], [1, 1],
                                [1, 1], 1, "triton"))
+    for batch_stats in (True, False):
+        torch.library.opcheck(torch.ops.pyeuler.norm_relu_backward_ie_update.default,
+                              (dy, x, w, b, mean, var, s, 1e-5, 0, batch_stats, 0.1, 0.5, "triton"))
     torch.library.opcheck(torch.ops.pyeuler.ie_residual.default, (x, s, x, 0.5, "triton"))
     torch.library.opcheck(torch.ops.pyeuler.ie_update.default, (x, s, x, 0.1, 0.5, "triton"))
 

@@ -169,11 +169,7 @@ def _refine(branch, x0, fx0, x, steps, step_size, theta, update_running, backend
         fx, cache = branch_forward(branch, x, backend, update_running=update_running,
                                    recompute=differentiable)
         e = ie_residual(x, c, fx, theta, backend)
-        if differentiable:
-            v = branch_vjp(branch, cache, e, backend)
-            x = ie_update(x, e, v, step_size, theta, backend)
-        else:  # nothing to differentiate: fuse the update into the VJP's last pass
-            x = branch_vjp_ie_update(branch, cache, e, step_size, theta, backend)
+        x = branch_vjp_ie_update(branch, cache, e, step_size, theta, backend)
     return x
 
 

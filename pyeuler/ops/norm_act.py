@@ -745,6 +745,85 @@ torch.library.register_autograd("pyeuler::norm_relu_backward_conv", _backward_co
                                 setup_context=_backward_conv_setup_context)
 
 
+# The IE-Skip update fused into the last pass of the branch VJP, ``x − 2γ·(e − θ·v)`` with v
+# the norm's input gradient, differentiable (for "unrolled"): v is never written or read.
+
+
+def _ie_update_pass(kernels, dy, x, weight, bias, mean, var, e, eps, groups, batch_stats,
+                    step_size, theta):
+    (scale, shift, a, b, c, center), *_, sums = _backward_terms(
+        kernels, dy, None, None, x, weight, bias, None, 1.0, mean, var, None, eps, groups, True,
+        batch_stats, _INPUT_GRAD_ONLY)
+    out = kernels.affine_act_backward_apply_ie_update(dy, x, scale, shift, None, True, a, b, c,
+                                                      center, e, step_size, theta)
+    return out, sums
+
+
+@torch.library.custom_op("pyeuler::norm_relu_backward_ie_update", mutates_args=())
+def _norm_relu_backward_ie_update(
+    dy: Tensor,
+    x: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    mean: Tensor,
+    var: Tensor,
+    e: Tensor,
+    eps: float,
+    groups: int,
+    batch_stats: bool,
+    step_size: float,
+    theta: float,
+    backend: str,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """``(x − 2γ·(e − θ·v), Σg, Σg·(x − center))``; the sums (empty when not needed) are
+    kept for the backward."""
+    out, sums = _ie_update_pass(_kernels(backend), dy, x, weight, bias, mean, var, e, eps, groups,
+                                batch_stats, step_size, theta)
+    return _unaliased((out,) + (sums or (x.new_empty(0), x.new_empty(0))),
+                      (dy, x, weight, bias, mean, var, e))
+
+
+@_norm_relu_backward_ie_update.register_fake
+def _(dy, x, weight, bias, mean, var, e, eps, groups, batch_stats, step_size, theta, backend):
+    sum_shape = (x.shape[1],) if groups == 0 else (x.shape[0], x.shape[1])
+    sums = _sums_needed(_INPUT_GRAD_ONLY, batch_stats)
+    return (torch.empty_like(x), mean.new_empty(sum_shape if sums else (0,)),
+            mean.new_empty(sum_shape if sums else (0,)))
+
+
+def _ie_update_setup_context(ctx, inputs, output):
+    dy, x, weight, bias, mean, var, e, eps, groups, batch_stats, step_size, theta, backend = inputs
+    sums = output[1:] if output[1].numel() else (None, None)
+    ctx.save_for_backward(dy, x, weight, bias, mean, var, *sums)
+    ctx.config = (eps, groups, batch_stats, step_size, theta, backend)
+    ctx.e_dtype = e.dtype
+
+
+def _ie_update_backward(ctx, out_grad, sum_g_grad, sum_gxc_grad):
+    dy, x, weight, bias, mean, var, sum_g, sum_gxc = ctx.saved_tensors
+    eps, groups, batch_stats, step_size, theta, backend = ctx.config
+    sums = None if sum_g is None else (sum_g, sum_gxc)
+    inputs = (dy, None, None, x, weight, bias, None, mean, var, None)
+    # _BWD_INPUTS order: dy, dmean, dvar, x, weight, bias, h, mean, var
+    wanted = [ctx.needs_input_grad[0], False, False, ctx.needs_input_grad[1],
+              ctx.needs_input_grad[2] and weight is not None,
+              ctx.needs_input_grad[3] and bias is not None, False, ctx.needs_input_grad[4],
+              ctx.needs_input_grad[5]]
+    grads = _double_backward_math(inputs, sums, ((2.0 * step_size * theta) * out_grad, None, None,
+                                                 None, None),
+                                  (_none_if_empty(sum_g_grad), _none_if_empty(sum_gxc_grad)),
+                                  (1.0, eps, groups, True, batch_stats, _INPUT_GRAD_ONLY), wanted,
+                                  backend)
+    g_dy, _, _, g_x, g_weight, g_bias, _, g_mean, g_var = grads
+    g_x = out_grad + g_x if ctx.needs_input_grad[1] else None
+    g_e = (-2.0 * step_size * out_grad).to(ctx.e_dtype) if ctx.needs_input_grad[6] else None
+    return g_dy, g_x, g_weight, g_bias, g_mean, g_var, g_e, None, None, None, None, None, None
+
+
+torch.library.register_autograd("pyeuler::norm_relu_backward_ie_update", _ie_update_backward,
+                                setup_context=_ie_update_setup_context)
+
+
 # ----------------------------------------------------------------------------------------
 # Public entry points.
 
@@ -922,14 +1001,20 @@ def norm_act_backward(dy, x, weight, bias, h, h_value, mean, var, mask, eps, gro
 def norm_relu_backward_ie_update(dy: Tensor, stats: NormStats, norm: torch.nn.Module, e: Tensor,
                                  step_size: float, theta: float, backend: str) -> Tensor:
     """``x − 2γ·(e − θ·v)`` with ``v`` the input gradient of ``ReLU(norm(x))`` at ``stats``
-    for output gradient ``dy``, in one fused pass (no autograd: "detached" / no-grad IE-Skips)."""
-    kernels = _kernels(backend)
+    for output gradient ``dy``, in one fused pass that never writes v.  Differentiable to
+    any order, like :func:`norm_act_backward` ("unrolled" IE-Skips use it too)."""
     groups = norm.num_groups if isinstance(norm, torch.nn.GroupNorm) else 0
-    (scale, shift, a, b, c, center), *_ = _backward_terms(
-        kernels, dy, None, None, stats.x, norm.weight, norm.bias, None, 1.0, stats.mean, stats.var,
-        stats.mask, norm.eps, groups, True, stats.batch_stats, (True, False, False, False, False))
-    return kernels.affine_act_backward_apply_ie_update(dy, stats.x, scale, shift, stats.mask, True,
-                                                       a, b, c, center, e, step_size, theta)
+    if stats.mask is not None:
+        raise ValueError("norm_relu_backward_ie_update recomputes the ReLU mask from x: stats "
+                         "must come from an evaluation without a shortcut")
+    if backend == "eager":  # torch ops: autograd differentiates them directly
+        out, _ = _ie_update_pass(primitives, dy, stats.x, norm.weight, norm.bias, stats.mean,
+                                 stats.var, e, norm.eps, groups, stats.batch_stats, step_size, theta)
+        return out
+    out, _, _ = _norm_relu_backward_ie_update(dy, stats.x, norm.weight, norm.bias, stats.mean,
+                                              stats.var, e, norm.eps, groups, stats.batch_stats,
+                                              step_size, theta, backend)
+    return out
 
 
 def norm_relu_backward_conv(dy: Tensor, stats: NormStats, norm: torch.nn.Module,

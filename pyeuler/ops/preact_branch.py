@@ -125,7 +125,7 @@ def branch_vjp(branch, cache: BranchCache, e: Tensor, backend: str) -> Tensor:
 def branch_vjp_ie_update(branch, cache: BranchCache, e: Tensor, step_size: float, theta: float,
                          backend: str) -> Tensor:
     """``x − 2γ·(e − θ·J_fᵀe)`` at the branch input x, the update fused into the VJP's last
-    pass.  No autograd: for "detached" and no-grad IE-Skips."""
+    pass (J_fᵀe is never written).  Differentiable like :func:`branch_vjp`."""
     g = _vjp_to_first_activation(branch, cache, e, backend)
     return norm_relu_backward_ie_update(g, cache.stats1, branch.bn1, e, step_size, theta, backend)
 
