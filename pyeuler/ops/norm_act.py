@@ -75,23 +75,29 @@ def _expand_groups(v: Tensor, channels: int) -> Tensor:
     return v.repeat_interleave(channels // v.shape[1], dim=1)
 
 
-def _step(h: Tensor | None, h_value: float, channels: int, like: Tensor) -> Tensor:
-    return _per_channel(h, channels, like) if h is not None else like.new_full((channels,), h_value)
+def _step(h: Tensor | None, h_value: float, channels: int, like: Tensor) -> Tensor | float:
+    """The step factor: a [C] tensor when learnable, else the float itself."""
+    return _per_channel(h, channels, like) if h is not None else h_value
+
+
+def _times(factor: Tensor | float | None, v: Tensor) -> Tensor:
+    """``factor·v``; None or a float 1 (no weight, h = 1) costs no kernel launch.  The
+    per-channel algebra runs once per norm and derivative order, so its launches add up."""
+    if factor is None or (isinstance(factor, float) and factor == 1.0):
+        return v
+    return factor * v
 
 
 def _forward_coefficients(mean, var, weight, bias, h, h_value, eps, groups, channels):
     """scale, shift ([C] or [N, C]) and invstd of ``h·(w·(x − mean)·invstd + b)``."""
     invstd = torch.rsqrt(var + eps)
-    w = _per_channel(weight, channels, invstd)
-    b = _per_channel(bias, channels, invstd) if bias is not None else torch.zeros_like(w)
     step = _step(h, h_value, channels, invstd)
-    if groups == 0:
-        scale = step * w * invstd
-        shift = step * b - scale * mean
-        return scale, shift, invstd
-    invstd_c = _expand_groups(invstd, channels)
-    scale = step * w * invstd_c
-    shift = step * b - scale * _expand_groups(mean, channels)
+    weight = None if weight is None else _per_channel(weight, channels, invstd)
+    invstd_c = invstd if groups == 0 else _expand_groups(invstd, channels)
+    scale = _times(step, _times(weight, invstd_c))
+    shift = -scale * _center(mean, groups, channels)
+    if bias is not None:
+        shift = shift + _times(step, _per_channel(bias, channels, invstd))
     return scale, shift, invstd
 
 
@@ -139,40 +145,40 @@ def _coefficients(sum_g, sum_gxc, dmean, dvar, weight, bias, h, mean, var, h_val
     into the batch statistics themselves (IE-Skip VJPs use them), or None.
     """
     invstd = torch.rsqrt(var + eps)
-    w = _per_channel(weight, channels, invstd)
+    w = None if weight is None else _per_channel(weight, channels, invstd)
     step = _step(h, h_value, channels, invstd)
+    step_w = _times(step, w) if w is not None else step  # h·w: the scale of dx̂ = h·w·g
     invstd_c = invstd if groups == 0 else _expand_groups(invstd, channels)
     need_x, _, need_weight, need_bias, need_h = needs
     per_sample = groups > 0
-    a = step * w * invstd_c
+    a = _times(step_w, invstd_c)
     b = c = torch.zeros_like(a)
     dweight = dbias = dh = None
     if sum_g is not None:
         # Σ dŷ·x̂ per (sample,) channel, where ŷ = w·x̂ + b is the normalised output.
         sum_gxhat = sum_gxc * invstd_c
-        if per_sample:
-            dweight_c, dbias_c = (step * sum_gxhat).sum(0), (step * sum_g).sum(0)
-        else:
-            dweight_c, dbias_c = step * sum_gxhat, step * sum_g
-        dweight = dweight_c if need_weight else None
-        dbias = dbias_c if need_bias else None
+        if need_weight:
+            dweight = _times(step, sum_gxhat)
+            dweight = dweight.sum(0) if per_sample else dweight
+        if need_bias:
+            dbias = _times(step, sum_g)
+            dbias = dbias.sum(0) if per_sample else dbias
         if need_h:
-            bvec = _per_channel(bias, channels, invstd) if bias is not None else torch.zeros_like(w)
-            dh_c = w * sum_gxhat + bvec * sum_g
+            dh_c = _times(w, sum_gxhat)
+            if bias is not None:
+                dh_c = dh_c + _per_channel(bias, channels, invstd) * sum_g
             dh = _sum_to(dh_c.sum(0) if per_sample else dh_c, h)
         if need_x and batch_stats:
-            # mean over the statistic's set of dx̂ = h·w·g and of dx̂·x̂.
-            mean_dxhat = step * w * sum_g
-            mean_dxhat_xhat = step * w * sum_gxhat
+            # means over the statistic's set of dx̂ = h·w·g and of dx̂·x̂, times −invstd.
+            mean_dxhat = _times(step_w, sum_g)
+            mean_dxhat_xhat = _times(step_w, sum_gxhat)
             if per_sample:
                 groups_shape = (mean.shape[0], groups, channels // groups)
-                mean_dxhat = _expand_groups(mean_dxhat.reshape(groups_shape).sum(2) / count, channels)
-                mean_dxhat_xhat = _expand_groups(mean_dxhat_xhat.reshape(groups_shape).sum(2) / count,
+                mean_dxhat = _expand_groups(mean_dxhat.reshape(groups_shape).sum(2), channels)
+                mean_dxhat_xhat = _expand_groups(mean_dxhat_xhat.reshape(groups_shape).sum(2),
                                                  channels)
-            else:
-                mean_dxhat, mean_dxhat_xhat = mean_dxhat / count, mean_dxhat_xhat / count
-            c = -invstd_c * mean_dxhat
-            b = -invstd_c * invstd_c * mean_dxhat_xhat
+            c = mean_dxhat * (-invstd_c / count)
+            b = mean_dxhat_xhat * (invstd_c * invstd_c * (-1.0 / count))
     if need_x and batch_stats:
         if dmean is not None:
             c = c + _center(dmean, groups, channels) / count
