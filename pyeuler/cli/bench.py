@@ -25,7 +25,8 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--precisions", nargs="+", default=None, choices=["bf16", "fp32"],
                         help="default: bf16 and fp32 on a GPU, fp32 on a CPU")
     parser.add_argument("--compile", dest="compile", action="store_true", default=None,
-                        help="also time torch.compile of the reference (default on a GPU)")
+                        help="also time torch.compile of the reference and of the fused "
+                             "backends (default on a GPU)")
     parser.add_argument("--no-compile", dest="compile", action="store_false")
     parser.add_argument("--depth", type=int, default=None)
     parser.add_argument("--widen-factor", type=int, default=None)
@@ -59,6 +60,10 @@ def _cases(args, gpu: bool):
             cases.append(StepCase(steps, grad, precision, backend))
         if compile_reference:
             cases.append(StepCase(steps, grad, precision, "reference", compiled=True))
+            # compiled fused backends: inductor fuses the per-channel algebra around the
+            # kernels (host launches), the kernels stay opaque custom ops
+            cases += [StepCase(steps, grad, precision, backend, compiled=True)
+                      for backend in backends if backend in ("triton", "cuda")]
     return cases
 
 
