@@ -252,7 +252,10 @@ def _double_backward_math(inputs, sums, output_grads, sum_grads, config, wanted,
                                             named["h"], h_value, eps, groups, channels)
     center = _center(mean, groups, channels)
     primals = dict(named, sum_g=sums[0] if sums else None, sum_gxc=sums[1] if sums else None)
-    varying = [k for k in _COEFFICIENT_INPUTS if primals[k] is not None]
+    # the coefficients do not read the mean (it enters through the centre, below) and read
+    # the bias only for dh: differentiating those would only launch zeros
+    varying = [k for k in _COEFFICIENT_INPUTS if primals[k] is not None and k != "mean"
+               and (k != "bias" or needs[4])]
 
     def coefficients(*values):
         v = dict(primals, **dict(zip(varying, values)))
@@ -284,7 +287,7 @@ def _double_backward_math(inputs, sums, output_grads, sum_grads, config, wanted,
             dcenter = dcenter - q * sums[0]
         if per_sample:
             dcenter = dcenter.reshape(mean.shape[0], groups, channels // groups).sum(2)
-        grads["mean"] = grads["mean"] + dcenter
+        grads["mean"] = dcenter
     ddy = dxx = None
     if wanted[0] or wanted[3]:
         zeros = torch.zeros_like(a)
