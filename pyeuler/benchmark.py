@@ -219,12 +219,17 @@ def _markdown(results: list[StepResult], env: dict, config: dict) -> str:
 
 
 def write_results(results: list[StepResult], config: dict, out_dir: str | Path) -> tuple[Path, Path]:
-    """Write ``<device>-<date>.json`` and ``.md``; returns both paths."""
+    """Write ``<device>-<date>.json`` and ``.md`` (``-2``, ``-3``… when a run of the same day
+    is already there: a table split over several runs keeps every part); returns both paths."""
     env = environment()
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     device = "".join(c if c.isalnum() else "-" for c in env["device"]).strip("-").lower()
-    stem = out_dir / f"{device}-{env['date'][:10]}"
+    base = f"{device}-{env['date'][:10]}"
+    stem, part = out_dir / base, 1
+    while stem.with_suffix(".json").exists():
+        part += 1
+        stem = out_dir / f"{base}-{part}"
     payload = {"environment": env, "config": config,
                "results": [dict(asdict(r), label=r.case.label) for r in results]}
     json_path, md_path = stem.with_suffix(".json"), stem.with_suffix(".md")
