@@ -177,3 +177,53 @@ def test_scaled_residual_add():
     torch.testing.assert_close(PF.scaled_residual_add(x, f, h), x + h.view(1, 3, 1) * f)
     with pytest.raises(ValueError, match="same shape"):
         PF.scaled_residual_add(x, f[:1])
+
+
+@pytest.mark.parametrize("groups, batch_stats", [(0, True), (0, False), (2, True)])
+def test_coefficients_vjp_equals_functorch(groups, batch_stats):
+    """The hand-written derivative of the backward's per-channel algebra against
+    torch.func.vjp, over every combination of needed gradients, learnable h, affine
+    parameters and statistic gradients (float64)."""
+    import itertools
+
+    import pyeuler.ops.norm_act as na
+
+    dt, n, c, count = torch.float64, 3, 4, 7
+    sum_shape, stat_shape = ((n, c), (n, groups)) if groups else ((c,), (c,))
+    for bits, h_kind, has_w, has_b, has_dm, has_dv in itertools.product(
+            range(16), ["none", "scalar", "channel"], *[[True, False]] * 4):
+        needs = (bool(bits & 1), False, bool(bits & 2), bool(bits & 4), bool(bits & 8))
+        if needs[4] and h_kind == "none":
+            continue
+        sums = (torch.randn(sum_shape, dtype=dt), torch.randn(sum_shape, dtype=dt))
+        if not na._sums_needed(needs, batch_stats):
+            sums = (None, None)
+        h = {"none": None, "scalar": torch.tensor(0.7, dtype=dt),
+             "channel": torch.rand(c, dtype=dt) + 0.3}[h_kind]
+        primals = dict(sum_g=sums[0], sum_gxc=sums[1],
+                       dmean=torch.randn(stat_shape, dtype=dt) if has_dm else None,
+                       dvar=torch.randn(stat_shape, dtype=dt) if has_dv else None,
+                       weight=torch.rand(c, dtype=dt) + 0.5 if has_w else None,
+                       bias=torch.randn(c, dtype=dt) if has_b else None, h=h,
+                       var=torch.rand(stat_shape, dtype=dt) + 0.5)
+        varying = [k for k, v in primals.items() if v is not None]
+        mean = torch.randn(stat_shape, dtype=dt)
+
+        def coefficients(*values):
+            v = dict(primals, **dict(zip(varying, values)))
+            return na._coefficients(v["sum_g"], v["sum_gxc"], v["dmean"], v["dvar"], v["weight"],
+                                    v["bias"], v["h"], mean, v["var"], 0.9, 1e-5, groups,
+                                    batch_stats, needs, c, count)
+
+        outs = coefficients(*[primals[k] for k in varying])
+        cotangents = [None if o is None else torch.randn_like(o) for o in outs]
+        _, vjp = torch.func.vjp(lambda *v: tuple(o for o in coefficients(*v) if o is not None),
+                                *[primals[k] for k in varying])
+        expected = dict(zip(varying, vjp(tuple(t for t in cotangents if t is not None))))
+        got = na._coefficients_vjp(*(primals[k] for k in ("sum_g", "sum_gxc", "dmean", "dvar",
+                                                          "weight", "bias", "h", "var")),
+                                   0.9, 1e-5, groups, batch_stats, needs, c, count, cotangents)
+        for k in varying:
+            actual = got[k] if got[k] is not None else torch.zeros_like(expected[k])
+            torch.testing.assert_close(actual.expand_as(expected[k]), expected[k],
+                                       msg=lambda m: f"{k} {needs} h={h_kind}: {m}")

@@ -140,9 +140,9 @@ def _coefficients(sum_g, sum_gxc, dmean, dvar, weight, bias, h, mean, var, h_val
     ``Σg``, ``Σg·(x − center)`` to ``(a, b, c)`` of ``dx = a·g + b·(x − center) + c`` and
     the parameter gradients ``(dweight, dbias, dh)`` (None where not in ``needs``).
 
-    Pure arithmetic on [C] / [N, C] vectors: the second-order backward differentiates it
-    with ``torch.func.vjp`` at negligible cost.  ``dmean``/``dvar`` are gradients flowing
-    into the batch statistics themselves (IE-Skip VJPs use them), or None.
+    Pure arithmetic on [C] / [N, C] vectors; :func:`_coefficients_vjp` is its derivative.
+    ``dmean``/``dvar`` are gradients flowing into the batch statistics themselves (IE-Skip
+    VJPs use them), or None.
     """
     invstd = torch.rsqrt(var + eps)
     w = None if weight is None else _per_channel(weight, channels, invstd)
@@ -185,6 +185,105 @@ def _coefficients(sum_g, sum_gxc, dmean, dvar, weight, bias, h, mean, var, h_val
         if dvar is not None:
             b = b + _center(dvar, groups, channels) * (2.0 / count)
     return a, b, c, dweight, dbias, dh
+
+
+def _add(total: Tensor | None, term: Tensor | None) -> Tensor | None:
+    if term is None:
+        return total
+    return term if total is None else total + term
+
+
+def _coefficients_vjp(sum_g, sum_gxc, dmean, dvar, weight, bias, h, var, h_value, eps, groups,
+                      batch_stats, needs, channels, count, cotangents):
+    """The vector–Jacobian product of :func:`_coefficients`, written out.
+
+    ``cotangents`` = gradients of (a, b, c, dweight, dbias, dh), None where absent.
+    Returns the gradients of ``sum_g, sum_gxc, dmean, dvar, weight, bias, h, var`` (a dict,
+    None where zero).  The mean does not enter the coefficients (the centre is the caller's).
+    By hand rather than ``torch.func.vjp``: this runs for every norm in every second-order
+    backward, and a functorch trace there costs a millisecond of host time per call.
+    Torch ops only, so it is itself differentiable (third order).
+    """
+    cot_a, cot_b, cot_c, cot_dweight, cot_dbias, cot_dh = cotangents
+    need_x, _, need_weight, need_bias, need_h = needs
+    per_sample = groups > 0
+
+    def over_samples(v):  # [N, C] → [C] where the coefficient is per channel
+        return v.sum(0) if per_sample and v.dim() == 2 else v
+
+    def to_groups(v):  # adjoint of _expand_groups: [N, C] → [N, groups]
+        return v.reshape(v.shape[0], groups, channels // groups).sum(2) if per_sample else v
+
+    def group_sum(v):  # the reduction of _coefficients' means (self-adjoint)
+        return _expand_groups(to_groups(v), channels) if per_sample else v
+
+    invstd = torch.rsqrt(var + eps)
+    invstd_c = invstd if groups == 0 else _expand_groups(invstd, channels)
+    w = None if weight is None else _per_channel(weight, channels, invstd)
+    step = _step(h, h_value, channels, invstd)
+    step_w = _times(step, w) if w is not None else step
+    d_invstd_c = d_step_w = d_step = d_w = d_bias = None
+    d_sum_g = d_sum_gxhat = d_dmean = d_dvar = None
+    learnable_step_w = w is not None or h is not None  # else h·w is a constant float
+    if cot_a is not None:  # a = h·w·invstd
+        d_invstd_c = _times(step_w, cot_a)
+        if learnable_step_w:
+            d_step_w = over_samples(cot_a * invstd_c)
+    if sum_g is not None:
+        sum_gxhat = sum_gxc * invstd_c
+        if need_weight and cot_dweight is not None:  # dweight = Σₙ h·Σg·x̂
+            d_step = _add(d_step, over_samples(cot_dweight * sum_gxhat))
+            d_sum_gxhat = _add(d_sum_gxhat, _times(step, cot_dweight))
+        if need_bias and cot_dbias is not None:  # dbias = Σₙ h·Σg
+            d_step = _add(d_step, over_samples(cot_dbias * sum_g))
+            d_sum_g = _add(d_sum_g, _times(step, cot_dbias))
+        if need_h and cot_dh is not None:  # dh = Σ (w·Σg·x̂ + b·Σg)
+            cot_dh_c = cot_dh.expand(channels) if cot_dh.dim() == 0 else cot_dh
+            if w is not None:
+                d_w = _add(d_w, over_samples(cot_dh_c * sum_gxhat))
+            d_sum_gxhat = _add(d_sum_gxhat, _times(w, cot_dh_c))
+            if bias is not None:
+                d_bias = over_samples(cot_dh_c * sum_g)
+                d_sum_g = _add(d_sum_g, _per_channel(bias, channels, invstd) * cot_dh_c)
+        if need_x and batch_stats:
+            mean_dxhat = group_sum(_times(step_w, sum_g))
+            mean_dxhat_xhat = group_sum(_times(step_w, sum_gxhat))
+            if cot_c is not None:  # c = −invstd·Σ(h·w·Σg)/n
+                d_invstd_c = _add(d_invstd_c, cot_c * mean_dxhat * (-1.0 / count))
+                u = group_sum(cot_c * (-invstd_c / count))
+                if learnable_step_w:
+                    d_step_w = _add(d_step_w, over_samples(u * sum_g))
+                d_sum_g = _add(d_sum_g, _times(step_w, u))
+            if cot_b is not None:  # b = −invstd²·Σ(h·w·Σg·x̂)/n
+                d_invstd_c = _add(d_invstd_c, cot_b * mean_dxhat_xhat * invstd_c * (-2.0 / count))
+                u = group_sum(cot_b * (invstd_c * invstd_c * (-1.0 / count)))
+                if learnable_step_w:
+                    d_step_w = _add(d_step_w, over_samples(u * sum_gxhat))
+                d_sum_gxhat = _add(d_sum_gxhat, _times(step_w, u))
+        d_sum_gxc = None
+        if d_sum_gxhat is not None:  # Σg·x̂ = Σg·(x − center)·invstd
+            d_sum_gxc = d_sum_gxhat * invstd_c
+            d_invstd_c = _add(d_invstd_c, d_sum_gxhat * sum_gxc)
+    else:
+        d_sum_gxc = None
+    if need_x and batch_stats:  # c += dmean/n, b += 2·dvar/n
+        if dmean is not None and cot_c is not None:
+            d_dmean = to_groups(cot_c) / count
+        if dvar is not None and cot_b is not None:
+            d_dvar = to_groups(cot_b) * (2.0 / count)
+    if d_step_w is not None:  # h·w
+        if w is not None:
+            d_w = _add(d_w, _times(step, d_step_w))
+            d_step = _add(d_step, d_step_w * w)
+        else:
+            d_step = _add(d_step, d_step_w)
+    d_var = None
+    if d_invstd_c is not None:  # invstd = (var + eps)^(−1/2)
+        d_var = to_groups(d_invstd_c) * (invstd * invstd * invstd * -0.5)
+    d_h = None if h is None or d_step is None else _sum_to(d_step, h).to(h.dtype)
+    return {"sum_g": d_sum_g, "sum_gxc": d_sum_gxc, "dmean": d_dmean, "dvar": d_dvar,
+            "weight": None if d_w is None else d_w.to(weight.dtype),
+            "bias": None if d_bias is None else d_bias.to(bias.dtype), "h": d_h, "var": d_var}
 
 
 def _backward_terms(kernels, dy, dmean, dvar, x, weight, bias, h, h_value, mean, var, mask, eps,
@@ -238,7 +337,7 @@ def _double_backward_math(inputs, sums, output_grads, sum_grads, config, wanted,
     Two passes over the activations, like the first-order backward: a reduce of the
     gradient of dx (its sums are the gradients of a, b, c), then one elementwise pass giving
     the gradients of dy and x; both are fused-kernel ops.  In between, the per-channel
-    algebra of :func:`_coefficients` is differentiated by ``torch.func.vjp`` on vectors.
+    algebra of :func:`_coefficients` is differentiated by :func:`_coefficients_vjp`.
     Everything stays differentiable, so third and higher orders are exact too.
     ``wanted`` flags the gradients to compute, in ``_BWD_INPUTS`` order (None elsewhere).
     """
@@ -251,41 +350,31 @@ def _double_backward_math(inputs, sums, output_grads, sum_grads, config, wanted,
     scale, shift, _ = _forward_coefficients(mean, named["var"], named["weight"], named["bias"],
                                             named["h"], h_value, eps, groups, channels)
     center = _center(mean, groups, channels)
-    primals = dict(named, sum_g=sums[0] if sums else None, sum_gxc=sums[1] if sums else None)
-    # the coefficients do not read the mean (it enters through the centre, below) and read
-    # the bias only for dh: differentiating those would only launch zeros
-    varying = [k for k in _COEFFICIENT_INPUTS if primals[k] is not None and k != "mean"
-               and (k != "bias" or needs[4])]
-
-    def coefficients(*values):
-        v = dict(primals, **dict(zip(varying, values)))
-        out = _coefficients(v["sum_g"], v["sum_gxc"], v["dmean"], v["dvar"], v["weight"], v["bias"],
-                            v["h"], v["mean"], v["var"], h_value, eps, groups, batch_stats, needs,
-                            channels, count)
-        return tuple(t for t in out if t is not None)
-
-    coeffs, coefficients_vjp = torch.func.vjp(coefficients, *[primals[k] for k in varying])
-    a, b = coeffs[0], coeffs[1]
+    sum_g, sum_gxc = sums if sums else (None, None)
+    coefficient_args = (named["dmean"], named["dvar"], named["weight"], named["bias"], named["h"])
+    a, b, *_ = _coefficients(sum_g, sum_gxc, *coefficient_args, mean, named["var"], h_value, eps,
+                             groups, batch_stats, needs, channels, count)
     g_dx = g_dx if needs[0] else None
-    if g_dx is not None:
+    sum_dd = None
+    if g_dx is not None:  # the gradients of c, b, a: Σddx, Σddx·(x − center), Σddx·g
         sum_dd, sum_dd_xc, sum_dd_g = _double_backward_reduce_op(g_dx, dy, x, scale, shift, center,
                                                                  mask, relu, per_sample, backend)
-        cotangents = [sum_dd_g, sum_dd_xc, sum_dd]
+        cotangents = (sum_dd_g, sum_dd_xc, sum_dd)
     else:
-        cotangents = [torch.zeros_like(t) for t in coeffs[:3]]
-    param_grads = [g for g, need in zip((g_dweight, g_dbias, g_dh), needs[2:]) if need]
-    cotangents += [g if g is not None else torch.zeros_like(o) for g, o in zip(param_grads, coeffs[3:])]
-    grads = dict(zip(varying, coefficients_vjp(tuple(cotangents))))
+        cotangents = (None, None, None)
+    param_grads = tuple(g if need else None
+                        for g, need in zip((g_dweight, g_dbias, g_dh), needs[2:]))
+    grads = _coefficients_vjp(sum_g, sum_gxc, *coefficient_args, named["var"], h_value, eps,
+                              groups, batch_stats, needs, channels, count, cotangents + param_grads)
     p, q = grads.get("sum_g"), grads.get("sum_gxc")
     if sums:  # the sums are outputs too
-        p = p if sum_grads[0] is None else p + sum_grads[0]
-        q = q if sum_grads[1] is None else q + sum_grads[1]
+        p, q = _add(p, sum_grads[0]), _add(q, sum_grads[1])
     if wanted[7]:
         # the centre (the mean, per group) enters dx = … + b·(x − center) and Σg·(x − center).
-        dcenter = -b * cotangents[2]
+        dcenter = None if sum_dd is None else -b * sum_dd
         if q is not None:
-            dcenter = dcenter - q * sums[0]
-        if per_sample:
+            dcenter = _add(dcenter, -q * sum_g)
+        if dcenter is not None and per_sample:
             dcenter = dcenter.reshape(mean.shape[0], groups, channels // groups).sum(2)
         grads["mean"] = dcenter
     ddy = dxx = None
