@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 
 import torch
@@ -68,3 +69,18 @@ def random_coef(x, per_sample, positive=False):
     n, c = x.shape[:2]
     v = torch.randn((n, c) if per_sample else (c,), device=x.device)
     return v.abs() + 0.5 if positive else v
+
+
+@contextlib.contextmanager
+def swapped_parameters(module: torch.nn.Module, **tensors):
+    """``module.<name>`` is the given plain tensor (one gradcheck perturbs) inside the block;
+    the parameters are put back after."""
+    originals = {name: module._parameters.pop(name) for name in tensors}
+    for name, tensor in tensors.items():
+        setattr(module, name, tensor)
+    try:
+        yield
+    finally:
+        for name, original in originals.items():
+            delattr(module, name)
+            module._parameters[name] = original

@@ -20,7 +20,8 @@ from pyeuler.models import resnet_cifar, wide_resnet
 from pyeuler.nn import PreActBranch
 from pyeuler.ops import primitives
 from conftest import requires_cuda, triton_usable
-from helpers import F32, assert_close_low_precision, assert_tensors_close, grads, twin
+from helpers import (F32, assert_close_low_precision, assert_tensors_close, grads,
+                     swapped_parameters, twin)
 
 KERNEL_BACKENDS = [
     pytest.param("triton", marks=pytest.mark.skipif(not triton_usable()[0],
@@ -104,11 +105,10 @@ def test_norm_relu_conv_gradcheck_gradgradcheck(routed_to_primitives, groups, tr
     rm, rv = torch.randn(4, dtype=dt), torch.rand(4, dtype=dt) + 0.5
 
     def f(xx, ww, bb, kernel):
-        conv._parameters.pop("weight", None)
-        conv.weight = kernel  # a plain tensor: gradcheck perturbs it
-        return na.norm_act(xx, ww, bb, None if groups else rm, None if groups else rv,
-                           training=training, groups=groups, update_running=False,
-                           backend="triton", conv=conv)
+        with swapped_parameters(conv, weight=kernel):
+            return na.norm_act(xx, ww, bb, None if groups else rm, None if groups else rv,
+                               training=training, groups=groups, update_running=False,
+                               backend="triton", conv=conv)
 
     kernel = torch.randn(3, 4, 3, 3, dtype=dt, requires_grad=True)
     args = (x, w, b, kernel)
@@ -134,19 +134,21 @@ def test_norm_relu_backward_conv_gradcheck_gradgradcheck(routed_to_primitives, g
     input_shape = (2, 2, 3 * stride, 2 * stride)
 
     def f(dy, xx, weight, bias, kernel):
-        norm._parameters.pop("weight", None), norm._parameters.pop("bias", None)
-        conv._parameters.pop("weight", None)
-        norm.weight, norm.bias, conv.weight = weight, bias, kernel  # plain tensors to perturb
-        _, stats = na.norm_act_module(norm, xx, update_running=False, backend="triton",
-                                      return_stats=True)
-        return na.norm_relu_backward_conv(dy, stats, norm, conv, input_shape, "triton")
+        with swapped_parameters(norm, weight=weight, bias=bias), \
+                swapped_parameters(conv, weight=kernel):
+            _, stats = na.norm_act_module(norm, xx, update_running=False, backend="triton",
+                                          return_stats=True)
+            return na.norm_relu_backward_conv(dy, stats, norm, conv, input_shape, "triton")
 
     args = (torch.randn_like(x), x, torch.rand(4, dtype=dt) + 0.5, torch.randn(4, dtype=dt),
             torch.randn(4, 2, 3, 3, dtype=dt))
     args = tuple(a.requires_grad_() for a in args)
     fused = f(*args)
-    _, stats = na.norm_act_module(norm, x, update_running=False, backend="eager", return_stats=True)
-    unfused = na.norm_relu_backward_conv(args[0], stats, norm, conv, input_shape, "eager")
+    with swapped_parameters(norm, weight=args[2], bias=args[3]), \
+            swapped_parameters(conv, weight=args[4]):
+        _, stats = na.norm_act_module(norm, x, update_running=False, backend="eager",
+                                      return_stats=True)
+        unfused = na.norm_relu_backward_conv(args[0], stats, norm, conv, input_shape, "eager")
     torch.testing.assert_close(fused, unfused)
     assert torch.autograd.gradcheck(f, args)
     assert torch.autograd.gradgradcheck(f, args)

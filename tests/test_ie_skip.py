@@ -1,14 +1,12 @@
 """IE-Skips: the explicit path ("eager") against the literal autograd algorithm ("reference")."""
 
-import contextlib
-
 import pytest
 import torch
 from torch import nn
 
 from pyeuler.functional import branch_jvp, branch_vjp, ie_skip
 from pyeuler.nn import IESkip, PreActBranch
-from helpers import F32, assert_tensors_close, grads, twin
+from helpers import F32, assert_tensors_close, grads, swapped_parameters, twin
 
 DT = torch.float64
 
@@ -217,7 +215,7 @@ def test_implicit_solves_the_equation_and_has_the_ift_gradient(theta):
     torch.testing.assert_close(y, x0 + (1 - theta) * f(x0) + theta * f(y), rtol=1e-12, atol=1e-12)
 
     def solve(x, weight):
-        with _swapped(branch.conv1, "weight", weight):
+        with swapped_parameters(branch.conv1, weight=weight):
             return ie_skip(branch, x, 200, theta=theta, grad="implicit", tol=1e-14)
 
     assert torch.autograd.gradcheck(solve, (x0.clone().requires_grad_(),
@@ -239,18 +237,6 @@ def test_implicit_input_jacobian_is_the_ift_formula():
     expected = torch.linalg.solve(eye - theta * jac_f(y), eye + (1 - theta) * jac_f(x0))
     actual = torch.autograd.functional.jacobian(solve, x0).reshape(n, n)
     torch.testing.assert_close(actual, expected, rtol=1e-9, atol=1e-11)
-
-
-@contextlib.contextmanager
-def _swapped(module, name, tensor):
-    """``module.<name>`` is ``tensor`` (a plain tensor gradcheck perturbs) for the block."""
-    original = module._parameters.pop(name)
-    setattr(module, name, tensor)
-    try:
-        yield
-    finally:
-        delattr(module, name)
-        module._parameters[name] = original
 
 
 def test_implicit_no_grad_gives_the_same_value():
