@@ -26,16 +26,22 @@ __device__ __forceinline__ float affine(float scale, float x, float shift) {
   return __fadd_rn(__fmul_rn(scale, x), shift);
 }
 
-// m of the backward: the saved mask, else the recomputed ReLU gate, else 1.
+// The ReLU gate as torch's threshold_backward has it: open unless y <= 0, so a NaN y passes
+// its gradient.  Gating is a select (gated), never dy * m: a closed gate gives 0 even for a
+// NaN or inf dy, as in torch.
+__device__ __forceinline__ bool gate_open(float y) { return !(y <= 0.f); }
+__device__ __forceinline__ float gated(bool open, float v) { return open ? v : 0.f; }
+
+// m of the backward: the saved mask, else the recomputed ReLU gate, else open.
 template <int V>
 __device__ __forceinline__ void backward_gate(const uint8_t* mask, bool relu, int64_t offset,
                                               const float (&x)[V], const float (&scale)[V],
-                                              const float (&shift)[V], float (&gate)[V]) {
+                                              const float (&shift)[V], bool (&gate)[V]) {
   if (mask != nullptr) {
     load_mask<V>(mask, offset, gate);
   } else {
 #pragma unroll
-    for (int i = 0; i < V; ++i) gate[i] = (!relu || affine(scale[i], x[i], shift[i]) > 0.f);
+    for (int i = 0; i < V; ++i) gate[i] = !relu || gate_open(affine(scale[i], x[i], shift[i]));
   }
 }
 
@@ -72,7 +78,7 @@ cudaError_t launch_elementwise(const pyeuler_geometry_t& geo, bool pointers_alig
 }
 
 // ---------------------------------------------------------------------------------------
-// Forward: y = act(shortcut + scale * x + shift), mask = y > 0
+// Forward: y = act(shortcut + scale * x + shift), mask = gate_open(y)
 
 template <typename T>
 struct ForwardArgs {
@@ -93,16 +99,16 @@ __global__ void __launch_bounds__(kMaxThreads, kMinBlocksPerSm)
     load_coefs<V, kChannelsLast>(args.shift, sample, channel, shift);
     load_floats<T, V>(args.x, offset, x);
     if (args.shortcut != nullptr) load_floats<T, V>(args.shortcut, offset, shortcut);
-    bool positive[V];
+    bool open[V];
 #pragma unroll
     for (int i = 0; i < V; ++i) {
       y[i] = affine(scale[i], x[i], shift[i]);
       if (args.shortcut != nullptr) y[i] = __fadd_rn(y[i], shortcut[i]);
       if (args.relu && y[i] < 0.f) y[i] = 0.f;  // NaN propagates, as torch.relu
-      positive[i] = y[i] > 0.f;
+      open[i] = gate_open(y[i]);
     }
     store_floats<T, V>(args.y, offset, y);
-    if (args.mask != nullptr) store_mask<V>(args.mask, offset, positive);
+    if (args.mask != nullptr) store_mask<V>(args.mask, offset, open);
   });
 }
 
@@ -130,7 +136,8 @@ __global__ void __launch_bounds__(kMaxThreads, kMinBlocksPerSm)
     affine_act_backward_apply_kernel(ApplyArgs<T> args, pyeuler_geometry_t geo) {
   const bool gate_from_affine = args.mask == nullptr && args.relu;
   for_each_vector<V, kChannelsLast>(geo, [&](int64_t offset, int64_t sample, int64_t channel) {
-    float scale[V] = {}, shift[V] = {}, a[V], b[V], c[V], center[V], dy[V], x[V], gate[V];
+    float scale[V] = {}, shift[V] = {}, a[V], b[V], c[V], center[V], dy[V], x[V];
+    bool gate[V];
     if (gate_from_affine) {
       load_coefs<V, kChannelsLast>(args.scale, sample, channel, scale);
       load_coefs<V, kChannelsLast>(args.shift, sample, channel, shift);
@@ -145,7 +152,7 @@ __global__ void __launch_bounds__(kMaxThreads, kMinBlocksPerSm)
     float g[V], dx[V];
 #pragma unroll
     for (int i = 0; i < V; ++i) {
-      g[i] = dy[i] * gate[i];
+      g[i] = gated(gate[i], dy[i]);
       dx[i] = a[i] * g[i] + b[i] * (x[i] - center[i]) + c[i];
     }
     if constexpr (kIeUpdate) {
@@ -211,7 +218,8 @@ __global__ void __launch_bounds__(kMaxThreads, kMinBlocksPerSm)
   for_each_vector<V, kChannelsLast>(geo, [&](int64_t offset, int64_t sample, int64_t channel) {
     // Each coefficient is loaded where it is used and dies there: holding V = 8 lanes of all
     // seven at once spills the channels-last 16-bit kernels past kMinBlocksPerSm's cap.
-    float scale[V] = {}, shift[V] = {}, x[V], gate[V];
+    float scale[V] = {}, shift[V] = {}, x[V];
+    bool gate[V];
     if (gate_from_affine) {
       load_coefs<V, kChannelsLast>(args.scale, sample, channel, scale);
       load_coefs<V, kChannelsLast>(args.shift, sample, channel, shift);
@@ -237,7 +245,7 @@ __global__ void __launch_bounds__(kMaxThreads, kMinBlocksPerSm)
 #pragma unroll
     for (int i = 0; i < V; ++i) {
       ddy[i] += coef[i] * xc[i];
-      dxx[i] += coef[i] * (dy[i] * gate[i]);
+      dxx[i] += coef[i] * gated(gate[i], dy[i]);
     }
     if (args.ddshortcut != nullptr) {
       float ddshortcut[V];
@@ -246,7 +254,7 @@ __global__ void __launch_bounds__(kMaxThreads, kMinBlocksPerSm)
       for (int i = 0; i < V; ++i) ddy[i] += ddshortcut[i];
     }
 #pragma unroll
-    for (int i = 0; i < V; ++i) ddy[i] *= gate[i];
+    for (int i = 0; i < V; ++i) ddy[i] = gated(gate[i], ddy[i]);
     store_floats<T, V>(args.ddy, offset, ddy);
     store_floats<T, V>(args.dxx, offset, dxx);
   });
@@ -283,12 +291,13 @@ struct GradSumsInputs {
   __device__ __forceinline__ void load(int64_t offset, const float (&scale)[V],
                                        const float (&shift)[V], float (&g)[V], float (&x_v)[V],
                                        float (&ddx_v)[V]) const {
-    float dy_v[V], gate[V];
+    float dy_v[V];
+    bool gate[V];
     load_floats<T, V>(dy, offset, dy_v);
     load_floats<T, V>(x, offset, x_v);
     backward_gate<V>(mask, relu, offset, x_v, scale, shift, gate);
 #pragma unroll
-    for (int i = 0; i < V; ++i) g[i] = dy_v[i] * gate[i];
+    for (int i = 0; i < V; ++i) g[i] = gated(gate[i], dy_v[i]);
     if constexpr (K == 3) load_floats<T, V>(ddx, offset, ddx_v);
   }
 };

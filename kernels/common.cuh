@@ -77,10 +77,10 @@ __device__ __forceinline__ void store_floats(T* ptr, int64_t offset, const float
 
 // Masks are torch.bool: one byte, 0 or 1.
 template <int V>
-__device__ __forceinline__ void load_mask(const uint8_t* ptr, int64_t offset, float (&out)[V]) {
+__device__ __forceinline__ void load_mask(const uint8_t* ptr, int64_t offset, bool (&out)[V]) {
   const Packed<uint8_t, V> packed = *reinterpret_cast<const Packed<uint8_t, V>*>(ptr + offset);
 #pragma unroll
-  for (int i = 0; i < V; ++i) out[i] = packed.v[i] ? 1.f : 0.f;
+  for (int i = 0; i < V; ++i) out[i] = packed.v[i] != 0;
 }
 
 template <int V>
@@ -136,12 +136,14 @@ struct Welford {
   float m2;  // sum of squared deviations from the mean
 };
 
-// Chan et al.'s pairwise merge; exact for empty operands (count 0).
+// Chan et al.'s pairwise merge; exact for empty operands (count 0).  The cross term is
+// (delta·count_a)·(delta·weight_b), not delta²·count_a·weight_b: with an empty operand a
+// |delta| > 1.8e19 would make the latter inf·0 = NaN.
 __device__ __forceinline__ Welford welford_combine(const Welford& a, const Welford& b) {
   const float count = a.count + b.count;
   const float b_weight = count > 0.f ? b.count / count : 0.f;
   const float delta = b.mean - a.mean;
-  return {count, a.mean + delta * b_weight, a.m2 + b.m2 + delta * delta * a.count * b_weight};
+  return {count, a.mean + delta * b_weight, a.m2 + b.m2 + (delta * a.count) * (delta * b_weight)};
 }
 
 // Statistics of V values, merged in as one block: one division per vector, not per element.

@@ -59,6 +59,7 @@ typedef struct pyeuler_coef {
 
 /* Biased mean and variance (primitives.norm_stats).  groups == 0: BatchNorm statistics,
  * mean/var are [C].  groups >= 1 (dividing C): GroupNorm statistics, mean/var are [N, groups].
+ * A variance that overflows to +inf is returned as NaN (unlike torch, on purpose).
  * Two stages: per-block Welford partials (count, mean, M2) into the workspace, then
  * pyeuler_welford_finalize merges them in a fixed order (deterministic, no atomics). */
 cudaError_t pyeuler_norm_stats_workspace_size(pyeuler_geometry_t geo, int64_t groups,
@@ -78,15 +79,17 @@ cudaError_t pyeuler_welford_finalize(const float* partials, int64_t num_partials
 
 /* ---- fused affine + residual + ReLU ---------------------------------------------- */
 
-/* y = act(shortcut + scale * x + shift) (primitives.affine_act_forward).  shortcut may be
- * NULL (same dtype as x otherwise); mask may be NULL, else it receives y > 0. */
+/* y = act(shortcut + scale * x + shift) (primitives.affine_act_forward); the ReLU keeps NaN.
+ * shortcut may be NULL (same dtype as x otherwise); mask may be NULL, else it receives
+ * !(y <= 0): torch's ReLU gate, open at NaN. */
 cudaError_t pyeuler_affine_act_forward(const void* x, const void* shortcut, pyeuler_dtype_t dtype,
                                        pyeuler_geometry_t geo, pyeuler_coef_t scale,
                                        pyeuler_coef_t shift, int relu, void* y, uint8_t* mask,
                                        cudaStream_t stream);
 
 /* Sums of g and g * (x - center), g = dy * m (primitives.affine_act_backward_reduce):
- * m = mask if mask != NULL, else (scale * x + shift > 0) if relu, else 1.  per_sample == 0:
+ * m = mask if mask != NULL, else !(scale * x + shift <= 0) if relu, else 1; dy * m is a
+ * select (0 where m is 0, even for NaN dy).  per_sample == 0:
  * sums over (N, S) into [C]; all coefficients must then be [C].  per_sample != 0: sums over S
  * into [N, C].  dy has x's dtype.  Partials then a fixed-order second stage, like the stats. */
 cudaError_t pyeuler_affine_act_backward_reduce_workspace_size(pyeuler_geometry_t geo,

@@ -59,11 +59,14 @@ struct Results {
   float* arrays[K];
 };
 
-// Final outputs: (mean, biased variance), or the K sums.
+// Final outputs: (mean, biased variance), or the K sums.  Deliberately unlike torch, a
+// variance that overflowed to +inf is written as NaN (primitives.norm_stats): torch's inf
+// gives invstd = 0 and a confident, finite relu(bias) downstream; NaN reaches the loss.
 __device__ __forceinline__ void write_result(const Welford& w, int64_t unit,
                                              const Results<2>& out) {
+  const float var = w.m2 / w.count;
   out.arrays[0][unit] = w.mean;
-  out.arrays[1][unit] = w.m2 / w.count;
+  out.arrays[1][unit] = var == INFINITY ? __int_as_float(0x7fc00000) : var;
 }
 
 template <int K>

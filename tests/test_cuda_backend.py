@@ -604,3 +604,79 @@ def test_mixed_dtypes_follow_the_contract():
     for got, want in zip(cuda_backend.affine_act_forward(low, scale, shift, x, True, True),
                          ref.affine_act_forward(low, scale, shift, x, True, True)):
         torch.testing.assert_close(got, want, atol=2**-7, rtol=2**-7)
+
+
+# ---------------------------------------------------------------------------------------
+# GPU: NaN and inf follow the eager contract (torch's ReLU and its threshold_backward gate;
+# an overflowed variance is NaN)
+
+NAN_TOL = dict(rtol=1e-4, atol=1e-4, equal_nan=True)
+
+
+def _nan_inf_inputs(layout, per_sample):
+    """x, dy, ddx, e, shortcut and coefficients with NaN / ±inf placed per channel: 1 holds
+    NaN, +inf and −inf activations, 2 a NaN shortcut, 3 NaN / inf gradients behind a gate
+    closed by x = −inf (the scale is positive)."""
+    shape = (3, 4, 5, 8)
+    x, dy, ddx, e, shortcut = (make(shape, layout) for _ in range(5))
+    x[0, 1, 0, 0], x[1, 1, 2, 1], x[2, 1, 4, 0] = float("nan"), float("inf"), float("-inf")
+    shortcut[0, 2, 1, 1] = float("nan")
+    x[1, 3, 0, 0], dy[1, 3, 0, 0], ddx[1, 3, 0, 0] = float("-inf"), float("nan"), float("inf")
+    dy[2, 0, 1, 1] = float("inf")
+    scale = coef(x, per_sample, positive=True)
+    shift, a, b, c, center = (coef(x, per_sample) for _ in range(5))
+    return x, dy, ddx, e, shortcut, scale, shift, a, b, c, center
+
+
+@gpu
+@pytest.mark.usefixtures("cuda_ready")
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("per_sample", [False, True], ids=["per_channel", "per_sample"])
+def test_nan_and_inf_propagate_like_the_eager_contract(layout, per_sample):
+    x, dy, ddx, e, shortcut, scale, shift, a, b, c, center = _nan_inf_inputs(layout, per_sample)
+    y, mask = cuda_backend.affine_act_forward(x, scale, shift, shortcut, True, True)
+    y_ref, mask_ref = ref.affine_act_forward(x, scale, shift, shortcut, True, True)
+    assert y.isnan().any() and mask[y.isnan()].all()  # NaN passes its gradient
+    torch.testing.assert_close(y, y_ref, **NAN_TOL)
+    assert torch.equal(mask, mask_ref)
+    for m in (mask, None):  # saved, or recomputed from x
+        reduce_args = (dy, x, scale, shift, center, m, True, per_sample)
+        for got, want in zip(cuda_backend.affine_act_backward_reduce(*reduce_args),
+                             ref.affine_act_backward_reduce(*reduce_args)):
+            torch.testing.assert_close(got, want, **NAN_TOL)
+        apply_args = (dy, x, scale, shift, m, True, a, b, c, center)
+        for got, want in zip(cuda_backend.affine_act_backward_apply(*apply_args, True),
+                             ref.affine_act_backward_apply(*apply_args, True)):
+            torch.testing.assert_close(got, want, **NAN_TOL)
+        ie_args = (*apply_args, e, 0.1, 0.9)
+        torch.testing.assert_close(cuda_backend.affine_act_backward_apply_ie_update(*ie_args),
+                                   ref.affine_act_backward_apply_ie_update(*ie_args), **NAN_TOL)
+        reduce_args = (ddx, dy, x, scale, shift, center, m, True, per_sample)
+        for got, want in zip(cuda_backend.affine_act_double_backward_reduce(*reduce_args),
+                             ref.affine_act_double_backward_reduce(*reduce_args)):
+            torch.testing.assert_close(got, want, **NAN_TOL)
+        dd_args = (ddx, dy, x, scale, shift, m, True, a, b, c, shift, center, shortcut)
+        for got, want in zip(cuda_backend.affine_act_double_backward_apply(*dd_args),
+                             ref.affine_act_double_backward_apply(*dd_args)):
+            torch.testing.assert_close(got, want, **NAN_TOL)
+
+
+@gpu
+@pytest.mark.usefixtures("cuda_ready")
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("groups", [0, 2])
+def test_norm_stats_nan_inf_and_overflow(layout, groups):
+    """NaN / inf poison their statistic, across split partials; an overflowed variance is
+    NaN (deliberately unlike torch's inf); a huge but constant channel is not an overflow."""
+    x = make((8, 4, 32, 32), layout, torch.bfloat16)
+    x[2, 0, 5, 5] = float("nan")
+    x[3, 1, 7, 0] = float("inf")
+    x[:, 2] = (torch.randn(8, 32, 32, device=x.device) * 1e30).to(x)
+    x[:, 3] = 1e20
+    mean, var = cuda_backend.norm_stats(x, groups)
+    mean_ref, var_ref = ref.norm_stats(x, groups)
+    assert var_ref.isnan().sum() == (3 if groups == 0 else 10)  # GN: samples 2, 3 and group 1
+    torch.testing.assert_close(var, var_ref, rtol=1e-4, atol=1e-5, equal_nan=True)
+    sane = var_ref.isfinite()  # the overflowing means cancel: no rtol to hold them to
+    torch.testing.assert_close(mean[sane], mean_ref[sane], rtol=1e-4, atol=1e-5)
+    assert not mean[~mean_ref.isfinite()].isfinite().any()

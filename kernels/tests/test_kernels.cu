@@ -259,7 +259,7 @@ void test_forward(const Shape& shape, Random& rng, bool with_shortcut, bool relu
         if (with_shortcut) v += shortcut.values[i];
         if (relu && v < 0.f) v = 0.f;
         want_y[i] = Dtype<T>::to_float(Dtype<T>::from_float(v));
-        want_mask[i] = v > 0.f;
+        want_mask[i] = !(v <= 0.f);
       }
   const std::string what = std::string("forward shortcut=") + std::to_string(with_shortcut) +
                            " relu=" + std::to_string(relu) + " ";
@@ -290,7 +290,7 @@ struct BackwardCase {
   // m = mask / recomputed ReLU gate / 1
   bool gate(int64_t n, int64_t c, int64_t i, bool use_mask, bool relu) const {
     return use_mask ? mask[i] != 0
-                    : (!relu || affine(scale.at(n, c), x.values[i], shift.at(n, c)) > 0.f);
+                    : (!relu || !(affine(scale.at(n, c), x.values[i], shift.at(n, c)) <= 0.f));
   }
   // g = dy * m
   float gradient(int64_t n, int64_t c, int64_t i, bool use_mask, bool relu) const {

@@ -11,6 +11,12 @@ float32 / float16 / bfloat16 (float64 too for this eager version).  Per-channel
 coefficients are float32 of shape ``[C]`` ("per channel") or ``[N, C]`` ("per sample and
 channel", used by GroupNorm).  All accumulation is in float32 (float64 for float64 input).
 
+NaN and ±inf propagate as in torch: the ReLU keeps a NaN (``torch.relu``), and its gate
+``m`` is torch's ``threshold_backward`` rule, ``m = not (y <= 0)``: a NaN output passes its
+gradient, and a closed gate gives exactly 0 (a select, not ``dy·m``, so a NaN or inf ``dy``
+there does not leak through).  The one deliberate deviation from torch is in
+:func:`norm_stats`.
+
 This module is the readable definition: each kernel backend (``pyeuler.triton``,
 ``pyeuler.cuda``) exposes functions with exactly these names and signatures, and is
 tested against these.
@@ -52,15 +58,20 @@ def norm_stats(x: Tensor, groups: int) -> tuple[Tensor, Tensor]:
     groups == 0: BatchNorm statistics per channel over (N, *spatial) -> two [C] tensors.
     groups >= 1: GroupNorm statistics per (sample, group) over (C/groups, *spatial)
     -> two [N, groups] tensors.  Kernels use a Welford / Chan merge, never E[x²]−E[x]².
+
+    A variance of +inf (the accumulation overflowed, e.g. bfloat16 values near 1e30) is
+    returned as NaN.  This deviates from torch on purpose: torch keeps the inf, so
+    ``invstd = 0`` and the normalised output is a confident, finite ``relu(bias)``; the NaN
+    makes the output NaN instead, which finite-loss guards catch.  Inputs holding NaN or
+    ±inf give a NaN variance anyway.
     """
     xf = x.to(_acc_dtype(x))
     if groups == 0:
         dims = [0] + list(range(2, x.dim()))
         var, mean = torch.var_mean(xf, dim=dims, correction=0)
-        return mean, var
-    xg = xf.reshape(x.shape[0], groups, -1)
-    var, mean = torch.var_mean(xg, dim=2, correction=0)
-    return mean, var
+    else:
+        var, mean = torch.var_mean(xf.reshape(x.shape[0], groups, -1), dim=2, correction=0)
+    return mean, var.masked_fill(var == float("inf"), float("nan"))
 
 
 def _relu_mask(x: Tensor, scale: Tensor, shift: Tensor, mask: Tensor | None, relu: bool):
@@ -69,7 +80,12 @@ def _relu_mask(x: Tensor, scale: Tensor, shift: Tensor, mask: Tensor | None, rel
     if not relu:
         return None
     xf = x.to(_acc_dtype(x))
-    return (_coef(scale, x) * xf + _coef(shift, x)) > 0
+    return ~((_coef(scale, x) * xf + _coef(shift, x)) <= 0)
+
+
+def _gated(v: Tensor, m: Tensor | None) -> Tensor:
+    """``v`` where the gate is open, exactly 0 where it is closed (whatever v holds there)."""
+    return v if m is None else torch.where(m, v, 0.0)  # keeps v's layout, unlike masked_fill
 
 
 def affine_act_forward(
@@ -82,7 +98,8 @@ def affine_act_forward(
 ) -> tuple[Tensor, Tensor | None]:
     """``y = act(shortcut + scale·x + shift)``; shortcut optional, act = ReLU if ``relu``.
 
-    Returns y (x's dtype and memory format) and, iff ``save_mask``, the boolean ``y > 0``.
+    Returns y (x's dtype and memory format) and, iff ``save_mask``, the boolean gate
+    ``not (y <= 0)`` (true where y > 0 or y is NaN).
     """
     acc = _acc_dtype(x)
     y = _coef(scale, x) * x.to(acc) + _coef(shift, x)
@@ -90,7 +107,7 @@ def affine_act_forward(
         y = y + shortcut.to(acc)
     if relu:
         y = torch.relu(y)
-    mask = (y > 0) if save_mask else None
+    mask = ~(y <= 0) if save_mask else None
     return y.to(x.dtype), mask
 
 
@@ -106,15 +123,13 @@ def affine_act_backward_reduce(
 ) -> tuple[Tensor, Tensor]:
     """Sums of ``g`` and ``g·(x − center)`` where ``g = dy·m``.
 
-    ``m`` is ``mask`` when given, else ``scale·x + shift > 0`` when ``relu``, else 1.
+    ``m`` is ``mask`` when given, else ``not (scale·x + shift <= 0)`` when ``relu``, else 1;
+    ``dy·m`` is a select (0 where the gate is closed, even for a NaN ``dy``).
     Sums run over (N, *spatial) -> [C] tensors, or over (*spatial) -> [N, C] when
     ``per_sample``.  ``center`` is [C] or [N, C] (the mean the statistics used).
     """
     acc = _acc_dtype(x)
-    m = _relu_mask(x, scale, shift, mask, relu)
-    g = dy.to(acc)
-    if m is not None:
-        g = g * m
+    g = _gated(dy.to(acc), _relu_mask(x, scale, shift, mask, relu))
     xc = x.to(acc) - _coef(center, x)
     dims = list(range(2, x.dim())) if per_sample else [0] + list(range(2, x.dim()))
     if not dims:  # per_sample with no spatial dims: nothing to sum
@@ -125,10 +140,7 @@ def affine_act_backward_reduce(
 def _gated_input_grad(dy, x, scale, shift, mask, relu, a, b, c, center):
     """``g = dy·m`` and ``a·g + b·(x − center) + c`` in the accumulation dtype."""
     acc = _acc_dtype(x)
-    m = _relu_mask(x, scale, shift, mask, relu)
-    g = dy.to(acc)
-    if m is not None:
-        g = g * m
+    g = _gated(dy.to(acc), _relu_mask(x, scale, shift, mask, relu))
     return g, _coef(a, x) * g + _coef(b, x) * (x.to(acc) - _coef(center, x)) + _coef(c, x)
 
 
@@ -201,10 +213,7 @@ def affine_act_double_backward_reduce(
     reduce ([C], or [N, C] when ``per_sample``).
     """
     acc = _acc_dtype(x)
-    m = _relu_mask(x, scale, shift, mask, relu)
-    g = dy.to(acc)
-    if m is not None:
-        g = g * m
+    g = _gated(dy.to(acc), _relu_mask(x, scale, shift, mask, relu))
     dd = ddx.to(acc)
     xc = x.to(acc) - _coef(center, x)
     terms = (dd, dd * xc, dd * g)
@@ -245,15 +254,13 @@ def affine_act_double_backward_apply(
     """
     acc = _acc_dtype(x)
     m = _relu_mask(x, scale, shift, mask, relu)
-    g = dy.to(acc)
+    g = _gated(dy.to(acc), m)
     dd = ddx.to(acc)
     xc = x.to(acc) - _coef(center, x)
     ddy = _coef(a, x) * dd + _coef(p, x) + _coef(q, x) * xc
     if ddshortcut is not None:
         ddy = ddy + ddshortcut.to(acc)
-    if m is not None:
-        ddy = ddy * m
-        g = g * m
+    ddy = _gated(ddy, m)
     dxx = _coef(b, x) * dd + _coef(q, x) * g
     return ddy.to(dy.dtype), dxx.to(x.dtype)
 

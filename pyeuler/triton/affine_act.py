@@ -12,6 +12,9 @@
   reduce over ``ddx`` with a third sum ``ddx·g``, and one elementwise pass writing both
   ``ddy = m·(a·ddx + p + q·(x − center) + ddshortcut)`` and ``dxx = b·ddx + q·g``.
 
+The ReLU and its gate follow torch (see :mod:`pyeuler.ops.primitives`): a NaN stays NaN,
+the gate is ``not (y <= 0)``, and gating is a select, never a NaN-dropping max or product.
+
 Tiles are ``[outer, inner]`` with ``inner`` the contiguous axis (see ``_utils``): planar x
 tiles ``[planes, S]`` (a coefficient per tile row), channels-last x tiles ``[N·S rows, C]``
 (a coefficient vector per tile, loaded once), so every load and store is coalesced and
@@ -102,24 +105,26 @@ def _elementwise_tile(n_outer, n_inner, BLOCK_O: tl.constexpr, BLOCK_I: tl.const
 @triton.jit
 def _gate(x, mask_ptr, offsets, ok, scale_ptr, shift_ptr, coef, coef_ok,
           LOAD_MASK: tl.constexpr, RECOMPUTE_MASK: tl.constexpr):
-    """The ReLU gate ``m`` as 0./1.: the saved mask, else ``scale·x + shift > 0``, else 1."""
+    """The boolean ReLU gate ``m``: the saved mask, else ``not (scale·x + shift <= 0)``
+    (open at NaN, as torch's threshold_backward), else all open."""
     if LOAD_MASK:
-        m = tl.load(mask_ptr + offsets, mask=ok, other=0).to(tl.float32)
+        m = tl.load(mask_ptr + offsets, mask=ok, other=0).to(tl.int1)
     elif RECOMPUTE_MASK:
         scale = tl.load(scale_ptr + coef, mask=coef_ok, other=0.0)
         shift = tl.load(shift_ptr + coef, mask=coef_ok, other=0.0)
-        m = (scale * x + shift > 0).to(tl.float32)
+        m = ~(scale * x + shift <= 0)
     else:
-        m = tl.zeros_like(x) + 1.0  # the multiplications by it fold away when compiled
+        m = tl.full(x.shape, 1, tl.int1)  # the selects by it fold away when compiled
     return m
 
 
 @triton.jit
 def _gated_grad(dy, x, mask_ptr, offsets, ok, scale_ptr, shift_ptr, coef, coef_ok,
                 LOAD_MASK: tl.constexpr, RECOMPUTE_MASK: tl.constexpr):
-    """``g = dy·m`` (see ``_gate``)."""
-    return dy * _gate(x, mask_ptr, offsets, ok, scale_ptr, shift_ptr, coef, coef_ok,
-                      LOAD_MASK, RECOMPUTE_MASK)
+    """``g = dy·m`` (see ``_gate``) as a select: a closed gate gives 0 even for NaN/inf dy."""
+    m = _gate(x, mask_ptr, offsets, ok, scale_ptr, shift_ptr, coef, coef_ok,
+              LOAD_MASK, RECOMPUTE_MASK)
+    return tl.where(m, dy, 0.0)
 
 
 @triton.autotune(configs=_ELEMENTWISE_CONFIGS, key=["n_outer", "n_inner"])
@@ -142,10 +147,10 @@ def _affine_act_forward_kernel(
     if HAS_SHORTCUT:
         y += tl.load(shortcut_ptr + offsets, mask=ok, other=0.0).to(tl.float32)
     if RELU:
-        y = tl.maximum(y, 0.0)
+        y = tl.where(y < 0, 0.0, y)  # keeps NaN, as torch.relu (tl.maximum would drop it)
     tl.store(y_ptr + offsets, y.to(y_ptr.dtype.element_ty), mask=ok)
     if SAVE_MASK:
-        tl.store(mask_ptr + offsets, y > 0, mask=ok)
+        tl.store(mask_ptr + offsets, ~(y <= 0), mask=ok)
 
 
 @triton.heuristics({"BLOCK_R": lambda a: outer_block(a["TILE"], a["BLOCK_C"], a["rows_per_split"])})
@@ -340,8 +345,8 @@ def _affine_act_double_backward_apply_kernel(
     ddy = a * ddx + p + q * (x - center)
     if HAS_DDSHORTCUT:
         ddy += tl.load(ddshortcut_ptr + offsets, mask=ok, other=0.0).to(tl.float32)
-    dxx = b * ddx + q * (dy * m)
-    tl.store(ddy_ptr + offsets, (m * ddy).to(ddy_ptr.dtype.element_ty), mask=ok)
+    dxx = b * ddx + q * tl.where(m, dy, 0.0)
+    tl.store(ddy_ptr + offsets, tl.where(m, ddy, 0.0).to(ddy_ptr.dtype.element_ty), mask=ok)
     tl.store(dxx_ptr + offsets, dxx.to(dxx_ptr.dtype.element_ty), mask=ok)
 
 

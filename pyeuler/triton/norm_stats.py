@@ -6,7 +6,8 @@ Two stages, no atomics and a fixed tiling, so results are bitwise reproducible o
    ``(count, mean, M2)`` per register lane (no cross-thread reduction inside the loop), then
    merges its lanes with Chan's formula into one partial per channel (BN) or per
    (sample, group) (GN), written to ``[n_splits, K]`` buffers;
-2. one small kernel merges the partials in split order and also writes ``var = M2/count``.
+2. one small kernel merges the partials in split order and also writes ``var = M2/count``,
+   NaN where that overflowed to +inf (see :func:`pyeuler.ops.primitives.norm_stats`).
 
 ``norm_stats_partials`` and ``merge_stats`` are exposed separately so that SyncBatchNorm
 style code can all-gather the per-rank ``(count, mean, M2)`` between the stages (SPEC §8).
@@ -170,12 +171,18 @@ def _merge_stats_kernel(
         weight = part_count / tl.maximum(merged, 1.0)
         delta = part_mean - mean
         mean = mean + delta * weight
-        m2 = m2 + part_m2 + delta * delta * count * weight
+        # (delta·count)·(delta·weight), not delta²·count: with count = 0 (the first part)
+        # a |mean| > 1.8e19 would make that inf·0 = NaN.
+        m2 = m2 + part_m2 + (delta * count) * (delta * weight)
         count = merged
+    var = m2 / tl.maximum(count, 1.0)  # lanes past K hold 0/0
+    # Deliberately unlike torch: an overflowed (+inf) variance becomes NaN, so the output is
+    # NaN rather than a confident relu(bias) from invstd = 0.
+    var = tl.where(var == float("inf"), float("nan"), var)
     tl.store(out_count_ptr + ks, count, mask=ok)
     tl.store(out_mean_ptr + ks, mean, mask=ok)
     tl.store(out_m2_ptr + ks, m2, mask=ok)
-    tl.store(out_var_ptr + ks, m2 / tl.maximum(count, 1.0), mask=ok)  # lanes past K hold 0/0
+    tl.store(out_var_ptr + ks, var, mask=ok)
 
 
 def _check_groups(x: torch.Tensor, groups: int) -> None:
