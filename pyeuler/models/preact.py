@@ -7,6 +7,7 @@ from torch import Tensor, nn
 from pyeuler.models._common import PreActHead, check_positive_int
 from pyeuler.nn.blocks import PreActBlock, PreActBottleneck
 from pyeuler.nn.layers import make_conv, make_norm
+from pyeuler.ops.preact_branch import check_input_rank
 
 __all__ = ["PreActNet", "preact_resnet", "wide_resnet", "mlp_resnet"]
 
@@ -43,6 +44,7 @@ class PreActNet(nn.Module):
                                num_classes, block_kwargs.get("backend"))
 
     def forward(self, x: Tensor) -> Tensor:
+        check_input_rank(x, self.stem, type(self).__name__)
         return self.head(self.stages(self.stem(x)))
 
 

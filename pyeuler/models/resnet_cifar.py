@@ -7,6 +7,7 @@ from torch import Tensor, nn
 from pyeuler.models._common import check_positive_int
 from pyeuler.nn.blocks import EulerBasicBlock
 from pyeuler.ops.norm_act import norm_act_module
+from pyeuler.ops.preact_branch import check_input_rank
 
 __all__ = ["ResNetCifar", "resnet_cifar"]
 
@@ -38,6 +39,7 @@ class ResNetCifar(nn.Module):
         self.backend = backend
 
     def forward(self, x: Tensor) -> Tensor:
+        check_input_rank(x, self.conv1, type(self).__name__)
         out = norm_act_module(self.bn1, self.conv1(x), backend=self.backend)
         out = self.layer3(self.layer2(self.layer1(out)))
         return self.linear(out.mean((2, 3)))

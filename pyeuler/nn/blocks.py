@@ -8,7 +8,7 @@ from pyeuler.nn.branch import PreActBranch
 from pyeuler.nn.layers import make_conv, make_norm, make_step
 from pyeuler.ops.ie_skip import ie_skip, validate_ie_args
 from pyeuler.ops.norm_act import norm_act_module
-from pyeuler.ops.preact_branch import scale_by_step
+from pyeuler.ops.preact_branch import check_input_rank, scale_by_step
 from pyeuler.ops.residual import scaled_residual_add
 
 __all__ = ["EulerBasicBlock", "PreActBlock", "PreActBottleneck", "PreActBottleneckBranch",
@@ -42,6 +42,7 @@ class EulerBasicBlock(nn.Module):
         self.backend = backend
 
     def forward(self, x: Tensor) -> Tensor:
+        check_input_rank(x, self.conv1, type(self).__name__)
         out = norm_act_module(self.bn1, self.conv1(x), backend=self.backend)
         shortcut = x
         if len(self.shortcut):
@@ -130,6 +131,7 @@ class PreActBottleneckBranch(nn.Module):
         self.backend = backend
 
     def head(self, x: Tensor) -> Tensor:
+        check_input_rank(x, self.conv1, type(self).__name__)
         return norm_act_module(self.bn1, x, backend=self.backend)
 
     def tail(self, a: Tensor) -> Tensor:

@@ -6,7 +6,7 @@ from torch import Tensor, nn
 
 from pyeuler.nn.layers import make_conv, make_norm, make_step
 from pyeuler.ops.norm_act import norm_act_module
-from pyeuler.ops.preact_branch import dropout_for_reference, scale_by_step
+from pyeuler.ops.preact_branch import check_input_rank, dropout_for_reference, scale_by_step
 
 __all__ = ["PreActBranch"]
 
@@ -38,6 +38,7 @@ class PreActBranch(nn.Module):
 
     def head(self, x: Tensor, backend: str | None = None) -> Tensor:
         """ReLU(bn1(x)): the pre-activation a projection shortcut also reads."""
+        check_input_rank(x, self.conv1, type(self).__name__)
         return norm_act_module(self.bn1, x, backend=backend or self.backend)
 
     def tail(self, a: Tensor, backend: str | None = None) -> Tensor:

@@ -23,12 +23,15 @@ same way, J_fᵀu explicit for a PreActBranch and by autograd otherwise.
 from __future__ import annotations
 
 import contextlib
+import math
 
 import torch
 from torch import Tensor, nn
 
 from pyeuler.backend import resolve_backend
 from pyeuler.ops import primitives
+from pyeuler.ops.dispatch import (dual_level_open, forward_mode_active, func_transform_active,
+                                  kernel_backend)
 from pyeuler.ops.fixed_point import anderson
 from pyeuler.ops.preact_branch import branch_forward, branch_vjp, branch_vjp_ie_update
 
@@ -102,8 +105,39 @@ torch.library.register_autograd("pyeuler::ie_update", _ie_update_backward,
                                 setup_context=_ie_update_setup)
 
 
+def _elementwise_operands(names: tuple[str, ...], tensors: tuple) -> tuple[Tensor, ...]:
+    """Check the operands of an elementwise IE op (same shape, no broadcasting; one device;
+    floating point) and return them in their promoted dtype, as torch's arithmetic would
+    give it; metadata only.  The kernels read and write one dtype, x's."""
+    first = tensors[0]
+    for name, t in zip(names, tensors):
+        if not isinstance(t, Tensor):
+            raise TypeError(f"{name} must be a Tensor, got {type(t).__name__}")
+        if not t.is_floating_point():
+            raise TypeError(f"{name} must be a floating-point tensor, got {t.dtype}")
+        if t.shape != first.shape:
+            raise ValueError(f"{name} must have {names[0]}'s shape {tuple(first.shape)} (no "
+                             f"broadcasting), got {tuple(t.shape)}")
+        if t.device != first.device:
+            raise ValueError(f"{name} is on {t.device} but {names[0]} is on {first.device}")
+    dtype = first.dtype
+    for t in tensors[1:]:
+        dtype = torch.promote_types(dtype, t.dtype)
+    return (first.to(dtype),) + tuple(tensors[1:])
+
+
+def _check_theta(theta) -> None:
+    if not isinstance(theta, (int, float)) or isinstance(theta, bool) or not 0.0 <= theta <= 1.0:
+        raise ValueError(f"theta must be a float in [0, 1], got {theta!r}")
+
+
 def ie_residual(x: Tensor, c: Tensor, fx: Tensor, theta: float, backend: str = "eager") -> Tensor:
-    """``e = x − c − θ·f(x)``."""
+    """``e = x − c − θ·f(x)`` (SPEC §2): x, c, fx of one shape (no broadcasting) on one
+    device, any floating dtypes; returns their promoted dtype.  ``θ`` in [0, 1].  Raises
+    ``TypeError``/``ValueError`` naming the bad argument."""
+    _check_theta(theta)
+    x, c, fx = _elementwise_operands(("x", "c", "fx"), (x, c, fx))
+    backend = kernel_backend(backend, x, c, fx)
     if backend in ("eager", "reference"):
         return primitives.ie_residual(x, c, fx, theta)
     return _ie_residual_op(x, c, fx, theta, backend)
@@ -111,7 +145,15 @@ def ie_residual(x: Tensor, c: Tensor, fx: Tensor, theta: float, backend: str = "
 
 def ie_update(x: Tensor, e: Tensor, v: Tensor, step_size: float, theta: float,
               backend: str = "eager") -> Tensor:
-    """``x − 2γ·(e − θ·v)``, one gradient step on ‖x − c − θ·f(x)‖²."""
+    """``x − 2γ·(e − θ·v)``, one gradient step on ‖x − c − θ·f(x)‖² with ``v = J_fᵀe``
+    (SPEC §2): x, e, v of one shape on one device, any floating dtypes; returns their
+    promoted dtype.  ``γ`` (``step_size``) finite and > 0, ``θ`` in [0, 1]."""
+    if (not isinstance(step_size, (int, float)) or isinstance(step_size, bool)
+            or not 0.0 < step_size < math.inf):
+        raise ValueError(f"step_size must be a finite float > 0, got {step_size!r}")
+    _check_theta(theta)
+    x, e, v = _elementwise_operands(("x", "e", "v"), (x, e, v))
+    backend = kernel_backend(backend, x, e, v)
     if backend in ("eager", "reference"):
         return primitives.ie_update(x, e, v, step_size, theta)
     return _ie_update_op(x, e, v, step_size, theta, backend)
@@ -145,11 +187,15 @@ def _running_stats_frozen(module: nn.Module):
 
 def _ie_autograd(f, module, x0, steps, step_size, theta, grad, bn_update):
     fx0 = f(x0)
+    _check_shape_preserving(fx0, x0)
     x = x0 + fx0
     if steps == 0:
         return x
     c = x0 if theta == 1.0 else x0 + (1.0 - theta) * fx0
     frozen = _running_stats_frozen(module) if bn_update == "first" else contextlib.nullcontext()
+    if not torch.compiler.is_compiling() and func_transform_active():
+        with frozen:
+            return _ie_functorch_steps(f, x, c, steps, step_size, theta, grad)
     outer_grad = torch.is_grad_enabled()
     with frozen, torch.enable_grad():
         for _ in range(steps):
@@ -159,6 +205,18 @@ def _ie_autograd(f, module, x0, steps, step_size, theta, grad, bn_update):
             (grad_xk,) = torch.autograd.grad(e.pow(2).sum(), xk, create_graph=create_graph)
             with torch.set_grad_enabled(outer_grad):
                 x = x - step_size * grad_xk
+    return x
+
+
+def _ie_functorch_steps(f, x, c, steps, step_size, theta, grad):
+    """The K steps inside a ``torch.func`` transform, where ``torch.autograd.grad`` cannot
+    run: ∇ₓ‖e‖² = 2·(∂e/∂x)ᵀe by ``torch.func.vjp``, which the outer transform
+    differentiates ("unrolled") unless the step is detached."""
+    for _ in range(steps):
+        e, residual_vjp = torch.func.vjp(lambda z: z - c - theta * f(z), x)
+        (half_grad,) = residual_vjp(e)
+        step = (2.0 * step_size) * half_grad
+        x = x - (step if grad == "unrolled" else step.detach())
     return x
 
 
@@ -177,6 +235,7 @@ def _ie_explicit(branch, x0, steps, step_size, theta, grad, bn_update, backend):
     # "unrolled" keeps K + 1 branch evaluations and K VJPs alive: recompute activations.
     unrolled = grad == "unrolled" and steps > 0 and torch.is_grad_enabled()
     fx0, _ = branch_forward(branch, x0, backend, recompute=unrolled)
+    _check_shape_preserving(fx0, x0)
     x = x0 + fx0
     if steps == 0:
         return x
@@ -228,6 +287,7 @@ def _ie_implicit(evaluate, x0, steps, theta, tol, bn_update):
     c and f(x*) exactly as the theorem says.
     """
     fx0, _ = evaluate(x0, True, torch.is_grad_enabled())
+    _check_shape_preserving(fx0, x0)
     c = x0 if theta == 1.0 else x0 + (1.0 - theta) * fx0
     with torch.no_grad():
         c_value = c.detach()
@@ -244,6 +304,13 @@ def _ie_implicit(evaluate, x0, steps, theta, tol, bn_update):
         def implicit_gradient(grad_out):
             if grad_out is None:  # an undefined gradient stays undefined
                 return None
+            # The engine runs hooks in grad mode iff create_graph.  (Compiled graphs refuse
+            # double backward themselves; dynamo traces this hook in grad mode.)
+            if torch.is_grad_enabled() and not torch.compiler.is_compiling():
+                raise RuntimeError(
+                    "higher-order gradients (create_graph=True, e.g. a gradient penalty) of "
+                    "grad='implicit' IE-Skips are not supported: the adjoint solve is not "
+                    "differentiated.  Use grad='unrolled' for exact higher-order gradients")
             with torch.no_grad(), torch.autocast(autocast[0], dtype=autocast[1],
                                                  enabled=autocast[2]):
                 return anderson(lambda u: grad_out + theta * vjp(u), grad_out, steps, tol)
@@ -252,19 +319,43 @@ def _ie_implicit(evaluate, x0, steps, theta, tol, bn_update):
     return out
 
 
+def _check_implicit_differentiation(x: Tensor, parameters) -> None:
+    """``grad="implicit"`` differentiates through a backward hook that solves the adjoint
+    equation: reverse mode, first order.  Refuse, rather than return a wrong derivative,
+    what that cannot serve (forward mode would see the solver's output as a constant)."""
+    if forward_mode_active(x, *parameters):
+        raise NotImplementedError(
+            "forward-mode AD (torch.func.jvp / jacfwd, torch.autograd.forward_ad) through "
+            "grad='implicit' IE-Skips is not supported: use grad='unrolled', or "
+            "pyeuler.functional.branch_jvp for J_f·v of the branch")
+    if not torch.compiler.is_compiling() and func_transform_active():
+        raise NotImplementedError(
+            "torch.func transforms (vmap, grad, jacrev) over grad='implicit' IE-Skips are not "
+            "supported (their gradient is a backward hook): use torch.autograd.grad or "
+            ".backward(), or grad='unrolled'")
+
+
+def _check_shape_preserving(fx0: Tensor, x0: Tensor) -> None:
+    if fx0.shape != x0.shape:
+        raise ValueError(f"an IE-Skip needs a shape-preserving branch: f(x) has shape "
+                         f"{tuple(fx0.shape)} for x of shape {tuple(x0.shape)}")
+
+
 def validate_ie_args(steps, step_size, theta, grad, bn_update, tol=None) -> None:
     """Clear errors for bad IE-Skip settings (also used by modules at construction)."""
     if not isinstance(steps, int) or isinstance(steps, bool) or steps < 0:
         raise ValueError(f"steps (ie_steps) must be an int >= 0, got {steps!r}")
-    if not isinstance(step_size, (int, float)) or not step_size > 0:
-        raise ValueError(f"step_size (ie_step_size) must be > 0, got {step_size!r}")
-    if not isinstance(theta, (int, float)) or not 0.0 <= theta <= 1.0:
+    if (not isinstance(step_size, (int, float)) or isinstance(step_size, bool)
+            or not 0.0 < step_size < math.inf):
+        raise ValueError(f"step_size (ie_step_size) must be a finite float > 0, got {step_size!r}")
+    if not isinstance(theta, (int, float)) or isinstance(theta, bool) or not 0.0 <= theta <= 1.0:
         raise ValueError(f"theta must be in [0, 1], got {theta!r}")
     if grad not in GRAD_MODES:
         raise ValueError(f"grad must be one of {GRAD_MODES}, got {grad!r}")
     if bn_update not in BN_UPDATES:
         raise ValueError(f"bn_update must be one of {BN_UPDATES}, got {bn_update!r}")
-    if tol is not None and (grad != "implicit" or not isinstance(tol, (int, float)) or not tol > 0):
+    if tol is not None and (grad != "implicit" or not isinstance(tol, (int, float))
+                            or isinstance(tol, bool) or not 0.0 < tol < math.inf):
         raise ValueError(f"tol must be None or > 0, and only with grad='implicit'; got tol={tol!r} "
                          f"with grad={grad!r}")
 
@@ -279,6 +370,11 @@ def ie_skip(branch, x: Tensor, steps: int = 1, step_size: float = 0.1, theta: fl
     and backward each) and ``tol`` an optional early stop on the relative residual
     ‖x − c − θ·f(x)‖ / ‖c + θ·f(x)‖ (it reads the residual on the host every iteration);
     ``step_size`` is unused.
+
+    x is ``(N, C, *spatial)``, any floating dtype; the output has x's shape.  Raises
+    ``ValueError`` for bad settings or a branch that does not preserve x's shape, and
+    ``NotImplementedError``/``RuntimeError`` for what ``grad="implicit"`` cannot
+    differentiate (forward mode, ``torch.func`` transforms, ``create_graph=True``).
     """
     from pyeuler.nn.branch import PreActBranch
 
@@ -287,7 +383,12 @@ def ie_skip(branch, x: Tensor, steps: int = 1, step_size: float = 0.1, theta: fl
     if not isinstance(x, Tensor) or not x.is_floating_point():
         raise TypeError("x must be a floating-point Tensor")
     validate_ie_args(steps, step_size, theta, grad, bn_update, tol)
-    name = resolve_backend(backend, x.device)
+    # parameters carry tangents only under forward-mode AD: don't walk the module otherwise
+    parameters = (tuple(branch.parameters()) if isinstance(branch, nn.Module) and dual_level_open()
+                  else ())
+    name = kernel_backend(resolve_backend(backend, x.device), x, *parameters)
+    if grad == "implicit" and steps > 0:
+        _check_implicit_differentiation(x, parameters)
     explicit = isinstance(branch, PreActBranch) and name != "reference"
     if isinstance(branch, PreActBranch):
         if grad == "implicit" and branch.training and branch.dropout > 0:

@@ -31,6 +31,7 @@ from torch import Tensor
 
 from pyeuler.backend import resolve_backend
 from pyeuler.ops import primitives
+from pyeuler.ops.dispatch import kernel_backend
 
 __all__ = ["NormStats", "norm_act", "norm_act_backward", "norm_act_module", "norm_relu_backward_conv",
            "norm_relu_backward_ie_update", "update_running_stats"]
@@ -106,9 +107,11 @@ def _center(mean: Tensor, groups: int, channels: int) -> Tensor:
 
 
 def _count(x: Tensor, groups: int) -> int:
-    """Elements behind one statistic."""
+    """Elements behind one statistic; 1 for an empty batch, whose placeholder statistics
+    (:func:`norm_act`) only ever scale empty tensors, so the algebra stays finite."""
     spatial = math.prod(x.shape[2:])
-    return x.shape[0] * spatial if groups == 0 else (x.shape[1] // groups) * spatial
+    count = x.shape[0] * spatial if groups == 0 else (x.shape[1] // groups) * spatial
+    return max(count, 1)
 
 
 def _sum_to(v: Tensor, h: Tensor) -> Tensor:
@@ -937,7 +940,13 @@ def update_running_stats(running_mean: Tensor, running_var: Tensor, mean: Tensor
         running_var.lerp_(unbiased.to(running_var.dtype), momentum)
 
 
-def _validate(x, weight, bias, running_mean, running_var, shortcut, h, groups, training):
+def _is_real(v) -> bool:
+    """A Python real number (bools and strings are not)."""
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _validate(x, weight, bias, running_mean, running_var, shortcut, h, groups, training, eps,
+              momentum):
     if not isinstance(x, Tensor):
         raise TypeError(f"x must be a Tensor, got {type(x).__name__}")
     if x.dim() < 2 or x.dim() > 5:
@@ -945,10 +954,16 @@ def _validate(x, weight, bias, running_mean, running_var, shortcut, h, groups, t
     if not x.is_floating_point():
         raise TypeError(f"x must be a floating-point tensor, got {x.dtype}")
     channels = x.shape[1]
+    if channels < 1:
+        raise ValueError(f"x must have at least one channel (dim 1), got shape {tuple(x.shape)}")
     for name, t in (("weight", weight), ("bias", bias), ("running_mean", running_mean),
                     ("running_var", running_var)):
         if t is None:
             continue
+        if not isinstance(t, Tensor):
+            raise TypeError(f"{name} must be a Tensor or None, got {type(t).__name__}")
+        if not t.is_floating_point():
+            raise TypeError(f"{name} must be a floating-point tensor, got {t.dtype}")
         if t.shape != (channels,):
             raise ValueError(f"{name} must have shape ({channels},), got {tuple(t.shape)}")
         if t.device != x.device:
@@ -966,15 +981,44 @@ def _validate(x, weight, bias, running_mean, running_var, shortcut, h, groups, t
                              f"got shape {tuple(h.shape)}")
         if h.device != x.device:
             raise ValueError(f"h is on {h.device} but x is on {x.device}")
-    if groups < 0 or (groups > 0 and channels % groups):
-        raise ValueError(f"groups must be 0 (batch norm) or divide C={channels}, got {groups}")
-    if groups == 0 and training and x.numel() // channels <= 1:
+        if not h.is_floating_point():
+            raise TypeError(f"h must be a floating-point tensor, got {h.dtype}")
+    elif not _is_real(h):
+        raise TypeError(f"h must be a float or a floating-point tensor, got {type(h).__name__}")
+    if not _is_real(eps) or not eps > 0 or not math.isfinite(eps):
+        raise ValueError(f"eps must be a finite float > 0, got {eps!r}")
+    if not isinstance(training, bool):
+        raise TypeError(f"training must be a bool, got {type(training).__name__}")
+    if isinstance(momentum, Tensor):
+        if momentum.dim() != 0 or not momentum.is_floating_point():
+            raise ValueError(f"momentum must be a float or a 0-dim floating-point tensor, got "
+                             f"{momentum.dtype} of shape {tuple(momentum.shape)}")
+    elif not _is_real(momentum) or not 0.0 <= momentum <= 1.0:
+        raise ValueError(f"momentum must be a float in [0, 1], got {momentum!r}")
+    if not isinstance(groups, int) or isinstance(groups, bool) or groups < 0 or (
+            groups > 0 and channels % groups):
+        raise ValueError(f"groups must be 0 (batch norm) or divide C={channels}, got {groups!r}")
+    if groups == 0 and training and x.numel() == channels:  # N·spatial == 1, as torch refuses
         raise ValueError(f"x has one value per channel ({tuple(x.shape)}); batch statistics in "
                          "training mode need more than one (N·spatial > 1)")
     if (running_mean is None) != (running_var is None):
         raise ValueError("running_mean and running_var must be given together")
     if groups == 0 and not training and running_mean is None:
         raise ValueError("eval mode (training=False) needs running_mean and running_var")
+
+
+def _promoted(x: Tensor, shortcut: Tensor | None, h) -> tuple[Tensor, Tensor | None]:
+    """x and the shortcut in the dtype torch's ``shortcut + h·Norm(x)`` has: promoted over x,
+    the shortcut and a per-channel h (a 0-dim h does not promote, as in torch); the kernels
+    compute and write in x's dtype."""
+    dtype = x.dtype
+    if shortcut is not None:
+        dtype = torch.promote_types(dtype, shortcut.dtype)
+    if isinstance(h, Tensor) and h.dim() > 0:
+        dtype = torch.promote_types(dtype, h.dtype)
+    if shortcut is not None and shortcut.dtype != dtype:
+        shortcut = shortcut.to(dtype)
+    return x.to(dtype), shortcut
 
 
 def _validate_conv(conv, x, shortcut, h, relu):
@@ -1042,7 +1086,8 @@ def norm_act(
     the activation from x rather than keeping it: one elementwise pass for a tensor of
     memory.
     """
-    _validate(x, weight, bias, running_mean, running_var, shortcut, h, groups, training)
+    _validate(x, weight, bias, running_mean, running_var, shortcut, h, groups, training, eps,
+              momentum)
     if conv is not None:
         _validate_conv(conv, x, shortcut, h, relu)
     name = resolve_backend(backend, x.device)
@@ -1052,11 +1097,21 @@ def norm_act(
         y = _reference(x, weight, bias, running_mean, running_var, training, momentum, eps,
                        groups, shortcut, h, relu, update_running)
         return y if conv is None else conv(y)
+    x, shortcut = _promoted(x, shortcut, h)
+    name = kernel_backend(name, x, weight, bias, shortcut, h)
     h_tensor = h.reshape(-1)[0] if isinstance(h, Tensor) and h.numel() == 1 and h.dim() == 1 else h
     h_tensor, h_value = (h_tensor, 1.0) if isinstance(h_tensor, Tensor) else (None, float(h))
     batch_stats = groups > 0 or training or running_mean is None
     mean_in = None if batch_stats else running_mean
     var_in = None if batch_stats else running_var
+    empty = x.numel() == 0
+    if empty and batch_stats:
+        # No values, no statistics: placeholders (mean 0, variance 1) that only ever scale
+        # empty tensors; running statistics stay as they are, as torch's layers leave them.
+        acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+        stat_shape = (x.shape[1],) if groups == 0 else (x.shape[0], groups)
+        mean_in = torch.zeros(stat_shape, dtype=acc, device=x.device)
+        var_in = torch.ones(stat_shape, dtype=acc, device=x.device)
     save_mask = relu and shortcut is not None
     if conv is not None and name != "eager":
         y, mean, var = _norm_relu_conv(x, weight, bias, mean_in, var_in, eps, groups,
@@ -1072,7 +1127,7 @@ def norm_act(
         mask = mask if save_mask else None
     if conv is not None and name == "eager":
         y = conv(y)
-    if groups == 0 and batch_stats and running_mean is not None and update_running:
+    if groups == 0 and batch_stats and running_mean is not None and update_running and not empty:
         update_running_stats(running_mean, running_var, mean, var, _count(x, 0), momentum)
     if return_stats:
         return y, NormStats(x, mean, var, mask, batch_stats)
@@ -1087,6 +1142,7 @@ def norm_act_backward(dy, x, weight, bias, h, h_value, mean, var, mask, eps, gro
     "unrolled" gradients).  ``needs`` flags (x, shortcut, weight, bias, h); unneeded
     entries are None.
     """
+    backend = kernel_backend(backend, dy, x, weight, bias, h, mean, var, dmean, dvar)
     if backend == "eager":
         grads, _ = _backward_math(primitives, dy, dmean, dvar, x, weight, bias, h, h_value, mean,
                                   var, mask, eps, groups, relu, batch_stats, tuple(needs))
@@ -1105,6 +1161,7 @@ def norm_relu_backward_ie_update(dy: Tensor, stats: NormStats, norm: torch.nn.Mo
     if stats.mask is not None:
         raise ValueError("norm_relu_backward_ie_update recomputes the ReLU mask from x: stats "
                          "must come from an evaluation without a shortcut")
+    backend = kernel_backend(backend, dy, stats.x, norm.weight, norm.bias, stats.mean, stats.var, e)
     if backend == "eager":  # torch ops: autograd differentiates them directly
         out, _ = _ie_update_pass(primitives, dy, stats.x, norm.weight, norm.bias, stats.mean,
                                  stats.var, e, norm.eps, groups, stats.batch_stats, step_size, theta)
@@ -1126,6 +1183,8 @@ def norm_relu_backward_conv(dy: Tensor, stats: NormStats, norm: torch.nn.Module,
     """
     groups = norm.num_groups if isinstance(norm, torch.nn.GroupNorm) else 0
     conv_weight = conv_weight_for(dy, conv.weight)
+    backend = kernel_backend(backend, dy, stats.x, norm.weight, norm.bias, stats.mean, stats.var,
+                             conv_weight)
     if backend == "eager":
         dx, *_ = norm_act_backward(dy, stats.x, norm.weight, norm.bias, None, 1.0, stats.mean,
                                    stats.var, stats.mask, norm.eps, groups, True, stats.batch_stats,

@@ -18,7 +18,7 @@ from pyeuler.ops.norm_act import (NormStats, conv_weight_for, norm_act_backward,
                                   norm_relu_backward_conv, norm_relu_backward_ie_update)
 
 __all__ = ["BranchCache", "branch_forward", "branch_vjp", "branch_vjp_ie_update", "branch_jvp",
-           "scale_by_step"]
+           "check_input_rank", "check_preact_branch", "scale_by_step"]
 
 _CONV_INPUT_GRAD = {
     nn.Conv1d: torch.nn.grad.conv1d_input,
@@ -35,6 +35,28 @@ class BranchCache:
     stats2: NormStats
     dropout_noise: Tensor | None
     recompute: bool = False  # the VJP, too, recomputes rather than keeps (see branch_forward)
+
+
+def check_input_rank(x: Tensor, layer: nn.Module, owner: str) -> None:
+    """x must be ``(N, C, *spatial)`` with the spatial rank of ``layer`` (the first conv or
+    linear layer ``owner`` applies): convolutions would read a tensor one dim short as a
+    single unbatched sample, and return a wrong answer rather than an error.  Metadata only.
+    """
+    if not isinstance(x, Tensor):
+        raise TypeError(f"{owner} input x must be a Tensor, got {type(x).__name__}")
+    expected = layer.weight.dim()  # conv: 2 + spatial; linear: 2, as (N, C)
+    if x.dim() != expected:
+        shape = "(N, C)" if expected == 2 else f"(N, C, {', '.join('*' * (expected - 2))})"
+        raise ValueError(f"{owner} expects a {expected}-D input {shape} (a batch), got x of "
+                         f"shape {tuple(x.shape)}")
+
+
+def check_preact_branch(branch, argument: str = "branch") -> None:
+    """The explicit formula needs a pre-activation branch: ``bn1, conv1, bn2, conv2``, ``h``
+    and ``dropout`` as :class:`pyeuler.nn.PreActBranch` has them."""
+    if not all(hasattr(branch, name) for name in ("bn1", "conv1", "bn2", "conv2", "h", "dropout")):
+        raise TypeError(f"{argument} must be a pyeuler.nn.PreActBranch (the explicit formula "
+                        f"reads its bn1, conv1, bn2, conv2 and h), got {type(branch).__name__}")
 
 
 def scale_by_step(t: Tensor, h: float | Tensor) -> Tensor:
@@ -60,6 +82,7 @@ def branch_forward(branch, x: Tensor, backend: str, update_running: bool = True,
     at this point likewise recomputes the norm's input gradient before conv1ᵀ: fewer saved
     activations, for an elementwise pass each (convolution layers, no dropout noise).
     """
+    check_input_rank(x, branch.conv1, type(branch).__name__)
     convolutional = not isinstance(branch.conv1, nn.Linear)
     fuse = recompute and convolutional
     if fuse:
@@ -130,14 +153,15 @@ def branch_vjp_ie_update(branch, cache: BranchCache, e: Tensor, step_size: float
     return norm_relu_backward_ie_update(g, cache.stats1, branch.bn1, e, step_size, theta, backend)
 
 
-def branch_jvp(branch, x: Tensor, v: Tensor) -> Tensor:
+def branch_jvp(branch, x: Tensor, v: Tensor, backend: str = "eager") -> Tensor:
     """``J_f v`` at ``x`` by forward-mode AD (no graph, running statistics untouched).
 
-    Dropout is off: a Jacobian of a random map is rarely what a diagnostic wants.
+    Dropout is off: a Jacobian of a random map is rarely what a diagnostic wants.  A fused
+    ``backend`` runs its eager formulas here (:mod:`pyeuler.ops.dispatch`).
     """
     def f(inp):
-        u1 = norm_act_module(branch.bn1, inp, update_running=False, backend="eager")
-        u2 = norm_act_module(branch.bn2, branch.conv1(u1), update_running=False, backend="eager")
+        u1 = norm_act_module(branch.bn1, inp, update_running=False, backend=backend)
+        u2 = norm_act_module(branch.bn2, branch.conv1(u1), update_running=False, backend=backend)
         return scale_by_step(branch.conv2(u2), branch.h)
 
     _, tangent = torch.func.jvp(f, (x,), (v,))
