@@ -2,7 +2,8 @@
 
 On a GPU: batch 128 at 32×32; on a CPU a tiny WRN-10-1 so the suite still exercises every
 path (run with --benchmark-disable in CI).  ``pyeuler bench`` writes the full table with
-ratios, peak memory and the convolution share.
+ratios, peak memory and the convolution share.  The "reference" rows are the baseline: plain
+PyTorch with native norms (``time_train_step`` runs them under ``native_norms()``).
 """
 
 import pytest

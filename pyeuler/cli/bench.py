@@ -2,7 +2,9 @@
 
 On a GPU the default is IE-WRN-34-10, batch 128, 32×32; on a CPU a reduced size (WRN-10-1,
 batch 16, 16×16) so the run finishes in a minute.  Results go to
-``benchmarks/results/<device>-<date>.json`` and ``.md``.
+``benchmarks/results/<device>-<date>.json`` and ``.md``.  The "vs reference" column divides
+by the reference rows: plain PyTorch with torch's native norms, what users write (not the
+oracle's decomposed norms; see :func:`pyeuler.ops.reference_norm.native_norms`).
 """
 
 from __future__ import annotations

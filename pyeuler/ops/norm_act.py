@@ -30,7 +30,7 @@ import torch
 from torch import Tensor
 
 from pyeuler.backend import resolve_backend
-from pyeuler.ops import primitives
+from pyeuler.ops import primitives, reference_norm
 from pyeuler.ops.dispatch import kernel_backend
 
 __all__ = ["NormStats", "norm_act", "norm_act_backward", "norm_act_module", "norm_relu_backward_conv",
@@ -1035,16 +1035,16 @@ def _validate_conv(conv, x, shortcut, h, relu):
 
 def _reference(x, weight, bias, running_mean, running_var, training, momentum, eps, groups,
                shortcut, h, relu, update_running):
-    """The literal torch.nn.functional composition every other backend is tested against."""
+    """The literal composition every other backend is tested against: the norms of
+    :mod:`pyeuler.ops.reference_norm` (plain arithmetic, exact at every derivative order,
+    unlike native batch_norm's third), then step, shortcut and ReLU."""
     if groups:
-        y = torch.nn.functional.group_norm(x, groups, weight, bias, eps)
+        y = reference_norm.group_norm(x, groups, weight, bias, eps)
     else:
         if training and not update_running:
             running_mean = running_var = None
-        if isinstance(momentum, Tensor):
-            momentum = float(momentum)
-        y = torch.nn.functional.batch_norm(x, running_mean, running_var, weight, bias, training,
-                                           momentum, eps)
+        y = reference_norm.batch_norm(x, running_mean, running_var, weight, bias, training,
+                                      momentum, eps)
     if isinstance(h, Tensor) and h.dim() == 1:
         h = h.view(1, -1, *([1] * (x.dim() - 2)))
     if not (isinstance(h, float) and h == 1.0):
@@ -1227,7 +1227,9 @@ def norm_act_module(
     if tracking and norm.num_batches_tracked is not None:
         norm.num_batches_tracked.add_(1)
         if norm.momentum is None:
-            momentum = 1.0 / norm.num_batches_tracked
+            # a tensor, not float(): no host sync; in the statistics' dtype, so float64
+            # BatchNorms average exactly as nn.BatchNorm does
+            momentum = 1.0 / norm.num_batches_tracked.to(norm.running_mean.dtype)
     use_running = not norm.training or norm.track_running_stats
     return norm_act(
         x, norm.weight, norm.bias,
