@@ -204,9 +204,11 @@ def test_opcheck_custom_ops(routed_to_primitives):
         torch.library.opcheck(fwd, args)
     var, mean = torch.var_mean(x, (0, 2), correction=0)
     dy, needs = torch.randn_like(x), [True, False, True, True, False]
-    torch.library.opcheck(torch.ops.pyeuler.norm_act_bwd.default,
-                          (dy, None, None, x, w, b, None, mean, var, None, 1.0,
-                           1e-5, 0, True, True, needs, "triton"))
+    scale, shift = torch.rand(4) + 0.5, torch.randn(4)  # the forward's, or None: recomputed
+    for affine in ((None, None), (scale, shift)):
+        torch.library.opcheck(torch.ops.pyeuler.norm_act_bwd.default,
+                              (dy, None, None, x, w, b, None, mean, var, None, *affine, 1.0,
+                               1e-5, 0, True, True, needs, "triton"))
     ddx, coef = torch.randn_like(x), [torch.randn(4) for _ in range(4)]
     for mask in (None, x > 0):
         torch.library.opcheck(torch.ops.pyeuler.affine_act_double_backward_reduce.default,
@@ -226,12 +228,13 @@ def test_opcheck_custom_ops(routed_to_primitives):
     var4, mean4 = torch.var_mean(x4, (0, 2, 3), correction=0)
     for batch_stats in (True, False):
         torch.library.opcheck(torch.ops.pyeuler.norm_relu_backward_conv.default,
-                              (torch.randn(2, 4, 5, 5), None, None, x4, w, b, mean4, var4, 1e-5, 0,
-                               batch_stats, torch.randn(4, 3, 3, 3), [2, 3, 5, 5], [1, 1], [1, 1],
-                               [1, 1], 1, "triton"))
+                              (torch.randn(2, 4, 5, 5), None, None, x4, w, b, mean4, var4, scale,
+                               shift, 1e-5, 0, batch_stats, torch.randn(4, 3, 3, 3), [2, 3, 5, 5],
+                               [1, 1], [1, 1], [1, 1], 1, "triton"))
     for batch_stats in (True, False):
         torch.library.opcheck(torch.ops.pyeuler.norm_relu_backward_ie_update.default,
-                              (dy, x, w, b, mean, var, s, 1e-5, 0, batch_stats, 0.1, 0.5, "triton"))
+                              (dy, x, w, b, mean, var, scale, shift, s, 1e-5, 0, batch_stats, 0.1,
+                               0.5, "triton"))
     torch.library.opcheck(torch.ops.pyeuler.ie_residual.default, (x, s, x, 0.5, "triton"))
     torch.library.opcheck(torch.ops.pyeuler.ie_update.default, (x, s, x, 0.1, 0.5, "triton"))
 

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
@@ -49,6 +50,14 @@ def _kernels(backend: str):
     return kernels
 
 
+class Affine(NamedTuple):
+    """``h·Norm(x) = scale·x + shift``: per-channel ``[C]`` (BatchNorm) or per-sample
+    ``[N, C]`` (GroupNorm) coefficients in the accumulation dtype."""
+
+    scale: Tensor
+    shift: Tensor
+
+
 @dataclass
 class NormStats:
     """What the backward of one norm_act evaluation needs (kept by IE-Skips for the VJP)."""
@@ -58,6 +67,9 @@ class NormStats:
     var: Tensor
     mask: Tensor | None  # ReLU mask, kept only when a shortcut makes it unrecoverable from x
     batch_stats: bool
+    # the forward's (scale, shift) of h·Norm(x), detached: backward passes recompute the ReLU
+    # mask from them, a piecewise-constant use, instead of recomputing them per pass
+    affine: Affine | None = None
 
 
 # ----------------------------------------------------------------------------------------
@@ -129,7 +141,7 @@ def _forward_math(kernels, x, weight, bias, shortcut, h, h_value, mean_in, var_i
         mean, var = mean_in.to(acc), var_in.to(acc)
     scale, shift, _ = _forward_coefficients(mean, var, weight, bias, h, h_value, eps, groups, channels)
     y, mask = kernels.affine_act_forward(x, scale, shift, shortcut, relu, save_mask)
-    return y, mean, var, mask
+    return y, mean, var, mask, Affine(scale, shift)
 
 
 def _sums_needed(needs, batch_stats: bool) -> bool:
@@ -290,17 +302,18 @@ def _coefficients_vjp(sum_g, sum_gxc, dmean, dvar, weight, bias, h, var, h_value
 
 
 def _backward_terms(kernels, dy, dmean, dvar, x, weight, bias, h, h_value, mean, var, mask, eps,
-                    groups, relu, batch_stats, needs):
+                    groups, relu, batch_stats, needs, affine=None):
     """The reduction pass and the per-channel algebra of the backward.
 
     Returns ``(apply_args, dweight, dbias, dh, sums)``: ``apply_args`` = (scale, shift, a,
     b, c, center) for the elementwise pass ``dx = a·g + b·(x − center) + c``; ``sums`` =
     (Σg, Σg·(x − center)) or None when nothing needs them.  ``needs`` = (x, shortcut,
-    weight, bias, h) flags.
+    weight, bias, h) flags.  ``affine``: the forward's coefficients (they only gate the ReLU
+    here), recomputed when not given.
     """
     channels = x.shape[1]
-    scale, shift, _ = _forward_coefficients(mean, var, weight, bias, h, h_value, eps, groups,
-                                            channels)
+    scale, shift = affine or _forward_coefficients(mean, var, weight, bias, h, h_value, eps,
+                                                   groups, channels)[:2]
     center = _center(mean, groups, channels)
     sums = None
     if _sums_needed(needs, batch_stats):
@@ -312,12 +325,12 @@ def _backward_terms(kernels, dy, dmean, dvar, x, weight, bias, h, h_value, mean,
 
 
 def _backward_math(kernels, dy, dmean, dvar, x, weight, bias, h, h_value, mean, var, mask, eps,
-                   groups, relu, batch_stats, needs):
+                   groups, relu, batch_stats, needs, affine=None):
     """Gradients (dx, dshortcut, dweight, dbias, dh) of the forward, and the reduce sums
     (see _backward_terms)."""
     (scale, shift, a, b, c, center), dweight, dbias, dh, sums = _backward_terms(
         kernels, dy, dmean, dvar, x, weight, bias, h, h_value, mean, var, mask, eps, groups, relu,
-        batch_stats, needs)
+        batch_stats, needs, affine)
     need_x, need_shortcut = needs[0], needs[1]
     dx = dshortcut = None
     if need_x or need_shortcut:
@@ -342,16 +355,18 @@ def _double_backward_math(inputs, sums, output_grads, sum_grads, config, wanted,
     the gradients of dy and x; both are fused-kernel ops.  In between, the per-channel
     algebra of :func:`_coefficients` is differentiated by :func:`_coefficients_vjp`.
     Everything stays differentiable, so third and higher orders are exact too.
+    ``inputs`` = the ``_BWD_INPUTS``, then mask, scale, shift (None: recomputed).
     ``wanted`` flags the gradients to compute, in ``_BWD_INPUTS`` order (None elsewhere).
     """
     named = dict(zip(_BWD_INPUTS, inputs[:9]))
-    mask = inputs[9]
+    mask, scale, shift = inputs[9:12]
     dy, x, mean = named["dy"], named["x"], named["mean"]
     g_dx, g_dshortcut, g_dweight, g_dbias, g_dh = output_grads
     h_value, eps, groups, relu, batch_stats, needs = config
     channels, count, per_sample = x.shape[1], _count(x, groups), groups > 0
-    scale, shift, _ = _forward_coefficients(mean, named["var"], named["weight"], named["bias"],
-                                            named["h"], h_value, eps, groups, channels)
+    if scale is None:  # they only gate the ReLU here: the forward's, or recomputed
+        scale, shift, _ = _forward_coefficients(mean, named["var"], named["weight"], named["bias"],
+                                                named["h"], h_value, eps, groups, channels)
     center = _center(mean, groups, channels)
     sum_g, sum_gxc = sums if sums else (None, None)
     coefficient_args = (named["dmean"], named["dvar"], named["weight"], named["bias"], named["h"])
@@ -410,6 +425,15 @@ def _unaliased(outputs, inputs):
             taken.add(t.untyped_storage().data_ptr())
         result.append(t)
     return tuple(result)
+
+
+def _no_zero_gradients(ctx, *non_differentiable: Tensor) -> None:
+    """Outputs nobody differentiates get no gradient, instead of autograd filling a zero
+    tensor for each (a launch apiece): the backward formulas take None.  ``non_differentiable``
+    outputs (the ReLU mask, the coefficients kept only to gate it) get none at all."""
+    ctx.set_materialize_grads(False)
+    if non_differentiable:
+        ctx.mark_non_differentiable(*non_differentiable)
 
 
 def _register_eager_vjp_autograd(op_name: str, primitive) -> None:
@@ -495,14 +519,16 @@ def _norm_act_fwd(
     relu: bool,
     save_mask: bool,
     backend: str,
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    y, mean, var, mask = _forward_math(_kernels(backend), x, weight, bias, shortcut, h, h_value,
-                                       mean_in, var_in, eps, groups, relu, save_mask)
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """``(y, mean, var, mask, scale, shift)``; the mask is empty unless ``save_mask``."""
+    y, mean, var, mask, affine = _forward_math(_kernels(backend), x, weight, bias, shortcut, h,
+                                               h_value, mean_in, var_in, eps, groups, relu,
+                                               save_mask)
     if mean_in is not None:  # outputs must not alias inputs
         mean, var = mean.clone(), var.clone()
     if mask is None:
         mask = x.new_empty(0, dtype=torch.bool)
-    return y, mean, var, mask
+    return y, mean, var, mask, *affine
 
 
 @_norm_act_fwd.register_fake
@@ -510,27 +536,33 @@ def _(x, weight, bias, shortcut, h, h_value, mean_in, var_in, eps, groups, relu,
     acc = torch.float64 if x.dtype == torch.float64 else torch.float32
     stat_shape = (x.shape[1],) if groups == 0 else (x.shape[0], groups)
     mask = torch.empty_like(x, dtype=torch.bool) if save_mask else x.new_empty(0, dtype=torch.bool)
+    coef_shape = (x.shape[1],) if groups == 0 else (x.shape[0], x.shape[1])
     return (torch.empty_like(x), x.new_empty(stat_shape, dtype=acc), x.new_empty(stat_shape, dtype=acc),
-            mask)
+            mask, x.new_empty(coef_shape, dtype=acc), x.new_empty(coef_shape, dtype=acc))
 
 
 def _fwd_setup_context(ctx, inputs, output):
     (x, weight, bias, shortcut, h, h_value, mean_in, var_in, eps, groups, relu, save_mask,
      backend) = inputs
-    _, mean, var, mask = output
-    ctx.save_for_backward(x, weight, bias, h, mean, var, mask if save_mask else None)
+    _, mean, var, mask, scale, shift = output
+    _no_zero_gradients(ctx, mask, scale, shift)
+    ctx.save_for_backward(x, weight, bias, h, mean, var, mask if save_mask else None, scale, shift)
     ctx.config = (h_value, eps, groups, relu, mean_in is None, backend)
     ctx.has_shortcut = shortcut is not None
 
 
-def _fwd_backward(ctx, dy, dmean, dvar, dmask):
-    x, weight, bias, h, mean, var, mask = ctx.saved_tensors
+def _fwd_backward(ctx, dy, dmean, dvar, dmask, dscale, dshift):
+    x, weight, bias, h, mean, var, mask, scale, shift = ctx.saved_tensors
+    if dy is None:  # only the statistics are used downstream
+        if dmean is None and dvar is None:
+            return (None,) * 13
+        dy = torch.zeros_like(x)
     h_value, eps, groups, relu, batch_stats, backend = ctx.config
     needs = (ctx.needs_input_grad[0], ctx.has_shortcut and ctx.needs_input_grad[3],
              ctx.needs_input_grad[1], ctx.needs_input_grad[2], ctx.needs_input_grad[4])
     dx, dshortcut, dweight, dbias, dh = norm_act_backward(
         dy, x, weight, bias, h, h_value, mean, var, mask, eps, groups, relu, batch_stats, needs,
-        backend, dmean=dmean, dvar=dvar)
+        backend, dmean=dmean, dvar=dvar, affine=Affine(scale, shift))
     # running statistics (mean_in, var_in) are buffers: no gradient.
     return (dx, dweight, dbias, dshortcut, dh, None, None, None, None, None, None, None, None)
 
@@ -555,6 +587,8 @@ def _norm_act_bwd(
     mean: Tensor,
     var: Tensor,
     mask: Tensor | None,
+    scale: Tensor | None,
+    shift: Tensor | None,
     h_value: float,
     eps: float,
     groups: int,
@@ -564,16 +598,19 @@ def _norm_act_bwd(
     backend: str,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """The five gradients, then the reduce sums (Σg, Σg·(x − center)), kept for the
-    second order; empty tensors stand for None."""
+    second order; empty tensors stand for None.  ``scale``/``shift``: the forward's
+    coefficients (None: recomputed)."""
+    affine = None if scale is None else Affine(scale, shift)
     grads, sums = _backward_math(_kernels(backend), dy, dmean, dvar, x, weight, bias, h, h_value,
-                                 mean, var, mask, eps, groups, relu, batch_stats, tuple(needs))
+                                 mean, var, mask, eps, groups, relu, batch_stats, tuple(needs),
+                                 affine)
     return _unaliased(_empty_if_none(grads + (sums or (None, None)), x),
-                      (dy, dmean, dvar, x, weight, bias, h, mean, var, mask))
+                      (dy, dmean, dvar, x, weight, bias, h, mean, var, mask, scale, shift))
 
 
 @_norm_act_bwd.register_fake
-def _(dy, dmean, dvar, x, weight, bias, h, mean, var, mask, h_value, eps, groups, relu, batch_stats,
-      needs, backend):
+def _(dy, dmean, dvar, x, weight, bias, h, mean, var, mask, scale, shift, h_value, eps, groups,
+      relu, batch_stats, needs, backend):
     empty = x.new_empty(0)
     param = mean.new_empty(x.shape[1])
     sum_shape = (x.shape[1],) if groups == 0 else (x.shape[0], x.shape[1])
@@ -590,9 +627,10 @@ def _(dy, dmean, dvar, x, weight, bias, h, mean, var, mask, h_value, eps, groups
 
 
 def _bwd_setup_context(ctx, inputs, output):
+    _no_zero_gradients(ctx)
     sums = output[5:] if output[5].numel() else (None, None)
-    ctx.save_for_backward(*inputs[:10], *sums)
-    ctx.config = inputs[10:]
+    ctx.save_for_backward(*inputs[:12], *sums)
+    ctx.config = inputs[12:]
 
 
 def _none_if_empty(t: Tensor | None) -> Tensor | None:
@@ -608,7 +646,7 @@ def _bwd_backward(ctx, *output_grads):
                                   [_none_if_empty(g) for g in output_grads[5:]],
                                   (h_value, eps, groups, relu, batch_stats, tuple(needs)), wanted,
                                   backend)
-    return (*grads, *(None,) * 8)
+    return (*grads, *(None,) * 10)
 
 
 torch.library.register_autograd("pyeuler::norm_act_bwd", _bwd_backward,
@@ -669,15 +707,16 @@ def _norm_relu_conv(
     dilation: list[int],
     conv_groups: int,
     backend: str,
-) -> tuple[Tensor, Tensor, Tensor]:
-    u, mean, var, _ = _forward_math(_kernels(backend), x, weight, bias, None, None, 1.0, mean_in,
-                                    var_in, eps, groups, True, False)
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """``(conv(ReLU(norm(x))), mean, var, scale, shift)``."""
+    u, mean, var, _, affine = _forward_math(_kernels(backend), x, weight, bias, None, None, 1.0,
+                                            mean_in, var_in, eps, groups, True, False)
     if mean_in is not None:  # outputs must not alias inputs
         mean, var = mean.clone(), var.clone()
     # under autocast the convolution runs in the weight's (autocast) dtype, as F.conv*d would
     z = torch.convolution(u.to(conv_weight.dtype), conv_weight, None,
                           *_conv_args(conv_weight, stride, padding, dilation, conv_groups))
-    return z, mean, var
+    return z, mean, var, *affine
 
 
 @_norm_relu_conv.register_fake
@@ -685,27 +724,39 @@ def _(x, weight, bias, mean_in, var_in, eps, groups, conv_weight, stride, paddin
       conv_groups, backend):
     acc = torch.float64 if x.dtype == torch.float64 else torch.float32
     stat_shape = (x.shape[1],) if groups == 0 else (x.shape[0], groups)
+    coef_shape = (x.shape[1],) if groups == 0 else (x.shape[0], x.shape[1])
     z = torch.convolution(torch.empty_like(x, dtype=conv_weight.dtype), conv_weight, None,
                           *_conv_args(conv_weight, stride, padding, dilation, conv_groups))
-    return z, x.new_empty(stat_shape, dtype=acc), x.new_empty(stat_shape, dtype=acc)
+    return (z, x.new_empty(stat_shape, dtype=acc), x.new_empty(stat_shape, dtype=acc),
+            x.new_empty(coef_shape, dtype=acc), x.new_empty(coef_shape, dtype=acc))
 
 
 def _conv_setup_context(ctx, inputs, output):
     (x, weight, bias, mean_in, var_in, eps, groups, conv_weight, stride, padding, dilation,
      conv_groups, backend) = inputs
-    _, mean, var = output
-    ctx.save_for_backward(x, weight, bias, mean, var, conv_weight)
+    z, mean, var, scale, shift = output
+    _no_zero_gradients(ctx, scale, shift)
+    ctx.z_shape = z.shape
+    ctx.save_for_backward(x, weight, bias, mean, var, conv_weight, scale, shift)
     ctx.config = (eps, groups, mean_in is None, _conv_args(conv_weight, stride, padding, dilation,
                                                            conv_groups), backend)
 
 
-def _conv_backward(ctx, dz, dmean, dvar):
-    x, weight, bias, mean, var, conv_weight = ctx.saved_tensors
+def _conv_backward(ctx, dz, dmean, dvar, dscale, dshift):
+    x, weight, bias, mean, var, conv_weight, scale, shift = ctx.saved_tensors
     eps, groups, batch_stats, conv_args, backend = ctx.config
+    if dz is None:  # only the statistics are used downstream
+        if dmean is None and dvar is None:
+            return (None,) * 13
+        dz = x.new_zeros(ctx.z_shape, dtype=conv_weight.dtype)
     need_x, need_weight, need_bias, need_conv = (ctx.needs_input_grad[i] for i in (0, 1, 2, 7))
     need_input = need_x or need_weight or need_bias
-    scale, shift, _ = _forward_coefficients(mean, var, weight, bias, None, 1.0, eps, groups,
-                                            x.shape[1])
+    affine = Affine(scale, shift)
+    if torch.is_grad_enabled():
+        # create_graph: the recomputed activation must be differentiable in the statistics
+        # and the norm's parameters, so the coefficients are rebuilt from them
+        scale, shift, _ = _forward_coefficients(mean, var, weight, bias, None, 1.0, eps, groups,
+                                                x.shape[1])
     u = _affine_relu_op(x, scale, shift, backend) if need_conv else x
     du, dconv, _ = torch.ops.aten.convolution_backward(dz, u.to(conv_weight.dtype), conv_weight,
                                                        None, *conv_args,
@@ -715,7 +766,8 @@ def _conv_backward(ctx, dz, dmean, dvar):
         dx, _, dweight, dbias, _ = norm_act_backward(
             du.to(x.dtype), x, weight, bias, None, 1.0, mean, var, None, eps, groups, True,
             batch_stats,
-            (need_x, False, need_weight, need_bias, False), backend, dmean=dmean, dvar=dvar)
+            (need_x, False, need_weight, need_bias, False), backend, dmean=dmean, dvar=dvar,
+            affine=affine)
     return dx, dweight, dbias, None, None, None, None, dconv, None, None, None, None, None
 
 
@@ -767,6 +819,8 @@ def _norm_relu_backward_conv(
     bias: Tensor | None,
     mean: Tensor,
     var: Tensor,
+    scale: Tensor,
+    shift: Tensor,
     eps: float,
     groups: int,
     batch_stats: bool,
@@ -779,19 +833,20 @@ def _norm_relu_backward_conv(
     backend: str,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """``(Wᵀ⋆dx, Σg, Σg·(x − center))``, dx the input gradient of ``ReLU(norm(x))``; the
-    sums (empty when the backward needs none) are kept to recompute dx."""
+    sums (empty when the backward needs none) are kept to recompute dx.  ``scale``/
+    ``shift``: the forward's coefficients, which gate the ReLU."""
     (dx, *_), sums = _backward_math(_kernels(backend), dy, dmean, dvar, x, weight, bias, None, 1.0,
                                     mean, var, None, eps, groups, True, batch_stats,
-                                    _INPUT_GRAD_ONLY)
+                                    _INPUT_GRAD_ONLY, Affine(scale, shift))
     conv_args = _conv_args(conv_weight, stride, padding, dilation, conv_groups)
     grad_input = _conv_input_grad(dx.to(conv_weight.dtype), input_shape, conv_weight, conv_args)
-    inputs = (dy, dmean, dvar, x, weight, bias, mean, var, conv_weight)
+    inputs = (dy, dmean, dvar, x, weight, bias, mean, var, scale, shift, conv_weight)
     return _unaliased((grad_input,) + (sums or (x.new_empty(0), x.new_empty(0))), inputs)
 
 
 @_norm_relu_backward_conv.register_fake
-def _(dy, dmean, dvar, x, weight, bias, mean, var, eps, groups, batch_stats, conv_weight,
-      input_shape, stride, padding, dilation, conv_groups, backend):
+def _(dy, dmean, dvar, x, weight, bias, mean, var, scale, shift, eps, groups, batch_stats,
+      conv_weight, input_shape, stride, padding, dilation, conv_groups, backend):
     conv_args = _conv_args(conv_weight, stride, padding, dilation, conv_groups)
     grad_input = _conv_input_grad(torch.empty_like(x, dtype=conv_weight.dtype), input_shape,
                                   conv_weight, conv_args)
@@ -802,25 +857,27 @@ def _(dy, dmean, dvar, x, weight, bias, mean, var, eps, groups, batch_stats, con
 
 
 def _backward_conv_setup_context(ctx, inputs, output):
-    (dy, dmean, dvar, x, weight, bias, mean, var, eps, groups, batch_stats, conv_weight,
-     input_shape, stride, padding, dilation, conv_groups, backend) = inputs
+    (dy, dmean, dvar, x, weight, bias, mean, var, scale, shift, eps, groups, batch_stats,
+     conv_weight, input_shape, stride, padding, dilation, conv_groups, backend) = inputs
+    _no_zero_gradients(ctx)
     sums = output[1:] if output[1].numel() else (None, None)
-    ctx.save_for_backward(dy, dmean, dvar, x, weight, bias, mean, var, conv_weight, *sums)
+    ctx.save_for_backward(dy, dmean, dvar, x, weight, bias, mean, var, scale, shift, conv_weight,
+                          *sums)
     ctx.config = (eps, groups, batch_stats,
                   _conv_args(conv_weight, stride, padding, dilation, conv_groups), backend)
 
 
 def _backward_conv_backward(ctx, grad_input_grad, sum_g_grad, sum_gxc_grad):
-    dy, dmean, dvar, x, weight, bias, mean, var, conv_weight, sum_g, sum_gxc = ctx.saved_tensors
+    (dy, dmean, dvar, x, weight, bias, mean, var, scale, shift, conv_weight, sum_g,
+     sum_gxc) = ctx.saved_tensors
     eps, groups, batch_stats, conv_args, backend = ctx.config
     sums = None if sum_g is None else (sum_g, sum_gxc)
     # the map dx ↦ Wᵀ⋆dx is linear in dx and in W; its adjoint in dx is the convolution.
-    dx_grad = torch.convolution(grad_input_grad, conv_weight, None, *conv_args).to(x.dtype)
-    conv_weight_grad = None
-    if ctx.needs_input_grad[11]:
+    dx_grad = conv_weight_grad = None
+    if grad_input_grad is not None:
+        dx_grad = torch.convolution(grad_input_grad, conv_weight, None, *conv_args).to(x.dtype)
+    if ctx.needs_input_grad[13] and grad_input_grad is not None:
         channels = x.shape[1]
-        scale, shift, _ = _forward_coefficients(mean, var, weight, bias, None, 1.0, eps, groups,
-                                                channels)
         a, b, c, *_ = _coefficients(*(sums or (None, None)), dmean, dvar, weight, bias, None, mean,
                                     var, 1.0, eps, groups, batch_stats, _INPUT_GRAD_ONLY, channels,
                                     _count(x, groups))
@@ -829,7 +886,7 @@ def _backward_conv_backward(ctx, grad_input_grad, sum_g_grad, sum_gxc_grad):
         conv_weight_grad = torch.ops.aten.convolution_backward(
             dx.to(conv_weight.dtype), grad_input_grad, conv_weight, None, *conv_args,
             [False, True, False])[1]
-    inputs = (dy, dmean, dvar, x, weight, bias, None, mean, var, None)
+    inputs = (dy, dmean, dvar, x, weight, bias, None, mean, var, None, scale, shift)
     # _BWD_INPUTS order; h (position 6) is not an input here
     wanted = [i is not None and ctx.needs_input_grad[i] and inputs[k] is not None
               for k, i in enumerate((0, 1, 2, 3, 4, 5, None, 6, 7))]
@@ -838,8 +895,8 @@ def _backward_conv_backward(ctx, grad_input_grad, sum_g_grad, sum_gxc_grad):
                                   (1.0, eps, groups, True, batch_stats, _INPUT_GRAD_ONLY), wanted,
                                   backend)
     g_dy, g_dmean, g_dvar, g_x, g_weight, g_bias, _, g_mean, g_var = grads
-    return (g_dy, g_dmean, g_dvar, g_x, g_weight, g_bias, g_mean, g_var, None, None, None,
-            conv_weight_grad, None, None, None, None, None, None)
+    return (g_dy, g_dmean, g_dvar, g_x, g_weight, g_bias, g_mean, g_var, None, None, None, None,
+            None, conv_weight_grad, None, None, None, None, None, None)
 
 
 torch.library.register_autograd("pyeuler::norm_relu_backward_conv", _backward_conv_backward,
@@ -851,10 +908,10 @@ torch.library.register_autograd("pyeuler::norm_relu_backward_conv", _backward_co
 
 
 def _ie_update_pass(kernels, dy, x, weight, bias, mean, var, e, eps, groups, batch_stats,
-                    step_size, theta):
+                    step_size, theta, affine):
     (scale, shift, a, b, c, center), *_, sums = _backward_terms(
         kernels, dy, None, None, x, weight, bias, None, 1.0, mean, var, None, eps, groups, True,
-        batch_stats, _INPUT_GRAD_ONLY)
+        batch_stats, _INPUT_GRAD_ONLY, affine)
     out = kernels.affine_act_backward_apply_ie_update(dy, x, scale, shift, None, True, a, b, c,
                                                       center, e, step_size, theta)
     return out, sums
@@ -868,6 +925,8 @@ def _norm_relu_backward_ie_update(
     bias: Tensor | None,
     mean: Tensor,
     var: Tensor,
+    scale: Tensor,
+    shift: Tensor,
     e: Tensor,
     eps: float,
     groups: int,
@@ -877,15 +936,16 @@ def _norm_relu_backward_ie_update(
     backend: str,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """``(x − 2γ·(e − θ·v), Σg, Σg·(x − center))``; the sums (empty when not needed) are
-    kept for the backward."""
+    kept for the backward.  ``scale``/``shift``: the forward's coefficients (the ReLU gate)."""
     out, sums = _ie_update_pass(_kernels(backend), dy, x, weight, bias, mean, var, e, eps, groups,
-                                batch_stats, step_size, theta)
+                                batch_stats, step_size, theta, Affine(scale, shift))
     return _unaliased((out,) + (sums or (x.new_empty(0), x.new_empty(0))),
-                      (dy, x, weight, bias, mean, var, e))
+                      (dy, x, weight, bias, mean, var, scale, shift, e))
 
 
 @_norm_relu_backward_ie_update.register_fake
-def _(dy, x, weight, bias, mean, var, e, eps, groups, batch_stats, step_size, theta, backend):
+def _(dy, x, weight, bias, mean, var, scale, shift, e, eps, groups, batch_stats, step_size, theta,
+      backend):
     sum_shape = (x.shape[1],) if groups == 0 else (x.shape[0], x.shape[1])
     sums = _sums_needed(_INPUT_GRAD_ONLY, batch_stats)
     return (torch.empty_like(x), mean.new_empty(sum_shape if sums else (0,)),
@@ -893,18 +953,22 @@ def _(dy, x, weight, bias, mean, var, e, eps, groups, batch_stats, step_size, th
 
 
 def _ie_update_setup_context(ctx, inputs, output):
-    dy, x, weight, bias, mean, var, e, eps, groups, batch_stats, step_size, theta, backend = inputs
+    (dy, x, weight, bias, mean, var, scale, shift, e, eps, groups, batch_stats, step_size, theta,
+     backend) = inputs
+    _no_zero_gradients(ctx)
     sums = output[1:] if output[1].numel() else (None, None)
-    ctx.save_for_backward(dy, x, weight, bias, mean, var, *sums)
+    ctx.save_for_backward(dy, x, weight, bias, mean, var, scale, shift, *sums)
     ctx.config = (eps, groups, batch_stats, step_size, theta, backend)
     ctx.e_dtype = e.dtype
 
 
 def _ie_update_backward(ctx, out_grad, sum_g_grad, sum_gxc_grad):
-    dy, x, weight, bias, mean, var, sum_g, sum_gxc = ctx.saved_tensors
+    dy, x, weight, bias, mean, var, scale, shift, sum_g, sum_gxc = ctx.saved_tensors
     eps, groups, batch_stats, step_size, theta, backend = ctx.config
     sums = None if sum_g is None else (sum_g, sum_gxc)
-    inputs = (dy, None, None, x, weight, bias, None, mean, var, None)
+    if out_grad is None:  # only the kept sums are used downstream
+        out_grad = torch.zeros_like(x)
+    inputs = (dy, None, None, x, weight, bias, None, mean, var, None, scale, shift)
     # _BWD_INPUTS order: dy, dmean, dvar, x, weight, bias, h, mean, var
     wanted = [ctx.needs_input_grad[0], False, False, ctx.needs_input_grad[1],
               ctx.needs_input_grad[2] and weight is not None,
@@ -917,8 +981,9 @@ def _ie_update_backward(ctx, out_grad, sum_g_grad, sum_gxc_grad):
                                   backend)
     g_dy, _, _, g_x, g_weight, g_bias, _, g_mean, g_var = grads
     g_x = out_grad + g_x if ctx.needs_input_grad[1] else None
-    g_e = (-2.0 * step_size * out_grad).to(ctx.e_dtype) if ctx.needs_input_grad[6] else None
-    return g_dy, g_x, g_weight, g_bias, g_mean, g_var, g_e, None, None, None, None, None, None
+    g_e = (-2.0 * step_size * out_grad).to(ctx.e_dtype) if ctx.needs_input_grad[8] else None
+    return (g_dy, g_x, g_weight, g_bias, g_mean, g_var, None, None, g_e, None, None, None, None,
+            None, None)
 
 
 torch.library.register_autograd("pyeuler::norm_relu_backward_ie_update", _ie_update_backward,
@@ -1114,42 +1179,58 @@ def norm_act(
         var_in = torch.ones(stat_shape, dtype=acc, device=x.device)
     save_mask = relu and shortcut is not None
     if conv is not None and name != "eager":
-        y, mean, var = _norm_relu_conv(x, weight, bias, mean_in, var_in, eps, groups,
-                                       conv_weight_for(x, conv.weight), list(conv.stride),
-                                       list(conv.padding), list(conv.dilation), conv.groups, name)
+        y, mean, var, *affine = _norm_relu_conv(
+            x, weight, bias, mean_in, var_in, eps, groups, conv_weight_for(x, conv.weight),
+            list(conv.stride), list(conv.padding), list(conv.dilation), conv.groups, name)
         mask = None
     elif name == "eager":
-        y, mean, var, mask = _forward_math(primitives, x, weight, bias, shortcut, h_tensor, h_value,
-                                           mean_in, var_in, eps, groups, relu, save_mask)
+        y, mean, var, mask, affine = _forward_math(primitives, x, weight, bias, shortcut, h_tensor,
+                                                   h_value, mean_in, var_in, eps, groups, relu,
+                                                   save_mask)
     else:
-        y, mean, var, mask = _norm_act_fwd(x, weight, bias, shortcut, h_tensor, h_value, mean_in,
-                                           var_in, eps, groups, relu, save_mask, name)
+        y, mean, var, mask, *affine = _norm_act_fwd(x, weight, bias, shortcut, h_tensor, h_value,
+                                                    mean_in, var_in, eps, groups, relu, save_mask,
+                                                    name)
         mask = mask if save_mask else None
     if conv is not None and name == "eager":
         y = conv(y)
     if groups == 0 and batch_stats and running_mean is not None and update_running and not empty:
         update_running_stats(running_mean, running_var, mean, var, _count(x, 0), momentum)
     if return_stats:
-        return y, NormStats(x, mean, var, mask, batch_stats)
+        affine = Affine(*(t.detach() for t in affine))  # they only ever gate the ReLU
+        return y, NormStats(x, mean, var, mask, batch_stats, affine)
     return y
 
 
 def norm_act_backward(dy, x, weight, bias, h, h_value, mean, var, mask, eps, groups, relu,
-                      batch_stats, needs, backend, *, dmean=None, dvar=None):
+                      batch_stats, needs, backend, *, dmean=None, dvar=None,
+                      affine: Affine | None = None):
     """Explicit gradients ``(dx, dshortcut, dweight, dbias, dh)`` of :func:`norm_act`.
 
     Differentiable once more on every backend (so IE-Skip VJPs built from it have exact
     "unrolled" gradients).  ``needs`` flags (x, shortcut, weight, bias, h); unneeded
-    entries are None.
+    entries are None.  ``affine``: the forward's coefficients (:class:`NormStats`), which
+    spare recomputing them; they only gate the ReLU.
     """
     backend = kernel_backend(backend, dy, x, weight, bias, h, mean, var, dmean, dvar)
     if backend == "eager":
         grads, _ = _backward_math(primitives, dy, dmean, dvar, x, weight, bias, h, h_value, mean,
-                                  var, mask, eps, groups, relu, batch_stats, tuple(needs))
+                                  var, mask, eps, groups, relu, batch_stats, tuple(needs), affine)
         return grads
-    grads = _norm_act_bwd(dy, dmean, dvar, x, weight, bias, h, mean, var, mask, h_value, eps, groups,
-                          relu, batch_stats, list(needs), backend)
+    scale, shift = affine or (None, None)
+    grads = _norm_act_bwd(dy, dmean, dvar, x, weight, bias, h, mean, var, mask, scale, shift,
+                          h_value, eps, groups, relu, batch_stats, list(needs), backend)
     return tuple(g if need else None for g, need in zip(grads[:5], needs))
+
+
+def _affine_of(stats: NormStats, norm: torch.nn.Module) -> Affine:
+    """The forward's coefficients of ``ReLU(norm(x))`` kept in ``stats``, else recomputed."""
+    if stats.affine is not None:
+        return stats.affine
+    groups = norm.num_groups if isinstance(norm, torch.nn.GroupNorm) else 0
+    coefficients = _forward_coefficients(stats.mean, stats.var, norm.weight, norm.bias, None, 1.0,
+                                         norm.eps, groups, stats.x.shape[1])
+    return Affine(*(t.detach() for t in coefficients[:2]))
 
 
 def norm_relu_backward_ie_update(dy: Tensor, stats: NormStats, norm: torch.nn.Module, e: Tensor,
@@ -1164,11 +1245,13 @@ def norm_relu_backward_ie_update(dy: Tensor, stats: NormStats, norm: torch.nn.Mo
     backend = kernel_backend(backend, dy, stats.x, norm.weight, norm.bias, stats.mean, stats.var, e)
     if backend == "eager":  # torch ops: autograd differentiates them directly
         out, _ = _ie_update_pass(primitives, dy, stats.x, norm.weight, norm.bias, stats.mean,
-                                 stats.var, e, norm.eps, groups, stats.batch_stats, step_size, theta)
+                                 stats.var, e, norm.eps, groups, stats.batch_stats, step_size, theta,
+                                 stats.affine)
         return out
+    scale, shift = _affine_of(stats, norm)
     out, _, _ = _norm_relu_backward_ie_update(dy, stats.x, norm.weight, norm.bias, stats.mean,
-                                              stats.var, e, norm.eps, groups, stats.batch_stats,
-                                              step_size, theta, backend)
+                                              stats.var, scale, shift, e, norm.eps, groups,
+                                              stats.batch_stats, step_size, theta, backend)
     return out
 
 
@@ -1188,16 +1271,17 @@ def norm_relu_backward_conv(dy: Tensor, stats: NormStats, norm: torch.nn.Module,
     if backend == "eager":
         dx, *_ = norm_act_backward(dy, stats.x, norm.weight, norm.bias, None, 1.0, stats.mean,
                                    stats.var, stats.mask, norm.eps, groups, True, stats.batch_stats,
-                                   _INPUT_GRAD_ONLY, backend)
+                                   _INPUT_GRAD_ONLY, backend, affine=stats.affine)
         conv_args = _conv_args(conv_weight, conv.stride, conv.padding, conv.dilation, conv.groups)
         return _conv_input_grad(dx.to(conv_weight.dtype), input_shape, conv_weight, conv_args)
     if stats.mask is not None:
         raise ValueError("norm_relu_backward_conv recomputes the ReLU mask from x: stats must "
                          "come from an evaluation without a shortcut")
+    scale, shift = _affine_of(stats, norm)
     grad_input, _, _ = _norm_relu_backward_conv(
-        dy, None, None, stats.x, norm.weight, norm.bias, stats.mean, stats.var, norm.eps, groups,
-        stats.batch_stats, conv_weight, list(input_shape), list(conv.stride), list(conv.padding),
-        list(conv.dilation), conv.groups, backend)
+        dy, None, None, stats.x, norm.weight, norm.bias, stats.mean, stats.var, scale, shift,
+        norm.eps, groups, stats.batch_stats, conv_weight, list(input_shape), list(conv.stride),
+        list(conv.padding), list(conv.dilation), conv.groups, backend)
     return grad_input
 
 
