@@ -8,11 +8,19 @@
 
 The process-wide default comes from ``PYEULER_BACKEND`` (default ``"auto"``) and can be
 changed with :func:`set_backend`.
+
+Counting seam: inside :func:`counting_device`, CPU tensors stand for CUDA tensors of a
+:class:`DeviceModel`, so :mod:`pyeuler.cost` can run the fused backends' GPU code path on
+fake CPU tensors (a CPU-only torch build cannot give even fake tensors a CUDA device through
+the autograd engine).  Every device test on that path asks :func:`device_type`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
+from dataclasses import dataclass
+from typing import Iterator
 
 import torch
 
@@ -60,16 +68,70 @@ def available_backends() -> dict[str, tuple[bool, str]]:
 
 
 def triton_interpreted() -> bool:
-    """Whether Triton kernels run in the CPU interpreter (``TRITON_INTERPRET=1``)."""
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+    """Whether Triton kernels run in the CPU interpreter: ``TRITON_INTERPRET`` parsed as
+    Triton parses it (``triton.knobs``: on for 1, true, yes, on or y in any case; off for
+    anything else, ``0``, ``false`` and the empty string included)."""
+    return os.environ.get("TRITON_INTERPRET", "").lower() in ("1", "true", "yes", "on", "y")
+
+
+@dataclass(frozen=True)
+class DeviceModel:
+    """The GPU a counting run stands for: what its code path depends on.
+
+    ``sm_count`` sizes the fused backends' split reductions (how many partial sums, and
+    whether a second pass merges them), as the SM count of a real device does.
+    """
+
+    name: str = "H100 SXM5"
+    sm_count: int = 132
+
+
+H100 = DeviceModel()
+
+_counting: DeviceModel | None = None
+
+
+@contextlib.contextmanager
+def counting_device(model: DeviceModel = H100) -> Iterator[DeviceModel]:
+    """Inside the block, CPU tensors stand for CUDA tensors of ``model``.
+
+    :func:`device_type` then calls them ``"cuda"``, so backend resolution and the kernel
+    backends' device checks take the GPU path, split reductions are sized for ``model``,
+    and the CUDA backend's ops exist without the compiled extension (they return
+    uninitialised outputs on CPU tensors).  Kernels must not actually run on such tensors:
+    :mod:`pyeuler.cost` skips every Triton launch through
+    :func:`pyeuler.triton._utils.launch_hook` and uses fake tensors or tiny shapes.
+    Process-wide, not thread-local; blocks nest.
+    """
+    global _counting
+    if not isinstance(model, DeviceModel):
+        raise TypeError(f"model must be a DeviceModel, got {type(model).__name__}")
+    previous, _counting = _counting, model
+    try:
+        yield model
+    finally:
+        _counting = previous
+
+
+def counted_device() -> DeviceModel | None:
+    """The :class:`DeviceModel` of the enclosing :func:`counting_device` block, or None."""
+    return _counting
+
+
+def device_type(device: torch.device) -> str:
+    """``device.type``, except that CPU tensors are ``"cuda"`` inside :func:`counting_device`."""
+    if _counting is not None and device.type == "cpu":
+        return "cuda"
+    return device.type
 
 
 def _device_ok(name: str, device: torch.device) -> tuple[bool, str]:
     if name in ("reference", "eager"):
         return True, ""
-    if name == "cuda" and device.type != "cuda":
+    kind = device_type(device)
+    if name == "cuda" and kind != "cuda":
         return False, f"the 'cuda' backend needs CUDA tensors, got {device.type} tensors"
-    if name == "triton" and device.type != "cuda" and not triton_interpreted():
+    if name == "triton" and kind != "cuda" and not triton_interpreted():
         return False, (
             f"the 'triton' backend needs CUDA tensors, got {device.type} tensors "
             "(set TRITON_INTERPRET=1 before importing triton to run it on the CPU)"
@@ -85,7 +147,7 @@ def resolve_backend(backend: str | None, device: torch.device) -> str:
     """
     name = _check_name(get_backend() if backend is None else backend, "backend")
     if name == "auto":
-        if device.type == "cuda":
+        if device_type(device) == "cuda":
             for candidate in ("triton", "cuda"):
                 ok, _ = _kernel_module(candidate).is_available()
                 if ok:

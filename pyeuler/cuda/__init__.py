@@ -8,6 +8,10 @@ by ``csrc/``; see :mod:`pyeuler.cuda._build` for how the extension is found or b
 Importing this package never fails and never builds anything: :func:`is_available` says
 whether the backend can run here (loading or JIT-building the extension on first call), and
 every primitive raises ``RuntimeError`` with that reason when it cannot.
+
+Inside :func:`pyeuler.backend.counting_device` the ops exist without the extension too
+(:data:`SCHEMAS`, defined with :data:`_FAKES`), so :mod:`pyeuler.cost` can count this
+backend's GPU path on a CPU-only machine.
 """
 
 from __future__ import annotations
@@ -17,6 +21,8 @@ from types import ModuleType
 
 import torch
 from torch import Tensor
+
+from pyeuler.backend import counted_device, device_type
 
 __all__ = [
     "is_available",
@@ -34,6 +40,41 @@ __all__ = [
 _lock = threading.Lock()
 _extension: ModuleType | None = None
 _load_error: str | None = None
+# torch.library handle of the ops defined for counting (:func:`_define_for_counting`)
+_counting_library: torch.library.Library | None = None
+
+# The extension's op schemas, as csrc/ops.cpp's TORCH_LIBRARY_FRAGMENT(pyeuler, m) defines
+# them (tests/test_cost.py checks that the two agree).
+SCHEMAS = (
+    "cuda_norm_stats(Tensor x, int groups) -> (Tensor, Tensor)",
+    "cuda_affine_act_forward(Tensor x, Tensor scale, Tensor shift, Tensor? shortcut, "
+    "bool relu, bool save_mask) -> (Tensor, Tensor)",
+    "cuda_affine_act_backward_reduce(Tensor dy, Tensor x, Tensor scale, Tensor shift, "
+    "Tensor center, Tensor? mask, bool relu, bool per_sample) -> (Tensor, Tensor)",
+    "cuda_affine_act_backward_apply(Tensor dy, Tensor x, Tensor scale, Tensor shift, "
+    "Tensor? mask, bool relu, Tensor a, Tensor b, Tensor c, Tensor center, "
+    "bool want_dshortcut) -> (Tensor, Tensor)",
+    "cuda_affine_act_backward_apply_ie_update(Tensor dy, Tensor x, Tensor scale, "
+    "Tensor shift, Tensor? mask, bool relu, Tensor a, Tensor b, Tensor c, Tensor center, "
+    "Tensor e, float step_size, float theta) -> Tensor",
+    "cuda_affine_act_double_backward_reduce(Tensor ddx, Tensor dy, Tensor x, Tensor scale, "
+    "Tensor shift, Tensor center, Tensor? mask, bool relu, bool per_sample) "
+    "-> (Tensor, Tensor, Tensor)",
+    "cuda_affine_act_double_backward_apply(Tensor ddx, Tensor dy, Tensor x, Tensor scale, "
+    "Tensor shift, Tensor? mask, bool relu, Tensor a, Tensor b, Tensor p, Tensor q, "
+    "Tensor center, Tensor? ddshortcut) -> (Tensor, Tensor)",
+    "cuda_ie_residual(Tensor x, Tensor c, Tensor fx, float theta) -> Tensor",
+    "cuda_ie_update(Tensor x, Tensor e, Tensor v, float step_size, float theta) -> Tensor",
+)
+
+# Kernel launches per op call: a reduction is a partials pass and a finalize pass
+# (kernels/reduce.cuh, launched even when there is one partial); every other op is one
+# elementwise kernel.
+KERNEL_LAUNCHES = {schema.split("(")[0]: 1 for schema in SCHEMAS} | {
+    "cuda_norm_stats": 2,
+    "cuda_affine_act_backward_reduce": 2,
+    "cuda_affine_act_double_backward_reduce": 2,
+}
 
 
 def _load() -> ModuleType:
@@ -58,13 +99,55 @@ def _load() -> ModuleType:
 
 
 def _require_extension() -> None:
-    # A plain global check, so torch.compile traces the wrappers without graph breaks.
-    if _extension is None:
+    # Plain global checks, so torch.compile traces the wrappers without graph breaks.
+    if _extension is None and _counting_library is None:
         _load()
 
 
+def _define_for_counting() -> None:
+    """CPU kernels for the CPU tensors that stand for CUDA tensors while counting: the
+    fakes' uninitialised outputs, no arithmetic.  Without the extension, also the ops
+    themselves (:data:`SCHEMAS`) with :data:`_FAKES` as their fake implementations.
+    Once per process."""
+    global _counting_library
+    with _lock:
+        if _counting_library is not None:
+            return
+        library = torch.library.Library("pyeuler", "FRAGMENT" if _extension is None else "IMPL")
+        if _extension is None:
+            for schema in SCHEMAS:
+                library.define(schema)
+        for name, fake in _FAKES.items():
+            library.impl(name.split("::")[1], _counting_only(name, fake), "CPU")
+        if _extension is None:
+            _register_fakes()
+        _counting_library = library
+
+
+def _counting_only(name: str, fake):
+    def kernel(*args):
+        if counted_device() is None:
+            raise RuntimeError(f"{name} has no CPU kernel: it exists without the CUDA "
+                               "extension only inside pyeuler.backend.counting_device()")
+        return fake(*args)
+
+    return kernel
+
+
 def is_available() -> tuple[bool, str]:
-    """``(True, "")`` when the kernels can run on the current device, else ``(False, reason)``."""
+    """``(True, "")`` when the kernels can run on the current device, else ``(False, reason)``.
+
+    Inside :func:`pyeuler.backend.counting_device` the answer is yes wherever the ops can
+    be defined: by the extension on a GPU, else for counting (:func:`_define_for_counting`).
+    """
+    if counted_device() is not None:
+        if torch.cuda.is_available() and _extension is None:
+            try:
+                _load()
+            except RuntimeError as exc:
+                return False, str(exc)
+        _define_for_counting()
+        return True, ""
     if torch.version.cuda is None:
         return False, f"torch {torch.__version__} was built without CUDA"
     if not torch.cuda.is_available():
@@ -89,7 +172,7 @@ def is_available() -> tuple[bool, str]:
 
 def _check_cuda(**tensors: Tensor | None) -> None:
     for name, t in tensors.items():
-        if t is not None and t.device.type != "cuda":
+        if t is not None and device_type(t.device) != "cuda":
             raise ValueError(f"pyeuler.cuda: {name} must be a CUDA tensor, got one on {t.device}")
 
 

@@ -413,16 +413,21 @@ def _double_backward_math(inputs, sums, output_grads, sum_grads, config, wanted,
 # order of derivative is exact, under torch.compile too (no autograd.Function anywhere).
 
 
+def _storage_id(t: Tensor) -> int:
+    # the StorageImpl itself, not its data pointer: fake tensors (pyeuler.cost) have none
+    return t.untyped_storage()._cdata
+
+
 def _unaliased(outputs, inputs):
     """Custom-op outputs may alias neither inputs nor each other; kernels may return views
     of one buffer (their reduce sums), or, without spatial dims, an input itself."""
-    taken = {t.untyped_storage().data_ptr() for t in inputs if isinstance(t, Tensor) and t.numel()}
+    taken = {_storage_id(t) for t in inputs if isinstance(t, Tensor) and t.numel()}
     result = []
     for t in outputs:
         if t.numel():
-            if t.untyped_storage().data_ptr() in taken:
+            if _storage_id(t) in taken:
                 t = t.clone()
-            taken.add(t.untyped_storage().data_ptr())
+            taken.add(_storage_id(t))
         result.append(t)
     return tuple(result)
 

@@ -4,11 +4,18 @@ Same names, signatures and semantics as the eager reference; tensors on a CUDA d
 on the CPU when ``TRITON_INTERPRET=1`` was set before triton was imported.  Importing this
 package never fails: without triton, :func:`is_available` says why and every primitive
 raises ``RuntimeError``.
+
+Every kernel launches through :func:`pyeuler.triton._utils.launch_hook`'s seam (the kernel
+modules are routed once, below), which is how :mod:`pyeuler.cost` sees launches.
 """
 
 from __future__ import annotations
 
+import importlib
+
 import torch
+
+from pyeuler.backend import counted_device
 
 __all__ = [
     "is_available",
@@ -37,7 +44,7 @@ def is_available() -> tuple[bool, str]:
     """``(True, "")`` when the kernels can run here, else ``(False, reason)``."""
     if _IMPORT_ERROR is not None:
         return False, f"triton is not installed ({_IMPORT_ERROR})"
-    if torch.cuda.is_available():
+    if torch.cuda.is_available() or counted_device() is not None:
         return True, ""
     from pyeuler.triton._utils import interpreting
 
@@ -47,6 +54,7 @@ def is_available() -> tuple[bool, str]:
 
 
 if _IMPORT_ERROR is None:
+    from pyeuler.triton._utils import route_launches
     from pyeuler.triton.affine_act import (
         affine_act_backward_apply,
         affine_act_backward_apply_ie_update,
@@ -57,6 +65,11 @@ if _IMPORT_ERROR is None:
     )
     from pyeuler.triton.ie import ie_residual, ie_update
     from pyeuler.triton.norm_stats import merge_stats, norm_stats, norm_stats_partials
+
+    # by module name: the attribute pyeuler.triton.norm_stats is the function imported above
+    for _module in ("affine_act", "ie", "norm_stats"):
+        route_launches(importlib.import_module(f"pyeuler.triton.{_module}"))
+    del _module
 else:
 
     def _unavailable(name: str):

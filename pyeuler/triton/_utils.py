@@ -11,26 +11,106 @@ Every kernel works on one of two dense layouts of an ``(N, C, *spatial)`` tensor
 Because both are dense, every tensor of the same shape and layout shares one offset
 formula, so a kernel computes offsets once for x, dy, y, the shortcut, the mask and dx.
 Any other layout is copied into one of these two first.
+
+Launch seam: every kernel of this package launches through :class:`Launcher`
+(:func:`route_launches`, applied by ``pyeuler/triton/__init__.py``), which offers each
+launch to the hook installed with :func:`launch_hook` before running it.  The cost counter
+(:mod:`pyeuler.cost`) records launches there, and skips them on fake tensors.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
-import os
+from types import ModuleType
+from typing import Any, Callable, Iterator
 
 import torch
 import triton
+from triton.runtime.jit import KernelInterface
+
+# One parser of TRITON_INTERPRET for the whole package: the backend's availability check
+# and the kernels' device checks must never disagree about it.
+from pyeuler.backend import counted_device, device_type
+from pyeuler.backend import triton_interpreted as interpreting
 
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 # Offsets are int32 unless a tensor could index past 2**31 (tile padding included).
 _INT32_SAFE_NUMEL = 2**31 - 2**20
 
+# ----------------------------------------------------------------------------- launch seam
 
-def interpreting() -> bool:
-    """Whether Triton runs its CPU interpreter (``TRITON_INTERPRET`` as Triton reads it)."""
-    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "yes", "on", "y")
+# hook(kernel name, grid, positional args, keyword args) -> True to skip the launch
+LaunchHook = Callable[[str, Any, tuple, dict], bool]
+_launch_hook: LaunchHook | None = None
+
+
+@contextlib.contextmanager
+def launch_hook(hook: LaunchHook) -> Iterator[None]:
+    """Offer every kernel launch of this package to ``hook`` inside the block.
+
+    ``hook(name, grid, args, kwargs)`` sees the kernel's name and the launch's arguments
+    before the launch; if it returns True the kernel is not run (its outputs stay as they
+    were allocated).  One hook at a time, process-wide; blocks nest.
+    """
+    global _launch_hook
+    previous, _launch_hook = _launch_hook, hook
+    try:
+        yield
+    finally:
+        _launch_hook = previous
+
+
+def _kernel_name(kernel: KernelInterface) -> str:
+    # autotune / heuristics wrappers hold the JIT function as .fn
+    while not hasattr(kernel, "__name__") and hasattr(kernel, "fn"):
+        kernel = kernel.fn
+    return kernel.__name__
+
+
+class Launcher:
+    """``kernel[grid](*args)`` through the launch seam; any other attribute is the kernel's.
+
+    ``fn`` is the wrapped kernel, as Triton's own wrappers name theirs, so code that walks
+    ``.fn`` down to the ``JITFunction`` (:mod:`pyeuler.triton.compile_check`) still works.
+    """
+
+    def __init__(self, kernel: KernelInterface):
+        self.fn = kernel
+        self.__name__ = _kernel_name(kernel)
+
+    def __getitem__(self, grid):
+        launch = self.fn[grid]
+        hook = _launch_hook
+        if hook is None:  # the hot path: one extra call per launch
+            return launch
+
+        def offered(*args, **kwargs):
+            if not hook(self.__name__, grid, args, kwargs):
+                launch(*args, **kwargs)
+
+        return offered
+
+    def __getattr__(self, name: str):
+        if name == "fn":  # not set yet (copy, unpickling): no recursion
+            raise AttributeError(name)
+        return getattr(self.fn, name)
+
+    def __repr__(self) -> str:
+        return f"Launcher({self.fn!r})"
+
+
+def route_launches(module: ModuleType) -> None:
+    """Wrap each kernel defined at ``module``'s top level in a :class:`Launcher`.
+
+    Launch sites look kernels up as module globals at call time, so wrapping the globals
+    once, at import, routes every launch of the module through :func:`launch_hook`.
+    """
+    for name, value in list(vars(module).items()):
+        if isinstance(value, KernelInterface) and name.endswith("_kernel"):
+            setattr(module, name, Launcher(value))
 
 
 def autotune_configs(tiles_and_warps: list[tuple[int, int]], interpreter_tile: int) -> list:
@@ -81,12 +161,16 @@ def _split_targets(device: torch.device) -> tuple[int, int]:
     """``(programs to launch, fewest elements per program)`` for a split reduction.
 
     On a GPU: 4 programs per SM, each streaming at least 16K elements so the second stage
-    stays negligible.  The interpreter uses tiny values so that the split + merge path runs
-    on small test tensors too.
+    stays negligible; inside :func:`pyeuler.backend.counting_device`, the same rule for the
+    modelled GPU's SM count.  The interpreter uses tiny values so that the split + merge
+    path runs on small test tensors too.
     """
     if device.type == "cuda":
         index = device.index if device.index is not None else torch.cuda.current_device()
         return 4 * _sm_count(index), 16384
+    counted = counted_device()
+    if counted is not None:
+        return 4 * counted.sm_count, 16384
     return 8, 64
 
 
@@ -109,7 +193,7 @@ def num_splits(n_outer: int, elements_per_outer: int, parallel_programs: int,
 
 
 def check_device(t: torch.Tensor, name: str) -> None:
-    if t.device.type != "cuda" and not interpreting():
+    if device_type(t.device) != "cuda" and not interpreting():
         raise ValueError(
             f"{name} is on {t.device}; the Triton backend needs CUDA tensors "
             "(or TRITON_INTERPRET=1 set before importing triton, to run on the CPU)"

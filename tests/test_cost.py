@@ -1,0 +1,283 @@
+"""The launch / bytes counter (``pyeuler.cost``, ``pyeuler cost``) and its seams.
+
+The counter runs the GPU code path on fake CPU tensors; these tests check that what it
+counts is what runs: Triton launches counted on fake tensors equal the launches the CPU
+interpreter really makes at a small shape, the CUDA extension's schemas equal
+csrc/ops.cpp's, every kernel goes through the launch seam, and the classification and
+byte rules hold on handcrafted ops.  The launch budget of the headline step runs in a
+subprocess at full shape.
+"""
+
+import collections
+import json
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+import torch
+from torch._subclasses.fake_tensor import FakeTensorMode
+
+from pyeuler import backend
+from pyeuler.cost import (
+    CLASSES,
+    TINY_BYTES,
+    Recorder,
+    StepConfig,
+    build_workload,
+    count_step,
+    foreach_launches,
+    kernel_class,
+    operand_bytes,
+    run_step,
+)
+
+triton = pytest.importorskip("triton")
+
+from pyeuler.triton import _utils  # noqa: E402  (needs triton)
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# Kernel launches of one IE-WRN-34-10 training step (batch 128, bf16, K = 1 unrolled,
+# backend triton; pyeuler cost's count) at commit e2493fd, as at 442b01c
+# (benchmarks/results/cost-before-e2493fd.json).  It must not grow; work that removes
+# launches lowers it.
+LAUNCH_BUDGET = 5817
+
+# A small step whose Triton path still splits reductions and merges the partials: the
+# digits' 8×8 images at batch 32 fill two 16K-element partials on one modelled SM.
+SMALL = StepConfig(model="wrn-10-1", data="digits", batch_size=32, precision="bf16",
+                   ie_steps=1, grad="unrolled", backend="triton")
+ONE_SM = backend.DeviceModel("one SM", sm_count=1)
+
+
+# ------------------------------------------------------------------ seams
+
+
+@pytest.mark.parametrize("value", ["1", "true", "TRUE", "yes", "On", "y", "0", "false", "off",
+                                   "no", "", "2"])
+def test_triton_interpret_has_one_meaning(monkeypatch, value):
+    """The backend's check and the kernels' check read TRITON_INTERPRET as Triton does."""
+    monkeypatch.setenv("TRITON_INTERPRET", value)
+    assert backend.triton_interpreted() == _utils.interpreting() == triton.knobs.runtime.interpret
+
+
+def test_every_kernel_launches_through_the_seam():
+    import importlib
+    import pkgutil
+
+    from triton.runtime.jit import KernelInterface
+
+    import pyeuler.triton as package
+
+    kernels = {}
+    for info in pkgutil.iter_modules(package.__path__):
+        module = importlib.import_module(f"pyeuler.triton.{info.name}")
+        kernels |= {(info.name, name): value for name, value in vars(module).items()
+                    if name.endswith("_kernel") and isinstance(value, (KernelInterface,
+                                                                       _utils.Launcher))}
+    assert kernels
+    assert all(isinstance(k, _utils.Launcher) for k in kernels.values()), [
+        name for name, k in kernels.items() if not isinstance(k, _utils.Launcher)]
+
+
+def test_counting_device_is_scoped():
+    cpu = torch.device("cpu")
+    with backend.counting_device(ONE_SM) as model:
+        assert model is ONE_SM and backend.counted_device() is ONE_SM
+        assert backend.device_type(cpu) == "cuda"
+        assert _utils._split_targets(cpu) == (4, 16384)
+        with backend.counting_device():
+            assert backend.counted_device() is backend.H100
+        assert backend.counted_device() is ONE_SM
+    assert backend.counted_device() is None and backend.device_type(cpu) == "cpu"
+
+
+def test_cuda_schemas_are_csrc_ops_cpp():
+    from pyeuler.cuda import _FAKES, KERNEL_LAUNCHES, SCHEMAS
+
+    text = open(os.path.join(ROOT, "csrc", "ops.cpp")).read()
+    block = re.search(r"TORCH_LIBRARY_FRAGMENT\(pyeuler, m\) \{(.*?)\n\}", text, re.S).group(1)
+    defined = [" ".join("".join(re.findall(r'"([^"]*)"', call)).split())
+               for call in re.findall(r"m\.def\((.*?)\);", block, re.S)]
+    assert defined == list(SCHEMAS)
+    names = {schema.split("(")[0] for schema in SCHEMAS}
+    assert set(KERNEL_LAUNCHES) == names == {name.split("::")[1] for name in _FAKES}
+
+
+# ------------------------------------------------------------------ (a) counted == launched
+
+
+@pytest.mark.skipif(not _utils.interpreting(), reason="compares with Triton's CPU interpreter")
+# the skipped first step leaves uninitialised outputs behind: values do not decide launches
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")
+def test_counted_triton_launches_are_the_interpreters(monkeypatch):
+    """The fake count of a small step's Triton launches equals the launches the step makes
+    for real in the interpreter, seen at the launch hook and inside Triton itself."""
+    from triton.runtime.interpreter import InterpretedFunction
+
+    counted = collections.Counter(k.name.removeprefix("triton:") for k in
+                                  count_step(SMALL, ONE_SM).kernels if k.name.startswith("triton:"))
+    hooked, ran = collections.Counter(), collections.Counter()
+    run = InterpretedFunction.run
+
+    def counting_run(self, *args, **kwargs):
+        ran[self.fn.__name__] += 1
+        return run(self, *args, **kwargs)
+
+    def hook(name, grid, args, kwargs):
+        hooked[name] += 1
+        return False  # launch it
+
+    torch.manual_seed(0)
+    with backend.counting_device(ONE_SM):  # the same split reductions as the count
+        work = build_workload(SMALL)
+        with _utils.launch_hook(lambda *launch: True):  # the unrecorded first step: skipped
+            run_step(SMALL, work)
+        monkeypatch.setattr(InterpretedFunction, "run", counting_run)
+        with _utils.launch_hook(hook):
+            run_step(SMALL, work)
+    # splits, merges, both layouts' reductions and the fused backward all ran
+    assert {"_sum_partials_kernel", "_merge_stats_kernel", "_grad_sums_columns_kernel",
+            "_affine_act_double_backward_apply_kernel"} <= set(ran)
+    assert counted == hooked == ran
+
+
+def test_cuda_backend_is_counted_with_its_reductions():
+    count = count_step(StepConfig(**{**SMALL.__dict__, "backend": "cuda"}), ONE_SM)
+    cuda = [k for k in count.kernels if k.name.startswith("pyeuler.cuda_")]
+    assert cuda and count.custom_op_calls
+    assert {k.launches for k in cuda if k.name == "pyeuler.cuda_norm_stats.default"} == {2}
+    assert {k.launches for k in cuda if k.name == "pyeuler.cuda_affine_act_forward.default"} == {1}
+
+
+def test_each_attack_step_costs_the_same():
+    attack = [count_step(StepConfig(**{**SMALL.__dict__, "adv": "pgd", "attack_steps": n}),
+                         ONE_SM).by_phase()["attack"] for n in (1, 2, 3)]
+    assert 0 < attack[0] and attack[2] - attack[1] == attack[1] - attack[0] > 0
+
+
+# ------------------------------------------------------------------ (b) classes and bytes
+
+
+def test_kernel_class_and_operand_bytes():
+    assert kernel_class("conv", 0) == "conv" and kernel_class("gemm", 10**9) == "gemm"
+    for kind, big in (("triton", "fused"), ("cuda", "fused"), ("aten", "activation")):
+        assert kernel_class(kind, TINY_BYTES - 1) == "tiny"
+        assert kernel_class(kind, TINY_BYTES) == big
+    v = torch.zeros(160)
+    assert operand_bytes(v.view(1, 160, 1, 1).expand(128, 160, 32, 32)) == 160 * 4
+    assert operand_bytes(torch.zeros(0, 3)) == 0
+
+
+def test_foreach_launches_replay_multi_tensor_apply():
+    assert foreach_launches([10] * 110, depth=1) == 1
+    assert foreach_launches([10] * 111, depth=1) == 2
+    assert foreach_launches([10] * 48, depth=3) == 1 and foreach_launches([10] * 49, depth=3) == 2
+    assert foreach_launches([320 * 65536], depth=2) == 1
+    assert foreach_launches([320 * 65536 + 1], depth=2) == 2  # a tensor split over launches
+    assert foreach_launches([0, 0], depth=2) == 0
+
+
+def test_recorded_classes_launches_and_bytes():
+    """Handcrafted ops at WRN-34-10's widest shape, recorded as the counter records them."""
+    n, c = 128, 160
+    act, f32, vec = n * c * 32 * 32 * 2, n * c * 32 * 32 * 4, c * 4  # bytes: bf16, fp32, [C]
+    recorder = Recorder()
+    with FakeTensorMode():
+        x = torch.empty(n, c, 32, 32, dtype=torch.bfloat16).contiguous(
+            memory_format=torch.channels_last)
+        y, xf = torch.empty_like(x), torch.empty(n, c, 32, 32)
+        w = torch.empty(c, c, 3, 3, dtype=torch.bfloat16).contiguous(
+            memory_format=torch.channels_last)
+        v, vb = torch.empty(c), torch.empty(c, dtype=torch.bfloat16)
+        stats = torch.zeros(c), torch.ones(c)
+        wb = w.numel() * 2
+        with recorder:
+            x.permute(0, 2, 3, 1)  # a view: no kernel
+            x + y  # read two, write one
+            x.add_(y)  # in place: x read and written
+            x.copy_(y)  # overwrite: x only written
+            v * v  # per-channel vectors: tiny
+            x * vb.view(1, c, 1, 1)  # the broadcast vector counts once
+            torch.nn.functional.batch_norm(xf, *stats, training=True)  # 3 kernels, x read twice
+            out = torch.ops.aten.convolution.default(x, w, None, [1, 1], [1, 1], [1, 1], False,
+                                                     [0, 0], 1)
+            torch.ops.aten.convolution_backward.default(out, x, w, None, [1, 1], [1, 1], [1, 1],
+                                                        False, [0, 0], 1, [True, True, False])
+            assert not bool(x.sum() > 0)  # a host read: a sync, answered False
+            recorder.triton_launch("small_kernel", (1,), (v, 3), {})
+            recorder.triton_launch("big_kernel", (1,), (x, y, v), {"BLOCK": 64})
+            recorder.phase = "optimizer"
+            torch._foreach_add_([v, v], [v, v], alpha=0.1)
+    got = [(k.name, k.step_class, k.launches, k.bytes) for k in recorder.kernels]
+    assert got == [
+        ("aten.add.Tensor", "activation", 1, 3 * act),
+        ("aten.add_.Tensor", "activation", 1, 3 * act),
+        ("aten.copy_.default", "activation", 1, 2 * act),
+        ("aten.mul.Tensor", "tiny", 1, 3 * vec),
+        ("aten.mul.Tensor", "activation", 1, 2 * act + c * 2),
+        # inputs x (twice), running mean and var; outputs y, saved mean and invstd
+        ("aten.native_batch_norm.default", "activation", 3, 3 * f32 + 4 * vec),
+        ("aten.convolution.default", "conv", 1, 2 * act + wb),
+        ("aten.convolution_backward.default dgrad", "conv", 1, 2 * act + wb),
+        ("aten.convolution_backward.default wgrad", "conv", 1, 2 * act + wb),
+        ("aten.sum.default", "activation", 1, act + 2),
+        ("aten.gt.Scalar", "tiny", 1, 2 + 1),
+        ("triton:small_kernel", "tiny", 1, vec),
+        ("triton:big_kernel", "fused", 1, 2 * act + vec),
+        ("aten._foreach_add_.List", "optimizer", 1, 6 * vec),  # two lists read, the first written
+    ]
+    assert recorder.syncs == 1
+
+
+# ------------------------------------------------------------------ (c) launch budget
+
+
+def test_headline_step_launch_budget(tmp_path):
+    """IE-WRN-34-10, batch 128, bf16, K = 1 unrolled, Triton: launches must not grow.
+
+    In a subprocess, at full shape: a fresh process, without TRITON_INTERPRET."""
+    out = tmp_path / "cost.json"
+    env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
+    done = subprocess.run(
+        [sys.executable, "-m", "pyeuler", "cost", "--model", "wrn-34-10", "--batch-size", "128",
+         "--precision", "bf16", "--ie-steps", "1", "--grad", "unrolled", "--backend", "triton",
+         "--no-host-time", "--top", "0", "--json", str(out)],
+        env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout + done.stderr
+    report = json.loads(out.read_text())
+    assert report["launches"] <= LAUNCH_BUDGET, (
+        f"{report['launches']} launches > budget {LAUNCH_BUDGET}: {report['launches_by_class']}")
+
+
+# ------------------------------------------------------------------ (d) the command line
+
+
+def test_cli_json_keys(tmp_path, capsys):
+    from pyeuler.cli import main
+
+    out = tmp_path / "one.json"
+    args = ["cost", "--model", "wrn-10-1", "--data", "digits", "--batch-size", "4"]
+    assert main(args + ["--json", str(out)]) == 0
+    report = json.loads(out.read_text())
+    for key in ("launches", "launches_by_class", "hbm_bytes", "hbm_bytes_by_class", "host_ms",
+                "host_ms_reference", "commit", "dirty"):
+        assert key in report
+    assert list(report["launches_by_class"]) == list(CLASSES) == list(report["hbm_bytes_by_class"])
+    assert report["launches"] == sum(report["launches_by_class"].values()) > 0
+    assert report["hbm_bytes"] == sum(report["hbm_bytes_by_class"].values()) > 0
+    assert report["host_ms"] > 0 and report["host_ms_reference"] > 0
+    assert "top sources" in capsys.readouterr().out
+
+    many = tmp_path / "many.json"
+    assert main(args + ["--backend", "triton", "reference", "--ie-steps", "0", "1",
+                        "--grad", "unrolled", "detached", "--no-host-time",
+                        "--json", str(many)]) == 0
+    reports = json.loads(many.read_text())["reports"]
+    assert sorted(reports) == sorted(f"{b}-K{k}-{g}-bf16" for b in ("triton", "reference")
+                                     for k, g in ((0, "unrolled"), (1, "unrolled"),
+                                                  (1, "detached")))
+    assert all(r["host_ms"] is None for r in reports.values())
