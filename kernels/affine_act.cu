@@ -153,7 +153,8 @@ __global__ void __launch_bounds__(kMaxThreads, kMinBlocksPerSm)
 #pragma unroll
     for (int i = 0; i < V; ++i) {
       g[i] = gated(gate[i], dy[i]);
-      dx[i] = a[i] * g[i] + b[i] * (x[i] - center[i]) + c[i];
+      // a zero b (running statistics) contributes nothing, even at x = ±inf (0·inf is NaN)
+      dx[i] = a[i] * g[i] + (b[i] == 0.f ? 0.f : b[i] * (x[i] - center[i])) + c[i];
     }
     if constexpr (kIeUpdate) {
       float e[V];
@@ -244,7 +245,7 @@ __global__ void __launch_bounds__(kMaxThreads, kMinBlocksPerSm)
     load_coefs<V, kChannelsLast>(args.q, sample, channel, coef);
 #pragma unroll
     for (int i = 0; i < V; ++i) {
-      ddy[i] += coef[i] * xc[i];
+      ddy[i] += coef[i] == 0.f ? 0.f : coef[i] * xc[i];
       dxx[i] += coef[i] * gated(gate[i], dy[i]);
     }
     if (args.ddshortcut != nullptr) {

@@ -102,7 +102,8 @@ cudaError_t pyeuler_affine_act_backward_reduce(const void* dy, const void* x, co
                                                size_t workspace_bytes, cudaStream_t stream);
 
 /* dx = a * g + b * (x - center) + c with g as in the reduce
- * (primitives.affine_act_backward_apply); dshortcut (may be NULL) receives g. */
+ * (primitives.affine_act_backward_apply); a zero b contributes exactly 0, even at
+ * x = +-inf.  dshortcut (may be NULL) receives g. */
 cudaError_t pyeuler_affine_act_backward_apply(const void* dy, const void* x, const uint8_t* mask,
                                               pyeuler_dtype_t dtype, pyeuler_geometry_t geo,
                                               pyeuler_coef_t scale, pyeuler_coef_t shift, int relu,
@@ -132,7 +133,8 @@ cudaError_t pyeuler_affine_act_double_backward_reduce(
     void* workspace, size_t workspace_bytes, cudaStream_t stream);
 
 /* ddy = m * (a * ddx + p + q * (x - center) + ddshortcut) and dxx = b * ddx + q * g, with m and
- * g as in the reduce (primitives.affine_act_double_backward_apply).  ddshortcut may be NULL
+ * g as in the reduce (primitives.affine_act_double_backward_apply; a zero q contributes
+ * exactly 0 to ddy, even at x = +-inf).  ddshortcut may be NULL
  * (no term); ddx, ddshortcut, ddy and dxx have x's dtype. */
 cudaError_t pyeuler_affine_act_double_backward_apply(
     const void* ddx, const void* dy, const void* x, const uint8_t* mask, pyeuler_dtype_t dtype,

@@ -8,6 +8,7 @@ statistics normalise.
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor
 
 from pyeuler.ops.ie_skip import ie_residual as _ie_residual
@@ -88,6 +89,10 @@ def _branch_input(branch, x) -> None:
     _branch.check_input_rank(x, branch.conv1, "branch")
     if not x.is_floating_point():
         raise TypeError(f"x must be a floating-point tensor, got {x.dtype}")
+    weight = branch.conv1.weight
+    if x.dtype != weight.dtype and not torch.is_autocast_enabled(x.device.type):
+        raise TypeError(f"x is {x.dtype} but the branch's parameters are {weight.dtype} "
+                        "(convert one, or run under autocast)")
 
 
 def branch_vjp(branch, x: Tensor, v: Tensor, backend: str | None = None) -> Tensor:

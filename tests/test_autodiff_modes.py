@@ -250,3 +250,48 @@ def test_implicit_first_order_gradient_matches_a_converged_plain_iteration(theta
     x = x0.clone().requires_grad_()
     (grad,) = torch.autograd.grad(_on_backend(block, "eager")(x).square().sum(), x)
     torch.testing.assert_close(grad, expected, rtol=1e-6, atol=1e-8)
+
+
+# ---------------------------------------------------------------------------------------
+# Tangents that only ride on some of the inputs.
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+def test_tangent_carried_by_the_running_statistics(backend):
+    """Eval-mode BatchNorm whose running mean is the dual tensor (nothing else is)."""
+    dev = _device(backend)
+    x = torch.randn(3, 4, 5, dtype=torch.float64, device=dev)
+    running_var = torch.rand(4, dtype=torch.float64, device=dev) + 0.5
+    running_mean, tangent_in = torch.randn(4, dtype=torch.float64, device=dev), torch.randn(4, dtype=torch.float64, device=dev)
+
+    def f(mean, be):
+        return PF.bn_relu(x, None, None, mean, running_var, training=False, backend=be)
+
+    with fwAD.dual_level():
+        out = f(fwAD.make_dual(running_mean, tangent_in), backend)
+        tangent = fwAD.unpack_dual(out).tangent
+    assert tangent is not None
+    _, expected = torch.func.jvp(lambda m: f(m, "reference"), (running_mean,), (tangent_in,))
+    torch.testing.assert_close(tangent, expected, **F64)
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+@pytest.mark.parametrize("frozen", [False, True])
+@pytest.mark.parametrize("grad", ["unrolled", "detached"])
+def test_dual_input_through_an_autograd_ie_skip(backend, frozen, grad):
+    """A branch pyeuler has no explicit VJP for runs the literal algorithm; with frozen
+    parameters (or under no_grad) autograd.grad used to drop the dual input's tangent."""
+    dev = _device(backend)
+    torch.manual_seed(2)
+    branch = torch.nn.Sequential(torch.nn.Conv1d(3, 3, 3, padding=1), torch.nn.Tanh())
+    block = IESkip(branch.double().to(dev), steps=2, step_size=0.2, grad=grad, backend=backend)
+    block.requires_grad_(not frozen)
+    x = torch.randn(2, 3, 6, dtype=torch.float64, device=dev)
+    v = torch.randn_like(x)
+    with fwAD.dual_level():
+        tangent = fwAD.unpack_dual(block(fwAD.make_dual(x, v))).tangent
+    if grad == "unrolled":
+        expected = _central_difference(block, x, v)
+    else:
+        _, expected = torch.func.jvp(lambda z: z + branch(z), (x,), (v,))
+    torch.testing.assert_close(tangent, expected, rtol=1e-6, atol=1e-8)

@@ -275,3 +275,46 @@ def test_empty_group_norm_relu(backend):
 def test_batch_norm_with_one_value_per_channel_is_still_refused():
     with pytest.raises(ValueError, match="one value per channel"):
         PF.bn_relu(torch.randn(1, 3, 1, 1))
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+def test_more_arguments_named_in_their_errors(backend):
+    dev = _device(backend)
+    x = torch.randn(2, 3, 4, device=dev)
+    with pytest.raises(TypeError, match="shortcut must be a Tensor"):
+        PF.bn_add_relu(x, x.tolist(), backend=backend)
+    with pytest.raises(TypeError, match="relu must be a bool"):
+        PF.bn_add_relu(x, x, relu="no", backend=backend)
+    with pytest.raises(ValueError, match="x has 3 channels .* but weight has 4"):
+        PF.bn_relu(x, torch.ones(4, device=dev), backend=backend)
+    with pytest.raises(ValueError, match="momentum is on meta"):
+        PF.bn_relu(x, None, None, torch.zeros(3, device=dev), torch.ones(3, device=dev),
+                   momentum=torch.tensor(0.1, device="meta"), backend=backend)
+    with pytest.raises(TypeError, match="must return one Tensor"):
+        IESkip(_TupleBranch(), steps=1, backend=backend)(torch.randn(2, 3, device=dev))
+    branch = PreActBranch(3).to(dev)
+    x4 = torch.randn(2, 3, 4, 4, device=dev, dtype=torch.float64)
+    with pytest.raises(TypeError, match="x is torch.float64 but the branch's parameters"):
+        PF.branch_vjp(branch, x4, x4, backend=backend)
+
+
+class _TupleBranch(nn.Module):
+    def forward(self, x):
+        return x, x
+
+
+@pytest.mark.parametrize("kwargs, name", [(dict(channels=0), "channels"),
+                                          (dict(channels=4, stride=0), "stride"),
+                                          (dict(channels=4, dim=True), "dim"),
+                                          (dict(channels=4, norm="group", norm_groups=True),
+                                           "norm_groups")])
+def test_constructors_refuse_bad_sizes(kwargs, name):
+    with pytest.raises(ValueError, match=name):
+        PreActBranch(**kwargs)
+
+
+def test_ie_steps_accept_any_integer_type():
+    import numpy as np
+
+    block = IESkip(PreActBranch(4, norm="group"), steps=np.int64(2))
+    assert block(torch.randn(2, 4, 3, 3)).shape == (2, 4, 3, 3)

@@ -12,8 +12,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from torch import nn
+
 from pyeuler.functional import bn_add_relu, bn_relu, group_norm_relu
 from pyeuler.models import wide_resnet
+from pyeuler.ops.norm_act import norm_act_module
 from conftest import requires_cuda, triton_usable
 from helpers import twin
 
@@ -220,3 +223,20 @@ def test_overflowed_variance_gives_nan_not_relu_bias(backend, dtype):
     assert bn_relu(x, w, b, backend=backend).isnan().all()
     assert bn_add_relu(x, x, 0.5, w, b, backend=backend).isnan().all()
     assert group_norm_relu(x, 1, w, b, backend=backend).isnan().all()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_eval_mode_input_gradient_has_no_x_term(backend, bad):
+    """With running statistics the input gradient is a·g: a non-finite x must not turn the
+    absent b·(x − center) term into NaN (0·inf), as torch's eval BatchNorm shows."""
+    dev = DEVICE
+    bn = nn.BatchNorm2d(3).to(dev).eval()
+    bn.running_mean.uniform_(-1, 1)
+    x = torch.randn(2, 3, 4, 4, device=dev)
+    x[0, 1, 2, 2] = bad
+    x.requires_grad_()
+    ours = norm_act_module(bn, x, relu=False, backend=backend)
+    (dx,) = torch.autograd.grad(ours, x, torch.ones_like(ours))
+    (expected,) = torch.autograd.grad(bn(x), x, torch.ones_like(ours))
+    torch.testing.assert_close(dx, expected, equal_nan=True)

@@ -14,14 +14,22 @@ _BATCH_NORMS = {0: nn.BatchNorm1d, 1: nn.BatchNorm1d, 2: nn.BatchNorm2d, 3: nn.B
 
 
 def _check_dim(dim: int) -> None:
-    if dim not in (0, 1, 2, 3):
+    if isinstance(dim, bool) or dim not in (0, 1, 2, 3):
         raise ValueError(f"dim (number of spatial dims) must be 0, 1, 2 or 3, got {dim!r}")
+
+
+def _check_count(value, name: str) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ValueError(f"{name} must be a positive int, got {value!r}")
 
 
 def make_conv(dim: int, in_channels: int, out_channels: int, kernel_size: int = 3,
               stride: int = 1) -> nn.Module:
     """A bias-free ``kernel_size`` conv with 'same' padding, or a Linear layer for ``dim=0``."""
     _check_dim(dim)
+    for value, name in ((in_channels, "in_channels"), (out_channels, "out_channels"),
+                        (kernel_size, "kernel_size"), (stride, "stride")):
+        _check_count(value, name)
     if dim == 0:
         if stride != 1:
             raise ValueError(f"stride must be 1 for dim=0 (Linear) blocks, got {stride}")
@@ -33,10 +41,12 @@ def make_conv(dim: int, in_channels: int, out_channels: int, kernel_size: int = 
 def make_norm(norm: str, channels: int, dim: int, groups: int = 1) -> nn.Module:
     """``nn.BatchNorm{1,2,3}d`` (``norm="batch"``) or ``nn.GroupNorm(groups, C)``."""
     _check_dim(dim)
+    _check_count(channels, "channels")
     if norm == "batch":
         return _BATCH_NORMS[dim](channels)
     if norm == "group":
-        if groups < 1 or channels % groups:
+        _check_count(groups, "norm_groups")
+        if channels % groups:
             raise ValueError(f"norm_groups must divide channels={channels}, got {groups}")
         return nn.GroupNorm(groups, channels)
     raise ValueError(f"norm must be one of {NORMS}, got {norm!r}")

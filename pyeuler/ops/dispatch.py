@@ -11,9 +11,11 @@ Empty tensors take it too: there is nothing for a kernel to do, and a launch ove
 elements is not worth a special case in every kernel.
 
 The checks read metadata only (the functorch interpreter stack, the forward-AD level and
-each tensor's tangent slot): no host synchronisation.  Under ``torch.compile`` they are
-skipped, because dynamo traces ``torch.func`` transforms itself and forward-mode AD does not
-reach compiled graphs.
+each tensor's tangent slot): no host synchronisation.  Dynamo cannot trace them, so under
+``torch.compile`` they are skipped.  Known limitation: ``torch.compile`` *around*
+``torch.func.jvp``/``jacfwd`` of a fused backend therefore still gives the custom ops zero
+tangents (PyTorch's behaviour for custom ops without a forward-mode formula); compiled
+forward-mode code must use ``backend="eager"``.
 """
 
 from __future__ import annotations

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import numbers
 
 import torch
 from torch import Tensor, nn
@@ -193,7 +194,8 @@ def _ie_autograd(f, module, x0, steps, step_size, theta, grad, bn_update):
         return x
     c = x0 if theta == 1.0 else x0 + (1.0 - theta) * fx0
     frozen = _running_stats_frozen(module) if bn_update == "first" else contextlib.nullcontext()
-    if not torch.compiler.is_compiling() and func_transform_active():
+    if not torch.compiler.is_compiling() and (
+            func_transform_active() or forward_mode_active(x0, *module.parameters())):
         with frozen:
             return _ie_functorch_steps(f, x, c, steps, step_size, theta, grad)
     outer_grad = torch.is_grad_enabled()
@@ -203,6 +205,8 @@ def _ie_autograd(f, module, x0, steps, step_size, theta, grad, bn_update):
             xk = x if create_graph else x.detach().requires_grad_()
             e = xk - c - theta * f(xk)
             (grad_xk,) = torch.autograd.grad(e.pow(2).sum(), xk, create_graph=create_graph)
+            if not create_graph:  # a constant step, also to forward mode ("detached")
+                grad_xk = grad_xk.detach()
             with torch.set_grad_enabled(outer_grad):
                 x = x - step_size * grad_xk
     return x
@@ -210,8 +214,9 @@ def _ie_autograd(f, module, x0, steps, step_size, theta, grad, bn_update):
 
 def _ie_functorch_steps(f, x, c, steps, step_size, theta, grad):
     """The K steps inside a ``torch.func`` transform, where ``torch.autograd.grad`` cannot
-    run: ∇ₓ‖e‖² = 2·(∂e/∂x)ᵀe by ``torch.func.vjp``, which the outer transform
-    differentiates ("unrolled") unless the step is detached."""
+    run, or under forward-mode AD, which ``torch.autograd.grad`` only carries through a
+    graph it was asked to build: ∇ₓ‖e‖² = 2·(∂e/∂x)ᵀe by ``torch.func.vjp``, which the
+    outer transform differentiates ("unrolled") unless the step is detached."""
     for _ in range(steps):
         e, residual_vjp = torch.func.vjp(lambda z: z - c - theta * f(z), x)
         (half_grad,) = residual_vjp(e)
@@ -336,6 +341,8 @@ def _check_implicit_differentiation(x: Tensor, parameters) -> None:
 
 
 def _check_shape_preserving(fx0: Tensor, x0: Tensor) -> None:
+    if not isinstance(fx0, Tensor):
+        raise TypeError(f"an IE-Skip's branch must return one Tensor, got {type(fx0).__name__}")
     if fx0.shape != x0.shape:
         raise ValueError(f"an IE-Skip needs a shape-preserving branch: f(x) has shape "
                          f"{tuple(fx0.shape)} for x of shape {tuple(x0.shape)}")
@@ -343,7 +350,7 @@ def _check_shape_preserving(fx0: Tensor, x0: Tensor) -> None:
 
 def validate_ie_args(steps, step_size, theta, grad, bn_update, tol=None) -> None:
     """Clear errors for bad IE-Skip settings (also used by modules at construction)."""
-    if not isinstance(steps, int) or isinstance(steps, bool) or steps < 0:
+    if not isinstance(steps, numbers.Integral) or isinstance(steps, bool) or steps < 0:
         raise ValueError(f"steps (ie_steps) must be an int >= 0, got {steps!r}")
     if (not isinstance(step_size, (int, float)) or isinstance(step_size, bool)
             or not 0.0 < step_size < math.inf):

@@ -1016,7 +1016,7 @@ def _is_real(v) -> bool:
 
 
 def _validate(x, weight, bias, running_mean, running_var, shortcut, h, groups, training, eps,
-              momentum):
+              momentum, relu):
     if not isinstance(x, Tensor):
         raise TypeError(f"x must be a Tensor, got {type(x).__name__}")
     if x.dim() < 2 or x.dim() > 5:
@@ -1035,10 +1035,15 @@ def _validate(x, weight, bias, running_mean, running_var, shortcut, h, groups, t
         if not t.is_floating_point():
             raise TypeError(f"{name} must be a floating-point tensor, got {t.dtype}")
         if t.shape != (channels,):
+            if t.dim() == 1:
+                raise ValueError(f"{name} must have shape ({channels},): x has {channels} "
+                                 f"channels (dim 1) but {name} has {t.shape[0]}")
             raise ValueError(f"{name} must have shape ({channels},), got {tuple(t.shape)}")
         if t.device != x.device:
             raise ValueError(f"{name} is on {t.device} but x is on {x.device}")
     if shortcut is not None:
+        if not isinstance(shortcut, Tensor):
+            raise TypeError(f"shortcut must be a Tensor or None, got {type(shortcut).__name__}")
         if shortcut.shape != x.shape:
             raise ValueError(f"shortcut must have x's shape {tuple(x.shape)}, got {tuple(shortcut.shape)}")
         if shortcut.device != x.device:
@@ -1059,10 +1064,16 @@ def _validate(x, weight, bias, running_mean, running_var, shortcut, h, groups, t
         raise ValueError(f"eps must be a finite float > 0, got {eps!r}")
     if not isinstance(training, bool):
         raise TypeError(f"training must be a bool, got {type(training).__name__}")
+    if not isinstance(relu, bool):
+        raise TypeError(f"relu must be a bool, got {type(relu).__name__}")
     if isinstance(momentum, Tensor):
         if momentum.dim() != 0 or not momentum.is_floating_point():
             raise ValueError(f"momentum must be a float or a 0-dim floating-point tensor, got "
                              f"{momentum.dtype} of shape {tuple(momentum.shape)}")
+        if running_mean is not None and momentum.device != running_mean.device:
+            raise ValueError(f"momentum is on {momentum.device} but the running statistics "
+                             f"are on {running_mean.device}")
+        # its value is not checked: that would read it on the host (a sync)
     elif not _is_real(momentum) or not 0.0 <= momentum <= 1.0:
         raise ValueError(f"momentum must be a float in [0, 1], got {momentum!r}")
     if not isinstance(groups, int) or isinstance(groups, bool) or groups < 0 or (
@@ -1157,7 +1168,7 @@ def norm_act(
     memory.
     """
     _validate(x, weight, bias, running_mean, running_var, shortcut, h, groups, training, eps,
-              momentum)
+              momentum, relu)
     if conv is not None:
         _validate_conv(conv, x, shortcut, h, relu)
     name = resolve_backend(backend, x.device)
@@ -1168,7 +1179,7 @@ def norm_act(
                        groups, shortcut, h, relu, update_running)
         return y if conv is None else conv(y)
     x, shortcut = _promoted(x, shortcut, h)
-    name = kernel_backend(name, x, weight, bias, shortcut, h)
+    name = kernel_backend(name, x, weight, bias, shortcut, h, running_mean, running_var)
     h_tensor = h.reshape(-1)[0] if isinstance(h, Tensor) and h.numel() == 1 and h.dim() == 1 else h
     h_tensor, h_value = (h_tensor, 1.0) if isinstance(h_tensor, Tensor) else (None, float(h))
     batch_stats = groups > 0 or training or running_mean is None

@@ -137,11 +137,19 @@ def affine_act_backward_reduce(
     return g.sum(dims), (g * xc).sum(dims)
 
 
+def _times_centered(k: Tensor, x: Tensor, center: Tensor) -> Tensor:
+    """``k·(x − center)``, exactly 0 where the coefficient k is 0 even at x = ±inf: in eval
+    mode (running statistics) the term is absent, as in torch's BatchNorm backward."""
+    acc = _acc_dtype(x)
+    term = _coef(k, x) * (x.to(acc) - _coef(center, x))
+    return torch.where(_coef(k, x) == 0, 0.0, term)
+
+
 def _gated_input_grad(dy, x, scale, shift, mask, relu, a, b, c, center):
     """``g = dy·m`` and ``a·g + b·(x − center) + c`` in the accumulation dtype."""
     acc = _acc_dtype(x)
     g = _gated(dy.to(acc), _relu_mask(x, scale, shift, mask, relu))
-    return g, _coef(a, x) * g + _coef(b, x) * (x.to(acc) - _coef(center, x)) + _coef(c, x)
+    return g, _coef(a, x) * g + _times_centered(b, x, center) + _coef(c, x)
 
 
 def affine_act_backward_apply(
@@ -256,8 +264,7 @@ def affine_act_double_backward_apply(
     m = _relu_mask(x, scale, shift, mask, relu)
     g = _gated(dy.to(acc), m)
     dd = ddx.to(acc)
-    xc = x.to(acc) - _coef(center, x)
-    ddy = _coef(a, x) * dd + _coef(p, x) + _coef(q, x) * xc
+    ddy = _coef(a, x) * dd + _coef(p, x) + _times_centered(q, x, center)
     if ddshortcut is not None:
         ddy = ddy + ddshortcut.to(acc)
     ddy = _gated(ddy, m)

@@ -309,7 +309,8 @@ def _affine_act_backward_apply_kernel(
     b = tl.load(b_ptr + coef, mask=coef_ok, other=0.0)
     c = tl.load(c_ptr + coef, mask=coef_ok, other=0.0)
     center = tl.load(center_ptr + coef, mask=coef_ok, other=0.0)
-    dx = a * g + b * (x - center) + c
+    # a zero b (running statistics) contributes nothing, even at x = ±inf (0·inf is NaN)
+    dx = a * g + tl.where(b == 0, 0.0, b * (x - center)) + c
     if IE_UPDATE:
         e = tl.load(e_ptr + offsets, mask=ok, other=0.0).to(tl.float32)
         dx = x - two_step_size * (e - theta * dx)
@@ -342,7 +343,7 @@ def _affine_act_double_backward_apply_kernel(
     p = tl.load(p_ptr + coef, mask=coef_ok, other=0.0)
     q = tl.load(q_ptr + coef, mask=coef_ok, other=0.0)
     center = tl.load(center_ptr + coef, mask=coef_ok, other=0.0)
-    ddy = a * ddx + p + q * (x - center)
+    ddy = a * ddx + p + tl.where(q == 0, 0.0, q * (x - center))
     if HAS_DDSHORTCUT:
         ddy += tl.load(ddshortcut_ptr + offsets, mask=ok, other=0.0).to(tl.float32)
     dxx = b * ddx + q * tl.where(m, dy, 0.0)
