@@ -1,4 +1,4 @@
-"""``pyeuler`` command line: ``info``, ``bench``, ``cost``, ``train``, ``eval``.
+"""``pyeuler`` command line: ``info``, ``bench``, ``cost``, ``train``, ``eval``, ``stability``.
 
 Each subcommand lives in its own module exposing ``add_parser(subparsers)``, which
 registers the subcommand and sets ``func`` to the function that runs it.
@@ -9,9 +9,9 @@ from __future__ import annotations
 import argparse
 import sys
 
-from pyeuler.cli import bench, cost, eval as eval_cmd, info, train
+from pyeuler.cli import bench, cost, eval as eval_cmd, info, stability, train
 
-_SUBCOMMANDS = (info, bench, cost, train, eval_cmd)
+_SUBCOMMANDS = (info, bench, cost, train, eval_cmd, stability)
 
 
 def build_parser() -> argparse.ArgumentParser:

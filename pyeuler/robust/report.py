@@ -13,6 +13,14 @@ Experiments, on each data set:
 4. BatchNorm vs GroupNorm inside IE-Skips (eval-mode accuracy).
 
 Clean, FGSM and PGD accuracy over a grid of eps, plotted as accuracy vs eps.
+
+The stability section comes from its own run (``--stability``; it retrains the models of
+experiments 1 and 2, natural training, and measures them with :mod:`pyeuler.stability`):
+
+    python -m pyeuler.robust.report --stability   # docs/figures/stability.json, *_stability.png
+
+Each run rewrites the markdown from both JSON files, so either section can be refreshed
+without rerunning the other.
 """
 
 from __future__ import annotations
@@ -24,6 +32,7 @@ import platform
 import statistics
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -191,7 +200,15 @@ def plot(results: dict, figdir: Path) -> list[str]:
     return files
 
 
-def write_markdown(results: dict, figures: list[str], path: Path, figrel: str) -> None:
+def write_markdown(results: dict, figures: list[str], path: Path, figrel: str,
+                   stability: dict | None = None, stability_figures: list[str] = ()) -> None:
+    """The report: the accuracy sections from ``results``, then (when given) the stability
+    section from ``stability`` (:func:`run_stability`'s output)."""
+    if results is None:
+        L = ["# Robustness report: step factor h and IE-Skips", ""]
+        L.extend(stability_markdown(stability, stability_figures, figrel))
+        path.write_text("\n".join(L))
+        return
     runs = results["runs"]
     meta = results["meta"]
     L = ["# Robustness report: step factor h and IE-Skips",
@@ -272,6 +289,8 @@ def write_markdown(results: dict, figures: list[str], path: Path, figrel: str) -
               f"{meta['samples']} attacked test samples each)._", ""])
     L.extend(f"- {line}" for line in findings(runs))
     L.append("")
+    if stability is not None:
+        L.extend(stability_markdown(stability, stability_figures, figrel))
     path.write_text("\n".join(L))
 
 
@@ -345,6 +364,319 @@ def findings(runs) -> list[str]:
     return out
 
 
+# ------------------------------------------------------------------- stability section
+
+#: Quantities pooled over blocks in the stability tables: (key, column title).
+STABILITY_CONDITIONS = (
+    ("explicit_x0", "‖I+J_f(x0)‖₂"),
+    ("implicit_x0", "1/σmin(I−J_f(x0))"),
+    ("implicit_out", "1/σmin(I−J_f(y)), IE output"),
+    ("map_lipschitz", "‖J_block‖₂"),
+)
+
+
+def _stability_summary(res) -> dict:
+    """Per-model numbers from a :class:`pyeuler.stability.ModelStability`: for each
+    quantity the share of (sample, block) pairs ≤ 1 (+ ``PASS_TOLERANCE``) pooled over the
+    blocks where it was measured and the pooled median; the median noise amplification and
+    feature norm per depth; the median growth ‖x_B‖/‖x_0‖; the share of converged
+    estimates."""
+    from pyeuler.stability import PASS_TOLERANCE
+
+    out = {}
+    for q, _ in STABILITY_CONDITIONS:
+        values = [getattr(b, q) for b in res.blocks if getattr(b, q) is not None]
+        if values:
+            v = torch.cat(values).double()
+            out[q] = dict(pass_rate=float((v <= 1 + PASS_TOLERANCE).double().mean()),
+                          median=float(v.median()), blocks=len(values))
+    conv = [c for b in res.blocks for c in b.converged.values()]
+    amp, norms = res.noise_amplification.double(), res.feature_norms.double()
+    out["noise_median"] = amp.median(1).values.tolist()
+    out["norm_median"] = norms.median(1).values.tolist()
+    out["growth_median"] = float((norms[-1] / norms[0]).median())
+    out["converged"] = statistics.mean(conv) if conv else 1.0
+    out["kinds"] = sorted({b.kind for b in res.blocks})
+    return out
+
+
+def run_stability(datasets, seeds, samples, epochs_scale, log, iters=100, tol=1e-5) -> dict:
+    """Train the step-factor and IE-Skip models of :func:`run_experiments` (natural
+    training, same settings and seeds) and measure them with
+    :func:`pyeuler.stability.model_stability` at the first ``samples`` test inputs."""
+    from pyeuler.cli.train import train_one
+    from pyeuler.stability import ConvergenceWarning, model_stability
+
+    results = {"runs": []}
+    for data_name in datasets:
+        s = SETTINGS[data_name]
+        for seed in seeds:
+            data = load(data_name, seed=seed)
+            epochs = max(1, round(s["epochs"] * epochs_scale))
+            jobs = [("step factor", s["deep_model"], h, 0) for h in (1.0, 0.1)]
+            jobs += [("IE-Skips", s["ie_model"], 1.0, k) for k in (0, 1, 3)]
+            for exp, model_name, h, k in jobs:
+                cfg = make_cfg(data_name, model_name, seed, h=h, epochs=epochs)
+                t0 = time.perf_counter()
+                trained = train_one(cfg, data, k, torch.device("cpu"), False, log=log)
+                model = trained["model"].eval()
+                clean = accuracy(model, data.x_test[:200], data.y_test[:200], progress=False)
+                t1 = time.perf_counter()
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore", ConvergenceWarning)
+                    res = model_stability(model, data.x_test[:samples], iters=iters, tol=tol,
+                                          generator=torch.Generator().manual_seed(seed))
+                run = dict(experiment=exp, data=data_name, seed=seed, model=model_name, h=h,
+                           ie_steps=k, norm=cfg["norm"], epochs=epochs, clean=clean,
+                           train_seconds=trained["train_seconds"],
+                           stability_seconds=time.perf_counter() - t1,
+                           **_stability_summary(res), detail=res.to_dict())
+                results["runs"].append(run)
+                rates = ", ".join(f"{q} {100 * run[q]['pass_rate']:.0f}%"
+                                  for q, _ in STABILITY_CONDITIONS if q in run)
+                log(f"[{data_name} seed {seed}] stability: {model_name} h={h:g} K={k}: clean "
+                    f"{clean:.3f}; ≤ 1: {rates}; noise x{run['noise_median'][-1]:.3g} at depth "
+                    f"{len(run['noise_median']) - 1} ({time.perf_counter() - t0:.0f} s)")
+    return results
+
+
+def _stability_label(r) -> str:
+    if r["experiment"] == "step factor":
+        return f"{r['model']}, h = {r['h']:g}"
+    return "ResNet (K=0)" if r["ie_steps"] == 0 else f"IE-ResNet-{r['ie_steps']}"
+
+
+def _stability_variants(runs):
+    seen = {}
+    for r in runs:
+        seen.setdefault((r["experiment"], r["model"], r["h"], r["ie_steps"]), []).append(r)
+    return list(seen.values())
+
+
+def _ms_plain(values, digits=2) -> str:
+    values = list(values)
+    if len(values) == 1:
+        return f"{values[0]:.{digits}g}"
+    return f"{statistics.mean(values):.{digits}g} ± {statistics.stdev(values):.{digits}g}"
+
+
+def plot_stability(stability: dict, figdir: Path) -> list[str]:
+    """Per data set: median noise amplification and feature norm through depth (mean ± std
+    over seeds), step factor and IE-Skips side by side."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    files = []
+    runs = stability["runs"]
+    for data_name in dict.fromkeys(r["data"] for r in runs):
+        fig, axes = plt.subplots(2, 2, figsize=(10, 7), sharex="col")
+        for col, exp in enumerate(("step factor", "IE-Skips")):
+            for i, variant in enumerate(_stability_variants(_group(runs, data=data_name,
+                                                                   experiment=exp))):
+                for row, key in enumerate(("noise_median", "norm_median")):
+                    vals = torch.tensor([r[key] for r in variant])
+                    mean = vals.mean(0)
+                    std = vals.std(0) if len(variant) > 1 else torch.zeros_like(mean)
+                    depth = list(range(len(mean)))
+                    ax = axes[row, col]
+                    ax.plot(depth, mean, marker="o", ms=2, color=f"C{i}",
+                            label=_stability_label(variant[0]))
+                    ax.fill_between(depth, (mean - std).clamp_min(1e-3), mean + std,
+                                    color=f"C{i}", alpha=0.15)
+            axes[0, col].set(title=f"{data_name}, {exp}: noise amplification", yscale="log")
+            axes[1, col].set(title=f"{data_name}, {exp}: feature norm ‖x_k‖", xlabel="depth k "
+                             "(blocks; 0 = first block's input)")
+            axes[0, col].legend(fontsize=8)
+        from matplotlib.ticker import MaxNLocator
+        for ax in axes.flat:
+            ax.grid(alpha=0.3)
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        axes[0, 0].set_ylabel("median ‖x_k(x0+δ) − x_k(x0)‖ / ‖δ‖")
+        axes[1, 0].set_ylabel("median ‖x_k‖")
+        fig.tight_layout()
+        name = f"{data_name}_stability.png"
+        fig.savefig(figdir / name, dpi=110)
+        plt.close(fig)
+        files.append(name)
+    return files
+
+
+def stability_markdown(stability: dict, figures, figrel: str) -> list[str]:
+    meta = stability["meta"]
+    runs = stability["runs"]
+    L = ["## Stability diagnostics", "",
+         f"Generated by `{meta['command']}` ({meta['date']}, {meta['seconds'] / 60:.1f} min on "
+         f"{meta['machine']}, torch {meta['torch']}); raw results: "
+         f"[`{figrel}/stability.json`]({figrel}/stability.json). The models of the step-factor "
+         "and IE-Skip experiments above (natural training, same builders, seeds and "
+         f"epochs: digits {meta['epochs']['digits']}, moons {meta['epochs']['moons']}) are "
+         "retrained in this run and measured with `pyeuler.stability.model_stability` at the "
+         f"first {meta['samples']} test inputs of each seed's split; mean ± std over seeds "
+         f"{meta['seeds']}. Clean accuracy: these models, first 200 test samples.",
+         "",
+         "- **‖I+J_f(x0)‖₂ ≤ 1**: the explicit step x0 + f(x0) does not amplify input "
+         "perturbations (Li, He & Lin, ICML 2020, Prop. 2); blocks of the form x + f(x).",
+         "- **1/σmin(I−J_f) ≤ 1**: the exact implicit step does not amplify them (Prop. 3), "
+         "at x0 and, for IE-ResNets, at the IE output y where the implicit step's Jacobian is "
+         "taken. Wherever the explicit condition holds the implicit one holds too at the same "
+         "point (‖I+J‖ ≤ 1 ⇒ σmin(I−J) ≥ 2 − ‖I+J‖ ≥ 1), the containment of stability "
+         "regions behind their Theorem 1.",
+         "- **‖J_block‖₂ ≤ 1**: the block map as the network runs it (for IE-ResNets the "
+         "K-step map), the only quantity for post-activation blocks ReLU(S(x) + h·F(x)) "
+         "(`resnet-56`) and for down-sampling blocks, which are not of the form x + f(x).",
+         "- [share]: the share of (test input, block) pairs meeting the condition (value "
+         f"≤ 1 + {meta.get('pass_tolerance', 1e-3):g}, for rounding), pooled over the blocks "
+         "where it applies; medians pooled likewise. Per-sample Jacobians are formed densely "
+         f"(`method=\"auto\"`), so values are exact up to the iteration tolerance "
+         f"{meta['tol']:g}.",
+         "- With GroupNorm(1, C) in the branch (`wrn-10-1`, the `mlp-*` models) f(x) is "
+         "unchanged by x ↦ αx and x ↦ x + c·1 (up to the norm's ε), so J_f x = 0 and "
+         "J_f 1 = 0: ‖I+J_f‖₂ ≥ 1 and 1/σmin(I−J_f) ≥ 1 at every point, and either condition "
+         "can hold at best with equality. The medians show how far above 1 the blocks are.",
+         f"- Noise: Gaussian δ with ‖δ‖ ≈ {meta['noise_scale']:g}·‖x0‖ added to the first "
+         "block's input x0; amplification ‖x_k(x0+δ) − x_k(x0)‖/‖δ‖ at the last block and "
+         "its peak over the block outputs k ≥ 1 (median over inputs; Zhang et al., IJCAI 2019, §3.3), and the "
+         "growth "
+         "‖x_B‖/‖x_0‖ of the features through the blocks (Zhang & Schaeffer, JMIV 2020).",
+         ""]
+    L.extend(["Each cell: median over (test input, block) pairs, mean ± std over seeds, and in "
+              "brackets the share of pairs with the value ≤ 1 (mean over seeds); noise "
+              "amplification and feature growth: medians over inputs.", ""])
+    for data_name in dict.fromkeys(r["data"] for r in runs):
+        cols = ["model", "clean (%)"] + [t for _, t in STABILITY_CONDITIONS]
+        cols += ["noise amplification: last block", "peak over the blocks", "‖x_B‖/‖x_0‖"]
+        L.extend([f"### {data_name}", "", "| " + " | ".join(cols) + " |",
+                  "|" + "---|" * len(cols)])
+        for v in _stability_variants(_group(runs, data=data_name)):
+            row = [_stability_label(v[0]) + ("" if v[0]["experiment"] == "IE-Skips"
+                                              else " (step factor)"),
+                   _ms([r["clean"] for r in v])]
+            for q, _ in STABILITY_CONDITIONS:
+                if q not in v[0]:
+                    row.append("—")
+                    continue
+                share = 100 * statistics.mean(r[q]["pass_rate"] for r in v)
+                row.append(f"{_ms_plain([r[q]['median'] for r in v], 3)} [{share:.0f}%]")
+            row.append(_ms_plain([r["noise_median"][-1] for r in v], 3))
+            row.append(_ms_plain([max(r["noise_median"][1:]) for r in v], 3))
+            row.append(_ms_plain([r["growth_median"] for r in v], 3))
+            L.append("| " + " | ".join(row) + " |")
+        blocks = {_stability_label(v[0]): (len(v[0]["noise_median"]) - 1, v[0]["kinds"])
+                  for v in _stability_variants(_group(runs, data=data_name))}
+        L.extend(["", "Blocks: " + "; ".join(f"{k}: {n} ({', '.join(kinds)})"
+                                              for k, (n, kinds) in blocks.items()) + ".", ""])
+        for f in figures:
+            if f.startswith(data_name):
+                L.extend([f"![{f}]({figrel}/{f})", ""])
+    conv = [r["converged"] for r in runs]
+    L.extend(["### What the stability diagnostics show", "",
+              "_Computed from the numbers above by `pyeuler.robust.report.stability_findings`; "
+              "\"about the same\" means within the larger seed-to-seed std._", ""])
+    L.extend(f"- {line}" for line in stability_findings(runs))
+    L.append(f"- Convergence: {100 * min(conv):.1f}% of the estimates converged in the worst "
+             f"model ({100 * statistics.mean(conv):.1f}% on average; iters {meta['iters']}, "
+             f"tol {meta['tol']:g}); an unconverged estimate is a lower bound of the norm.")
+    L.append("")
+    return L
+
+
+def stability_findings(runs) -> list[str]:
+    """Plain-language comparisons of the stability numbers (no fixed conclusions)."""
+    out = []
+
+    def vals(group, q, key="median"):
+        return [r[q][key] for r in group]
+
+    def cmp(a_vals, b_vals, other, tol=0.005):
+        a, b = statistics.mean(a_vals), statistics.mean(b_vals)
+        spread = max((statistics.stdev(v) for v in (a_vals, b_vals) if len(v) > 1), default=0.0)
+        t = max(spread, tol * max(abs(a), abs(b), 1e-12))
+        word = "higher than" if a > b + t else "lower than" if a < b - t else "about the same as"
+        return f"{word} {other}"
+
+    def m(v):
+        return f"{statistics.mean(v):.3g}"
+
+    def pct(group, q):
+        return f"{100 * statistics.mean(vals(group, q, 'pass_rate')):.1f}%"
+
+    def last(group):
+        return [r["noise_median"][-1] for r in group]
+
+    def peak(group):
+        return [max(r["noise_median"][1:]) for r in group]
+
+    for d in dict.fromkeys(r["data"] for r in runs):
+        sf = _group(runs, data=d, experiment="step factor")
+        if sf:
+            h1, h01 = _group(sf, h=1.0), _group(sf, h=0.1)
+            parts = []
+            for q, title in STABILITY_CONDITIONS:
+                if q in h1[0] and q in h01[0]:
+                    parts.append(f"median {title} {m(vals(h01, q))} vs {m(vals(h1, q))} "
+                                 f"({cmp(vals(h01, q), vals(h1, q), 'h = 1')}; ≤ 1 for "
+                                 f"{pct(h01, q)} vs {pct(h1, q)} of pairs)")
+            g01, g1 = [r["growth_median"] for r in h01], [r["growth_median"] for r in h1]
+            out.append(f"{d}, {sf[0]['model']}, h = 0.1 vs h = 1: " + "; ".join(parts)
+                       + f"; noise amplification through the {len(h1[0]['noise_median']) - 1} "
+                       f"blocks {m(last(h01))} vs {m(last(h1))} "
+                       f"({cmp(last(h01), last(h1), 'h = 1', 0.02)}), at its peak over the blocks "
+                       f"{m(peak(h01))} vs {m(peak(h1))} "
+                       f"({cmp(peak(h01), peak(h1), 'h = 1', 0.02)}); feature growth "
+                       f"‖x_B‖/‖x_0‖ {m(g01)} vs {m(g1)} ({cmp(g01, g1, 'h = 1', 0.02)}).")
+        ie = _group(runs, data=d, experiment="IE-Skips")
+        base = _group(ie, ie_steps=0)
+        for k in (1, 3):
+            gk = _group(ie, ie_steps=k)
+            if not (gk and base):
+                continue
+            e_k, e_0 = vals(gk, "explicit_x0"), vals(base, "explicit_x0")
+            out.append(
+                f"{d}, IE-ResNet-{k} vs ResNet (K=0): median 1/σmin(I−J_f) at the IE output "
+                f"{m(vals(gk, 'implicit_out'))} (≤ 1 for {pct(gk, 'implicit_out')} of pairs), "
+                f"median ‖I+J_f(x0)‖₂ {m(e_k)} vs the ResNet's {m(e_0)} "
+                f"({cmp(e_k, e_0, 'the ResNet')}); "
+                f"median ‖J_block‖₂ of the blocks as run {m(vals(gk, 'map_lipschitz'))} vs "
+                f"{m(vals(base, 'map_lipschitz'))} "
+                f"({cmp(vals(gk, 'map_lipschitz'), vals(base, 'map_lipschitz'), 'the ResNet')})"
+                f"; noise amplification {m(last(gk))} vs {m(last(base))} "
+                f"({cmp(last(gk), last(base), 'the ResNet', 0.02)}).")
+        pre = [r for r in _group(runs, data=d) if "explicit_x0" in r]
+        if pre:
+            out.append(f"{d}, every model with blocks x + f(x), at the same inputs x0: the "
+                       f"implicit condition holds for {pct(pre, 'implicit_x0')} of pairs, the "
+                       f"explicit one for {pct(pre, 'explicit_x0')} (the first cannot be "
+                       "lower).")
+    return out
+
+
+def _figure_names(results: dict, figdir: Path) -> list[str]:
+    """The accuracy figures :func:`plot` writes for ``results``, where they exist (so the
+    stability run can rewrite the markdown without redrawing them)."""
+    names = []
+    for data_name in dict.fromkeys(r["data"] for r in results["runs"]):
+        for exp in ("step factor", "IE-Skips"):
+            name = f"{data_name}_{exp.replace(' ', '_').replace('-', '').lower()}.png"
+            if _group(results["runs"], data=data_name, experiment=exp) and (figdir / name).exists():
+                names.append(name)
+    return names
+
+
+def _meta(argv, t0, args, **extra) -> dict:
+    return dict(command="python -m pyeuler.robust.report " + " ".join(
+                    argv if argv is not None else sys.argv[1:]),
+                date=time.strftime("%Y-%m-%d"), seconds=time.perf_counter() - t0,
+                machine=f"{platform.machine()} CPU, {torch.get_num_threads()} threads",
+                torch=torch.__version__, seeds=args.seeds,
+                epochs={d: max(1, round(SETTINGS[d]["epochs"] * args.epochs_scale))
+                        for d in SETTINGS}, **extra)
+
+
+def _read(path: Path) -> dict | None:
+    return json.loads(path.read_text()) if path.exists() else None
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m pyeuler.robust.report", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -359,35 +691,63 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=None,
                    help="torch CPU threads (1 avoids OpenMP oversubscription on a busy machine)")
     p.add_argument("--render-only", action="store_true",
-                   help="rewrite the report and figures from OUT/figures/results.json, no training")
+                   help="rewrite the report and figures from OUT/figures/results.json (and "
+                        "stability.json), no training; with --stability, redraw only the "
+                        "stability figures")
+    p.add_argument("--stability", action="store_true",
+                   help="run the stability section only (retrains the step-factor and IE-Skip "
+                        "models, natural training) and rewrite the report; the accuracy "
+                        "sections are rendered unchanged from results.json")
+    p.add_argument("--stability-samples", type=int, default=16,
+                   help="test inputs each model is measured at [16]")
+    p.add_argument("--stability-iters", type=int, default=200,
+                   help="power / inverse iterations per estimate [200]")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     out = Path(args.out)
     figdir = out / "figures"
     figdir.mkdir(parents=True, exist_ok=True)
-    if args.render_only:
-        results = json.loads((figdir / "results.json").read_text())
-        figures = plot(results, figdir)
-        write_markdown(results, figures, out / "robustness_report.md", "figures")
-        print(f"rewrote {out / 'robustness_report.md'} and {len(figures)} figures")
+    report = out / "robustness_report.md"
+    if args.render_only:  # with --stability: redraw the stability figures only
+        results = _read(figdir / "results.json")
+        stability = _read(figdir / "stability.json")
+        figures = ((_figure_names(results, figdir) if args.stability else plot(results, figdir))
+                   if results else [])
+        stab_figures = plot_stability(stability, figdir) if stability else []
+        write_markdown(results, figures, report, "figures", stability, stab_figures)
+        drawn = len(stab_figures) + (0 if args.stability else len(figures))
+        print(f"rewrote {report} and {drawn} figures")
         return 0
     t0 = time.perf_counter()
+    log = lambda m: print(m, flush=True)  # noqa: E731
+    if args.stability:
+        stability = run_stability(args.data, args.seeds, args.stability_samples,
+                                  args.epochs_scale, log, iters=args.stability_iters)
+        from pyeuler.stability import PASS_TOLERANCE
+
+        stability["meta"] = _meta(argv, t0, args, samples=args.stability_samples,
+                                  iters=args.stability_iters, tol=1e-5, noise_scale=1e-2,
+                                  pass_tolerance=PASS_TOLERANCE)
+        (figdir / "stability.json").write_text(json.dumps(stability, indent=1))
+        stab_figures = plot_stability(stability, figdir)
+        results = _read(figdir / "results.json")
+        write_markdown(results, _figure_names(results, figdir) if results else [], report,
+                       "figures", stability, stab_figures)
+        print(f"wrote the stability section of {report} and {len(stab_figures)} figures in "
+              f"{figdir}/ ({(time.perf_counter() - t0) / 60:.1f} min)")
+        return 0
     results = run_experiments(args.data, args.seeds, args.pgd_steps, args.samples,
-                              args.epochs_scale, args.at_steps,
-                              log=lambda m: print(m, flush=True))
-    results["meta"] = dict(
-        command="python -m pyeuler.robust.report " + " ".join(argv if argv is not None
-                                                                else sys.argv[1:]),
-        date=time.strftime("%Y-%m-%d"), seconds=time.perf_counter() - t0,
-        machine=f"{platform.machine()} CPU, {torch.get_num_threads()} threads",
-        torch=torch.__version__, seeds=args.seeds, pgd_steps=args.pgd_steps,
-        at_steps=args.at_steps, samples=args.samples,
-        epochs={d: max(1, round(SETTINGS[d]["epochs"] * args.epochs_scale)) for d in SETTINGS})
+                              args.epochs_scale, args.at_steps, log=log)
+    results["meta"] = _meta(argv, t0, args, pgd_steps=args.pgd_steps, at_steps=args.at_steps,
+                            samples=args.samples)
     (figdir / "results.json").write_text(json.dumps(results, indent=1))
     figures = plot(results, figdir)
-    write_markdown(results, figures, out / "robustness_report.md", "figures")
-    print(f"wrote {out / 'robustness_report.md'} and {len(figures)} figures in {figdir}/ "
+    stability = _read(figdir / "stability.json")
+    stab_figures = [f"{d}_stability.png" for d in dict.fromkeys(
+        r["data"] for r in stability["runs"])] if stability else []
+    write_markdown(results, figures, report, "figures", stability, stab_figures)
+    print(f"wrote {report} and {len(figures)} figures in {figdir}/ "
           f"({(time.perf_counter() - t0) / 60:.1f} min)")
     return 0
 
