@@ -48,11 +48,17 @@ def get_backend() -> str:
     return _default_backend
 
 
-def _kernel_module(name: str):
-    if name == "triton":
+def kernel_module(name: str):
+    """The module implementing :mod:`pyeuler.ops.primitives` for backend ``name``: the
+    primitives themselves for ``"eager"``, ``pyeuler.triton`` or ``pyeuler.cuda``."""
+    if name == "eager":
+        from pyeuler.ops import primitives as module
+    elif name == "triton":
         from pyeuler import triton as module
-    else:
+    elif name == "cuda":
         from pyeuler import cuda as module
+    else:
+        raise ValueError(f"backend must be 'eager', 'triton' or 'cuda' here, got {name!r}")
     return module
 
 
@@ -63,7 +69,7 @@ def available_backends() -> dict[str, tuple[bool, str]]:
         "eager": (True, "plain PyTorch ops"),
     }
     for name in ("triton", "cuda"):
-        report[name] = _kernel_module(name).is_available()
+        report[name] = kernel_module(name).is_available()
     return report
 
 
@@ -149,13 +155,13 @@ def resolve_backend(backend: str | None, device: torch.device) -> str:
     if name == "auto":
         if device_type(device) == "cuda":
             for candidate in ("triton", "cuda"):
-                ok, _ = _kernel_module(candidate).is_available()
+                ok, _ = kernel_module(candidate).is_available()
                 if ok:
                     return candidate
         return "eager"
     if name in ("reference", "eager"):
         return name
-    ok, why = _kernel_module(name).is_available()
+    ok, why = kernel_module(name).is_available()
     if ok:
         ok, why = _device_ok(name, device)
     if not ok:

@@ -20,6 +20,9 @@ class PreActBranch(nn.Module):
     shape-preserving default.  ``IESkip`` recognises this class and uses the explicit VJP.
     """
 
+    # the protocol pyeuler.ops reads (ops.preact_branch.has_explicit_vjp): J_fᵀ·v by formula
+    explicit_vjp = True
+
     def __init__(self, channels: int, norm: str = "batch", dropout: float = 0.0, *,
                  out_channels: int | None = None, stride: int = 1, dim: int = 2,
                  norm_groups: int = 1, h: float = 1.0, h_mode: str = "fixed",

@@ -29,12 +29,14 @@ import numbers
 import torch
 from torch import Tensor, nn
 
+from pyeuler.backend import kernel_module as _kernels
 from pyeuler.backend import resolve_backend
 from pyeuler.ops import primitives
 from pyeuler.ops.dispatch import (dual_level_open, forward_mode_active, func_transform_active,
                                   kernel_backend)
 from pyeuler.ops.fixed_point import anderson
-from pyeuler.ops.preact_branch import branch_forward, branch_vjp, branch_vjp_ie_update
+from pyeuler.ops.preact_branch import (branch_forward, branch_vjp, branch_vjp_ie_update,
+                                       has_explicit_vjp)
 
 __all__ = ["GRAD_MODES", "BN_UPDATES", "ie_skip", "ie_residual", "ie_update", "validate_ie_args"]
 
@@ -45,14 +47,6 @@ BN_UPDATES = ("all", "first")
 # ----------------------------------------------------------------------------------------
 # Elementwise pieces.  Linear maps, so their backward is written with torch ops and stays
 # differentiable (the "unrolled" gradient needs that).
-
-
-def _kernels(backend: str):
-    if backend == "triton":
-        from pyeuler import triton as kernels
-    else:
-        from pyeuler import cuda as kernels
-    return kernels
 
 
 @torch.library.custom_op("pyeuler::ie_residual", mutates_args=())
@@ -383,8 +377,6 @@ def ie_skip(branch, x: Tensor, steps: int = 1, step_size: float = 0.1, theta: fl
     ``NotImplementedError``/``RuntimeError`` for what ``grad="implicit"`` cannot
     differentiate (forward mode, ``torch.func`` transforms, ``create_graph=True``).
     """
-    from pyeuler.nn.branch import PreActBranch
-
     if not callable(branch):
         raise TypeError(f"branch must be a callable module, got {type(branch).__name__}")
     if not isinstance(x, Tensor) or not x.is_floating_point():
@@ -396,8 +388,9 @@ def ie_skip(branch, x: Tensor, steps: int = 1, step_size: float = 0.1, theta: fl
     name = kernel_backend(resolve_backend(backend, x.device), x, *parameters)
     if grad == "implicit" and steps > 0:
         _check_implicit_differentiation(x, parameters)
-    explicit = isinstance(branch, PreActBranch) and name != "reference"
-    if isinstance(branch, PreActBranch):
+    preact = has_explicit_vjp(branch)
+    explicit = preact and name != "reference"
+    if preact:
         if grad == "implicit" and branch.training and branch.dropout > 0:
             raise ValueError("grad='implicit' needs a deterministic branch: dropout must be 0 in "
                              "training mode (each evaluation would draw a new mask)")

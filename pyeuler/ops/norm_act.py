@@ -30,24 +30,13 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
+from pyeuler.backend import kernel_module as _kernels
 from pyeuler.backend import resolve_backend
 from pyeuler.ops import primitives, reference_norm
 from pyeuler.ops.dispatch import kernel_backend
 
 __all__ = ["NormStats", "norm_act", "norm_act_backward", "norm_act_module", "norm_relu_backward_conv",
            "norm_relu_backward_ie_update", "update_running_stats"]
-
-
-def _kernels(backend: str):
-    if backend == "eager":
-        return primitives
-    if backend == "triton":
-        from pyeuler import triton as kernels
-    elif backend == "cuda":
-        from pyeuler import cuda as kernels
-    else:
-        raise ValueError(f"backend must be 'eager', 'triton' or 'cuda' here, got {backend!r}")
-    return kernels
 
 
 class Affine(NamedTuple):

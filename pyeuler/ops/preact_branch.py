@@ -18,7 +18,7 @@ from pyeuler.ops.norm_act import (NormStats, conv_weight_for, norm_act_backward,
                                   norm_relu_backward_conv, norm_relu_backward_ie_update)
 
 __all__ = ["BranchCache", "branch_forward", "branch_vjp", "branch_vjp_ie_update", "branch_jvp",
-           "check_input_rank", "check_preact_branch", "scale_by_step"]
+           "check_input_rank", "check_preact_branch", "has_explicit_vjp", "scale_by_step"]
 
 _CONV_INPUT_GRAD = {
     nn.Conv1d: torch.nn.grad.conv1d_input,
@@ -51,10 +51,18 @@ def check_input_rank(x: Tensor, layer: nn.Module, owner: str) -> None:
                          f"shape {tuple(x.shape)}")
 
 
+def has_explicit_vjp(branch) -> bool:
+    """Whether ``branch`` declares itself a pre-activation branch whose J_fᵀ·v the explicit
+    formula computes: a class attribute ``explicit_vjp = True`` (:class:`pyeuler.nn.PreActBranch`
+    sets it) over ``bn1, conv1, bn2, conv2``, ``h``, ``dropout`` and ``forward(x, backend=)``.
+    A protocol rather than an isinstance check, so the ops never import the modules above
+    them."""
+    return getattr(type(branch), "explicit_vjp", False) is True
+
+
 def check_preact_branch(branch, argument: str = "branch") -> None:
-    """The explicit formula needs a pre-activation branch: ``bn1, conv1, bn2, conv2``, ``h``
-    and ``dropout`` as :class:`pyeuler.nn.PreActBranch` has them."""
-    if not all(hasattr(branch, name) for name in ("bn1", "conv1", "bn2", "conv2", "h", "dropout")):
+    """The explicit formula needs a pre-activation branch (:func:`has_explicit_vjp`)."""
+    if not has_explicit_vjp(branch):
         raise TypeError(f"{argument} must be a pyeuler.nn.PreActBranch (the explicit formula "
                         f"reads its bn1, conv1, bn2, conv2 and h), got {type(branch).__name__}")
 
