@@ -10,6 +10,7 @@
 #include <c10/core/impl/VirtualGuardImpl.h>
 #include <torch/library.h>
 
+#include <array>
 #include <optional>
 #include <tuple>
 #include <vector>
@@ -384,6 +385,236 @@ Tensor ie_update(const Tensor& x_in, const Tensor& e_in, const Tensor& v_in, dou
   return x_next;
 }
 
+// ---- the per-channel algebra: float32 statistics and sums, parameters in their dtype ------
+
+// The layout both coefficient ops share (kernels/pyeuler_kernels.h): statistics [C] for
+// BatchNorm (groups == 0), [N, groups] for GroupNorm; sums and coefficients [C] or [N, C].
+struct AlgebraShape {
+  int64_t samples;
+  std::vector<int64_t> statistics;
+  std::vector<int64_t> coefficients;
+};
+
+AlgebraShape algebra_shape(const Tensor& var, int64_t groups, int64_t channels, const char* op) {
+  TORCH_CHECK(var.is_cuda(), "pyeuler.cuda: var must be a CUDA tensor, got ", var.device());
+  TORCH_CHECK_TYPE(var.scalar_type() == at::kFloat, "pyeuler.cuda: var must be float32, got ",
+                   var.scalar_type());
+  TORCH_CHECK(channels >= 1 && groups >= 0 && (groups == 0 || channels % groups == 0),
+              "pyeuler.cuda.", op, ": groups must be 0 (BatchNorm) or divide channels = ",
+              channels, ", got ", groups);
+  if (groups == 0) {
+    TORCH_CHECK(var.dim() == 1 && var.size(0) == channels, "pyeuler.cuda.", op,
+                ": var must be [C] = [", channels, "] for BatchNorm (groups = 0), got ",
+                var.sizes());
+    return {1, {channels}, {channels}};
+  }
+  TORCH_CHECK(var.dim() == 2 && var.size(1) == groups, "pyeuler.cuda.", op,
+              ": var must be [N, groups] = [N, ", groups, "] for GroupNorm, got ", var.sizes());
+  return {var.size(0), {var.size(0), groups}, {var.size(0), channels}};
+}
+
+// An optional float32 vector of a given shape (a dense copy only when it is not dense).
+struct VectorArg {
+  Tensor dense;  // keeps a contiguous copy alive for the launch
+  const float* data = nullptr;
+};
+
+VectorArg vector_arg(const std::optional<Tensor>& t, const Tensor& var,
+                     const std::vector<int64_t>& shape, const char* name) {
+  if (!t.has_value()) return {};
+  TORCH_CHECK(t->device() == var.device(), "pyeuler.cuda: ", name, " is on ", t->device(),
+              " but var is on ", var.device());
+  TORCH_CHECK_TYPE(t->scalar_type() == at::kFloat, "pyeuler.cuda: ", name,
+                   " must be float32, got ", t->scalar_type());
+  TORCH_CHECK(t->sizes() == at::IntArrayRef(shape), "pyeuler.cuda: ", name, " must have shape ",
+              at::IntArrayRef(shape), ", got ", t->sizes());
+  Tensor dense = t->contiguous();
+  const float* data = dense.data_ptr<float>();
+  return {std::move(dense), data};
+}
+
+// An optional per-channel parameter read in its own dtype: [C], or 0-dim where allowed.
+struct ParamArg {
+  Tensor dense;  // a copy only for a [C] view of one value (stride 0 would read as 0-dim)
+  pyeuler_param_t abi{nullptr, PYEULER_DTYPE_FLOAT32, 0};
+};
+
+ParamArg param_arg(const std::optional<Tensor>& t, const Tensor& var, int64_t channels,
+                   bool allow_0dim, const char* name) {
+  if (!t.has_value()) return {};
+  TORCH_CHECK(t->device() == var.device(), "pyeuler.cuda: ", name, " is on ", t->device(),
+              " but var is on ", var.device());
+  const bool scalar = allow_0dim && t->dim() == 0;
+  TORCH_CHECK(scalar || (t->dim() == 1 && t->size(0) == channels), "pyeuler.cuda: ", name,
+              " must be [C] = [", channels, "]", allow_0dim ? " or 0-dim" : "", ", got shape ",
+              t->sizes());
+  const pyeuler_dtype_t dtype = kernel_dtype(*t, name);
+  if (scalar) return {*t, {t->data_ptr(), dtype, 0}};
+  if (channels == 1) return {*t, {t->data_ptr(), dtype, 1}};
+  Tensor dense = t->stride(0) == 0 ? t->contiguous() : *t;
+  const pyeuler_param_t abi{dense.data_ptr(), dtype, dense.stride(0)};
+  return {std::move(dense), abi};
+}
+
+std::tuple<Tensor, Tensor> forward_coefficients(
+    const Tensor& mean, const Tensor& var, const std::optional<Tensor>& weight,
+    const std::optional<Tensor>& bias, const std::optional<Tensor>& h, double h_value,
+    double eps, int64_t groups, int64_t channels) {
+  const AlgebraShape shape = algebra_shape(var, groups, channels, "forward_coefficients");
+  const VectorArg mean_arg = vector_arg(mean, var, shape.statistics, "mean");
+  const VectorArg var_arg = vector_arg(var, var, shape.statistics, "var");
+  const ParamArg weight_arg = param_arg(weight, var, channels, false, "weight");
+  const ParamArg bias_arg = param_arg(bias, var, channels, false, "bias");
+  const ParamArg h_arg = param_arg(h, var, channels, true, "h");
+  const c10::DeviceGuard guard(var.device());
+  Tensor scale = at::empty(shape.coefficients, var.options());
+  Tensor shift = at::empty(shape.coefficients, var.options());
+  check_launch(pyeuler_forward_coefficients(mean_arg.data, var_arg.data, shape.samples, channels,
+                                            groups, weight_arg.abi, bias_arg.abi, h_arg.abi,
+                                            h_value, eps, scale.data_ptr<float>(),
+                                            shift.data_ptr<float>(), current_stream(var.device())),
+               "forward_coefficients");
+  return {scale, shift};
+}
+
+// Outputs not computed (dweight, dbias, dh without the sums or not in `needs`) are empty
+// tensors; the Python wrapper maps them to None.
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> backward_coefficients(
+    const std::optional<Tensor>& sum_g, const std::optional<Tensor>& sum_gxc,
+    const std::optional<Tensor>& dmean, const std::optional<Tensor>& dvar,
+    const std::optional<Tensor>& weight, const std::optional<Tensor>& bias,
+    const std::optional<Tensor>& h, const Tensor& var, double h_value, double eps, int64_t groups,
+    bool batch_stats, std::array<bool, 5> needs, int64_t channels, int64_t count) {
+  const AlgebraShape shape = algebra_shape(var, groups, channels, "backward_coefficients");
+  const bool sums = sum_g.has_value();
+  TORCH_CHECK(sum_gxc.has_value() == sums,
+              "pyeuler.cuda.backward_coefficients: sum_g and sum_gxc must be given together");
+  TORCH_CHECK(count >= 1, "pyeuler.cuda.backward_coefficients: count must be >= 1, got ", count);
+  const bool want_dweight = sums && needs[2];
+  const bool want_dbias = sums && needs[3];
+  const bool want_dh = sums && needs[4];
+  TORCH_CHECK(!want_dh || h.has_value(), "pyeuler.cuda.backward_coefficients: the gradient of "
+              "h (needs[4]) needs h as a tensor, got None");
+  const VectorArg sum_g_arg = vector_arg(sum_g, var, shape.coefficients, "sum_g");
+  const VectorArg sum_gxc_arg = vector_arg(sum_gxc, var, shape.coefficients, "sum_gxc");
+  const VectorArg dmean_arg = vector_arg(dmean, var, shape.statistics, "dmean");
+  const VectorArg dvar_arg = vector_arg(dvar, var, shape.statistics, "dvar");
+  const VectorArg var_arg = vector_arg(var, var, shape.statistics, "var");
+  const ParamArg weight_arg = param_arg(weight, var, channels, false, "weight");
+  const ParamArg bias_arg = param_arg(bias, var, channels, false, "bias");
+  const ParamArg h_arg = param_arg(h, var, channels, true, "h");
+  const c10::DeviceGuard guard(var.device());
+  const auto options = var.options();
+  Tensor a = at::empty(shape.coefficients, options);
+  Tensor b = at::empty(shape.coefficients, options);
+  Tensor c = at::empty(shape.coefficients, options);
+  Tensor dweight = at::empty({want_dweight ? channels : 0}, options);
+  Tensor dbias = at::empty({want_dbias ? channels : 0}, options);
+  Tensor dh = want_dh ? at::empty(h->sizes(), options) : at::empty({0}, options);
+  check_launch(pyeuler_backward_coefficients(
+                   sum_g_arg.data, sum_gxc_arg.data, dmean_arg.data, dvar_arg.data, var_arg.data,
+                   shape.samples, channels, groups, weight_arg.abi, bias_arg.abi, h_arg.abi,
+                   h_value, eps, batch_stats, needs[0], count, a.data_ptr<float>(),
+                   b.data_ptr<float>(), c.data_ptr<float>(),
+                   want_dweight ? dweight.data_ptr<float>() : nullptr,
+                   want_dbias ? dbias.data_ptr<float>() : nullptr,
+                   want_dh ? dh.data_ptr<float>() : nullptr, current_stream(var.device())),
+               "backward_coefficients");
+  return {a, b, c, dweight, dbias, dh};
+}
+
+// The gradients of (sum_g, sum_gxc, dmean, dvar, weight, bias, h, var); those the
+// cotangents do not reach (the algebra's None) are empty tensors, which the Python wrapper
+// maps to None by the same presence rules.  weight, bias and h's gradients come in the
+// parameter's dtype, the others float32: sums-shaped [C] or [N, C], statistics-shaped.
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor>
+backward_coefficients_vjp(
+    const std::optional<Tensor>& sum_g, const std::optional<Tensor>& sum_gxc,
+    const std::optional<Tensor>& dmean, const std::optional<Tensor>& dvar,
+    const std::optional<Tensor>& weight, const std::optional<Tensor>& bias,
+    const std::optional<Tensor>& h, const Tensor& var, double h_value, double eps, int64_t groups,
+    bool batch_stats, std::array<bool, 5> needs, int64_t channels, int64_t count,
+    const c10::List<std::optional<Tensor>>& cotangents) {
+  const char* op = "backward_coefficients_vjp";
+  const AlgebraShape shape = algebra_shape(var, groups, channels, op);
+  TORCH_CHECK(cotangents.size() == 6, "pyeuler.cuda.backward_coefficients_vjp: cotangents must "
+              "be those of (a, b, c, dweight, dbias, dh), got ", cotangents.size());
+  const bool sums = sum_g.has_value();
+  TORCH_CHECK(sum_gxc.has_value() == sums,
+              "pyeuler.cuda.backward_coefficients_vjp: sum_g and sum_gxc must be given together");
+  TORCH_CHECK(count >= 1, "pyeuler.cuda.backward_coefficients_vjp: count must be >= 1, got ",
+              count);
+  const bool centered = needs[0] && batch_stats;
+  std::array<std::optional<Tensor>, 6> cot;
+  for (size_t k = 0; k < 6; ++k) cot[k] = cotangents.get(k);
+  // only the cotangents that reach something: b and c are constants without the batch
+  // statistics' terms, the parameter gradients exist only with the sums and their need
+  if (!centered) cot[1] = cot[2] = std::nullopt;
+  for (size_t k = 0; k < 3; ++k) {
+    if (!(sums && needs[2 + k])) cot[3 + k] = std::nullopt;
+  }
+  const bool cot_a = cot[0].has_value(), cot_b = cot[1].has_value(), cot_c = cot[2].has_value();
+  const bool cot_dweight = cot[3].has_value(), cot_dbias = cot[4].has_value(),
+             cot_dh = cot[5].has_value();
+  TORCH_CHECK(!cot_dh || h.has_value(), "pyeuler.cuda.backward_coefficients_vjp: the gradient "
+              "of h (needs[4]) needs h as a tensor, got None");
+  // which gradients are structurally nonzero (pyeuler/cuda/__init__.py: _vjp_presence)
+  const bool learnable = weight.has_value() || h.has_value();
+  const bool statistic_sums = sums && centered && (cot_c || cot_b);
+  const bool want_sum_g = sums && (cot_dbias || (cot_dh && bias.has_value()) || (centered && cot_c));
+  const bool want_sum_gxc = sums && (cot_dweight || cot_dh || (centered && cot_b));
+  const bool want_step_w = learnable && (cot_a || statistic_sums);
+  const bool want_weight = weight.has_value() && (cot_dh || want_step_w);
+  const bool want_bias = bias.has_value() && cot_dh;
+  const bool want_h = h.has_value() && (cot_dweight || cot_dbias || want_step_w);
+  const bool want_var = cot_a || want_sum_gxc || statistic_sums;
+  const bool want_dmean = centered && dmean.has_value() && cot_c;
+  const bool want_dvar = centered && dvar.has_value() && cot_b;
+
+  const VectorArg sum_g_arg = vector_arg(sum_g, var, shape.coefficients, "sum_g");
+  const VectorArg sum_gxc_arg = vector_arg(sum_gxc, var, shape.coefficients, "sum_gxc");
+  vector_arg(dmean, var, shape.statistics, "dmean");  // checked only: their values do not enter
+  vector_arg(dvar, var, shape.statistics, "dvar");
+  const VectorArg var_arg = vector_arg(var, var, shape.statistics, "var");
+  const ParamArg weight_arg = param_arg(weight, var, channels, false, "weight");
+  const ParamArg bias_arg = param_arg(bias, var, channels, false, "bias");
+  const ParamArg h_arg = param_arg(h, var, channels, true, "h");
+  const VectorArg cot_a_arg = vector_arg(cot[0], var, shape.coefficients, "the cotangent of a");
+  const VectorArg cot_b_arg = vector_arg(cot[1], var, shape.coefficients, "the cotangent of b");
+  const VectorArg cot_c_arg = vector_arg(cot[2], var, shape.coefficients, "the cotangent of c");
+  const ParamArg cot_dweight_arg =
+      param_arg(cot[3], var, channels, false, "the cotangent of dweight");
+  const ParamArg cot_dbias_arg = param_arg(cot[4], var, channels, false, "the cotangent of dbias");
+  const ParamArg cot_dh_arg = param_arg(cot[5], var, channels, true, "the cotangent of dh");
+  const c10::DeviceGuard guard(var.device());
+  const auto options = var.options();
+  auto output = [&](bool want, at::IntArrayRef sizes, const at::TensorOptions& like) {
+    return want ? at::empty(sizes, like) : at::empty({0}, options);
+  };
+  Tensor d_sum_g = output(want_sum_g, shape.coefficients, options);
+  Tensor d_sum_gxc = output(want_sum_gxc, shape.coefficients, options);
+  Tensor d_dmean = output(want_dmean, shape.statistics, options);
+  Tensor d_dvar = output(want_dvar, shape.statistics, options);
+  Tensor d_var = output(want_var, shape.statistics, options);
+  Tensor d_weight = want_weight ? at::empty({channels}, weight->options()) : at::empty({0}, options);
+  Tensor d_bias = want_bias ? at::empty({channels}, bias->options()) : at::empty({0}, options);
+  Tensor d_h = want_h ? at::empty(h->sizes(), h->options()) : at::empty({0}, options);
+  auto out_or_null = [](bool want, Tensor& t) { return want ? t.data_ptr<float>() : nullptr; };
+  auto param_or_null = [](bool want, Tensor& t) { return want ? t.data_ptr() : nullptr; };
+  check_launch(pyeuler_backward_coefficients_vjp(
+                   sum_g_arg.data, sum_gxc_arg.data, var_arg.data, shape.samples, channels,
+                   groups, weight_arg.abi, bias_arg.abi, h_arg.abi, h_value, eps, batch_stats,
+                   needs[0], count, cot_a_arg.data, cot_b_arg.data, cot_c_arg.data,
+                   cot_dweight_arg.abi, cot_dbias_arg.abi, cot_dh_arg.abi,
+                   out_or_null(want_sum_g, d_sum_g), out_or_null(want_sum_gxc, d_sum_gxc),
+                   out_or_null(want_dmean, d_dmean), out_or_null(want_dvar, d_dvar),
+                   out_or_null(want_var, d_var), param_or_null(want_weight, d_weight),
+                   param_or_null(want_bias, d_bias), param_or_null(want_h, d_h),
+                   current_stream(var.device())),
+               op);
+  return {d_sum_g, d_sum_gxc, d_dmean, d_dvar, d_weight, d_bias, d_h, d_var};
+}
+
 }  // namespace
 }  // namespace pyeuler
 
@@ -413,6 +644,19 @@ TORCH_LIBRARY_FRAGMENT(pyeuler, m) {
       "Tensor center, Tensor? ddshortcut) -> (Tensor, Tensor)");
   m.def("cuda_ie_residual(Tensor x, Tensor c, Tensor fx, float theta) -> Tensor");
   m.def("cuda_ie_update(Tensor x, Tensor e, Tensor v, float step_size, float theta) -> Tensor");
+  m.def(
+      "cuda_forward_coefficients(Tensor mean, Tensor var, Tensor? weight, Tensor? bias, "
+      "Tensor? h, float h_value, float eps, int groups, int channels) -> (Tensor, Tensor)");
+  m.def(
+      "cuda_backward_coefficients(Tensor? sum_g, Tensor? sum_gxc, Tensor? dmean, Tensor? dvar, "
+      "Tensor? weight, Tensor? bias, Tensor? h, Tensor var, float h_value, float eps, "
+      "int groups, bool batch_stats, bool[5] needs, int channels, int count) "
+      "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+  m.def(
+      "cuda_backward_coefficients_vjp(Tensor? sum_g, Tensor? sum_gxc, Tensor? dmean, "
+      "Tensor? dvar, Tensor? weight, Tensor? bias, Tensor? h, Tensor var, float h_value, "
+      "float eps, int groups, bool batch_stats, bool[5] needs, int channels, int count, "
+      "Tensor?[] cotangents) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(pyeuler, CUDA, m) {
@@ -426,4 +670,7 @@ TORCH_LIBRARY_IMPL(pyeuler, CUDA, m) {
   m.impl("cuda_affine_act_double_backward_apply", &pyeuler::affine_act_double_backward_apply);
   m.impl("cuda_ie_residual", &pyeuler::ie_residual);
   m.impl("cuda_ie_update", &pyeuler::ie_update);
+  m.impl("cuda_forward_coefficients", &pyeuler::forward_coefficients);
+  m.impl("cuda_backward_coefficients", &pyeuler::backward_coefficients);
+  m.impl("cuda_backward_coefficients_vjp", &pyeuler::backward_coefficients_vjp);
 }

@@ -154,6 +154,97 @@ cudaError_t pyeuler_ie_update(const void* x, const void* e, const void* v, pyeul
                               int64_t numel, double step_size, double theta, void* x_next,
                               cudaStream_t stream);
 
+/* ---- the per-channel algebra of the norms (pyeuler/ops/norm_algebra.py) ----------- */
+
+/* An optional per-channel parameter (weight, bias or the step h) in its own dtype
+ * (float32, float16 or bfloat16, read as float32): channel c's value is data[c * stride];
+ * stride 0 gives every channel the one value of a 0-dim tensor.  data == NULL: absent. */
+typedef struct pyeuler_param {
+  const void* data;
+  pyeuler_dtype_t dtype;
+  int64_t stride;
+} pyeuler_param_t;
+
+/* The entry points share one layout of the vectors, all float32 and dense:
+ *   groups == 0 (BatchNorm): statistics (mean, var, dmean, dvar), sums and a, b, c, scale,
+ *     shift are [C] (`samples` is not read);
+ *   groups >= 1 dividing C (GroupNorm): statistics are [samples, groups] and sums and
+ *     coefficients [samples, C]; channel c belongs to group c / (C / groups).
+ * samples may be 0 (GroupNorm of an empty batch): the [samples, ...] vectors are then
+ * neither read nor written and may be NULL; the parameter gradients are written, as 0
+ * (sums over nothing).  Every operation is rounded separately as in the torch-op
+ * definition (no contracted multiply-adds); sums run in a fixed order (no atomics), so
+ * results are bitwise reproducible.  One kernel launch each (none when there is nothing
+ * to write). */
+
+/* scale = h * (w * invstd), shift = -scale * mean + h * b, invstd = rsqrt(var + eps)
+ * (norm_algebra.forward_coefficients): weight absent reads as 1, bias absent as 0 (no
+ * term), h absent as h_value.  scale, shift: [C] or [samples, C]. */
+cudaError_t pyeuler_forward_coefficients(const float* mean, const float* var, int64_t samples,
+                                         int64_t channels, int64_t groups, pyeuler_param_t weight,
+                                         pyeuler_param_t bias, pyeuler_param_t h, double h_value,
+                                         double eps, float* scale, float* shift,
+                                         cudaStream_t stream);
+
+/* The backward's coefficients of dx = a * g + b * (x - center) + c and the parameter
+ * gradients (norm_algebra.backward_coefficients), from the reduce sums sum_g = sum g and
+ * sum_gxc = sum g * (x - center), both given or both NULL.  With invstd = rsqrt(var + eps),
+ * h·w = h * w and sums over the channels of each statistic's group (one channel for
+ * BatchNorm):
+ *   a = h·w * invstd, always;
+ *   b = (sum h·w * sum_gxc * invstd) * (invstd^2 * (-1/count)) + dvar * (2/count),
+ *   c = (sum h·w * sum_g) * (-invstd * (1/count)) + dmean * (1/count),
+ * where each term is present only with its operands (the sums; dmean, dvar: the gradients
+ * flowing into the batch statistics, statistic-shaped, may be NULL), and b = c = 0 unless
+ * need_x and batch_stats.  count >= 1: the elements behind one statistic.
+ * Parameter gradients, each written iff its pointer is not NULL (which needs the sums),
+ * summed over the samples:
+ *   dweight[C] = sum h * sum_gxc * invstd,  dbias[C] = sum h * sum_g,
+ *   dh = sum w * sum_gxc * invstd + b * sum_g: [C] when h.stride != 0, else one float
+ *     summed over the channels too; needs h (data not NULL). */
+cudaError_t pyeuler_backward_coefficients(
+    const float* sum_g, const float* sum_gxc, const float* dmean, const float* dvar,
+    const float* var, int64_t samples, int64_t channels, int64_t groups, pyeuler_param_t weight,
+    pyeuler_param_t bias, pyeuler_param_t h, double h_value, double eps, int batch_stats,
+    int need_x, int64_t count, float* a, float* b, float* c, float* dweight, float* dbias,
+    float* dh, cudaStream_t stream);
+
+/* The vector-Jacobian product of pyeuler_backward_coefficients
+ * (norm_algebra.backward_coefficients_vjp): from the cotangents of (a, b, c, dweight, dbias,
+ * dh), the gradients of sum_g, sum_gxc, dmean, dvar, var and the parameters.  The arguments
+ * up to count are pyeuler_backward_coefficients' (dmean and dvar enter the coefficients
+ * linearly, so their values are not needed).  Cotangents, NULL (data NULL) where absent:
+ * cot_a, cot_b, cot_c float32 and shaped like a, b, c; cot_b and cot_c are ignored unless
+ * need_x and batch_stats (b and c are constants otherwise); cot_dweight, cot_dbias and
+ * cot_dh, in any parameter dtype, are ignored without the sums and should be given only
+ * where that gradient was computed; cot_dh is [C] or, for a 0-dim h, one value (stride 0).
+ * With h·w, invstd and the group sums as above, and u_c = sum cot_c * (-invstd * (1/count)),
+ * u_b = sum cot_b * (invstd^2 * (-1/count)) over each statistic's group, per (sample,
+ * channel) (terms of the batch statistics only with need_x and batch_stats and the sums):
+ *   d_sum_g   = h * cot_dbias + b * cot_dh + h·w * u_c,
+ *   d_sum_gxc = (h * cot_dweight + w * cot_dh + h·w * u_b) * invstd,
+ *   d_invstd  = h·w * cot_a - cot_c * (sum h·w * sum_g) / count
+ *               - 2 * cot_b * (sum h·w * sum_gxc * invstd) * invstd / count
+ *               + (d_sum_gxc / invstd) * sum_gxc,
+ *   d(h·w)    = cot_a * invstd + u_c * sum_g + u_b * sum_gxc * invstd;
+ * per statistic: d_var = (sum d_invstd) * (invstd^3 * -0.5), d_dmean = (sum cot_c) / count,
+ * d_dvar = (sum cot_b) * (2/count) (0 without need_x and batch_stats); per channel, summed
+ * over the samples: d_weight = cot_dh * sum_gxc * invstd + h * d(h·w),
+ * d_bias = cot_dh * sum_g, d_h = cot_dweight * sum_gxc * invstd + cot_dbias * sum_g +
+ * w * d(h·w), summed over the channels too for a 0-dim h (h.stride == 0).  Each output is
+ * written iff its pointer is not NULL (d_weight, d_bias and d_h need that parameter, and are
+ * written dense in its dtype: [C], or one value for a 0-dim h); the float32 ones are shaped
+ * like sum_g (d_sum_g, d_sum_gxc) and var (d_dmean, d_dvar, d_var).  A gradient the given
+ * cotangents do not reach comes out as 0 (the algebra's None).  One launch, one block when
+ * d_h is a 0-dim h's. */
+cudaError_t pyeuler_backward_coefficients_vjp(
+    const float* sum_g, const float* sum_gxc, const float* var, int64_t samples, int64_t channels,
+    int64_t groups, pyeuler_param_t weight, pyeuler_param_t bias, pyeuler_param_t h,
+    double h_value, double eps, int batch_stats, int need_x, int64_t count, const float* cot_a,
+    const float* cot_b, const float* cot_c, pyeuler_param_t cot_dweight, pyeuler_param_t cot_dbias,
+    pyeuler_param_t cot_dh, float* d_sum_g, float* d_sum_gxc, float* d_dmean, float* d_dvar,
+    float* d_var, void* d_weight, void* d_bias, void* d_h, cudaStream_t stream);
+
 /* ---- build information ----------------------------------------------------------- */
 
 /* Writes the compute capabilities (major * 10 + minor) the kernels were compiled for into

@@ -23,6 +23,7 @@ import torch
 from helpers import layout_cases, make_input, random_coef
 
 import pyeuler.cuda as cuda_backend
+from pyeuler.ops import norm_algebra
 from pyeuler.ops import primitives as ref
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -680,3 +681,393 @@ def test_norm_stats_nan_inf_and_overflow(layout, groups):
     sane = var_ref.isfinite()  # the overflowing means cancel: no rtol to hold them to
     torch.testing.assert_close(mean[sane], mean_ref[sane], rtol=1e-4, atol=1e-5)
     assert not mean[~mean_ref.isfinite()].isfinite().any()
+
+
+# ---------------------------------------------------------------------------------------
+# The per-channel algebra (kernels/norm_coefficients.cu) against pyeuler.ops.norm_algebra
+
+# (N, C, groups): BatchNorm (one block; several); GroupNorm with groups of 3 channels, of
+# 80 (more than a warp), of 1, and of 4 over 40 samples (32 sample lanes).
+ALGEBRA_SHAPES = [(4, 5, 0), (2, 300, 0), (3, 6, 2), (2, 80, 1), (5, 8, 8), (40, 12, 3)]
+H_KINDS = ["one", "float", "scalar", "channel"]  # h_value 1.0, h_value 0.3, 0-dim, [C]
+# needs = (x, shortcut, weight, bias, h)
+NEEDS = [(x, s, w, b, h) for x in (False, True) for s in (False, True) for w in (False, True)
+         for b in (False, True) for h in (False, True)]
+
+
+def _algebra_inputs(n, c, groups, device, param_dtype=torch.float32, seed=0):
+    """Statistics, sums, dmean / dvar and parameters of one shape (float32 vectors; the
+    parameters in ``param_dtype``)."""
+    gen = torch.Generator().manual_seed(seed)
+
+    def uniform(shape, lo, hi, dtype=torch.float32):
+        return (torch.rand(shape, generator=gen) * (hi - lo) + lo).to(device=device, dtype=dtype)
+
+    stat_shape = (c,) if groups == 0 else (n, groups)
+    coef_shape = (c,) if groups == 0 else (n, c)
+    return dict(
+        mean=uniform(stat_shape, -1, 1), var=uniform(stat_shape, 0.2, 2),
+        sum_g=uniform(coef_shape, -3, 3), sum_gxc=uniform(coef_shape, -3, 3),
+        dmean=uniform(stat_shape, -1, 1), dvar=uniform(stat_shape, -1, 1),
+        weight=uniform((c,), 0.5, 1.5, param_dtype), bias=uniform((c,), -0.5, 0.5, param_dtype),
+        h_scalar=uniform((), 0.05, 0.5, param_dtype),
+        h_channel=uniform((c,), 0.05, 0.5, param_dtype))
+
+
+def _algebra_params(inputs, with_weight, with_bias, h_kind):
+    """(weight, bias, h, h_value)"""
+    h = {"scalar": inputs["h_scalar"], "channel": inputs["h_channel"]}.get(h_kind)
+    return (inputs["weight"] if with_weight else None, inputs["bias"] if with_bias else None, h,
+            0.3 if h_kind == "float" else 1.0)
+
+
+def _forward_args(inputs, groups, params):
+    weight, bias, h, h_value = params
+    return (inputs["mean"], inputs["var"], weight, bias, h, h_value, 1e-5, groups,
+            inputs["weight"].shape[0])
+
+
+def _backward_args(inputs, groups, params, sums, dstats, batch_stats, needs, count=7):
+    weight, bias, h, h_value = params
+    return ((inputs["sum_g"], inputs["sum_gxc"]) if sums else (None, None)) + (
+        (inputs["dmean"], inputs["dvar"]) if dstats else (None, None)) + (
+        weight, bias, h, inputs["var"], h_value, 1e-5, groups, batch_stats, needs,
+        inputs["weight"].shape[0], count)
+
+
+def _backward_magnitudes(args):
+    """Σ|term| behind every backward output: the contract on the sums' and parameters'
+    magnitudes, without dmean / dvar (each one term, no sum), so every term has one sign.
+    Float32 sums in another order differ from the contract's by a few ulps of this."""
+    a, b = list(args[:7]), list(args[7:])
+    a = [None if t is None else t.abs() for t in a]
+    a[2] = a[3] = None
+    b[1] = abs(b[1])  # h_value
+    return [None if t is None else t.abs() for t in norm_algebra.backward_coefficients(*a, *b)]
+
+
+def assert_algebra_close(got, want, magnitudes=None, rtol=1e-5):
+    """Same None entries, dtypes, shapes and devices; NaN where the contract has NaN; values
+    within rtol, plus 1e-5 of the summed terms' magnitudes where the output is a sum."""
+    assert len(got) == len(want)
+    for i, (g, w) in enumerate(zip(got, want)):
+        assert (g is None) == (w is None), f"output {i}: {g} vs {w}"
+        if w is None:
+            continue
+        assert (g.dtype, g.shape, g.device) == (w.dtype, w.shape, w.device), f"output {i}"
+        slack = 1e-7 if magnitudes is None else 1e-5 * magnitudes[i].to(w.device) + 1e-7
+        nan = w.isnan()
+        assert torch.equal(g.isnan(), nan), f"output {i}: NaN at other places"
+        close = (g - w).abs() <= rtol * w.abs() + slack
+        close |= g == w  # infinities
+        assert (close | nan).all(), f"output {i}:\n{g}\n{w}"
+
+
+def test_coefficient_wrappers_return_the_contracts_outputs_when_counting():
+    """On CPU, inside counting_device (the ops' CPU kernels are the fakes): the wrappers give
+    the contract's None entries, dtypes and shapes for every flag combination."""
+    from pyeuler.backend import counting_device
+    from pyeuler.ops import norm_algebra as eager
+
+    with counting_device():
+        assert cuda_backend.is_available()[0]
+        for n, c, groups in ALGEBRA_SHAPES[:4]:
+            inputs = _algebra_inputs(n, c, groups, "cpu", torch.bfloat16)
+            for h_kind in H_KINDS:
+                params = _algebra_params(inputs, True, h_kind != "one", h_kind)
+                args = _forward_args(inputs, groups, params)
+                for g, w in zip(cuda_backend.forward_coefficients(*args),
+                                eager.forward_coefficients(*args)):
+                    assert (g.dtype, g.shape) == (w.dtype, w.shape)
+                for needs in NEEDS:
+                    if needs[4] and params[2] is None:
+                        continue  # the contract has no gradient of a float h
+                    for sums in (False, True):
+                        args = _backward_args(inputs, groups, params, sums, True, True, needs)
+                        got = cuda_backend.backward_coefficients(*args)
+                        want = eager.backward_coefficients(*args)
+                        assert [None if t is None else (t.dtype, t.shape) for t in got] == [
+                            None if t is None else (t.dtype, t.shape) for t in want]
+
+
+def _vjp_cases(inputs, groups, params, seed=0):
+    """(args, cotangents) of backward_coefficients_vjp over needs, sums, dmean / dvar, batch
+    statistics and which cotangents are given (those of a, b, c each dropped in turn; those
+    of the parameter gradients wherever the gradient exists)."""
+    gen = torch.Generator().manual_seed(seed)
+    for needs in NEEDS:
+        if needs[1] or (needs[4] and params[2] is None):
+            continue  # the shortcut's need changes nothing here; no gradient of a float h
+        for sums in (False, True):
+            for dstats in (False, True):
+                for batch_stats in (False, True):
+                    args = _backward_args(inputs, groups, params, sums, dstats, batch_stats, needs)
+                    outputs = norm_algebra.backward_coefficients(*args)
+                    for dropped in (0, 1, 2, 4, 6):
+                        cotangents = [
+                            None if o is None or (k < 3 and dropped >> k & 1)
+                            else (torch.randn(o.shape, generator=gen) * 2).to(o)
+                            for k, o in enumerate(outputs)]
+                        yield args, tuple(cotangents)
+
+
+def test_vjp_wrapper_returns_the_contracts_outputs_when_counting():
+    """On CPU, inside counting_device: backward_coefficients_vjp's None entries, dtypes and
+    shapes are the contract's (up to GroupNorm's broadcastable [C]) for every flag
+    combination."""
+    from pyeuler.backend import counting_device
+
+    with counting_device():
+        assert cuda_backend.is_available()[0]
+        for n, c, groups in ALGEBRA_SHAPES[:4]:
+            inputs = _algebra_inputs(n, c, groups, "cpu", torch.bfloat16)
+            for with_weight in (False, True):
+                for with_bias in (False, True):
+                    for h_kind in H_KINDS:
+                        params = _algebra_params(inputs, with_weight, with_bias, h_kind)
+                        for args, cotangents in _vjp_cases(inputs, groups, params):
+                            got = cuda_backend.backward_coefficients_vjp(*args, cotangents)
+                            want = norm_algebra.backward_coefficients_vjp(*args, cotangents)
+                            assert list(got) == list(want)
+                            for name, w in want.items():
+                                g = got[name]
+                                assert (g is None) == (w is None), (name, args[-3], cotangents)
+                                if w is not None:
+                                    assert g.dtype == w.dtype, name
+                                    assert w.expand_as(g).shape == g.shape, name
+
+
+def _assert_vjp_close(got, want, rtol=1e-4, atol=1e-5):
+    assert list(got) == list(want)
+    for name, w in want.items():
+        g = got[name]
+        assert (g is None) == (w is None), name
+        if w is not None:  # the algebra may leave a [C] where the kernel gives [N, C]
+            assert (g.dtype, g.device) == (w.dtype, w.device), name
+            torch.testing.assert_close(g, w.expand_as(g), rtol=rtol, atol=atol,
+                                       msg=lambda m: f"{name}: {m}")
+
+
+@gpu
+@pytest.mark.usefixtures("cuda_ready")
+@pytest.mark.parametrize("n,c,groups", ALGEBRA_SHAPES + [(3, 600, 1), (0, 4, 2)])
+def test_backward_coefficients_vjp_matches_norm_algebra(n, c, groups):
+    """Every flag combination: weight, bias, h (float 1, float 0.3, 0-dim, [C]), sums,
+    dmean / dvar, batch statistics, needs and which cotangents are given; float32
+    parameters, and float16 / bfloat16 ones (gradients in that dtype) for all parameters
+    present.  Groups wider than a block (600 channels) and an empty batch included."""
+    for param_dtype in DTYPES:
+        inputs = _algebra_inputs(n, c, groups, "cuda", param_dtype)
+        for with_weight in (False, True):
+            for with_bias in (False, True):
+                for h_kind in H_KINDS:
+                    if param_dtype != torch.float32 and not (with_weight and with_bias):
+                        continue
+                    params = _algebra_params(inputs, with_weight, with_bias, h_kind)
+                    for args, cotangents in _vjp_cases(inputs, groups, params):
+                        got = cuda_backend.backward_coefficients_vjp(*args, cotangents)
+                        want = norm_algebra.backward_coefficients_vjp(*args, cotangents)
+                        _assert_vjp_close(got, want)
+
+
+@gpu
+@pytest.mark.usefixtures("cuda_ready")
+def test_backward_coefficients_vjp_is_one_launch_and_deterministic():
+    from torch.profiler import ProfilerActivity, profile
+
+    inputs = _algebra_inputs(64, 512, 32, "cuda", torch.bfloat16)
+    for h_kind in ("scalar", "channel"):
+        params = _algebra_params(inputs, True, True, h_kind)
+        args = _backward_args(inputs, 32, params, True, True, True, (True,) * 5, count=49)
+        cotangents = tuple(torch.randn_like(o) for o in norm_algebra.backward_coefficients(*args))
+        first = cuda_backend.backward_coefficients_vjp(*args, cotangents)
+        assert all(v is not None for v in first.values())
+        for _ in range(2):
+            again = cuda_backend.backward_coefficients_vjp(*args, cotangents)
+            assert all(torch.equal(first[k], again[k]) for k in first)
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            cuda_backend.backward_coefficients_vjp(*args, cotangents)
+            torch.cuda.synchronize()
+        device_events = [e.name for e in prof.events()
+                         if e.device_type == torch.autograd.DeviceType.CUDA]
+        assert len(device_events) == 1, device_events
+
+
+@gpu
+@pytest.mark.usefixtures("cuda_ready")
+@pytest.mark.parametrize("param_dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("n,c,groups", ALGEBRA_SHAPES)
+def test_forward_coefficients_match_norm_algebra(n, c, groups, param_dtype):
+    inputs = _algebra_inputs(n, c, groups, "cuda", param_dtype)
+    for with_weight in (False, True):
+        for with_bias in (False, True):
+            for h_kind in H_KINDS:
+                args = _forward_args(inputs, groups,
+                                     _algebra_params(inputs, with_weight, with_bias, h_kind))
+                assert_algebra_close(cuda_backend.forward_coefficients(*args),
+                                     norm_algebra.forward_coefficients(*args))
+
+
+@gpu
+@pytest.mark.usefixtures("cuda_ready")
+@pytest.mark.parametrize("n,c,groups", ALGEBRA_SHAPES)
+def test_backward_coefficients_match_norm_algebra(n, c, groups):
+    """Every flag combination: weight, bias, h (float 1, float 0.3, 0-dim, [C]), sums,
+    dmean / dvar, batch statistics, needs; float32 parameters, and float16 / bfloat16 ones
+    over the combinations that differ in what the kernel reads."""
+    for param_dtype in DTYPES:
+        inputs = _algebra_inputs(n, c, groups, "cuda", param_dtype)
+        for with_weight in (False, True):
+            for with_bias in (False, True):
+                for h_kind in H_KINDS:
+                    params = _algebra_params(inputs, with_weight, with_bias, h_kind)
+                    for needs in NEEDS:
+                        if needs[4] and params[2] is None:
+                            continue  # the contract has no gradient of a float h
+                        for sums in (False, True):
+                            for dstats in (False, True):
+                                if param_dtype != torch.float32 and (dstats or needs[1]):
+                                    continue  # the parameters' dtype matters only on loads
+                                for batch_stats in (False, True):
+                                    args = _backward_args(inputs, groups, params, sums, dstats,
+                                                          batch_stats, needs)
+                                    assert_algebra_close(
+                                        cuda_backend.backward_coefficients(*args),
+                                        norm_algebra.backward_coefficients(*args),
+                                        _backward_magnitudes(args))
+
+
+@gpu
+@pytest.mark.usefixtures("cuda_ready")
+@pytest.mark.parametrize("groups", [0, 2])
+def test_coefficients_nan_and_inf_follow_the_contract(groups):
+    """A zero variance with eps cancelled (invstd = inf), a zero weight (inf·0 = NaN), NaN
+    and inf sums and statistics: the kernels' NaN / inf are the contract's; b and c are
+    exactly 0 without the batch-statistics terms whatever the sums hold."""
+    n, c = 3, 6
+    inputs = _algebra_inputs(n, c, groups, "cuda")
+    var = inputs["var"].view(-1)
+    var[0] = -1e-5  # var + eps == 0 in float32: invstd = inf
+    var[1] = float("nan")
+    inputs["mean"].view(-1)[2] = float("inf")
+    inputs["weight"][1] = 0.0
+    sum_g = inputs["sum_g"].view(-1)
+    sum_g[3], sum_g[4] = float("nan"), float("inf")
+    inputs["sum_gxc"].view(-1)[5] = float("-inf")
+    inputs["dmean"].view(-1)[-1] = float("nan")
+    for h_kind in H_KINDS:
+        params = _algebra_params(inputs, True, True, h_kind)
+        args = _forward_args(inputs, groups, params)
+        assert_algebra_close(cuda_backend.forward_coefficients(*args),
+                             norm_algebra.forward_coefficients(*args))
+        for needs in [(True, False, True, True, params[2] is not None),
+                      (False, True, True, False, False)]:
+            for batch_stats in (False, True):
+                args = _backward_args(inputs, groups, params, True, True, batch_stats, needs)
+                got = cuda_backend.backward_coefficients(*args)
+                want = norm_algebra.backward_coefficients(*args)
+                assert_algebra_close(got, want, _backward_magnitudes(args))
+                if not (needs[0] and batch_stats):
+                    assert not got[1].any() and not got[2].any()
+
+
+@gpu
+@pytest.mark.usefixtures("cuda_ready")
+def test_coefficients_are_one_launch_each_and_deterministic():
+    """One kernel and nothing else per call (the outputs are torch.empty), every path of the
+    backward kernel at once (0-dim dh, dweight, dbias, a/b/c), bitwise equal on repeats."""
+    from torch.profiler import ProfilerActivity, profile
+
+    inputs = _algebra_inputs(64, 512, 32, "cuda", torch.bfloat16)
+    params = _algebra_params(inputs, True, True, "scalar")
+    calls = [(cuda_backend.forward_coefficients, _forward_args(inputs, 32, params)),
+             (cuda_backend.backward_coefficients,
+              _backward_args(inputs, 32, params, True, True, True, (True,) * 5, count=49))]
+    for fn, args in calls:
+        first = fn(*args)  # also warms up the caching allocator
+        for _ in range(2):
+            assert all(torch.equal(a, b) for a, b in zip(first, fn(*args)))
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            fn(*args)
+            torch.cuda.synchronize()
+        device_events = [e.name for e in prof.events()
+                         if e.device_type == torch.autograd.DeviceType.CUDA]
+        assert len(device_events) == 1, device_events
+
+
+@gpu
+@pytest.mark.usefixtures("cuda_ready")
+def test_coefficient_arguments_are_named():
+    inputs = _algebra_inputs(2, 6, 2, "cuda")
+    params = _algebra_params(inputs, True, True, "channel")
+    args = list(_forward_args(inputs, 2, params))
+    with pytest.raises(TypeError, match="var must be float32"):
+        cuda_backend.forward_coefficients(*args[:1], args[1].half(), *args[2:])
+    with pytest.raises(RuntimeError, match=r"weight must be \[C\]"):
+        cuda_backend.forward_coefficients(*args[:2], args[2][:3], *args[3:])
+    with pytest.raises(RuntimeError, match="groups must be 0"):
+        cuda_backend.forward_coefficients(*args[:7], 4, *args[8:])
+    with pytest.raises(RuntimeError, match=r"var must be \[N, groups\]"):
+        cuda_backend.forward_coefficients(*args[:7], 3, *args[8:])
+    backward = list(_backward_args(inputs, 2, params, True, False, True, (True,) * 5))
+    with pytest.raises(RuntimeError, match="sum_g and sum_gxc must be given together"):
+        cuda_backend.backward_coefficients(backward[0], None, *backward[2:])
+    with pytest.raises(RuntimeError, match="sum_g must have shape"):
+        cuda_backend.backward_coefficients(backward[0][:1], *backward[1:])
+    with pytest.raises(ValueError, match="h must be a CUDA tensor"):
+        cuda_backend.backward_coefficients(*backward[:6], backward[6].cpu(), *backward[7:])
+
+
+@gpu
+@pytest.mark.usefixtures("cuda_ready")
+@pytest.mark.parametrize("case", ["bn_relu", "bn_relu_eval", "group_norm_relu",
+                                  "bn_add_relu_scalar_h", "bn_add_relu_channel_h",
+                                  "group_norm_channel_h"])
+def test_norm_act_on_the_coefficient_kernels_matches_eager(case):
+    """A whole norm + ReLU forward and backward on the CUDA backend (whose per-channel
+    algebra is now the two kernels) against the eager backend: outputs, every gradient
+    (input, shortcut, weight, bias, learnable h) and the running statistics."""
+    from pyeuler import functional as PF
+    from pyeuler.ops.norm_act import norm_act
+
+    torch.manual_seed(0)
+    c = 8
+    x = make((4, c, 6, 6), "channels_last")
+    shortcut = make((4, c, 6, 6), "channels_last")
+    weight, bias = torch.rand(c, device="cuda") + 0.5, torch.randn(c, device="cuda")
+    h = {"bn_add_relu_scalar_h": torch.tensor(0.3, device="cuda"),
+         "bn_add_relu_channel_h": torch.rand(c, device="cuda") * 0.5 + 0.1,
+         "group_norm_channel_h": torch.rand(c, device="cuda") * 0.5 + 0.1}.get(case)
+    leaves = [t for t in (x, shortcut, weight, bias, h) if t is not None]
+    running = (torch.randn(c, device="cuda"), torch.rand(c, device="cuda") + 0.5)
+    dy = make((4, c, 6, 6), "channels_last")
+
+    def run(backend):
+        inputs = [t.detach().clone().requires_grad_() for t in leaves]
+        named = dict(zip(("x", "shortcut", "weight", "bias", "h"), inputs))
+        stats = tuple(t.clone() for t in running)
+        if case == "bn_relu":
+            y = PF.bn_relu(named["x"], named["weight"], named["bias"], *stats, backend=backend)
+        elif case == "bn_relu_eval":
+            y = PF.bn_relu(named["x"], named["weight"], named["bias"], *stats, training=False,
+                           backend=backend)
+        elif case == "group_norm_relu":
+            y = PF.group_norm_relu(named["x"], 2, named["weight"], named["bias"],
+                                   backend=backend)
+        elif case == "group_norm_channel_h":
+            y = norm_act(named["x"], named["weight"], named["bias"], groups=2,
+                         shortcut=named["shortcut"], h=named["h"], backend=backend)
+        else:
+            y = PF.bn_add_relu(named["x"], named["shortcut"], named["h"], named["weight"],
+                               named["bias"], *stats, backend=backend)
+        used = [t for name, t in named.items()
+                if name != "shortcut" or case.startswith(("bn_add", "group_norm_channel"))]
+        grads = torch.autograd.grad((y * dy).sum(), used)
+        return [y, *grads, *stats]
+
+    got, want = run("cuda"), run("eager")
+    assert len(got) == len(want)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-5)

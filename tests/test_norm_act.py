@@ -187,6 +187,7 @@ def test_coefficients_vjp_equals_functorch(groups, batch_stats):
     import itertools
 
     import pyeuler.ops.norm_act as na
+    from pyeuler.ops import norm_algebra as algebra
 
     dt, n, c, count = torch.float64, 3, 4, 7
     sum_shape, stat_shape = ((n, c), (n, groups)) if groups else ((c,), (c,))
@@ -207,20 +208,19 @@ def test_coefficients_vjp_equals_functorch(groups, batch_stats):
                        bias=torch.randn(c, dtype=dt) if has_b else None, h=h,
                        var=torch.rand(stat_shape, dtype=dt) + 0.5)
         varying = [k for k, v in primals.items() if v is not None]
-        mean = torch.randn(stat_shape, dtype=dt)
 
         def coefficients(*values):
             v = dict(primals, **dict(zip(varying, values)))
-            return na._coefficients(v["sum_g"], v["sum_gxc"], v["dmean"], v["dvar"], v["weight"],
-                                    v["bias"], v["h"], mean, v["var"], 0.9, 1e-5, groups,
-                                    batch_stats, needs, c, count)
+            return algebra.backward_coefficients(v["sum_g"], v["sum_gxc"], v["dmean"], v["dvar"],
+                                                 v["weight"], v["bias"], v["h"], v["var"], 0.9,
+                                                 1e-5, groups, batch_stats, needs, c, count)
 
         outs = coefficients(*[primals[k] for k in varying])
         cotangents = [None if o is None else torch.randn_like(o) for o in outs]
         _, vjp = torch.func.vjp(lambda *v: tuple(o for o in coefficients(*v) if o is not None),
                                 *[primals[k] for k in varying])
         expected = dict(zip(varying, vjp(tuple(t for t in cotangents if t is not None))))
-        got = na._coefficients_vjp(*(primals[k] for k in ("sum_g", "sum_gxc", "dmean", "dvar",
+        got = algebra.backward_coefficients_vjp(*(primals[k] for k in ("sum_g", "sum_gxc", "dmean", "dvar",
                                                           "weight", "bias", "h", "var")),
                                    0.9, 1e-5, groups, batch_stats, needs, c, count, cotangents)
         for k in varying:

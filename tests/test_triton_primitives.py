@@ -650,3 +650,106 @@ def test_norm_stats_nan_inf_and_overflow(layout, groups):
     sane = var_ref.isfinite()  # the overflowing means cancel: no rtol to hold them to
     torch.testing.assert_close(mean[sane], mean_ref[sane], rtol=1e-4, atol=1e-5)
     assert not mean[~mean_ref.isfinite()].isfinite().any()
+
+
+# ---------------------------------------------------------------------------------------
+# The per-channel passes: one launch each, every flag combination against the algebra.
+
+
+@pytest.fixture
+def on_device():
+    """Factory functions allocate on the device the kernels run on."""
+    with torch.device(DEVICE):
+        yield
+
+
+def _coefficient_cases(groups, n=3, c=8):
+    import itertools
+
+    sum_shape, stat_shape = ((n, c), (n, groups)) if groups else ((c,), (c,))
+    for h_kind, has_w, has_b in itertools.product(["none", "scalar", "channel"], *[[True, False]] * 2):
+        h = {"none": None, "scalar": torch.tensor(0.7), "channel": torch.rand(c) + 0.3}[h_kind]
+        weight = torch.rand(c) + 0.5 if has_w else None
+        bias = torch.randn(c) if has_b else None
+        yield h, weight, bias, stat_shape, sum_shape, c
+
+
+@pytest.mark.parametrize("groups", [0, 1, 2, 8])
+def test_forward_coefficients_match_the_algebra(groups, on_device):
+    for h, weight, bias, stat_shape, _, c in _coefficient_cases(groups):
+        mean, var = torch.randn(stat_shape), torch.rand(stat_shape) + 0.5
+        args = (mean, var, weight, bias, h, 0.9, 1e-5, groups, c)
+        for got, expected in zip(tri.forward_coefficients(*args), ref.forward_coefficients(*args)):
+            torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("groups", [0, 2])
+def test_backward_coefficients_match_the_algebra(groups, on_device):
+    import itertools
+
+    for h, weight, bias, stat_shape, sum_shape, c in _coefficient_cases(groups):
+        var = torch.rand(stat_shape) + 0.5
+        for bits, has_stat_grads, batch_stats in itertools.product(range(16), *[[True, False]] * 2):
+            has_dmean, has_dvar = has_stat_grads, has_stat_grads and bits % 2 == 0
+            if groups and not batch_stats:
+                continue  # GroupNorm always normalises with its own statistics
+            needs = (bool(bits & 1), False, bool(bits & 2) and weight is not None,
+                     bool(bits & 4) and bias is not None, bool(bits & 8) and h is not None)
+            sums_needed = any(needs[2:]) or (needs[0] and batch_stats)
+            sums = (torch.randn(sum_shape), torch.randn(sum_shape)) if sums_needed else (None, None)
+            args = (*sums, torch.randn(stat_shape) if has_dmean else None,
+                    torch.randn(stat_shape) if has_dvar else None, weight, bias, h, var, 0.9, 1e-5,
+                    groups, batch_stats, needs, c, 7)
+            got, expected = tri.backward_coefficients(*args), ref.backward_coefficients(*args)
+            for name, g, e in zip(("a", "b", "c", "dweight", "dbias", "dh"), got, expected):
+                assert (g is None) == (e is None), (name, needs)
+                if e is not None:
+                    torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-6,
+                                               msg=lambda m: f"{name} {needs}: {m}")
+
+
+def test_coefficient_kernels_fall_back_beyond_one_tile(on_device):
+    """GroupNorm with more channels per sample than one tile holds: the torch-op algebra."""
+    from pyeuler.triton import coefficients
+
+    c = 2 * coefficients._MAX_TILE
+    mean, var = torch.randn(2, 1), torch.rand(2, 1) + 0.5
+    args = (mean, var, None, None, None, 1.0, 1e-5, 1, c)
+    for got, expected in zip(tri.forward_coefficients(*args), ref.forward_coefficients(*args)):
+        torch.testing.assert_close(got, expected)
+
+
+@pytest.mark.parametrize("groups", [0, 2])
+def test_backward_coefficients_vjp_matches_the_algebra(groups, on_device):
+    """Every combination of needed gradients, learnable h, affine parameters, statistic
+    gradients and given cotangents; None exactly where the algebra has no gradient."""
+    import itertools
+
+    for h, weight, bias, stat_shape, sum_shape, c in _coefficient_cases(groups):
+        var = torch.rand(stat_shape) + 0.5
+        # need flags (x, weight, bias, h) as bits: each alone, pairs, all (the full product
+        # runs minutes in the interpreter)
+        for bits, has_stat_grads, batch_stats, dropped in itertools.product(
+                (1, 2, 4, 8, 3, 9, 14, 15), [True, False], [True, False], [0, 5]):
+            if groups and not batch_stats:
+                continue
+            needs = (bool(bits & 1), False, bool(bits & 2) and weight is not None,
+                     bool(bits & 4) and bias is not None, bool(bits & 8) and h is not None)
+            sums_needed = any(needs[2:]) or (needs[0] and batch_stats)
+            sums = (torch.randn(sum_shape), torch.randn(sum_shape)) if sums_needed else (None, None)
+            stat_grads = (torch.randn(stat_shape) if has_stat_grads else None,
+                          torch.randn(stat_shape) if has_stat_grads and bits % 2 == 0 else None)
+            args = (*sums, *stat_grads, weight, bias, h, var, 0.9, 1e-5, groups, batch_stats, needs,
+                    c, 7)
+            cotangents = [None if o is None else torch.randn_like(o)
+                          for o in ref.backward_coefficients(*args)]
+            for k in range(3):  # some of the cotangents of a, b, c absent
+                if dropped >> k & 1:
+                    cotangents[k] = None
+            got = tri.backward_coefficients_vjp(*args, tuple(cotangents))
+            expected = ref.backward_coefficients_vjp(*args, tuple(cotangents))
+            for name, e in expected.items():
+                assert (got[name] is None) == (e is None), (name, needs)
+                if e is not None:  # the algebra may leave a [C] where the input is [N, C]
+                    torch.testing.assert_close(got[name], e.expand_as(got[name]), rtol=1e-4,
+                                               atol=1e-5, msg=lambda m: f"{name} {needs}: {m}")

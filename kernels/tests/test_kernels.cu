@@ -11,7 +11,10 @@
 
 #include <cmath>
 #include <cstdio>
+#include <algorithm>
 #include <cstdlib>
+#include <cstring>
+#include <memory>
 #include <random>
 #include <string>
 #include <vector>
@@ -577,6 +580,473 @@ void test_dtype(Random& rng) {
   }
 }
 
+
+// ---- the per-channel algebra (norm_coefficients.cu) -----------------------------------
+// Double-precision references of pyeuler/ops/norm_algebra.py over every flag combination:
+// BatchNorm and GroupNorm layouts (groups of 1, 3, 4 and 80 channels, 1 to 40 samples, an
+// empty batch), weight / bias absent or present in every parameter dtype (one strided),
+// h absent (h_value 1 or 0.3), 0-dim or per channel, sums and dmean / dvar present or not,
+// and every needs combination.  Sums are compared relative to the sum of their terms'
+// magnitudes (float32 accumulation in another order).
+
+// The statistics' layout of one case (kernels/pyeuler_kernels.h).
+struct AlgebraShape {
+  int64_t n, c, groups;  // groups 0: BatchNorm
+
+  int64_t samples() const { return groups == 0 ? 1 : n; }
+  int64_t stat_groups() const { return groups == 0 ? c : groups; }
+  int64_t group_channels() const { return groups == 0 ? 1 : c / groups; }
+  int64_t stats() const { return samples() * stat_groups(); }
+  int64_t coefs() const { return samples() * c; }
+  int64_t stat(int64_t i_n, int64_t i_c) const {
+    return i_n * stat_groups() + i_c / group_channels();
+  }
+  std::string name() const {
+    return (groups == 0 ? std::string("BN C=") + std::to_string(c)
+                        : std::string("GN N=") + std::to_string(n) + " C=" + std::to_string(c) +
+                              " G=" + std::to_string(groups));
+  }
+};
+
+// An optional per-channel parameter stored in `dtype` with an element stride (0: one value,
+// a 0-dim tensor), and its values as the kernel reads them.
+struct Param {
+  bool present = false;
+  pyeuler_dtype_t dtype = PYEULER_DTYPE_FLOAT32;
+  int64_t stride = 1;
+  std::vector<float> values;  // per channel, rounded to dtype
+  std::unique_ptr<DeviceArray<unsigned char>> device;
+
+  Param() = default;
+  Param(Random& rng, int64_t channels, pyeuler_dtype_t dtype_, int64_t stride_, float lo, float hi)
+      : present(true), dtype(dtype_), stride(stride_) {
+    const size_t element = dtype == PYEULER_DTYPE_FLOAT32 ? 4 : 2;
+    const int64_t stored = stride == 0 ? 1 : (channels - 1) * stride + 1;
+    std::vector<unsigned char> bytes(stored * element, 0);
+    const std::vector<float> raw = rng.uniform(stored, lo, hi);
+    for (int64_t i = 0; i < stored; ++i) {
+      float v = raw[i];
+      if (dtype == PYEULER_DTYPE_FLOAT16) {
+        const __half stored_v = Dtype<__half>::from_float(v);
+        v = Dtype<__half>::to_float(stored_v);
+        std::memcpy(&bytes[i * element], &stored_v, element);
+      } else if (dtype == PYEULER_DTYPE_BFLOAT16) {
+        const __nv_bfloat16 stored_v = Dtype<__nv_bfloat16>::from_float(v);
+        v = Dtype<__nv_bfloat16>::to_float(stored_v);
+        std::memcpy(&bytes[i * element], &stored_v, element);
+      } else {
+        std::memcpy(&bytes[i * element], &v, element);
+      }
+      if (stride == 0 || i % stride == 0) {
+        const int64_t copies = stride == 0 ? channels : 1;
+        for (int64_t k = 0; k < copies; ++k) values.push_back(v);
+      }
+    }
+    device = std::make_unique<DeviceArray<unsigned char>>(bytes, false);
+  }
+  pyeuler_param_t abi() const {
+    return {present ? static_cast<const void*>(device->get()) : nullptr, dtype, stride};
+  }
+  double at(int64_t c, double absent) const { return present ? values[c] : absent; }
+};
+
+const pyeuler_dtype_t kParamDtypes[] = {PYEULER_DTYPE_FLOAT32, PYEULER_DTYPE_FLOAT16,
+                                        PYEULER_DTYPE_BFLOAT16};
+
+// Statistics (and the gradients into them) of one shape, host and device.
+struct StatVector {
+  std::vector<float> host;
+  DeviceArray<float> device;
+  StatVector(std::vector<float> values) : host(std::move(values)), device(host, false) {}
+};
+
+void test_forward_coefficients(const AlgebraShape& shape, const Param& weight, const Param& bias,
+                               const Param& h, double h_value, const StatVector& mean,
+                               const StatVector& var, const std::string& what) {
+  const double eps = 1e-5;
+  const int64_t count = std::max<int64_t>(shape.coefs(), 1);
+  DeviceArray<float> scale(count, false), shift(count, false);
+  CHECK_CUDA(pyeuler_forward_coefficients(mean.device.get(), var.device.get(), shape.n, shape.c,
+                                          shape.groups, weight.abi(), bias.abi(), h.abi(),
+                                          h_value, eps, scale.get(), shift.get(), nullptr));
+  CHECK_CUDA(cudaDeviceSynchronize());
+  if (shape.coefs() == 0) return;
+  std::vector<double> want_scale(shape.coefs()), want_shift(shape.coefs()), atol(shape.coefs());
+  for (int64_t n = 0; n < shape.samples(); ++n)
+    for (int64_t c = 0; c < shape.c; ++c) {
+      const int64_t i = n * shape.c + c, s = shape.stat(n, c);
+      const double invstd = 1.0 / std::sqrt(double(var.host[s]) + double(float(eps)));
+      const double step = h.at(c, double(float(h_value)));
+      const double sc = step * weight.at(c, 1.0) * invstd;
+      const double hb = bias.present ? step * bias.at(c, 0.0) : 0.0;
+      want_scale[i] = sc;
+      want_shift[i] = -sc * mean.host[s] + hb;
+      atol[i] = 2e-6 * (std::fabs(sc * mean.host[s]) + std::fabs(hb)) + 1e-12;
+    }
+  // float32: var + eps, rsqrtf (2 ulp) and one rounding per operation
+  expect_close(what + " scale", scale.download(), want_scale, 2e-6, 0.0);
+  expect_close(what + " shift", shift.download(), want_shift, 2e-6, atol);
+}
+
+struct BackwardFlags {
+  bool sums, dstats, batch_stats, need_x, need_weight, need_bias, need_h;
+  std::string name() const {
+    return std::string(" sums=") + std::to_string(sums) + " dstats=" + std::to_string(dstats) +
+           " batch_stats=" + std::to_string(batch_stats) + " needs=" + std::to_string(need_x) +
+           std::to_string(need_weight) + std::to_string(need_bias) + std::to_string(need_h);
+  }
+};
+
+// Σ and Σ|·| of float terms, in double.
+struct Total {
+  double sum = 0.0, magnitude = 0.0;
+  void add(double v) { sum += v, magnitude += std::fabs(v); }
+};
+
+void test_backward_coefficients(const AlgebraShape& shape, const Param& weight, const Param& bias,
+                                const Param& h, double h_value, const StatVector& var,
+                                const StatVector& sum_g, const StatVector& sum_gxc,
+                                const StatVector& dmean, const StatVector& dvar,
+                                const BackwardFlags& f, const std::string& what_in) {
+  const double eps = 1e-5;
+  const int64_t count = 7;
+  const int64_t coefs = std::max<int64_t>(shape.coefs(), 1);
+  const bool want_dweight = f.sums && f.need_weight, want_dbias = f.sums && f.need_bias;
+  const bool want_dh = f.sums && f.need_h && h.present;
+  const bool scalar_h = h.present && h.stride == 0;
+  DeviceArray<float> a(coefs, false), b(coefs, false), c_out(coefs, false);
+  DeviceArray<float> dweight(shape.c, false), dbias(shape.c, false), dh(shape.c, false);
+  CHECK_CUDA(pyeuler_backward_coefficients(
+      f.sums ? sum_g.device.get() : nullptr, f.sums ? sum_gxc.device.get() : nullptr,
+      f.dstats ? dmean.device.get() : nullptr, f.dstats ? dvar.device.get() : nullptr,
+      var.device.get(), shape.n, shape.c, shape.groups, weight.abi(), bias.abi(), h.abi(),
+      h_value, eps, f.batch_stats, f.need_x, count, a.get(), b.get(), c_out.get(),
+      want_dweight ? dweight.get() : nullptr, want_dbias ? dbias.get() : nullptr,
+      want_dh ? dh.get() : nullptr, nullptr));
+  CHECK_CUDA(cudaDeviceSynchronize());
+
+  const int64_t samples = shape.samples(), channels = shape.c;
+  const double step_value = double(float(h_value));
+  auto invstd_at = [&](int64_t s) {
+    return 1.0 / std::sqrt(double(var.host[s]) + double(float(eps)));
+  };
+  // a, b, c per (sample, channel); the group sums first
+  std::vector<Total> group_dxhat(shape.stats()), group_dxhat_xhat(shape.stats());
+  std::vector<Total> dw(channels), db(channels), dh_c(channels);
+  Total dh_total;
+  for (int64_t n = 0; n < samples && f.sums; ++n)
+    for (int64_t c = 0; c < channels; ++c) {
+      const int64_t i = n * channels + c, s = shape.stat(n, c);
+      const double step = h.at(c, step_value), step_w = step * weight.at(c, 1.0);
+      const double sum_gxhat = sum_gxc.host[i] * invstd_at(s);
+      group_dxhat[s].add(step_w * sum_g.host[i]);
+      group_dxhat_xhat[s].add(step_w * sum_gxhat);
+      dw[c].add(step * sum_gxhat);
+      db[c].add(step * sum_g.host[i]);
+      const double w_term = weight.at(c, 1.0) * sum_gxhat;
+      const double b_term = bias.present ? bias.at(c, 0.0) * sum_g.host[i] : 0.0;
+      dh_c[c].add(w_term), dh_c[c].add(b_term);
+      dh_total.add(w_term), dh_total.add(b_term);
+    }
+  std::vector<double> want_a, want_b, want_c, atol_b, atol_c;
+  for (int64_t n = 0; n < samples; ++n)
+    for (int64_t c = 0; c < channels; ++c) {
+      const int64_t s = shape.stat(n, c);
+      const double invstd = invstd_at(s);
+      want_a.push_back(h.at(c, step_value) * weight.at(c, 1.0) * invstd);
+      double bv = 0.0, cv = 0.0, b_mag = 0.0, c_mag = 0.0;
+      if (f.need_x && f.batch_stats) {
+        if (f.sums) {
+          cv = group_dxhat[s].sum * -invstd / count;
+          c_mag = group_dxhat[s].magnitude * invstd / count;
+          bv = group_dxhat_xhat[s].sum * invstd * invstd * (-1.0 / count);
+          b_mag = group_dxhat_xhat[s].magnitude * invstd * invstd / count;
+        }
+        if (f.dstats) {
+          cv += double(dmean.host[s]) / count, c_mag += std::fabs(dmean.host[s]) / count;
+          bv += double(dvar.host[s]) * 2.0 / count, b_mag += std::fabs(dvar.host[s]) * 2.0 / count;
+        }
+      }
+      want_b.push_back(bv), want_c.push_back(cv);
+      atol_b.push_back(1e-5 * b_mag + 1e-12), atol_c.push_back(1e-5 * c_mag + 1e-12);
+    }
+  const std::string what = what_in + f.name();
+  if (!want_a.empty()) {
+    expect_close(what + " a", a.download(), want_a, 2e-6, 0.0);
+    // b and c are exactly 0 without the batch-statistics terms
+    const double exact = f.need_x && f.batch_stats ? 1.0 : 0.0;
+    for (double& t : atol_b) t *= exact;
+    for (double& t : atol_c) t *= exact;
+    expect_close(what + " b", b.download(), want_b, 0.0, atol_b);
+    expect_close(what + " c", c_out.download(), want_c, 0.0, atol_c);
+  }
+  auto check_total = [&](const std::string& name, const std::vector<float>& got,
+                         const std::vector<Total>& totals) {
+    std::vector<double> want, atol;
+    for (const Total& t : totals) want.push_back(t.sum), atol.push_back(1e-5 * t.magnitude + 1e-12);
+    expect_close(what + " " + name, got, want, 0.0, atol);
+  };
+  if (want_dweight) check_total("dweight", dweight.download(), dw);
+  if (want_dbias) check_total("dbias", dbias.download(), db);
+  if (want_dh && scalar_h) check_total("dh", {dh.download()[0]}, {dh_total});
+  if (want_dh && !scalar_h) check_total("dh", dh.download(), dh_c);
+}
+
+void test_norm_coefficients(Random& rng) {
+  const AlgebraShape shapes[] = {{1, 5, 0},  {1, 300, 0}, {3, 6, 2},  {2, 80, 1},
+                                 {5, 8, 8},  {40, 12, 3}, {9, 600, 150}, {0, 4, 2}};
+  int param_round = 0;
+  for (const AlgebraShape& shape : shapes) {
+    const int failures_before = g_failures;
+    const int64_t stats = std::max<int64_t>(shape.stats(), 1);
+    const int64_t coefs = std::max<int64_t>(shape.coefs(), 1);
+    const StatVector mean(rng.uniform(stats, -1.f, 1.f)), var(rng.uniform(stats, 0.2f, 2.f));
+    const StatVector sum_g(rng.uniform(coefs, -3.f, 3.f)), sum_gxc(rng.uniform(coefs, -3.f, 3.f));
+    const StatVector dmean(rng.uniform(stats, -1.f, 1.f)), dvar(rng.uniform(stats, -1.f, 1.f));
+    for (int with_weight = 0; with_weight < 2; ++with_weight)
+      for (int with_bias = 0; with_bias < 2; ++with_bias)
+        for (int h_kind = 0; h_kind < 4; ++h_kind) {  // h_value 1, h_value 0.3, 0-dim, [C]
+          ++param_round;
+          const pyeuler_dtype_t dtype = kParamDtypes[param_round % 3];
+          // the weight strided every other round, to read parameters through their stride
+          const Param weight = with_weight ? Param(rng, shape.c, dtype, 1 + param_round % 2,
+                                                   0.5f, 1.5f)
+                                           : Param();
+          const Param bias = with_bias ? Param(rng, shape.c, kParamDtypes[(param_round + 1) % 3],
+                                               1, -0.5f, 0.5f)
+                                       : Param();
+          const Param h = h_kind < 2 ? Param()
+                                     : Param(rng, shape.c, kParamDtypes[(param_round + 2) % 3],
+                                             h_kind == 2 ? 0 : 1, 0.05f, 0.5f);
+          const double h_value = h_kind == 1 ? 0.3 : 1.0;
+          const std::string what = "norm_coefficients " + shape.name() +
+                                   " weight=" + std::to_string(with_weight) +
+                                   " bias=" + std::to_string(with_bias) +
+                                   " h_kind=" + std::to_string(h_kind);
+          test_forward_coefficients(shape, weight, bias, h, h_value, mean, var, what + " forward");
+          for (int bits = 0; bits < 128; ++bits) {
+            const BackwardFlags f{(bits & 1) != 0,  (bits & 2) != 0,  (bits & 4) != 0,
+                                  (bits & 8) != 0,  (bits & 16) != 0, (bits & 32) != 0,
+                                  (bits & 64) != 0};
+            if (!f.sums && (f.need_weight || f.need_bias || f.need_h)) continue;  // no gradients
+            test_backward_coefficients(shape, weight, bias, h, h_value, var, sum_g, sum_gxc, dmean,
+                                       dvar, f, what + " backward");
+          }
+        }
+    std::printf("%-4s norm_coefficients %s\n", g_failures == failures_before ? "ok" : "FAIL",
+                shape.name().c_str());
+  }
+}
+
+// backward_coefficients_vjp against a double reference of norm_algebra's formulas, over
+// the shapes above (groups wider than a block included), parameters in every dtype,
+// sums / dmean / dvar / batch statistics / needs and which cotangents are given.  Outputs
+// are compared with 1e-4 of the magnitude of their terms (float32 sums in another order).
+void test_backward_coefficients_vjp(Random& rng) {
+  const AlgebraShape shapes[] = {{1, 5, 0}, {1, 300, 0}, {3, 6, 2}, {2, 80, 1},
+                                 {40, 12, 3}, {3, 600, 1}, {0, 4, 2}};
+  const double eps = 1e-5;
+  const int64_t count = 7;
+  int round = 0;
+  for (const AlgebraShape& shape : shapes) {
+    const int failures_before = g_failures;
+    const int64_t S = shape.samples(), C = shape.c;
+    const int64_t stats = std::max<int64_t>(shape.stats(), 1);
+    const int64_t coefs = std::max<int64_t>(shape.coefs(), 1);
+    const StatVector var(rng.uniform(stats, 0.2f, 2.f));
+    const StatVector sum_g(rng.uniform(coefs, -3.f, 3.f)), sum_gxc(rng.uniform(coefs, -3.f, 3.f));
+    const StatVector cot_a(rng.uniform(coefs, -1.f, 1.f)), cot_b(rng.uniform(coefs, -1.f, 1.f));
+    const StatVector cot_c(rng.uniform(coefs, -1.f, 1.f));
+    for (int params = 0; params < 16; ++params) {
+      ++round;
+      const bool with_weight = params & 1, with_bias = params & 2;
+      const int h_kind = params >> 2;  // h_value 1, h_value 0.3, 0-dim, [C]
+      const pyeuler_dtype_t dtype = kParamDtypes[round % 3];
+      const Param weight = with_weight ? Param(rng, C, dtype, 1 + round % 2, 0.5f, 1.5f) : Param();
+      const Param bias = with_bias ? Param(rng, C, dtype, 1, -0.5f, 0.5f) : Param();
+      const Param h = h_kind < 2 ? Param() : Param(rng, C, dtype, h_kind == 2 ? 0 : 1, 0.05f, 0.5f);
+      const double h_value = h_kind == 1 ? 0.3 : 1.0;
+      const Param cot_dweight(rng, C, PYEULER_DTYPE_FLOAT32, 1, -1.f, 1.f);
+      const Param cot_dbias(rng, C, PYEULER_DTYPE_BFLOAT16, 1, -1.f, 1.f);
+      const Param cot_dh(rng, C, PYEULER_DTYPE_FLOAT32, h_kind == 2 ? 0 : 1, -1.f, 1.f);
+      for (int bits = 0; bits < 256; bits += 1 + (bits % 3)) {  // a spread of flag sets
+        const bool sums = bits & 1, centered = bits & 2;
+        const bool give_a = !(bits & 4), give_b = !(bits & 8), give_c = !(bits & 16);
+        const bool give_dw = (bits & 32) && sums, give_db = (bits & 64) && sums;
+        const bool give_dh = (bits & 128) && sums && h.present;
+        const bool stat_terms = centered;  // need_x and batch_stats, both set together here
+        // outputs: every one requested (structurally zero ones must come out as 0)
+        DeviceArray<float> d_sum_g(coefs, false), d_sum_gxc(coefs, false), d_dmean(stats, false),
+            d_dvar(stats, false), d_var(stats, false);
+        DeviceArray<float> d_weight_f(C, false), d_bias_f(C, false), d_h_f(C, false);
+        const pyeuler_param_t none{nullptr, PYEULER_DTYPE_FLOAT32, 0};
+        // parameter gradients in the parameter's dtype: request float32 ones only
+        const bool out_w = weight.present && weight.dtype == PYEULER_DTYPE_FLOAT32;
+        const bool out_b = bias.present && bias.dtype == PYEULER_DTYPE_FLOAT32;
+        const bool out_h = h.present && h.dtype == PYEULER_DTYPE_FLOAT32;
+        CHECK_CUDA(pyeuler_backward_coefficients_vjp(
+            sums ? sum_g.device.get() : nullptr, sums ? sum_gxc.device.get() : nullptr,
+            var.device.get(), shape.n, C, shape.groups, weight.abi(), bias.abi(), h.abi(),
+            h_value, eps, stat_terms, 1, count, give_a ? cot_a.device.get() : nullptr,
+            give_b ? cot_b.device.get() : nullptr, give_c ? cot_c.device.get() : nullptr,
+            give_dw ? cot_dweight.abi() : none, give_db ? cot_dbias.abi() : none,
+            give_dh ? cot_dh.abi() : none, d_sum_g.get(), d_sum_gxc.get(), d_dmean.get(),
+            d_dvar.get(), d_var.get(), out_w ? d_weight_f.get() : nullptr,
+            out_b ? d_bias_f.get() : nullptr, out_h ? d_h_f.get() : nullptr, nullptr));
+        CHECK_CUDA(cudaDeviceSynchronize());
+        if (shape.coefs() == 0 && !out_w && !out_b && !out_h) continue;
+        // the reference, with each gradient's Σ|term| for the tolerance
+        const double step_value = double(float(h_value));
+        auto invstd_at = [&](int64_t s) { return 1.0 / std::sqrt(double(var.host[s]) + double(float(eps))); };
+        const bool cs = centered && sums;
+        std::vector<Total> md(stats), mdx(stats), uc(stats), ub(stats), sc(stats), sb(stats);
+        for (int64_t n = 0; n < S; ++n)
+          for (int64_t c = 0; c < C; ++c) {
+            const int64_t i = n * C + c, s = shape.stat(n, c);
+            const double iv = invstd_at(s), sw = h.at(c, step_value) * weight.at(c, 1.0);
+            if (sums) md[s].add(sw * sum_g.host[i]), mdx[s].add(sw * sum_gxc.host[i] * iv);
+            if (centered && give_c) uc[s].add(cot_c.host[i] * -iv / count), sc[s].add(cot_c.host[i]);
+            if (centered && give_b) ub[s].add(cot_b.host[i] * iv * iv * -1.0 / count), sb[s].add(cot_b.host[i]);
+          }
+        std::vector<Total> g_sum_g(coefs), g_sum_gxc(coefs), g_var(stats), g_w(C), g_b(C), g_h(C);
+        Total g_h_total;
+        for (int64_t n = 0; n < S; ++n)
+          for (int64_t c = 0; c < C; ++c) {
+            const int64_t i = n * C + c, s = shape.stat(n, c);
+            const double iv = invstd_at(s), step = h.at(c, step_value), w = weight.at(c, 1.0);
+            const double sw = step * w;
+            const double sg = sums ? sum_g.host[i] : 0.0, sgxc = sums ? sum_gxc.host[i] : 0.0;
+            const double sgxhat = sgxc * iv;
+            const double ca = give_a ? cot_a.host[i] : 0.0;
+            const double cdw = give_dw ? cot_dweight.values[c] : 0.0;
+            const double cdb = give_db ? cot_dbias.values[c] : 0.0;
+            const double cdh = give_dh ? cot_dh.values[c] : 0.0;
+            const double ucv = cs ? uc[s].sum : 0.0, ubv = cs ? ub[s].sum : 0.0;
+            const double ccv = cs && give_c ? cot_c.host[i] : 0.0;
+            const double cbv = cs && give_b ? cot_b.host[i] : 0.0;
+            Total dsg, dsgxhat, dinv, dsw;
+            dsg.add(step * cdb), dsg.add(bias.at(c, 0.0) * cdh), dsg.add(sw * ucv);
+            dsgxhat.add(step * cdw), dsgxhat.add(w * cdh), dsgxhat.add(sw * ubv);
+            dinv.add(sw * ca), dinv.add(ccv * md[s].sum * -1.0 / count);
+            dinv.add(cbv * mdx[s].sum * iv * -2.0 / count), dinv.add(dsgxhat.sum * sgxc);
+            dsw.add(ca * iv), dsw.add(ucv * sg), dsw.add(ubv * sgxhat);
+            g_sum_g[i].add(dsg.sum), g_sum_g[i].magnitude = dsg.magnitude + uc[s].magnitude * std::fabs(sw);
+            g_sum_gxc[i].add(dsgxhat.sum * iv);
+            g_sum_gxc[i].magnitude = (dsgxhat.magnitude + ub[s].magnitude * std::fabs(sw)) * iv;
+            g_var[s].add(dinv.sum * iv * iv * iv * -0.5);
+            g_var[s].magnitude += (dinv.magnitude + std::fabs(ccv * md[s].magnitude / count) +
+                                   std::fabs(2.0 * cbv * mdx[s].magnitude * iv / count)) *
+                                  iv * iv * iv * 0.5;
+            const double wt = cdh * sgxhat + step * dsw.sum, bt = cdh * sg;
+            const double ht = cdw * sgxhat + cdb * sg + dsw.sum * w;
+            const double dsw_mag = dsw.magnitude + std::fabs(uc[s].magnitude * sg) +
+                                   std::fabs(ub[s].magnitude * sgxhat);
+            g_w[c].add(wt), g_w[c].magnitude += std::fabs(step) * dsw_mag;
+            g_b[c].add(bt);
+            g_h[c].add(ht), g_h[c].magnitude += std::fabs(w) * dsw_mag;
+            g_h_total.add(ht), g_h_total.magnitude += std::fabs(w) * dsw_mag;
+          }
+        const std::string what = "backward_coefficients_vjp " + shape.name() + " params=" +
+                                 std::to_string(params) + " bits=" + std::to_string(bits);
+        auto check = [&](const std::string& name, const std::vector<float>& got,
+                         const std::vector<Total>& want_totals, size_t n_values) {
+          std::vector<double> want, atol;
+          for (size_t k = 0; k < n_values; ++k) {
+            want.push_back(want_totals[k].sum);
+            atol.push_back(1e-4 * want_totals[k].magnitude + 1e-6);
+          }
+          std::vector<float> head(got.begin(), got.begin() + n_values);
+          expect_close(what + " " + name, head, want, 1e-5, atol);
+        };
+        const size_t n_coefs = size_t(shape.coefs()), n_stats = size_t(shape.stats());
+        check("d_sum_g", d_sum_g.download(), g_sum_g, n_coefs);
+        check("d_sum_gxc", d_sum_gxc.download(), g_sum_gxc, n_coefs);
+        check("d_var", d_var.download(), g_var, n_stats);
+        std::vector<Total> want_dmean(stats), want_dvar(stats);
+        for (size_t s = 0; s < n_stats; ++s) {
+          want_dmean[s].add(sc[s].sum / count), want_dmean[s].magnitude = sc[s].magnitude / count;
+          want_dvar[s].add(sb[s].sum * 2.0 / count), want_dvar[s].magnitude = sb[s].magnitude * 2.0 / count;
+        }
+        check("d_dmean", d_dmean.download(), want_dmean, n_stats);
+        check("d_dvar", d_dvar.download(), want_dvar, n_stats);
+        if (out_w) check("d_weight", d_weight_f.download(), g_w, size_t(C));
+        if (out_b) check("d_bias", d_bias_f.download(), g_b, size_t(C));
+        if (out_h && h.stride == 0) check("d_h", {d_h_f.download()[0]}, {g_h_total}, 1);
+        if (out_h && h.stride != 0) check("d_h", d_h_f.download(), g_h, size_t(C));
+      }
+    }
+    std::printf("%-4s backward_coefficients_vjp %s\n",
+                g_failures == failures_before ? "ok" : "FAIL", shape.name().c_str());
+  }
+}
+
+// Bitwise reproducibility (fixed summation orders) and the argument errors.
+void test_norm_coefficients_determinism_and_errors(Random& rng) {
+  const int failures_before = g_failures;
+  const AlgebraShape shape{64, 512, 32};
+  const StatVector var(rng.uniform(shape.stats(), 0.2f, 2.f));
+  const StatVector sum_g(rng.uniform(shape.coefs(), -3.f, 3.f));
+  const StatVector sum_gxc(rng.uniform(shape.coefs(), -3.f, 3.f));
+  const Param weight(rng, shape.c, PYEULER_DTYPE_BFLOAT16, 1, 0.5f, 1.5f);
+  const Param bias(rng, shape.c, PYEULER_DTYPE_FLOAT32, 1, -0.5f, 0.5f);
+  const Param h(rng, shape.c, PYEULER_DTYPE_FLOAT32, 0, 0.05f, 0.5f);
+  std::vector<float> first[6];
+  for (int run = 0; run < 3; ++run) {
+    DeviceArray<float> a(shape.coefs(), false), b(shape.coefs(), false), c(shape.coefs(), false);
+    DeviceArray<float> dweight(shape.c, false), dbias(shape.c, false), dh(1, false);
+    CHECK_CUDA(pyeuler_backward_coefficients(
+        sum_g.device.get(), sum_gxc.device.get(), nullptr, nullptr, var.device.get(), shape.n,
+        shape.c, shape.groups, weight.abi(), bias.abi(), h.abi(), 1.0, 1e-5, 1, 1, 49, a.get(),
+        b.get(), c.get(), dweight.get(), dbias.get(), dh.get(), nullptr));
+    const std::vector<float> outs[6] = {a.download(),       b.download(),     c.download(),
+                                        dweight.download(), dbias.download(), dh.download()};
+    for (int k = 0; k < 6; ++k) {
+      if (run == 0) {
+        first[k] = outs[k];
+      } else if (std::memcmp(first[k].data(), outs[k].data(), outs[k].size() * sizeof(float))) {
+        std::printf("FAIL norm_coefficients determinism: output %d differs in run %d\n", k, run);
+        ++g_failures;
+      }
+    }
+  }
+  // argument errors are reported, not launched
+  float out[4];
+  const pyeuler_param_t none{nullptr, PYEULER_DTYPE_FLOAT32, 0};
+  const pyeuler_param_t bad_dtype{out, pyeuler_dtype_t(7), 1};
+  struct Expectation {
+    const char* what;
+    cudaError_t got;
+  } const errors[] = {
+      {"groups not dividing C", pyeuler_forward_coefficients(out, out, 2, 6, 4, none, none, none,
+                                                             1.0, 1e-5, out, out, nullptr)},
+      {"bad parameter dtype", pyeuler_forward_coefficients(out, out, 1, 4, 0, bad_dtype, none,
+                                                           none, 1.0, 1e-5, out, out, nullptr)},
+      {"dweight without sums",
+       pyeuler_backward_coefficients(nullptr, nullptr, nullptr, nullptr, out, 1, 4, 0, none, none,
+                                     none, 1.0, 1e-5, 1, 1, 4, out, out, out, out, nullptr,
+                                     nullptr, nullptr)},
+      {"dh without h", pyeuler_backward_coefficients(out, out, nullptr, nullptr, out, 1, 4, 0,
+                                                     none, none, none, 1.0, 1e-5, 1, 1, 4, out,
+                                                     out, out, nullptr, nullptr, out, nullptr)},
+      {"sum_g without sum_gxc",
+       pyeuler_backward_coefficients(out, nullptr, nullptr, nullptr, out, 1, 4, 0, none, none,
+                                     none, 1.0, 1e-5, 1, 1, 4, out, out, out, nullptr, nullptr,
+                                     nullptr, nullptr)},
+      {"count 0", pyeuler_backward_coefficients(nullptr, nullptr, nullptr, nullptr, out, 1, 4, 0,
+                                                none, none, none, 1.0, 1e-5, 1, 1, 0, out, out,
+                                                out, nullptr, nullptr, nullptr, nullptr)},
+  };
+  for (const Expectation& e : errors) {
+    if (e.got != cudaErrorInvalidValue) {
+      std::printf("FAIL norm_coefficients: %s returned %d, not cudaErrorInvalidValue\n", e.what,
+                  int(e.got));
+      ++g_failures;
+    }
+  }
+  std::printf("%-4s norm_coefficients determinism and argument errors\n",
+              g_failures == failures_before ? "ok" : "FAIL");
+}
+
 }  // namespace
 
 int main() {
@@ -589,6 +1059,9 @@ int main() {
   test_dtype<float>(rng);
   test_dtype<__half>(rng);
   test_dtype<__nv_bfloat16>(rng);
+  test_norm_coefficients(rng);
+  test_norm_coefficients_determinism_and_errors(rng);
+  test_backward_coefficients_vjp(rng);
   if (g_failures != 0) {
     std::printf("%d check(s) failed\n", g_failures);
     return 1;

@@ -26,6 +26,9 @@ from pyeuler.backend import counted_device, device_type
 
 __all__ = [
     "is_available",
+    "forward_coefficients",
+    "backward_coefficients",
+    "backward_coefficients_vjp",
     "norm_stats",
     "affine_act_forward",
     "affine_act_backward_reduce",
@@ -65,11 +68,21 @@ SCHEMAS = (
     "Tensor center, Tensor? ddshortcut) -> (Tensor, Tensor)",
     "cuda_ie_residual(Tensor x, Tensor c, Tensor fx, float theta) -> Tensor",
     "cuda_ie_update(Tensor x, Tensor e, Tensor v, float step_size, float theta) -> Tensor",
+    "cuda_forward_coefficients(Tensor mean, Tensor var, Tensor? weight, Tensor? bias, "
+    "Tensor? h, float h_value, float eps, int groups, int channels) -> (Tensor, Tensor)",
+    "cuda_backward_coefficients(Tensor? sum_g, Tensor? sum_gxc, Tensor? dmean, Tensor? dvar, "
+    "Tensor? weight, Tensor? bias, Tensor? h, Tensor var, float h_value, float eps, "
+    "int groups, bool batch_stats, bool[5] needs, int channels, int count) "
+    "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)",
+    "cuda_backward_coefficients_vjp(Tensor? sum_g, Tensor? sum_gxc, Tensor? dmean, "
+    "Tensor? dvar, Tensor? weight, Tensor? bias, Tensor? h, Tensor var, float h_value, "
+    "float eps, int groups, bool batch_stats, bool[5] needs, int channels, int count, "
+    "Tensor?[] cotangents) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)",
 )
 
 # Kernel launches per op call: a reduction is a partials pass and a finalize pass
 # (kernels/reduce.cuh, launched even when there is one partial); every other op is one
-# elementwise kernel.
+# kernel: elementwise, or the per-channel algebra (kernels/norm_coefficients.cu).
 KERNEL_LAUNCHES = {schema.split("(")[0]: 1 for schema in SCHEMAS} | {
     "cuda_norm_stats": 2,
     "cuda_affine_act_backward_reduce": 2,
@@ -181,6 +194,16 @@ def _like_x(x: Tensor, t: Tensor | None) -> Tensor | None:
     (autocast adds bfloat16 convolution outputs to float32 block inputs): they are converted
     to x's dtype, as the contract's float32 arithmetic would read them."""
     return t if t is None or t.dtype == x.dtype else t.to(x.dtype)
+
+
+_PARAM_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def _param(t: Tensor | None) -> Tensor | None:
+    """A weight, bias or h as the kernels read it: float32, float16 and bfloat16 as they
+    are; another floating dtype (float64) converted to float32, as the contract's float32
+    arithmetic reads it anyway."""
+    return t if t is None or t.dtype in _PARAM_DTYPES else t.float()
 
 
 def norm_stats(x: Tensor, groups: int) -> tuple[Tensor, Tensor]:
@@ -320,6 +343,137 @@ def ie_update(x: Tensor, e: Tensor, v: Tensor, step_size: float, theta: float) -
                                             float(theta))
 
 
+def forward_coefficients(
+    mean: Tensor,
+    var: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    h: Tensor | None,
+    h_value: float,
+    eps: float,
+    groups: int,
+    channels: int,
+) -> tuple[Tensor, Tensor]:
+    """One launch (kernels/norm_coefficients.cu).  mean, var: float32 statistics; weight,
+    bias and h may be float32, float16 or bfloat16; scale and shift are float32."""
+    _check_cuda(mean=mean, var=var, weight=weight, bias=bias, h=h)
+    _require_extension()
+    scale, shift = torch.ops.pyeuler.cuda_forward_coefficients(
+        mean, var, _param(weight), _param(bias), _param(h), float(h_value), float(eps),
+        int(groups), int(channels))
+    return scale, shift
+
+
+def backward_coefficients(
+    sum_g: Tensor | None,
+    sum_gxc: Tensor | None,
+    dmean: Tensor | None,
+    dvar: Tensor | None,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    h: Tensor | None,
+    var: Tensor,
+    h_value: float,
+    eps: float,
+    groups: int,
+    batch_stats: bool,
+    needs,
+    channels: int,
+    count: int,
+) -> tuple[Tensor, Tensor, Tensor, Tensor | None, Tensor | None, Tensor | None]:
+    """One launch (kernels/norm_coefficients.cu); float32 sums and statistics in, float32
+    out.  The parameter gradients are None where the contract's are: without the sums, or
+    not in ``needs``."""
+    _check_cuda(sum_g=sum_g, sum_gxc=sum_gxc, dmean=dmean, dvar=dvar, weight=weight, bias=bias,
+                h=h, var=var)
+    _require_extension()
+    needs = [bool(n) for n in needs]
+    a, b, c, dweight, dbias, dh = torch.ops.pyeuler.cuda_backward_coefficients(
+        sum_g, sum_gxc, dmean, dvar, _param(weight), _param(bias), _param(h), var,
+        float(h_value), float(eps), int(groups), bool(batch_stats), needs, int(channels),
+        int(count))
+    sums = sum_g is not None
+    return (a, b, c, dweight if sums and needs[2] else None, dbias if sums and needs[3] else None,
+            dh if sums and needs[4] else None)
+
+
+# The gradients of backward_coefficients_vjp, in the op's output order.
+_VJP_KEYS = ("sum_g", "sum_gxc", "dmean", "dvar", "weight", "bias", "h", "var")
+
+
+def _vjp_presence(sum_g, dmean, dvar, weight, bias, h, batch_stats, needs, cotangents):
+    """Which of :data:`_VJP_KEYS` the cotangents reach (the algebra's non-None entries), as
+    csrc/ops.cpp allocates them; and the cotangents that reach anything (the rest None)."""
+    cot_a, cot_b, cot_c, cot_dweight, cot_dbias, cot_dh = cotangents
+    sums = sum_g is not None
+    centered = bool(needs[0]) and bool(batch_stats)
+    if not centered:  # b and c are constants (zero) then
+        cot_b = cot_c = None
+    cot_dweight = cot_dweight if sums and needs[2] else None
+    cot_dbias = cot_dbias if sums and needs[3] else None
+    cot_dh = cot_dh if sums and needs[4] else None
+    learnable = weight is not None or h is not None
+    statistic_sums = sums and centered and (cot_c is not None or cot_b is not None)
+    want_sum_gxc = sums and (cot_dweight is not None or cot_dh is not None
+                             or (centered and cot_b is not None))
+    want_step_w = learnable and (cot_a is not None or statistic_sums)
+    present = (
+        sums and (cot_dbias is not None or (cot_dh is not None and bias is not None)
+                  or (centered and cot_c is not None)),
+        want_sum_gxc,
+        centered and dmean is not None and cot_c is not None,
+        centered and dvar is not None and cot_b is not None,
+        weight is not None and (cot_dh is not None or want_step_w),
+        bias is not None and cot_dh is not None,
+        h is not None and (cot_dweight is not None or cot_dbias is not None or want_step_w),
+        cot_a is not None or want_sum_gxc or statistic_sums,
+    )
+    return present, (cot_a, cot_b, cot_c, cot_dweight, cot_dbias, cot_dh)
+
+
+def backward_coefficients_vjp(
+    sum_g: Tensor | None,
+    sum_gxc: Tensor | None,
+    dmean: Tensor | None,
+    dvar: Tensor | None,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    h: Tensor | None,
+    var: Tensor,
+    h_value: float,
+    eps: float,
+    groups: int,
+    batch_stats: bool,
+    needs,
+    channels: int,
+    count: int,
+    cotangents,
+) -> dict[str, Tensor | None]:
+    """One launch (kernels/norm_coefficients.cu); float32 sums, statistics and cotangents
+    of a, b, c in, the cotangents of dweight, dbias, dh in any parameter dtype.  The
+    gradients of weight, bias and h come in their dtype, the others float32; None exactly
+    where the contract's are.  Sums-shaped gradients are [N, C] for GroupNorm where the
+    contract may leave a broadcastable [C].  Not differentiable (no graph is built)."""
+    cotangents = tuple(cotangents)
+    _check_cuda(sum_g=sum_g, sum_gxc=sum_gxc, dmean=dmean, dvar=dvar, weight=weight, bias=bias,
+                h=h, var=var, **{f"cotangent {k}": t for k, t in enumerate(cotangents)})
+    _require_extension()
+    needs = [bool(n) for n in needs]
+    present, cotangents = _vjp_presence(sum_g, dmean, dvar, weight, bias, h, batch_stats, needs,
+                                        cotangents)
+    cotangents = [*cotangents[:3], *(_param(t) for t in cotangents[3:])]
+    outputs = torch.ops.pyeuler.cuda_backward_coefficients_vjp(
+        sum_g, sum_gxc, dmean, dvar, _param(weight), _param(bias), _param(h), var,
+        float(h_value), float(eps), int(groups), bool(batch_stats), needs, int(channels),
+        int(count), cotangents)
+    grads = {k: o if p else None for k, o, p in zip(_VJP_KEYS, outputs, present)}
+    for name, param in (("weight", weight), ("bias", bias), ("h", h)):
+        # a float64 parameter was read as float32 (_param); its gradient is in its dtype
+        if grads[name] is not None and grads[name].dtype != param.dtype:
+            grads[name] = grads[name].to(param.dtype)
+    return grads
+
+
 # ---------------------------------------------------------------------------------------
 # Fake (meta) implementations, so torch.compile can trace the ops.  Output layouts follow
 # csrc/ops.cpp: channels_last when x is densely channels_last (and not also contiguous),
@@ -384,6 +538,41 @@ def _fake_ie_update(x, e, v, step_size, theta):
     return _empty_in_layout_of(x, x.dtype)
 
 
+def _coefficient_shape(var, groups, channels):
+    return (channels,) if groups == 0 else (var.shape[0], channels)
+
+
+def _fake_forward_coefficients(mean, var, weight, bias, h, h_value, eps, groups, channels):
+    shape = _coefficient_shape(var, groups, channels)
+    return var.new_empty(shape, dtype=torch.float32), var.new_empty(shape, dtype=torch.float32)
+
+
+def _fake_backward_coefficients(sum_g, sum_gxc, dmean, dvar, weight, bias, h, var, h_value, eps,
+                                groups, batch_stats, needs, channels, count):
+    shape = _coefficient_shape(var, groups, channels)
+    a, b, c = (var.new_empty(shape, dtype=torch.float32) for _ in range(3))
+    sums = sum_g is not None
+    dweight = var.new_empty((channels if sums and needs[2] else 0,), dtype=torch.float32)
+    dbias = var.new_empty((channels if sums and needs[3] else 0,), dtype=torch.float32)
+    dh = var.new_empty(h.shape if sums and needs[4] and h is not None else (0,),
+                       dtype=torch.float32)
+    return a, b, c, dweight, dbias, dh
+
+
+def _fake_backward_coefficients_vjp(sum_g, sum_gxc, dmean, dvar, weight, bias, h, var, h_value,
+                                    eps, groups, batch_stats, needs, channels, count, cotangents):
+    present, _ = _vjp_presence(sum_g, dmean, dvar, weight, bias, h, batch_stats, needs,
+                               cotangents)
+    coefficients = _coefficient_shape(var, groups, channels)
+    shapes = (coefficients, coefficients, var.shape, var.shape, (channels,), (channels,),
+              None if h is None else h.shape, var.shape)
+    dtypes = (torch.float32,) * 4 + tuple(torch.float32 if p is None else p.dtype
+                                          for p in (weight, bias, h)) + (torch.float32,)
+    return tuple(var.new_empty(shape, dtype=dtype) if want
+                 else var.new_empty((0,), dtype=torch.float32)
+                 for want, shape, dtype in zip(present, shapes, dtypes))
+
+
 _FAKES = {
     "pyeuler::cuda_norm_stats": _fake_norm_stats,
     "pyeuler::cuda_affine_act_forward": _fake_affine_act_forward,
@@ -394,6 +583,9 @@ _FAKES = {
     "pyeuler::cuda_affine_act_double_backward_apply": _fake_affine_act_double_backward_apply,
     "pyeuler::cuda_ie_residual": _fake_ie_residual,
     "pyeuler::cuda_ie_update": _fake_ie_update,
+    "pyeuler::cuda_forward_coefficients": _fake_forward_coefficients,
+    "pyeuler::cuda_backward_coefficients": _fake_backward_coefficients,
+    "pyeuler::cuda_backward_coefficients_vjp": _fake_backward_coefficients_vjp,
 }
 
 

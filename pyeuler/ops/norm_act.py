@@ -2,19 +2,23 @@
 
 This file is the one home of the op's math (SPEC §1, §3, §4):
 
-- the forward factors into ``norm_stats`` and one ``affine_act_forward`` pass with
-  coefficients ``scale = h·w·invstd``, ``shift = h·(b − mean·w·invstd)``;
-- the backward (the explicit BNᵀ of SPEC §3) factors into one reduction pass and one
-  ``affine_act_backward_apply`` pass ``dx = a·g + b·(x − mean) + c``, with all of the
-  BatchNorm / GroupNorm algebra on per-channel vectors here.
+- the forward factors into ``norm_stats``, the per-channel ``forward_coefficients``
+  ``scale = h·w·invstd``, ``shift = h·(b − mean·w·invstd)`` (computed once, kept in
+  :class:`NormStats` for every backward pass) and one ``affine_act_forward`` pass;
+- the backward (the explicit BNᵀ of SPEC §3) factors into one reduction pass, the
+  per-channel ``backward_coefficients`` and one ``affine_act_backward_apply`` pass
+  ``dx = a·g + b·(x − mean) + c``.
 
 The passes come from a kernel module implementing :mod:`pyeuler.ops.primitives`:
 ``primitives`` itself for ``backend="eager"`` (torch ops, so autograd differentiates
 everything, float64 included), ``pyeuler.triton`` or ``pyeuler.cuda`` for the fused
-backends.  The fused backends run as ``torch.library`` custom ops whose backward is itself
-a custom op; its backward (the second order, needed by "unrolled" IE-Skips) is again two
-fused passes, a reduce and an elementwise apply, with BatchNorm's second-order algebra on
-per-channel vectors.  Every order stays exact under ``torch.compile``.
+backends, where the per-channel passes (:mod:`pyeuler.ops.norm_algebra`) are one launch
+each.  The fused backends run as ``torch.library`` custom ops whose backward is itself a
+custom op; its backward (the second order, needed by "unrolled" IE-Skips) is again two
+fused passes, a reduce and an elementwise apply, with the per-channel algebra's
+vector–Jacobian product between them: a kernel when no graph is built, the
+differentiable torch ops of :mod:`pyeuler.ops.norm_algebra` under ``create_graph``, so
+every order stays exact, under ``torch.compile`` too.
 
 Batch mean and variance are outputs of the forward *and differentiable*: the IE-Skip's
 VJP reuses them, and its "unrolled" gradient must flow through them.  Running statistics
@@ -29,11 +33,15 @@ from typing import NamedTuple
 
 import torch
 from torch import Tensor
+from torch.fx.experimental.proxy_tensor import get_proxy_mode
 
 from pyeuler.backend import kernel_module as _kernels
 from pyeuler.backend import resolve_backend
 from pyeuler.ops import primitives, reference_norm
 from pyeuler.ops.dispatch import kernel_backend
+from pyeuler.ops import norm_algebra
+from pyeuler.ops.norm_algebra import (add_optional, center_of, forward_coefficients,
+                                      statistic_count)
 
 __all__ = ["NormStats", "norm_act", "norm_act_backward", "norm_act_module", "norm_relu_backward_conv",
            "norm_relu_backward_ie_update", "update_running_stats"]
@@ -62,62 +70,7 @@ class NormStats:
 
 
 # ----------------------------------------------------------------------------------------
-# Per-channel algebra shared by every backend.
-
-
-def _per_channel(v: Tensor | None, channels: int, like: Tensor) -> Tensor:
-    """A [C] float tensor from None (→ ones), a scalar or a [C] tensor."""
-    if v is None:
-        return torch.ones(channels, dtype=like.dtype, device=like.device)
-    return v.to(like.dtype).expand(channels) if v.dim() == 0 else v.to(like.dtype)
-
-
-def _expand_groups(v: Tensor, channels: int) -> Tensor:
-    """[N, groups] group statistic → [N, C] per-channel coefficient."""
-    return v.repeat_interleave(channels // v.shape[1], dim=1)
-
-
-def _step(h: Tensor | None, h_value: float, channels: int, like: Tensor) -> Tensor | float:
-    """The step factor: a [C] tensor when learnable, else the float itself."""
-    return _per_channel(h, channels, like) if h is not None else h_value
-
-
-def _times(factor: Tensor | float | None, v: Tensor) -> Tensor:
-    """``factor·v``; None or a float 1 (no weight, h = 1) costs no kernel launch.  The
-    per-channel algebra runs once per norm and derivative order, so its launches add up."""
-    if factor is None or (isinstance(factor, float) and factor == 1.0):
-        return v
-    return factor * v
-
-
-def _forward_coefficients(mean, var, weight, bias, h, h_value, eps, groups, channels):
-    """scale, shift ([C] or [N, C]) and invstd of ``h·(w·(x − mean)·invstd + b)``."""
-    invstd = torch.rsqrt(var + eps)
-    step = _step(h, h_value, channels, invstd)
-    weight = None if weight is None else _per_channel(weight, channels, invstd)
-    invstd_c = invstd if groups == 0 else _expand_groups(invstd, channels)
-    scale = _times(step, _times(weight, invstd_c))
-    shift = -scale * _center(mean, groups, channels)
-    if bias is not None:
-        shift = shift + _times(step, _per_channel(bias, channels, invstd))
-    return scale, shift, invstd
-
-
-def _center(mean: Tensor, groups: int, channels: int) -> Tensor:
-    return mean if groups == 0 else _expand_groups(mean, channels)
-
-
-def _count(x: Tensor, groups: int) -> int:
-    """Elements behind one statistic; 1 for an empty batch, whose placeholder statistics
-    (:func:`norm_act`) only ever scale empty tensors, so the algebra stays finite."""
-    spatial = math.prod(x.shape[2:])
-    count = x.shape[0] * spatial if groups == 0 else (x.shape[1] // groups) * spatial
-    return max(count, 1)
-
-
-def _sum_to(v: Tensor, h: Tensor) -> Tensor:
-    """Reduce a per-channel gradient to the shape of the learnable step ``h``."""
-    return v.sum().reshape(h.shape) if h.dim() == 0 else v
+# Per-channel algebra: pyeuler.ops.norm_algebra.
 
 
 def _forward_math(kernels, x, weight, bias, shortcut, h, h_value, mean_in, var_in, eps, groups,
@@ -128,7 +81,8 @@ def _forward_math(kernels, x, weight, bias, shortcut, h, h_value, mean_in, var_i
     else:
         acc = torch.float64 if x.dtype == torch.float64 else torch.float32
         mean, var = mean_in.to(acc), var_in.to(acc)
-    scale, shift, _ = _forward_coefficients(mean, var, weight, bias, h, h_value, eps, groups, channels)
+    scale, shift = kernels.forward_coefficients(mean, var, weight, bias, h, h_value, eps, groups,
+                                                channels)
     y, mask = kernels.affine_act_forward(x, scale, shift, shortcut, relu, save_mask)
     return y, mean, var, mask, Affine(scale, shift)
 
@@ -136,158 +90,6 @@ def _forward_math(kernels, x, weight, bias, shortcut, h, h_value, mean_in, var_i
 def _sums_needed(needs, batch_stats: bool) -> bool:
     need_x, _, need_weight, need_bias, need_h = needs
     return need_weight or need_bias or need_h or (need_x and batch_stats)
-
-
-def _coefficients(sum_g, sum_gxc, dmean, dvar, weight, bias, h, mean, var, h_value, eps, groups,
-                  batch_stats, needs, channels, count):
-    """The per-channel half of the backward (SPEC §3's BNᵀ): from the reduce sums
-    ``Σg``, ``Σg·(x − center)`` to ``(a, b, c)`` of ``dx = a·g + b·(x − center) + c`` and
-    the parameter gradients ``(dweight, dbias, dh)`` (None where not in ``needs``).
-
-    Pure arithmetic on [C] / [N, C] vectors; :func:`_coefficients_vjp` is its derivative.
-    ``dmean``/``dvar`` are gradients flowing into the batch statistics themselves (IE-Skip
-    VJPs use them), or None.
-    """
-    invstd = torch.rsqrt(var + eps)
-    w = None if weight is None else _per_channel(weight, channels, invstd)
-    step = _step(h, h_value, channels, invstd)
-    step_w = _times(step, w) if w is not None else step  # h·w: the scale of dx̂ = h·w·g
-    invstd_c = invstd if groups == 0 else _expand_groups(invstd, channels)
-    need_x, _, need_weight, need_bias, need_h = needs
-    per_sample = groups > 0
-    a = _times(step_w, invstd_c)
-    b = c = torch.zeros_like(a)
-    dweight = dbias = dh = None
-    if sum_g is not None:
-        # Σ dŷ·x̂ per (sample,) channel, where ŷ = w·x̂ + b is the normalised output.
-        sum_gxhat = sum_gxc * invstd_c
-        if need_weight:
-            dweight = _times(step, sum_gxhat)
-            dweight = dweight.sum(0) if per_sample else dweight
-        if need_bias:
-            dbias = _times(step, sum_g)
-            dbias = dbias.sum(0) if per_sample else dbias
-        if need_h:
-            dh_c = _times(w, sum_gxhat)
-            if bias is not None:
-                dh_c = dh_c + _per_channel(bias, channels, invstd) * sum_g
-            dh = _sum_to(dh_c.sum(0) if per_sample else dh_c, h)
-        if need_x and batch_stats:
-            # means over the statistic's set of dx̂ = h·w·g and of dx̂·x̂, times −invstd.
-            mean_dxhat = _times(step_w, sum_g)
-            mean_dxhat_xhat = _times(step_w, sum_gxhat)
-            if per_sample:
-                groups_shape = (mean.shape[0], groups, channels // groups)
-                mean_dxhat = _expand_groups(mean_dxhat.reshape(groups_shape).sum(2), channels)
-                mean_dxhat_xhat = _expand_groups(mean_dxhat_xhat.reshape(groups_shape).sum(2),
-                                                 channels)
-            c = mean_dxhat * (-invstd_c / count)
-            b = mean_dxhat_xhat * (invstd_c * invstd_c * (-1.0 / count))
-    if need_x and batch_stats:
-        if dmean is not None:
-            c = c + _center(dmean, groups, channels) / count
-        if dvar is not None:
-            b = b + _center(dvar, groups, channels) * (2.0 / count)
-    return a, b, c, dweight, dbias, dh
-
-
-def _add(total: Tensor | None, term: Tensor | None) -> Tensor | None:
-    if term is None:
-        return total
-    return term if total is None else total + term
-
-
-def _coefficients_vjp(sum_g, sum_gxc, dmean, dvar, weight, bias, h, var, h_value, eps, groups,
-                      batch_stats, needs, channels, count, cotangents):
-    """The vector–Jacobian product of :func:`_coefficients`, written out.
-
-    ``cotangents`` = gradients of (a, b, c, dweight, dbias, dh), None where absent.
-    Returns the gradients of ``sum_g, sum_gxc, dmean, dvar, weight, bias, h, var`` (a dict,
-    None where zero).  The mean does not enter the coefficients (the centre is the caller's).
-    By hand rather than ``torch.func.vjp``: this runs for every norm in every second-order
-    backward, and a functorch trace there costs a millisecond of host time per call.
-    Torch ops only, so it is itself differentiable (third order).
-    """
-    cot_a, cot_b, cot_c, cot_dweight, cot_dbias, cot_dh = cotangents
-    need_x, _, need_weight, need_bias, need_h = needs
-    per_sample = groups > 0
-
-    def over_samples(v):  # [N, C] → [C] where the coefficient is per channel
-        return v.sum(0) if per_sample and v.dim() == 2 else v
-
-    def to_groups(v):  # adjoint of _expand_groups: [N, C] → [N, groups]
-        return v.reshape(v.shape[0], groups, channels // groups).sum(2) if per_sample else v
-
-    def group_sum(v):  # the reduction of _coefficients' means (self-adjoint)
-        return _expand_groups(to_groups(v), channels) if per_sample else v
-
-    invstd = torch.rsqrt(var + eps)
-    invstd_c = invstd if groups == 0 else _expand_groups(invstd, channels)
-    w = None if weight is None else _per_channel(weight, channels, invstd)
-    step = _step(h, h_value, channels, invstd)
-    step_w = _times(step, w) if w is not None else step
-    d_invstd_c = d_step_w = d_step = d_w = d_bias = None
-    d_sum_g = d_sum_gxhat = d_dmean = d_dvar = None
-    learnable_step_w = w is not None or h is not None  # else h·w is a constant float
-    if cot_a is not None:  # a = h·w·invstd
-        d_invstd_c = _times(step_w, cot_a)
-        if learnable_step_w:
-            d_step_w = over_samples(cot_a * invstd_c)
-    if sum_g is not None:
-        sum_gxhat = sum_gxc * invstd_c
-        if need_weight and cot_dweight is not None:  # dweight = Σₙ h·Σg·x̂
-            d_step = _add(d_step, over_samples(cot_dweight * sum_gxhat))
-            d_sum_gxhat = _add(d_sum_gxhat, _times(step, cot_dweight))
-        if need_bias and cot_dbias is not None:  # dbias = Σₙ h·Σg
-            d_step = _add(d_step, over_samples(cot_dbias * sum_g))
-            d_sum_g = _add(d_sum_g, _times(step, cot_dbias))
-        if need_h and cot_dh is not None:  # dh = Σ (w·Σg·x̂ + b·Σg)
-            cot_dh_c = cot_dh.expand(channels) if cot_dh.dim() == 0 else cot_dh
-            if w is not None:
-                d_w = _add(d_w, over_samples(cot_dh_c * sum_gxhat))
-            d_sum_gxhat = _add(d_sum_gxhat, _times(w, cot_dh_c))
-            if bias is not None:
-                d_bias = over_samples(cot_dh_c * sum_g)
-                d_sum_g = _add(d_sum_g, _per_channel(bias, channels, invstd) * cot_dh_c)
-        if need_x and batch_stats:
-            mean_dxhat = group_sum(_times(step_w, sum_g))
-            mean_dxhat_xhat = group_sum(_times(step_w, sum_gxhat))
-            if cot_c is not None:  # c = −invstd·Σ(h·w·Σg)/n
-                d_invstd_c = _add(d_invstd_c, cot_c * mean_dxhat * (-1.0 / count))
-                u = group_sum(cot_c * (-invstd_c / count))
-                if learnable_step_w:
-                    d_step_w = _add(d_step_w, over_samples(u * sum_g))
-                d_sum_g = _add(d_sum_g, _times(step_w, u))
-            if cot_b is not None:  # b = −invstd²·Σ(h·w·Σg·x̂)/n
-                d_invstd_c = _add(d_invstd_c, cot_b * mean_dxhat_xhat * invstd_c * (-2.0 / count))
-                u = group_sum(cot_b * (invstd_c * invstd_c * (-1.0 / count)))
-                if learnable_step_w:
-                    d_step_w = _add(d_step_w, over_samples(u * sum_gxhat))
-                d_sum_gxhat = _add(d_sum_gxhat, _times(step_w, u))
-        d_sum_gxc = None
-        if d_sum_gxhat is not None:  # Σg·x̂ = Σg·(x − center)·invstd
-            d_sum_gxc = d_sum_gxhat * invstd_c
-            d_invstd_c = _add(d_invstd_c, d_sum_gxhat * sum_gxc)
-    else:
-        d_sum_gxc = None
-    if need_x and batch_stats:  # c += dmean/n, b += 2·dvar/n
-        if dmean is not None and cot_c is not None:
-            d_dmean = to_groups(cot_c) / count
-        if dvar is not None and cot_b is not None:
-            d_dvar = to_groups(cot_b) * (2.0 / count)
-    if d_step_w is not None:  # h·w
-        if w is not None:
-            d_w = _add(d_w, _times(step, d_step_w))
-            d_step = _add(d_step, d_step_w * w)
-        else:
-            d_step = _add(d_step, d_step_w)
-    d_var = None
-    if d_invstd_c is not None:  # invstd = (var + eps)^(−1/2)
-        d_var = to_groups(d_invstd_c) * (invstd * invstd * invstd * -0.5)
-    d_h = None if h is None or d_step is None else _sum_to(d_step, h).to(h.dtype)
-    return {"sum_g": d_sum_g, "sum_gxc": d_sum_gxc, "dmean": d_dmean, "dvar": d_dvar,
-            "weight": None if d_w is None else d_w.to(weight.dtype),
-            "bias": None if d_bias is None else d_bias.to(bias.dtype), "h": d_h, "var": d_var}
 
 
 def _backward_terms(kernels, dy, dmean, dvar, x, weight, bias, h, h_value, mean, var, mask, eps,
@@ -301,15 +103,15 @@ def _backward_terms(kernels, dy, dmean, dvar, x, weight, bias, h, h_value, mean,
     here), recomputed when not given.
     """
     channels = x.shape[1]
-    scale, shift = affine or _forward_coefficients(mean, var, weight, bias, h, h_value, eps,
-                                                   groups, channels)[:2]
-    center = _center(mean, groups, channels)
+    scale, shift = affine or kernels.forward_coefficients(mean, var, weight, bias, h, h_value,
+                                                           eps, groups, channels)
+    center = center_of(mean, groups, channels)
     sums = None
     if _sums_needed(needs, batch_stats):
         sums = kernels.affine_act_backward_reduce(dy, x, scale, shift, center, mask, relu, groups > 0)
-    a, b, c, dweight, dbias, dh = _coefficients(
-        *(sums or (None, None)), dmean, dvar, weight, bias, h, mean, var, h_value, eps, groups,
-        batch_stats, needs, channels, _count(x, groups))
+    a, b, c, dweight, dbias, dh = kernels.backward_coefficients(
+        *(sums or (None, None)), dmean, dvar, weight, bias, h, var, h_value, eps, groups,
+        batch_stats, needs, channels, statistic_count(x, groups))
     return (scale, shift, a, b, c, center), dweight, dbias, dh, sums
 
 
@@ -334,6 +136,15 @@ _BWD_INPUTS = ("dy", "dmean", "dvar", "x", "weight", "bias", "h", "mean", "var")
 _COEFFICIENT_INPUTS = ("sum_g", "sum_gxc", "dmean", "dvar", "weight", "bias", "h", "mean", "var")
 
 
+def _algebra(backend: str):
+    """Where a backward formula runs the per-channel algebra: the backend's one-launch
+    kernels when it only computes (a first-order backward), else the torch ops of
+    :mod:`pyeuler.ops.norm_algebra`: differentiable under create_graph (higher orders), and
+    traceable while torch.compile / make_fx trace the formula (the compiler fuses them)."""
+    tracing = torch.compiler.is_compiling() or get_proxy_mode() is not None
+    return norm_algebra if torch.is_grad_enabled() or tracing else _kernels(backend)
+
+
 def _double_backward_math(inputs, sums, output_grads, sum_grads, config, wanted, backend):
     """Gradients of norm_act_bwd's inputs (``_BWD_INPUTS``) from the gradients of its
     outputs: ``output_grads`` = those of (dx, dshortcut, dweight, dbias, dh), ``sum_grads``
@@ -342,7 +153,7 @@ def _double_backward_math(inputs, sums, output_grads, sum_grads, config, wanted,
     Two passes over the activations, like the first-order backward: a reduce of the
     gradient of dx (its sums are the gradients of a, b, c), then one elementwise pass giving
     the gradients of dy and x; both are fused-kernel ops.  In between, the per-channel
-    algebra of :func:`_coefficients` is differentiated by :func:`_coefficients_vjp`.
+    algebra of :func:`backward_coefficients` is differentiated by :func:`backward_coefficients_vjp`.
     Everything stays differentiable, so third and higher orders are exact too.
     ``inputs`` = the ``_BWD_INPUTS``, then mask, scale, shift (None: recomputed).
     ``wanted`` flags the gradients to compute, in ``_BWD_INPUTS`` order (None elsewhere).
@@ -352,15 +163,16 @@ def _double_backward_math(inputs, sums, output_grads, sum_grads, config, wanted,
     dy, x, mean = named["dy"], named["x"], named["mean"]
     g_dx, g_dshortcut, g_dweight, g_dbias, g_dh = output_grads
     h_value, eps, groups, relu, batch_stats, needs = config
-    channels, count, per_sample = x.shape[1], _count(x, groups), groups > 0
+    channels, count, per_sample = x.shape[1], statistic_count(x, groups), groups > 0
     if scale is None:  # they only gate the ReLU here: the forward's, or recomputed
-        scale, shift, _ = _forward_coefficients(mean, named["var"], named["weight"], named["bias"],
+        scale, shift = forward_coefficients(mean, named["var"], named["weight"], named["bias"],
                                                 named["h"], h_value, eps, groups, channels)
-    center = _center(mean, groups, channels)
+    center = center_of(mean, groups, channels)
     sum_g, sum_gxc = sums if sums else (None, None)
     coefficient_args = (named["dmean"], named["dvar"], named["weight"], named["bias"], named["h"])
-    a, b, *_ = _coefficients(sum_g, sum_gxc, *coefficient_args, mean, named["var"], h_value, eps,
-                             groups, batch_stats, needs, channels, count)
+    a, b, *_ = _algebra(backend).backward_coefficients(
+        sum_g, sum_gxc, *coefficient_args, named["var"], h_value, eps, groups, batch_stats, needs,
+        channels, count)
     g_dx = g_dx if needs[0] else None
     sum_dd = None
     if g_dx is not None:  # the gradients of c, b, a: Σddx, Σddx·(x − center), Σddx·g
@@ -371,16 +183,17 @@ def _double_backward_math(inputs, sums, output_grads, sum_grads, config, wanted,
         cotangents = (None, None, None)
     param_grads = tuple(g if need else None
                         for g, need in zip((g_dweight, g_dbias, g_dh), needs[2:]))
-    grads = _coefficients_vjp(sum_g, sum_gxc, *coefficient_args, named["var"], h_value, eps,
-                              groups, batch_stats, needs, channels, count, cotangents + param_grads)
+    grads = _algebra(backend).backward_coefficients_vjp(
+        sum_g, sum_gxc, *coefficient_args, named["var"], h_value, eps, groups, batch_stats, needs,
+        channels, count, cotangents + param_grads)
     p, q = grads.get("sum_g"), grads.get("sum_gxc")
     if sums:  # the sums are outputs too
-        p, q = _add(p, sum_grads[0]), _add(q, sum_grads[1])
+        p, q = add_optional(p, sum_grads[0]), add_optional(q, sum_grads[1])
     if wanted[7]:
         # the centre (the mean, per group) enters dx = … + b·(x − center) and Σg·(x − center).
         dcenter = None if sum_dd is None else -b * sum_dd
         if q is not None:
-            dcenter = _add(dcenter, -q * sum_g)
+            dcenter = add_optional(dcenter, -q * sum_g)
         if dcenter is not None and per_sample:
             dcenter = dcenter.reshape(mean.shape[0], groups, channels // groups).sum(2)
         grads["mean"] = dcenter
@@ -749,7 +562,7 @@ def _conv_backward(ctx, dz, dmean, dvar, dscale, dshift):
     if torch.is_grad_enabled():
         # create_graph: the recomputed activation must be differentiable in the statistics
         # and the norm's parameters, so the coefficients are rebuilt from them
-        scale, shift, _ = _forward_coefficients(mean, var, weight, bias, None, 1.0, eps, groups,
+        scale, shift = forward_coefficients(mean, var, weight, bias, None, 1.0, eps, groups,
                                                 x.shape[1])
     u = _affine_relu_op(x, scale, shift, backend) if need_conv else x
     du, dconv, _ = torch.ops.aten.convolution_backward(dz, u.to(conv_weight.dtype), conv_weight,
@@ -872,11 +685,11 @@ def _backward_conv_backward(ctx, grad_input_grad, sum_g_grad, sum_gxc_grad):
         dx_grad = torch.convolution(grad_input_grad, conv_weight, None, *conv_args).to(x.dtype)
     if ctx.needs_input_grad[13] and grad_input_grad is not None:
         channels = x.shape[1]
-        a, b, c, *_ = _coefficients(*(sums or (None, None)), dmean, dvar, weight, bias, None, mean,
-                                    var, 1.0, eps, groups, batch_stats, _INPUT_GRAD_ONLY, channels,
-                                    _count(x, groups))
+        a, b, c, *_ = _algebra(backend).backward_coefficients(
+            *(sums or (None, None)), dmean, dvar, weight, bias, None, var, 1.0, eps, groups,
+            batch_stats, _INPUT_GRAD_ONLY, channels, statistic_count(x, groups))
         dx = _backward_apply_op(dy, x, scale, shift, None, True, a, b, c,
-                                _center(mean, groups, channels), backend)
+                                center_of(mean, groups, channels), backend)
         conv_weight_grad = torch.ops.aten.convolution_backward(
             dx.to(conv_weight.dtype), grad_input_grad, conv_weight, None, *conv_args,
             [False, True, False])[1]
@@ -1200,7 +1013,7 @@ def norm_act(
     if conv is not None and name == "eager":
         y = conv(y)
     if groups == 0 and batch_stats and running_mean is not None and update_running and not empty:
-        update_running_stats(running_mean, running_var, mean, var, _count(x, 0), momentum)
+        update_running_stats(running_mean, running_var, mean, var, statistic_count(x, 0), momentum)
     if return_stats:
         affine = Affine(*(t.detach() for t in affine))  # they only ever gate the ReLU
         return y, NormStats(x, mean, var, mask, batch_stats, affine)
@@ -1233,9 +1046,9 @@ def _affine_of(stats: NormStats, norm: torch.nn.Module) -> Affine:
     if stats.affine is not None:
         return stats.affine
     groups = norm.num_groups if isinstance(norm, torch.nn.GroupNorm) else 0
-    coefficients = _forward_coefficients(stats.mean, stats.var, norm.weight, norm.bias, None, 1.0,
+    coefficients = forward_coefficients(stats.mean, stats.var, norm.weight, norm.bias, None, 1.0,
                                          norm.eps, groups, stats.x.shape[1])
-    return Affine(*(t.detach() for t in coefficients[:2]))
+    return Affine(*(t.detach() for t in coefficients))
 
 
 def norm_relu_backward_ie_update(dy: Tensor, stats: NormStats, norm: torch.nn.Module, e: Tensor,

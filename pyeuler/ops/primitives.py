@@ -1,9 +1,13 @@
 """Kernel primitives: the small contract every fused backend implements.
 
 A normalisation + affine + (scaled) residual add + ReLU, forward and backward, factors into
-four memory-bound passes over the activation tensor.  Everything else (BatchNorm vs
-GroupNorm, learnable h, running statistics, the BN backward algebra, SyncBatchNorm-style
-all-reduces between passes) is arithmetic on per-channel vectors and lives in
+four memory-bound passes over the activation tensor, and two small passes over per-channel
+vectors between them: :func:`forward_coefficients` (statistics → the forward's scale and
+shift), :func:`backward_coefficients` (reduce sums → the backward's coefficients and the
+parameter gradients) and, for the second order, :func:`backward_coefficients_vjp`, defined
+in :mod:`pyeuler.ops.norm_algebra`.  A kernel backend runs
+each as one launch; as torch ops each would be a dozen tiny ones.  Running statistics,
+SyncBatchNorm-style all-reduces and the second-order algebra stay in
 :mod:`pyeuler.ops.norm_act`, shared by all backends.
 
 Tensors are ``(N, C, *spatial)`` with 0–3 spatial dims, contiguous or channels_last, in
@@ -27,7 +31,14 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+# The per-channel passes: the readable versions are the algebra itself.
+from pyeuler.ops.norm_algebra import (backward_coefficients, backward_coefficients_vjp,
+                                      forward_coefficients)
+
 __all__ = [
+    "forward_coefficients",
+    "backward_coefficients",
+    "backward_coefficients_vjp",
     "norm_stats",
     "affine_act_forward",
     "affine_act_backward_reduce",

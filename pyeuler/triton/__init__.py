@@ -19,6 +19,9 @@ from pyeuler.backend import counted_device
 
 __all__ = [
     "is_available",
+    "forward_coefficients",
+    "backward_coefficients",
+    "backward_coefficients_vjp",
     "norm_stats",
     "norm_stats_partials",
     "merge_stats",
@@ -63,11 +66,13 @@ if _IMPORT_ERROR is None:
         affine_act_double_backward_reduce,
         affine_act_forward,
     )
+    from pyeuler.triton.coefficients import (backward_coefficients, backward_coefficients_vjp,
+                                             forward_coefficients)
     from pyeuler.triton.ie import ie_residual, ie_update
     from pyeuler.triton.norm_stats import merge_stats, norm_stats, norm_stats_partials
 
     # by module name: the attribute pyeuler.triton.norm_stats is the function imported above
-    for _module in ("affine_act", "ie", "norm_stats"):
+    for _module in ("affine_act", "coefficients", "ie", "norm_stats"):
         route_launches(importlib.import_module(f"pyeuler.triton.{_module}"))
     del _module
 else:

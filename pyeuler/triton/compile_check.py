@@ -42,6 +42,17 @@ _GRAD_SUM_PTRS = {"dy_ptr": DATA, "x_ptr": DATA, "ddx_ptr": DATA, "scale_ptr": "
                   "shift_ptr": "*fp32", "center_ptr": "*fp32", "mask_ptr": "*u1", "parts_ptr": "*fp32"}
 _GRAD_SUM_FLAGS = ("PER_SAMPLE", "LOAD_MASK", "RECOMPUTE_MASK", "DOUBLE_BACKWARD", "WIDE_INDEX")
 
+# BatchNorm (channel chunks, one channel per group) and GroupNorm (a groups × channels tile)
+_COEFFICIENT_BLOCKS = ({"BLOCK_G": 1024, "BLOCK_J": 1}, {"BLOCK_G": 32, "BLOCK_J": 32})
+_COEFFICIENT_PTRS = dict.fromkeys(
+    ("sum_g_ptr", "sum_gxc_ptr", "dmean_ptr", "dvar_ptr", "weight_ptr", "bias_ptr", "h_ptr",
+     "var_ptr", "a_ptr", "b_ptr", "c_ptr", "dweight_ptr", "dbias_ptr", "dh_ptr"), "*fp32")
+_COEFFICIENT_VJP_PTRS = dict.fromkeys(
+    ("sum_g_ptr", "sum_gxc_ptr", "weight_ptr", "bias_ptr", "h_ptr", "var_ptr", "cot_a_ptr",
+     "cot_b_ptr", "cot_c_ptr", "cot_dweight_ptr", "cot_dbias_ptr", "cot_dh_ptr", "d_sum_g_ptr",
+     "d_sum_gxc_ptr", "d_dmean_ptr", "d_dvar_ptr", "d_weight_ptr", "d_bias_ptr", "d_h_ptr",
+     "d_var_ptr"), "*fp32")
+
 SPECS = (
     KernelSpec("pyeuler.triton.norm_stats", "_channel_stats_partials_kernel",
                {"x_ptr": DATA, **_STATS_PARTS}, {"BLOCK_C": 32}, ("WIDE_INDEX",),
@@ -80,6 +91,26 @@ SPECS = (
                ("CHANNELS_LAST", "PER_SAMPLE", "LOAD_MASK", "RECOMPUTE_MASK", "HAS_DDSHORTCUT",
                 "WIDE_INDEX"),
                outer_block=("BLOCK_O", "BLOCK_I")),
+    *(KernelSpec("pyeuler.triton.coefficients", "_forward_coefficients_kernel",
+                 dict.fromkeys(("mean_ptr", "var_ptr", "weight_ptr", "bias_ptr", "h_ptr",
+                                "scale_ptr", "shift_ptr"), "*fp32"),
+                 {**blocks, "H_MODE": h_mode}, ("HAS_WEIGHT", "HAS_BIAS"),
+                 floats=("h_value", "eps"))
+      for blocks in _COEFFICIENT_BLOCKS for h_mode in (0, 1, 2)),
+    *(KernelSpec("pyeuler.triton.coefficients", "_backward_coefficients_kernel",
+                 _COEFFICIENT_PTRS, {**blocks, "H_MODE": h_mode},
+                 ("HAS_SUMS", "HAS_DMEAN", "HAS_DVAR", "HAS_WEIGHT", "HAS_BIAS", "NEED_WEIGHT",
+                  "NEED_BIAS", "NEED_H", "CENTERED", "PER_SAMPLE"),
+                 floats=("h_value", "eps", "inv_count"))
+      for blocks in _COEFFICIENT_BLOCKS for h_mode in (0, 1, 2)),
+    *(KernelSpec("pyeuler.triton.coefficients", "_backward_coefficients_vjp_kernel",
+                 _COEFFICIENT_VJP_PTRS, {**blocks, "H_MODE": h_mode},
+                 ("HAS_SUMS", "HAS_WEIGHT", "HAS_BIAS", "LEARNABLE_STEP_W", "COT_A", "COT_B",
+                  "COT_C", "COT_DWEIGHT", "COT_DBIAS", "COT_DH", "WANT_D_SUM_G", "WANT_D_SUM_GXC",
+                  "WANT_D_DMEAN", "WANT_D_DVAR", "WANT_D_WEIGHT", "WANT_D_BIAS", "WANT_D_H",
+                  "WANT_D_VAR", "CENTERED"),
+                 floats=("h_value", "eps", "inv_count"))
+      for blocks in _COEFFICIENT_BLOCKS for h_mode in (0, 1, 2)),
     KernelSpec("pyeuler.triton.ie", "_ie_residual_kernel",
                {"x_ptr": DATA, "c_ptr": DATA, "fx_ptr": DATA, "e_ptr": DATA},
                flags=("WIDE_INDEX",), floats=("theta",)),

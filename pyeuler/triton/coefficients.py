@@ -1,0 +1,408 @@
+"""The per-channel passes of the norms (:mod:`pyeuler.ops.norm_algebra`), one launch each.
+
+Between the sweeps over the activations a norm needs a little arithmetic on per-channel
+vectors: the forward's ``scale``/``shift`` from the statistics, and the backward's
+``(a, b, c)`` and parameter gradients from the reduce sums.  As torch ops that is a dozen
+tiny launches per norm and pass; here it is one program that reads the vectors once.
+
+Layout: a channel ``c = g·CPG + j`` of group ``g`` (``CPG`` = channels per group) sits in a
+``[BLOCK_G, BLOCK_J]`` tile, so GroupNorm's per-group means are row sums of the tile.
+BatchNorm is the case ``CPG = 1`` (every channel its own group, no means to take), tiled
+over channel chunks.  GroupNorm loops over the samples n, summing the parameter gradients
+over n in registers.  One program does it all: the vectors are small (``N·C`` ≲ 10⁵) and a
+fixed order keeps the sums deterministic, with no atomics; a 0-dim learnable h needs its
+gradient summed over everything anyway.  Beyond ``_MAX_TILE`` channels per sample (GroupNorm)
+the torch-op version runs instead.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from pyeuler.ops import norm_algebra
+from pyeuler.triton._utils import check_device
+
+__all__ = ["backward_coefficients", "backward_coefficients_vjp", "forward_coefficients"]
+
+_BLOCK = 1024  # channels per chunk (BatchNorm)
+_MAX_TILE = 8192  # channels of one sample held at once (GroupNorm)
+
+
+@triton.jit
+def _load_or(ptr, offsets, ok, PRESENT: tl.constexpr, default):
+    """A float32 tile from ``ptr`` when present, else ``default`` everywhere."""
+    if PRESENT:
+        value = tl.load(ptr + offsets, mask=ok, other=default).to(tl.float32)
+    else:
+        value = tl.full(offsets.shape, default, tl.float32)
+    return value
+
+
+@triton.jit
+def _step(h_ptr, channel, ok, h_value, H_MODE: tl.constexpr):
+    """h per channel: 0 a float (h_value), 1 a 0-dim tensor, 2 a [C] tensor."""
+    if H_MODE == 2:
+        value = tl.load(h_ptr + channel, mask=ok, other=0.0).to(tl.float32)
+    elif H_MODE == 1:
+        value = tl.load(h_ptr + channel * 0, mask=ok, other=0.0).to(tl.float32)
+    else:
+        value = tl.full(channel.shape, h_value, tl.float32)
+    return value
+
+
+@triton.jit
+def _tile(chunk, G, CPG, BLOCK_G: tl.constexpr, BLOCK_J: tl.constexpr):
+    """Channel indices of a [BLOCK_G, BLOCK_J] tile (groups × channels per group), their
+    group indices and validity."""
+    g = chunk * BLOCK_G + tl.arange(0, BLOCK_G)[:, None]
+    j = tl.arange(0, BLOCK_J)[None, :]
+    ok = (g < G) & (j < CPG)
+    return g * CPG + j, g, ok
+
+
+@triton.jit
+def _forward_coefficients_kernel(
+    mean_ptr, var_ptr, weight_ptr, bias_ptr, h_ptr, scale_ptr, shift_ptr,
+    n_rows, C, G, CPG, h_value, eps,
+    HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, H_MODE: tl.constexpr,
+    BLOCK_G: tl.constexpr, BLOCK_J: tl.constexpr,
+):
+    for n in range(n_rows):
+        for chunk in range(tl.cdiv(G, BLOCK_G)):
+            channel, g, ok = _tile(chunk, G, CPG, BLOCK_G, BLOCK_J)
+            stat = n * G + g
+            mean = tl.load(mean_ptr + stat, mask=ok, other=0.0)
+            invstd = tl.rsqrt(tl.load(var_ptr + stat, mask=ok, other=1.0) + eps)
+            step = _step(h_ptr, channel, ok, h_value, H_MODE)
+            scale = step * (_load_or(weight_ptr, channel, ok, HAS_WEIGHT, 1.0) * invstd)
+            shift = -scale * mean
+            if HAS_BIAS:
+                shift += step * tl.load(bias_ptr + channel, mask=ok, other=0.0).to(tl.float32)
+            out = n * C + channel
+            tl.store(scale_ptr + out, scale, mask=ok)
+            tl.store(shift_ptr + out, shift, mask=ok)
+
+
+@triton.jit
+def _backward_coefficients_kernel(
+    sum_g_ptr, sum_gxc_ptr, dmean_ptr, dvar_ptr, weight_ptr, bias_ptr, h_ptr, var_ptr,
+    a_ptr, b_ptr, c_ptr, dweight_ptr, dbias_ptr, dh_ptr,
+    n_rows, C, G, CPG, h_value, eps, inv_count,
+    HAS_SUMS: tl.constexpr, HAS_DMEAN: tl.constexpr, HAS_DVAR: tl.constexpr,
+    HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, H_MODE: tl.constexpr,
+    NEED_WEIGHT: tl.constexpr, NEED_BIAS: tl.constexpr, NEED_H: tl.constexpr,
+    CENTERED: tl.constexpr, PER_SAMPLE: tl.constexpr,
+    BLOCK_G: tl.constexpr, BLOCK_J: tl.constexpr,
+):
+    """``CENTERED``: the input gradient sees the batch statistics (need_x and
+    batch_stats), so b and c get the mean terms."""
+    dh_total = tl.zeros([BLOCK_G, BLOCK_J], dtype=tl.float32)  # a 0-dim h's, over chunks
+    for chunk in range(tl.cdiv(G, BLOCK_G)):
+        channel, g, ok = _tile(chunk, G, CPG, BLOCK_G, BLOCK_J)
+        w = _load_or(weight_ptr, channel, ok, HAS_WEIGHT, 1.0)
+        step = _step(h_ptr, channel, ok, h_value, H_MODE)
+        step_w = step * w
+        dweight = tl.zeros([BLOCK_G, BLOCK_J], dtype=tl.float32)
+        dbias = tl.zeros([BLOCK_G, BLOCK_J], dtype=tl.float32)
+        dh = tl.zeros([BLOCK_G, BLOCK_J], dtype=tl.float32)
+        for n in range(n_rows):
+            stat = n * G + g
+            invstd = tl.rsqrt(tl.load(var_ptr + stat, mask=ok, other=1.0) + eps)
+            out = n * C + channel
+            b = tl.zeros([BLOCK_G, BLOCK_J], dtype=tl.float32)
+            c = tl.zeros([BLOCK_G, BLOCK_J], dtype=tl.float32)
+            if HAS_SUMS:
+                sum_g = tl.load(sum_g_ptr + out, mask=ok, other=0.0)
+                sum_gxhat = tl.load(sum_gxc_ptr + out, mask=ok, other=0.0) * invstd
+                dweight += step * sum_gxhat
+                dbias += step * sum_g
+                dh_c = w * sum_gxhat
+                if HAS_BIAS:
+                    dh_c += tl.load(bias_ptr + channel, mask=ok, other=0.0).to(tl.float32) * sum_g
+                dh += dh_c
+                if CENTERED:
+                    mean_dxhat = step_w * sum_g
+                    mean_dxhat_xhat = step_w * sum_gxhat
+                    if PER_SAMPLE:  # sums over the group's channels, per sample
+                        mean_dxhat = tl.sum(tl.where(ok, mean_dxhat, 0.0), axis=1)[:, None]
+                        mean_dxhat_xhat = tl.sum(tl.where(ok, mean_dxhat_xhat, 0.0), axis=1)[:, None]
+                    c = mean_dxhat * (-invstd * inv_count)
+                    b = mean_dxhat_xhat * (invstd * invstd * -inv_count)
+            if CENTERED:
+                if HAS_DMEAN:
+                    c += tl.load(dmean_ptr + stat, mask=ok, other=0.0) * inv_count
+                if HAS_DVAR:
+                    b += tl.load(dvar_ptr + stat, mask=ok, other=0.0) * (2.0 * inv_count)
+            tl.store(a_ptr + out, step_w * invstd, mask=ok)
+            tl.store(b_ptr + out, b, mask=ok)
+            tl.store(c_ptr + out, c, mask=ok)
+        if NEED_WEIGHT:
+            tl.store(dweight_ptr + channel, dweight, mask=ok)
+        if NEED_BIAS:
+            tl.store(dbias_ptr + channel, dbias, mask=ok)
+        if NEED_H:
+            if H_MODE == 2:
+                tl.store(dh_ptr + channel, dh, mask=ok)
+            else:
+                dh_total += tl.where(ok, dh, 0.0)
+    if NEED_H:
+        if H_MODE == 1:
+            tl.store(dh_ptr, tl.sum(tl.sum(dh_total, axis=1), axis=0))
+
+
+def _geometry(groups: int, channels: int, stat: torch.Tensor, h: torch.Tensor | None):
+    """(rows, G, CPG, BLOCK_G, BLOCK_J) of the tiling, or None where a sample's channels do
+    not fit one tile (GroupNorm beyond ``_MAX_TILE``) or h is neither 0-dim nor [C]."""
+    if h is not None and h.dim() == 1 and h.shape[0] != channels:
+        return None
+    if groups == 0:
+        return 1, channels, 1, min(_BLOCK, triton.next_power_of_2(channels)), 1
+    cpg = channels // groups
+    block_g, block_j = triton.next_power_of_2(groups), triton.next_power_of_2(cpg)
+    if block_g * block_j > _MAX_TILE:
+        return None
+    return stat.shape[0], groups, cpg, block_g, block_j
+
+
+def _h_mode(h: torch.Tensor | None) -> int:
+    return 0 if h is None else (1 if h.dim() == 0 else 2)
+
+
+def _dummy(t: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
+    return like if t is None else t
+
+
+def _check(var: torch.Tensor, **vectors) -> None:
+    check_device(var, "var")
+    if var.dtype != torch.float32:
+        raise TypeError(f"the statistics must be float32 for the Triton backend, got {var.dtype}")
+    for name, t in vectors.items():
+        if t is not None and t.device != var.device:
+            raise ValueError(f"{name} is on {t.device} but var is on {var.device}")
+
+
+def forward_coefficients(mean, var, weight, bias, h, h_value, eps, groups, channels):
+    """See :func:`pyeuler.ops.norm_algebra.forward_coefficients`; one launch."""
+    _check(var, mean=mean, weight=weight, bias=bias, h=h)
+    geometry = _geometry(groups, channels, var, h)
+    if geometry is None:
+        return norm_algebra.forward_coefficients(mean, var, weight, bias, h, h_value, eps, groups,
+                                                 channels)
+    rows, n_groups, cpg, block_g, block_j = geometry
+    shape = (channels,) if groups == 0 else (rows, channels)
+    scale, shift = var.new_empty(shape), var.new_empty(shape)
+    _forward_coefficients_kernel[(1,)](
+        mean.contiguous(), var.contiguous(), _dummy(weight, var), _dummy(bias, var),
+        _dummy(h, var), scale, shift, rows, channels, n_groups, cpg, float(h_value), float(eps),
+        HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None, H_MODE=_h_mode(h),
+        BLOCK_G=block_g, BLOCK_J=block_j)
+    return scale, shift
+
+
+def backward_coefficients(sum_g, sum_gxc, dmean, dvar, weight, bias, h, var, h_value, eps, groups,
+                          batch_stats, needs, channels, count):
+    """See :func:`pyeuler.ops.norm_algebra.backward_coefficients`; one launch."""
+    _check(var, sum_g=sum_g, sum_gxc=sum_gxc, dmean=dmean, dvar=dvar, weight=weight, bias=bias,
+           h=h)
+    geometry = _geometry(groups, channels, var, h)
+    if geometry is None:
+        return norm_algebra.backward_coefficients(sum_g, sum_gxc, dmean, dvar, weight, bias, h, var,
+                                                  h_value, eps, groups, batch_stats, needs,
+                                                  channels, count)
+    rows, n_groups, cpg, block_g, block_j = geometry
+    need_x, _, need_weight, need_bias, need_h = needs
+    has_sums = sum_g is not None
+    need_weight, need_bias = need_weight and has_sums, need_bias and has_sums
+    need_h = need_h and has_sums and h is not None
+    shape = (channels,) if groups == 0 else (rows, channels)
+    a, b, c = var.new_empty(shape), var.new_empty(shape), var.new_empty(shape)
+    dweight = var.new_empty(channels) if need_weight else None
+    dbias = var.new_empty(channels) if need_bias else None
+    dh = var.new_empty(h.shape) if need_h else None
+    _backward_coefficients_kernel[(1,)](
+        _dummy(sum_g, var), _dummy(sum_gxc, var), _dummy(dmean, var), _dummy(dvar, var),
+        _dummy(weight, var), _dummy(bias, var), _dummy(h, var), var.contiguous(), a, b, c,
+        _dummy(dweight, var), _dummy(dbias, var), _dummy(dh, var),
+        rows, channels, n_groups, cpg, float(h_value), float(eps), 1.0 / count,
+        HAS_SUMS=has_sums, HAS_DMEAN=dmean is not None, HAS_DVAR=dvar is not None,
+        HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None, H_MODE=_h_mode(h),
+        NEED_WEIGHT=need_weight, NEED_BIAS=need_bias, NEED_H=need_h,
+        CENTERED=need_x and batch_stats, PER_SAMPLE=groups > 0,
+        BLOCK_G=block_g, BLOCK_J=block_j)
+    return a, b, c, dweight, dbias, dh
+
+
+@triton.jit
+def _backward_coefficients_vjp_kernel(
+    sum_g_ptr, sum_gxc_ptr, weight_ptr, bias_ptr, h_ptr, var_ptr,
+    cot_a_ptr, cot_b_ptr, cot_c_ptr, cot_dweight_ptr, cot_dbias_ptr, cot_dh_ptr,
+    d_sum_g_ptr, d_sum_gxc_ptr, d_dmean_ptr, d_dvar_ptr, d_weight_ptr, d_bias_ptr, d_h_ptr,
+    d_var_ptr,
+    n_rows, C, G, CPG, h_value, eps, inv_count,
+    HAS_SUMS: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
+    H_MODE: tl.constexpr, LEARNABLE_STEP_W: tl.constexpr,
+    COT_A: tl.constexpr, COT_B: tl.constexpr, COT_C: tl.constexpr,
+    COT_DWEIGHT: tl.constexpr, COT_DBIAS: tl.constexpr, COT_DH: tl.constexpr,
+    WANT_D_SUM_G: tl.constexpr, WANT_D_SUM_GXC: tl.constexpr, WANT_D_DMEAN: tl.constexpr,
+    WANT_D_DVAR: tl.constexpr, WANT_D_WEIGHT: tl.constexpr, WANT_D_BIAS: tl.constexpr,
+    WANT_D_H: tl.constexpr, WANT_D_VAR: tl.constexpr, CENTERED: tl.constexpr,
+    BLOCK_G: tl.constexpr, BLOCK_J: tl.constexpr,
+):
+    """The transpose of ``_backward_coefficients_kernel``: term by term the adjoint of
+    :func:`pyeuler.ops.norm_algebra.backward_coefficients_vjp`.  ``COT_*``: which cotangents
+    are given (the dweight/dbias/dh ones only where that gradient was computed);
+    ``WANT_*``: which gradients are returned (the rest are structurally zero)."""
+    d_h_total = tl.zeros([BLOCK_G, BLOCK_J], dtype=tl.float32)  # a 0-dim h's, over chunks
+    for chunk in range(tl.cdiv(G, BLOCK_G)):
+        channel, g, ok = _tile(chunk, G, CPG, BLOCK_G, BLOCK_J)
+        w = _load_or(weight_ptr, channel, ok, HAS_WEIGHT, 1.0)
+        step = _step(h_ptr, channel, ok, h_value, H_MODE)
+        step_w = step * w
+        cot_dweight = _load_or(cot_dweight_ptr, channel, ok, COT_DWEIGHT, 0.0)
+        cot_dbias = _load_or(cot_dbias_ptr, channel, ok, COT_DBIAS, 0.0)
+        if COT_DH:  # h's shape: [C] or 0-dim
+            cot_dh = _step(cot_dh_ptr, channel, ok, 0.0, H_MODE)
+        else:
+            cot_dh = tl.zeros([BLOCK_G, BLOCK_J], dtype=tl.float32)
+        # per-channel accumulators, summed over the samples (GroupNorm)
+        d_step_w = tl.zeros([BLOCK_G, BLOCK_J], dtype=tl.float32)
+        d_step = tl.zeros([BLOCK_G, BLOCK_J], dtype=tl.float32)
+        d_w = tl.zeros([BLOCK_G, BLOCK_J], dtype=tl.float32)
+        d_bias = tl.zeros([BLOCK_G, BLOCK_J], dtype=tl.float32)
+        for n in range(n_rows):
+            stat_g = n * G + chunk * BLOCK_G + tl.arange(0, BLOCK_G)
+            stat_ok = (chunk * BLOCK_G + tl.arange(0, BLOCK_G)) < G
+            stat = n * G + g
+            out = n * C + channel
+            invstd = tl.rsqrt(tl.load(var_ptr + stat, mask=ok, other=1.0) + eps)
+            cot_a = _load_or(cot_a_ptr, out, ok, COT_A, 0.0)
+            cot_b = _load_or(cot_b_ptr, out, ok, COT_B, 0.0)
+            cot_c = _load_or(cot_c_ptr, out, ok, COT_C, 0.0)
+            d_invstd = step_w * cot_a
+            if LEARNABLE_STEP_W:
+                d_step_w += cot_a * invstd
+            d_sum_g = tl.zeros([BLOCK_G, BLOCK_J], dtype=tl.float32)
+            d_sum_gxhat = tl.zeros([BLOCK_G, BLOCK_J], dtype=tl.float32)
+            if HAS_SUMS:
+                sum_g = tl.load(sum_g_ptr + out, mask=ok, other=0.0)
+                sum_gxc = tl.load(sum_gxc_ptr + out, mask=ok, other=0.0)
+                sum_gxhat = sum_gxc * invstd
+                d_step += cot_dweight * sum_gxhat + cot_dbias * sum_g
+                d_sum_gxhat += step * cot_dweight + w * cot_dh
+                d_sum_g += step * cot_dbias
+                d_w += cot_dh * sum_gxhat
+                if HAS_BIAS:
+                    d_bias += cot_dh * sum_g
+                    d_sum_g += tl.load(bias_ptr + channel, mask=ok, other=0.0).to(tl.float32) * cot_dh
+                if CENTERED:
+                    mean_dxhat = tl.sum(tl.where(ok, step_w * sum_g, 0.0), axis=1)[:, None]
+                    mean_dxhat_xhat = tl.sum(tl.where(ok, step_w * sum_gxhat, 0.0), axis=1)[:, None]
+                    d_invstd += cot_c * mean_dxhat * -inv_count
+                    d_invstd += cot_b * mean_dxhat_xhat * invstd * (-2.0 * inv_count)
+                    u_c = tl.sum(tl.where(ok, cot_c * (-invstd * inv_count), 0.0), axis=1)[:, None]
+                    u_b = tl.sum(tl.where(ok, cot_b * (invstd * invstd * -inv_count), 0.0),
+                                 axis=1)[:, None]
+                    if LEARNABLE_STEP_W:
+                        d_step_w += u_c * sum_g + u_b * sum_gxhat
+                    d_sum_g += step_w * u_c
+                    d_sum_gxhat += step_w * u_b
+                d_invstd += d_sum_gxhat * sum_gxc
+            if WANT_D_SUM_G:
+                tl.store(d_sum_g_ptr + out, d_sum_g, mask=ok)
+            if WANT_D_SUM_GXC:
+                tl.store(d_sum_gxc_ptr + out, d_sum_gxhat * invstd, mask=ok)
+            if WANT_D_DMEAN:
+                tl.store(d_dmean_ptr + stat_g, tl.sum(tl.where(ok, cot_c, 0.0), axis=1) * inv_count,
+                         mask=stat_ok)
+            if WANT_D_DVAR:
+                tl.store(d_dvar_ptr + stat_g,
+                         tl.sum(tl.where(ok, cot_b, 0.0), axis=1) * (2.0 * inv_count), mask=stat_ok)
+            if WANT_D_VAR:
+                invstd_g = tl.rsqrt(tl.load(var_ptr + stat_g, mask=stat_ok, other=1.0) + eps)
+                d_var = tl.sum(tl.where(ok, d_invstd, 0.0), axis=1) * (invstd_g * invstd_g * invstd_g * -0.5)
+                tl.store(d_var_ptr + stat_g, d_var, mask=stat_ok)
+        # h·w's gradient splits into h's and w's
+        d_w += step * d_step_w
+        d_step += d_step_w * w
+        if WANT_D_WEIGHT:
+            tl.store(d_weight_ptr + channel, d_w, mask=ok)
+        if WANT_D_BIAS:
+            tl.store(d_bias_ptr + channel, d_bias, mask=ok)
+        if WANT_D_H:
+            if H_MODE == 2:
+                tl.store(d_h_ptr + channel, d_step, mask=ok)
+            else:
+                d_h_total += tl.where(ok, d_step, 0.0)
+    if WANT_D_H:
+        if H_MODE == 1:
+            tl.store(d_h_ptr, tl.sum(tl.sum(d_h_total, axis=1), axis=0))
+
+
+def backward_coefficients_vjp(sum_g, sum_gxc, dmean, dvar, weight, bias, h, var, h_value, eps,
+                              groups, batch_stats, needs, channels, count, cotangents):
+    """See :func:`pyeuler.ops.norm_algebra.backward_coefficients_vjp`; one launch.  Not
+    differentiable: for a second-order backward that builds no graph."""
+    _check(var, sum_g=sum_g, sum_gxc=sum_gxc, dmean=dmean, dvar=dvar, weight=weight, bias=bias,
+           h=h)
+    geometry = _geometry(groups, channels, var, h)
+    if geometry is None:
+        return norm_algebra.backward_coefficients_vjp(sum_g, sum_gxc, dmean, dvar, weight, bias, h,
+                                                      var, h_value, eps, groups, batch_stats,
+                                                      needs, channels, count, cotangents)
+    rows, n_groups, cpg, block_g, block_j = geometry
+    cot_a, cot_b, cot_c, cot_dweight, cot_dbias, cot_dh = cotangents
+    need_x, _, need_weight, need_bias, need_h = needs
+    sums = sum_g is not None
+    centered = need_x and batch_stats
+    cot_dweight = cot_dweight if sums and need_weight else None
+    cot_dbias = cot_dbias if sums and need_bias else None
+    cot_dh = cot_dh if sums and need_h else None
+    if not centered:  # b and c are constants (zero) then
+        cot_b = cot_c = None
+    learnable = weight is not None or h is not None
+    # which gradients are structurally nonzero (None in the algebra's dict otherwise)
+    want_sum_g = sums and (cot_dbias is not None or (cot_dh is not None and bias is not None)
+                           or (centered and cot_c is not None))
+    want_sum_gxhat = sums and (cot_dweight is not None or cot_dh is not None
+                               or (centered and cot_b is not None))
+    want_step_w = learnable and (cot_a is not None
+                                 or (sums and centered and (cot_c is not None or cot_b is not None)))
+    want_weight = weight is not None and (cot_dh is not None or want_step_w)
+    want_bias = bias is not None and cot_dh is not None
+    want_h = h is not None and (cot_dweight is not None or cot_dbias is not None or want_step_w)
+    want_var = (cot_a is not None or want_sum_gxhat
+                or (sums and centered and (cot_c is not None or cot_b is not None)))
+    want_dmean = centered and dmean is not None and cot_c is not None
+    want_dvar = centered and dvar is not None and cot_b is not None
+    sum_shape = (channels,) if groups == 0 else (rows, channels)
+    stat_shape = var.shape
+
+    def new(flag, shape):
+        return var.new_empty(shape) if flag else None
+
+    out = dict(sum_g=new(want_sum_g, sum_shape), sum_gxc=new(want_sum_gxhat, sum_shape),
+               dmean=new(want_dmean, stat_shape), dvar=new(want_dvar, stat_shape),
+               weight=new(want_weight, (channels,)), bias=new(want_bias, (channels,)),
+               h=new(want_h, h.shape if h is not None else ()), var=new(want_var, stat_shape))
+    _backward_coefficients_vjp_kernel[(1,)](
+        _dummy(sum_g, var), _dummy(sum_gxc, var), _dummy(weight, var), _dummy(bias, var),
+        _dummy(h, var), var.contiguous(),
+        *(_dummy(t, var) for t in (cot_a, cot_b, cot_c, cot_dweight, cot_dbias, cot_dh)),
+        *(_dummy(out[k], var) for k in ("sum_g", "sum_gxc", "dmean", "dvar", "weight", "bias", "h",
+                                        "var")),
+        rows, channels, n_groups, cpg, float(h_value), float(eps), 1.0 / count,
+        HAS_SUMS=sums, HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None,
+        H_MODE=_h_mode(h), LEARNABLE_STEP_W=learnable,
+        COT_A=cot_a is not None, COT_B=cot_b is not None, COT_C=cot_c is not None,
+        COT_DWEIGHT=cot_dweight is not None, COT_DBIAS=cot_dbias is not None,
+        COT_DH=cot_dh is not None,
+        WANT_D_SUM_G=want_sum_g, WANT_D_SUM_GXC=want_sum_gxhat, WANT_D_DMEAN=want_dmean,
+        WANT_D_DVAR=want_dvar, WANT_D_WEIGHT=want_weight, WANT_D_BIAS=want_bias,
+        WANT_D_H=want_h, WANT_D_VAR=want_var, CENTERED=centered,
+        BLOCK_G=block_g, BLOCK_J=block_j)
+    for name, param in (("weight", weight), ("bias", bias), ("h", h)):
+        if out[name] is not None and out[name].dtype != param.dtype:
+            out[name] = out[name].to(param.dtype)
+    return out
