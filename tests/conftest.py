@@ -28,6 +28,15 @@ def triton_usable() -> tuple[bool, str]:
 requires_triton = pytest.mark.skipif(not triton_usable()[0], reason=f"triton: {triton_usable()[1]}")
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(),
                                    reason="needs a CUDA GPU; none on this machine")
+# Every backend as a test parameter; a fused one skips, saying why, where it cannot run.
+ALL_BACKENDS = ["eager", "reference", pytest.param("triton", marks=requires_triton),
+                pytest.param("cuda", marks=requires_cuda)]
+
+
+def backend_device(backend: str) -> str:
+    """Where a backend's test tensors live: the GPU when there is one (Triton then runs
+    compiled), else the CPU (Triton in the interpreter)."""
+    return "cuda" if backend == "cuda" or torch.cuda.is_available() else "cpu"
 
 
 @pytest.fixture(autouse=True)

@@ -7,8 +7,6 @@ Expected values are computed independently: central finite differences in float6
 plain torch compositions whose derivatives PyTorch gets right at that order.
 """
 
-import copy
-
 import pytest
 import torch
 import torch.autograd.forward_ad as fwAD
@@ -17,27 +15,12 @@ import torch.nn.functional as F
 from pyeuler import functional as PF
 from pyeuler.models import wide_resnet
 from pyeuler.nn import IESkip, PreActBranch
-from conftest import requires_cuda, triton_usable
-
-requires_triton = pytest.mark.skipif(not triton_usable()[0], reason=f"triton: {triton_usable()[1]}")
+from conftest import ALL_BACKENDS, backend_device, requires_cuda, requires_triton
+from helpers import twin
 # Forward mode runs the fused backends' eager formulas, so float64 works on all of them.
-ALL_BACKENDS = ["eager", "reference", pytest.param("triton", marks=requires_triton),
-                pytest.param("cuda", marks=requires_cuda)]
 FUSED_BACKENDS = [pytest.param("triton", marks=requires_triton),
                   pytest.param("cuda", marks=requires_cuda)]
 F64 = dict(rtol=1e-7, atol=1e-8)
-
-
-def _device(backend):
-    return "cuda" if backend == "cuda" or torch.cuda.is_available() else "cpu"
-
-
-def _on_backend(module, backend):
-    other = copy.deepcopy(module)
-    for m in other.modules():
-        if hasattr(m, "backend"):
-            m.backend = backend
-    return other
 
 
 def _central_difference(f, x, v, eps=1e-6):
@@ -54,7 +37,7 @@ def _bn_relu_torch(z):
 
 @pytest.mark.parametrize("backend", ALL_BACKENDS)
 def test_jvp_of_bn_relu_matches_torch(backend):
-    dev = _device(backend)
+    dev = backend_device(backend)
     x = torch.randn(2, 3, 4, dtype=torch.float64, device=dev)
     v = torch.randn_like(x)
     _, expected = torch.func.jvp(_bn_relu_torch, (x,), (v,))
@@ -65,7 +48,7 @@ def test_jvp_of_bn_relu_matches_torch(backend):
 
 @pytest.mark.parametrize("backend", ALL_BACKENDS)
 def test_forward_ad_dual_tensors_through_bn_add_relu(backend):
-    dev = _device(backend)
+    dev = backend_device(backend)
     z = torch.randn(3, 4, 5, dtype=torch.float64, device=dev)
     s, vz, vs = torch.randn_like(z), torch.randn_like(z), torch.randn_like(z)
 
@@ -83,7 +66,7 @@ def test_forward_ad_dual_tensors_through_bn_add_relu(backend):
 
 @pytest.mark.parametrize("backend", ALL_BACKENDS)
 def test_jacfwd_of_group_norm_relu_equals_jacrev_of_torch(backend):
-    dev = _device(backend)
+    dev = backend_device(backend)
     x = torch.randn(2, 4, 3, dtype=torch.float64, device=dev)
     w = torch.rand(4, dtype=torch.float64, device=dev) + 0.5
     jac = torch.func.jacfwd(lambda z: PF.group_norm_relu(z, 2, w, backend=backend))(x)
@@ -94,7 +77,7 @@ def test_jacfwd_of_group_norm_relu_equals_jacrev_of_torch(backend):
 @pytest.mark.parametrize("backend", ALL_BACKENDS)
 @pytest.mark.parametrize("norm", ["batch", "group"])
 def test_branch_jvp_takes_backend_and_matches_finite_differences(backend, norm):
-    dev = _device(backend)
+    dev = backend_device(backend)
     branch = PreActBranch(4, norm=norm, h=0.5).double().to(dev)
     x = torch.randn(3, 4, 5, 5, dtype=torch.float64, device=dev)
     v = torch.randn_like(x)
@@ -110,23 +93,23 @@ def test_branch_jvp_takes_backend_and_matches_finite_differences(backend, norm):
 def test_jvp_through_unrolled_ie_skip(backend, grad):
     """GroupNorm: a torch.func transform may not mutate BatchNorm's running statistics
     (PyTorch refuses that for its own BatchNorm too); eval-mode BatchNorm is covered below."""
-    dev = _device(backend)
+    dev = backend_device(backend)
     block = IESkip(PreActBranch(4, norm="group", h=0.5), steps=2, grad=grad).double().to(dev)
     x = torch.randn(3, 4, 5, 5, dtype=torch.float64, device=dev)
     v = torch.randn_like(x)
-    _, tangent = torch.func.jvp(_on_backend(block, backend), (x,), (v,))
+    _, tangent = torch.func.jvp(twin(block, backend=backend), (x,), (v,))
     if grad == "unrolled":
         with torch.no_grad():
-            expected = _central_difference(_on_backend(block, "eager"), x, v)
+            expected = _central_difference(twin(block, backend="eager"), x, v)
     else:  # the derivative of x0 + f(x0)
-        branch = _on_backend(block.branch, "eager")
+        branch = twin(block.branch, backend="eager")
         _, expected = torch.func.jvp(lambda z: z + branch(z), (x,), (v,))
     torch.testing.assert_close(tangent, expected, rtol=1e-6, atol=1e-7)
 
 
 @pytest.mark.parametrize("backend", ALL_BACKENDS)
 def test_jacfwd_of_eval_mode_ie_wrn(backend):
-    dev = _device(backend)
+    dev = backend_device(backend)
     torch.manual_seed(1)
     model = wide_resnet(10, 1, num_classes=3, ie_steps=1, h=0.5).double().to(dev)
     with torch.no_grad():  # non-trivial running statistics
@@ -134,9 +117,9 @@ def test_jacfwd_of_eval_mode_ie_wrn(backend):
     model.eval()
     x = torch.randn(1, 3, 6, 6, dtype=torch.float64, device=dev)
     v = torch.randn_like(x)
-    _, tangent = torch.func.jvp(_on_backend(model, backend), (x,), (v,))
+    _, tangent = torch.func.jvp(twin(model, backend=backend), (x,), (v,))
     with torch.no_grad():
-        expected = _central_difference(_on_backend(model, "eager"), x, v)
+        expected = _central_difference(twin(model, backend="eager"), x, v)
     torch.testing.assert_close(tangent, expected, rtol=1e-5, atol=1e-7)
 
 
@@ -146,7 +129,7 @@ def test_jacfwd_of_eval_mode_ie_wrn(backend):
 
 @pytest.mark.parametrize("backend", FUSED_BACKENDS)
 def test_jacrev_and_vmap_grad_of_eval_bn_relu(backend):
-    dev = _device(backend)
+    dev = backend_device(backend)
     rm = torch.randn(3, device=dev)
     rv = torch.rand(3, device=dev) + 0.5
     w = torch.rand(3, device=dev) + 0.5
@@ -165,7 +148,7 @@ def test_jacrev_and_vmap_grad_of_eval_bn_relu(backend):
 
 @pytest.mark.parametrize("backend", FUSED_BACKENDS)
 def test_func_grad_of_ie_residual_and_update(backend):
-    dev = _device(backend)
+    dev = backend_device(backend)
     x, c, fx = (torch.randn(2, 3, 4, device=dev) for _ in range(3))
     g = torch.func.grad(lambda a: PF.ie_update(a, PF.ie_residual(a, c, fx, 0.5, backend=backend),
                                                fx, 0.1, 0.5, backend=backend).sum())(x)
@@ -184,8 +167,8 @@ def _implicit_block(dev, theta=1.0, dtype=torch.float64):
 
 @pytest.mark.parametrize("backend", ALL_BACKENDS)
 def test_implicit_ie_skip_refuses_forward_mode(backend):
-    dev = _device(backend)
-    block = _on_backend(_implicit_block(dev), backend)
+    dev = backend_device(backend)
+    block = twin(_implicit_block(dev), backend=backend)
     x = torch.randn(2, 4, 3, 3, dtype=torch.float64, device=dev)
     with pytest.raises(NotImplementedError, match="forward-mode AD .* grad='implicit'"):
         torch.func.jacfwd(block)(x)
@@ -197,8 +180,8 @@ def test_implicit_ie_skip_refuses_forward_mode(backend):
 
 @pytest.mark.parametrize("backend", ALL_BACKENDS)
 def test_implicit_ie_skip_refuses_func_reverse_transforms(backend):
-    dev = _device(backend)
-    block = _on_backend(_implicit_block(dev), backend)
+    dev = backend_device(backend)
+    block = twin(_implicit_block(dev), backend=backend)
     x = torch.randn(2, 4, 3, 3, dtype=torch.float64, device=dev)
     with pytest.raises(NotImplementedError, match="torch.func transforms"):
         torch.func.grad(lambda z: block(z).sum())(x)
@@ -209,9 +192,9 @@ def test_implicit_ie_skip_refuses_func_reverse_transforms(backend):
 def test_implicit_ie_skip_refuses_higher_order_gradients(backend, theta):
     """A gradient penalty through an implicit IE-Skip was off by 0.118 (θ = 0.5) or failed
     deep inside (θ = 1): now a clear error, and first order stays right."""
-    dev = _device(backend)
+    dev = backend_device(backend)
     dtype = torch.float32 if backend in ("triton", "cuda") else torch.float64  # kernels: no fp64
-    block = _on_backend(_implicit_block(dev, theta, dtype), backend)
+    block = twin(_implicit_block(dev, theta, dtype), backend=backend)
     x = torch.randn(2, 4, 3, 3, dtype=dtype, device=dev, requires_grad=True)
     (g,) = torch.autograd.grad(block(x).square().sum(), x, create_graph=False)
     assert torch.isfinite(g).all()
@@ -226,7 +209,7 @@ def test_implicit_first_order_gradient_matches_a_converged_plain_iteration(theta
     input gradient of ‖x*‖² from the implicit function theorem with a dense Jacobian."""
     block = _implicit_block("cpu", theta)
     block.eval()
-    branch = _on_backend(block.branch, "eager")
+    branch = twin(block.branch, backend="eager")
     x0 = torch.randn(1, 4, 3, 3, dtype=torch.float64)
 
     def fixed_point(z0):
@@ -248,7 +231,7 @@ def test_implicit_first_order_gradient_matches_a_converged_plain_iteration(theta
     expected = (dxstar_dx0.T @ (2 * x_star.reshape(-1))).view_as(x0)
 
     x = x0.clone().requires_grad_()
-    (grad,) = torch.autograd.grad(_on_backend(block, "eager")(x).square().sum(), x)
+    (grad,) = torch.autograd.grad(twin(block, backend="eager")(x).square().sum(), x)
     torch.testing.assert_close(grad, expected, rtol=1e-6, atol=1e-8)
 
 
@@ -259,7 +242,7 @@ def test_implicit_first_order_gradient_matches_a_converged_plain_iteration(theta
 @pytest.mark.parametrize("backend", ALL_BACKENDS)
 def test_tangent_carried_by_the_running_statistics(backend):
     """Eval-mode BatchNorm whose running mean is the dual tensor (nothing else is)."""
-    dev = _device(backend)
+    dev = backend_device(backend)
     x = torch.randn(3, 4, 5, dtype=torch.float64, device=dev)
     running_var = torch.rand(4, dtype=torch.float64, device=dev) + 0.5
     running_mean, tangent_in = torch.randn(4, dtype=torch.float64, device=dev), torch.randn(4, dtype=torch.float64, device=dev)
@@ -281,7 +264,7 @@ def test_tangent_carried_by_the_running_statistics(backend):
 def test_dual_input_through_an_autograd_ie_skip(backend, frozen, grad):
     """A branch pyeuler has no explicit VJP for runs the literal algorithm; with frozen
     parameters (or under no_grad) autograd.grad used to drop the dual input's tangent."""
-    dev = _device(backend)
+    dev = backend_device(backend)
     torch.manual_seed(2)
     branch = torch.nn.Sequential(torch.nn.Conv1d(3, 3, 3, padding=1), torch.nn.Tanh())
     block = IESkip(branch.double().to(dev), steps=2, step_size=0.2, grad=grad, backend=backend)

@@ -15,23 +15,8 @@ from pyeuler import functional as PF
 from pyeuler.models import mlp_resnet, resnet_cifar, wide_resnet
 from pyeuler.nn import EulerBasicBlock, IESkip, PreActBlock, PreActBottleneck, PreActBranch
 from pyeuler.ops.ie_skip import ie_residual as ie_residual_op
-from conftest import requires_cuda, triton_usable
-
-requires_triton = pytest.mark.skipif(not triton_usable()[0], reason=f"triton: {triton_usable()[1]}")
-ALL_BACKENDS = ["eager", "reference", pytest.param("triton", marks=requires_triton),
-                pytest.param("cuda", marks=requires_cuda)]
-
-
-def _device(backend):
-    return "cuda" if backend == "cuda" or torch.cuda.is_available() else "cpu"
-
-
-def _on_backend(module, backend):
-    other = copy.deepcopy(module)
-    for m in other.modules():
-        if hasattr(m, "backend"):
-            m.backend = backend
-    return other
+from conftest import ALL_BACKENDS, backend_device
+from helpers import twin
 
 
 # ---------------------------------------------------------------------------------------
@@ -66,7 +51,7 @@ def _on_backend(module, backend):
     (lambda x, be: PF.scaled_residual_add(x, x.long()), TypeError, "f must"),
 ])
 def test_bad_arguments_raise_errors_naming_them(backend, call, error, names):
-    x = torch.randn(2, 3, 4, device=_device(backend))
+    x = torch.randn(2, 3, 4, device=backend_device(backend))
     with pytest.raises(error, match=names):
         call(x, backend)
 
@@ -76,7 +61,7 @@ def test_bad_arguments_raise_errors_naming_them(backend, call, error, names):
 def test_ie_residual_refuses_an_operand_on_another_device(backend, which):
     """A meta operand used to reach the custom op's shape-only fake and return
     uninitialised memory."""
-    x = torch.randn(2, 3, 4, device=_device(backend))
+    x = torch.randn(2, 3, 4, device=backend_device(backend))
     operands = {"c": x, "fx": x, which: x.to("meta")}
     with pytest.raises(ValueError, match=f"{which} is on meta"):
         PF.ie_residual(x, operands["c"], operands["fx"], backend=backend)
@@ -86,7 +71,7 @@ def test_ie_residual_refuses_an_operand_on_another_device(backend, which):
 
 @pytest.mark.parametrize("backend", ALL_BACKENDS)
 def test_ie_update_internal_op_validates_too(backend):
-    x = torch.randn(2, 3, 4, device=_device(backend))
+    x = torch.randn(2, 3, 4, device=backend_device(backend))
     with pytest.raises(ValueError, match="fx is on meta"):
         ie_residual_op(x, x, x.to("meta"), 1.0, backend)
 
@@ -99,7 +84,7 @@ def test_ie_update_internal_op_validates_too(backend):
     (lambda x: x.numpy(), TypeError, "v must be a Tensor"),
 ])
 def test_branch_vjp_and_jvp_check_the_direction(backend, bad_v, error, message):
-    dev = _device(backend)
+    dev = backend_device(backend)
     branch = PreActBranch(8).to(dev)
     x = torch.randn(2, 8, 4, 4, device=dev)
     v = bad_v(x.cpu()) if message == "v must be a Tensor" else bad_v(x)
@@ -147,8 +132,8 @@ def test_ie_skip_settings_are_checked_at_construction():
     (lambda: mlp_resnet(in_features=2, width=4, depth=1), (5, 2, 1)),
 ])
 def test_modules_refuse_a_wrong_rank(backend, make, shape):
-    dev = _device(backend)
-    module = _on_backend(make(), backend).to(dev)
+    dev = backend_device(backend)
+    module = twin(make(), backend=backend).to(dev)
     with pytest.raises(ValueError, match=r"expects a \d-D input"):
         module(torch.randn(shape, device=dev))
 
@@ -156,7 +141,7 @@ def test_modules_refuse_a_wrong_rank(backend, make, shape):
 @pytest.mark.parametrize("backend", ALL_BACKENDS)
 @pytest.mark.parametrize("grad", ["unrolled", "detached", "implicit"])
 def test_ie_skip_refuses_a_branch_that_only_broadcasts(backend, grad):
-    dev = _device(backend)
+    dev = backend_device(backend)
     block = IESkip(nn.Linear(8, 1), steps=1, grad=grad, backend=backend).to(dev)
     with pytest.raises(ValueError, match="shape-preserving branch"):
         block(torch.randn(4, 8, device=dev))
@@ -164,7 +149,7 @@ def test_ie_skip_refuses_a_branch_that_only_broadcasts(backend, grad):
 
 @pytest.mark.parametrize("backend", ALL_BACKENDS)
 def test_ie_skip_refuses_a_down_sampling_preact_branch(backend):
-    dev = _device(backend)
+    dev = backend_device(backend)
     block = IESkip(PreActBranch(4, out_channels=8, stride=2), steps=1, backend=backend).to(dev)
     with pytest.raises(ValueError, match="shape-preserving branch"):
         block(torch.randn(2, 4, 6, 6, device=dev))
@@ -179,7 +164,7 @@ def test_ie_skip_refuses_a_down_sampling_preact_branch(backend):
                                                (torch.bfloat16, torch.float32),
                                                (torch.float32, torch.bfloat16)])
 def test_bn_add_relu_returns_the_promoted_dtype(backend, z_dtype, s_dtype):
-    dev = _device(backend)
+    dev = backend_device(backend)
     z = torch.randn(4, 3, 5, 5, device=dev).to(z_dtype).requires_grad_()
     s = torch.randn(4, 3, 5, 5, device=dev).to(s_dtype).requires_grad_()
     out = PF.bn_add_relu(z, s, h=0.5, backend=backend)
@@ -192,7 +177,7 @@ def test_bn_add_relu_returns_the_promoted_dtype(backend, z_dtype, s_dtype):
 
 @pytest.mark.parametrize("backend", ALL_BACKENDS)
 def test_per_channel_h_promotes_like_torch(backend):
-    dev = _device(backend)
+    dev = backend_device(backend)
     z = torch.randn(4, 3, 5, device=dev).to(torch.bfloat16)
     h = torch.full((3,), 0.5, device=dev)  # a learnable per-channel h is float32
     assert PF.bn_add_relu(z, None, h=h, backend=backend).dtype == torch.float32
@@ -201,7 +186,7 @@ def test_per_channel_h_promotes_like_torch(backend):
 
 @pytest.mark.parametrize("backend", ALL_BACKENDS)
 def test_ie_ops_return_the_promoted_dtype(backend):
-    dev = _device(backend)
+    dev = backend_device(backend)
     x = torch.randn(2, 3, 4, device=dev).to(torch.bfloat16)
     other = torch.randn(2, 3, 4, device=dev)
     assert PF.ie_residual(x, other, other, backend=backend).dtype == torch.float32
@@ -215,7 +200,7 @@ def test_ie_ops_return_the_promoted_dtype(backend):
 @pytest.mark.parametrize("backend", ALL_BACKENDS)
 @pytest.mark.parametrize("training", [True, False])
 def test_empty_batch_norm_follows_torch(backend, training):
-    dev = _device(backend)
+    dev = backend_device(backend)
     torch.manual_seed(0)
     ours, theirs = nn.BatchNorm2d(3).to(dev), nn.BatchNorm2d(3).to(dev)
     for m in (ours, theirs):
@@ -241,7 +226,7 @@ def test_empty_batch_norm_follows_torch(backend, training):
 @pytest.mark.parametrize("training", [True, False])
 @pytest.mark.parametrize("ie_steps", [0, 1])
 def test_empty_batch_through_a_model(backend, norm, training, ie_steps):
-    dev = _device(backend)
+    dev = backend_device(backend)
     model = wide_resnet(10, 1, num_classes=3, norm=norm, ie_steps=ie_steps,
                         backend=backend).to(dev).train(training)
     state = copy.deepcopy(model.state_dict())
@@ -264,7 +249,7 @@ def test_empty_batch_through_a_model(backend, norm, training, ie_steps):
 
 @pytest.mark.parametrize("backend", ALL_BACKENDS)
 def test_empty_group_norm_relu(backend):
-    dev = _device(backend)
+    dev = backend_device(backend)
     x = torch.randn(0, 4, 3, device=dev, requires_grad=True)
     out = PF.group_norm_relu(x, 2, backend=backend)
     assert out.shape == x.shape
@@ -279,7 +264,7 @@ def test_batch_norm_with_one_value_per_channel_is_still_refused():
 
 @pytest.mark.parametrize("backend", ALL_BACKENDS)
 def test_more_arguments_named_in_their_errors(backend):
-    dev = _device(backend)
+    dev = backend_device(backend)
     x = torch.randn(2, 3, 4, device=dev)
     with pytest.raises(TypeError, match="shortcut must be a Tensor"):
         PF.bn_add_relu(x, x.tolist(), backend=backend)
