@@ -23,6 +23,7 @@ import torch
 from torch import Tensor
 
 from pyeuler.backend import counted_device, device_type
+from pyeuler.ops.norm_algebra import VJP_KEYS, vjp_presence
 
 __all__ = [
     "is_available",
@@ -398,39 +399,6 @@ def backward_coefficients(
 
 
 # The gradients of backward_coefficients_vjp, in the op's output order.
-_VJP_KEYS = ("sum_g", "sum_gxc", "dmean", "dvar", "weight", "bias", "h", "var")
-
-
-def _vjp_presence(sum_g, dmean, dvar, weight, bias, h, batch_stats, needs, cotangents):
-    """Which of :data:`_VJP_KEYS` the cotangents reach (the algebra's non-None entries), as
-    csrc/ops.cpp allocates them; and the cotangents that reach anything (the rest None)."""
-    cot_a, cot_b, cot_c, cot_dweight, cot_dbias, cot_dh = cotangents
-    sums = sum_g is not None
-    centered = bool(needs[0]) and bool(batch_stats)
-    if not centered:  # b and c are constants (zero) then
-        cot_b = cot_c = None
-    cot_dweight = cot_dweight if sums and needs[2] else None
-    cot_dbias = cot_dbias if sums and needs[3] else None
-    cot_dh = cot_dh if sums and needs[4] else None
-    learnable = weight is not None or h is not None
-    statistic_sums = sums and centered and (cot_c is not None or cot_b is not None)
-    want_sum_gxc = sums and (cot_dweight is not None or cot_dh is not None
-                             or (centered and cot_b is not None))
-    want_step_w = learnable and (cot_a is not None or statistic_sums)
-    present = (
-        sums and (cot_dbias is not None or (cot_dh is not None and bias is not None)
-                  or (centered and cot_c is not None)),
-        want_sum_gxc,
-        centered and dmean is not None and cot_c is not None,
-        centered and dvar is not None and cot_b is not None,
-        weight is not None and (cot_dh is not None or want_step_w),
-        bias is not None and cot_dh is not None,
-        h is not None and (cot_dweight is not None or cot_dbias is not None or want_step_w),
-        cot_a is not None or want_sum_gxc or statistic_sums,
-    )
-    return present, (cot_a, cot_b, cot_c, cot_dweight, cot_dbias, cot_dh)
-
-
 def backward_coefficients_vjp(
     sum_g: Tensor | None,
     sum_gxc: Tensor | None,
@@ -459,14 +427,14 @@ def backward_coefficients_vjp(
                 h=h, var=var, **{f"cotangent {k}": t for k, t in enumerate(cotangents)})
     _require_extension()
     needs = [bool(n) for n in needs]
-    present, cotangents = _vjp_presence(sum_g, dmean, dvar, weight, bias, h, batch_stats, needs,
+    present, cotangents = vjp_presence(sum_g, dmean, dvar, weight, bias, h, batch_stats, needs,
                                         cotangents)
     cotangents = [*cotangents[:3], *(_param(t) for t in cotangents[3:])]
     outputs = torch.ops.pyeuler.cuda_backward_coefficients_vjp(
         sum_g, sum_gxc, dmean, dvar, _param(weight), _param(bias), _param(h), var,
         float(h_value), float(eps), int(groups), bool(batch_stats), needs, int(channels),
         int(count), cotangents)
-    grads = {k: o if p else None for k, o, p in zip(_VJP_KEYS, outputs, present)}
+    grads = {k: o if p else None for k, o, p in zip(VJP_KEYS, outputs, present)}
     for name, param in (("weight", weight), ("bias", bias), ("h", h)):
         # a float64 parameter was read as float32 (_param); its gradient is in its dtype
         if grads[name] is not None and grads[name].dtype != param.dtype:
@@ -561,7 +529,7 @@ def _fake_backward_coefficients(sum_g, sum_gxc, dmean, dvar, weight, bias, h, va
 
 def _fake_backward_coefficients_vjp(sum_g, sum_gxc, dmean, dvar, weight, bias, h, var, h_value,
                                     eps, groups, batch_stats, needs, channels, count, cotangents):
-    present, _ = _vjp_presence(sum_g, dmean, dvar, weight, bias, h, batch_stats, needs,
+    present, _ = vjp_presence(sum_g, dmean, dvar, weight, bias, h, batch_stats, needs,
                                cotangents)
     coefficients = _coefficient_shape(var, groups, channels)
     shapes = (coefficients, coefficients, var.shape, var.shape, (channels,), (channels,),

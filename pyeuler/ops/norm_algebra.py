@@ -20,8 +20,10 @@ import math
 import torch
 from torch import Tensor
 
-__all__ = ["add_optional", "backward_coefficients", "backward_coefficients_vjp", "center_of",
-           "expand_groups", "forward_coefficients", "statistic_count"]
+__all__ = ["VJP_KEYS", "add_optional", "backward_coefficients", "backward_coefficients_vjp",
+           "center_of", "expand_groups", "forward_coefficients", "statistic_count",
+           "vjp_presence"]
+
 
 def _per_channel(v: Tensor | None, channels: int, like: Tensor) -> Tensor:
     """A [C] float tensor from None (→ ones), a scalar or a [C] tensor."""
@@ -141,6 +143,41 @@ def add_optional(total: Tensor | None, term: Tensor | None) -> Tensor | None:
     if term is None:
         return total
     return term if total is None else total + term
+
+
+# The gradients backward_coefficients_vjp returns, in this order.
+VJP_KEYS = ("sum_g", "sum_gxc", "dmean", "dvar", "weight", "bias", "h", "var")
+
+
+def vjp_presence(sum_g, dmean, dvar, weight, bias, h, batch_stats, needs, cotangents):
+    """Which of :data:`VJP_KEYS` :func:`backward_coefficients_vjp` returns (its non-None
+    entries: what the cotangents reach), and the cotangents that reach anything (the rest
+    None).  Depends on presence only, never on values: kernels allocate from it."""
+    cot_a, cot_b, cot_c, cot_dweight, cot_dbias, cot_dh = cotangents
+    sums = sum_g is not None
+    centered = bool(needs[0]) and bool(batch_stats)
+    if not centered:  # b and c are constants (zero) then
+        cot_b = cot_c = None
+    cot_dweight = cot_dweight if sums and needs[2] else None
+    cot_dbias = cot_dbias if sums and needs[3] else None
+    cot_dh = cot_dh if sums and needs[4] else None
+    learnable = weight is not None or h is not None
+    statistic_sums = sums and centered and (cot_c is not None or cot_b is not None)
+    want_sum_gxc = sums and (cot_dweight is not None or cot_dh is not None
+                             or (centered and cot_b is not None))
+    want_step_w = learnable and (cot_a is not None or statistic_sums)
+    present = (
+        sums and (cot_dbias is not None or (cot_dh is not None and bias is not None)
+                  or (centered and cot_c is not None)),
+        want_sum_gxc,
+        centered and dmean is not None and cot_c is not None,
+        centered and dvar is not None and cot_b is not None,
+        weight is not None and (cot_dh is not None or want_step_w),
+        bias is not None and cot_dh is not None,
+        h is not None and (cot_dweight is not None or cot_dbias is not None or want_step_w),
+        cot_a is not None or want_sum_gxc or statistic_sums,
+    )
+    return present, (cot_a, cot_b, cot_c, cot_dweight, cot_dbias, cot_dh)
 
 
 def backward_coefficients_vjp(sum_g, sum_gxc, dmean, dvar, weight, bias, h, var, h_value, eps, groups,

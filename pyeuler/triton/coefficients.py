@@ -352,55 +352,35 @@ def backward_coefficients_vjp(sum_g, sum_gxc, dmean, dvar, weight, bias, h, var,
                                                       var, h_value, eps, groups, batch_stats,
                                                       needs, channels, count, cotangents)
     rows, n_groups, cpg, block_g, block_j = geometry
+    present, cotangents = norm_algebra.vjp_presence(sum_g, dmean, dvar, weight, bias, h,
+                                                    batch_stats, needs, cotangents)
+    want = {k: bool(p) for k, p in zip(norm_algebra.VJP_KEYS, present)}
     cot_a, cot_b, cot_c, cot_dweight, cot_dbias, cot_dh = cotangents
-    need_x, _, need_weight, need_bias, need_h = needs
-    sums = sum_g is not None
-    centered = need_x and batch_stats
-    cot_dweight = cot_dweight if sums and need_weight else None
-    cot_dbias = cot_dbias if sums and need_bias else None
-    cot_dh = cot_dh if sums and need_h else None
-    if not centered:  # b and c are constants (zero) then
-        cot_b = cot_c = None
-    learnable = weight is not None or h is not None
-    # which gradients are structurally nonzero (None in the algebra's dict otherwise)
-    want_sum_g = sums and (cot_dbias is not None or (cot_dh is not None and bias is not None)
-                           or (centered and cot_c is not None))
-    want_sum_gxhat = sums and (cot_dweight is not None or cot_dh is not None
-                               or (centered and cot_b is not None))
-    want_step_w = learnable and (cot_a is not None
-                                 or (sums and centered and (cot_c is not None or cot_b is not None)))
-    want_weight = weight is not None and (cot_dh is not None or want_step_w)
-    want_bias = bias is not None and cot_dh is not None
-    want_h = h is not None and (cot_dweight is not None or cot_dbias is not None or want_step_w)
-    want_var = (cot_a is not None or want_sum_gxhat
-                or (sums and centered and (cot_c is not None or cot_b is not None)))
-    want_dmean = centered and dmean is not None and cot_c is not None
-    want_dvar = centered and dvar is not None and cot_b is not None
+    sums, centered = sum_g is not None, bool(needs[0] and batch_stats)
     sum_shape = (channels,) if groups == 0 else (rows, channels)
     stat_shape = var.shape
 
     def new(flag, shape):
         return var.new_empty(shape) if flag else None
 
-    out = dict(sum_g=new(want_sum_g, sum_shape), sum_gxc=new(want_sum_gxhat, sum_shape),
-               dmean=new(want_dmean, stat_shape), dvar=new(want_dvar, stat_shape),
-               weight=new(want_weight, (channels,)), bias=new(want_bias, (channels,)),
-               h=new(want_h, h.shape if h is not None else ()), var=new(want_var, stat_shape))
+    shapes = dict(sum_g=sum_shape, sum_gxc=sum_shape, dmean=stat_shape, dvar=stat_shape,
+                  weight=(channels,), bias=(channels,), h=h.shape if h is not None else (),
+                  var=stat_shape)
+    out = {k: new(want[k], shapes[k]) for k in norm_algebra.VJP_KEYS}
     _backward_coefficients_vjp_kernel[(1,)](
         _dummy(sum_g, var), _dummy(sum_gxc, var), _dummy(weight, var), _dummy(bias, var),
         _dummy(h, var), var.contiguous(),
         *(_dummy(t, var) for t in (cot_a, cot_b, cot_c, cot_dweight, cot_dbias, cot_dh)),
-        *(_dummy(out[k], var) for k in ("sum_g", "sum_gxc", "dmean", "dvar", "weight", "bias", "h",
-                                        "var")),
+        *(_dummy(out[k], var) for k in norm_algebra.VJP_KEYS),
         rows, channels, n_groups, cpg, float(h_value), float(eps), 1.0 / count,
         HAS_SUMS=sums, HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None,
-        H_MODE=_h_mode(h), LEARNABLE_STEP_W=learnable,
+        H_MODE=_h_mode(h), LEARNABLE_STEP_W=weight is not None or h is not None,
         COT_A=cot_a is not None, COT_B=cot_b is not None, COT_C=cot_c is not None,
         COT_DWEIGHT=cot_dweight is not None, COT_DBIAS=cot_dbias is not None,
         COT_DH=cot_dh is not None,
-        WANT_D_SUM_G=want_sum_g, WANT_D_SUM_GXC=want_sum_gxhat, WANT_D_DMEAN=want_dmean,
-        WANT_D_DVAR=want_dvar, WANT_D_WEIGHT=want_weight, WANT_D_BIAS=want_bias,
-        WANT_D_H=want_h, WANT_D_VAR=want_var, CENTERED=centered,
+        WANT_D_SUM_G=want["sum_g"], WANT_D_SUM_GXC=want["sum_gxc"], WANT_D_DMEAN=want["dmean"],
+        WANT_D_DVAR=want["dvar"], WANT_D_WEIGHT=want["weight"], WANT_D_BIAS=want["bias"],
+        WANT_D_H=want["h"], WANT_D_VAR=want["var"], CENTERED=centered,
         BLOCK_G=block_g, BLOCK_J=block_j)
     for name, param in (("weight", weight), ("bias", bias), ("h", h)):
         if out[name] is not None and out[name].dtype != param.dtype:
