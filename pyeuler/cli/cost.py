@@ -22,7 +22,7 @@ import itertools
 import json
 from pathlib import Path
 
-from pyeuler.cli.train import _nonneg_int, _pos_float, _pos_int
+from pyeuler.cli.train import _nonneg_int, _pos_float, _pos_int, check_output_path, usage_error
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
@@ -147,10 +147,13 @@ def run(args: argparse.Namespace) -> int:
 
     device = H100 if args.sm_count == H100.sm_count else DeviceModel(
         f"a GPU with {args.sm_count} SMs", args.sm_count)
+    if not 0 <= args.theta <= 1:
+        usage_error(f"--theta: expected a number in [0, 1], got {args.theta}")
+    check_output_path(args.json, "--json")
     try:
         todo = configs(args)
     except ValueError as exc:
-        raise SystemExit(f"pyeuler: error: {exc}") from None
+        usage_error(str(exc))
     references: dict = {}  # the reference backend's host time, measured once per step
     reports = []
     for config in todo:
@@ -159,7 +162,7 @@ def run(args: argparse.Namespace) -> int:
             report = cost(config, device=device, host_time=args.host_time,
                           host_ms_reference=references.get(key))
         except ValueError as exc:  # bad model name or arguments (build_model)
-            raise SystemExit(f"pyeuler: error: {exc}") from None
+            usage_error(str(exc))
         if report.host_ms_reference is not None:
             references[key] = report.host_ms_reference
         reports.append(report)

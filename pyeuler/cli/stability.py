@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 from pyeuler.cli.train import (_nonneg_int, _pos_float, _pos_int, add_common_runtime_args,
-                               resolve_device)
+                               check_backend, check_output_path, resolve_device)
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
@@ -225,6 +225,10 @@ def run(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     device = resolve_device(args.device)
+    check_backend(args.backend, device)
+    check_output_path(args.json, "--json")
+    check_output_path(None if args.no_plot else args.plot, "--plot")
+    check_output_path(args.out, "--out", directory=True)
     progress = False if args.no_progress else None
     try:
         if args.checkpoint:

@@ -17,6 +17,8 @@ from pathlib import Path
 
 import torch
 
+from pyeuler.backend import BACKENDS
+
 # Training schedules. "quick" is for the small bundled data sets; the others are the
 # papers' CIFAR schedules (milestones as fractions of the epochs, so --epochs rescales them).
 PRESETS: dict[str, dict] = {
@@ -76,7 +78,7 @@ def _pos_float(s: str) -> float:
 def add_common_runtime_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto",
                    help="cpu, cuda, cuda:N or auto (cuda if available) [auto]")
-    p.add_argument("--backend", default=None,
+    p.add_argument("--backend", default=None, choices=BACKENDS,
                    help="pyeuler kernel backend for the model (reference, eager, triton, cuda, "
                         "auto) [PYEULER_BACKEND or the library default]")
     p.add_argument("--threads", type=_pos_int, default=None, help="torch CPU threads")
@@ -149,16 +151,51 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     return p
 
 
+def usage_error(message: str):
+    """A user's mistake: one line on stderr, exit status 2 (argparse's), no traceback."""
+    print(f"pyeuler: error: {message}", file=sys.stderr)
+    raise SystemExit(2)
+
+
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
         dev = torch.device(name)
-    except RuntimeError as e:
-        raise SystemExit(f"pyeuler: error: --device: {e}")
+    except RuntimeError:
+        usage_error(f"--device: expected cpu, cuda, cuda:N or auto, got {name!r}")
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("pyeuler: error: --device: CUDA is not available on this machine")
+        usage_error("--device: CUDA is not available on this machine")
     return dev
+
+
+def check_backend(name: str | None, device: torch.device) -> None:
+    """``--backend`` usable for tensors on ``device``, checked before any work."""
+    from pyeuler.backend import resolve_backend
+
+    try:
+        resolve_backend(name, device)
+    except (RuntimeError, ValueError) as e:
+        usage_error(f"--backend: {e}")
+
+
+def check_output_path(path: str | None, flag: str, directory: bool = False) -> None:
+    """``flag``'s path can be written (a folder with ``directory``), checked before any work,
+    so a long run never ends in a write error."""
+    if path is None:
+        return
+    target = Path(path)
+    if directory:
+        if target.exists() and not target.is_dir():
+            usage_error(f"{flag}: {path} exists and is not a folder")
+        return
+    if target.is_dir():
+        usage_error(f"{flag}: {path} is a folder; give a file path")
+    for parent in target.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                usage_error(f"{flag}: cannot write {path}: {parent} is not a folder")
+            break
 
 
 def resolve_config(args: argparse.Namespace) -> dict:
