@@ -235,6 +235,10 @@ def test_opcheck_custom_ops(routed_to_primitives):
         torch.library.opcheck(torch.ops.pyeuler.norm_relu_backward_ie_update.default,
                               (dy, x, w, b, mean, var, scale, shift, s, 1e-5, 0, batch_stats, 0.1,
                                0.5, "triton"))
+    for momentum, momentum_tensor in ((0.1, None), (None, torch.tensor(0.3)), (None, None)):
+        torch.library.opcheck(torch.ops.pyeuler.update_running_stats.default,
+                              (torch.randn(4), torch.rand(4), torch.tensor(2), mean, var, 15,
+                               momentum, momentum_tensor, "triton"))
     torch.library.opcheck(torch.ops.pyeuler.ie_residual.default, (x, s, x, 0.5, "triton"))
     torch.library.opcheck(torch.ops.pyeuler.ie_update.default, (x, s, x, 0.1, 0.5, "triton"))
 

@@ -92,6 +92,30 @@ def test_norm_stats_fp32(shape, layout):
         assert_close32(var, var64.float())
 
 
+@pytest.mark.parametrize("shape,layout", cases([(4, 6, 7, 5), (3, 6), (2, 12, 3, 4, 5)]))
+def test_norm_stats_and_coefficients_equal_the_two_passes(shape, layout):
+    """The merge stage's coefficients are bit for bit those of forward_coefficients on the
+    same statistics (one shared definition), and close to the contract's."""
+    x = make(shape, layout, mean=0.5, std=1.5)
+    c = shape[1]
+    for groups in (0, 1, 3):
+        for h_kind, has_w, has_b in (("none", True, True), ("scalar", False, True),
+                                     ("channel", True, False)):
+            h = {"none": None, "scalar": torch.tensor(0.7), "channel": torch.rand(c) + 0.3}[h_kind]
+            h = None if h is None else h.to(DEVICE)
+            weight = (torch.rand(c, device=DEVICE) + 0.5) if has_w else None
+            bias = torch.randn(c, device=DEVICE) if has_b else None
+            args = (weight, bias, h, 0.9, 1e-5)
+            mean, var, scale, shift = tri.norm_stats_and_coefficients(x, groups, *args)
+            two_pass = tri.forward_coefficients(*tri.norm_stats(x, groups), weight, bias, h, 0.9,
+                                                1e-5, groups, c)
+            assert torch.equal(scale, two_pass[0]) and torch.equal(shift, two_pass[1])
+            expected = ref.norm_stats_and_coefficients(x, groups, *args)
+            for got, want in zip((mean, var, scale, shift), expected):
+                assert got.shape == want.shape
+                assert_close32(got, want.float(), rtol=1e-4, atol=1e-5)
+
+
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
 @pytest.mark.parametrize("groups", [0, 2])
 def test_norm_stats_large_mean_is_robust(layout, groups):
@@ -708,6 +732,40 @@ def test_backward_coefficients_match_the_algebra(groups, on_device):
                                                msg=lambda m: f"{name} {needs}: {m}")
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
+@pytest.mark.parametrize("channels", [1, 7, 1030])
+def test_update_running_stats_matches_the_algebra(dtype, channels, on_device):
+    """One launch updates running mean, unbiased variance and num_batches_tracked as the
+    contract's lerp_ does: float, tensor and cumulative (None) momentum; float64 buffers take
+    the torch-op version.  Within one ulp of the buffer dtype (torch's lerp may fuse)."""
+    ulp = {torch.float32: 2.0**-23, torch.float64: 0.0}.get(dtype, torch.finfo(dtype).eps)
+    for momentum in (0.1, 0.8, 1.0, torch.tensor(0.3, device=DEVICE), None):
+        mean, var = torch.randn(channels, device=DEVICE), torch.rand(channels, device=DEVICE)
+        running = (torch.randn(channels, device=DEVICE).to(dtype),
+                   (torch.rand(channels, device=DEVICE) + 0.5).to(dtype),
+                   torch.tensor(4, device=DEVICE))
+        got, expected = [t.clone() for t in running], [t.clone() for t in running]
+        tri.update_running_stats(*got, mean, var, 37, momentum)
+        ref.update_running_stats(*expected, mean, var, 37, momentum)
+        assert got[2].item() == expected[2].item() == 5
+        for g, e in zip(got[:2], expected[:2]):
+            assert g.dtype == dtype
+            torch.testing.assert_close(g, e, rtol=2 * ulp, atol=2 * ulp, msg=str(momentum))
+        if momentum == 1.0 and dtype in (torch.float32, torch.float64):
+            # the nearer end: exactly the batch values (the interpreter's float32 -> bfloat16
+            # truncates, so low precision is left to the tolerance above)
+            assert torch.equal(got[0], mean.to(dtype))
+
+
+def test_update_running_stats_refuses_what_the_contract_refuses(on_device):
+    buffers = (torch.zeros(3, device=DEVICE), torch.ones(3, device=DEVICE))
+    stats = (torch.zeros(3, device=DEVICE), torch.ones(3, device=DEVICE))
+    with pytest.raises(ValueError, match="more than one value"):
+        tri.update_running_stats(*buffers, None, *stats, 1, 0.1)
+    with pytest.raises(ValueError, match="needs num_batches_tracked"):
+        tri.update_running_stats(*buffers, None, *stats, 4, None)
+
+
 def test_coefficient_kernels_fall_back_beyond_one_tile(on_device):
     """GroupNorm with more channels per sample than one tile holds: the torch-op algebra."""
     from pyeuler.triton import coefficients
@@ -717,6 +775,43 @@ def test_coefficient_kernels_fall_back_beyond_one_tile(on_device):
     args = (mean, var, None, None, None, 1.0, 1e-5, 1, c)
     for got, expected in zip(tri.forward_coefficients(*args), ref.forward_coefficients(*args)):
         torch.testing.assert_close(got, expected)
+
+
+@pytest.mark.parametrize("groups", [0, 2])
+def test_double_backward_coefficients_match_the_algebra(groups, on_device):
+    """The second order's one per-channel pass: a, b, the VJP with the sums' own cotangents
+    added, and the centre's gradient; None exactly where the algebra has none."""
+    import itertools
+
+    for h, weight, bias, stat_shape, sum_shape, c in _coefficient_cases(groups):
+        var = torch.rand(stat_shape) + 0.5
+        for bits, has_stat_grads, batch_stats, dropped, sum_cots in itertools.product(
+                (1, 3, 14, 15), [True, False], [True, False], [0, 4, 5], [False, True]):
+            if groups and not batch_stats:
+                continue
+            needs = (bool(bits & 1), False, bool(bits & 2) and weight is not None,
+                     bool(bits & 4) and bias is not None, bool(bits & 8) and h is not None)
+            sums_needed = any(needs[2:]) or (needs[0] and batch_stats)
+            sums = (torch.randn(sum_shape), torch.randn(sum_shape)) if sums_needed else (None, None)
+            stat_grads = (torch.randn(stat_shape) if has_stat_grads else None,
+                          torch.randn(stat_shape) if has_stat_grads and bits % 2 == 0 else None)
+            args = (*sums, *stat_grads, weight, bias, h, var, 0.9, 1e-5, groups, batch_stats, needs,
+                    c, 7)
+            cotangents = [None if o is None else torch.randn_like(o)
+                          for o in ref.backward_coefficients(*args)]
+            for k in range(3):
+                if dropped >> k & 1:
+                    cotangents[k] = None
+            sum_cotangents = ((torch.randn(sum_shape), None if bits & 2 else torch.randn(sum_shape))
+                              if sum_cots else (None, None))
+            got = tri.double_backward_coefficients(*args, tuple(cotangents), sum_cotangents)
+            expected = ref.double_backward_coefficients(*args, tuple(cotangents), sum_cotangents)
+            assert set(got) == set(expected)
+            for name, e in expected.items():
+                assert (got[name] is None) == (e is None), (name, needs)
+                if e is not None:
+                    torch.testing.assert_close(got[name], e.expand_as(got[name]), rtol=1e-4,
+                                               atol=1e-5, msg=lambda m: f"{name} {needs}: {m}")
 
 
 @pytest.mark.parametrize("groups", [0, 2])

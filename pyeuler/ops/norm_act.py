@@ -22,7 +22,8 @@ every order stays exact, under ``torch.compile`` too.
 
 Batch mean and variance are outputs of the forward *and differentiable*: the IE-Skip's
 VJP reuses them, and its "unrolled" gradient must flow through them.  Running statistics
-are updated from them with plain tensor ops (no host synchronisation).
+(and ``num_batches_tracked``) are updated from them by one more per-channel pass,
+``update_running_stats``: one launch, no host synchronisation.
 """
 
 from __future__ import annotations
@@ -40,8 +41,7 @@ from pyeuler.backend import resolve_backend
 from pyeuler.ops import primitives, reference_norm
 from pyeuler.ops.dispatch import kernel_backend
 from pyeuler.ops import norm_algebra
-from pyeuler.ops.norm_algebra import (add_optional, center_of, forward_coefficients,
-                                      statistic_count)
+from pyeuler.ops.norm_algebra import center_of, forward_coefficients, statistic_count
 
 __all__ = ["NormStats", "norm_act", "norm_act_backward", "norm_act_module", "norm_relu_backward_conv",
            "norm_relu_backward_ie_update", "update_running_stats"]
@@ -75,14 +75,14 @@ class NormStats:
 
 def _forward_math(kernels, x, weight, bias, shortcut, h, h_value, mean_in, var_in, eps, groups,
                   relu, save_mask):
-    channels = x.shape[1]
     if mean_in is None:
-        mean, var = kernels.norm_stats(x, groups)
+        mean, var, scale, shift = kernels.norm_stats_and_coefficients(x, groups, weight, bias, h,
+                                                                      h_value, eps)
     else:
         acc = torch.float64 if x.dtype == torch.float64 else torch.float32
         mean, var = mean_in.to(acc), var_in.to(acc)
-    scale, shift = kernels.forward_coefficients(mean, var, weight, bias, h, h_value, eps, groups,
-                                                channels)
+        scale, shift = kernels.forward_coefficients(mean, var, weight, bias, h, h_value, eps,
+                                                    groups, x.shape[1])
     y, mask = kernels.affine_act_forward(x, scale, shift, shortcut, relu, save_mask)
     return y, mean, var, mask, Affine(scale, shift)
 
@@ -152,9 +152,10 @@ def _double_backward_math(inputs, sums, output_grads, sum_grads, config, wanted,
 
     Two passes over the activations, like the first-order backward: a reduce of the
     gradient of dx (its sums are the gradients of a, b, c), then one elementwise pass giving
-    the gradients of dy and x; both are fused-kernel ops.  In between, the per-channel
-    algebra of :func:`backward_coefficients` is differentiated by :func:`backward_coefficients_vjp`.
-    Everything stays differentiable, so third and higher orders are exact too.
+    the gradients of dy and x; both are fused-kernel ops.  In between, one per-channel pass,
+    :func:`~pyeuler.ops.norm_algebra.double_backward_coefficients`: the backward's a and b,
+    the VJP of its per-channel algebra and the centre's (mean's) gradient; one launch on the
+    fused backends.  Everything stays differentiable, so third and higher orders are exact too.
     ``inputs`` = the ``_BWD_INPUTS``, then mask, scale, shift (None: recomputed).
     ``wanted`` flags the gradients to compute, in ``_BWD_INPUTS`` order (None elsewhere).
     """
@@ -169,41 +170,25 @@ def _double_backward_math(inputs, sums, output_grads, sum_grads, config, wanted,
                                                 named["h"], h_value, eps, groups, channels)
     center = center_of(mean, groups, channels)
     sum_g, sum_gxc = sums if sums else (None, None)
-    coefficient_args = (named["dmean"], named["dvar"], named["weight"], named["bias"], named["h"])
-    a, b, *_ = _algebra(backend).backward_coefficients(
-        sum_g, sum_gxc, *coefficient_args, named["var"], h_value, eps, groups, batch_stats, needs,
-        channels, count)
     g_dx = g_dx if needs[0] else None
-    sum_dd = None
-    if g_dx is not None:  # the gradients of c, b, a: Σddx, Σddx·(x − center), Σddx·g
+    cotangents = (None, None, None)
+    if g_dx is not None:  # the gradients of a, b, c: Σddx·g, Σddx·(x − center), Σddx
         sum_dd, sum_dd_xc, sum_dd_g = _double_backward_reduce_op(g_dx, dy, x, scale, shift, center,
                                                                  mask, relu, per_sample, backend)
         cotangents = (sum_dd_g, sum_dd_xc, sum_dd)
-    else:
-        cotangents = (None, None, None)
     param_grads = tuple(g if need else None
                         for g, need in zip((g_dweight, g_dbias, g_dh), needs[2:]))
-    grads = _algebra(backend).backward_coefficients_vjp(
-        sum_g, sum_gxc, *coefficient_args, named["var"], h_value, eps, groups, batch_stats, needs,
-        channels, count, cotangents + param_grads)
-    p, q = grads.get("sum_g"), grads.get("sum_gxc")
-    if sums:  # the sums are outputs too
-        p, q = add_optional(p, sum_grads[0]), add_optional(q, sum_grads[1])
-    if wanted[7]:
-        # the centre (the mean, per group) enters dx = … + b·(x − center) and Σg·(x − center).
-        dcenter = None if sum_dd is None else -b * sum_dd
-        if q is not None:
-            dcenter = add_optional(dcenter, -q * sum_g)
-        if dcenter is not None and per_sample:
-            dcenter = dcenter.reshape(mean.shape[0], groups, channels // groups).sum(2)
-        grads["mean"] = dcenter
+    grads = _algebra(backend).double_backward_coefficients(
+        sum_g, sum_gxc, named["dmean"], named["dvar"], named["weight"], named["bias"], named["h"],
+        named["var"], h_value, eps, groups, batch_stats, needs, channels, count,
+        cotangents + param_grads, sum_grads if sums else (None, None))
+    a, b, p, q = grads.pop("a"), grads.pop("b"), grads["sum_g"], grads["sum_gxc"]
     ddy = dxx = None
     if wanted[0] or wanted[3]:
-        zeros = torch.zeros_like(a)
         ddy, dxx = _double_backward_apply_op(
             g_dx if g_dx is not None else torch.zeros_like(x), dy, x, scale, shift, mask, relu,
-            a, b, zeros if p is None else p, zeros if q is None else q, center,
-            g_dshortcut if needs[1] else None, backend)
+            a, b, torch.zeros_like(a) if p is None else p, torch.zeros_like(a) if q is None else q,
+            center, g_dshortcut if needs[1] else None, backend)
     grads.update(dy=ddy, x=dxx)
     return tuple(grads.get(k) if want else None for k, want in zip(_BWD_INPUTS, wanted))
 
@@ -221,8 +206,9 @@ def _storage_id(t: Tensor) -> int:
 
 
 def _unaliased(outputs, inputs):
-    """Custom-op outputs may alias neither inputs nor each other; kernels may return views
-    of one buffer (their reduce sums), or, without spatial dims, an input itself."""
+    """Custom-op outputs may alias neither inputs nor each other.  The kernels write fresh
+    buffers, so this copies nothing on their path; the torch-op fallback of the per-channel
+    algebra (GroupNorm beyond one tile) may return one tensor twice (``dbias = Σg``)."""
     taken = {_storage_id(t) for t in inputs if isinstance(t, Tensor) and t.numel()}
     result = []
     for t in outputs:
@@ -801,15 +787,43 @@ torch.library.register_autograd("pyeuler::norm_relu_backward_ie_update", _ie_upd
 # Public entry points.
 
 
+@torch.library.custom_op("pyeuler::update_running_stats",
+                         mutates_args=("running_mean", "running_var", "num_batches_tracked"))
+def _update_running_stats_op(running_mean: Tensor, running_var: Tensor,
+                             num_batches_tracked: Tensor | None, mean: Tensor, var: Tensor,
+                             count: int, momentum: float | None, momentum_tensor: Tensor | None,
+                             backend: str) -> None:
+    rate = momentum_tensor if momentum_tensor is not None else momentum
+    _kernels(backend).update_running_stats(running_mean, running_var, num_batches_tracked, mean,
+                                           var, count, rate)
+
+
+@_update_running_stats_op.register_fake
+def _(running_mean, running_var, num_batches_tracked, mean, var, count, momentum, momentum_tensor,
+      backend):
+    return None
+
+
 def update_running_stats(running_mean: Tensor, running_var: Tensor, mean: Tensor, var: Tensor,
-                         count: int, momentum: float | Tensor) -> None:
-    """``nn.BatchNorm`` semantics: ``r ← (1 − m)·r + m·batch``, unbiased variance stored."""
+                         count: int, momentum: float | Tensor | None, *,
+                         num_batches_tracked: Tensor | None = None,
+                         backend: str = "eager") -> None:
+    """``nn.BatchNorm``'s running-statistics update in place
+    (:func:`pyeuler.ops.norm_algebra.update_running_stats`: ``num_batches_tracked`` += 1
+    when given, then ``r ← lerp(r, batch, m)`` with the unbiased variance stored, ``m`` =
+    ``momentum`` or, for None, ``1/num_batches_tracked``).  One launch on the fused
+    backends; no host synchronisation.  Raises ValueError for ``count < 2``."""
     if count < 2:
         raise ValueError("running statistics need more than one value per channel")
-    with torch.no_grad():
-        running_mean.lerp_(mean.detach().to(running_mean.dtype), momentum)
-        unbiased = var.detach() * (count / (count - 1))
-        running_var.lerp_(unbiased.to(running_var.dtype), momentum)
+    mean, var = mean.detach(), var.detach()
+    if backend not in ("triton", "cuda"):
+        primitives.update_running_stats(running_mean, running_var, num_batches_tracked, mean, var,
+                                        count, momentum)
+        return
+    momentum_tensor = momentum if isinstance(momentum, Tensor) else None
+    _update_running_stats_op(running_mean, running_var, num_batches_tracked, mean, var, count,
+                             None if momentum_tensor is not None or momentum is None
+                             else float(momentum), momentum_tensor, backend)
 
 
 def _is_real(v) -> bool:
@@ -818,7 +832,7 @@ def _is_real(v) -> bool:
 
 
 def _validate(x, weight, bias, running_mean, running_var, shortcut, h, groups, training, eps,
-              momentum, relu):
+              momentum, relu, num_batches_tracked=None):
     if not isinstance(x, Tensor):
         raise TypeError(f"x must be a Tensor, got {type(x).__name__}")
     if x.dim() < 2 or x.dim() > 5:
@@ -876,8 +890,23 @@ def _validate(x, weight, bias, running_mean, running_var, shortcut, h, groups, t
             raise ValueError(f"momentum is on {momentum.device} but the running statistics "
                              f"are on {running_mean.device}")
         # its value is not checked: that would read it on the host (a sync)
+    elif momentum is None:
+        if num_batches_tracked is None:
+            raise ValueError("momentum=None (the cumulative average) needs num_batches_tracked")
     elif not _is_real(momentum) or not 0.0 <= momentum <= 1.0:
-        raise ValueError(f"momentum must be a float in [0, 1], got {momentum!r}")
+        raise ValueError(f"momentum must be a float in [0, 1] or None, got {momentum!r}")
+    if num_batches_tracked is not None:
+        if not isinstance(num_batches_tracked, Tensor):
+            raise TypeError("num_batches_tracked must be a Tensor or None, got "
+                            f"{type(num_batches_tracked).__name__}")
+        if num_batches_tracked.dtype != torch.int64 or num_batches_tracked.numel() != 1:
+            raise ValueError("num_batches_tracked must be a one-element int64 tensor, got "
+                             f"{num_batches_tracked.dtype} of shape {tuple(num_batches_tracked.shape)}")
+        if running_mean is None:
+            raise ValueError("num_batches_tracked needs running_mean and running_var")
+        if num_batches_tracked.device != running_mean.device:
+            raise ValueError(f"num_batches_tracked is on {num_batches_tracked.device} but the "
+                             f"running statistics are on {running_mean.device}")
     if not isinstance(groups, int) or isinstance(groups, bool) or groups < 0 or (
             groups > 0 and channels % groups):
         raise ValueError(f"groups must be 0 (batch norm) or divide C={channels}, got {groups!r}")
@@ -945,13 +974,14 @@ def norm_act(
     running_var: Tensor | None = None,
     *,
     training: bool = True,
-    momentum: float | Tensor = 0.1,
+    momentum: float | Tensor | None = 0.1,
     eps: float = 1e-5,
     groups: int = 0,
     shortcut: Tensor | None = None,
     h: float | Tensor = 1.0,
     relu: bool = True,
     update_running: bool = True,
+    num_batches_tracked: Tensor | None = None,
     backend: str | None = None,
     return_stats: bool = False,
     conv: torch.nn.Module | None = None,
@@ -959,8 +989,10 @@ def norm_act(
     """``act(shortcut + h·Norm(x))`` with BatchNorm (``groups=0``) or GroupNorm(groups).
 
     BatchNorm follows ``F.batch_norm``: batch statistics when ``training`` (running
-    statistics updated in place when given and ``update_running``), running statistics
-    otherwise.  GroupNorm always uses per-sample statistics.  ``h`` is a float, a scalar
+    statistics updated in place when given and ``update_running``, together with
+    ``num_batches_tracked`` if given; ``momentum=None`` is the cumulative average
+    ``1/num_batches_tracked``, as in ``nn.BatchNorm``), running statistics otherwise.
+    GroupNorm always uses per-sample statistics.  ``h`` is a float, a scalar
     tensor or a per-channel tensor (learnable if it requires grad).  With
     ``return_stats=True`` also returns the :class:`NormStats` a backward pass needs.
 
@@ -970,11 +1002,19 @@ def norm_act(
     memory.
     """
     _validate(x, weight, bias, running_mean, running_var, shortcut, h, groups, training, eps,
-              momentum, relu)
+              momentum, relu, num_batches_tracked)
     if conv is not None:
         _validate_conv(conv, x, shortcut, h, relu)
     name = resolve_backend(backend, x.device)
+    tracking = groups == 0 and training and running_mean is not None and update_running
+    if not tracking:
+        num_batches_tracked = None
+        momentum = 0.0 if momentum is None else momentum  # unused
     if name == "reference":
+        if num_batches_tracked is not None:
+            num_batches_tracked.add_(1)
+            if momentum is None:
+                momentum = 1.0 / num_batches_tracked.to(running_mean.dtype)
         if return_stats:
             raise ValueError("return_stats=True needs an explicit backend, not 'reference'")
         y = _reference(x, weight, bias, running_mean, running_var, training, momentum, eps,
@@ -1012,8 +1052,12 @@ def norm_act(
         mask = mask if save_mask else None
     if conv is not None and name == "eager":
         y = conv(y)
-    if groups == 0 and batch_stats and running_mean is not None and update_running and not empty:
-        update_running_stats(running_mean, running_var, mean, var, statistic_count(x, 0), momentum)
+    if tracking and empty:  # nothing to average in; the module still counts the batch
+        if num_batches_tracked is not None:
+            num_batches_tracked.add_(1)
+    elif tracking:
+        update_running_stats(running_mean, running_var, mean, var, statistic_count(x, 0), momentum,
+                             num_batches_tracked=num_batches_tracked, backend=name)
     if return_stats:
         affine = Affine(*(t.detach() for t in affine))  # they only ever gate the ReLU
         return y, NormStats(x, mean, var, mask, batch_stats, affine)
@@ -1124,19 +1168,14 @@ def norm_act_module(
                         return_stats=return_stats, conv=conv)
     if not isinstance(norm, torch.nn.modules.batchnorm._BatchNorm):
         raise TypeError(f"norm must be an nn.BatchNorm*d or nn.GroupNorm, got {type(norm).__name__}")
-    momentum: float | Tensor = 0.0 if norm.momentum is None else norm.momentum
     tracking = norm.training and norm.track_running_stats and update_running
-    if tracking and norm.num_batches_tracked is not None:
-        norm.num_batches_tracked.add_(1)
-        if norm.momentum is None:
-            # a tensor, not float(): no host sync; in the statistics' dtype, so float64
-            # BatchNorms average exactly as nn.BatchNorm does
-            momentum = 1.0 / norm.num_batches_tracked.to(norm.running_mean.dtype)
     use_running = not norm.training or norm.track_running_stats
     return norm_act(
         x, norm.weight, norm.bias,
         norm.running_mean if use_running else None,
         norm.running_var if use_running else None,
-        training=norm.training or norm.running_mean is None, momentum=momentum, eps=norm.eps,
-        shortcut=shortcut, h=h, relu=relu, update_running=tracking, backend=backend,
+        training=norm.training or norm.running_mean is None,
+        momentum=norm.momentum if tracking else 0.0, eps=norm.eps,
+        shortcut=shortcut, h=h, relu=relu, update_running=tracking,
+        num_batches_tracked=norm.num_batches_tracked if tracking else None, backend=backend,
         return_stats=return_stats, conv=conv)

@@ -20,9 +20,10 @@ import math
 import torch
 from torch import Tensor
 
-__all__ = ["VJP_KEYS", "add_optional", "backward_coefficients", "backward_coefficients_vjp",
-           "center_of", "expand_groups", "forward_coefficients", "statistic_count",
-           "vjp_presence"]
+__all__ = ["DOUBLE_BACKWARD_KEYS", "VJP_KEYS", "add_optional", "backward_coefficients",
+           "backward_coefficients_vjp", "center_of", "double_backward_coefficients",
+           "double_backward_presence", "expand_groups", "forward_coefficients", "statistic_count",
+           "update_running_stats", "vjp_presence"]
 
 
 def _per_channel(v: Tensor | None, channels: int, like: Tensor) -> Tensor:
@@ -271,3 +272,88 @@ def backward_coefficients_vjp(sum_g, sum_gxc, dmean, dvar, weight, bias, h, var,
     return {"sum_g": d_sum_g, "sum_gxc": d_sum_gxc, "dmean": d_dmean, "dvar": d_dvar,
             "weight": None if d_w is None else d_w.to(weight.dtype),
             "bias": None if d_bias is None else d_bias.to(bias.dtype), "h": d_h, "var": d_var}
+
+
+def update_running_stats(running_mean: Tensor, running_var: Tensor,
+                         num_batches_tracked: Tensor | None, mean: Tensor, var: Tensor,
+                         count: int, momentum: float | Tensor | None) -> None:
+    """``nn.BatchNorm``'s running-statistics update, in place (no host synchronisation).
+
+    ``num_batches_tracked`` (int64, 0-dim or [1]) is incremented when given.  The rate
+    ``m`` is ``momentum`` (a float in [0, 1] or a 0-dim tensor), or, with ``momentum=None``,
+    the cumulative average ``1/num_batches_tracked`` after the increment.  Then
+    ``running_mean ← lerp(running_mean, mean, m)`` and
+    ``running_var ← lerp(running_var, var·count/(count − 1), m)`` (the unbiased variance),
+    each in the running buffer's dtype as ``Tensor.lerp_`` computes it.
+
+    ``mean``, ``var``: the biased batch statistics ``[C]`` (float32, float64 for float64
+    input); ``count >= 2``: the values behind each.  Raises ValueError for ``count < 2`` or
+    ``momentum=None`` without ``num_batches_tracked``.
+    """
+    if count < 2:
+        raise ValueError("running statistics need more than one value per channel")
+    if momentum is None and num_batches_tracked is None:
+        raise ValueError("momentum=None (cumulative average) needs num_batches_tracked")
+    with torch.no_grad():
+        if num_batches_tracked is not None:
+            num_batches_tracked.add_(1)
+        if momentum is None:
+            momentum = 1.0 / num_batches_tracked.reshape(()).to(running_mean.dtype)
+        running_mean.lerp_(mean.detach().to(running_mean.dtype), momentum)
+        unbiased = var.detach() * (count / (count - 1))
+        running_var.lerp_(unbiased.to(running_var.dtype), momentum)
+
+
+# The gradients double_backward_coefficients adds to backward_coefficients_vjp's.
+DOUBLE_BACKWARD_KEYS = ("a", "b", *VJP_KEYS, "mean")
+
+
+def double_backward_presence(sum_g, dmean, dvar, weight, bias, h, batch_stats, needs, cotangents,
+                             sum_cotangents):
+    """Which of :data:`DOUBLE_BACKWARD_KEYS` :func:`double_backward_coefficients` returns,
+    and the cotangents that reach anything (as :func:`vjp_presence`).  Presence only."""
+    present, cotangents = vjp_presence(sum_g, dmean, dvar, weight, bias, h, batch_stats, needs,
+                                       cotangents)
+    sums = sum_g is not None
+    d_sum_g = present[0] or (sums and sum_cotangents[0] is not None)
+    d_sum_gxc = present[1] or (sums and sum_cotangents[1] is not None)
+    d_mean = cotangents[2] is not None or (sums and d_sum_gxc)
+    return (True, True, d_sum_g, d_sum_gxc, *present[2:], d_mean), cotangents
+
+
+def double_backward_coefficients(sum_g, sum_gxc, dmean, dvar, weight, bias, h, var, h_value, eps,
+                                 groups, batch_stats, needs, channels, count, cotangents,
+                                 sum_cotangents=(None, None)):
+    """The per-channel half of norm_act's second order (SPEC §4), one pass between the
+    double backward's reduce and apply passes.
+
+    ``cotangents`` are the gradients of ``(a, b, c, dweight, dbias, dh)`` as in
+    :func:`backward_coefficients_vjp` (for the reduce's sums: ``cot_a = Σddx·g``,
+    ``cot_b = Σddx·(x − center)``, ``cot_c = Σddx``); ``sum_cotangents`` the gradients of
+    the sums ``(Σg, Σg·(x − center))`` themselves where the first-order op returns them,
+    or None.  Returns a dict (None where structurally zero):
+
+    - ``"a"``, ``"b"``: the backward's coefficients (:func:`backward_coefficients`), which
+      the apply pass reads;
+    - the entries of :func:`backward_coefficients_vjp`, with ``sum_cotangents`` added to
+      ``"sum_g"`` and ``"sum_gxc"`` (the apply pass's ``p`` and ``q``);
+    - ``"mean"``: the gradient reaching the statistic mean through the centre, which enters
+      ``dx = … + b·(x − center)`` and ``Σg·(x − center)``: ``−(b·cot_c + q·Σg)``, summed
+      over each group's channels for GroupNorm (statistic-shaped, ``[C]`` or ``[N, groups]``).
+
+    All float32 (float64 for float64 statistics); torch ops, differentiable (third order).
+    """
+    a, b, *_ = backward_coefficients(sum_g, sum_gxc, dmean, dvar, weight, bias, h, var, h_value,
+                                     eps, groups, batch_stats, needs, channels, count)
+    grads = backward_coefficients_vjp(sum_g, sum_gxc, dmean, dvar, weight, bias, h, var, h_value,
+                                      eps, groups, batch_stats, needs, channels, count, cotangents)
+    if sum_g is not None:
+        grads["sum_g"] = add_optional(grads["sum_g"], sum_cotangents[0])
+        grads["sum_gxc"] = add_optional(grads["sum_gxc"], sum_cotangents[1])
+    cot_c = cotangents[2] if needs[0] and batch_stats else None
+    d_center = None if cot_c is None else -(b * cot_c)
+    if grads["sum_gxc"] is not None:
+        d_center = add_optional(d_center, -(grads["sum_gxc"] * sum_g))
+    if d_center is not None and groups:
+        d_center = d_center.reshape(var.shape[0], groups, channels // groups).sum(2)
+    return {"a": a, "b": b, **grads, "mean": d_center}

@@ -4,11 +4,11 @@ A normalisation + affine + (scaled) residual add + ReLU, forward and backward, f
 four memory-bound passes over the activation tensor, and two small passes over per-channel
 vectors between them: :func:`forward_coefficients` (statistics → the forward's scale and
 shift), :func:`backward_coefficients` (reduce sums → the backward's coefficients and the
-parameter gradients) and, for the second order, :func:`backward_coefficients_vjp`, defined
-in :mod:`pyeuler.ops.norm_algebra`.  A kernel backend runs
-each as one launch; as torch ops each would be a dozen tiny ones.  Running statistics,
-SyncBatchNorm-style all-reduces and the second-order algebra stay in
-:mod:`pyeuler.ops.norm_act`, shared by all backends.
+parameter gradients), for the second order :func:`backward_coefficients_vjp`, and
+BatchNorm's :func:`update_running_stats`, defined in :mod:`pyeuler.ops.norm_algebra`.  A
+kernel backend runs each as one launch; as torch ops each would be several tiny ones.
+SyncBatchNorm-style all-reduces stay in :mod:`pyeuler.ops.norm_act`, shared by all
+backends.
 
 Tensors are ``(N, C, *spatial)`` with 0–3 spatial dims, contiguous or channels_last, in
 float32 / float16 / bfloat16 (float64 too for this eager version).  Per-channel
@@ -33,13 +33,17 @@ from torch import Tensor
 
 # The per-channel passes: the readable versions are the algebra itself.
 from pyeuler.ops.norm_algebra import (backward_coefficients, backward_coefficients_vjp,
-                                      forward_coefficients)
+                                      double_backward_coefficients, forward_coefficients,
+                                      update_running_stats)
 
 __all__ = [
     "forward_coefficients",
     "backward_coefficients",
     "backward_coefficients_vjp",
+    "double_backward_coefficients",
+    "update_running_stats",
     "norm_stats",
+    "norm_stats_and_coefficients",
     "affine_act_forward",
     "affine_act_backward_reduce",
     "affine_act_backward_apply",
@@ -83,6 +87,18 @@ def norm_stats(x: Tensor, groups: int) -> tuple[Tensor, Tensor]:
     else:
         var, mean = torch.var_mean(xf.reshape(x.shape[0], groups, -1), dim=2, correction=0)
     return mean, var.masked_fill(var == float("inf"), float("nan"))
+
+
+def norm_stats_and_coefficients(x: Tensor, groups: int, weight: Tensor | None,
+                                bias: Tensor | None, h: Tensor | None, h_value: float,
+                                eps: float) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """``(mean, var, scale, shift)``: :func:`norm_stats` and the
+    :func:`forward_coefficients` of those statistics, which kernel backends compute in the
+    statistics' final (merge) stage instead of a launch of their own.  ``scale``/``shift``
+    are ``[C]`` (BatchNorm) or ``[N, C]`` (GroupNorm)."""
+    mean, var = norm_stats(x, groups)
+    return mean, var, *forward_coefficients(mean, var, weight, bias, h, h_value, eps, groups,
+                                            x.shape[1])
 
 
 def _relu_mask(x: Tensor, scale: Tensor, shift: Tensor, mask: Tensor | None, relu: bool):

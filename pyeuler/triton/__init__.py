@@ -22,7 +22,10 @@ __all__ = [
     "forward_coefficients",
     "backward_coefficients",
     "backward_coefficients_vjp",
+    "double_backward_coefficients",
+    "update_running_stats",
     "norm_stats",
+    "norm_stats_and_coefficients",
     "norm_stats_partials",
     "merge_stats",
     "affine_act_forward",
@@ -67,9 +70,11 @@ if _IMPORT_ERROR is None:
         affine_act_forward,
     )
     from pyeuler.triton.coefficients import (backward_coefficients, backward_coefficients_vjp,
-                                             forward_coefficients)
+                                             double_backward_coefficients, forward_coefficients,
+                                             update_running_stats)
     from pyeuler.triton.ie import ie_residual, ie_update
-    from pyeuler.triton.norm_stats import merge_stats, norm_stats, norm_stats_partials
+    from pyeuler.triton.norm_stats import (merge_stats, norm_stats, norm_stats_and_coefficients,
+                                           norm_stats_partials)
 
     # by module name: the attribute pyeuler.triton.norm_stats is the function imported above
     for _module in ("affine_act", "coefficients", "ie", "norm_stats"):

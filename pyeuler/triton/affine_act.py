@@ -156,8 +156,9 @@ def _affine_act_forward_kernel(
 @triton.heuristics({"BLOCK_R": lambda a: outer_block(a["TILE"], a["BLOCK_C"], a["rows_per_split"])})
 @triton.jit
 def _grad_sums_columns_kernel(
-    dy_ptr, x_ptr, ddx_ptr, scale_ptr, shift_ptr, center_ptr, mask_ptr, parts_ptr,
-    rows_per_segment, C, S, rows_per_split, n_segments, sum_stride,
+    dy_ptr, x_ptr, ddx_ptr, scale_ptr, shift_ptr, center_ptr, mask_ptr,
+    w_parts_ptr, wx_parts_ptr, wg_parts_ptr,
+    rows_per_segment, C, S, rows_per_split, n_segments,
     PER_SAMPLE: tl.constexpr, LOAD_MASK: tl.constexpr, RECOMPUTE_MASK: tl.constexpr,
     DOUBLE_BACKWARD: tl.constexpr,
     BLOCK_C: tl.constexpr, TILE: tl.constexpr, BLOCK_R: tl.constexpr, WIDE_INDEX: tl.constexpr,
@@ -167,8 +168,8 @@ def _grad_sums_columns_kernel(
     ``w = g = dy·m``; with ``DOUBLE_BACKWARD``, ``w = ddx`` and the third sum is added.
 
     Grid ``(n_segments, cdiv(C, BLOCK_C), n_splits)``: segment = sample (per-sample sums,
-    ``rows_per_segment = S``) or the whole batch (``n_segments = 1``).  Partials go to
-    ``[n_sums, n_splits, n_segments·C]`` (``sum_stride`` apart).  Accumulates whole tiles in
+    ``rows_per_segment = S``) or the whole batch (``n_segments = 1``).  Partials of each
+    sum go to its own ``[n_splits, n_segments·C]`` buffer.  Accumulates whole tiles in
     registers and reduces across rows once at the end.
     """
     segment = tl.program_id(0)
@@ -204,17 +205,18 @@ def _grad_sums_columns_kernel(
         acc_wx += w * (x - center)  # w is 0 on masked lanes
 
     out = (split * n_segments + segment) * C + cols
-    tl.store(parts_ptr + out, tl.sum(acc_w, axis=0), mask=col_ok)
-    tl.store(parts_ptr + sum_stride + out, tl.sum(acc_wx, axis=0), mask=col_ok)
+    tl.store(w_parts_ptr + out, tl.sum(acc_w, axis=0), mask=col_ok)
+    tl.store(wx_parts_ptr + out, tl.sum(acc_wx, axis=0), mask=col_ok)
     if DOUBLE_BACKWARD:
-        tl.store(parts_ptr + 2 * sum_stride + out, tl.sum(acc_wg, axis=0), mask=col_ok)
+        tl.store(wg_parts_ptr + out, tl.sum(acc_wg, axis=0), mask=col_ok)
 
 
 @triton.heuristics({"BLOCK_P": lambda a: outer_block(a["TILE"], a["BLOCK_S"], a["planes_per_split"])})
 @triton.jit
 def _grad_sums_planes_kernel(
-    dy_ptr, x_ptr, ddx_ptr, scale_ptr, shift_ptr, center_ptr, mask_ptr, parts_ptr,
-    n_results, planes_per_result, planes_per_split, C, S, sum_stride,
+    dy_ptr, x_ptr, ddx_ptr, scale_ptr, shift_ptr, center_ptr, mask_ptr,
+    w_parts_ptr, wx_parts_ptr, wg_parts_ptr,
+    n_results, planes_per_result, planes_per_split, C, S,
     PER_SAMPLE: tl.constexpr, LOAD_MASK: tl.constexpr, RECOMPUTE_MASK: tl.constexpr,
     DOUBLE_BACKWARD: tl.constexpr,
     BLOCK_S: tl.constexpr, TILE: tl.constexpr, BLOCK_P: tl.constexpr, WIDE_INDEX: tl.constexpr,
@@ -223,8 +225,8 @@ def _grad_sums_planes_kernel(
     ``k + o·C`` (o < planes_per_result).
 
     Per-channel: k = c, planes_per_result = N.  Per-sample: k = n·C + c, one plane.
-    Grid ``(n_results, n_splits)``; partials go to ``[n_sums, n_splits, n_results]``
-    (``sum_stride`` apart).
+    Grid ``(n_results, n_splits)``; partials of each sum go to its own
+    ``[n_splits, n_results]`` buffer.
     """
     result = tl.program_id(0)
     split = tl.program_id(1)
@@ -260,26 +262,34 @@ def _grad_sums_planes_kernel(
             acc_wx += w * (x - center)  # w is 0 on masked lanes
 
     out = split * n_results + result
-    tl.store(parts_ptr + out, tl.sum(acc_w))
-    tl.store(parts_ptr + sum_stride + out, tl.sum(acc_wx))
+    tl.store(w_parts_ptr + out, tl.sum(acc_w))
+    tl.store(wx_parts_ptr + out, tl.sum(acc_wx))
     if DOUBLE_BACKWARD:
-        tl.store(parts_ptr + 2 * sum_stride + out, tl.sum(acc_wg))
+        tl.store(wg_parts_ptr + out, tl.sum(acc_wg))
 
 
 @triton.jit
-def _sum_partials_kernel(parts_ptr, sums_ptr, n_parts, K, BLOCK_K: tl.constexpr):
-    """Sum ``[n_sums, n_parts, K]`` partials along parts, in order (deterministic).
+def _sum_partials_kernel(w_parts_ptr, wx_parts_ptr, wg_parts_ptr, w_sum_ptr, wx_sum_ptr,
+                         wg_sum_ptr, n_parts, K, THREE_SUMS: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Sum each ``[n_parts, K]`` partials buffer along parts, in order (deterministic), into
+    its own ``[K]`` output (separate buffers: the sums leave custom ops unaliased).
 
-    Grid ``(cdiv(K, BLOCK_K), n_sums)``; sums go to ``[n_sums, K]``.
+    Grid ``(cdiv(K, BLOCK_K),)``; the third sum only with ``THREE_SUMS``.
     """
-    which = tl.program_id(1)
     ks = tl.program_id(0) * BLOCK_K + tl.arange(0, BLOCK_K)
     ok = ks < K
-    parts_ptr += which * n_parts * K
-    total = tl.zeros([BLOCK_K], dtype=tl.float32)
+    total_w = tl.zeros([BLOCK_K], dtype=tl.float32)
+    total_wx = tl.zeros([BLOCK_K], dtype=tl.float32)
+    total_wg = tl.zeros([BLOCK_K], dtype=tl.float32)  # compiled away unless THREE_SUMS
     for p in range(0, n_parts):
-        total += tl.load(parts_ptr + p * K + ks, mask=ok, other=0.0)
-    tl.store(sums_ptr + which * K + ks, total, mask=ok)
+        total_w += tl.load(w_parts_ptr + p * K + ks, mask=ok, other=0.0)
+        total_wx += tl.load(wx_parts_ptr + p * K + ks, mask=ok, other=0.0)
+        if THREE_SUMS:
+            total_wg += tl.load(wg_parts_ptr + p * K + ks, mask=ok, other=0.0)
+    tl.store(w_sum_ptr + ks, total_w, mask=ok)
+    tl.store(wx_sum_ptr + ks, total_wx, mask=ok)
+    if THREE_SUMS:
+        tl.store(wg_sum_ptr + ks, total_wg, mask=ok)
 
 
 @triton.autotune(configs=_ELEMENTWISE_CONFIGS, key=["n_outer", "n_inner"])
@@ -428,31 +438,37 @@ def _grad_sums(dy, x, scale, shift, center, mask, relu, per_sample, ddx=None):
                  WIDE_INDEX=needs_wide_index(x))
     k = n * c if per_sample else c
 
+    def buffers(rows):
+        # one buffer per sum, so the sums never alias each other
+        return [torch.empty((rows, k), device=x.device, dtype=torch.float32)
+                for _ in range(n_sums)] + [None] * (3 - n_sums)
+
     if channels_last:
         n_segments, rows_per_segment = (n, s) if per_sample else (1, n * s)
         block_c = inner_block(c, _MAX_CHANNEL_BLOCK)
         channel_blocks = triton.cdiv(c, block_c)
         splits, rows_per_split = num_splits(rows_per_segment, c, channel_blocks * n_segments, x.device)
-        parts = torch.empty((n_sums, splits, k), device=x.device, dtype=torch.float32)
+        parts = buffers(splits)
         _grad_sums_columns_kernel[(n_segments, channel_blocks, splits)](
-            dy, x, ddx, scale, shift, center, mask, parts,
-            rows_per_segment, c, s, rows_per_split, n_segments, splits * k, BLOCK_C=block_c, **flags,
+            dy, x, ddx, scale, shift, center, mask, *parts,
+            rows_per_segment, c, s, rows_per_split, n_segments, BLOCK_C=block_c, **flags,
             TILE=REDUCTION_TILE, num_warps=REDUCTION_WARPS)
     else:
         planes_per_result = 1 if per_sample else n
         splits, planes_per_split = num_splits(planes_per_result, s, k, x.device)
-        parts = torch.empty((n_sums, splits, k), device=x.device, dtype=torch.float32)
+        parts = buffers(splits)
         _grad_sums_planes_kernel[(k, splits)](
-            dy, x, ddx, scale, shift, center, mask, parts,
-            k, planes_per_result, planes_per_split, c, s, splits * k,
+            dy, x, ddx, scale, shift, center, mask, *parts,
+            k, planes_per_result, planes_per_split, c, s,
             BLOCK_S=inner_block(s, _MAX_SPATIAL_BLOCK), **flags, TILE=REDUCTION_TILE, num_warps=REDUCTION_WARPS)
 
     if splits == 1:
-        return tuple(parts.view(n_sums, *out_shape).unbind(0))
-    sums = torch.empty((n_sums, *out_shape), device=x.device, dtype=torch.float32)
+        return tuple(part.view(out_shape) for part in parts[:n_sums])
+    sums = buffers(1)
     block_k = min(1024, triton.next_power_of_2(k))
-    _sum_partials_kernel[(triton.cdiv(k, block_k), n_sums)](parts, sums, splits, k, BLOCK_K=block_k)
-    return tuple(sums.unbind(0))
+    _sum_partials_kernel[(triton.cdiv(k, block_k),)](*parts, *sums, splits, k,
+                                                     THREE_SUMS=n_sums == 3, BLOCK_K=block_k)
+    return tuple(total.view(out_shape) for total in sums[:n_sums])
 
 
 def affine_act_backward_reduce(

@@ -24,7 +24,8 @@ import triton.language as tl
 from pyeuler.ops import norm_algebra
 from pyeuler.triton._utils import check_device
 
-__all__ = ["backward_coefficients", "backward_coefficients_vjp", "forward_coefficients"]
+__all__ = ["backward_coefficients", "backward_coefficients_vjp", "double_backward_coefficients",
+           "forward_coefficients", "update_running_stats"]
 
 _BLOCK = 1024  # channels per chunk (BatchNorm)
 _MAX_TILE = 8192  # channels of one sample held at once (GroupNorm)
@@ -63,6 +64,24 @@ def _tile(chunk, G, CPG, BLOCK_G: tl.constexpr, BLOCK_J: tl.constexpr):
 
 
 @triton.jit
+def store_forward_coefficients(mean, var, channel, out, ok, weight_ptr, bias_ptr, h_ptr,
+                               scale_ptr, shift_ptr, h_value, eps, HAS_WEIGHT: tl.constexpr,
+                               HAS_BIAS: tl.constexpr, H_MODE: tl.constexpr):
+    """``scale = h·w·invstd``, ``shift = h·b − scale·mean``
+    (:func:`~pyeuler.ops.norm_algebra.forward_coefficients`) of channels ``channel``, stored
+    at ``out``: the one definition, shared by the coefficient kernel and the statistics
+    merge (:mod:`pyeuler.triton.norm_stats`), so both give the same bits."""
+    invstd = tl.rsqrt(var + eps)
+    step = _step(h_ptr, channel, ok, h_value, H_MODE)
+    scale = step * (_load_or(weight_ptr, channel, ok, HAS_WEIGHT, 1.0) * invstd)
+    shift = -scale * mean
+    if HAS_BIAS:
+        shift += step * tl.load(bias_ptr + channel, mask=ok, other=0.0).to(tl.float32)
+    tl.store(scale_ptr + out, scale, mask=ok)
+    tl.store(shift_ptr + out, shift, mask=ok)
+
+
+@triton.jit
 def _forward_coefficients_kernel(
     mean_ptr, var_ptr, weight_ptr, bias_ptr, h_ptr, scale_ptr, shift_ptr,
     n_rows, C, G, CPG, h_value, eps,
@@ -73,16 +92,11 @@ def _forward_coefficients_kernel(
         for chunk in range(tl.cdiv(G, BLOCK_G)):
             channel, g, ok = _tile(chunk, G, CPG, BLOCK_G, BLOCK_J)
             stat = n * G + g
-            mean = tl.load(mean_ptr + stat, mask=ok, other=0.0)
-            invstd = tl.rsqrt(tl.load(var_ptr + stat, mask=ok, other=1.0) + eps)
-            step = _step(h_ptr, channel, ok, h_value, H_MODE)
-            scale = step * (_load_or(weight_ptr, channel, ok, HAS_WEIGHT, 1.0) * invstd)
-            shift = -scale * mean
-            if HAS_BIAS:
-                shift += step * tl.load(bias_ptr + channel, mask=ok, other=0.0).to(tl.float32)
-            out = n * C + channel
-            tl.store(scale_ptr + out, scale, mask=ok)
-            tl.store(shift_ptr + out, shift, mask=ok)
+            store_forward_coefficients(
+                tl.load(mean_ptr + stat, mask=ok, other=0.0),
+                tl.load(var_ptr + stat, mask=ok, other=1.0), channel, n * C + channel, ok,
+                weight_ptr, bias_ptr, h_ptr, scale_ptr, shift_ptr, h_value, eps, HAS_WEIGHT,
+                HAS_BIAS, H_MODE)
 
 
 @triton.jit
@@ -236,24 +250,30 @@ def backward_coefficients(sum_g, sum_gxc, dmean, dvar, weight, bias, h, var, h_v
 
 @triton.jit
 def _backward_coefficients_vjp_kernel(
-    sum_g_ptr, sum_gxc_ptr, weight_ptr, bias_ptr, h_ptr, var_ptr,
+    sum_g_ptr, sum_gxc_ptr, dvar_ptr, weight_ptr, bias_ptr, h_ptr, var_ptr,
     cot_a_ptr, cot_b_ptr, cot_c_ptr, cot_dweight_ptr, cot_dbias_ptr, cot_dh_ptr,
-    d_sum_g_ptr, d_sum_gxc_ptr, d_dmean_ptr, d_dvar_ptr, d_weight_ptr, d_bias_ptr, d_h_ptr,
-    d_var_ptr,
+    cot_sum_g_ptr, cot_sum_gxc_ptr,
+    a_ptr, b_ptr, d_sum_g_ptr, d_sum_gxc_ptr, d_dmean_ptr, d_dvar_ptr, d_weight_ptr, d_bias_ptr,
+    d_h_ptr, d_var_ptr, d_mean_ptr,
     n_rows, C, G, CPG, h_value, eps, inv_count,
-    HAS_SUMS: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
-    H_MODE: tl.constexpr, LEARNABLE_STEP_W: tl.constexpr,
+    HAS_SUMS: tl.constexpr, HAS_DVAR: tl.constexpr, HAS_WEIGHT: tl.constexpr,
+    HAS_BIAS: tl.constexpr, H_MODE: tl.constexpr, LEARNABLE_STEP_W: tl.constexpr,
     COT_A: tl.constexpr, COT_B: tl.constexpr, COT_C: tl.constexpr,
     COT_DWEIGHT: tl.constexpr, COT_DBIAS: tl.constexpr, COT_DH: tl.constexpr,
+    COT_SUM_G: tl.constexpr, COT_SUM_GXC: tl.constexpr, WANT_AB: tl.constexpr,
     WANT_D_SUM_G: tl.constexpr, WANT_D_SUM_GXC: tl.constexpr, WANT_D_DMEAN: tl.constexpr,
     WANT_D_DVAR: tl.constexpr, WANT_D_WEIGHT: tl.constexpr, WANT_D_BIAS: tl.constexpr,
-    WANT_D_H: tl.constexpr, WANT_D_VAR: tl.constexpr, CENTERED: tl.constexpr,
-    BLOCK_G: tl.constexpr, BLOCK_J: tl.constexpr,
+    WANT_D_H: tl.constexpr, WANT_D_VAR: tl.constexpr, WANT_D_MEAN: tl.constexpr,
+    CENTERED: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_J: tl.constexpr,
 ):
     """The transpose of ``_backward_coefficients_kernel``: term by term the adjoint of
     :func:`pyeuler.ops.norm_algebra.backward_coefficients_vjp`.  ``COT_*``: which cotangents
     are given (the dweight/dbias/dh ones only where that gradient was computed);
-    ``WANT_*``: which gradients are returned (the rest are structurally zero)."""
+    ``WANT_*``: which gradients are returned (the rest are structurally zero).
+
+    With ``WANT_AB`` it is :func:`~pyeuler.ops.norm_algebra.double_backward_coefficients`:
+    also the backward's a and b, the sums' own cotangents (``COT_SUM_*``) added to their
+    gradients, and (``WANT_D_MEAN``) the centre's gradient ``−(b·cot_c + q·Σg)``."""
     d_h_total = tl.zeros([BLOCK_G, BLOCK_J], dtype=tl.float32)  # a 0-dim h's, over chunks
     for chunk in range(tl.cdiv(G, BLOCK_G)):
         channel, g, ok = _tile(chunk, G, CPG, BLOCK_G, BLOCK_J)
@@ -309,10 +329,32 @@ def _backward_coefficients_vjp_kernel(
                     d_sum_g += step_w * u_c
                     d_sum_gxhat += step_w * u_b
                 d_invstd += d_sum_gxhat * sum_gxc
+            d_sum_gxc = d_sum_gxhat * invstd
+            if COT_SUM_G:
+                d_sum_g += tl.load(cot_sum_g_ptr + out, mask=ok, other=0.0)
+            if COT_SUM_GXC:
+                d_sum_gxc += tl.load(cot_sum_gxc_ptr + out, mask=ok, other=0.0)
+            if WANT_AB:  # as _backward_coefficients_kernel computes them
+                tl.store(a_ptr + out, step_w * invstd, mask=ok)
+                b = tl.zeros([BLOCK_G, BLOCK_J], dtype=tl.float32)
+                if CENTERED:
+                    if HAS_SUMS:
+                        b = mean_dxhat_xhat * (invstd * invstd * -inv_count)
+                    if HAS_DVAR:
+                        b += tl.load(dvar_ptr + stat, mask=ok, other=0.0) * (2.0 * inv_count)
+                tl.store(b_ptr + out, b, mask=ok)
+                if WANT_D_MEAN:  # the centre enters dx via b·(x − center) and Σg·(x − center)
+                    d_center = tl.zeros([BLOCK_G, BLOCK_J], dtype=tl.float32)
+                    if CENTERED:
+                        d_center -= b * cot_c
+                    if HAS_SUMS:
+                        d_center -= d_sum_gxc * sum_g
+                    tl.store(d_mean_ptr + stat_g, tl.sum(tl.where(ok, d_center, 0.0), axis=1),
+                             mask=stat_ok)
             if WANT_D_SUM_G:
                 tl.store(d_sum_g_ptr + out, d_sum_g, mask=ok)
             if WANT_D_SUM_GXC:
-                tl.store(d_sum_gxc_ptr + out, d_sum_gxhat * invstd, mask=ok)
+                tl.store(d_sum_gxc_ptr + out, d_sum_gxc, mask=ok)
             if WANT_D_DMEAN:
                 tl.store(d_dmean_ptr + stat_g, tl.sum(tl.where(ok, cot_c, 0.0), axis=1) * inv_count,
                          mask=stat_ok)
@@ -344,17 +386,48 @@ def backward_coefficients_vjp(sum_g, sum_gxc, dmean, dvar, weight, bias, h, var,
                               groups, batch_stats, needs, channels, count, cotangents):
     """See :func:`pyeuler.ops.norm_algebra.backward_coefficients_vjp`; one launch.  Not
     differentiable: for a second-order backward that builds no graph."""
+    return _vjp(sum_g, sum_gxc, dmean, dvar, weight, bias, h, var, h_value, eps, groups,
+                batch_stats, needs, channels, count, cotangents, None)
+
+
+def double_backward_coefficients(sum_g, sum_gxc, dmean, dvar, weight, bias, h, var, h_value, eps,
+                                 groups, batch_stats, needs, channels, count, cotangents,
+                                 sum_cotangents=(None, None)):
+    """See :func:`pyeuler.ops.norm_algebra.double_backward_coefficients`; one launch.  Not
+    differentiable: for a second-order backward that builds no graph."""
+    return _vjp(sum_g, sum_gxc, dmean, dvar, weight, bias, h, var, h_value, eps, groups,
+                batch_stats, needs, channels, count, cotangents, tuple(sum_cotangents))
+
+
+def _vjp(sum_g, sum_gxc, dmean, dvar, weight, bias, h, var, h_value, eps, groups, batch_stats,
+         needs, channels, count, cotangents, sum_cotangents):
+    """The VJP kernel; ``sum_cotangents`` None: backward_coefficients_vjp, else
+    double_backward_coefficients."""
+    double = sum_cotangents is not None
     _check(var, sum_g=sum_g, sum_gxc=sum_gxc, dmean=dmean, dvar=dvar, weight=weight, bias=bias,
            h=h)
     geometry = _geometry(groups, channels, var, h)
     if geometry is None:
+        if double:
+            return norm_algebra.double_backward_coefficients(
+                sum_g, sum_gxc, dmean, dvar, weight, bias, h, var, h_value, eps, groups,
+                batch_stats, needs, channels, count, cotangents, sum_cotangents)
         return norm_algebra.backward_coefficients_vjp(sum_g, sum_gxc, dmean, dvar, weight, bias, h,
                                                       var, h_value, eps, groups, batch_stats,
                                                       needs, channels, count, cotangents)
     rows, n_groups, cpg, block_g, block_j = geometry
-    present, cotangents = norm_algebra.vjp_presence(sum_g, dmean, dvar, weight, bias, h,
-                                                    batch_stats, needs, cotangents)
-    want = {k: bool(p) for k, p in zip(norm_algebra.VJP_KEYS, present)}
+    if double:
+        present, cotangents = norm_algebra.double_backward_presence(
+            sum_g, dmean, dvar, weight, bias, h, batch_stats, needs, cotangents, sum_cotangents)
+        keys = norm_algebra.DOUBLE_BACKWARD_KEYS
+        cot_sum_g, cot_sum_gxc = sum_cotangents if sum_g is not None else (None, None)
+    else:
+        present, cotangents = norm_algebra.vjp_presence(sum_g, dmean, dvar, weight, bias, h,
+                                                        batch_stats, needs, cotangents)
+        keys = norm_algebra.VJP_KEYS
+        cot_sum_g = cot_sum_gxc = None
+    want = dict.fromkeys(norm_algebra.DOUBLE_BACKWARD_KEYS, False)
+    want.update((k, bool(p)) for k, p in zip(keys, present))
     cot_a, cot_b, cot_c, cot_dweight, cot_dbias, cot_dh = cotangents
     sums, centered = sum_g is not None, bool(needs[0] and batch_stats)
     sum_shape = (channels,) if groups == 0 else (rows, channels)
@@ -363,26 +436,94 @@ def backward_coefficients_vjp(sum_g, sum_gxc, dmean, dvar, weight, bias, h, var,
     def new(flag, shape):
         return var.new_empty(shape) if flag else None
 
-    shapes = dict(sum_g=sum_shape, sum_gxc=sum_shape, dmean=stat_shape, dvar=stat_shape,
-                  weight=(channels,), bias=(channels,), h=h.shape if h is not None else (),
-                  var=stat_shape)
-    out = {k: new(want[k], shapes[k]) for k in norm_algebra.VJP_KEYS}
+    shapes = dict(a=sum_shape, b=sum_shape, sum_g=sum_shape, sum_gxc=sum_shape,
+                  dmean=stat_shape, dvar=stat_shape, weight=(channels,), bias=(channels,),
+                  h=h.shape if h is not None else (), var=stat_shape, mean=stat_shape)
+    out = {k: new(want[k], shapes[k]) for k in norm_algebra.DOUBLE_BACKWARD_KEYS}
+    has_dvar = double and dvar is not None
     _backward_coefficients_vjp_kernel[(1,)](
-        _dummy(sum_g, var), _dummy(sum_gxc, var), _dummy(weight, var), _dummy(bias, var),
-        _dummy(h, var), var.contiguous(),
-        *(_dummy(t, var) for t in (cot_a, cot_b, cot_c, cot_dweight, cot_dbias, cot_dh)),
-        *(_dummy(out[k], var) for k in norm_algebra.VJP_KEYS),
+        _dummy(sum_g, var), _dummy(sum_gxc, var), dvar if has_dvar else var, _dummy(weight, var),
+        _dummy(bias, var), _dummy(h, var), var.contiguous(),
+        *(_dummy(t, var) for t in (cot_a, cot_b, cot_c, cot_dweight, cot_dbias, cot_dh,
+                                   cot_sum_g, cot_sum_gxc)),
+        *(_dummy(out[k], var) for k in norm_algebra.DOUBLE_BACKWARD_KEYS),
         rows, channels, n_groups, cpg, float(h_value), float(eps), 1.0 / count,
-        HAS_SUMS=sums, HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None,
-        H_MODE=_h_mode(h), LEARNABLE_STEP_W=weight is not None or h is not None,
+        HAS_SUMS=sums, HAS_DVAR=has_dvar, HAS_WEIGHT=weight is not None,
+        HAS_BIAS=bias is not None, H_MODE=_h_mode(h),
+        LEARNABLE_STEP_W=weight is not None or h is not None,
         COT_A=cot_a is not None, COT_B=cot_b is not None, COT_C=cot_c is not None,
         COT_DWEIGHT=cot_dweight is not None, COT_DBIAS=cot_dbias is not None,
-        COT_DH=cot_dh is not None,
+        COT_DH=cot_dh is not None, COT_SUM_G=cot_sum_g is not None,
+        COT_SUM_GXC=cot_sum_gxc is not None, WANT_AB=double,
         WANT_D_SUM_G=want["sum_g"], WANT_D_SUM_GXC=want["sum_gxc"], WANT_D_DMEAN=want["dmean"],
         WANT_D_DVAR=want["dvar"], WANT_D_WEIGHT=want["weight"], WANT_D_BIAS=want["bias"],
-        WANT_D_H=want["h"], WANT_D_VAR=want["var"], CENTERED=centered,
-        BLOCK_G=block_g, BLOCK_J=block_j)
+        WANT_D_H=want["h"], WANT_D_VAR=want["var"], WANT_D_MEAN=want["mean"],
+        CENTERED=centered, BLOCK_G=block_g, BLOCK_J=block_j)
     for name, param in (("weight", weight), ("bias", bias), ("h", h)):
         if out[name] is not None and out[name].dtype != param.dtype:
             out[name] = out[name].to(param.dtype)
-    return out
+    return out if double else {k: out[k] for k in norm_algebra.VJP_KEYS}
+
+
+@triton.jit
+def _lerp_in_place(running_ptr, channel, ok, end, rate):
+    """``running ← lerp(running, end, rate)`` as torch computes it: from the nearer end, so
+    rate 1 gives exactly ``end``; in float32, stored in the buffer's dtype."""
+    running = tl.load(running_ptr + channel, mask=ok, other=0.0).to(tl.float32)
+    value = tl.where(rate < 0.5, running + rate * (end - running),
+                     end - (end - running) * (1.0 - rate))
+    tl.store(running_ptr + channel, value.to(running_ptr.dtype.element_ty), mask=ok)
+
+
+@triton.jit
+def _update_running_stats_kernel(
+    running_mean_ptr, running_var_ptr, counter_ptr, mean_ptr, var_ptr, momentum_ptr,
+    momentum, unbiased_factor, C,
+    HAS_COUNTER: tl.constexpr, MOMENTUM_MODE: tl.constexpr, BLOCK: tl.constexpr,
+):
+    """nn.BatchNorm's update in one program: the counter is read and written once, so no
+    other program can see it half-updated.  ``MOMENTUM_MODE``: 0 the float ``momentum``,
+    1 a 0-dim tensor, 2 the cumulative average 1/num_batches_tracked (in the buffers'
+    dtype, as ``1.0 / num_batches_tracked.to(dtype)`` rounds it)."""
+    dtype = running_mean_ptr.dtype.element_ty
+    if HAS_COUNTER:
+        batches = tl.load(counter_ptr) + 1
+        tl.store(counter_ptr, batches)
+    if MOMENTUM_MODE == 2:
+        rate = (1.0 / batches.to(tl.float32).to(dtype).to(tl.float32)).to(dtype).to(tl.float32)
+    elif MOMENTUM_MODE == 1:
+        rate = tl.load(momentum_ptr).to(tl.float32)
+    else:
+        rate = momentum
+    for start in range(0, C, BLOCK):
+        channel = start + tl.arange(0, BLOCK)
+        ok = channel < C
+        batch_mean = tl.load(mean_ptr + channel, mask=ok, other=0.0).to(dtype).to(tl.float32)
+        unbiased = (tl.load(var_ptr + channel, mask=ok, other=0.0) * unbiased_factor)
+        unbiased = unbiased.to(dtype).to(tl.float32)
+        _lerp_in_place(running_mean_ptr, channel, ok, batch_mean, rate)
+        _lerp_in_place(running_var_ptr, channel, ok, unbiased, rate)
+
+
+def update_running_stats(running_mean, running_var, num_batches_tracked, mean, var, count,
+                         momentum):
+    """See :func:`pyeuler.ops.norm_algebra.update_running_stats`; one launch, no host
+    synchronisation.  Float64 or strided buffers take the torch-op version."""
+    if count < 2 or (momentum is None and num_batches_tracked is None):
+        return norm_algebra.update_running_stats(running_mean, running_var, num_batches_tracked,
+                                                 mean, var, count, momentum)  # raises
+    check_device(running_mean, "running_mean")
+    buffers = (running_mean, running_var) + (() if num_batches_tracked is None
+                                              else (num_batches_tracked,))
+    if (running_mean.dtype == torch.float64 or running_var.dtype != running_mean.dtype
+            or not all(t.is_contiguous() for t in buffers)):
+        return norm_algebra.update_running_stats(running_mean, running_var, num_batches_tracked,
+                                                 mean, var, count, momentum)
+    mode = 2 if momentum is None else (1 if isinstance(momentum, torch.Tensor) else 0)
+    _update_running_stats_kernel[(1,)](
+        running_mean, running_var, num_batches_tracked, mean.detach().contiguous(),
+        var.detach().contiguous(), momentum if mode == 1 else None,
+        float(momentum) if mode == 0 else 0.0, count / (count - 1), running_mean.shape[0],
+        HAS_COUNTER=num_batches_tracked is not None, MOMENTUM_MODE=mode,
+        BLOCK=min(_BLOCK, triton.next_power_of_2(max(running_mean.shape[0], 1))))
+    return None

@@ -39,7 +39,8 @@ class KernelSpec:
 
 _STATS_PARTS = {"count_ptr": "*fp32", "mean_ptr": "*fp32", "m2_ptr": "*fp32"}
 _GRAD_SUM_PTRS = {"dy_ptr": DATA, "x_ptr": DATA, "ddx_ptr": DATA, "scale_ptr": "*fp32",
-                  "shift_ptr": "*fp32", "center_ptr": "*fp32", "mask_ptr": "*u1", "parts_ptr": "*fp32"}
+                  "shift_ptr": "*fp32", "center_ptr": "*fp32", "mask_ptr": "*u1", "w_parts_ptr": "*fp32",
+                  "wx_parts_ptr": "*fp32", "wg_parts_ptr": "*fp32"}
 _GRAD_SUM_FLAGS = ("PER_SAMPLE", "LOAD_MASK", "RECOMPUTE_MASK", "DOUBLE_BACKWARD", "WIDE_INDEX")
 
 # BatchNorm (channel chunks, one channel per group) and GroupNorm (a groups × channels tile)
@@ -48,10 +49,11 @@ _COEFFICIENT_PTRS = dict.fromkeys(
     ("sum_g_ptr", "sum_gxc_ptr", "dmean_ptr", "dvar_ptr", "weight_ptr", "bias_ptr", "h_ptr",
      "var_ptr", "a_ptr", "b_ptr", "c_ptr", "dweight_ptr", "dbias_ptr", "dh_ptr"), "*fp32")
 _COEFFICIENT_VJP_PTRS = dict.fromkeys(
-    ("sum_g_ptr", "sum_gxc_ptr", "weight_ptr", "bias_ptr", "h_ptr", "var_ptr", "cot_a_ptr",
-     "cot_b_ptr", "cot_c_ptr", "cot_dweight_ptr", "cot_dbias_ptr", "cot_dh_ptr", "d_sum_g_ptr",
-     "d_sum_gxc_ptr", "d_dmean_ptr", "d_dvar_ptr", "d_weight_ptr", "d_bias_ptr", "d_h_ptr",
-     "d_var_ptr"), "*fp32")
+    ("sum_g_ptr", "sum_gxc_ptr", "dvar_ptr", "weight_ptr", "bias_ptr", "h_ptr", "var_ptr",
+     "cot_a_ptr", "cot_b_ptr", "cot_c_ptr", "cot_dweight_ptr", "cot_dbias_ptr", "cot_dh_ptr",
+     "cot_sum_g_ptr", "cot_sum_gxc_ptr", "a_ptr", "b_ptr", "d_sum_g_ptr", "d_sum_gxc_ptr",
+     "d_dmean_ptr", "d_dvar_ptr", "d_weight_ptr", "d_bias_ptr", "d_h_ptr", "d_var_ptr",
+     "d_mean_ptr"), "*fp32")
 
 SPECS = (
     KernelSpec("pyeuler.triton.norm_stats", "_channel_stats_partials_kernel",
@@ -60,9 +62,13 @@ SPECS = (
     KernelSpec("pyeuler.triton.norm_stats", "_segment_stats_partials_kernel",
                {"x_ptr": DATA, **_STATS_PARTS}, {"BLOCK_I": 256}, ("WIDE_INDEX",),
                outer_block=("BLOCK_O", "BLOCK_I")),
-    KernelSpec("pyeuler.triton.norm_stats", "_merge_stats_kernel",
-               {**_STATS_PARTS, "out_count_ptr": "*fp32", "out_mean_ptr": "*fp32",
-                "out_m2_ptr": "*fp32", "out_var_ptr": "*fp32"}, {"BLOCK_K": 1024}),
+    *(KernelSpec("pyeuler.triton.norm_stats", "_merge_stats_kernel",
+                 {**_STATS_PARTS, "out_count_ptr": "*fp32", "out_mean_ptr": "*fp32",
+                  "out_m2_ptr": "*fp32", "out_var_ptr": "*fp32", "weight_ptr": "*fp32",
+                  "bias_ptr": "*fp32", "h_ptr": "*fp32", "scale_ptr": "*fp32",
+                  "shift_ptr": "*fp32"}, {"BLOCK_K": 1024, "H_MODE": h_mode},
+                 ("COEFFICIENTS", "HAS_WEIGHT", "HAS_BIAS"), floats=("h_value", "eps"))
+      for h_mode in (0, 1, 2)),
     KernelSpec("pyeuler.triton.affine_act", "_affine_act_forward_kernel",
                {"x_ptr": DATA, "scale_ptr": "*fp32", "shift_ptr": "*fp32", "shortcut_ptr": DATA,
                 "y_ptr": DATA, "mask_ptr": "*u1"}, {"BLOCK_I": 64},
@@ -73,7 +79,9 @@ SPECS = (
     KernelSpec("pyeuler.triton.affine_act", "_grad_sums_planes_kernel", _GRAD_SUM_PTRS,
                {"BLOCK_S": 1024}, _GRAD_SUM_FLAGS, outer_block=("BLOCK_P", "BLOCK_S")),
     KernelSpec("pyeuler.triton.affine_act", "_sum_partials_kernel",
-               {"parts_ptr": "*fp32", "sums_ptr": "*fp32"}, {"BLOCK_K": 1024}),
+               dict.fromkeys(("w_parts_ptr", "wx_parts_ptr", "wg_parts_ptr", "w_sum_ptr",
+                              "wx_sum_ptr", "wg_sum_ptr"), "*fp32"), {"BLOCK_K": 1024},
+               ("THREE_SUMS",)),
     KernelSpec("pyeuler.triton.affine_act", "_affine_act_backward_apply_kernel",
                {"dy_ptr": DATA, "x_ptr": DATA, "scale_ptr": "*fp32", "shift_ptr": "*fp32",
                 "mask_ptr": "*u1", "a_ptr": "*fp32", "b_ptr": "*fp32", "c_ptr": "*fp32",
@@ -105,12 +113,21 @@ SPECS = (
       for blocks in _COEFFICIENT_BLOCKS for h_mode in (0, 1, 2)),
     *(KernelSpec("pyeuler.triton.coefficients", "_backward_coefficients_vjp_kernel",
                  _COEFFICIENT_VJP_PTRS, {**blocks, "H_MODE": h_mode},
-                 ("HAS_SUMS", "HAS_WEIGHT", "HAS_BIAS", "LEARNABLE_STEP_W", "COT_A", "COT_B",
-                  "COT_C", "COT_DWEIGHT", "COT_DBIAS", "COT_DH", "WANT_D_SUM_G", "WANT_D_SUM_GXC",
-                  "WANT_D_DMEAN", "WANT_D_DVAR", "WANT_D_WEIGHT", "WANT_D_BIAS", "WANT_D_H",
-                  "WANT_D_VAR", "CENTERED"),
+                 ("HAS_SUMS", "HAS_DVAR", "HAS_WEIGHT", "HAS_BIAS", "LEARNABLE_STEP_W", "COT_A",
+                  "COT_B", "COT_C", "COT_DWEIGHT", "COT_DBIAS", "COT_DH", "COT_SUM_G",
+                  "COT_SUM_GXC", "WANT_AB", "WANT_D_SUM_G", "WANT_D_SUM_GXC", "WANT_D_DMEAN",
+                  "WANT_D_DVAR", "WANT_D_WEIGHT", "WANT_D_BIAS", "WANT_D_H", "WANT_D_VAR",
+                  "WANT_D_MEAN", "CENTERED"),
                  floats=("h_value", "eps", "inv_count"))
       for blocks in _COEFFICIENT_BLOCKS for h_mode in (0, 1, 2)),
+    *(KernelSpec("pyeuler.triton.coefficients", "_update_running_stats_kernel",
+                 {"running_mean_ptr": DATA, "running_var_ptr": DATA, "counter_ptr": "*i64",
+                  "mean_ptr": "*fp32", "var_ptr": "*fp32", "momentum_ptr": "*fp32"},
+                 {"BLOCK": 1024, "MOMENTUM_MODE": mode, **counter}, flags,
+                 floats=("momentum", "unbiased_factor"))
+      # the cumulative average (mode 2) always has the counter
+      for mode, counter, flags in ((0, {}, ("HAS_COUNTER",)), (1, {}, ("HAS_COUNTER",)),
+                                   (2, {"HAS_COUNTER": True}, ()))),
     KernelSpec("pyeuler.triton.ie", "_ie_residual_kernel",
                {"x_ptr": DATA, "c_ptr": DATA, "fx_ptr": DATA, "e_ptr": DATA},
                flags=("WIDE_INDEX",), floats=("theta",)),

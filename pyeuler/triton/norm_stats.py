@@ -22,6 +22,8 @@ import torch
 import triton
 import triton.language as tl
 
+from pyeuler.ops import norm_algebra
+from pyeuler.triton.coefficients import store_forward_coefficients
 from pyeuler.triton._utils import (
     REDUCTION_TILE,
     REDUCTION_WARPS,
@@ -34,7 +36,7 @@ from pyeuler.triton._utils import (
     spatial_size,
 )
 
-__all__ = ["norm_stats", "norm_stats_partials", "merge_stats"]
+__all__ = ["norm_stats", "norm_stats_and_coefficients", "norm_stats_partials", "merge_stats"]
 
 
 @triton.jit
@@ -153,10 +155,16 @@ def _segment_stats_partials_kernel(
 def _merge_stats_kernel(
     count_ptr, mean_ptr, m2_ptr,
     out_count_ptr, out_mean_ptr, out_m2_ptr, out_var_ptr,
-    n_parts, K,
-    BLOCK_K: tl.constexpr,
+    weight_ptr, bias_ptr, h_ptr, scale_ptr, shift_ptr,
+    n_parts, K, G, CPG, h_value, eps,
+    COEFFICIENTS: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
+    H_MODE: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    """Chan-merge ``[n_parts, K]`` partials along the parts axis, in order (deterministic)."""
+    """Chan-merge ``[n_parts, K]`` partials along the parts axis, in order (deterministic).
+
+    With ``COEFFICIENTS`` the forward's ``scale``/``shift`` follow in the same program:
+    statistic ``k = n·G + g`` covers channels ``g·CPG + j`` of sample n (BatchNorm: G = K,
+    CPG = 1), written at ``n·C + channel``."""
     ks = tl.program_id(0) * BLOCK_K + tl.arange(0, BLOCK_K)
     ok = ks < K
     count = tl.zeros([BLOCK_K], dtype=tl.float32)
@@ -183,6 +191,13 @@ def _merge_stats_kernel(
     tl.store(out_mean_ptr + ks, mean, mask=ok)
     tl.store(out_m2_ptr + ks, m2, mask=ok)
     tl.store(out_var_ptr + ks, var, mask=ok)
+    if COEFFICIENTS:
+        sample, group = ks // G, ks % G
+        for j in range(CPG):
+            channel = group * CPG + j
+            store_forward_coefficients(mean, var, channel, sample * (G * CPG) + channel, ok,
+                                       weight_ptr, bias_ptr, h_ptr, scale_ptr, shift_ptr,
+                                       h_value, eps, HAS_WEIGHT, HAS_BIAS, H_MODE)
 
 
 def _check_groups(x: torch.Tensor, groups: int) -> None:
@@ -236,12 +251,27 @@ def norm_stats_partials(x: torch.Tensor, groups: int) -> tuple[torch.Tensor, tor
     return tuple(parts)
 
 
-def _merge(count, mean, m2):
+def _merge(count, mean, m2, affine=None):
+    """``[count, mean, M2, var]`` from the partials; with ``affine`` = (weight, bias, h,
+    h_value, eps, groups, channels) also the forward coefficients ``scale, shift``."""
     n_parts, k = mean.shape
     outs = [torch.empty(k, device=mean.device, dtype=torch.float32) for _ in range(4)]
     block_k = min(1024, triton.next_power_of_2(k))
-    _merge_stats_kernel[(triton.cdiv(k, block_k),)](count, mean, m2, *outs, n_parts, k, BLOCK_K=block_k)
-    return outs
+    weight = bias = h = None
+    coefficients, stat_groups, per_group, h_value, eps = [], k, 1, 1.0, 1.0
+    if affine is not None:
+        weight, bias, h, h_value, eps, groups, channels = affine
+        stat_groups = groups or channels
+        per_group = channels // stat_groups
+        shape = (channels,) if groups == 0 else (k // groups, channels)
+        coefficients = [torch.empty(shape, device=mean.device, dtype=torch.float32)
+                        for _ in range(2)]
+    _merge_stats_kernel[(triton.cdiv(k, block_k),)](
+        count, mean, m2, *outs, weight, bias, h, *(coefficients or (None, None)),
+        n_parts, k, stat_groups, per_group, float(h_value), float(eps),
+        COEFFICIENTS=affine is not None, HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None,
+        H_MODE=0 if h is None else (1 if h.dim() == 0 else 2), BLOCK_K=block_k)
+    return outs + coefficients
 
 
 def merge_stats(count: torch.Tensor, mean: torch.Tensor,
@@ -264,3 +294,22 @@ def norm_stats(x: torch.Tensor, groups: int) -> tuple[torch.Tensor, torch.Tensor
     if groups == 0:
         return mean, var
     return mean.view(x.shape[0], groups), var.view(x.shape[0], groups)
+
+
+def norm_stats_and_coefficients(x, groups, weight, bias, h, h_value, eps):
+    """:func:`norm_stats` and the forward coefficients
+    (:func:`~pyeuler.ops.norm_algebra.forward_coefficients`) from its final stage: two
+    launches where the two functions take three.  ``(mean, var, scale, shift)``."""
+    channels = x.shape[1]
+    if h is not None and h.dim() == 1 and h.shape[0] != channels:
+        mean, var = norm_stats(x, groups)
+        return mean, var, *norm_algebra.forward_coefficients(mean, var, weight, bias, h, h_value,
+                                                             eps, groups, channels)
+    for name, t in (("weight", weight), ("bias", bias), ("h", h)):
+        if t is not None and t.device != x.device:
+            raise ValueError(f"{name} is on {t.device} but x is on {x.device}")
+    _, mean, _, var, scale, shift = _merge(*norm_stats_partials(x, groups),
+                                           (weight, bias, h, h_value, eps, groups, channels))
+    if groups:
+        mean, var = mean.view(x.shape[0], groups), var.view(x.shape[0], groups)
+    return mean, var, scale, shift
