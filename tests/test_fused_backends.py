@@ -14,6 +14,7 @@ import torch
 
 import pyeuler.ops.ie_skip as ie_ops
 import pyeuler.ops.norm_act as na
+from pyeuler.ops import norm_act_fusions, norm_act_ops
 from pyeuler.benchmark import saved_tensor_bytes
 from pyeuler.functional import ie_skip
 from pyeuler.models import resnet_cifar, wide_resnet
@@ -37,8 +38,8 @@ def _device(backend):
 @pytest.fixture
 def routed_to_primitives(monkeypatch):
     """Run the custom-op path ("triton") on the eager primitives: float64 works."""
-    monkeypatch.setattr(na, "_kernels", lambda backend: primitives)
-    monkeypatch.setattr(ie_ops, "_kernels", lambda backend: primitives)
+    for module in (norm_act_ops, norm_act_fusions, ie_ops):  # every module that launches
+        monkeypatch.setattr(module, "_kernels", lambda backend: primitives)
     monkeypatch.setattr(na, "resolve_backend", lambda backend, device: backend)
     monkeypatch.setattr(ie_ops, "resolve_backend", lambda backend, device: backend)
 

@@ -186,7 +186,7 @@ def test_coefficients_vjp_equals_functorch(groups, batch_stats):
     parameters and statistic gradients (float64)."""
     import itertools
 
-    import pyeuler.ops.norm_act as na
+    from pyeuler.ops import norm_act_ops
     from pyeuler.ops import norm_algebra as algebra
 
     dt, n, c, count = torch.float64, 3, 4, 7
@@ -197,7 +197,7 @@ def test_coefficients_vjp_equals_functorch(groups, batch_stats):
         if needs[4] and h_kind == "none":
             continue
         sums = (torch.randn(sum_shape, dtype=dt), torch.randn(sum_shape, dtype=dt))
-        if not na._sums_needed(needs, batch_stats):
+        if not norm_act_ops.sums_needed(needs, batch_stats):
             sums = (None, None)
         h = {"none": None, "scalar": torch.tensor(0.7, dtype=dt),
              "channel": torch.rand(c, dtype=dt) + 0.3}[h_kind]

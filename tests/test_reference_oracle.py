@@ -15,6 +15,7 @@ from torch import nn
 
 import pyeuler.ops.ie_skip as ie_ops
 import pyeuler.ops.norm_act as na
+from pyeuler.ops import norm_act_fusions, norm_act_ops
 from pyeuler import functional as PF
 from pyeuler.models import wide_resnet
 from pyeuler.nn import IESkip, PreActBranch
@@ -250,8 +251,9 @@ def test_ie_skip_gradient_penalty_matches_finite_differences(norm):
 def custom_ops_on_primitives(monkeypatch):
     """backend="triton" runs its torch.library custom ops (the fused backends' autograd) on
     the eager primitives, which take float64."""
-    for module in (na, ie_ops):
+    for module in (norm_act_ops, norm_act_fusions, ie_ops):  # every module that launches
         monkeypatch.setattr(module, "_kernels", lambda backend: primitives)
+    for module in (na, ie_ops):
         monkeypatch.setattr(module, "resolve_backend", lambda backend, device: backend)
 
 
