@@ -83,10 +83,13 @@ def norm_stats(x: Tensor, groups: int) -> tuple[Tensor, Tensor]:
     xf = x.to(_acc_dtype(x))
     if groups == 0:
         dims = [0] + list(range(2, x.dim()))
-        var, mean = torch.var_mean(xf, dim=dims, correction=0)
     else:
-        var, mean = torch.var_mean(xf.reshape(x.shape[0], groups, -1), dim=2, correction=0)
-    return mean, var.masked_fill(var == float("inf"), float("nan"))
+        xf, dims = xf.reshape(x.shape[0], groups, -1), [2]
+    # Two passes (the mean, then the mean square deviation): as accurate as Welford, and on
+    # CPU several times faster than torch.var_mean, forward and backward.
+    mean = xf.mean(dims, keepdim=True)
+    var = (xf - mean).square().mean(dims)
+    return mean.reshape(var.shape), var.masked_fill(var == float("inf"), float("nan"))
 
 
 def norm_stats_and_coefficients(x: Tensor, groups: int, weight: Tensor | None,
@@ -101,18 +104,26 @@ def norm_stats_and_coefficients(x: Tensor, groups: int, weight: Tensor | None,
                                             x.shape[1])
 
 
-def _relu_mask(x: Tensor, scale: Tensor, shift: Tensor, mask: Tensor | None, relu: bool):
+def _relu_gate(x: Tensor, scale: Tensor, shift: Tensor, mask: Tensor | None, relu: bool):
+    """The ReLU's gate: the saved boolean ``mask`` when given, else the pre-activation
+    ``scale·x + shift`` (closed where it is <= 0) when ``relu``, else None (always open).
+    Piecewise constant, so it carries no gradient (computed from detached operands)."""
     if mask is not None:
         return mask
     if not relu:
         return None
-    xf = x.to(_acc_dtype(x))
-    return ~((_coef(scale, x) * xf + _coef(shift, x)) <= 0)
+    return _coef(scale.detach(), x) * x.detach().to(_acc_dtype(x)) + _coef(shift.detach(), x)
 
 
-def _gated(v: Tensor, m: Tensor | None) -> Tensor:
-    """``v`` where the gate is open, exactly 0 where it is closed (whatever v holds there)."""
-    return v if m is None else torch.where(m, v, 0.0)  # keeps v's layout, unlike masked_fill
+def _gated(v: Tensor, gate: Tensor | None) -> Tensor:
+    """``v`` where the gate is open, exactly 0 where it is closed (whatever v holds there):
+    torch's ``threshold_backward`` rule on a pre-activation (one vectorised pass; a NaN
+    pre-activation passes v), a select on a boolean mask."""
+    if gate is None:
+        return v
+    if gate.dtype == torch.bool:
+        return torch.where(gate, v, 0.0)  # keeps v's layout, unlike masked_fill
+    return torch.ops.aten.threshold_backward(v, gate, 0.0)
 
 
 def affine_act_forward(
@@ -156,7 +167,7 @@ def affine_act_backward_reduce(
     ``per_sample``.  ``center`` is [C] or [N, C] (the mean the statistics used).
     """
     acc = _acc_dtype(x)
-    g = _gated(dy.to(acc), _relu_mask(x, scale, shift, mask, relu))
+    g = _gated(dy.to(acc), _relu_gate(x, scale, shift, mask, relu))
     xc = x.to(acc) - _coef(center, x)
     dims = list(range(2, x.dim())) if per_sample else [0] + list(range(2, x.dim()))
     if not dims:  # per_sample with no spatial dims: nothing to sum
@@ -175,7 +186,7 @@ def _times_centered(k: Tensor, x: Tensor, center: Tensor) -> Tensor:
 def _gated_input_grad(dy, x, scale, shift, mask, relu, a, b, c, center):
     """``g = dy·m`` and ``a·g + b·(x − center) + c`` in the accumulation dtype."""
     acc = _acc_dtype(x)
-    g = _gated(dy.to(acc), _relu_mask(x, scale, shift, mask, relu))
+    g = _gated(dy.to(acc), _relu_gate(x, scale, shift, mask, relu))
     return g, _coef(a, x) * g + _times_centered(b, x, center) + _coef(c, x)
 
 
@@ -248,7 +259,7 @@ def affine_act_double_backward_reduce(
     reduce ([C], or [N, C] when ``per_sample``).
     """
     acc = _acc_dtype(x)
-    g = _gated(dy.to(acc), _relu_mask(x, scale, shift, mask, relu))
+    g = _gated(dy.to(acc), _relu_gate(x, scale, shift, mask, relu))
     dd = ddx.to(acc)
     xc = x.to(acc) - _coef(center, x)
     terms = (dd, dd * xc, dd * g)
@@ -288,7 +299,7 @@ def affine_act_double_backward_apply(
     centre's share).  a, b, p, q, center are [C] or [N, C].
     """
     acc = _acc_dtype(x)
-    m = _relu_mask(x, scale, shift, mask, relu)
+    m = _relu_gate(x, scale, shift, mask, relu)
     g = _gated(dy.to(acc), m)
     dd = ddx.to(acc)
     ddy = _coef(a, x) * dd + _coef(p, x) + _times_centered(q, x, center)
