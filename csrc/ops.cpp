@@ -477,6 +477,41 @@ std::tuple<Tensor, Tensor> forward_coefficients(
   return {scale, shift};
 }
 
+// norm_stats with the forward coefficients written by the statistics' second stage: two
+// launches for what norm_stats and forward_coefficients do in three, the same bits.
+std::tuple<Tensor, Tensor, Tensor, Tensor> norm_stats_and_coefficients(
+    const Tensor& x_in, int64_t groups, const std::optional<Tensor>& weight,
+    const std::optional<Tensor>& bias, const std::optional<Tensor>& h, double h_value,
+    double eps) {
+  check_activation(x_in, "x");
+  const Tensor x = as_kernel_layout(x_in);
+  TORCH_CHECK(groups >= 0 && (groups == 0 || x.size(1) % groups == 0),
+              "pyeuler.cuda.norm_stats_and_coefficients: groups must be 0 (BatchNorm) or divide "
+              "C = ", x.size(1), ", got ", groups);
+  const c10::DeviceGuard guard(x.device());
+  const pyeuler_geometry_t geo = geometry_of(x);
+  const auto options = x.options().dtype(at::kFloat);
+  Tensor mean = groups == 0 ? at::empty({geo.c}, options) : at::empty({geo.n, groups}, options);
+  Tensor var = at::empty_like(mean);
+  Tensor scale = groups == 0 ? at::empty({geo.c}, options) : at::empty({geo.n, geo.c}, options);
+  Tensor shift = at::empty_like(scale);
+  // checked against the statistics' device, x's
+  const ParamArg weight_arg = param_arg(weight, var, geo.c, false, "weight");
+  const ParamArg bias_arg = param_arg(bias, var, geo.c, false, "bias");
+  const ParamArg h_arg = param_arg(h, var, geo.c, true, "h");
+  size_t bytes = 0;
+  check_launch(pyeuler_norm_stats_workspace_size(geo, groups, &bytes),
+               "norm_stats_and_coefficients");
+  Tensor scratch = workspace(bytes, x);
+  check_launch(pyeuler_norm_stats_and_coefficients(
+                   x.data_ptr(), kernel_dtype(x, "x"), geo, groups, weight_arg.abi, bias_arg.abi,
+                   h_arg.abi, h_value, eps, mean.data_ptr<float>(), var.data_ptr<float>(),
+                   scale.data_ptr<float>(), shift.data_ptr<float>(), scratch.data_ptr(), bytes,
+                   current_stream(x.device())),
+               "norm_stats_and_coefficients");
+  return {mean, var, scale, shift};
+}
+
 // Outputs not computed (dweight, dbias, dh without the sums or not in `needs`) are empty
 // tensors; the Python wrapper maps them to None.
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> backward_coefficients(
@@ -523,58 +558,78 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> backward_coefficients
   return {a, b, c, dweight, dbias, dh};
 }
 
-// The gradients of (sum_g, sum_gxc, dmean, dvar, weight, bias, h, var); those the
-// cotangents do not reach (the algebra's None) are empty tensors, which the Python wrapper
-// maps to None by the same presence rules.  weight, bias and h's gradients come in the
-// parameter's dtype, the others float32: sums-shaped [C] or [N, C], statistics-shaped.
-std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor>
-backward_coefficients_vjp(
+// The per-channel pass of the second order: backward_coefficients_vjp, or with `double_`
+// double_backward_coefficients (also a, b, the sums' own cotangents and the centre's
+// gradient), one launch of pyeuler_double_backward_coefficients either way.  The outputs in
+// norm_algebra.DOUBLE_BACKWARD_KEYS order; those the cotangents do not reach (the algebra's
+// None) are empty tensors, which the Python wrapper maps to None by the same presence rules
+// (norm_algebra.vjp_presence / double_backward_presence).  weight, bias and h's gradients
+// come in the parameter's dtype, the others float32: sums-shaped [C] or [N, C], or
+// statistics-shaped.
+struct SecondOrderCoefficients {
+  Tensor a, b, d_sum_g, d_sum_gxc, d_dmean, d_dvar, d_weight, d_bias, d_h, d_var, d_mean;
+};
+
+SecondOrderCoefficients second_order_coefficients(
     const std::optional<Tensor>& sum_g, const std::optional<Tensor>& sum_gxc,
     const std::optional<Tensor>& dmean, const std::optional<Tensor>& dvar,
     const std::optional<Tensor>& weight, const std::optional<Tensor>& bias,
     const std::optional<Tensor>& h, const Tensor& var, double h_value, double eps, int64_t groups,
     bool batch_stats, std::array<bool, 5> needs, int64_t channels, int64_t count,
-    const c10::List<std::optional<Tensor>>& cotangents) {
-  const char* op = "backward_coefficients_vjp";
+    const c10::List<std::optional<Tensor>>& cotangents,
+    const c10::List<std::optional<Tensor>>* sum_cotangents, const char* op) {
+  const bool double_ = sum_cotangents != nullptr;
   const AlgebraShape shape = algebra_shape(var, groups, channels, op);
-  TORCH_CHECK(cotangents.size() == 6, "pyeuler.cuda.backward_coefficients_vjp: cotangents must "
-              "be those of (a, b, c, dweight, dbias, dh), got ", cotangents.size());
+  TORCH_CHECK(cotangents.size() == 6, "pyeuler.cuda.", op, ": cotangents must be those of "
+              "(a, b, c, dweight, dbias, dh), got ", cotangents.size());
+  TORCH_CHECK(!double_ || sum_cotangents->size() == 2, "pyeuler.cuda.", op, ": sum_cotangents "
+              "must be those of (sum_g, sum_gxc), got ", double_ ? sum_cotangents->size() : 0);
   const bool sums = sum_g.has_value();
-  TORCH_CHECK(sum_gxc.has_value() == sums,
-              "pyeuler.cuda.backward_coefficients_vjp: sum_g and sum_gxc must be given together");
-  TORCH_CHECK(count >= 1, "pyeuler.cuda.backward_coefficients_vjp: count must be >= 1, got ",
-              count);
+  TORCH_CHECK(sum_gxc.has_value() == sums, "pyeuler.cuda.", op,
+              ": sum_g and sum_gxc must be given together");
+  TORCH_CHECK(count >= 1, "pyeuler.cuda.", op, ": count must be >= 1, got ", count);
   const bool centered = needs[0] && batch_stats;
   std::array<std::optional<Tensor>, 6> cot;
   for (size_t k = 0; k < 6; ++k) cot[k] = cotangents.get(k);
   // only the cotangents that reach something: b and c are constants without the batch
-  // statistics' terms, the parameter gradients exist only with the sums and their need
+  // statistics' terms, the parameter gradients exist only with the sums and their need,
+  // and the sums' own cotangents only with the sums
   if (!centered) cot[1] = cot[2] = std::nullopt;
   for (size_t k = 0; k < 3; ++k) {
     if (!(sums && needs[2 + k])) cot[3 + k] = std::nullopt;
   }
+  std::optional<Tensor> cot_sum_g, cot_sum_gxc;
+  if (double_ && sums) {
+    cot_sum_g = sum_cotangents->get(0);
+    cot_sum_gxc = sum_cotangents->get(1);
+  }
   const bool cot_a = cot[0].has_value(), cot_b = cot[1].has_value(), cot_c = cot[2].has_value();
   const bool cot_dweight = cot[3].has_value(), cot_dbias = cot[4].has_value(),
              cot_dh = cot[5].has_value();
-  TORCH_CHECK(!cot_dh || h.has_value(), "pyeuler.cuda.backward_coefficients_vjp: the gradient "
-              "of h (needs[4]) needs h as a tensor, got None");
-  // which gradients are structurally nonzero (pyeuler/cuda/__init__.py: _vjp_presence)
+  TORCH_CHECK(!cot_dh || h.has_value(), "pyeuler.cuda.", op, ": the gradient of h (needs[4]) "
+              "needs h as a tensor, got None");
+  // which gradients are structurally nonzero (norm_algebra.vjp_presence, and
+  // double_backward_presence for the double backward's additions)
   const bool learnable = weight.has_value() || h.has_value();
   const bool statistic_sums = sums && centered && (cot_c || cot_b);
-  const bool want_sum_g = sums && (cot_dbias || (cot_dh && bias.has_value()) || (centered && cot_c));
-  const bool want_sum_gxc = sums && (cot_dweight || cot_dh || (centered && cot_b));
+  const bool vjp_sum_g = sums && (cot_dbias || (cot_dh && bias.has_value()) || (centered && cot_c));
+  const bool vjp_sum_gxc = sums && (cot_dweight || cot_dh || (centered && cot_b));
   const bool want_step_w = learnable && (cot_a || statistic_sums);
+  const bool want_sum_g = vjp_sum_g || cot_sum_g.has_value();
+  const bool want_sum_gxc = vjp_sum_gxc || cot_sum_gxc.has_value();
   const bool want_weight = weight.has_value() && (cot_dh || want_step_w);
   const bool want_bias = bias.has_value() && cot_dh;
   const bool want_h = h.has_value() && (cot_dweight || cot_dbias || want_step_w);
-  const bool want_var = cot_a || want_sum_gxc || statistic_sums;
+  const bool want_var = cot_a || vjp_sum_gxc || statistic_sums;
   const bool want_dmean = centered && dmean.has_value() && cot_c;
   const bool want_dvar = centered && dvar.has_value() && cot_b;
+  const bool want_mean = double_ && (cot_c || (sums && want_sum_gxc));
 
   const VectorArg sum_g_arg = vector_arg(sum_g, var, shape.coefficients, "sum_g");
   const VectorArg sum_gxc_arg = vector_arg(sum_gxc, var, shape.coefficients, "sum_gxc");
-  vector_arg(dmean, var, shape.statistics, "dmean");  // checked only: their values do not enter
-  vector_arg(dvar, var, shape.statistics, "dvar");
+  vector_arg(dmean, var, shape.statistics, "dmean");  // checked only: its value does not enter
+  // dvar's value enters only the double backward's b (with the batch statistics' terms)
+  const VectorArg dvar_arg = vector_arg(dvar, var, shape.statistics, "dvar");
   const VectorArg var_arg = vector_arg(var, var, shape.statistics, "var");
   const ParamArg weight_arg = param_arg(weight, var, channels, false, "weight");
   const ParamArg bias_arg = param_arg(bias, var, channels, false, "bias");
@@ -586,33 +641,142 @@ backward_coefficients_vjp(
       param_arg(cot[3], var, channels, false, "the cotangent of dweight");
   const ParamArg cot_dbias_arg = param_arg(cot[4], var, channels, false, "the cotangent of dbias");
   const ParamArg cot_dh_arg = param_arg(cot[5], var, channels, true, "the cotangent of dh");
+  const VectorArg cot_sum_g_arg =
+      vector_arg(cot_sum_g, var, shape.coefficients, "the cotangent of sum_g");
+  const VectorArg cot_sum_gxc_arg =
+      vector_arg(cot_sum_gxc, var, shape.coefficients, "the cotangent of sum_gxc");
   const c10::DeviceGuard guard(var.device());
   const auto options = var.options();
   auto output = [&](bool want, at::IntArrayRef sizes, const at::TensorOptions& like) {
     return want ? at::empty(sizes, like) : at::empty({0}, options);
   };
-  Tensor d_sum_g = output(want_sum_g, shape.coefficients, options);
-  Tensor d_sum_gxc = output(want_sum_gxc, shape.coefficients, options);
-  Tensor d_dmean = output(want_dmean, shape.statistics, options);
-  Tensor d_dvar = output(want_dvar, shape.statistics, options);
-  Tensor d_var = output(want_var, shape.statistics, options);
-  Tensor d_weight = want_weight ? at::empty({channels}, weight->options()) : at::empty({0}, options);
-  Tensor d_bias = want_bias ? at::empty({channels}, bias->options()) : at::empty({0}, options);
-  Tensor d_h = want_h ? at::empty(h->sizes(), h->options()) : at::empty({0}, options);
+  SecondOrderCoefficients out;
+  out.a = output(double_, shape.coefficients, options);
+  out.b = output(double_, shape.coefficients, options);
+  out.d_sum_g = output(want_sum_g, shape.coefficients, options);
+  out.d_sum_gxc = output(want_sum_gxc, shape.coefficients, options);
+  out.d_dmean = output(want_dmean, shape.statistics, options);
+  out.d_dvar = output(want_dvar, shape.statistics, options);
+  out.d_weight = want_weight ? at::empty({channels}, weight->options()) : at::empty({0}, options);
+  out.d_bias = want_bias ? at::empty({channels}, bias->options()) : at::empty({0}, options);
+  out.d_h = want_h ? at::empty(h->sizes(), h->options()) : at::empty({0}, options);
+  out.d_var = output(want_var, shape.statistics, options);
+  out.d_mean = output(want_mean, shape.statistics, options);
   auto out_or_null = [](bool want, Tensor& t) { return want ? t.data_ptr<float>() : nullptr; };
   auto param_or_null = [](bool want, Tensor& t) { return want ? t.data_ptr() : nullptr; };
-  check_launch(pyeuler_backward_coefficients_vjp(
-                   sum_g_arg.data, sum_gxc_arg.data, var_arg.data, shape.samples, channels,
-                   groups, weight_arg.abi, bias_arg.abi, h_arg.abi, h_value, eps, batch_stats,
-                   needs[0], count, cot_a_arg.data, cot_b_arg.data, cot_c_arg.data,
-                   cot_dweight_arg.abi, cot_dbias_arg.abi, cot_dh_arg.abi,
-                   out_or_null(want_sum_g, d_sum_g), out_or_null(want_sum_gxc, d_sum_gxc),
-                   out_or_null(want_dmean, d_dmean), out_or_null(want_dvar, d_dvar),
-                   out_or_null(want_var, d_var), param_or_null(want_weight, d_weight),
-                   param_or_null(want_bias, d_bias), param_or_null(want_h, d_h),
-                   current_stream(var.device())),
+  check_launch(pyeuler_double_backward_coefficients(
+                   sum_g_arg.data, sum_gxc_arg.data, double_ ? dvar_arg.data : nullptr,
+                   var_arg.data, shape.samples, channels, groups, weight_arg.abi, bias_arg.abi,
+                   h_arg.abi, h_value, eps, batch_stats, needs[0], count, cot_a_arg.data,
+                   cot_b_arg.data, cot_c_arg.data, cot_dweight_arg.abi, cot_dbias_arg.abi,
+                   cot_dh_arg.abi, cot_sum_g_arg.data, cot_sum_gxc_arg.data,
+                   out_or_null(double_, out.a), out_or_null(double_, out.b),
+                   out_or_null(want_sum_g, out.d_sum_g), out_or_null(want_sum_gxc, out.d_sum_gxc),
+                   out_or_null(want_dmean, out.d_dmean), out_or_null(want_dvar, out.d_dvar),
+                   out_or_null(want_var, out.d_var), param_or_null(want_weight, out.d_weight),
+                   param_or_null(want_bias, out.d_bias), param_or_null(want_h, out.d_h),
+                   out_or_null(want_mean, out.d_mean), current_stream(var.device())),
                op);
-  return {d_sum_g, d_sum_gxc, d_dmean, d_dvar, d_weight, d_bias, d_h, d_var};
+  return out;
+}
+
+// The gradients of (sum_g, sum_gxc, dmean, dvar, weight, bias, h, var)
+// (norm_algebra.VJP_KEYS order).
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor>
+backward_coefficients_vjp(
+    const std::optional<Tensor>& sum_g, const std::optional<Tensor>& sum_gxc,
+    const std::optional<Tensor>& dmean, const std::optional<Tensor>& dvar,
+    const std::optional<Tensor>& weight, const std::optional<Tensor>& bias,
+    const std::optional<Tensor>& h, const Tensor& var, double h_value, double eps, int64_t groups,
+    bool batch_stats, std::array<bool, 5> needs, int64_t channels, int64_t count,
+    const c10::List<std::optional<Tensor>>& cotangents) {
+  SecondOrderCoefficients out = second_order_coefficients(
+      sum_g, sum_gxc, dmean, dvar, weight, bias, h, var, h_value, eps, groups, batch_stats, needs,
+      channels, count, cotangents, nullptr, "backward_coefficients_vjp");
+  return {out.d_sum_g, out.d_sum_gxc, out.d_dmean, out.d_dvar,
+          out.d_weight, out.d_bias, out.d_h, out.d_var};
+}
+
+// a, b, then the gradients of (sum_g, sum_gxc, dmean, dvar, weight, bias, h, var) with the
+// sums' own cotangents added, then the centre's (mean's): norm_algebra.DOUBLE_BACKWARD_KEYS.
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor>
+double_backward_coefficients(
+    const std::optional<Tensor>& sum_g, const std::optional<Tensor>& sum_gxc,
+    const std::optional<Tensor>& dmean, const std::optional<Tensor>& dvar,
+    const std::optional<Tensor>& weight, const std::optional<Tensor>& bias,
+    const std::optional<Tensor>& h, const Tensor& var, double h_value, double eps, int64_t groups,
+    bool batch_stats, std::array<bool, 5> needs, int64_t channels, int64_t count,
+    const c10::List<std::optional<Tensor>>& cotangents,
+    const c10::List<std::optional<Tensor>>& sum_cotangents) {
+  SecondOrderCoefficients out = second_order_coefficients(
+      sum_g, sum_gxc, dmean, dvar, weight, bias, h, var, h_value, eps, groups, batch_stats, needs,
+      channels, count, cotangents, &sum_cotangents, "double_backward_coefficients");
+  return {out.a,       out.b,      out.d_sum_g, out.d_sum_gxc, out.d_dmean, out.d_dvar,
+          out.d_weight, out.d_bias, out.d_h,     out.d_var,     out.d_mean};
+}
+
+// nn.BatchNorm's running-statistics update, in place: the counter and the running buffers
+// are written on the device, nothing is read on the host.  The contract's momentum
+// (float | Tensor | None) is two schema arguments: a 0-dim tensor `momentum` (read on the
+// device), else the float `momentum_value`, else (neither) the cumulative average.
+void update_running_stats(const Tensor& running_mean, const Tensor& running_var,
+                          const std::optional<Tensor>& num_batches_tracked, const Tensor& mean,
+                          const Tensor& var, int64_t count, const std::optional<Tensor>& momentum,
+                          std::optional<double> momentum_value) {
+  TORCH_CHECK_VALUE(count >= 2, "pyeuler.cuda.update_running_stats: running statistics need "
+                    "more than one value per channel, got count = ", count);
+  const bool cumulative = !momentum.has_value() && !momentum_value.has_value();
+  TORCH_CHECK_VALUE(!cumulative || num_batches_tracked.has_value(),
+                    "pyeuler.cuda.update_running_stats: momentum=None (cumulative average) "
+                    "needs num_batches_tracked");
+  TORCH_CHECK(!(momentum.has_value() && momentum_value.has_value()),
+              "pyeuler.cuda.update_running_stats: give momentum as a tensor or as "
+              "momentum_value, not both");
+  TORCH_CHECK(running_mean.is_cuda(), "pyeuler.cuda: running_mean must be a CUDA tensor, got ",
+              running_mean.device());
+  const pyeuler_dtype_t dtype = kernel_dtype(running_mean, "running_mean");
+  TORCH_CHECK(running_mean.dim() == 1 && running_mean.is_contiguous(),
+              "pyeuler.cuda.update_running_stats: running_mean must be a contiguous [C], got "
+              "shape ", running_mean.sizes(), " and strides ", running_mean.strides());
+  const int64_t channels = running_mean.size(0);
+  TORCH_CHECK(running_var.device() == running_mean.device(), "pyeuler.cuda: running_var is on ",
+              running_var.device(), " but running_mean is on ", running_mean.device());
+  TORCH_CHECK_TYPE(running_var.scalar_type() == running_mean.scalar_type(),
+                   "pyeuler.cuda: running_var must have running_mean's dtype ",
+                   running_mean.scalar_type(), ", got ", running_var.scalar_type());
+  TORCH_CHECK(running_var.sizes() == running_mean.sizes() && running_var.is_contiguous(),
+              "pyeuler.cuda.update_running_stats: running_var must be a contiguous [C] = [",
+              channels, "], got shape ", running_var.sizes(), " and strides ",
+              running_var.strides());
+  TORCH_CHECK(var.device() == running_mean.device(), "pyeuler.cuda: var is on ", var.device(),
+              " but running_mean is on ", running_mean.device());
+  const VectorArg mean_arg = vector_arg(mean, var, {channels}, "mean");
+  const VectorArg var_arg = vector_arg(var, var, {channels}, "var");
+  int64_t* counter = nullptr;
+  if (num_batches_tracked.has_value()) {
+    const Tensor& t = *num_batches_tracked;
+    TORCH_CHECK(t.device() == running_mean.device(), "pyeuler.cuda: num_batches_tracked is on ",
+                t.device(), " but running_mean is on ", running_mean.device());
+    TORCH_CHECK_TYPE(t.scalar_type() == at::kLong, "pyeuler.cuda: num_batches_tracked must be "
+                     "int64, got ", t.scalar_type());
+    TORCH_CHECK(t.dim() <= 1 && t.numel() == 1, "pyeuler.cuda: num_batches_tracked must be "
+                "0-dim or [1], got shape ", t.sizes());
+    counter = t.data_ptr<int64_t>();
+  }
+  pyeuler_param_t rate{nullptr, PYEULER_DTYPE_FLOAT32, 0};
+  if (momentum.has_value()) {
+    TORCH_CHECK(momentum->device() == running_mean.device(), "pyeuler.cuda: momentum is on ",
+                momentum->device(), " but running_mean is on ", running_mean.device());
+    TORCH_CHECK(momentum->dim() <= 1 && momentum->numel() == 1, "pyeuler.cuda: momentum must "
+                "be 0-dim or [1], got shape ", momentum->sizes());
+    rate = {momentum->data_ptr(), kernel_dtype(*momentum, "momentum"), 0};
+  }
+  const c10::DeviceGuard guard(running_mean.device());
+  check_launch(pyeuler_update_running_stats(
+                   running_mean.data_ptr(), running_var.data_ptr(), dtype, counter, mean_arg.data,
+                   var_arg.data, channels, count, rate, momentum_value.value_or(0.0), cumulative,
+                   current_stream(running_mean.device())),
+               "update_running_stats");
 }
 
 }  // namespace
@@ -620,6 +784,9 @@ backward_coefficients_vjp(
 
 TORCH_LIBRARY_FRAGMENT(pyeuler, m) {
   m.def("cuda_norm_stats(Tensor x, int groups) -> (Tensor, Tensor)");
+  m.def(
+      "cuda_norm_stats_and_coefficients(Tensor x, int groups, Tensor? weight, Tensor? bias, "
+      "Tensor? h, float h_value, float eps) -> (Tensor, Tensor, Tensor, Tensor)");
   m.def(
       "cuda_affine_act_forward(Tensor x, Tensor scale, Tensor shift, Tensor? shortcut, "
       "bool relu, bool save_mask) -> (Tensor, Tensor)");
@@ -657,10 +824,21 @@ TORCH_LIBRARY_FRAGMENT(pyeuler, m) {
       "Tensor? dvar, Tensor? weight, Tensor? bias, Tensor? h, Tensor var, float h_value, "
       "float eps, int groups, bool batch_stats, bool[5] needs, int channels, int count, "
       "Tensor?[] cotangents) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+  m.def(
+      "cuda_double_backward_coefficients(Tensor? sum_g, Tensor? sum_gxc, Tensor? dmean, "
+      "Tensor? dvar, Tensor? weight, Tensor? bias, Tensor? h, Tensor var, float h_value, "
+      "float eps, int groups, bool batch_stats, bool[5] needs, int channels, int count, "
+      "Tensor?[] cotangents, Tensor?[] sum_cotangents) -> (Tensor, Tensor, Tensor, Tensor, "
+      "Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+  m.def(
+      "cuda_update_running_stats(Tensor(a!) running_mean, Tensor(b!) running_var, "
+      "Tensor(c!)? num_batches_tracked, Tensor mean, Tensor var, int count, Tensor? momentum, "
+      "float? momentum_value) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(pyeuler, CUDA, m) {
   m.impl("cuda_norm_stats", &pyeuler::norm_stats);
+  m.impl("cuda_norm_stats_and_coefficients", &pyeuler::norm_stats_and_coefficients);
   m.impl("cuda_affine_act_forward", &pyeuler::affine_act_forward);
   m.impl("cuda_affine_act_backward_reduce", &pyeuler::affine_act_backward_reduce);
   m.impl("cuda_affine_act_backward_apply", &pyeuler::affine_act_backward_apply);
@@ -673,4 +851,6 @@ TORCH_LIBRARY_IMPL(pyeuler, CUDA, m) {
   m.impl("cuda_forward_coefficients", &pyeuler::forward_coefficients);
   m.impl("cuda_backward_coefficients", &pyeuler::backward_coefficients);
   m.impl("cuda_backward_coefficients_vjp", &pyeuler::backward_coefficients_vjp);
+  m.impl("cuda_double_backward_coefficients", &pyeuler::double_backward_coefficients);
+  m.impl("cuda_update_running_stats", &pyeuler::update_running_stats);
 }

@@ -304,7 +304,74 @@ __device__ __forceinline__ float coef_at(const pyeuler_coef_t& coef, int64_t n, 
 }
 
 // ---------------------------------------------------------------------------------------
+// The norms' per-channel parameters and forward coefficients (norm_algebra.py), shared by
+// norm_coefficients.cu and the statistics' finalize (norm_stats.cu): one definition, so
+// pyeuler_forward_coefficients and pyeuler_norm_stats_and_coefficients give the same bits.
+
+// An optional parameter's value for channel c, read in its dtype (pyeuler_param_t).
+__device__ __forceinline__ float param_at(const pyeuler_param_t& p, int64_t c) {
+  const int64_t i = c * p.stride;
+  switch (p.dtype) {
+    case PYEULER_DTYPE_FLOAT16: return to_float(static_cast<const __half*>(p.data)[i]);
+    case PYEULER_DTYPE_BFLOAT16: return to_float(static_cast<const __nv_bfloat16*>(p.data)[i]);
+    default: return static_cast<const float*>(p.data)[i];
+  }
+}
+
+// weight, bias and the step h (a parameter, or the float h_value).
+struct NormParams {
+  pyeuler_param_t weight;
+  pyeuler_param_t bias;
+  pyeuler_param_t h;
+  float h_value;
+
+  __device__ __forceinline__ float step(int64_t c) const {
+    return h.data != nullptr ? param_at(h, c) : h_value;
+  }
+  // h·w, the scale of dx̂ = h·w·g (h alone without a weight)
+  __device__ __forceinline__ float step_weight(int64_t c) const {
+    const float s = step(c);
+    return weight.data != nullptr ? __fmul_rn(s, param_at(weight, c)) : s;
+  }
+};
+
+__device__ __forceinline__ float inverse_std(float var, float eps) {
+  return rsqrtf(__fadd_rn(var, eps));  // torch's rsqrt on CUDA
+}
+
+struct ForwardCoefficients {
+  float scale;
+  float shift;
+};
+
+// scale = h·(w·invstd), shift = −scale·mean + h·b of channel c, its statistic's mean and var;
+// every operation rounded separately, in the torch ops' order.
+__device__ __forceinline__ ForwardCoefficients forward_coefficients_of(float mean, float var,
+                                                                      int64_t c,
+                                                                      const NormParams& params,
+                                                                      float eps) {
+  const float invstd = inverse_std(var, eps);
+  const float h = params.step(c);
+  float s = params.weight.data != nullptr ? __fmul_rn(param_at(params.weight, c), invstd)
+                                          : invstd;
+  s = __fmul_rn(h, s);
+  float t = __fmul_rn(-s, mean);
+  if (params.bias.data != nullptr) t = __fadd_rn(t, __fmul_rn(h, param_at(params.bias, c)));
+  return {s, t};
+}
+
+// ---------------------------------------------------------------------------------------
 // Host-side launch plumbing
+
+inline bool dtype_is_valid(pyeuler_dtype_t dtype) {
+  return dtype == PYEULER_DTYPE_FLOAT32 || dtype == PYEULER_DTYPE_FLOAT16 ||
+         dtype == PYEULER_DTYPE_BFLOAT16;
+}
+
+// An absent parameter (data NULL), or one in a dtype param_at reads.
+inline bool param_is_valid(const pyeuler_param_t& p) {
+  return p.data == nullptr || dtype_is_valid(p.dtype);
+}
 
 inline bool geometry_is_valid(const pyeuler_geometry_t& geo) {
   return geo.n > 0 && geo.c > 0 && geo.s > 0 &&

@@ -1,12 +1,14 @@
 // The per-channel algebra of the norms (pyeuler/ops/norm_algebra.py), one launch each:
 // statistics -> the forward's (scale, shift), and reduce sums -> the backward's (a, b, c)
-// and parameter gradients.  These are vectors of C or N * C floats, so the kernels are
-// latency-bound: one launch instead of the dozen tiny torch ops the algebra would take.
+// and parameter gradients, and BatchNorm's running-statistics update.  These are vectors of
+// C or N * C floats, so the kernels are latency-bound: one launch instead of the dozen tiny
+// torch ops the algebra would take.
 //
 // BatchNorm runs as the GroupNorm layout with one sample and a group per channel (its
 // statistics and sums are [C]), so one code path serves both.  Every operation is rounded
 // separately (__fmul_rn / __fadd_rn: no contracted multiply-adds) as the torch ops round
-// them, and every sum has a fixed order: results are bitwise reproducible.
+// them (torch's lerp fuses its one multiply-add, so the running-statistics update does too),
+// and every sum has a fixed order: results are bitwise reproducible.
 #include "common.cuh"
 
 namespace pyeuler {
@@ -33,57 +35,21 @@ struct Layout {
   }
 };
 
-__device__ __forceinline__ float param_at(const pyeuler_param_t& p, int64_t c) {
-  const int64_t i = c * p.stride;
-  switch (p.dtype) {
-    case PYEULER_DTYPE_FLOAT16: return to_float(static_cast<const __half*>(p.data)[i]);
-    case PYEULER_DTYPE_BFLOAT16: return to_float(static_cast<const __nv_bfloat16*>(p.data)[i]);
-    default: return static_cast<const float*>(p.data)[i];
-  }
-}
-
-// weight, bias and the step h (a parameter, or the float h_value).
-struct Params {
-  pyeuler_param_t weight;
-  pyeuler_param_t bias;
-  pyeuler_param_t h;
-  float h_value;
-
-  __device__ __forceinline__ float step(int64_t c) const {
-    return h.data != nullptr ? param_at(h, c) : h_value;
-  }
-  // h·w, the scale of dx̂ = h·w·g (h alone without a weight)
-  __device__ __forceinline__ float step_weight(int64_t c) const {
-    const float s = step(c);
-    return weight.data != nullptr ? __fmul_rn(s, param_at(weight, c)) : s;
-  }
-};
-
-__device__ __forceinline__ float inverse_std(float var, float eps) {
-  return rsqrtf(__fadd_rn(var, eps));  // torch's rsqrt on CUDA
-}
-
 // ---------------------------------------------------------------------------------------
 // Forward: scale = h·(w·invstd), shift = −scale·mean + h·b.  Element-wise.
 
 __global__ void __launch_bounds__(kThreads)
     forward_coefficients_kernel(const float* mean, const float* var, Layout layout,
-                                Params params, float eps, float* scale, float* shift) {
+                                NormParams params, float eps, float* scale, float* shift) {
   const int64_t total = layout.samples * layout.channels;
   const int64_t step = int64_t(gridDim.x) * blockDim.x;
   for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < total; i += step) {
     const int64_t n = i / layout.channels;
     const int64_t c = i - n * layout.channels;
     const int64_t stat = layout.statistic(n, c);
-    const float invstd = inverse_std(var[stat], eps);
-    const float h = params.step(c);
-    float s = params.weight.data != nullptr ? __fmul_rn(param_at(params.weight, c), invstd)
-                                            : invstd;
-    s = __fmul_rn(h, s);
-    float t = __fmul_rn(-s, mean[stat]);
-    if (params.bias.data != nullptr) t = __fadd_rn(t, __fmul_rn(h, param_at(params.bias, c)));
-    scale[i] = s;
-    shift[i] = t;
+    const ForwardCoefficients k = forward_coefficients_of(mean[stat], var[stat], c, params, eps);
+    scale[i] = k.scale;
+    shift[i] = k.shift;
   }
 }
 
@@ -111,7 +77,7 @@ struct BackwardArgs {
   const float* dvar;     // may be NULL
   const float* var;
   Layout layout;
-  Params params;
+  NormParams params;
   float eps;
   int statistic_terms;   // need_x and batch_stats: b and c get the batch-statistics terms
   float inv_count;       // torch's v / count on CUDA is v * (1 / count), in float
@@ -284,6 +250,12 @@ __global__ void __launch_bounds__(kThreads) backward_coefficients_kernel(const B
 // kThreads; the parts of a group repeat that small work).  Group sums fold in shared memory
 // by a fixed tree, the per-channel sums over the samples in registers, in sample order.  A
 // 0-dim h has its gradient summed over everything: then one block walks every tile.
+//
+// The same kernel is the double backward's per-channel pass
+// (norm_algebra.double_backward_coefficients) when given its extra operands: it also writes
+// the backward's a and b (b from the VJP's own group sum Σ h·w·Σg·x̂), adds the sums' own
+// cotangents to their gradients (the apply pass's p and q), and sums the centre's gradient
+// −(b·cot_c + q·Σg) over each group as it sums var's.
 
 struct VjpArgs {
   const float* sum_g;  // NULL: no sums
@@ -296,7 +268,7 @@ struct VjpArgs {
   pyeuler_param_t cot_dbias;
   pyeuler_param_t cot_dh;  // [C], or one value (stride 0) for a 0-dim h
   Layout layout;
-  Params params;
+  NormParams params;
   float eps;
   int statistic_terms;  // need_x and batch_stats
   float inv_count;      // float(1 / count) as torch's v / count
@@ -311,6 +283,13 @@ struct VjpArgs {
   void* d_weight;  // in the parameter's dtype
   void* d_bias;
   void* d_h;
+  // the double backward's extras (all NULL for the plain VJP)
+  const float* dvar;         // b's dvar term; used only with statistic_terms, may be NULL
+  const float* cot_sum_g;    // the sums' own cotangents; used only with the sums
+  const float* cot_sum_gxc;
+  float* a;       // the backward's a and b, NULL where not wanted
+  float* b;
+  float* d_mean;  // the centre's gradient, statistic-shaped, NULL where not wanted
   // tiling
   int unit_lanes;        // threads per group: min(C / groups, kThreads)
   int groups_per_tile;   // kThreads / unit_lanes (1 for a group wider than a block)
@@ -377,12 +356,14 @@ struct VjpElement {
   float d_step_sums;   // cot_dweight·Σg·x̂ + cot_dbias·Σg
   float dh_gxhat;      // cot_dh·Σg·x̂ (into w's gradient)
   float dh_g;          // cot_dh·Σg (into b's gradient)
+  bool has_sum_g;      // whether d_sum_g / d_sum_gxhat have a term (the algebra's not None)
+  bool has_sum_gxhat;
 };
 
 __device__ __forceinline__ VjpElement vjp_element(const VjpArgs& args, int64_t i, int64_t c,
                                                   float invstd, const VjpUnit& u) {
   VjpElement e{};
-  const Params& p = args.params;
+  const NormParams& p = args.params;
   const float step = p.step(c);
   const bool has_w = p.weight.data != nullptr;
   const float w = has_w ? param_at(p.weight, c) : 1.f;
@@ -399,7 +380,7 @@ __device__ __forceinline__ VjpElement vjp_element(const VjpArgs& args, int64_t i
   const float sum_g = args.sum_g[i];
   const float sum_gxc = args.sum_gxc[i];
   const float sum_gxhat = fmul(sum_gxc, invstd);
-  bool has_gxhat = false;
+  bool has_gxhat = false, has_g = false;
   if (args.cot_dweight.data != nullptr) {
     const float cot = param_at(args.cot_dweight, c);
     e.d_step_sums = fmul(cot, sum_gxhat);
@@ -410,6 +391,7 @@ __device__ __forceinline__ VjpElement vjp_element(const VjpArgs& args, int64_t i
     const float cot = param_at(args.cot_dbias, c);
     e.d_step_sums = fadd(e.d_step_sums, fmul(cot, sum_g));
     e.d_sum_g = fmul(step, cot);
+    has_g = true;
   }
   if (args.cot_dh.data != nullptr) {
     const float cot = param_at(args.cot_dh, c);
@@ -419,12 +401,14 @@ __device__ __forceinline__ VjpElement vjp_element(const VjpArgs& args, int64_t i
     if (p.bias.data != nullptr) {
       e.dh_g = fmul(cot, sum_g);
       e.d_sum_g = fadd(e.d_sum_g, fmul(param_at(p.bias, c), cot));
+      has_g = true;
     }
   }
   if (centered && args.cot_c != nullptr) {  // c = −invstd·Σ(h·w·Σg)/n
     e.d_invstd = fadd(e.d_invstd, fmul(fmul(cot_c, u.mean_dxhat), args.neg_inv_count));
     e.d_step_w = fadd(e.d_step_w, fmul(u.u_c, sum_g));
     e.d_sum_g = fadd(e.d_sum_g, fmul(step_w, u.u_c));
+    has_g = true;
   }
   if (centered && args.cot_b != nullptr) {  // b = −invstd²·Σ(h·w·Σg·x̂)/n
     e.d_invstd = fadd(e.d_invstd, fmul(fmul(fmul(cot_b, u.mean_dxhat_xhat), invstd),
@@ -434,7 +418,56 @@ __device__ __forceinline__ VjpElement vjp_element(const VjpArgs& args, int64_t i
     has_gxhat = true;
   }
   if (has_gxhat) e.d_invstd = fadd(e.d_invstd, fmul(e.d_sum_gxhat, sum_gxc));
+  e.has_sum_g = has_g;
+  e.has_sum_gxhat = has_gxhat;
   return e;
+}
+
+// v (when has) plus term[i] (when given), the algebra's add_optional; 0 with neither.
+__device__ __forceinline__ float plus_optional(bool has, float v, const float* term, int64_t i) {
+  if (term == nullptr) return has ? v : 0.f;
+  return has ? fadd(v, term[i]) : term[i];
+}
+
+// The gradients of Σg and Σg·(x − center) at (sample, channel) i: the VJP's, plus the sums'
+// own cotangents in the double backward (there the apply pass's p and q).
+struct SumGradients {
+  float sum_g;
+  float sum_gxc;
+  bool has_sum_gxc;
+};
+
+__device__ __forceinline__ SumGradients sum_gradients(const VjpArgs& args, const VjpElement& e,
+                                                      int64_t i, float invstd) {
+  return {plus_optional(e.has_sum_g, e.d_sum_g, args.cot_sum_g, i),
+          plus_optional(e.has_sum_gxhat, fmul(e.d_sum_gxhat, invstd), args.cot_sum_gxc, i),
+          e.has_sum_gxhat || args.cot_sum_gxc != nullptr};
+}
+
+// The backward's b of one statistic as backward_coefficients computes it (its group sum
+// Σ h·w·Σg·x̂ is the VJP's u.mean_dxhat_xhat); 0 without the batch-statistics terms.
+__device__ __forceinline__ float backward_b(const VjpArgs& args, const VjpUnit& u, float invstd,
+                                            int64_t unit) {
+  float b = 0.f;
+  if (!args.statistic_terms) return b;
+  if (args.sum_g != nullptr) {
+    b = fmul(u.mean_dxhat_xhat, fmul(fmul(invstd, invstd), args.neg_inv_count));
+  }
+  if (args.dvar != nullptr) b = fadd(b, fmul(args.dvar[unit], args.two_over_count));
+  return b;
+}
+
+// The centre's gradient at (sample, channel) i, −(b·cot_c) + −(q·Σg), each product present
+// only with its operands (cot_c: the batch-statistics terms; q: the sums).
+__device__ __forceinline__ float center_term(const VjpArgs& args, int64_t i, float b,
+                                             const SumGradients& s) {
+  float t = 0.f;
+  if (args.cot_c != nullptr) t = -fmul(b, args.cot_c[i]);
+  if (s.has_sum_gxc) {
+    const float q_term = -fmul(s.sum_gxc, args.sum_g[i]);
+    t = args.cot_c != nullptr ? fadd(t, q_term) : q_term;
+  }
+  return t;
 }
 
 // Folds K values per thread over segments of `lanes` consecutive threads by a fixed tree;
@@ -458,9 +491,9 @@ __device__ Sums<K> segment_reduce(Sums<K> value, Sums<K>* scratch, int lanes) {
 __global__ void __launch_bounds__(kThreads)
     backward_coefficients_vjp_kernel(const VjpArgs args) {
   __shared__ Sums<6> unit_scratch[kThreads];
-  __shared__ Sums<1> var_scratch[kThreads];
+  __shared__ Sums<2> statistic_scratch[kThreads];
   const Layout& layout = args.layout;
-  const Params& p = args.params;
+  const NormParams& p = args.params;
   const int lanes = args.unit_lanes;
   const int lane = threadIdx.x % lanes;
   const int group_in_tile = threadIdx.x / lanes;
@@ -493,19 +526,27 @@ __global__ void __launch_bounds__(kThreads)
       }
       const Sums<6> sums = segment_reduce(partial, unit_scratch, lanes);
       const VjpUnit u{sums.v[0], sums.v[1], sums.v[2], sums.v[3], sums.v[4], sums.v[5]};
-      if (args.d_var != nullptr) {  // invstd = (var + eps)^(−1/2): Σ over the group
-        Sums<1> d_invstd{};
+      const float b = group_ok ? backward_b(args, u, invstd, unit) : 0.f;
+      // the statistic's own gradients, Σ over the group: var's through invstd =
+      // (var + eps)^(−1/2), and the centre's (the double backward's mean)
+      if (args.d_var != nullptr || args.d_mean != nullptr) {
+        Sums<2> terms{};
         if (group_ok && part == 0) {
           for (int64_t k = lane; k < layout.group_channels; k += lanes) {
-            d_invstd.v[0] = fadd(d_invstd.v[0],
-                                 vjp_element(args, row + k, first_channel + k, invstd, u).d_invstd);
+            const VjpElement e = vjp_element(args, row + k, first_channel + k, invstd, u);
+            terms.v[0] = fadd(terms.v[0], e.d_invstd);
+            if (args.d_mean != nullptr) {
+              const SumGradients g = sum_gradients(args, e, row + k, invstd);
+              terms.v[1] = fadd(terms.v[1], center_term(args, row + k, b, g));
+            }
           }
         }
-        d_invstd = segment_reduce(d_invstd, var_scratch, lanes);
-        if (writes_unit) {
+        terms = segment_reduce(terms, statistic_scratch, lanes);
+        if (writes_unit && args.d_var != nullptr) {
           const float cube = fmul(fmul(fmul(invstd, invstd), invstd), -0.5f);
-          args.d_var[unit] = fmul(d_invstd.v[0], cube);
+          args.d_var[unit] = fmul(terms.v[0], cube);
         }
+        if (writes_unit && args.d_mean != nullptr) args.d_mean[unit] = terms.v[1];
       }
       if (writes_unit && args.d_dmean != nullptr) {
         args.d_dmean[unit] = fmul(u.cot_c, args.inv_count);
@@ -516,8 +557,11 @@ __global__ void __launch_bounds__(kThreads)
       if (!active) continue;
       const int64_t i = row + own;
       const VjpElement e = vjp_element(args, i, c, invstd, u);
-      if (args.d_sum_g != nullptr) args.d_sum_g[i] = e.d_sum_g;
-      if (args.d_sum_gxc != nullptr) args.d_sum_gxc[i] = fmul(e.d_sum_gxhat, invstd);
+      const SumGradients g = sum_gradients(args, e, i, invstd);
+      if (args.d_sum_g != nullptr) args.d_sum_g[i] = g.sum_g;
+      if (args.d_sum_gxc != nullptr) args.d_sum_gxc[i] = g.sum_gxc;
+      if (args.a != nullptr) args.a[i] = fmul(p.step_weight(c), invstd);
+      if (args.b != nullptr) args.b[i] = b;
       s_step_w = fadd(s_step_w, e.d_step_w);
       s_step_sums = fadd(s_step_sums, e.d_step_sums);
       s_dh_gxhat = fadd(s_dh_gxhat, e.dh_gxhat);
@@ -549,12 +593,78 @@ __global__ void __launch_bounds__(kThreads)
 }
 
 // ---------------------------------------------------------------------------------------
-// Host side
+// nn.BatchNorm's running-statistics update (norm_algebra.update_running_stats).  One block:
+// thread 0 reads and increments the counter once and forms the rate, which every thread
+// then applies to its channels, so no block can read the counter half-updated.
 
-bool param_is_valid(const pyeuler_param_t& p) {
-  return p.data == nullptr || p.dtype == PYEULER_DTYPE_FLOAT32 ||
-         p.dtype == PYEULER_DTYPE_FLOAT16 || p.dtype == PYEULER_DTYPE_BFLOAT16;
+constexpr int kRunningStatsThreads = 1024;
+
+struct RunningStatsArgs {
+  void* running_mean;  // [C] in the kernel's T
+  void* running_var;
+  int64_t* num_batches_tracked;  // NULL: none
+  const float* mean;
+  const float* var;
+  int64_t channels;
+  pyeuler_param_t momentum;  // a 0-dim tensor; data NULL: cumulative or momentum_value
+  int cumulative;            // rate 1 / num_batches_tracked (after the increment)
+  float momentum_value;
+  float unbiased_factor;  // float(count / (count − 1)), formed in double
+};
+
+// v as the buffers' dtype T holds it.
+template <typename T>
+__device__ __forceinline__ float rounded(float v) {
+  return to_float(from_float<T>(v));
 }
+
+// torch's lerp (ATen/native/Lerp.h) from the nearer end, in float: its multiply-add is
+// fused as nvcc contracts it on CUDA (and as the CPU kernel's fmadd computes it), so
+// weight 1 gives exactly `end`.
+__device__ __forceinline__ float torch_lerp(float self, float end, float weight) {
+  const float diff = __fsub_rn(end, self);
+  return fabsf(weight) < 0.5f ? __fmaf_rn(weight, diff, self)
+                              : __fmaf_rn(-diff, __fsub_rn(1.f, weight), end);
+}
+
+template <typename T>
+__global__ void __launch_bounds__(kRunningStatsThreads)
+    update_running_stats_kernel(const RunningStatsArgs args) {
+  __shared__ float shared_rate;
+  if (threadIdx.x == 0) {
+    int64_t batches = 0;
+    if (args.num_batches_tracked != nullptr) {
+      batches = *args.num_batches_tracked + 1;
+      *args.num_batches_tracked = batches;
+    }
+    float rate = args.momentum_value;  // a float weight: lerp_ reads it as float
+    if (args.momentum.data != nullptr) {
+      rate = rounded<T>(param_at(args.momentum, 0));  // lerp_ casts a tensor weight to T
+    } else if (args.cumulative) {
+      // 1.0 / num_batches_tracked.to(T): the int64 -> float -> T conversion, then
+      // torch's reciprocal in float, rounded to T
+      rate = rounded<T>(__frcp_rn(rounded<T>(float(batches))));
+    }
+    shared_rate = rate;
+  }
+  __syncthreads();
+  const float rate = shared_rate;
+  T* running_mean = static_cast<T*>(args.running_mean);
+  T* running_var = static_cast<T*>(args.running_var);
+  for (int64_t c = threadIdx.x; c < args.channels; c += blockDim.x) {
+    // all four loads before either store (the buffers could alias, as far as nvcc knows)
+    const float old_mean = to_float(running_mean[c]);
+    const float old_var = to_float(running_var[c]);
+    // the batch values in T first (mean.to(T), (var * factor).to(T)), as lerp_'s `end`
+    const float batch_mean = rounded<T>(args.mean[c]);
+    const float unbiased = rounded<T>(__fmul_rn(args.var[c], args.unbiased_factor));
+    running_mean[c] = from_float<T>(torch_lerp(old_mean, batch_mean, rate));
+    running_var[c] = from_float<T>(torch_lerp(old_var, unbiased, rate));
+  }
+}
+
+// ---------------------------------------------------------------------------------------
+// Host side
 
 cudaError_t make_layout(int64_t samples, int64_t channels, int64_t groups, Layout* layout) {
   if (channels < 1 || groups < 0) return cudaErrorInvalidValue;
@@ -610,7 +720,7 @@ extern "C" cudaError_t pyeuler_forward_coefficients(const float* mean, const flo
     return cudaErrorInvalidValue;
   }
   const unsigned blocks = unsigned(clamp_blocks(ceil_div(total, kThreads)));
-  const Params params{weight, bias, h, float(h_value)};
+  const NormParams params{weight, bias, h, float(h_value)};
   forward_coefficients_kernel<<<blocks, kThreads, 0, stream>>>(mean, var, layout, params,
                                                                float(eps), scale, shift);
   return cudaGetLastError();
@@ -677,9 +787,27 @@ extern "C" cudaError_t pyeuler_backward_coefficients_vjp(
     const float* cot_b, const float* cot_c, pyeuler_param_t cot_dweight, pyeuler_param_t cot_dbias,
     pyeuler_param_t cot_dh, float* d_sum_g, float* d_sum_gxc, float* d_dmean, float* d_dvar,
     float* d_var, void* d_weight, void* d_bias, void* d_h, cudaStream_t stream) {
+  // the double backward's kernel without its extras
+  return pyeuler_double_backward_coefficients(
+      sum_g, sum_gxc, nullptr, var, samples, channels, groups, weight, bias, h, h_value, eps,
+      batch_stats, need_x, count, cot_a, cot_b, cot_c, cot_dweight, cot_dbias, cot_dh, nullptr,
+      nullptr, nullptr, nullptr, d_sum_g, d_sum_gxc, d_dmean, d_dvar, d_var, d_weight, d_bias, d_h,
+      nullptr, stream);
+}
+
+extern "C" cudaError_t pyeuler_double_backward_coefficients(
+    const float* sum_g, const float* sum_gxc, const float* dvar, const float* var, int64_t samples,
+    int64_t channels, int64_t groups, pyeuler_param_t weight, pyeuler_param_t bias,
+    pyeuler_param_t h, double h_value, double eps, int batch_stats, int need_x, int64_t count,
+    const float* cot_a, const float* cot_b, const float* cot_c, pyeuler_param_t cot_dweight,
+    pyeuler_param_t cot_dbias, pyeuler_param_t cot_dh, const float* cot_sum_g,
+    const float* cot_sum_gxc, float* a, float* b, float* d_sum_g, float* d_sum_gxc,
+    float* d_dmean, float* d_dvar, float* d_var, void* d_weight, void* d_bias, void* d_h,
+    float* d_mean, cudaStream_t stream) {
   Layout layout;
   if (make_layout(samples, channels, groups, &layout) != cudaSuccess || count < 1 ||
-      (sum_gxc != nullptr) != (sum_g != nullptr) || (d_weight != nullptr && weight.data == nullptr) ||
+      (sum_gxc != nullptr) != (sum_g != nullptr) ||
+      (d_weight != nullptr && weight.data == nullptr) ||
       (d_bias != nullptr && bias.data == nullptr) || (d_h != nullptr && h.data == nullptr) ||
       !param_is_valid(weight) || !param_is_valid(bias) || !param_is_valid(h) ||
       !param_is_valid(cot_dweight) || !param_is_valid(cot_dbias) || !param_is_valid(cot_dh)) {
@@ -695,13 +823,16 @@ extern "C" cudaError_t pyeuler_backward_coefficients_vjp(
   args.var = var;
   args.cot_a = cot_a;
   // b and c are constants (0) without the batch-statistics terms, the parameter gradients
-  // without the sums: their cotangents do not reach anything then
+  // and the sums' own without the sums: their cotangents do not reach anything then
   args.cot_b = statistic_terms ? cot_b : nullptr;
   args.cot_c = statistic_terms ? cot_c : nullptr;
   const pyeuler_param_t none{nullptr, PYEULER_DTYPE_FLOAT32, 0};
   args.cot_dweight = sums ? cot_dweight : none;
   args.cot_dbias = sums ? cot_dbias : none;
   args.cot_dh = sums ? cot_dh : none;
+  args.cot_sum_g = sums ? cot_sum_g : nullptr;
+  args.cot_sum_gxc = sums ? cot_sum_gxc : nullptr;
+  args.dvar = statistic_terms ? dvar : nullptr;
   args.layout = layout;
   args.params = {weight, bias, h, float(h_value)};
   args.eps = float(eps);
@@ -710,6 +841,8 @@ extern "C" cudaError_t pyeuler_backward_coefficients_vjp(
   args.neg_inv_count = float(-1.0 / double(count));
   args.neg_two_over_count = float(-2.0 / double(count));
   args.two_over_count = float(2.0 / double(count));
+  args.a = a;
+  args.b = b;
   args.d_sum_g = d_sum_g;
   args.d_sum_gxc = d_sum_gxc;
   args.d_dmean = d_dmean;
@@ -718,6 +851,7 @@ extern "C" cudaError_t pyeuler_backward_coefficients_vjp(
   args.d_weight = d_weight;
   args.d_bias = d_bias;
   args.d_h = d_h;
+  args.d_mean = d_mean;
   const int64_t group_channels = layout.group_channels;
   args.unit_lanes = group_channels < kThreads ? int(group_channels) : kThreads;
   args.groups_per_tile = kThreads / args.unit_lanes;
@@ -725,8 +859,8 @@ extern "C" cudaError_t pyeuler_backward_coefficients_vjp(
   args.tiles = ceil_div(layout.groups, args.groups_per_tile) * args.parts;
 
   const bool per_sample_outputs = layout.samples > 0 &&
-      (d_sum_g != nullptr || d_sum_gxc != nullptr || d_dmean != nullptr || d_dvar != nullptr ||
-       d_var != nullptr);
+      (a != nullptr || b != nullptr || d_sum_g != nullptr || d_sum_gxc != nullptr ||
+       d_dmean != nullptr || d_dvar != nullptr || d_var != nullptr || d_mean != nullptr);
   if (!per_sample_outputs && d_weight == nullptr && d_bias == nullptr && d_h == nullptr) {
     return cudaSuccess;  // nothing to write
   }
@@ -734,4 +868,46 @@ extern "C" cudaError_t pyeuler_backward_coefficients_vjp(
   const int64_t blocks = d_h != nullptr && h.stride == 0 ? 1 : clamp_blocks(args.tiles);
   backward_coefficients_vjp_kernel<<<unsigned(blocks), kThreads, 0, stream>>>(args);
   return cudaGetLastError();
+}
+
+extern "C" cudaError_t pyeuler_update_running_stats(void* running_mean, void* running_var,
+                                                    pyeuler_dtype_t dtype,
+                                                    int64_t* num_batches_tracked,
+                                                    const float* mean, const float* var,
+                                                    int64_t channels, int64_t count,
+                                                    pyeuler_param_t momentum,
+                                                    double momentum_value, int cumulative,
+                                                    cudaStream_t stream) {
+  if (channels < 0 || count < 2 || !dtype_is_valid(dtype) || !param_is_valid(momentum) ||
+      (cumulative && (num_batches_tracked == nullptr || momentum.data != nullptr))) {
+    return cudaErrorInvalidValue;
+  }
+  if (channels > 0 && (running_mean == nullptr || running_var == nullptr || mean == nullptr ||
+                       var == nullptr)) {
+    return cudaErrorInvalidValue;
+  }
+  if (channels == 0 && num_batches_tracked == nullptr) return cudaSuccess;  // nothing to write
+
+  RunningStatsArgs args{};
+  args.running_mean = running_mean;
+  args.running_var = running_var;
+  args.num_batches_tracked = num_batches_tracked;
+  args.mean = mean;
+  args.var = var;
+  args.channels = channels;
+  args.momentum = momentum;
+  args.cumulative = cumulative != 0;
+  args.momentum_value = float(momentum_value);
+  // torch's var * (count / (count - 1)): the Python float read as float by the multiply
+  args.unbiased_factor = float(double(count) / double(count - 1));
+  // whole warps, enough for every channel up to a full block (one warp for the counter alone)
+  const int64_t lanes = ceil_div(channels, kWarpSize) * kWarpSize;
+  const int threads = lanes < kWarpSize ? kWarpSize
+                      : lanes < kRunningStatsThreads ? int(lanes)
+                                                     : kRunningStatsThreads;
+  return dispatch_dtype(dtype, [&](auto tag) {
+    using T = decltype(tag);
+    update_running_stats_kernel<T><<<1, threads, 0, stream>>>(args);
+    return cudaGetLastError();
+  });
 }

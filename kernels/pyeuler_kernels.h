@@ -55,6 +55,15 @@ typedef struct pyeuler_coef {
   int64_t sample_stride;
 } pyeuler_coef_t;
 
+/* An optional per-channel parameter (weight, bias or the step h) in its own dtype
+ * (float32, float16 or bfloat16, read as float32): channel c's value is data[c * stride];
+ * stride 0 gives every channel the one value of a 0-dim tensor.  data == NULL: absent. */
+typedef struct pyeuler_param {
+  const void* data;
+  pyeuler_dtype_t dtype;
+  int64_t stride;
+} pyeuler_param_t;
+
 /* ---- statistics ------------------------------------------------------------------ */
 
 /* Biased mean and variance (primitives.norm_stats).  groups == 0: BatchNorm statistics,
@@ -76,6 +85,32 @@ cudaError_t pyeuler_norm_stats(const void* x, pyeuler_dtype_t dtype, pyeuler_geo
 cudaError_t pyeuler_welford_finalize(const float* partials, int64_t num_partials,
                                      int64_t num_units, float* mean, float* var,
                                      cudaStream_t stream);
+
+/* pyeuler_norm_stats followed by pyeuler_forward_coefficients of those statistics
+ * (primitives.norm_stats_and_coefficients), the coefficients written by the statistics'
+ * second stage: two launches, not three.  weight, bias, h, h_value, eps and the float32
+ * outputs scale, shift ([C] for BatchNorm, [N, C] for GroupNorm, all required) are
+ * pyeuler_forward_coefficients', with the same device code, so the same bits (the variance
+ * read as written, an overflow's NaN included).  The workspace is
+ * pyeuler_norm_stats_workspace_size's for the same geometry and groups. */
+cudaError_t pyeuler_norm_stats_and_coefficients(const void* x, pyeuler_dtype_t dtype,
+                                                pyeuler_geometry_t geo, int64_t groups,
+                                                pyeuler_param_t weight, pyeuler_param_t bias,
+                                                pyeuler_param_t h, double h_value, double eps,
+                                                float* mean, float* var, float* scale,
+                                                float* shift, void* workspace,
+                                                size_t workspace_bytes, cudaStream_t stream);
+
+/* pyeuler_welford_finalize with the forward coefficients, written as
+ * pyeuler_norm_stats_and_coefficients writes them (SyncBatchNorm's gathered partials give
+ * the statistics and coefficients in one launch).  The partials' units are the statistics
+ * of `channels` channels: C of them for BatchNorm (groups == 0; samples is not read), else
+ * samples * groups, [samples, groups] row-major, samples >= 1. */
+cudaError_t pyeuler_welford_finalize_and_coefficients(
+    const float* partials, int64_t num_partials, int64_t samples, int64_t channels,
+    int64_t groups, pyeuler_param_t weight, pyeuler_param_t bias, pyeuler_param_t h,
+    double h_value, double eps, float* mean, float* var, float* scale, float* shift,
+    cudaStream_t stream);
 
 /* ---- fused affine + residual + ReLU ---------------------------------------------- */
 
@@ -156,15 +191,6 @@ cudaError_t pyeuler_ie_update(const void* x, const void* e, const void* v, pyeul
 
 /* ---- the per-channel algebra of the norms (pyeuler/ops/norm_algebra.py) ----------- */
 
-/* An optional per-channel parameter (weight, bias or the step h) in its own dtype
- * (float32, float16 or bfloat16, read as float32): channel c's value is data[c * stride];
- * stride 0 gives every channel the one value of a 0-dim tensor.  data == NULL: absent. */
-typedef struct pyeuler_param {
-  const void* data;
-  pyeuler_dtype_t dtype;
-  int64_t stride;
-} pyeuler_param_t;
-
 /* The entry points share one layout of the vectors, all float32 and dense:
  *   groups == 0 (BatchNorm): statistics (mean, var, dmean, dvar), sums and a, b, c, scale,
  *     shift are [C] (`samples` is not read);
@@ -244,6 +270,56 @@ cudaError_t pyeuler_backward_coefficients_vjp(
     const float* cot_b, const float* cot_c, pyeuler_param_t cot_dweight, pyeuler_param_t cot_dbias,
     pyeuler_param_t cot_dh, float* d_sum_g, float* d_sum_gxc, float* d_dmean, float* d_dvar,
     float* d_var, void* d_weight, void* d_bias, void* d_h, cudaStream_t stream);
+
+/* The double backward's per-channel pass (norm_algebra.double_backward_coefficients):
+ * pyeuler_backward_coefficients_vjp, same arguments and outputs, plus in the same launch
+ *   a, b        the backward's coefficients as pyeuler_backward_coefficients computes them
+ *               (shaped like sum_g; b reads dvar, the gradient into the variance,
+ *               statistic-shaped, NULL: no term; dvar is read only with need_x and
+ *               batch_stats);
+ *   cot_sum_g, cot_sum_gxc  the cotangents of the sums themselves (shaped like sum_g, NULL
+ *               where absent, ignored without the sums), added to d_sum_g and d_sum_gxc: these
+ *               are the apply pass's p and q;
+ *   d_mean      the gradient of the statistic mean through the centre, statistic-shaped:
+ *               -(b * cot_c) + -(q * sum_g) summed over each statistic's channels, the first
+ *               term only with need_x and batch_stats, the second only with q's terms.
+ * d_sum_g and d_sum_gxc are the VJP's term plus the sum's cotangent where both are present,
+ * either alone where one is, 0 where neither (the algebra's add_optional).  Each output is
+ * written iff its pointer is not NULL; pyeuler_backward_coefficients_vjp is this entry with
+ * every extra NULL. */
+cudaError_t pyeuler_double_backward_coefficients(
+    const float* sum_g, const float* sum_gxc, const float* dvar, const float* var, int64_t samples,
+    int64_t channels, int64_t groups, pyeuler_param_t weight, pyeuler_param_t bias,
+    pyeuler_param_t h, double h_value, double eps, int batch_stats, int need_x, int64_t count,
+    const float* cot_a, const float* cot_b, const float* cot_c, pyeuler_param_t cot_dweight,
+    pyeuler_param_t cot_dbias, pyeuler_param_t cot_dh, const float* cot_sum_g,
+    const float* cot_sum_gxc, float* a, float* b, float* d_sum_g, float* d_sum_gxc,
+    float* d_dmean, float* d_dvar, float* d_var, void* d_weight, void* d_bias, void* d_h,
+    float* d_mean, cudaStream_t stream);
+
+/* nn.BatchNorm's running-statistics update, in place (norm_algebra.update_running_stats):
+ * num_batches_tracked (one int64; NULL: none) is incremented, then, with rate m,
+ *   running_mean[c] = lerp(running_mean[c], mean[c], m),
+ *   running_var[c]  = lerp(running_var[c], var[c] * float(count / (count - 1)), m),
+ * the batch value rounded to the buffers' dtype first and the lerp computed in float32 as
+ * torch's is (from the nearer end, its multiply-add fused: m = 1 gives exactly the batch
+ * value), then stored in that dtype.  The rate m: the 0-dim tensor `momentum` (stride 0)
+ * when its data is not NULL, read in its dtype and rounded to the buffers' dtype (as
+ * Tensor.lerp_ casts a tensor weight); else 1 / num_batches_tracked after the increment,
+ * rounded to the buffers' dtype, when `cumulative` (which needs the counter and no momentum
+ * tensor); else float(momentum_value).
+ * running_mean, running_var: dense [C] in `dtype` (float32, float16 or bfloat16); mean,
+ * var: the biased batch statistics, float32 dense [C]; count >= 2: the values behind each.
+ * One launch of one block: the counter is read and written once, before any channel reads
+ * the rate, so nothing reads it half-updated; nothing is read on the host.  channels == 0
+ * launches only to increment a counter (none without one); the [C] pointers may then be
+ * NULL. */
+cudaError_t pyeuler_update_running_stats(void* running_mean, void* running_var,
+                                         pyeuler_dtype_t dtype, int64_t* num_batches_tracked,
+                                         const float* mean, const float* var, int64_t channels,
+                                         int64_t count, pyeuler_param_t momentum,
+                                         double momentum_value, int cumulative,
+                                         cudaStream_t stream);
 
 /* ---- build information ----------------------------------------------------------- */
 

@@ -76,6 +76,13 @@ __device__ __forceinline__ void write_result(const Sums<K>& s, int64_t unit,
   for (int k = 0; k < K; ++k) out.arrays[k][unit] = s.v[k];
 }
 
+// Stage 2's epilogue, run by every thread of a block once its units' results are written:
+// nothing for plain results.  A destination type with more to write per unit (the forward
+// coefficients of norm_stats.cu) overloads write_result and finish_block.
+template <int K>
+__device__ __forceinline__ void finish_block(const Results<K>&, int64_t /*first_unit*/,
+                                             int64_t /*num_units*/) {}
+
 // ---------------------------------------------------------------------------------------
 // Stage 1a: "rows" reductions.  Each unit is `rows` runs of `row_length` contiguous elements,
 // `row_stride` apart; unit u starts at (u / units_per_group) * group_stride
@@ -182,14 +189,16 @@ __global__ void __launch_bounds__(kMaxThreads, kMinBlocksPerSm)
 // ---------------------------------------------------------------------------------------
 // Stage 2: fold the splits of every unit.  A block covers kFinalizeUnits consecutive units
 // (coalesced reads of each split's row) and blockDim.x / kFinalizeUnits split lanes.
+// `out` is a Results<K>, or another destination type with its own write_result and
+// finish_block (found by argument-dependent lookup).
 
 constexpr int kFinalizeUnits = 32;
 constexpr int kFinalizeThreads = 512;
 
-template <typename State, typename Combine, int K>
+template <typename State, typename Combine, typename Out>
 __global__ void __launch_bounds__(kFinalizeThreads)
     finalize_partials_kernel(const float* partials, int64_t num_splits, int64_t num_units,
-                             Results<K> out) {
+                             Out out) {
   extern __shared__ unsigned char shared_bytes[];
   State* scratch = reinterpret_cast<State*>(shared_bytes);
   const int column = threadIdx.x % kFinalizeUnits;
@@ -209,6 +218,7 @@ __global__ void __launch_bounds__(kFinalizeThreads)
   reduce_over_row_lanes<State, 1>(acc, scratch, split_lane, column, kFinalizeUnits, split_lanes,
                                   Combine{});
   if (split_lane == 0 && unit < num_units) write_result(acc[0], unit, out);
+  finish_block(out, int64_t(blockIdx.x) * kFinalizeUnits, num_units);
 }
 
 // ---------------------------------------------------------------------------------------
@@ -287,12 +297,12 @@ cudaError_t launch_channels_last(const Policy& policy, const ChannelsLastPlan& p
   return cudaGetLastError();
 }
 
-template <typename State, typename Combine, int K>
-cudaError_t launch_finalize(const float* partials, int64_t splits, int64_t units,
-                            const Results<K>& out, cudaStream_t stream) {
+template <typename State, typename Combine, typename Out>
+cudaError_t launch_finalize(const float* partials, int64_t splits, int64_t units, const Out& out,
+                            cudaStream_t stream) {
   const unsigned blocks = unsigned(ceil_div(units, kFinalizeUnits));
   const size_t scratch = size_t(kFinalizeThreads) * sizeof(State);
-  finalize_partials_kernel<State, Combine, K><<<blocks, kFinalizeThreads, scratch, stream>>>(
+  finalize_partials_kernel<State, Combine, Out><<<blocks, kFinalizeThreads, scratch, stream>>>(
       partials, splits, units, out);
   return cudaGetLastError();
 }

@@ -150,7 +150,9 @@ def test_cuda_backend_is_counted_with_its_reductions():
     count = count_step(StepConfig(**{**SMALL.__dict__, "backend": "cuda"}), ONE_SM)
     cuda = [k for k in count.kernels if k.name.startswith("pyeuler.cuda_")]
     assert cuda and count.custom_op_calls
-    assert {k.launches for k in cuda if k.name == "pyeuler.cuda_norm_stats.default"} == {2}
+    # the statistics with the forward coefficients in their final stage: two launches
+    stats = "pyeuler.cuda_norm_stats_and_coefficients.default"
+    assert {k.launches for k in cuda if k.name == stats} == {2}
     assert {k.launches for k in cuda if k.name == "pyeuler.cuda_affine_act_forward.default"} == {1}
 
 

@@ -100,6 +100,8 @@ def test_primitives_reject_cpu_tensors_by_name():
     x = torch.randn(2, 3, 4)
     with pytest.raises(ValueError, match="x must be a CUDA tensor"):
         cuda_backend.norm_stats(x, 0)
+    with pytest.raises(ValueError, match="x must be a CUDA tensor"):
+        cuda_backend.norm_stats_and_coefficients(x, 0, None, None, None, 1.0, 1e-5)
     with pytest.raises(ValueError, match="must be a CUDA tensor"):
         cuda_backend.ie_update(x, x, x, 0.1, 1.0)
     s = torch.ones(3)
@@ -158,16 +160,30 @@ def test_fakes_match_reference_outputs(shape, layout):
     assert cuda_backend._fake_ie_update(x, x, x, 0.1, 1.0).shape == x.shape
 
 
+def _schema_arguments(reference) -> list[str]:
+    """The op schema's argument names for a contract function's: the same, except that an
+    argument of several kinds (``momentum: float | Tensor | None``), which no schema type
+    holds, is two: ``Tensor? momentum`` and ``float? momentum_value``."""
+    names = []
+    for p in inspect.signature(reference).parameters.values():
+        names.append(p.name)
+        if {"float", "Tensor"} <= set(re.findall(r"\w+", str(p.annotation))):
+            names.append(f"{p.name}_value")
+    return names
+
+
 def test_wrappers_schemas_and_c_abi_agree():
     """Python wrappers <-> op schemas in csrc/ <-> fakes <-> the C ABI's definitions."""
     ops_cpp = (ROOT / "csrc" / "ops.cpp").read_text()
-    schemas = dict(re.findall(r'"cuda_(\w+)\(([^)]*)\)', ops_cpp.replace('"\n      "', "")))
+    # joined string pieces, alias annotations (Tensor(a!): written in place) dropped
+    joined = re.sub(r"Tensor\(\w!?\)", "Tensor", ops_cpp.replace('"\n      "', ""))
+    schemas = dict(re.findall(r'"cuda_(\w+)\(([^)]*)\)', joined))
     assert set(schemas) == set(ref.__all__)
     for name, arguments in schemas.items():
         reference_params = list(inspect.signature(getattr(ref, name)).parameters)
         assert list(inspect.signature(getattr(cuda_backend, name)).parameters) == reference_params
         schema_params = [a.split()[-1] for a in arguments.replace('" "', "").split(",")]
-        assert schema_params == reference_params, name
+        assert schema_params == _schema_arguments(getattr(ref, name)), name
         assert f"pyeuler::cuda_{name}" in cuda_backend._FAKES
         assert f'm.impl("cuda_{name}"' in ops_cpp
     header = (ROOT / "kernels" / "pyeuler_kernels.h").read_text()
@@ -565,6 +581,12 @@ def test_matches_triton(shape, layout):
     scale, shift, center = coef(x, False), coef(x, False), coef(x, False)
     for cu, tr in zip(cuda_backend.norm_stats(x, 0), tri.norm_stats(x, 0)):
         torch.testing.assert_close(cu, tr, rtol=1e-4, atol=1e-5)
+    weight, bias, h, h_value = list(_stats_params(shape[1], torch.float32))[-1]
+    for groups in (0, 1):
+        for cu, tr in zip(
+                cuda_backend.norm_stats_and_coefficients(x, groups, weight, bias, h, h_value, 1e-5),
+                tri.norm_stats_and_coefficients(x, groups, weight, bias, h, h_value, 1e-5)):
+            torch.testing.assert_close(cu, tr, rtol=1e-4, atol=1e-4)
     y_cu, m_cu = cuda_backend.affine_act_forward(x, scale, shift, dy, True, True)
     y_tr, m_tr = tri.affine_act_forward(x, scale, shift, dy, True, True)
     torch.testing.assert_close(y_cu, y_tr, rtol=1e-4, atol=1e-5)
@@ -588,6 +610,15 @@ def test_matches_triton(shape, layout):
     for cu, tr in zip(cuda_backend.affine_act_double_backward_apply(*apply_args),
                       tri.affine_act_double_backward_apply(*apply_args)):
         torch.testing.assert_close(cu, tr, rtol=1e-4, atol=1e-5)
+    for n, c, groups in ((4, 5, 0), (3, 6, 2)):
+        inputs = _algebra_inputs(n, c, groups, "cuda")
+        params = _algebra_params(inputs, True, True, "channel")
+        args = _backward_args(inputs, groups, params, True, True, True, (True,) * 5)
+        cotangents = tuple(torch.randn_like(o) for o in norm_algebra.backward_coefficients(*args))
+        sum_cotangents = (torch.randn_like(inputs["sum_g"]), None)
+        cu = cuda_backend.double_backward_coefficients(*args, cotangents, sum_cotangents)
+        tr = tri.double_backward_coefficients(*args, cotangents, sum_cotangents)
+        _assert_vjp_close(cu, {k: v for k, v in tr.items()})
 
 
 @gpu
@@ -681,6 +712,102 @@ def test_norm_stats_nan_inf_and_overflow(layout, groups):
     sane = var_ref.isfinite()  # the overflowing means cancel: no rtol to hold them to
     torch.testing.assert_close(mean[sane], mean_ref[sane], rtol=1e-4, atol=1e-5)
     assert not mean[~mean_ref.isfinite()].isfinite().any()
+
+
+def _assert_bitwise(got, want):
+    """Equal bits, NaN where the other has NaN."""
+    for g, w in zip(got, want):
+        assert g.dtype == w.dtype and g.shape == w.shape
+        torch.testing.assert_close(g, w, rtol=0, atol=0, equal_nan=True)
+
+
+def _stats_params(c, dtype, seed=0):
+    """(weight, bias, h, h_value) variants for norm_stats_and_coefficients: absent or present
+    in ``dtype``, h absent (h_value 1 or 0.3), 0-dim or [C]."""
+    gen = torch.Generator().manual_seed(seed)
+
+    def uniform(shape, lo, hi):
+        return (torch.rand(shape, generator=gen) * (hi - lo) + lo).to("cuda", dtype)
+
+    weight, bias = uniform((c,), 0.5, 1.5), uniform((c,), -0.5, 0.5)
+    h_scalar, h_channel = uniform((), 0.05, 0.5), uniform((c,), 0.05, 0.5)
+    for with_weight in (False, True):
+        for with_bias in (False, True):
+            for h, h_value in ((None, 1.0), (None, 0.3), (h_scalar, 1.0), (h_channel, 1.0)):
+                yield (weight if with_weight else None, bias if with_bias else None, h, h_value)
+
+
+@gpu
+@pytest.mark.usefixtures("cuda_ready")
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape,layout", cases(SHAPES + [(3, 600, 5), (2, 96, 3, 3)]))
+def test_norm_stats_and_coefficients(shape, layout, dtype):
+    """The statistics are bitwise norm_stats', the coefficients bitwise forward_coefficients'
+    of them (one device function, now in the statistics' finalize), both as the contract
+    (float64 statistics; norm_algebra's coefficients of the kernel's statistics): BatchNorm
+    and GroupNorm (groups of one to 600 channels, units spanning finalize blocks), every
+    weight / bias / h variant, parameters in x's dtype."""
+    x = make(shape, layout, dtype, mean=3.0, std=2.0)
+    c = shape[1]
+    for groups in sorted({0, 1, next(g for g in (3, 2, 1) if c % g == 0)}):
+        stats = cuda_backend.norm_stats(x, groups)
+        mean64, var64 = ref.norm_stats(x.double(), groups)
+        for weight, bias, h, h_value in _stats_params(c, dtype):
+            got = cuda_backend.norm_stats_and_coefficients(x, groups, weight, bias, h, h_value,
+                                                           1e-5)
+            _assert_bitwise(got[:2], stats)
+            coefficients = cuda_backend.forward_coefficients(*stats, weight, bias, h, h_value,
+                                                             1e-5, groups, c)
+            _assert_bitwise(got[2:], coefficients)
+            torch.testing.assert_close(got[0].double(), mean64, rtol=1e-4, atol=1e-5)
+            torch.testing.assert_close(got[1].double(), var64, rtol=1e-4, atol=1e-5)
+            assert_algebra_close(got[2:], norm_algebra.forward_coefficients(
+                *stats, weight, bias, h, h_value, 1e-5, groups, c))
+
+
+@gpu
+@pytest.mark.usefixtures("cuda_ready")
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("groups", [0, 2])
+def test_norm_stats_and_coefficients_nan_inf_and_overflow(layout, groups):
+    """The coefficients read the variance as written: an overflow's NaN (and NaN / inf
+    inputs) give NaN coefficients exactly where forward_coefficients of the statistics has."""
+    x = make((8, 4, 32, 32), layout, torch.bfloat16)
+    x[2, 0, 5, 5] = float("nan")
+    x[3, 1, 7, 0] = float("inf")
+    x[:, 2] = (torch.randn(8, 32, 32, device=x.device) * 1e30).to(x)
+    x[:, 3] = 1e20
+    stats = cuda_backend.norm_stats(x, groups)
+    for weight, bias, h, h_value in _stats_params(4, torch.float32):
+        got = cuda_backend.norm_stats_and_coefficients(x, groups, weight, bias, h, h_value, 1e-5)
+        _assert_bitwise(got[:2], stats)
+        _assert_bitwise(got[2:], cuda_backend.forward_coefficients(
+            *stats, weight, bias, h, h_value, 1e-5, groups, 4))
+        assert got[2].isnan().any()
+
+
+@gpu
+@pytest.mark.usefixtures("cuda_ready")
+def test_norm_stats_and_coefficients_is_two_launches_and_deterministic():
+    """The partials pass and the finalize, which writes the coefficients: nothing else (the
+    outputs and workspace are torch.empty); bitwise equal on repeats."""
+    from torch.profiler import ProfilerActivity, profile
+
+    x = make((64, 40, 32, 32), "channels_last", torch.bfloat16)
+    weight, bias, h, h_value = list(_stats_params(40, torch.bfloat16))[-1]
+    for groups in (0, 8):
+        first = cuda_backend.norm_stats_and_coefficients(x, groups, weight, bias, h, h_value, 1e-5)
+        for _ in range(2):
+            _assert_bitwise(cuda_backend.norm_stats_and_coefficients(x, groups, weight, bias, h,
+                                                                     h_value, 1e-5), first)
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            cuda_backend.norm_stats_and_coefficients(x, groups, weight, bias, h, h_value, 1e-5)
+            torch.cuda.synchronize()
+        device_events = [e.name for e in prof.events()
+                         if e.device_type == torch.autograd.DeviceType.CUDA]
+        assert len(device_events) == cuda_backend.KERNEL_LAUNCHES[
+            "cuda_norm_stats_and_coefficients"] == 2, device_events
 
 
 # ---------------------------------------------------------------------------------------
@@ -894,6 +1021,190 @@ def test_backward_coefficients_vjp_is_one_launch_and_deterministic():
         assert len(device_events) == 1, device_events
 
 
+def _double_cases(inputs, groups, params, seed=0):
+    """(args, cotangents, sum_cotangents) of double_backward_coefficients: the VJP's cases,
+    each with the sums' own cotangents both absent, one of them or both (in turn)."""
+    gen = torch.Generator().manual_seed(seed + 1)
+    sums_like = inputs["sum_g"]
+    for k, (args, cotangents) in enumerate(_vjp_cases(inputs, groups, params, seed)):
+        sum_cotangents = tuple((torch.randn(sums_like.shape, generator=gen) * 2).to(sums_like)
+                               if k % 4 >> j & 1 else None for j in range(2))
+        yield args, cotangents, sum_cotangents
+
+
+def test_double_backward_wrapper_returns_the_contracts_outputs_when_counting():
+    """On CPU, inside counting_device: double_backward_coefficients returns exactly the keys
+    DOUBLE_BACKWARD_KEYS, None exactly where the contract's are (double_backward_presence),
+    with its dtypes and shapes (up to GroupNorm's broadcastable [C]), for every flag
+    combination and every presence of the sums' own cotangents."""
+    from pyeuler.backend import counting_device
+
+    with counting_device():
+        assert cuda_backend.is_available()[0]
+        for n, c, groups in ALGEBRA_SHAPES[:4]:
+            inputs = _algebra_inputs(n, c, groups, "cpu", torch.bfloat16)
+            for with_weight in (False, True):
+                for with_bias in (False, True):
+                    for h_kind in H_KINDS:
+                        params = _algebra_params(inputs, with_weight, with_bias, h_kind)
+                        for args, cots, sum_cots in _double_cases(inputs, groups, params):
+                            got = cuda_backend.double_backward_coefficients(*args, cots, sum_cots)
+                            want = norm_algebra.double_backward_coefficients(*args, cots,
+                                                                             sum_cots)
+                            assert list(got) == list(want) == list(
+                                norm_algebra.DOUBLE_BACKWARD_KEYS)
+                            for name, w in want.items():
+                                g = got[name]
+                                assert (g is None) == (w is None), (name, args[-3], cots,
+                                                                    sum_cots)
+                                if w is not None:
+                                    assert g.dtype == w.dtype, name
+                                    assert w.expand_as(g).shape == g.shape, name
+
+
+def test_new_ops_are_counted_launches_when_counting():
+    """On CPU, inside counting_device and FakeTensorMode (the ops' fake implementations):
+    norm_stats_and_coefficients is one op call of two launches (as norm_stats alone),
+    double_backward_coefficients one call of one launch; the fakes' shapes are the
+    contract's."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from pyeuler.backend import counting_device
+    from pyeuler.cost import Recorder
+
+    with counting_device():
+        assert cuda_backend.is_available()[0]
+        for groups in (0, 3):
+            for layout in ("contiguous", "channels_last"):
+                recorder = Recorder()
+                with FakeTensorMode():
+                    x = make((4, 6, 5, 5), layout, torch.bfloat16, device="cpu")
+                    weight, bias, h = torch.ones(6), torch.zeros(6), torch.tensor(0.5)
+                    with recorder:
+                        got = cuda_backend.norm_stats_and_coefficients(x, groups, weight, bias, h,
+                                                                       1.0, 1e-5)
+                    want = ref.norm_stats_and_coefficients(x, groups, weight, bias, h, 1.0, 1e-5)
+                    assert [(t.dtype, t.shape) for t in got] == [(t.dtype, t.shape) for t in want]
+                assert [(k.name, k.launches) for k in recorder.kernels] == [
+                    ("pyeuler.cuda_norm_stats_and_coefficients.default", 2)], (groups, layout)
+        for n, c, groups in ALGEBRA_SHAPES[:4]:
+            recorder = Recorder()
+            with FakeTensorMode():
+                inputs = _algebra_inputs(n, c, groups, "cpu")
+                params = _algebra_params(inputs, True, True, "channel")
+                args, cotangents, _ = next(_double_cases(inputs, groups, params))
+                sum_cotangents = (inputs["sum_g"], None)
+                with recorder:
+                    cuda_backend.double_backward_coefficients(*args, cotangents, sum_cotangents)
+            assert [(k.name, k.launches) for k in recorder.kernels] == [
+                ("pyeuler.cuda_double_backward_coefficients.default", 1)], (n, c, groups)
+
+
+def _center_magnitude(args, cotangents, want):
+    """Σ|term| behind the contract's "mean" per statistic: |b·cot_c| + |q·Σg| over the
+    statistic's channels (float32 sums in another order differ by ulps of this)."""
+    sum_g, groups, needs, batch_stats = args[0], args[10], args[12], args[11]
+    cot_c = cotangents[2] if needs[0] and batch_stats else None
+    terms = torch.zeros_like(want["b"], dtype=torch.float64)
+    if cot_c is not None:
+        terms = terms + (want["b"].double() * cot_c.double()).abs()
+    if want["sum_gxc"] is not None:
+        terms = terms + (want["sum_gxc"].double() * sum_g.double()).abs()
+    if groups:
+        terms = terms.reshape(terms.shape[0], groups, -1).sum(2)
+    return terms
+
+
+def _assert_double_close(got, want, args, cotangents):
+    """a and b as backward_coefficients' (rtol 1e-5 plus 1e-5 of their terms' magnitudes),
+    the VJP's entries as in _assert_vjp_close, the centre's gradient within 1e-4 of its
+    terms' magnitudes."""
+    assert list(got) == list(want) == list(norm_algebra.DOUBLE_BACKWARD_KEYS)
+    assert_algebra_close([got["a"], got["b"]], [want["a"], want["b"]],
+                         _backward_magnitudes(args)[:2])
+    _assert_vjp_close({k: got[k] for k in norm_algebra.VJP_KEYS},
+                      {k: want[k] for k in norm_algebra.VJP_KEYS})
+    g, w = got["mean"], want["mean"]
+    assert (g is None) == (w is None), "mean"
+    if w is not None:
+        assert (g.dtype, g.shape, g.device) == (w.dtype, w.shape, w.device)
+        slack = 1e-4 * _center_magnitude(args, cotangents, want) + 1e-6
+        assert ((g.double() - w.double()).abs() <= slack).all(), f"mean:\n{g}\n{w}"
+
+
+@gpu
+@pytest.mark.usefixtures("cuda_ready")
+@pytest.mark.parametrize("n,c,groups", ALGEBRA_SHAPES + [(3, 600, 1), (0, 4, 2)])
+def test_double_backward_coefficients_matches_norm_algebra(n, c, groups):
+    """Every flag combination of the VJP test (weight, bias, h kinds, sums, dmean / dvar,
+    batch statistics, needs, which cotangents), each with the sums' own cotangents absent,
+    one or both: a, b, the VJP's gradients plus those cotangents, and the centre's gradient,
+    None exactly where the contract's are.  Without the sums' cotangents the VJP's entries
+    are bitwise backward_coefficients_vjp's (one kernel), and a is bitwise
+    backward_coefficients' (one formula)."""
+    for param_dtype in DTYPES:
+        inputs = _algebra_inputs(n, c, groups, "cuda", param_dtype)
+        for with_weight in (False, True):
+            for with_bias in (False, True):
+                for h_kind in H_KINDS:
+                    if param_dtype != torch.float32 and not (with_weight and with_bias):
+                        continue
+                    params = _algebra_params(inputs, with_weight, with_bias, h_kind)
+                    for args, cotangents, sum_cotangents in _double_cases(inputs, groups, params):
+                        got = cuda_backend.double_backward_coefficients(*args, cotangents,
+                                                                        sum_cotangents)
+                        want = norm_algebra.double_backward_coefficients(*args, cotangents,
+                                                                         sum_cotangents)
+                        _assert_double_close(got, want, args, cotangents)
+                        if sum_cotangents == (None, None):
+                            vjp = cuda_backend.backward_coefficients_vjp(*args, cotangents)
+                            for name, v in vjp.items():
+                                assert (v is None) == (got[name] is None), name
+                                assert v is None or torch.equal(v, got[name]), name
+                            a = cuda_backend.backward_coefficients(*args)[0]
+                            assert torch.equal(a, got["a"])
+
+
+@gpu
+@pytest.mark.usefixtures("cuda_ready")
+def test_double_backward_coefficients_is_one_launch_and_deterministic():
+    from torch.profiler import ProfilerActivity, profile
+
+    inputs = _algebra_inputs(64, 512, 32, "cuda", torch.bfloat16)
+    for h_kind in ("scalar", "channel"):
+        params = _algebra_params(inputs, True, True, h_kind)
+        args = _backward_args(inputs, 32, params, True, True, True, (True,) * 5, count=49)
+        cotangents = tuple(torch.randn_like(o) for o in norm_algebra.backward_coefficients(*args))
+        sum_cotangents = (torch.randn_like(inputs["sum_g"]), torch.randn_like(inputs["sum_g"]))
+        first = cuda_backend.double_backward_coefficients(*args, cotangents, sum_cotangents)
+        assert all(v is not None for v in first.values())
+        for _ in range(2):
+            again = cuda_backend.double_backward_coefficients(*args, cotangents, sum_cotangents)
+            assert all(torch.equal(first[k], again[k]) for k in first)
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            cuda_backend.double_backward_coefficients(*args, cotangents, sum_cotangents)
+            torch.cuda.synchronize()
+        device_events = [e.name for e in prof.events()
+                         if e.device_type == torch.autograd.DeviceType.CUDA]
+        assert len(device_events) == 1, device_events
+
+
+@gpu
+@pytest.mark.usefixtures("cuda_ready")
+def test_double_backward_arguments_are_named():
+    inputs = _algebra_inputs(2, 6, 2, "cuda")
+    params = _algebra_params(inputs, True, True, "channel")
+    args = _backward_args(inputs, 2, params, True, True, True, (True,) * 5)
+    cotangents = tuple(torch.randn_like(o) for o in norm_algebra.backward_coefficients(*args))
+    with pytest.raises(RuntimeError, match="the cotangent of sum_gxc must have shape"):
+        cuda_backend.double_backward_coefficients(*args, cotangents,
+                                                  (None, inputs["sum_g"][:1]))
+    with pytest.raises(ValueError, match="sum cotangent 0 must be a CUDA tensor"):
+        cuda_backend.double_backward_coefficients(*args, cotangents,
+                                                  (inputs["sum_g"].cpu(), None))
+
+
 @gpu
 @pytest.mark.usefixtures("cuda_ready")
 @pytest.mark.parametrize("param_dtype", DTYPES, ids=str)
@@ -1071,3 +1382,153 @@ def test_norm_act_on_the_coefficient_kernels_matches_eager(case):
     assert len(got) == len(want)
     for g, w in zip(got, want):
         torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------
+# BatchNorm's running-statistics update (update_running_stats)
+
+RUNNING_CHANNELS = [1, 7, 640, 2049]  # one channel, odd, several per thread, past a block
+
+
+def _running_stats_case(c, dtype, device, counter=None, seed=0):
+    """Running buffers in `dtype`, float32 batch statistics and an int64 counter (None: no
+    counter), each freshly made so that one copy goes to each implementation."""
+    gen = torch.Generator().manual_seed(seed)
+    running_mean = torch.randn(c, generator=gen).to(device, dtype)
+    running_var = (torch.rand(c, generator=gen) + 0.5).to(device, dtype)
+    mean = (torch.randn(c, generator=gen) * 3).to(device)
+    var = (torch.rand(c, generator=gen) * 4).to(device)
+    batches = None if counter is None else torch.tensor(counter, device=device)
+    return running_mean, running_var, batches, mean, var
+
+
+def _clone_running(case):
+    return tuple(None if t is None else t.clone() for t in case)
+
+
+@pytest.mark.parametrize("count,momentum,counter,match", [
+    (1, 0.1, 0, "more than one value"),
+    (0, None, 0, "more than one value"),
+    (8, None, None, "needs num_batches_tracked"),
+])
+def test_update_running_stats_raises_the_contracts_errors(count, momentum, counter, match):
+    """Checked before anything else (on any device), nothing written."""
+    case = _running_stats_case(5, torch.float32, "cpu", counter)
+    before = _clone_running(case)
+    with pytest.raises(ValueError, match=match):
+        cuda_backend.update_running_stats(*case[:3], *case[3:], count, momentum)
+    assert all(a is None and b is None or torch.equal(a, b) for a, b in zip(case, before))
+
+
+def test_update_running_stats_is_one_counted_launch_when_counting():
+    """On CPU, inside counting_device and FakeTensorMode (the op's fake implementation): one
+    pyeuler::cuda_update_running_stats call, one launch, for every momentum kind; float64
+    buffers take the torch ops instead."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from pyeuler.backend import counting_device
+    from pyeuler.cost import Recorder
+
+    with counting_device():
+        assert cuda_backend.is_available()[0]
+        for dtype, momentum, counter in [(torch.bfloat16, 0.1, None), (torch.float32, 0.1, 3),
+                                         (torch.float16, "tensor", 3), (torch.float32, None, 0)]:
+            recorder = Recorder()
+            with FakeTensorMode():
+                case = _running_stats_case(640, dtype, "cpu", counter)
+                if momentum == "tensor":
+                    momentum = torch.tensor(0.2)
+                with recorder:
+                    assert cuda_backend.update_running_stats(*case, 64, momentum) is None
+            assert [(k.name, k.launches) for k in recorder.kernels] == [
+                ("pyeuler.cuda_update_running_stats.default", 1)], (dtype, momentum)
+        recorder = Recorder()
+        with FakeTensorMode():
+            case = _running_stats_case(640, torch.float64, "cpu", 0)
+            with recorder:
+                cuda_backend.update_running_stats(*case, 64, 0.1)
+        assert recorder.kernels and not any(k.name.startswith("pyeuler.cuda_")
+                                            for k in recorder.kernels)
+
+
+@gpu
+@pytest.mark.usefixtures("cuda_ready")
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("c", RUNNING_CHANNELS)
+@pytest.mark.parametrize("momentum_kind", ["float", "float_no_counter", "float_one",
+                                           "tensor", "tensor_float16", "cumulative"])
+def test_update_running_stats_matches_norm_algebra(dtype, c, momentum_kind):
+    """Bitwise the contract's buffers and counter over three consecutive updates: the kernel
+    rounds as the torch ops do (batch values and a tensor or cumulative rate in the buffers'
+    dtype, torch's lerp in float32 with its fused multiply-add)."""
+    counter = None if momentum_kind == "float_no_counter" else 5
+    momentum = {"float": 0.1, "float_no_counter": 0.1, "float_one": 1.0, "cumulative": None,
+                "tensor": torch.tensor(0.3, device="cuda"),
+                "tensor_float16": torch.tensor(0.7, device="cuda", dtype=torch.float16)
+                }[momentum_kind]
+    got = _running_stats_case(c, dtype, "cuda", counter)
+    want = _clone_running(got)
+    for step, count in enumerate((2, 49, 1024)):
+        batch = _running_stats_case(c, dtype, "cuda", seed=step + 1)[3:5]
+        assert cuda_backend.update_running_stats(*got[:3], *batch, count, momentum) is None
+        norm_algebra.update_running_stats(*want[:3], *batch, count, momentum)
+        for g, w, name in zip(got, want, ("running_mean", "running_var", "num_batches_tracked")):
+            if w is not None:
+                assert g.dtype == w.dtype and torch.equal(g, w), (name, step, g, w)
+
+
+@gpu
+@pytest.mark.usefixtures("cuda_ready")
+def test_update_running_stats_is_one_launch_without_host_sync():
+    """One kernel per call, no synchronisation (sync debug mode 'error'), for every momentum
+    kind; an empty C with a counter still increments it."""
+    from torch.profiler import ProfilerActivity, profile
+
+    for momentum in (0.1, torch.tensor(0.1, device="cuda"), None):
+        case = _running_stats_case(2049, torch.bfloat16, "cuda", 0)
+        cuda_backend.update_running_stats(*case, 64, momentum)  # warm-up
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            torch.cuda.set_sync_debug_mode("error")
+            try:
+                cuda_backend.update_running_stats(*case, 64, momentum)
+            finally:
+                torch.cuda.set_sync_debug_mode(0)
+            torch.cuda.synchronize()
+        device_events = [e.name for e in prof.events()
+                         if e.device_type == torch.autograd.DeviceType.CUDA]
+        assert len(device_events) == 1, device_events
+        assert case[2].item() == 2
+    empty = _running_stats_case(0, torch.float32, "cuda", 7)
+    cuda_backend.update_running_stats(*empty, 8, None)
+    assert empty[2].item() == 8
+
+
+@gpu
+@pytest.mark.usefixtures("cuda_ready")
+def test_update_running_stats_falls_back_where_the_kernel_cannot_serve():
+    """The contract's results, bitwise, where the kernel cannot serve (float64 buffers and
+    statistics, mixed buffer dtypes, a strided buffer: the torch ops) and in the forms it
+    takes besides the usual (a float64 momentum tensor read as float32, a [1] counter)."""
+    cases = [
+        (torch.float64, torch.float64, 0.1, None),
+        (torch.float32, torch.float32, torch.tensor(0.3, device="cuda", dtype=torch.float64),
+         None),
+        (torch.bfloat16, torch.float32, 0.1, None),
+        (torch.float32, torch.float32, None, "strided"),
+        (torch.float16, torch.float16, None, "counter[1]"),
+    ]
+    for mean_dtype, var_dtype, momentum, variant in cases:
+        got = list(_running_stats_case(7, mean_dtype, "cuda", 3))
+        got[1] = got[1].to(var_dtype)
+        if mean_dtype == torch.float64:
+            got[3], got[4] = got[3].double(), got[4].double()
+        if variant == "strided":
+            got[0] = torch.randn(14, device="cuda")[::2]
+        if variant == "counter[1]":
+            got[2] = got[2].view(1)
+        want = _clone_running(got)
+        cuda_backend.update_running_stats(*got, 16, momentum)
+        norm_algebra.update_running_stats(*want, 16, momentum)
+        for g, w in zip(got[:3], want[:3]):
+            assert g.dtype == w.dtype and torch.equal(g, w), (mean_dtype, var_dtype, variant)

@@ -660,6 +660,30 @@ struct StatVector {
   StatVector(std::vector<float> values) : host(std::move(values)), device(host, false) {}
 };
 
+// The forward coefficients of float32 statistics, in double, checked against the kernel's.
+void expect_forward_coefficients(const AlgebraShape& shape, const Param& weight,
+                                 const Param& bias, const Param& h, double h_value, double eps,
+                                 const std::vector<float>& mean, const std::vector<float>& var,
+                                 const std::vector<float>& scale, const std::vector<float>& shift,
+                                 const std::string& what) {
+  if (shape.coefs() == 0) return;
+  std::vector<double> want_scale(shape.coefs()), want_shift(shape.coefs()), atol(shape.coefs());
+  for (int64_t n = 0; n < shape.samples(); ++n)
+    for (int64_t c = 0; c < shape.c; ++c) {
+      const int64_t i = n * shape.c + c, s = shape.stat(n, c);
+      const double invstd = 1.0 / std::sqrt(double(var[s]) + double(float(eps)));
+      const double step = h.at(c, double(float(h_value)));
+      const double sc = step * weight.at(c, 1.0) * invstd;
+      const double hb = bias.present ? step * bias.at(c, 0.0) : 0.0;
+      want_scale[i] = sc;
+      want_shift[i] = -sc * mean[s] + hb;
+      atol[i] = 2e-6 * (std::fabs(sc * mean[s]) + std::fabs(hb)) + 1e-12;
+    }
+  // float32: var + eps, rsqrtf (2 ulp) and one rounding per operation
+  expect_close(what + " scale", scale, want_scale, 2e-6, 0.0);
+  expect_close(what + " shift", shift, want_shift, 2e-6, atol);
+}
+
 void test_forward_coefficients(const AlgebraShape& shape, const Param& weight, const Param& bias,
                                const Param& h, double h_value, const StatVector& mean,
                                const StatVector& var, const std::string& what) {
@@ -670,22 +694,154 @@ void test_forward_coefficients(const AlgebraShape& shape, const Param& weight, c
                                           shape.groups, weight.abi(), bias.abi(), h.abi(),
                                           h_value, eps, scale.get(), shift.get(), nullptr));
   CHECK_CUDA(cudaDeviceSynchronize());
-  if (shape.coefs() == 0) return;
-  std::vector<double> want_scale(shape.coefs()), want_shift(shape.coefs()), atol(shape.coefs());
-  for (int64_t n = 0; n < shape.samples(); ++n)
-    for (int64_t c = 0; c < shape.c; ++c) {
-      const int64_t i = n * shape.c + c, s = shape.stat(n, c);
-      const double invstd = 1.0 / std::sqrt(double(var.host[s]) + double(float(eps)));
-      const double step = h.at(c, double(float(h_value)));
-      const double sc = step * weight.at(c, 1.0) * invstd;
-      const double hb = bias.present ? step * bias.at(c, 0.0) : 0.0;
-      want_scale[i] = sc;
-      want_shift[i] = -sc * mean.host[s] + hb;
-      atol[i] = 2e-6 * (std::fabs(sc * mean.host[s]) + std::fabs(hb)) + 1e-12;
+  expect_forward_coefficients(shape, weight, bias, h, h_value, eps, mean.host, var.host,
+                              scale.download(), shift.download(), what);
+}
+
+// Bit for bit (NaN payloads included): outputs of one device function.
+void expect_bitwise(const std::string& what, const std::vector<float>& got,
+                    const std::vector<float>& want) {
+  for (size_t i = 0; i < want.size(); ++i) {
+    if (std::memcmp(&got[i], &want[i], sizeof(float)) != 0) {
+      std::printf("FAIL %s: [%zu] got %.9g want %.9g (bitwise)\n", what.c_str(), i, got[i],
+                  want[i]);
+      ++g_failures;
+      return;
     }
-  // float32: var + eps, rsqrtf (2 ulp) and one rounding per operation
-  expect_close(what + " scale", scale.download(), want_scale, 2e-6, 0.0);
-  expect_close(what + " shift", shift.download(), want_shift, 2e-6, atol);
+  }
+}
+
+// The statistics with the forward coefficients from their finalize
+// (pyeuler_norm_stats_and_coefficients): statistics bitwise pyeuler_norm_stats', coefficients
+// bitwise pyeuler_forward_coefficients' of them and close to the double reference; and the
+// SyncBatchNorm seam, pyeuler_welford_finalize_and_coefficients of host-made partials (three
+// per statistic, one of them empty), bitwise pyeuler_welford_finalize +
+// pyeuler_forward_coefficients.
+template <typename T>
+void test_norm_stats_and_coefficients(const Shape& shape, Random& rng, int64_t groups,
+                                      int round) {
+  const double eps = 1e-5;
+  const AlgebraShape algebra{shape.n, shape.c, groups};
+  const Activation<T> x(rng.uniform(shape.numel(), -2.f, 3.f));
+  DeviceArray<T> x_dev(x.stored, false);
+  const int64_t units = algebra.stats(), coefs = algebra.coefs();
+  const Param weight = round % 4 == 0 ? Param()
+                                      : Param(rng, shape.c, kParamDtypes[round % 3],
+                                              1 + round % 2, 0.5f, 1.5f);
+  const Param bias = round % 3 == 0 ? Param()
+                                    : Param(rng, shape.c, kParamDtypes[(round + 1) % 3], 1,
+                                            -0.5f, 0.5f);
+  const int h_kind = round % 4;  // h_value 1, h_value 0.3, 0-dim, [C]
+  const Param h = h_kind < 2 ? Param()
+                             : Param(rng, shape.c, kParamDtypes[(round + 2) % 3],
+                                     h_kind == 2 ? 0 : 1, 0.05f, 0.5f);
+  const double h_value = h_kind == 1 ? 0.3 : 1.0;
+  const std::string what = std::string("norm_stats_and_coefficients ") + Dtype<T>::kName + " " +
+                           shape.name() + " groups=" + std::to_string(groups) +
+                           " round=" + std::to_string(round);
+
+  DeviceArray<float> mean(units, false), var(units, false), scale(coefs, false),
+      shift(coefs, false), ref_mean(units, false), ref_var(units, false),
+      ref_scale(coefs, false), ref_shift(coefs, false);
+  size_t bytes = 0;
+  CHECK_CUDA(pyeuler_norm_stats_workspace_size(shape.geometry(), groups, &bytes));
+  DeviceArray<unsigned char> workspace(bytes, false);
+  CHECK_CUDA(pyeuler_norm_stats_and_coefficients(
+      x_dev.get(), Dtype<T>::kEnum, shape.geometry(), groups, weight.abi(), bias.abi(), h.abi(),
+      h_value, eps, mean.get(), var.get(), scale.get(), shift.get(), workspace.get(), bytes,
+      nullptr));
+  CHECK_CUDA(pyeuler_norm_stats(x_dev.get(), Dtype<T>::kEnum, shape.geometry(), groups,
+                                ref_mean.get(), ref_var.get(), workspace.get(), bytes, nullptr));
+  CHECK_CUDA(pyeuler_forward_coefficients(ref_mean.get(), ref_var.get(), shape.n, shape.c, groups,
+                                          weight.abi(), bias.abi(), h.abi(), h_value, eps,
+                                          ref_scale.get(), ref_shift.get(), nullptr));
+  CHECK_CUDA(cudaDeviceSynchronize());
+  const std::vector<float> got_mean = mean.download(), got_var = var.download();
+  expect_bitwise(what + " mean", got_mean, ref_mean.download());
+  expect_bitwise(what + " var", got_var, ref_var.download());
+  expect_bitwise(what + " scale", scale.download(), ref_scale.download());
+  expect_bitwise(what + " shift", shift.download(), ref_shift.download());
+  expect_forward_coefficients(algebra, weight, bias, h, h_value, eps, got_mean, got_var,
+                              scale.download(), shift.download(), what);
+  // the statistics against double sums
+  std::vector<double> sum(units), sum_sq(units), count(units);
+  for (int64_t n = 0; n < shape.n; ++n)
+    for (int64_t c = 0; c < shape.c; ++c)
+      for (int64_t s = 0; s < shape.s; ++s) {
+        const int64_t u = algebra.stat(groups == 0 ? 0 : n, c);
+        const double v = x.values[shape.at(n, c, s)];
+        sum[u] += v, sum_sq[u] += v * v, count[u] += 1;
+      }
+  std::vector<double> want_mean(units), want_var(units);
+  for (int64_t u = 0; u < units; ++u) {
+    want_mean[u] = sum[u] / count[u];
+    want_var[u] = sum_sq[u] / count[u] - want_mean[u] * want_mean[u];
+  }
+  expect_close(what + " mean vs double", got_mean, want_mean, 1e-4, 1e-5);
+  expect_close(what + " var vs double", got_var, want_var, 1e-4, 1e-5);
+
+  // the finalize alone, from partials [3][num_partials][units]: element k of a statistic goes
+  // to partial k % 2 (partial 2 stays empty: count 0)
+  const int64_t num_partials = 3;
+  std::vector<std::vector<double>> p_values(num_partials * units);
+  std::vector<int64_t> seen(units);
+  for (int64_t n = 0; n < shape.n; ++n)
+    for (int64_t c = 0; c < shape.c; ++c)
+      for (int64_t s = 0; s < shape.s; ++s) {
+        const int64_t u = algebra.stat(groups == 0 ? 0 : n, c);
+        const int64_t p = (seen[u]++) % 2;
+        p_values[p * units + u].push_back(x.values[shape.at(n, c, s)]);
+      }
+  std::vector<float> partials(3 * num_partials * units, 0.f);
+  const int64_t plane = num_partials * units;
+  for (int64_t k = 0; k < plane; ++k) {
+    const std::vector<double>& v = p_values[k];
+    double m = 0.0, m2 = 0.0;
+    for (double e : v) m += e;
+    if (!v.empty()) m /= double(v.size());
+    for (double e : v) m2 += (e - m) * (e - m);
+    partials[k] = float(v.size());
+    partials[plane + k] = float(m);
+    partials[2 * plane + k] = float(m2);
+  }
+  DeviceArray<float> partials_dev(partials, false);
+  CHECK_CUDA(pyeuler_welford_finalize_and_coefficients(
+      partials_dev.get(), num_partials, shape.n, shape.c, groups, weight.abi(), bias.abi(),
+      h.abi(), h_value, eps, mean.get(), var.get(), scale.get(), shift.get(), nullptr));
+  CHECK_CUDA(pyeuler_welford_finalize(partials_dev.get(), num_partials, units, ref_mean.get(),
+                                      ref_var.get(), nullptr));
+  CHECK_CUDA(pyeuler_forward_coefficients(ref_mean.get(), ref_var.get(), shape.n, shape.c, groups,
+                                          weight.abi(), bias.abi(), h.abi(), h_value, eps,
+                                          ref_scale.get(), ref_shift.get(), nullptr));
+  CHECK_CUDA(cudaDeviceSynchronize());
+  expect_bitwise(what + " finalize mean", mean.download(), ref_mean.download());
+  expect_bitwise(what + " finalize var", var.download(), ref_var.download());
+  expect_bitwise(what + " finalize scale", scale.download(), ref_scale.download());
+  expect_bitwise(what + " finalize shift", shift.download(), ref_shift.download());
+  expect_close(what + " finalize mean vs double", mean.download(), want_mean, 1e-4, 1e-5);
+}
+
+template <typename T>
+void test_norm_stats_and_coefficients_dtype(Random& rng) {
+  // odd and vector-friendly sizes, both layouts; groups of 1 to 600 channels, statistics
+  // spanning several finalize blocks (32 units each)
+  const Shape base_shapes[] = {{3, 5, 7}, {2, 16, 64}, {4, 24, 9}, {5, 6, 1}, {64, 40, 16},
+                               {3, 600, 5}, {40, 12, 3}};
+  int round = 0;
+  for (const Shape& base : base_shapes) {
+    for (pyeuler_layout_t layout : {PYEULER_LAYOUT_CHANNELS_FIRST, PYEULER_LAYOUT_CHANNELS_LAST}) {
+      Shape shape = base;
+      shape.layout = layout;
+      const int failures_before = g_failures;
+      const int64_t groups = shape.c % 4 == 0 ? 4 : shape.c % 3 == 0 ? 3 : 1;
+      for (int64_t g : {int64_t(0), int64_t(1), groups}) {
+        for (int k = 0; k < 4; ++k) test_norm_stats_and_coefficients<T>(shape, rng, g, round++);
+      }
+      std::printf("%-4s norm_stats_and_coefficients %-8s %s\n",
+                  g_failures == failures_before ? "ok" : "FAIL", Dtype<T>::kName,
+                  shape.name().c_str());
+    }
+  }
 }
 
 struct BackwardFlags {
@@ -980,6 +1136,160 @@ void test_backward_coefficients_vjp(Random& rng) {
   }
 }
 
+// pyeuler_double_backward_coefficients: its VJP outputs bitwise
+// pyeuler_backward_coefficients_vjp's (one kernel), plus the sums' own cotangents where given
+// (one float addition); a bitwise pyeuler_backward_coefficients' (one formula); b against a
+// double reference and pyeuler_backward_coefficients' (another summation order); the
+// centre's gradient against a double reference of Σ -(b·cot_c) - q·Σg over each statistic's
+// channels.  Over the VJP test's shapes, parameters and a spread of flags, with dvar and the
+// sums' cotangents each absent or present.
+void test_double_backward_coefficients(Random& rng) {
+  const AlgebraShape shapes[] = {{1, 5, 0}, {1, 300, 0}, {3, 6, 2}, {2, 80, 1},
+                                 {40, 12, 3}, {3, 600, 1}, {0, 4, 2}};
+  const double eps = 1e-5;
+  const int64_t count = 7;
+  int round = 0;
+  for (const AlgebraShape& shape : shapes) {
+    const int failures_before = g_failures;
+    const int64_t S = shape.samples(), C = shape.c;
+    const int64_t stats = std::max<int64_t>(shape.stats(), 1);
+    const int64_t coefs = std::max<int64_t>(shape.coefs(), 1);
+    const StatVector var(rng.uniform(stats, 0.2f, 2.f)), dvar(rng.uniform(stats, -1.f, 1.f));
+    const StatVector sum_g(rng.uniform(coefs, -3.f, 3.f)), sum_gxc(rng.uniform(coefs, -3.f, 3.f));
+    const StatVector cot_a(rng.uniform(coefs, -1.f, 1.f)), cot_b(rng.uniform(coefs, -1.f, 1.f));
+    const StatVector cot_c(rng.uniform(coefs, -1.f, 1.f));
+    const StatVector cot_sum_g(rng.uniform(coefs, -1.f, 1.f));
+    const StatVector cot_sum_gxc(rng.uniform(coefs, -1.f, 1.f));
+    for (int params = 0; params < 16; ++params) {
+      ++round;
+      const bool with_weight = params & 1, with_bias = params & 2;
+      const int h_kind = params >> 2;  // h_value 1, h_value 0.3, 0-dim, [C]
+      const pyeuler_dtype_t dtype = kParamDtypes[round % 3];
+      const Param weight = with_weight ? Param(rng, C, dtype, 1 + round % 2, 0.5f, 1.5f) : Param();
+      const Param bias = with_bias ? Param(rng, C, dtype, 1, -0.5f, 0.5f) : Param();
+      const Param h = h_kind < 2 ? Param() : Param(rng, C, dtype, h_kind == 2 ? 0 : 1, 0.05f, 0.5f);
+      const double h_value = h_kind == 1 ? 0.3 : 1.0;
+      const Param cot_dweight(rng, C, PYEULER_DTYPE_FLOAT32, 1, -1.f, 1.f);
+      const Param cot_dbias(rng, C, PYEULER_DTYPE_BFLOAT16, 1, -1.f, 1.f);
+      const Param cot_dh(rng, C, PYEULER_DTYPE_FLOAT32, h_kind == 2 ? 0 : 1, -1.f, 1.f);
+      const pyeuler_param_t none{nullptr, PYEULER_DTYPE_FLOAT32, 0};
+      for (int bits = 0; bits < 2048; bits += 1 + 7 * (bits % 5)) {  // a spread of flag sets
+        const bool sums = bits & 1, centered = bits & 2;
+        const bool give_a = !(bits & 4), give_b = !(bits & 8), give_c = !(bits & 16);
+        const bool give_dw = (bits & 32) && sums, give_db = (bits & 64) && sums;
+        const bool give_dh = (bits & 128) && sums && h.present;
+        const bool give_dvar = bits & 256, give_sg = bits & 512, give_sgxc = bits & 1024;
+        const bool out_w = weight.present && weight.dtype == PYEULER_DTYPE_FLOAT32;
+        const bool out_b = bias.present && bias.dtype == PYEULER_DTYPE_FLOAT32;
+        const bool out_h = h.present && h.dtype == PYEULER_DTYPE_FLOAT32;
+        // the double backward: every output requested
+        DeviceArray<float> a(coefs, false), b(coefs, false), d_sum_g(coefs, false),
+            d_sum_gxc(coefs, false), d_dmean(stats, false), d_dvar(stats, false),
+            d_var(stats, false), d_mean(stats, false);
+        DeviceArray<float> d_weight(C, false), d_bias(C, false), d_h(C, false);
+        CHECK_CUDA(pyeuler_double_backward_coefficients(
+            sums ? sum_g.device.get() : nullptr, sums ? sum_gxc.device.get() : nullptr,
+            give_dvar ? dvar.device.get() : nullptr, var.device.get(), shape.n, C, shape.groups,
+            weight.abi(), bias.abi(), h.abi(), h_value, eps, centered, 1, count,
+            give_a ? cot_a.device.get() : nullptr, give_b ? cot_b.device.get() : nullptr,
+            give_c ? cot_c.device.get() : nullptr, give_dw ? cot_dweight.abi() : none,
+            give_db ? cot_dbias.abi() : none, give_dh ? cot_dh.abi() : none,
+            give_sg ? cot_sum_g.device.get() : nullptr,
+            give_sgxc ? cot_sum_gxc.device.get() : nullptr, a.get(), b.get(), d_sum_g.get(),
+            d_sum_gxc.get(), d_dmean.get(), d_dvar.get(), d_var.get(),
+            out_w ? d_weight.get() : nullptr, out_b ? d_bias.get() : nullptr,
+            out_h ? d_h.get() : nullptr, d_mean.get(), nullptr));
+        // the VJP and the backward of the same arguments
+        DeviceArray<float> v_sum_g(coefs, false), v_sum_gxc(coefs, false), v_dmean(stats, false),
+            v_dvar(stats, false), v_var(stats, false);
+        DeviceArray<float> v_weight(C, false), v_bias(C, false), v_h(C, false);
+        CHECK_CUDA(pyeuler_backward_coefficients_vjp(
+            sums ? sum_g.device.get() : nullptr, sums ? sum_gxc.device.get() : nullptr,
+            var.device.get(), shape.n, C, shape.groups, weight.abi(), bias.abi(), h.abi(),
+            h_value, eps, centered, 1, count, give_a ? cot_a.device.get() : nullptr,
+            give_b ? cot_b.device.get() : nullptr, give_c ? cot_c.device.get() : nullptr,
+            give_dw ? cot_dweight.abi() : none, give_db ? cot_dbias.abi() : none,
+            give_dh ? cot_dh.abi() : none, v_sum_g.get(), v_sum_gxc.get(), v_dmean.get(),
+            v_dvar.get(), v_var.get(), out_w ? v_weight.get() : nullptr,
+            out_b ? v_bias.get() : nullptr, out_h ? v_h.get() : nullptr, nullptr));
+        DeviceArray<float> bw_a(coefs, false), bw_b(coefs, false), bw_c(coefs, false);
+        CHECK_CUDA(pyeuler_backward_coefficients(
+            sums ? sum_g.device.get() : nullptr, sums ? sum_gxc.device.get() : nullptr, nullptr,
+            give_dvar ? dvar.device.get() : nullptr, var.device.get(), shape.n, C, shape.groups,
+            weight.abi(), bias.abi(), h.abi(), h_value, eps, centered, 1, count, bw_a.get(),
+            bw_b.get(), bw_c.get(), nullptr, nullptr, nullptr, nullptr));
+        CHECK_CUDA(cudaDeviceSynchronize());
+        if (shape.coefs() == 0 && !out_w && !out_b && !out_h) continue;
+        const std::string what = "double_backward_coefficients " + shape.name() + " params=" +
+                                 std::to_string(params) + " bits=" + std::to_string(bits);
+        const size_t n_coefs = size_t(shape.coefs()), n_stats = size_t(shape.stats());
+        auto head = [](const std::vector<float>& v, size_t n) {
+          return std::vector<float>(v.begin(), v.begin() + n);
+        };
+        // the VJP's outputs, the sums' cotangents added where given
+        std::vector<float> want_sum_g = head(v_sum_g.download(), n_coefs);
+        std::vector<float> want_sum_gxc = head(v_sum_gxc.download(), n_coefs);
+        for (size_t i = 0; i < n_coefs; ++i) {
+          if (sums && give_sg) want_sum_g[i] += cot_sum_g.host[i];
+          if (sums && give_sgxc) want_sum_gxc[i] += cot_sum_gxc.host[i];
+        }
+        const std::vector<float> got_sum_gxc = head(d_sum_gxc.download(), n_coefs);
+        expect_bitwise(what + " d_sum_g", head(d_sum_g.download(), n_coefs), want_sum_g);
+        expect_bitwise(what + " d_sum_gxc", got_sum_gxc, want_sum_gxc);
+        expect_bitwise(what + " d_dmean", head(d_dmean.download(), n_stats),
+                       head(v_dmean.download(), n_stats));
+        expect_bitwise(what + " d_dvar", head(d_dvar.download(), n_stats),
+                       head(v_dvar.download(), n_stats));
+        expect_bitwise(what + " d_var", head(d_var.download(), n_stats),
+                       head(v_var.download(), n_stats));
+        if (out_w) expect_bitwise(what + " d_weight", d_weight.download(), v_weight.download());
+        if (out_b) expect_bitwise(what + " d_bias", d_bias.download(), v_bias.download());
+        if (out_h) {
+          const size_t n_h = h.stride == 0 ? 1 : size_t(C);
+          expect_bitwise(what + " d_h", head(d_h.download(), n_h), head(v_h.download(), n_h));
+        }
+        if (n_coefs == 0) continue;
+        expect_bitwise(what + " a", head(a.download(), n_coefs), head(bw_a.download(), n_coefs));
+        // b and the centre's gradient against double references
+        const double step_value = double(float(h_value));
+        std::vector<Total> group_b(stats);
+        for (int64_t n = 0; n < S && sums; ++n)
+          for (int64_t c = 0; c < C; ++c) {
+            const int64_t i = n * C + c, s = shape.stat(n, c);
+            const double iv = 1.0 / std::sqrt(double(var.host[s]) + double(float(eps)));
+            const double sw = h.at(c, step_value) * weight.at(c, 1.0);
+            group_b[s].add(sw * sum_gxc.host[i] * iv * iv * iv * (-1.0 / count));
+          }
+        const std::vector<float> got_b = head(b.download(), n_coefs);
+        std::vector<double> want_b(n_coefs), atol_b(n_coefs);
+        std::vector<Total> center(stats);
+        for (int64_t n = 0; n < S; ++n)
+          for (int64_t c = 0; c < C; ++c) {
+            const int64_t i = n * C + c, s = shape.stat(n, c);
+            if (centered) {
+              const double dv = give_dvar ? dvar.host[s] * 2.0 / count : 0.0;
+              want_b[i] = group_b[s].sum + dv;
+              atol_b[i] = 1e-5 * (group_b[s].magnitude + std::fabs(dv)) + 1e-12;
+            }
+            if (centered && give_c) center[s].add(-double(got_b[i]) * cot_c.host[i]);
+            if (sums) center[s].add(-double(got_sum_gxc[i]) * sum_g.host[i]);
+          }
+        expect_close(what + " b", got_b, want_b, 0.0, atol_b);
+        expect_close(what + " backward's b", head(bw_b.download(), n_coefs), want_b, 0.0, atol_b);
+        std::vector<double> want_center, atol_center;
+        for (size_t s = 0; s < n_stats; ++s) {
+          want_center.push_back(center[s].sum);
+          atol_center.push_back(1e-5 * center[s].magnitude + 1e-7);
+        }
+        expect_close(what + " d_mean", head(d_mean.download(), n_stats), want_center, 0.0,
+                     atol_center);
+      }
+    }
+    std::printf("%-4s double_backward_coefficients %s\n",
+                g_failures == failures_before ? "ok" : "FAIL", shape.name().c_str());
+  }
+}
+
 // Bitwise reproducibility (fixed summation orders) and the argument errors.
 void test_norm_coefficients_determinism_and_errors(Random& rng) {
   const int failures_before = g_failures;
@@ -1047,6 +1357,187 @@ void test_norm_coefficients_determinism_and_errors(Random& rng) {
               g_failures == failures_before ? "ok" : "FAIL");
 }
 
+// ---- BatchNorm's running-statistics update -------------------------------------------
+// Bitwise against a host replay of the torch ops' rounding (norm_algebra.update_running_stats
+// on CUDA): batch values and a tensor or cumulative rate rounded to the buffers' dtype,
+// torch's lerp in float with its one fused multiply-add.  Three consecutive updates per case,
+// so the counter and the cumulative rate move; C = 0 only increments the counter.
+
+// float -> T -> float, as the buffers' dtype holds the value.
+template <typename T>
+float in_dtype(float v) {
+  return Dtype<T>::to_float(Dtype<T>::from_float(v));
+}
+
+float torch_lerp_reference(float self, float end, float weight) {
+  const volatile float diff = end - self;
+  return std::fabs(weight) < 0.5f ? std::fmaf(weight, diff, self)
+                                  : std::fmaf(-diff, 1.f - weight, end);
+}
+
+// The 0-dim momentum tensor of a case: stored in `dtype`, and its value as stored.
+struct Momentum {
+  pyeuler_dtype_t dtype;
+  float value;
+  std::unique_ptr<DeviceArray<unsigned char>> device;
+
+  Momentum(pyeuler_dtype_t dtype_, float raw) : dtype(dtype_) {
+    unsigned char bytes[4] = {};
+    if (dtype == PYEULER_DTYPE_FLOAT16) {
+      const __half v = Dtype<__half>::from_float(raw);
+      value = Dtype<__half>::to_float(v);
+      std::memcpy(bytes, &v, sizeof(v));
+    } else if (dtype == PYEULER_DTYPE_BFLOAT16) {
+      const __nv_bfloat16 v = Dtype<__nv_bfloat16>::from_float(raw);
+      value = Dtype<__nv_bfloat16>::to_float(v);
+      std::memcpy(bytes, &v, sizeof(v));
+    } else {
+      value = raw;
+      std::memcpy(bytes, &raw, sizeof(raw));
+    }
+    device = std::make_unique<DeviceArray<unsigned char>>(
+        std::vector<unsigned char>(bytes, bytes + 4), false);
+  }
+  pyeuler_param_t abi() const { return {device->get(), dtype, 0}; }
+};
+
+enum class RateKind { kFloat, kTensor, kCumulative };
+
+template <typename T>
+void test_update_running_stats(Random& rng, int64_t channels, RateKind kind, bool with_counter,
+                               float momentum_value, pyeuler_dtype_t momentum_dtype) {
+  const std::string rate_name = kind == RateKind::kFloat
+                                    ? " momentum=" + std::to_string(momentum_value)
+                                : kind == RateKind::kTensor ? " momentum tensor"
+                                                            : std::string(" cumulative");
+  const std::string what = std::string("update_running_stats ") + Dtype<T>::kName + " C=" +
+                           std::to_string(channels) + rate_name +
+                           (with_counter ? " counter" : "");
+  const Activation<T> mean0(rng.uniform(channels, -2.f, 2.f));
+  const Activation<T> var0(rng.uniform(channels, 0.5f, 1.5f));
+  std::vector<float> ref_mean = mean0.values, ref_var = var0.values;
+  DeviceArray<T> running_mean(mean0.stored, false), running_var(var0.stored, false);
+  int64_t ref_counter = 4;
+  DeviceArray<int64_t> counter(std::vector<int64_t>{ref_counter}, false);
+  const Momentum momentum(momentum_dtype, momentum_value);
+  const int64_t counts[3] = {2, 49, 1024};
+  for (int step = 0; step < 3; ++step) {
+    const int64_t count = counts[step];
+    const std::vector<float> mean = rng.uniform(channels, -3.f, 3.f);
+    const std::vector<float> var = rng.uniform(channels, 0.f, 4.f);
+    const DeviceArray<float> mean_d(mean, false), var_d(var, false);
+    const pyeuler_param_t none{nullptr, PYEULER_DTYPE_FLOAT32, 0};
+    CHECK_CUDA(pyeuler_update_running_stats(
+        running_mean.get(), running_var.get(), Dtype<T>::kEnum,
+        with_counter ? counter.get() : nullptr, mean_d.get(), var_d.get(), channels, count,
+        kind == RateKind::kTensor ? momentum.abi() : none, momentum_value,
+        kind == RateKind::kCumulative, nullptr));
+    CHECK_CUDA(cudaDeviceSynchronize());
+    // the host replay
+    if (with_counter) ++ref_counter;
+    float rate = float(momentum_value);
+    if (kind == RateKind::kTensor) rate = in_dtype<T>(momentum.value);
+    if (kind == RateKind::kCumulative) rate = in_dtype<T>(1.0f / in_dtype<T>(float(ref_counter)));
+    const float factor = float(double(count) / double(count - 1));
+    for (int64_t c = 0; c < channels; ++c) {
+      const volatile float unbiased = var[c] * factor;
+      ref_mean[c] = in_dtype<T>(torch_lerp_reference(ref_mean[c], in_dtype<T>(mean[c]), rate));
+      ref_var[c] = in_dtype<T>(torch_lerp_reference(ref_var[c], in_dtype<T>(unbiased), rate));
+    }
+  }
+  const std::vector<float> got_mean = to_floats(running_mean.download());
+  const std::vector<float> got_var = to_floats(running_var.download());
+  for (int64_t c = 0; c < channels; ++c) {
+    if (std::memcmp(&got_mean[c], &ref_mean[c], sizeof(float)) != 0 ||
+        std::memcmp(&got_var[c], &ref_var[c], sizeof(float)) != 0) {
+      std::printf("FAIL %s: channel %lld got (%.9g, %.9g) want (%.9g, %.9g)\n", what.c_str(),
+                  (long long)c, got_mean[c], got_var[c], ref_mean[c], ref_var[c]);
+      ++g_failures;
+      break;
+    }
+  }
+  const int64_t got_counter = counter.download()[0];
+  if (got_counter != ref_counter) {
+    std::printf("FAIL %s: num_batches_tracked %lld, want %lld\n", what.c_str(),
+                (long long)got_counter, (long long)ref_counter);
+    ++g_failures;
+  }
+}
+
+template <typename T>
+void test_update_running_stats_dtype(Random& rng) {
+  const int failures_before = g_failures;
+  for (int64_t channels : {int64_t(0), int64_t(1), int64_t(7), int64_t(640), int64_t(2049)}) {
+    for (bool counter : {false, true}) {
+      for (float m : {0.1f, 0.5f, 1.0f, 0.f}) {
+        test_update_running_stats<T>(rng, channels, RateKind::kFloat, counter, m,
+                                     PYEULER_DTYPE_FLOAT32);
+      }
+      for (pyeuler_dtype_t md : kParamDtypes) {
+        test_update_running_stats<T>(rng, channels, RateKind::kTensor, counter, 0.3f, md);
+        test_update_running_stats<T>(rng, channels, RateKind::kTensor, counter, 0.7f, md);
+      }
+    }
+    test_update_running_stats<T>(rng, channels, RateKind::kCumulative, true, 0.f,
+                                 PYEULER_DTYPE_FLOAT32);
+  }
+  std::printf("%-4s update_running_stats %s\n", g_failures == failures_before ? "ok" : "FAIL",
+              Dtype<T>::kName);
+}
+
+// Argument errors are reported, not launched; C = 0 without a counter launches nothing.
+void test_update_running_stats_errors() {
+  const int failures_before = g_failures;
+  float buffer[4] = {};
+  int64_t host_counter = 0;
+  const pyeuler_param_t none{nullptr, PYEULER_DTYPE_FLOAT32, 0};
+  const pyeuler_param_t momentum{buffer, PYEULER_DTYPE_FLOAT32, 0};
+  const pyeuler_param_t bad_momentum{buffer, pyeuler_dtype_t(7), 0};
+  struct Expectation {
+    const char* what;
+    cudaError_t got;
+  } const errors[] = {
+      {"channels < 0", pyeuler_update_running_stats(buffer, buffer, PYEULER_DTYPE_FLOAT32,
+                                                    nullptr, buffer, buffer, -1, 8, none, 0.1,
+                                                    0, nullptr)},
+      {"count 1", pyeuler_update_running_stats(buffer, buffer, PYEULER_DTYPE_FLOAT32, nullptr,
+                                               buffer, buffer, 4, 1, none, 0.1, 0, nullptr)},
+      {"bad buffer dtype", pyeuler_update_running_stats(buffer, buffer, pyeuler_dtype_t(7),
+                                                        nullptr, buffer, buffer, 4, 8, none,
+                                                        0.1, 0, nullptr)},
+      {"bad momentum dtype",
+       pyeuler_update_running_stats(buffer, buffer, PYEULER_DTYPE_FLOAT32, nullptr, buffer,
+                                    buffer, 4, 8, bad_momentum, 0.1, 0, nullptr)},
+      {"cumulative without a counter",
+       pyeuler_update_running_stats(buffer, buffer, PYEULER_DTYPE_FLOAT32, nullptr, buffer,
+                                    buffer, 4, 8, none, 0.1, 1, nullptr)},
+      {"cumulative with a momentum tensor",
+       pyeuler_update_running_stats(buffer, buffer, PYEULER_DTYPE_FLOAT32, &host_counter, buffer,
+                                    buffer, 4, 8, momentum, 0.1, 1, nullptr)},
+      {"NULL statistics", pyeuler_update_running_stats(buffer, buffer, PYEULER_DTYPE_FLOAT32,
+                                                       nullptr, nullptr, buffer, 4, 8, none, 0.1,
+                                                       0, nullptr)},
+      {"NULL running_var", pyeuler_update_running_stats(buffer, nullptr, PYEULER_DTYPE_FLOAT32,
+                                                        nullptr, buffer, buffer, 4, 8, none, 0.1,
+                                                        0, nullptr)},
+  };
+  for (const Expectation& e : errors) {
+    if (e.got != cudaErrorInvalidValue) {
+      std::printf("FAIL update_running_stats: %s returned %d, not cudaErrorInvalidValue\n",
+                  e.what, int(e.got));
+      ++g_failures;
+    }
+  }
+  // nothing to write: no launch, so host pointers are never touched
+  if (pyeuler_update_running_stats(nullptr, nullptr, PYEULER_DTYPE_FLOAT32, nullptr, nullptr,
+                                   nullptr, 0, 8, none, 0.1, 0, nullptr) != cudaSuccess) {
+    std::printf("FAIL update_running_stats: C = 0 without a counter is not a no-op\n");
+    ++g_failures;
+  }
+  std::printf("%-4s update_running_stats argument errors\n",
+              g_failures == failures_before ? "ok" : "FAIL");
+}
+
 }  // namespace
 
 int main() {
@@ -1062,6 +1553,14 @@ int main() {
   test_norm_coefficients(rng);
   test_norm_coefficients_determinism_and_errors(rng);
   test_backward_coefficients_vjp(rng);
+  test_double_backward_coefficients(rng);
+  test_norm_stats_and_coefficients_dtype<float>(rng);
+  test_norm_stats_and_coefficients_dtype<__half>(rng);
+  test_norm_stats_and_coefficients_dtype<__nv_bfloat16>(rng);
+  test_update_running_stats_dtype<float>(rng);
+  test_update_running_stats_dtype<__half>(rng);
+  test_update_running_stats_dtype<__nv_bfloat16>(rng);
+  test_update_running_stats_errors();
   if (g_failures != 0) {
     std::printf("%d check(s) failed\n", g_failures);
     return 1;

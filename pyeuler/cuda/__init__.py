@@ -23,14 +23,18 @@ import torch
 from torch import Tensor
 
 from pyeuler.backend import counted_device, device_type
-from pyeuler.ops.norm_algebra import VJP_KEYS, vjp_presence
+from pyeuler.ops import norm_algebra
+from pyeuler.ops.norm_algebra import (DOUBLE_BACKWARD_KEYS, VJP_KEYS, double_backward_presence,
+                                      vjp_presence)
 
 __all__ = [
     "is_available",
     "forward_coefficients",
     "backward_coefficients",
     "backward_coefficients_vjp",
+    "double_backward_coefficients",
     "norm_stats",
+    "norm_stats_and_coefficients",
     "affine_act_forward",
     "affine_act_backward_reduce",
     "affine_act_backward_apply",
@@ -39,6 +43,7 @@ __all__ = [
     "affine_act_double_backward_apply",
     "ie_residual",
     "ie_update",
+    "update_running_stats",
 ]
 
 _lock = threading.Lock()
@@ -51,6 +56,8 @@ _counting_library: torch.library.Library | None = None
 # them (tests/test_cost.py checks that the two agree).
 SCHEMAS = (
     "cuda_norm_stats(Tensor x, int groups) -> (Tensor, Tensor)",
+    "cuda_norm_stats_and_coefficients(Tensor x, int groups, Tensor? weight, Tensor? bias, "
+    "Tensor? h, float h_value, float eps) -> (Tensor, Tensor, Tensor, Tensor)",
     "cuda_affine_act_forward(Tensor x, Tensor scale, Tensor shift, Tensor? shortcut, "
     "bool relu, bool save_mask) -> (Tensor, Tensor)",
     "cuda_affine_act_backward_reduce(Tensor dy, Tensor x, Tensor scale, Tensor shift, "
@@ -79,13 +86,25 @@ SCHEMAS = (
     "Tensor? dvar, Tensor? weight, Tensor? bias, Tensor? h, Tensor var, float h_value, "
     "float eps, int groups, bool batch_stats, bool[5] needs, int channels, int count, "
     "Tensor?[] cotangents) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)",
+    "cuda_double_backward_coefficients(Tensor? sum_g, Tensor? sum_gxc, Tensor? dmean, "
+    "Tensor? dvar, Tensor? weight, Tensor? bias, Tensor? h, Tensor var, float h_value, "
+    "float eps, int groups, bool batch_stats, bool[5] needs, int channels, int count, "
+    "Tensor?[] cotangents, Tensor?[] sum_cotangents) -> (Tensor, Tensor, Tensor, Tensor, "
+    "Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)",
+    "cuda_update_running_stats(Tensor(a!) running_mean, Tensor(b!) running_var, "
+    "Tensor(c!)? num_batches_tracked, Tensor mean, Tensor var, int count, Tensor? momentum, "
+    "float? momentum_value) -> ()",
 )
 
 # Kernel launches per op call: a reduction is a partials pass and a finalize pass
-# (kernels/reduce.cuh, launched even when there is one partial); every other op is one
-# kernel: elementwise, or the per-channel algebra (kernels/norm_coefficients.cu).
+# (kernels/reduce.cuh, launched even when there is one partial; the statistics' finalize
+# also writes the forward coefficients for norm_stats_and_coefficients); every other op is
+# one kernel: elementwise, or the per-channel algebra (kernels/norm_coefficients.cu), the
+# double backward's and the running-statistics update included (one block; none only for
+# C = 0 without a counter).
 KERNEL_LAUNCHES = {schema.split("(")[0]: 1 for schema in SCHEMAS} | {
     "cuda_norm_stats": 2,
+    "cuda_norm_stats_and_coefficients": 2,
     "cuda_affine_act_backward_reduce": 2,
     "cuda_affine_act_double_backward_reduce": 2,
 }
@@ -212,6 +231,26 @@ def norm_stats(x: Tensor, groups: int) -> tuple[Tensor, Tensor]:
     _require_extension()
     mean, var = torch.ops.pyeuler.cuda_norm_stats(x, groups)
     return mean, var
+
+
+def norm_stats_and_coefficients(
+    x: Tensor,
+    groups: int,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    h: Tensor | None,
+    h_value: float,
+    eps: float,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Two launches (kernels/norm_stats.cu), as :func:`norm_stats` alone: the statistics'
+    second stage also writes ``scale``/``shift``, bitwise :func:`forward_coefficients` of
+    the same statistics (one device function).  Parameters as forward_coefficients takes
+    them; mean, var, scale and shift are float32."""
+    _check_cuda(x=x, weight=weight, bias=bias, h=h)
+    _require_extension()
+    mean, var, scale, shift = torch.ops.pyeuler.cuda_norm_stats_and_coefficients(
+        x, int(groups), _param(weight), _param(bias), _param(h), float(h_value), float(eps))
+    return mean, var, scale, shift
 
 
 def affine_act_forward(
@@ -398,7 +437,6 @@ def backward_coefficients(
             dh if sums and needs[4] else None)
 
 
-# The gradients of backward_coefficients_vjp, in the op's output order.
 def backward_coefficients_vjp(
     sum_g: Tensor | None,
     sum_gxc: Tensor | None,
@@ -422,24 +460,124 @@ def backward_coefficients_vjp(
     gradients of weight, bias and h come in their dtype, the others float32; None exactly
     where the contract's are.  Sums-shaped gradients are [N, C] for GroupNorm where the
     contract may leave a broadcastable [C].  Not differentiable (no graph is built)."""
+    return _second_order(sum_g, sum_gxc, dmean, dvar, weight, bias, h, var, h_value, eps, groups,
+                         batch_stats, needs, channels, count, cotangents, None)
+
+
+def double_backward_coefficients(
+    sum_g: Tensor | None,
+    sum_gxc: Tensor | None,
+    dmean: Tensor | None,
+    dvar: Tensor | None,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    h: Tensor | None,
+    var: Tensor,
+    h_value: float,
+    eps: float,
+    groups: int,
+    batch_stats: bool,
+    needs,
+    channels: int,
+    count: int,
+    cotangents,
+    sum_cotangents=(None, None),
+) -> dict[str, Tensor | None]:
+    """One launch (kernels/norm_coefficients.cu, the VJP's kernel with its extras): the
+    backward's a and b, :func:`backward_coefficients_vjp`'s gradients with the sums' own
+    cotangents (float32, sums-shaped) added, and the centre's gradient ``"mean"``
+    (statistic-shaped).  Dtypes, shapes and None entries as for backward_coefficients_vjp
+    (``double_backward_presence``).  Not differentiable (no graph is built)."""
+    return _second_order(sum_g, sum_gxc, dmean, dvar, weight, bias, h, var, h_value, eps, groups,
+                         batch_stats, needs, channels, count, cotangents, tuple(sum_cotangents))
+
+
+def _second_order(sum_g, sum_gxc, dmean, dvar, weight, bias, h, var, h_value, eps, groups,
+                  batch_stats, needs, channels, count, cotangents, sum_cotangents):
+    """backward_coefficients_vjp (``sum_cotangents`` None) or double_backward_coefficients:
+    the op's outputs, None where the contract's presence rules say so."""
     cotangents = tuple(cotangents)
+    double = sum_cotangents is not None
     _check_cuda(sum_g=sum_g, sum_gxc=sum_gxc, dmean=dmean, dvar=dvar, weight=weight, bias=bias,
-                h=h, var=var, **{f"cotangent {k}": t for k, t in enumerate(cotangents)})
+                h=h, var=var, **{f"cotangent {k}": t for k, t in enumerate(cotangents)},
+                **{f"sum cotangent {k}": t for k, t in enumerate(sum_cotangents or ())})
     _require_extension()
     needs = [bool(n) for n in needs]
-    present, cotangents = vjp_presence(sum_g, dmean, dvar, weight, bias, h, batch_stats, needs,
-                                        cotangents)
+    if double:
+        present, cotangents = double_backward_presence(sum_g, dmean, dvar, weight, bias, h,
+                                                       batch_stats, needs, cotangents,
+                                                       sum_cotangents)
+    else:
+        present, cotangents = vjp_presence(sum_g, dmean, dvar, weight, bias, h, batch_stats, needs,
+                                           cotangents)
     cotangents = [*cotangents[:3], *(_param(t) for t in cotangents[3:])]
-    outputs = torch.ops.pyeuler.cuda_backward_coefficients_vjp(
-        sum_g, sum_gxc, dmean, dvar, _param(weight), _param(bias), _param(h), var,
-        float(h_value), float(eps), int(groups), bool(batch_stats), needs, int(channels),
-        int(count), cotangents)
-    grads = {k: o if p else None for k, o, p in zip(VJP_KEYS, outputs, present)}
+    args = (sum_g, sum_gxc, dmean, dvar, _param(weight), _param(bias), _param(h), var,
+            float(h_value), float(eps), int(groups), bool(batch_stats), needs, int(channels),
+            int(count), cotangents)
+    if double:
+        outputs = torch.ops.pyeuler.cuda_double_backward_coefficients(*args, list(sum_cotangents))
+    else:
+        outputs = torch.ops.pyeuler.cuda_backward_coefficients_vjp(*args)
+    keys = DOUBLE_BACKWARD_KEYS if double else VJP_KEYS
+    grads = {k: o if p else None for k, o, p in zip(keys, outputs, present)}
     for name, param in (("weight", weight), ("bias", bias), ("h", h)):
         # a float64 parameter was read as float32 (_param); its gradient is in its dtype
         if grads[name] is not None and grads[name].dtype != param.dtype:
             grads[name] = grads[name].to(param.dtype)
     return grads
+
+
+def update_running_stats(
+    running_mean: Tensor,
+    running_var: Tensor,
+    num_batches_tracked: Tensor | None,
+    mean: Tensor,
+    var: Tensor,
+    count: int,
+    momentum: float | Tensor | None,
+) -> None:
+    """One launch of one block (kernels/norm_coefficients.cu), no host synchronisation: the
+    counter is read and incremented once on the device.  Running buffers in float32, float16
+    or bfloat16 (one dtype, contiguous [C]) with float32 statistics; a momentum tensor in
+    its dtype, float64 converted to float32 (which lerp_ reads it through anyway).  Anything
+    else (float64 buffers or statistics, an int32 counter) takes the torch-op version,
+    :func:`pyeuler.ops.norm_algebra.update_running_stats`."""
+    if count < 2 or (momentum is None and num_batches_tracked is None):
+        # the contract's ValueError, raised before anything is written
+        return norm_algebra.update_running_stats(running_mean, running_var, num_batches_tracked,
+                                                 mean, var, count, momentum)
+    tensor_momentum = isinstance(momentum, Tensor)
+    _check_cuda(running_mean=running_mean, running_var=running_var,
+                num_batches_tracked=num_batches_tracked, mean=mean, var=var,
+                momentum=momentum if tensor_momentum else None)
+    if not _running_stats_kernel_takes(running_mean, running_var, num_batches_tracked, mean, var,
+                                       momentum if tensor_momentum else None):
+        return norm_algebra.update_running_stats(running_mean, running_var, num_batches_tracked,
+                                                 mean, var, count, momentum)
+    _require_extension()
+    torch.ops.pyeuler.cuda_update_running_stats(
+        running_mean, running_var, num_batches_tracked, mean.detach(), var.detach(), int(count),
+        _param(momentum.detach()) if tensor_momentum else None,
+        None if momentum is None or tensor_momentum else float(momentum))
+    return None
+
+
+def _running_stats_kernel_takes(running_mean: Tensor, running_var: Tensor,
+                                num_batches_tracked: Tensor | None, mean: Tensor, var: Tensor,
+                                momentum: Tensor | None) -> bool:
+    """Whether the kernel can update these buffers in place: it writes dense [C] buffers of
+    one kernel dtype and an int64 counter, and reads float32 [C] statistics."""
+    return (running_mean.dtype in _PARAM_DTYPES and running_var.dtype == running_mean.dtype
+            and running_mean.dim() == 1 and running_var.shape == running_mean.shape
+            and running_mean.is_contiguous() and running_var.is_contiguous()
+            and mean.dtype == torch.float32 and var.dtype == torch.float32
+            and (num_batches_tracked is None or (num_batches_tracked.dtype == torch.int64
+                                                 and _one_value(num_batches_tracked)))
+            and (momentum is None or (momentum.is_floating_point() and _one_value(momentum))))
+
+
+def _one_value(t: Tensor) -> bool:
+    return t.dim() <= 1 and t.numel() == 1
 
 
 # ---------------------------------------------------------------------------------------
@@ -541,8 +679,35 @@ def _fake_backward_coefficients_vjp(sum_g, sum_gxc, dmean, dvar, weight, bias, h
                  for want, shape, dtype in zip(present, shapes, dtypes))
 
 
+def _fake_norm_stats_and_coefficients(x, groups, weight, bias, h, h_value, eps):
+    coefficients = (x.shape[1],) if groups == 0 else tuple(x.shape[:2])
+    return (*_fake_norm_stats(x, groups), x.new_empty(coefficients, dtype=torch.float32),
+            x.new_empty(coefficients, dtype=torch.float32))
+
+
+def _fake_double_backward_coefficients(sum_g, sum_gxc, dmean, dvar, weight, bias, h, var,
+                                       h_value, eps, groups, batch_stats, needs, channels, count,
+                                       cotangents, sum_cotangents):
+    present, _ = double_backward_presence(sum_g, dmean, dvar, weight, bias, h, batch_stats, needs,
+                                          cotangents, sum_cotangents)
+    coefficients = _coefficient_shape(var, groups, channels)
+    shapes = (coefficients,) * 4 + (var.shape, var.shape, (channels,), (channels,),
+                                    None if h is None else h.shape, var.shape, var.shape)
+    dtypes = (torch.float32,) * 6 + tuple(torch.float32 if p is None else p.dtype
+                                          for p in (weight, bias, h)) + (torch.float32,) * 2
+    return tuple(var.new_empty(shape, dtype=dtype) if want
+                 else var.new_empty((0,), dtype=torch.float32)
+                 for want, shape, dtype in zip(present, shapes, dtypes))
+
+
+def _fake_update_running_stats(running_mean, running_var, num_batches_tracked, mean, var, count,
+                               momentum, momentum_value):
+    return None  # in place: no outputs
+
+
 _FAKES = {
     "pyeuler::cuda_norm_stats": _fake_norm_stats,
+    "pyeuler::cuda_norm_stats_and_coefficients": _fake_norm_stats_and_coefficients,
     "pyeuler::cuda_affine_act_forward": _fake_affine_act_forward,
     "pyeuler::cuda_affine_act_backward_reduce": _fake_affine_act_backward_reduce,
     "pyeuler::cuda_affine_act_backward_apply": _fake_affine_act_backward_apply,
@@ -554,6 +719,8 @@ _FAKES = {
     "pyeuler::cuda_forward_coefficients": _fake_forward_coefficients,
     "pyeuler::cuda_backward_coefficients": _fake_backward_coefficients,
     "pyeuler::cuda_backward_coefficients_vjp": _fake_backward_coefficients_vjp,
+    "pyeuler::cuda_double_backward_coefficients": _fake_double_backward_coefficients,
+    "pyeuler::cuda_update_running_stats": _fake_update_running_stats,
 }
 
 
