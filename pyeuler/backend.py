@@ -4,7 +4,8 @@
   the oracle every other backend is tested against;
 - ``"eager"``: pyeuler's explicit formulas in plain PyTorch ops (CPU fallback, float64);
 - ``"triton"``, ``"cuda"``: fused kernels;
-- ``"auto"``: the fastest available backend for the tensors' device.
+- ``"auto"``: the fused kernels for CUDA tensors (``"triton"``, else ``"cuda"``), else
+  ``CPU_AUTO`` (``"eager"``, chosen by a recorded CPU benchmark, see below).
 
 The process-wide default comes from ``PYEULER_BACKEND`` (default ``"auto"``) and can be
 changed with :func:`set_backend`.
@@ -145,6 +146,14 @@ def _device_ok(name: str, device: torch.device) -> tuple[bool, str]:
     return True, ""
 
 
+# What "auto" runs off the GPU, by measurement (benchmarks/results/cpu-2026-11-29.md:
+# pyeuler bench, WRN-16-4, batch 8, 32×32, one thread): "eager" takes 218.7 ms per K = 0
+# step against plain PyTorch's 227.4 (native BatchNorm, autograd), 486.0 against 479.7 at
+# K = 1 unrolled and 302.2 against 290.4 detached; the exact alternative, "reference" with
+# its decomposed norms, is no faster.
+CPU_AUTO = "eager"
+
+
 def resolve_backend(backend: str | None, device: torch.device) -> str:
     """The concrete backend to use for tensors on ``device``.
 
@@ -158,7 +167,7 @@ def resolve_backend(backend: str | None, device: torch.device) -> str:
                 ok, _ = kernel_module(candidate).is_available()
                 if ok:
                     return candidate
-        return "eager"
+        return CPU_AUTO
     if name in ("reference", "eager"):
         return name
     ok, why = kernel_module(name).is_available()
