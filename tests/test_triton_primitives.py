@@ -777,18 +777,19 @@ def test_coefficient_kernels_fall_back_beyond_one_tile(on_device):
         torch.testing.assert_close(got, expected)
 
 
-@pytest.mark.parametrize("groups", [0, 2])
-def test_double_backward_coefficients_match_the_algebra(groups, on_device):
-    """The second order's one per-channel pass: a, b, the VJP with the sums' own cotangents
-    added, and the centre's gradient; None exactly where the algebra has none."""
+def _second_order_cases(groups, need_bits, dropped_cotangents):
+    """(args, cotangents, needs, sum_shape) of the per-channel VJPs over needed gradients
+    (``need_bits``: flags x, weight, bias, h as bits), learnable h, affine parameters,
+    statistic gradients, batch statistics and absent cotangents of a, b, c
+    (``dropped_cotangents``: bit k drops the k-th)."""
     import itertools
 
     for h, weight, bias, stat_shape, sum_shape, c in _coefficient_cases(groups):
         var = torch.rand(stat_shape) + 0.5
-        for bits, has_stat_grads, batch_stats, dropped, sum_cots in itertools.product(
-                (1, 3, 14, 15), [True, False], [True, False], [0, 4, 5], [False, True]):
+        for bits, has_stat_grads, batch_stats, dropped in itertools.product(
+                need_bits, [True, False], [True, False], dropped_cotangents):
             if groups and not batch_stats:
-                continue
+                continue  # GroupNorm always normalises with its own statistics
             needs = (bool(bits & 1), False, bool(bits & 2) and weight is not None,
                      bool(bits & 4) and bias is not None, bool(bits & 8) and h is not None)
             sums_needed = any(needs[2:]) or (needs[0] and batch_stats)
@@ -802,49 +803,40 @@ def test_double_backward_coefficients_match_the_algebra(groups, on_device):
             for k in range(3):
                 if dropped >> k & 1:
                     cotangents[k] = None
-            sum_cotangents = ((torch.randn(sum_shape), None if bits & 2 else torch.randn(sum_shape))
-                              if sum_cots else (None, None))
-            got = tri.double_backward_coefficients(*args, tuple(cotangents), sum_cotangents)
-            expected = ref.double_backward_coefficients(*args, tuple(cotangents), sum_cotangents)
-            assert set(got) == set(expected)
-            for name, e in expected.items():
-                assert (got[name] is None) == (e is None), (name, needs)
-                if e is not None:
-                    torch.testing.assert_close(got[name], e.expand_as(got[name]), rtol=1e-4,
-                                               atol=1e-5, msg=lambda m: f"{name} {needs}: {m}")
+            yield args, tuple(cotangents), needs, sum_shape
+
+
+def _assert_same_entries(got, expected, needs):
+    """None exactly where the algebra has none; values close (the algebra may leave a [C]
+    where the kernel writes [N, C])."""
+    assert set(got) == set(expected)
+    for name, e in expected.items():
+        assert (got[name] is None) == (e is None), (name, needs)
+        if e is not None:
+            torch.testing.assert_close(got[name], e.expand_as(got[name]), rtol=1e-4, atol=1e-5,
+                                       msg=lambda m: f"{name} {needs}: {m}")
+
+
+@pytest.mark.parametrize("groups", [0, 2])
+def test_double_backward_coefficients_match_the_algebra(groups, on_device):
+    """The second order's one per-channel pass: a, b, the VJP with the sums' own cotangents
+    added, and the centre's gradient."""
+    for args, cotangents, needs, sum_shape in _second_order_cases(groups, (1, 3, 14, 15),
+                                                                  (0, 4, 5)):
+        for sum_cotangents in ((None, None),
+                               (torch.randn(sum_shape), torch.randn(sum_shape)),
+                               (torch.randn(sum_shape), None)):
+            _assert_same_entries(tri.double_backward_coefficients(*args, cotangents, sum_cotangents),
+                                 ref.double_backward_coefficients(*args, cotangents, sum_cotangents),
+                                 needs)
 
 
 @pytest.mark.parametrize("groups", [0, 2])
 def test_backward_coefficients_vjp_matches_the_algebra(groups, on_device):
     """Every combination of needed gradients, learnable h, affine parameters, statistic
-    gradients and given cotangents; None exactly where the algebra has no gradient."""
-    import itertools
-
-    for h, weight, bias, stat_shape, sum_shape, c in _coefficient_cases(groups):
-        var = torch.rand(stat_shape) + 0.5
-        # need flags (x, weight, bias, h) as bits: each alone, pairs, all (the full product
-        # runs minutes in the interpreter)
-        for bits, has_stat_grads, batch_stats, dropped in itertools.product(
-                (1, 2, 4, 8, 3, 9, 14, 15), [True, False], [True, False], [0, 5]):
-            if groups and not batch_stats:
-                continue
-            needs = (bool(bits & 1), False, bool(bits & 2) and weight is not None,
-                     bool(bits & 4) and bias is not None, bool(bits & 8) and h is not None)
-            sums_needed = any(needs[2:]) or (needs[0] and batch_stats)
-            sums = (torch.randn(sum_shape), torch.randn(sum_shape)) if sums_needed else (None, None)
-            stat_grads = (torch.randn(stat_shape) if has_stat_grads else None,
-                          torch.randn(stat_shape) if has_stat_grads and bits % 2 == 0 else None)
-            args = (*sums, *stat_grads, weight, bias, h, var, 0.9, 1e-5, groups, batch_stats, needs,
-                    c, 7)
-            cotangents = [None if o is None else torch.randn_like(o)
-                          for o in ref.backward_coefficients(*args)]
-            for k in range(3):  # some of the cotangents of a, b, c absent
-                if dropped >> k & 1:
-                    cotangents[k] = None
-            got = tri.backward_coefficients_vjp(*args, tuple(cotangents))
-            expected = ref.backward_coefficients_vjp(*args, tuple(cotangents))
-            for name, e in expected.items():
-                assert (got[name] is None) == (e is None), (name, needs)
-                if e is not None:  # the algebra may leave a [C] where the input is [N, C]
-                    torch.testing.assert_close(got[name], e.expand_as(got[name]), rtol=1e-4,
-                                               atol=1e-5, msg=lambda m: f"{name} {needs}: {m}")
+    gradients and given cotangents (need flags each alone, pairs, all: the full product
+    runs minutes in the interpreter)."""
+    for args, cotangents, needs, _ in _second_order_cases(groups, (1, 2, 4, 8, 3, 9, 14, 15),
+                                                          (0, 5)):
+        _assert_same_entries(tri.backward_coefficients_vjp(*args, cotangents),
+                             ref.backward_coefficients_vjp(*args, cotangents), needs)
