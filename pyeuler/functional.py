@@ -19,8 +19,8 @@ from pyeuler.ops import preact_branch as _branch
 from pyeuler.ops.residual import scaled_residual_add
 from pyeuler.backend import resolve_backend
 
-__all__ = ["bn_relu", "group_norm_relu", "bn_add_relu", "scaled_residual_add", "ie_residual",
-           "ie_update", "ie_skip", "branch_vjp", "branch_jvp"]
+__all__ = ["norm_act", "bn_relu", "group_norm_relu", "bn_add_relu", "scaled_residual_add",
+           "ie_residual", "ie_update", "ie_skip", "branch_vjp", "branch_jvp"]
 
 
 def bn_relu(x: Tensor, weight: Tensor | None = None, bias: Tensor | None = None,

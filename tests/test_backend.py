@@ -45,3 +45,16 @@ def test_env_var_sets_default_and_is_validated():
     env["PYEULER_BACKEND"] = "bogus"
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
     assert out.returncode != 0 and "PYEULER_BACKEND must be one of" in out.stderr
+
+
+def test_submodules_are_attributes_of_the_package():
+    """``import pyeuler; pyeuler.nn.PreActBranch`` works, as torch exposes its submodules,
+    and the central op is part of the functional API."""
+    import pyeuler
+
+    assert pyeuler.nn.PreActBranch is not None and pyeuler.models.wide_resnet is not None
+    assert pyeuler.functional.norm_act is pyeuler.ops.norm_act.norm_act
+    for name in pyeuler.SUBMODULES:
+        assert name in dir(pyeuler) and getattr(pyeuler, name).__name__ == f"pyeuler.{name}"
+    with pytest.raises(AttributeError, match="no attribute 'nonexistent'"):
+        pyeuler.nonexistent
