@@ -13,6 +13,8 @@ path and what is wrong; a missing file raises ``FileNotFoundError`` naming it.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import os
 import pickle
 import tempfile
@@ -100,6 +102,12 @@ def load_checkpoint(path: str | os.PathLike, map_location: Any = "cpu") -> dict:
     for key in ("model", "state_dict", "epoch"):
         if key not in ckpt:
             raise CheckpointError(f"checkpoint: {path} lacks the {key!r} entry")
+    for key, kind, what in (("state_dict", Mapping, "a mapping of tensors"),
+                            ("model", Mapping, "a mapping (name, kwargs)"),
+                            ("epoch", int, "an int")):
+        if not isinstance(ckpt[key], kind) or isinstance(ckpt[key], bool):
+            raise CheckpointError(f"checkpoint: {path} has a {key!r} entry of type "
+                                  f"{type(ckpt[key]).__name__}, expected {what}")
     return ckpt
 
 

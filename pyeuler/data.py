@@ -109,8 +109,15 @@ def _read_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
         labels = d.get(b"labels", d.get("labels")) if isinstance(d, dict) else None
         if data is None or labels is None:
             raise ValueError("no 'data'/'labels' entries")
-        data = np.asarray(data, dtype=np.uint8)
-        labels = np.asarray(labels, dtype=np.int64)
+        data, labels = np.asarray(data), np.asarray(labels)
+        if data.dtype != np.uint8:  # a cast would wrap pixel 300 to 44
+            raise ValueError(f"pixels are {data.dtype}, expected uint8")
+        if labels.ndim != 1 or not np.issubdtype(labels.dtype, np.integer):
+            raise ValueError(f"labels are {labels.dtype} of shape {labels.shape}, expected "
+                             "integers of shape (n,)")
+        if labels.size and (labels.min() < 0 or labels.max() > 9):
+            raise ValueError(f"labels range over {labels.min()}..{labels.max()}, expected 0..9")
+        labels = labels.astype(np.int64)
         if data.ndim != 2 or data.shape[1] != 3072 or len(labels) != len(data):
             raise ValueError(f"data has shape {data.shape}, labels {labels.shape}; "
                              "expected (n, 3072) and (n,)")

@@ -82,6 +82,23 @@ def test_cifar10_missing_and_malicious_files(tmp_path):
         load_cifar10(tmp_path)
 
 
+@pytest.mark.parametrize("entry,value,match", [
+    (b"labels", [0, 1, 2, 3, 4, 10], r"labels range over 0\.\.10"),
+    (b"labels", [0, 1, 2, 3, 4, 255], r"labels range over 0\.\.255"),
+    (b"labels", [-1, 1, 2, 3, 4, 5], r"labels range over -1\.\.5"),
+    (b"labels", [0.5] * 6, "labels are float64"),
+    (b"data", np.full((6, 3072), 300, dtype=np.int64), "pixels are int64, expected uint8"),
+])
+def test_cifar10_values_are_checked_naming_the_file(tmp_path, entry, value, match):
+    """Out-of-range labels and non-uint8 pixels are refused when loading, naming the file,
+    not wrapped (pixel 300 -> 44) or left for training to die on."""
+    folder, batches = _fake_cifar(tmp_path)
+    with open(folder / "data_batch_2", "wb") as f:
+        pickle.dump({**batches["data_batch_2"], entry: value}, f)
+    with pytest.raises(ValueError, match=f"data_batch_2: not a CIFAR-10 python batch .*{match}"):
+        load_cifar10(tmp_path)
+
+
 def test_random_crop_flip():
     x = torch.arange(2 * 3 * 6 * 6, dtype=torch.float32).view(2, 3, 6, 6)
     y = random_crop_flip(x, padding=2, generator=torch.Generator().manual_seed(0))
@@ -154,6 +171,14 @@ def test_checkpoint_errors_name_the_path(tmp_path):
     torch.save(ckpt, future)
     with pytest.raises(CheckpointError, match="future.pt has format version 99"):
         load_checkpoint(future)
+
+    for key, value, kind in (("state_dict", [1, 2], "list"), ("model", "wrn", "str"),
+                             ("epoch", 1.5, "float")):
+        ckpt = {**load_checkpoint(good), key: value}
+        odd = tmp_path / f"odd_{key}.pt"
+        torch.save(ckpt, odd)
+        with pytest.raises(CheckpointError, match=f"odd_{key}.pt has a '{key}' entry of type {kind}"):
+            load_checkpoint(odd)
 
 
 def test_mismatched_checkpoint_lists_keys_and_shapes(tmp_path):
