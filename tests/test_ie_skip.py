@@ -276,3 +276,24 @@ def test_branch_vjp_and_jvp_match_autograd(norm, train):
     _, jvp_ref = torch.autograd.functional.jvp(lambda t: twin(branch)(t, backend="reference"), x, v)
     torch.testing.assert_close(branch_jvp(branch, x, v), jvp_ref)
     assert_tensors_close(list(branch.buffers()), buffers)  # diagnostics leave running stats alone
+
+
+def test_batch_norm_in_eval_mode_warns_once(monkeypatch):
+    """BatchNorm inside IE-Skips evaluated with running statistics: one warning per process,
+    none for GroupNorm or in training."""
+    import warnings
+
+    import pyeuler.nn.ie_skip as ie_module
+    from pyeuler.models import wide_resnet
+
+    monkeypatch.setattr(ie_module, "_warned_batch_norm_eval", False)
+    x = torch.randn(2, 3, 8, 8)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        wide_resnet(10, 1, ie_steps=1, backend="eager")(x)  # training
+        wide_resnet(10, 1, ie_steps=1, norm="group", backend="eager").eval()(x)
+        model = wide_resnet(10, 1, ie_steps=1, backend="eager").eval()
+        model(x)
+        model(x)
+    messages = [str(w.message) for w in caught if "IE-Skip with BatchNorm" in str(w.message)]
+    assert len(messages) == 1 and "norm='group'" in messages[0]

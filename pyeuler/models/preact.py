@@ -81,7 +81,13 @@ def wide_resnet(depth: int = 34, widen_factor: int = 10, num_classes: int = 10,
                 backend: str | None = None) -> PreActNet:
     """WRN-depth-k (Zagoruyko & Komodakis): 3×3 stem to 16 channels, three groups of
     (depth−4)/6 pre-activation blocks of widths 16k, 32k, 64k.  ``wide_resnet(34, 10)`` is
-    the TRADES / IE paper's WRN-34-10; ``ie_steps=1`` makes IE-WRN-1-34."""
+    the TRADES / IE paper's WRN-34-10; ``ie_steps=1`` makes IE-WRN-1-34.
+
+    ``norm="batch"`` (the default, the benchmarked model) puts BatchNorm inside the
+    IE-Skips too: its running statistics then average the branch's inputs at x0 and at the
+    IE iterates, and eval-mode accuracy can fall far below training accuracy (README,
+    docs/robustness_report.md); ``norm="group"`` (the CLI's default for IE models) avoids
+    that.  :class:`~pyeuler.nn.IESkip` warns once when such a model first runs in eval."""
     if not isinstance(depth, int) or depth < 10 or (depth - 4) % 6:
         raise ValueError(f"depth must be 6n+4 (10, 16, 28, 34, ...), got {depth!r}")
     check_positive_int(widen_factor, "widen_factor")

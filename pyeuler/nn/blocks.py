@@ -6,6 +6,7 @@ from torch import Tensor, nn
 
 from pyeuler.nn.branch import PreActBranch
 from pyeuler.nn.layers import make_conv, make_norm, make_step
+from pyeuler.nn.ie_skip import warn_batch_norm_in_eval
 from pyeuler.ops.ie_skip import ie_skip, validate_ie_args
 from pyeuler.ops.norm_act import norm_act_module
 from pyeuler.ops.preact_branch import check_input_rank, scale_by_step
@@ -98,6 +99,8 @@ class PreActBlock(nn.Module):
         branch = self.branch
         if self.shortcut is None:
             if self.steps > 0:
+                if not self.training:
+                    warn_batch_norm_in_eval(branch)
                 return ie_skip(branch, x, self.steps, self.step_size, self.theta, self.grad,
                                self.bn_update, branch.backend)
             return scaled_residual_add(x, branch.tail(branch.head(x)), branch.h)
