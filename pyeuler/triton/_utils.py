@@ -136,10 +136,13 @@ def outer_block(tile: int, inner_block: int, n_outer: int) -> int:
     return max(1, min(tile // inner_block, triton.next_power_of_2(max(n_outer, 1))))
 
 
+@functools.lru_cache(maxsize=None)
 def inner_block(n: int, max_block: int) -> int:
     """Power-of-two block along a contiguous dim of size ``n`` that wastes few lanes.
 
     C = 160 gets 32 (5 full blocks) rather than 256 (37 % of the lanes masked off).
+    Cached: a network has a handful of sizes, and the search costs ~30 µs of host time per
+    launch.
     """
     largest = min(triton.next_power_of_2(n), max_block)
     candidates = [b for b in (largest >> i for i in range(6)) if b >= min(16, largest)]
