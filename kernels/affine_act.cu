@@ -196,7 +196,8 @@ cudaError_t launch_backward_apply(const void* dy, const void* x, const uint8_t* 
 
 // ---------------------------------------------------------------------------------------
 // Double-backward apply: with g = dy * m,
-//   ddy = m * (a * ddx + p + q * (x - center) + ddshortcut),  dxx = b * ddx + q * g.
+//   ddy = m * (a * ddx + p + q * (x - center) + ddshortcut),  dxx = b * ddx + q * g,
+// where a zero b or q is an absent term (eval mode): exactly 0, even against a NaN or inf.
 
 template <typename T>
 struct DoubleApplyArgs {
@@ -237,7 +238,7 @@ __global__ void __launch_bounds__(kMaxThreads, kMinBlocksPerSm)
     for (int i = 0; i < V; ++i) ddy[i] += coef[i];
     load_coefs<V, kChannelsLast>(args.b, sample, channel, coef);
 #pragma unroll
-    for (int i = 0; i < V; ++i) dxx[i] = coef[i] * ddx[i];
+    for (int i = 0; i < V; ++i) dxx[i] = coef[i] == 0.f ? 0.f : coef[i] * ddx[i];
     load_coefs<V, kChannelsLast>(args.center, sample, channel, coef);
 #pragma unroll
     for (int i = 0; i < V; ++i) xc[i] = x[i] - coef[i];
@@ -246,7 +247,7 @@ __global__ void __launch_bounds__(kMaxThreads, kMinBlocksPerSm)
 #pragma unroll
     for (int i = 0; i < V; ++i) {
       ddy[i] += coef[i] == 0.f ? 0.f : coef[i] * xc[i];
-      dxx[i] += coef[i] * gated(gate[i], dy[i]);
+      dxx[i] += coef[i] == 0.f ? 0.f : coef[i] * gated(gate[i], dy[i]);
     }
     if (args.ddshortcut != nullptr) {
       float ddshortcut[V];

@@ -169,7 +169,8 @@ cudaError_t pyeuler_affine_act_double_backward_reduce(
 
 /* ddy = m * (a * ddx + p + q * (x - center) + ddshortcut) and dxx = b * ddx + q * g, with m and
  * g as in the reduce (primitives.affine_act_double_backward_apply; a zero q contributes
- * exactly 0 to ddy, even at x = +-inf).  ddshortcut may be NULL
+ * exactly 0 to ddy and dxx, a zero b exactly 0 to dxx, even against a NaN or +-inf).
+ * ddshortcut may be NULL
  * (no term); ddx, ddshortcut, ddy and dxx have x's dtype. */
 cudaError_t pyeuler_affine_act_double_backward_apply(
     const void* ddx, const void* dy, const void* x, const uint8_t* mask, pyeuler_dtype_t dtype,

@@ -240,3 +240,29 @@ def test_eval_mode_input_gradient_has_no_x_term(backend, bad):
     (dx,) = torch.autograd.grad(ours, x, torch.ones_like(ours))
     (expected,) = torch.autograd.grad(bn(x), x, torch.ones_like(ours))
     torch.testing.assert_close(dx, expected, equal_nan=True)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("bad", [NAN, INF], ids=["nan", "inf"])
+def test_eval_mode_ie_skip_gradient_of_a_bad_input_matches_reference(backend, bad):
+    """An unrolled BatchNorm IE-Skip in eval mode: the second order's absent terms (b = q = 0
+    with running statistics) contribute exactly 0, so one bad element poisons exactly the
+    gradients it poisons in the reference, not its whole sample and the biases."""
+    from pyeuler.nn import IESkip, PreActBranch
+
+    torch.manual_seed(0)
+    block = IESkip(PreActBranch(4, norm="batch", backend="reference"), steps=1).to(DEVICE)
+    block(torch.randn(8, 4, 4, 4, device=DEVICE))  # running statistics from a training step
+    block.eval()
+    ours = twin(block, backend=backend)
+    ours.branch.backend = backend
+    x = torch.randn(2, 4, 4, 4, device=DEVICE)
+    x[0, 0, 1, 1] = bad
+    grads = []
+    for model in (block, ours):
+        xx = x.clone().requires_grad_()
+        model(xx).sum().backward()
+        grads.append([xx.grad] + [p.grad for p in model.parameters()])
+    for want, got in zip(*grads):
+        assert torch.equal(want.isnan(), got.isnan())
+        torch.testing.assert_close(got, want, **TOL)

@@ -493,7 +493,8 @@ void test_double_backward_apply(const Shape& shape, Random& rng, bool use_mask, 
         const double inner = a.at(n, c) * dd + p.at(n, c) + q.at(n, c) * xc + shortcut_term;
         const double g = in.gradient(n, c, i, use_mask, relu);
         want_ddy[i] = in.gate(n, c, i, use_mask, relu) ? inner : 0.0;
-        want_dxx[i] = b.at(n, c) * dd + q.at(n, c) * g;
+        want_dxx[i] = (b.at(n, c) == 0.f ? 0.f : b.at(n, c) * dd) +
+                      (q.at(n, c) == 0.f ? 0.f : q.at(n, c) * g);
         // float32 rounding of the terms
         atol_ddy[i] = 1e-6 * (std::fabs(a.at(n, c) * dd) + std::fabs(q.at(n, c) * xc) +
                               std::fabs(shortcut_term) + 1.0);

@@ -175,12 +175,16 @@ def affine_act_backward_reduce(
     return g.sum(dims), (g * xc).sum(dims)
 
 
+def _times_nonzero(k: Tensor, v: Tensor, x: Tensor) -> Tensor:
+    """``k·v`` for a per-channel coefficient k, exactly 0 where k is 0 even where v is NaN
+    or ±inf: a zero coefficient is an absent term (in eval mode, with running statistics,
+    dx does not depend on x or on the sums), as in torch's BatchNorm backward."""
+    return torch.where(_coef(k, x) == 0, 0.0, _coef(k, x) * v)
+
+
 def _times_centered(k: Tensor, x: Tensor, center: Tensor) -> Tensor:
-    """``k·(x − center)``, exactly 0 where the coefficient k is 0 even at x = ±inf: in eval
-    mode (running statistics) the term is absent, as in torch's BatchNorm backward."""
-    acc = _acc_dtype(x)
-    term = _coef(k, x) * (x.to(acc) - _coef(center, x))
-    return torch.where(_coef(k, x) == 0, 0.0, term)
+    """``k·(x − center)``, exactly 0 where the coefficient k is 0 (:func:`_times_nonzero`)."""
+    return _times_nonzero(k, x.to(_acc_dtype(x)) - _coef(center, x), x)
 
 
 def _gated_input_grad(dy, x, scale, shift, mask, relu, a, b, c, center):
@@ -296,7 +300,8 @@ def affine_act_double_backward_apply(
         dxx = b·ddx + q·g                                      (x's dtype and layout)
 
     the gradients of dy and of x (at fixed ``center``; the per-channel algebra adds the
-    centre's share).  a, b, p, q, center are [C] or [N, C].
+    centre's share); a zero b or q contributes exactly 0 (an absent term), as in
+    ``_times_nonzero``.  a, b, p, q, center are [C] or [N, C].
     """
     acc = _acc_dtype(x)
     m = _relu_gate(x, scale, shift, mask, relu)
@@ -306,7 +311,7 @@ def affine_act_double_backward_apply(
     if ddshortcut is not None:
         ddy = ddy + ddshortcut.to(acc)
     ddy = _gated(ddy, m)
-    dxx = _coef(b, x) * dd + _coef(q, x) * g
+    dxx = _times_nonzero(b, dd, x) + _times_nonzero(q, g, x)
     return ddy.to(dy.dtype), dxx.to(x.dtype)
 
 

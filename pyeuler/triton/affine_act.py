@@ -356,7 +356,8 @@ def _affine_act_double_backward_apply_kernel(
     ddy = a * ddx + p + tl.where(q == 0, 0.0, q * (x - center))
     if HAS_DDSHORTCUT:
         ddy += tl.load(ddshortcut_ptr + offsets, mask=ok, other=0.0).to(tl.float32)
-    dxx = b * ddx + q * tl.where(m, dy, 0.0)
+    # a zero b or q is an absent term (eval mode): exactly 0, even where ddx or dy is NaN
+    dxx = tl.where(b == 0, 0.0, b * ddx) + tl.where(q == 0, 0.0, q * tl.where(m, dy, 0.0))
     tl.store(ddy_ptr + offsets, tl.where(m, ddy, 0.0).to(ddy_ptr.dtype.element_ty), mask=ok)
     tl.store(dxx_ptr + offsets, dxx.to(dxx_ptr.dtype.element_ty), mask=ok)
 
