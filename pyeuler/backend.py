@@ -147,10 +147,10 @@ def _device_ok(name: str, device: torch.device) -> tuple[bool, str]:
 
 
 # What "auto" runs off the GPU, by measurement (benchmarks/results/cpu-2026-11-29.md:
-# pyeuler bench, WRN-16-4, batch 8, 32×32, one thread): "eager" takes 218.7 ms per K = 0
-# step against plain PyTorch's 227.4 (native BatchNorm, autograd), 486.0 against 479.7 at
-# K = 1 unrolled and 302.2 against 290.4 detached; the exact alternative, "reference" with
-# its decomposed norms, is no faster.
+# OMP_NUM_THREADS=1 pyeuler bench --backends reference eager --steps 0 1 --grads unrolled
+# detached --depth 16 --widen-factor 4 --batch-size 8 --image-size 32): "eager" takes
+# 218.7 ms per K = 0 step against plain PyTorch's 227.4 (native BatchNorm, autograd),
+# 486.0 against 479.7 at K = 1 unrolled and 302.2 against 290.4 detached.
 CPU_AUTO = "eager"
 
 

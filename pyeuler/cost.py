@@ -656,12 +656,12 @@ def _convolutions_without_arithmetic() -> Iterator[None]:
 
 def probe_step(config: StepConfig) -> tuple[StepConfig, tuple[int, ...]]:
     """The step :func:`host_ms` times for ``config``, and one sample's input shape: a
-    ``wrn-D-W`` model at width :data:`PROBE_WIDTH` (same depth, so the same op sequence),
-    batch :data:`PROBE_BATCH`, images :data:`PROBE_IMAGE` pixels wide."""
+    ``wrn-D-W`` model at width :data:`PROBE_WIDTH` or W if narrower (same depth, so the
+    same op sequence), batch :data:`PROBE_BATCH`, images :data:`PROBE_IMAGE` pixels wide."""
     model = config.model
     match = re.fullmatch(r"wrn-(\d+)-(\d+)", model.lower())
-    if match:
-        model = f"wrn-{match.group(1)}-{PROBE_WIDTH}"
+    if match:  # never wider than the model counted
+        model = f"wrn-{match.group(1)}-{min(int(match.group(2)), PROBE_WIDTH)}"
     input_shape = DATA_SHAPES[config.data][0]
     if len(input_shape) == 3:
         input_shape = (input_shape[0], PROBE_IMAGE, PROBE_IMAGE)

@@ -34,6 +34,10 @@ from helpers import twin
     (lambda x, be: PF.bn_relu(x, x.new_ones(3).long(), backend=be), TypeError, "weight"),
     (lambda x, be: PF.bn_add_relu(x, x, h="0.1", backend=be), TypeError, "h must"),
     (lambda x, be: PF.bn_add_relu(x, x, h=True, backend=be), TypeError, "h must"),
+    (lambda x, be: PF.bn_add_relu(x, x, h=float("inf"), backend=be), ValueError, "h must be finite"),
+    (lambda x, be: PF.bn_add_relu(x, x, h=float("nan"), backend=be), ValueError, "h must be finite"),
+    (lambda x, be: PF.norm_act(x, None, None, x.new_zeros(3), x.new_ones(3), momentum=None,
+                               backend=be), ValueError, "momentum=None .* needs num_batches_tracked"),
     (lambda x, be: PF.bn_add_relu(x, x, h=x.new_ones(3).long(), backend=be), TypeError, "h must"),
     (lambda x, be: PF.group_norm_relu(x, 2, backend=be), ValueError, "groups"),
     (lambda x, be: PF.ie_residual(x, x[:1], x, backend=be), ValueError, "c must have x's shape"),
@@ -303,3 +307,26 @@ def test_ie_steps_accept_any_integer_type():
 
     block = IESkip(PreActBranch(4, norm="group"), steps=np.int64(2))
     assert block(torch.randn(2, 4, 3, 3)).shape == (2, 4, 3, 3)
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+def test_momentum_none_and_numpy_numbers_where_they_make_sense(backend):
+    """momentum=None needs num_batches_tracked only when running statistics are updated;
+    NumPy scalars are numbers like Python's (nn.BatchNorm takes both)."""
+    import numpy as np
+
+    dev = backend_device(backend)
+    x = torch.randn(4, 3, 5, device=dev)
+    running = (torch.zeros(3, device=dev), torch.ones(3, device=dev))
+    for kwargs in (dict(training=False), dict(update_running=False)):
+        PF.norm_act(x, None, None, *running, momentum=None, backend=backend, **kwargs)
+    PF.norm_act(x, momentum=None, backend=backend)  # no running statistics at all
+    results = []
+    for momentum, h in ((0.25, 0.5), (np.float32(0.25), np.float32(0.5)),
+                        (np.float64(0.25), np.float64(0.5))):
+        buffers = [t.clone() for t in running]
+        y = PF.norm_act(x, None, None, *buffers, momentum=momentum, h=h, backend=backend)
+        results.append([y, *buffers])
+    for got in results[1:]:
+        for a, b in zip(got, results[0]):
+            torch.testing.assert_close(a, b)

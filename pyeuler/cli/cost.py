@@ -8,7 +8,8 @@ take with the chosen backend (see ``pyeuler.cost``).  Several values of ``--back
 
 Classes: conv, gemm, fused (Triton / CUDA-extension kernels with an operand of 64 KiB or
 more), tiny (every operand under 64 KiB, whatever launched it), activation (other ATen
-kernels), optimizer (the optimizer step).  Example, PERF.md's headline workload:
+kernels), optimizer (the optimizer step).  Example, the headline workload of the
+benchmark protocol (an IE-WRN-34-10 step as trained with TRADES):
 
   pyeuler cost --model wrn-34-10 --batch-size 128 --precision bf16 --ie-steps 1 \\
       --grad unrolled --backend triton --json cost.json
@@ -28,7 +29,8 @@ from pyeuler.cli.train import _nonneg_int, _pos_float, _pos_int, check_output_pa
 def add_parser(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser(
         "cost", help="count the kernel launches and HBM bytes of a training step (no GPU needed)",
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+        description=__doc__.replace("``", ""),
+        formatter_class=argparse.RawDescriptionHelpFormatter)
     g = p.add_argument_group("model (names as in pyeuler train)")
     g.add_argument("--model", default="wrn-34-10",
                    help="resnet-D, preact-18|34|50, wrn-D-W or mlp [wrn-34-10]")

@@ -11,6 +11,7 @@ backend shares is :mod:`pyeuler.ops.norm_algebra`.
 from __future__ import annotations
 
 import math
+import numbers
 
 import torch
 from torch import Tensor
@@ -52,8 +53,8 @@ def update_running_stats(running_mean: Tensor, running_var: Tensor, mean: Tensor
 
 
 def _is_real(v) -> bool:
-    """A Python real number (bools and strings are not)."""
-    return isinstance(v, (int, float)) and not isinstance(v, bool)
+    """A real number: Python's or NumPy's (bools and strings are not)."""
+    return isinstance(v, numbers.Real) and not isinstance(v, bool)
 
 
 def _validate(x, weight, bias, running_mean, running_var, shortcut, h, groups, training, eps,
@@ -101,6 +102,8 @@ def _validate(x, weight, bias, running_mean, running_var, shortcut, h, groups, t
             raise TypeError(f"h must be a floating-point tensor, got {h.dtype}")
     elif not _is_real(h):
         raise TypeError(f"h must be a float or a floating-point tensor, got {type(h).__name__}")
+    elif not math.isfinite(h):
+        raise ValueError(f"h must be finite, got {h!r}")
     if not _is_real(eps) or not eps > 0 or not math.isfinite(eps):
         raise ValueError(f"eps must be a finite float > 0, got {eps!r}")
     if not isinstance(training, bool):
@@ -116,8 +119,7 @@ def _validate(x, weight, bias, running_mean, running_var, shortcut, h, groups, t
                              f"are on {running_mean.device}")
         # its value is not checked: that would read it on the host (a sync)
     elif momentum is None:
-        if num_batches_tracked is None:
-            raise ValueError("momentum=None (the cumulative average) needs num_batches_tracked")
+        pass  # the cumulative average: needs num_batches_tracked when an update runs (below)
     elif not _is_real(momentum) or not 0.0 <= momentum <= 1.0:
         raise ValueError(f"momentum must be a float in [0, 1] or None, got {momentum!r}")
     if num_batches_tracked is not None:
@@ -232,6 +234,12 @@ def norm_act(
         _validate_conv(conv, x, shortcut, h, relu)
     name = resolve_backend(backend, x.device)
     tracking = groups == 0 and training and running_mean is not None and update_running
+    if tracking and momentum is None and num_batches_tracked is None:
+        raise ValueError("momentum=None (the cumulative average) needs num_batches_tracked")
+    if _is_real(momentum):
+        momentum = float(momentum)
+    if _is_real(h):
+        h = float(h)
     if not tracking:
         num_batches_tracked = None
         momentum = 0.0 if momentum is None else momentum  # unused
