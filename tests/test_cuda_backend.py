@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch.profiler import ProfilerActivity, profile
 
 from helpers import layout_cases, make_input, random_coef
 
@@ -158,6 +159,15 @@ def test_fakes_match_reference_outputs(shape, layout):
         if x.is_contiguous() or x.movedim(1, -1).is_contiguous():
             assert fake.stride() == real.stride()
     assert cuda_backend._fake_ie_update(x, x, x, 0.1, 1.0).shape == x.shape
+
+
+def _device_kernels(call) -> list[str]:
+    """The CUDA kernels ``call()`` launches (after a synchronisation), by the profiler."""
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        call()
+        torch.cuda.synchronize()
+    return [e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
 
 
 def _schema_arguments(reference) -> list[str]:
@@ -791,8 +801,6 @@ def test_norm_stats_and_coefficients_nan_inf_and_overflow(layout, groups):
 def test_norm_stats_and_coefficients_is_two_launches_and_deterministic():
     """The partials pass and the finalize, which writes the coefficients: nothing else (the
     outputs and workspace are torch.empty); bitwise equal on repeats."""
-    from torch.profiler import ProfilerActivity, profile
-
     x = make((64, 40, 32, 32), "channels_last", torch.bfloat16)
     weight, bias, h, h_value = list(_stats_params(40, torch.bfloat16))[-1]
     for groups in (0, 8):
@@ -800,12 +808,8 @@ def test_norm_stats_and_coefficients_is_two_launches_and_deterministic():
         for _ in range(2):
             _assert_bitwise(cuda_backend.norm_stats_and_coefficients(x, groups, weight, bias, h,
                                                                      h_value, 1e-5), first)
-        torch.cuda.synchronize()
-        with profile(activities=[ProfilerActivity.CUDA]) as prof:
-            cuda_backend.norm_stats_and_coefficients(x, groups, weight, bias, h, h_value, 1e-5)
-            torch.cuda.synchronize()
-        device_events = [e.name for e in prof.events()
-                         if e.device_type == torch.autograd.DeviceType.CUDA]
+        device_events = _device_kernels(lambda: cuda_backend.norm_stats_and_coefficients(
+            x, groups, weight, bias, h, h_value, 1e-5))
         assert len(device_events) == cuda_backend.KERNEL_LAUNCHES[
             "cuda_norm_stats_and_coefficients"] == 2, device_events
 
@@ -1000,8 +1004,6 @@ def test_backward_coefficients_vjp_matches_norm_algebra(n, c, groups):
 @gpu
 @pytest.mark.usefixtures("cuda_ready")
 def test_backward_coefficients_vjp_is_one_launch_and_deterministic():
-    from torch.profiler import ProfilerActivity, profile
-
     inputs = _algebra_inputs(64, 512, 32, "cuda", torch.bfloat16)
     for h_kind in ("scalar", "channel"):
         params = _algebra_params(inputs, True, True, h_kind)
@@ -1012,12 +1014,8 @@ def test_backward_coefficients_vjp_is_one_launch_and_deterministic():
         for _ in range(2):
             again = cuda_backend.backward_coefficients_vjp(*args, cotangents)
             assert all(torch.equal(first[k], again[k]) for k in first)
-        torch.cuda.synchronize()
-        with profile(activities=[ProfilerActivity.CUDA]) as prof:
-            cuda_backend.backward_coefficients_vjp(*args, cotangents)
-            torch.cuda.synchronize()
-        device_events = [e.name for e in prof.events()
-                         if e.device_type == torch.autograd.DeviceType.CUDA]
+        device_events = _device_kernels(
+            lambda: cuda_backend.backward_coefficients_vjp(*args, cotangents))
         assert len(device_events) == 1, device_events
 
 
@@ -1168,8 +1166,6 @@ def test_double_backward_coefficients_matches_norm_algebra(n, c, groups):
 @gpu
 @pytest.mark.usefixtures("cuda_ready")
 def test_double_backward_coefficients_is_one_launch_and_deterministic():
-    from torch.profiler import ProfilerActivity, profile
-
     inputs = _algebra_inputs(64, 512, 32, "cuda", torch.bfloat16)
     for h_kind in ("scalar", "channel"):
         params = _algebra_params(inputs, True, True, h_kind)
@@ -1181,12 +1177,8 @@ def test_double_backward_coefficients_is_one_launch_and_deterministic():
         for _ in range(2):
             again = cuda_backend.double_backward_coefficients(*args, cotangents, sum_cotangents)
             assert all(torch.equal(first[k], again[k]) for k in first)
-        torch.cuda.synchronize()
-        with profile(activities=[ProfilerActivity.CUDA]) as prof:
-            cuda_backend.double_backward_coefficients(*args, cotangents, sum_cotangents)
-            torch.cuda.synchronize()
-        device_events = [e.name for e in prof.events()
-                         if e.device_type == torch.autograd.DeviceType.CUDA]
+        device_events = _device_kernels(
+            lambda: cuda_backend.double_backward_coefficients(*args, cotangents, sum_cotangents))
         assert len(device_events) == 1, device_events
 
 
@@ -1288,8 +1280,6 @@ def test_coefficients_nan_and_inf_follow_the_contract(groups):
 def test_coefficients_are_one_launch_each_and_deterministic():
     """One kernel and nothing else per call (the outputs are torch.empty), every path of the
     backward kernel at once (0-dim dh, dweight, dbias, a/b/c), bitwise equal on repeats."""
-    from torch.profiler import ProfilerActivity, profile
-
     inputs = _algebra_inputs(64, 512, 32, "cuda", torch.bfloat16)
     params = _algebra_params(inputs, True, True, "scalar")
     calls = [(cuda_backend.forward_coefficients, _forward_args(inputs, 32, params)),
@@ -1299,12 +1289,7 @@ def test_coefficients_are_one_launch_each_and_deterministic():
         first = fn(*args)  # also warms up the caching allocator
         for _ in range(2):
             assert all(torch.equal(a, b) for a, b in zip(first, fn(*args)))
-        torch.cuda.synchronize()
-        with profile(activities=[ProfilerActivity.CUDA]) as prof:
-            fn(*args)
-            torch.cuda.synchronize()
-        device_events = [e.name for e in prof.events()
-                         if e.device_type == torch.autograd.DeviceType.CUDA]
+        device_events = _device_kernels(lambda: fn(*args))
         assert len(device_events) == 1, device_events
 
 
@@ -1482,21 +1467,18 @@ def test_update_running_stats_matches_norm_algebra(dtype, c, momentum_kind):
 def test_update_running_stats_is_one_launch_without_host_sync():
     """One kernel per call, no synchronisation (sync debug mode 'error'), for every momentum
     kind; an empty C with a counter still increments it."""
-    from torch.profiler import ProfilerActivity, profile
-
     for momentum in (0.1, torch.tensor(0.1, device="cuda"), None):
         case = _running_stats_case(2049, torch.bfloat16, "cuda", 0)
         cuda_backend.update_running_stats(*case, 64, momentum)  # warm-up
-        torch.cuda.synchronize()
-        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+
+        def update_without_syncs():
             torch.cuda.set_sync_debug_mode("error")
             try:
                 cuda_backend.update_running_stats(*case, 64, momentum)
             finally:
                 torch.cuda.set_sync_debug_mode(0)
-            torch.cuda.synchronize()
-        device_events = [e.name for e in prof.events()
-                         if e.device_type == torch.autograd.DeviceType.CUDA]
+
+        device_events = _device_kernels(update_without_syncs)
         assert len(device_events) == 1, device_events
         assert case[2].item() == 2
     empty = _running_stats_case(0, torch.float32, "cuda", 7)
