@@ -102,8 +102,10 @@ def _validate(x, weight, bias, running_mean, running_var, shortcut, h, groups, t
             raise TypeError(f"h must be a floating-point tensor, got {h.dtype}")
     elif not _is_real(h):
         raise TypeError(f"h must be a float or a floating-point tensor, got {type(h).__name__}")
-    elif not math.isfinite(h):
-        raise ValueError(f"h must be finite, got {h!r}")
+    elif math.isinf(h):
+        # h·Norm(x) is computed as scale·x + shift with h folded into both: an infinite h
+        # would give inf − inf = NaN where torch gives ±inf (a NaN h gives NaN in both)
+        raise ValueError(f"h must not be infinite, got {h!r}")
     if not _is_real(eps) or not eps > 0 or not math.isfinite(eps):
         raise ValueError(f"eps must be a finite float > 0, got {eps!r}")
     if not isinstance(training, bool):
