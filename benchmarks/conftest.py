@@ -9,7 +9,8 @@ requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(),
 
 @functools.cache
 def copy_bandwidth_gbs() -> float:
-    """Measured device copy bandwidth (read + write), the 100 % of PERF.md's "ideal"."""
+    """Measured device copy bandwidth (read + write), the 100 % of "ideal" in
+    docs/benchmarks.md."""
     src = torch.empty(2**28, dtype=torch.uint8, device="cuda")
     dst = torch.empty_like(src)
     for _ in range(3):

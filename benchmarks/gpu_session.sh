@@ -9,7 +9,7 @@
 # Extra arguments go to the command of the stage (e.g. `ops -k bf16` to split the op
 # benchmarks over two calls, `step --steps 1 --precisions bf16` for part of the table: the
 # compiled rows take minutes each to compile, so the whole step table needs several calls).
-# Result files are written by the runs themselves; commit them unedited (PERF.md).
+# Result files are written by the runs themselves; commit them unedited (docs/benchmarks.md).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"

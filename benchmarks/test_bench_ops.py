@@ -1,9 +1,9 @@
-"""Fused-op throughput at the WRN-34-10 shapes (PERF.md), pytest-benchmark.
+"""Fused-op throughput at the WRN-34-10 shapes (docs/benchmarks.md), pytest-benchmark.
 
     pytest benchmarks/test_bench_ops.py --benchmark-json benchmarks/results/ops-<device>.json
 
-Each case records achieved GB/s (bytes the op must move, PERF.md "ideal") and its share of
-the measured device copy bandwidth in extra_info.
+Each case records achieved GB/s (bytes the op must move, "ideal" in docs/benchmarks.md) and
+its share of the measured device copy bandwidth in extra_info.
 Compares eager PyTorch, torch.compile of eager, and every available fused backend.
 """
 

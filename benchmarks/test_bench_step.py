@@ -1,4 +1,5 @@
-"""The headline training step (PERF.md): IE-WRN-34-10 per backend, pytest-benchmark.
+"""The headline training step (docs/benchmarks.md): IE-WRN-34-10 per backend,
+pytest-benchmark.
 
 On a GPU: batch 128 at 32×32; on a CPU a tiny WRN-10-1 so the suite still exercises every
 path (run with --benchmark-disable in CI).  ``pyeuler bench`` writes the full table with

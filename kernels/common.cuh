@@ -111,9 +111,9 @@ bool all_vector_aligned(std::initializer_list<const void*> activations,
 }
 
 // ---------------------------------------------------------------------------------------
-// The IE-Skip gradient step x - 2γ·(e - θ·v) (SPEC §2), each operation rounded separately
-// like the eager reference's kernels; ie_update.cu's stream and the backward apply's fused
-// epilogue share it.
+// The IE-Skip gradient step x - 2γ·(e - θ·v) (docs/semantics.md §2), each operation rounded
+// separately like the eager reference's kernels; ie_update.cu's stream and the backward
+// apply's fused epilogue share it.
 
 struct IeUpdate {
   float two_step_size;  // 2γ, formed in double first as the reference does

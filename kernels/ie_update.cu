@@ -1,6 +1,6 @@
-// IE-Skip elementwise steps (SPEC §2): the residual e = x - c - θ·f(x) and the gradient step
-// x - 2γ·(e - θ·v).  Both read three tensors and write one, in whatever dense layout they
-// share, so they are one ternary map.
+// IE-Skip elementwise steps (docs/semantics.md §2): the residual e = x - c - θ·f(x) and the
+// gradient step x - 2γ·(e - θ·v).  Both read three tensors and write one, in whatever dense
+// layout they share, so they are one ternary map.
 #include "common.cuh"
 
 namespace pyeuler {

@@ -1,4 +1,4 @@
-"""Backend selection (SPEC §7).
+"""Backend selection (docs/semantics.md §7).
 
 - ``"reference"``: the literal eager algorithm (IE-Skip through ``torch.autograd.grad``),
   the oracle every other backend is tested against;

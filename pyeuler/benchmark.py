@@ -1,4 +1,5 @@
-"""The PERF.md workloads, shared by ``pyeuler bench`` and the pytest-benchmark suites.
+"""The workloads of docs/benchmarks.md, shared by ``pyeuler bench`` and the pytest-benchmark
+suites.
 
 - :func:`time_train_step`: one full training step of an (IE-)WideResNet (forward,
   cross-entropy, backward, SGD-momentum step); median over timed steps after warm-up,
@@ -8,7 +9,8 @@
   oracle's decomposed norms.
 - :func:`saved_tensor_bytes`: the activation memory autograd keeps for the backward, a
   device-independent count (peak memory needs a GPU).
-- :func:`op_bytes`: the bytes an op must move (PERF.md "ideal"), for GB/s figures.
+- :func:`op_bytes`: the bytes an op must move ("ideal" in docs/benchmarks.md), for GB/s
+  figures.
 - :func:`write_results`: ``benchmarks/results/<device>-<date>.json`` and ``.md``.
 """
 
@@ -64,7 +66,7 @@ class StepResult:
 
 def _configure_compile() -> None:
     # Without these, torch.compile refuses autograd.grad(create_graph=True) inside forward
-    # (PERF.md).
+    # (docs/benchmarks.md).
     torch._functorch.config.donated_buffer = False
     torch._dynamo.config.trace_autograd_ops = True
 
@@ -180,7 +182,7 @@ def _conv_share(step, device: torch.device) -> float:
 
 
 def op_bytes(numel: int, element_size: int, op: str, backward: bool) -> int:
-    """Bytes an op must move: PERF.md's "ideal" passes (read x, write y, ...)."""
+    """Bytes an op must move: the "ideal" passes of docs/benchmarks.md (read x, write y, ...)."""
     passes = {("bn_relu", False): 2, ("bn_add_relu", False): 3,
               ("bn_relu", True): 2 + 3, ("bn_add_relu", True): 3 + 4}[(op, backward)]
     return passes * numel * element_size

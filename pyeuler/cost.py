@@ -85,9 +85,10 @@ PROBE_WIDTH, PROBE_BATCH, PROBE_IMAGE = 2, 4, 8
 class StepConfig:
     """One training step, named as ``pyeuler train`` names it.
 
-    bf16 means autocast to bfloat16 with channels_last model and input, as PERF.md's
-    headline workload; fp32 means float32, contiguous.  ``attack_steps`` is the number of
-    PGD / TRADES steps whose input-gradient passes run before the step (``adv`` not none).
+    bf16 means autocast to bfloat16 with channels_last model and input, as the headline
+    workload of docs/benchmarks.md; fp32 means float32, contiguous.  ``attack_steps`` is the
+    number of PGD / TRADES steps whose input-gradient passes run before the step (``adv``
+    not none).
     """
 
     model: str = "wrn-34-10"

@@ -1,4 +1,5 @@
-"""Functional ops (SPEC §1–§3).  Every op takes ``backend=`` (None: the process default).
+"""Functional ops (docs/semantics.md §1–§4).  Every op takes ``backend=`` (None: the process
+default).
 
 BatchNorm arguments follow ``torch.nn.functional.batch_norm``: with ``training=True`` batch
 statistics normalise and, when ``running_mean``/``running_var`` are given, are folded into
@@ -55,7 +56,7 @@ def bn_add_relu(z: Tensor, shortcut: Tensor | None, h: float | Tensor = 1.0,
 
 def ie_residual(x: Tensor, c: Tensor, fx: Tensor, theta: float = 1.0,
                 backend: str | None = None) -> Tensor:
-    """IE-Skip residual ``e = x − c − θ·f(x)`` (SPEC §2).  x, c, fx: one shape (no
+    """IE-Skip residual ``e = x − c − θ·f(x)`` (docs/semantics.md §2).  x, c, fx: one shape (no
     broadcasting), one device, floating dtypes (the result has their promoted dtype);
     θ in [0, 1].  Raises ``TypeError``/``ValueError`` naming the bad argument."""
     if not isinstance(x, Tensor):
@@ -65,7 +66,7 @@ def ie_residual(x: Tensor, c: Tensor, fx: Tensor, theta: float = 1.0,
 
 def ie_update(x: Tensor, e: Tensor, v: Tensor, step_size: float = 0.1, theta: float = 1.0,
               backend: str | None = None) -> Tensor:
-    """IE-Skip update ``x − 2γ·(e − θ·v)`` with ``v = J_fᵀ e`` (SPEC §2).  x, e, v: one
+    """IE-Skip update ``x − 2γ·(e − θ·v)`` with ``v = J_fᵀ e`` (docs/semantics.md §2).  x, e, v: one
     shape, one device, floating dtypes (the result has their promoted dtype); γ
     (``step_size``) finite and > 0, θ in [0, 1]."""
     if not isinstance(x, Tensor):
@@ -97,8 +98,8 @@ def _branch_input(branch, x) -> None:
 
 def branch_vjp(branch, x: Tensor, v: Tensor, backend: str | None = None) -> Tensor:
     """``J_f(x)ᵀ v`` for a :class:`pyeuler.nn.PreActBranch` ``f`` by the explicit formula of
-    SPEC §3 (running statistics untouched).  x: ``(N, C, *spatial)``; v: f(x)'s shape, on
-    x's device, floating point; the result has x's shape.  Raises ``TypeError`` for a
+    docs/semantics.md §3 (running statistics untouched).  x: ``(N, C, *spatial)``; v: f(x)'s
+    shape, on x's device, floating point; the result has x's shape.  Raises ``TypeError`` for a
     branch that is not a PreActBranch, ``ValueError``/``TypeError`` for a bad x or v."""
     _branch_input(branch, x)
     name = resolve_backend(backend, x.device)

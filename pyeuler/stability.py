@@ -33,15 +33,16 @@ module's mode, parameters or buffers: BatchNorm runs with its running statistics
 mode), pyeuler's norms with ``update_running=False``.
 
 Products with the Jacobian: for a :class:`pyeuler.nn.PreActBranch`, pyeuler's explicit
-``J_fᵀu`` (SPEC §3, the fused kernels of the chosen backend) and its forward-mode ``J_f v``
-(:func:`pyeuler.functional.branch_jvp`); with ``backend="reference"``, or for any other
-module (and whole block maps), reverse-mode autograd on a graph kept for ``J_fᵀu`` and
-``torch.func.jvp`` for ``J_f v``.  Estimates come from power iteration and inverse
-iteration, matrix-free (``method="iterative"``: conjugate gradients for the inverse) or on
-per-sample Jacobians formed from D products (``method="dense"``, exact solves; ``"auto"``
-for up to :data:`DENSE_MAX` entries per sample).  They are deterministic given
-``generator`` and return one value per sample; samples that do not converge within
-``iters`` raise a :class:`ConvergenceWarning` naming them.
+``J_fᵀu`` (docs/semantics.md §3, the fused kernels of the chosen backend) and its
+forward-mode ``J_f v`` (:func:`pyeuler.functional.branch_jvp`); with
+``backend="reference"``, or for any other module (and whole block maps), reverse-mode
+autograd on a graph kept for ``J_fᵀu`` and ``torch.func.jvp`` for ``J_f v``.  Estimates
+come from power iteration and inverse iteration, matrix-free (``method="iterative"``:
+conjugate gradients for the inverse) or on per-sample Jacobians formed from D products
+(``method="dense"``, exact solves; ``"auto"`` for up to :data:`DENSE_MAX` entries per
+sample).  They are deterministic given ``generator`` and return one value per sample;
+samples that do not converge within ``iters`` raise a :class:`ConvergenceWarning` naming
+them.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Shared test utilities: tolerances per SPEC §6 and model/gradient comparison."""
+"""Shared test utilities: tolerances per docs/semantics.md §6 and model/gradient comparison."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import copy
 
 import torch
 
-# float32 parity with TF32 off (SPEC §6).
+# float32 parity with TF32 off (docs/semantics.md §6).
 F32 = dict(rtol=1e-4, atol=1e-5)
 F64 = dict(rtol=1e-9, atol=1e-10)
 
@@ -17,7 +17,8 @@ def tol(dtype: torch.dtype) -> dict:
 
 
 def assert_close_low_precision(out, out_lowp_ref, out_f64, floor=1e-2):
-    """SPEC §6: error vs float64 at most 2× the eager low-precision reference's, plus a floor."""
+    """docs/semantics.md §6: error vs float64 at most 2× the eager low-precision reference's,
+    plus a floor."""
     err = (out.double() - out_f64).abs().max().item()
     ref_err = (out_lowp_ref.double() - out_f64).abs().max().item()
     assert err <= 2 * ref_err + floor, f"error {err:.3g} vs low-precision reference {ref_err:.3g}"

@@ -1,7 +1,7 @@
 """Every differentiation mode is right on every backend, or refused with a clear error
-(SPEC §9): forward mode (``torch.func.jvp``, ``jacfwd``, ``torch.autograd.forward_ad``) and
-``torch.func`` reverse transforms through the fused ops, and what ``grad="implicit"``
-IE-Skips can and cannot differentiate.
+(docs/semantics.md §9): forward mode (``torch.func.jvp``, ``jacfwd``,
+``torch.autograd.forward_ad``) and ``torch.func`` reverse transforms through the fused ops,
+and what ``grad="implicit"`` IE-Skips can and cannot differentiate.
 
 Expected values are computed independently: central finite differences in float64, or
 plain torch compositions whose derivatives PyTorch gets right at that order.

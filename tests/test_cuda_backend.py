@@ -2,9 +2,9 @@
 
 On a GPU: parity of every primitive with :mod:`pyeuler.ops.primitives` (and with the Triton
 backend when it runs), every dtype, contiguous / channels_last / strided inputs, odd shapes.
-Tolerances (SPEC §6): float32 close to the eager float32 result; float16/bfloat16 at most 2×
-the eager low-precision error against a float64 reference, plus a small floor; sums against
-float64 relative to the sum of the terms' magnitudes.
+Tolerances (docs/semantics.md §6): float32 close to the eager float32 result;
+float16/bfloat16 at most 2× the eager low-precision error against a float64 reference, plus
+a small floor; sums against float64 relative to the sum of the terms' magnitudes.
 
 Everywhere (CPU too): is_available() fails cleanly, the fake implementations used by
 torch.compile agree with the reference's output shapes and layouts, and the Python wrapper,

@@ -377,8 +377,9 @@ def _relative_errors(model, x, reference_model, autocast_dtype):
 @pytest.mark.parametrize("grad", ["unrolled", "detached", "implicit"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 def test_ie_wrn_under_autocast(backend, grad, dtype):
-    """SPEC §6 under CPU autocast (low-precision convolutions, the explicit VJP casting as
-    autograd would): output and gradient errors against float64 at most 2× the reference's."""
+    """docs/semantics.md §6 under CPU autocast (low-precision convolutions, the explicit VJP
+    casting as autograd would): output and gradient errors against float64 at most 2× the
+    reference's."""
     if backend == "cuda" or (backend == "triton" and (grad != "unrolled" or dtype != torch.bfloat16)):
         pytest.skip("the interpreter is slow: the Triton path is covered by bf16 'unrolled'")
     torch.manual_seed(0)

@@ -1,6 +1,6 @@
-"""Nothing is silently wrong (SPEC §5): bad input raises an error that names the argument,
-wrong ranks and broadcasting branches are refused, mixed dtypes give torch's promoted
-dtype, and empty batches behave as torch's own layers do — on every backend.
+"""Nothing is silently wrong (docs/semantics.md §5): bad input raises an error that names the
+argument, wrong ranks and broadcasting branches are refused, mixed dtypes give torch's
+promoted dtype, and empty batches behave as torch's own layers do — on every backend.
 
 Validation is metadata only; the errors are checked by type and by the argument they name.
 """

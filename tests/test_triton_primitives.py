@@ -2,8 +2,9 @@
 
 Without a GPU they run in Triton's CPU interpreter (TRITON_INTERPRET=1, set before triton
 is imported), so shapes are small; tests marked ``gpu`` use real sizes and need CUDA.
-Tolerances (SPEC §6): float32 close to the eager float32 result; float16/bfloat16 at most
-2× the eager low-precision error against a float64 reference, plus a small floor.
+Tolerances (docs/semantics.md §6): float32 close to the eager float32 result;
+float16/bfloat16 at most 2× the eager low-precision error against a float64 reference, plus
+a small floor.
 """
 
 import os

@@ -1,4 +1,5 @@
-"""``pyeuler bench``: the PERF.md headline workload, every available backend side by side.
+"""``pyeuler bench``: the headline workload of docs/benchmarks.md, every available backend side
+by side.
 
 On a GPU the default is IE-WRN-34-10, batch 128, 32×32; on a CPU a reduced size (WRN-10-1,
 batch 16, 16×16) so the run finishes in a minute.  Results go to
@@ -22,8 +23,8 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--steps", nargs="+", type=int, default=[0, 1, 3], help="IE steps K")
     parser.add_argument("--grads", nargs="+", default=["unrolled", "detached"],
                         choices=["unrolled", "detached", "implicit"],
-                        help="IE gradient modes (PERF.md's rows: unrolled, detached); with "
-                             "'implicit', K is the solver's evaluation budget")
+                        help="IE gradient modes (docs/benchmarks.md's rows: unrolled, "
+                             "detached); with 'implicit', K is the solver's evaluation budget")
     parser.add_argument("--precisions", nargs="+", default=None, choices=["bf16", "fp32"],
                         help="default: bf16 and fp32 on a GPU, fp32 on a CPU")
     parser.add_argument("--compile", dest="compile", action="store_true", default=None,

@@ -42,7 +42,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     g.add_argument("--ie-step-size", type=_pos_float, default=0.1, help="IE step size γ [0.1]")
     g.add_argument("--theta", type=float, default=1.0, help="θ-method parameter [1.0]")
     g.add_argument("--norm", default="batch", choices=("batch", "group"),
-                   help="normalisation in the blocks [batch, PERF.md's workload]")
+                   help="normalisation in the blocks [batch, docs/benchmarks.md's workload]")
     g.add_argument("--grad", nargs="+", default=["unrolled"],
                    choices=("unrolled", "detached", "implicit"),
                    help="IE-Skip gradient mode [unrolled]")

@@ -19,7 +19,7 @@ DOWNSAMPLES = ("conv1x1", "conv3x3")
 
 
 class EulerBasicBlock(nn.Module):
-    """Post-activation block of the Robust-ResNet CIFAR code (SPEC §1):
+    """Post-activation block of the Robust-ResNet CIFAR code (docs/semantics.md §1):
     ``ReLU(S(x) + h·bn2(conv2(ReLU(bn1(conv1(x))))))``.
 
     The state_dict equals that of the plain-PyTorch block with the same attribute names
@@ -85,7 +85,7 @@ class PreActBlock(nn.Module):
                                         h_mode=h_mode, dim=dim, backend=backend)
         self.shortcut = _make_shortcut(in_planes, planes * self.expansion, stride, downsample,
                                        norm, norm_groups, dim)
-        # Only shape-preserving blocks get an IE-Skip (SPEC §2).
+        # Only shape-preserving blocks get an IE-Skip (docs/semantics.md §2).
         self.steps = ie_steps if self.shortcut is None else 0
         self.step_size, self.theta = float(ie_step_size), float(theta)
         self.grad, self.bn_update = grad, bn_update

@@ -1,4 +1,5 @@
-"""IE-Skip: the explicit Euler step followed by K gradient steps toward implicit Euler (SPEC §2).
+"""IE-Skip: the explicit Euler step followed by K gradient steps toward implicit Euler
+(docs/semantics.md §2).
 
     c    = x0 + (1-θ)·f(x0)
     x⁽⁰⁾ = x0 + f(x0)
@@ -127,7 +128,7 @@ def _check_theta(theta) -> None:
 
 
 def ie_residual(x: Tensor, c: Tensor, fx: Tensor, theta: float, backend: str = "eager") -> Tensor:
-    """``e = x − c − θ·f(x)`` (SPEC §2): x, c, fx of one shape (no broadcasting) on one
+    """``e = x − c − θ·f(x)`` (docs/semantics.md §2): x, c, fx of one shape (no broadcasting) on one
     device, any floating dtypes; returns their promoted dtype.  ``θ`` in [0, 1].  Raises
     ``TypeError``/``ValueError`` naming the bad argument."""
     _check_theta(theta)
@@ -141,7 +142,7 @@ def ie_residual(x: Tensor, c: Tensor, fx: Tensor, theta: float, backend: str = "
 def ie_update(x: Tensor, e: Tensor, v: Tensor, step_size: float, theta: float,
               backend: str = "eager") -> Tensor:
     """``x − 2γ·(e − θ·v)``, one gradient step on ‖x − c − θ·f(x)‖² with ``v = J_fᵀe``
-    (SPEC §2): x, e, v of one shape on one device, any floating dtypes; returns their
+    (docs/semantics.md §2): x, e, v of one shape on one device, any floating dtypes; returns their
     promoted dtype.  ``γ`` (``step_size``) finite and > 0, ``θ`` in [0, 1]."""
     if (not isinstance(step_size, (int, float)) or isinstance(step_size, bool)
             or not 0.0 < step_size < math.inf):
@@ -365,7 +366,7 @@ def ie_skip(branch, x: Tensor, steps: int = 1, step_size: float = 0.1, theta: fl
             grad: str = "unrolled", bn_update: str = "all", backend: str | None = None, *,
             tol: float | None = None) -> Tensor:
     """IE-Skip around a shape-preserving ``branch``: x0 + f(x0) refined by ``steps`` gradient
-    steps toward the implicit (θ-method) Euler solution.  See SPEC §2 for the modes.
+    steps toward the implicit (θ-method) Euler solution.  See docs/semantics.md §2 for the modes.
 
     With ``grad="implicit"``, ``steps`` is the solver's budget of branch evaluations (forward
     and backward each) and ``tol`` an optional early stop on the relative residual

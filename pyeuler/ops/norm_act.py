@@ -1,5 +1,5 @@
 """Normalisation + affine + scaled residual add + ReLU, ``act(shortcut + h·Norm(x))``: the
-public API (SPEC §1, §3, §4) and the adapter for ``nn.BatchNorm*d`` / ``nn.GroupNorm``.
+public API (docs/semantics.md §1, §3, §4) and the adapter for ``nn.BatchNorm*d`` / ``nn.GroupNorm``.
 
 :func:`norm_act` validates, picks the backend and runs the op: the literal composition on
 ``"reference"``, pyeuler's explicit formulas in torch ops on ``"eager"``, the custom ops of

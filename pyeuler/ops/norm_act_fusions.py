@@ -1,4 +1,4 @@
-"""The norm_act ops fused with their neighbours (SPEC §4, §5): ``conv(ReLU(norm(x)))``,
+"""The norm_act ops fused with their neighbours (docs/semantics.md §4, §5): ``conv(ReLU(norm(x)))``,
 its VJP counterpart ``Wᵀ⋆(ReLU∘norm)ᵀ dy`` and the IE-Skip update ``x − 2γ·(e − θ·v)`` fused
 into the last pass of the branch VJP.  Each keeps x rather than an activation for its
 backward and recomputes what it needs there by one elementwise pass: "unrolled" IE-Skips

@@ -1,10 +1,10 @@
 """The norm_act custom ops and their autograd: ``act(shortcut + h·Norm(x))`` on the fused
-backends (SPEC §1, §3, §4).
+backends (docs/semantics.md §1, §3, §4).
 
 - the forward factors into the statistics pass with the per-channel ``forward_coefficients``
   ``scale = h·w·invstd``, ``shift = h·(b − mean·w·invstd)`` in its final stage (kept in
   :class:`NormStats` for every backward pass) and one ``affine_act_forward`` pass;
-- the backward (the explicit BNᵀ of SPEC §3) factors into one reduction pass, the
+- the backward (the explicit BNᵀ of docs/semantics.md §3) factors into one reduction pass, the
   per-channel ``backward_coefficients`` and one ``affine_act_backward_apply`` pass
   ``dx = a·g + b·(x − mean) + c``;
 - the second order (needed by "unrolled" IE-Skips) is again a reduce and an apply pass with

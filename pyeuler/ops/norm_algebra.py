@@ -1,4 +1,4 @@
-"""The per-channel algebra of normalisation + affine + step + ReLU (SPEC §1, §3, §4).
+"""The per-channel algebra of normalisation + affine + step + ReLU (docs/semantics.md §1, §3, §4).
 
 Everything here is arithmetic on per-channel ``[C]`` or per-(sample, channel) ``[N, C]``
 vectors (GroupNorm statistics are ``[N, groups]``): the half of each pass that is not a
@@ -89,7 +89,7 @@ def _sum_to(v: Tensor, h: Tensor) -> Tensor:
 
 def backward_coefficients(sum_g, sum_gxc, dmean, dvar, weight, bias, h, var, h_value, eps, groups,
                           batch_stats, needs, channels, count):
-    """The per-channel half of the backward (SPEC §3's BNᵀ): from the reduce sums
+    """The per-channel half of the backward (docs/semantics.md §3's BNᵀ): from the reduce sums
     ``Σg``, ``Σg·(x − center)`` to ``(a, b, c)`` of ``dx = a·g + b·(x − center) + c`` and
     the parameter gradients ``(dweight, dbias, dh)`` (None where not in ``needs``).
 
@@ -324,7 +324,7 @@ def double_backward_presence(sum_g, dmean, dvar, weight, bias, h, batch_stats, n
 def double_backward_coefficients(sum_g, sum_gxc, dmean, dvar, weight, bias, h, var, h_value, eps,
                                  groups, batch_stats, needs, channels, count, cotangents,
                                  sum_cotangents=(None, None)):
-    """The per-channel half of norm_act's second order (SPEC §4), one pass between the
+    """The per-channel half of norm_act's second order (docs/semantics.md §4), one pass between the
     double backward's reduce and apply passes.
 
     ``cotangents`` are the gradients of ``(a, b, c, dweight, dbias, dh)`` as in

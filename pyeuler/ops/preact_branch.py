@@ -1,7 +1,7 @@
 """The pre-activation branch ``f(x) = h·W2 ⋆ ρ(N2(W1 ⋆ ρ(N1(x))))`` as explicit functions.
 
 :func:`branch_forward` evaluates f and keeps what its Jacobian needs; :func:`branch_vjp`
-gives ``J_fᵀ e`` with SPEC §3's explicit formula (convolution data-gradients through
+gives ``J_fᵀ e`` with docs/semantics.md §3's explicit formula (convolution data-gradients through
 ``aten.convolution_backward``, the norm backward of :mod:`pyeuler.ops.norm_act`), never
 generic autograd; :func:`branch_jvp` gives ``J_f v`` by forward-mode AD, no graph kept.
 Everything is built from differentiable ops, so the "unrolled" IE-Skip gradient is exact.
@@ -148,7 +148,7 @@ def _vjp_to_first_activation(branch, cache: BranchCache, e: Tensor, backend: str
 
 
 def branch_vjp(branch, cache: BranchCache, e: Tensor, backend: str) -> Tensor:
-    """``J_fᵀ e`` at the point ``cache`` was taken (SPEC §3)."""
+    """``J_fᵀ e`` at the point ``cache`` was taken (docs/semantics.md §3)."""
     g = _vjp_to_first_activation(branch, cache, e, backend)
     return _norm_relu_input_grad(branch.bn1, cache.stats1, g, backend)
 

@@ -316,12 +316,12 @@ def affine_act_double_backward_apply(
 
 
 def ie_residual(x: Tensor, c: Tensor, fx: Tensor, theta: float) -> Tensor:
-    """IE-Skip residual ``e = x − c − θ·f(x)`` (SPEC §2)."""
+    """IE-Skip residual ``e = x − c − θ·f(x)`` (docs/semantics.md §2)."""
     acc = _acc_dtype(x)
     return (x.to(acc) - c.to(acc) - theta * fx.to(acc)).to(x.dtype)
 
 
 def ie_update(x: Tensor, e: Tensor, v: Tensor, step_size: float, theta: float) -> Tensor:
-    """IE-Skip gradient step ``x − 2γ·(e − θ·v)`` with ``v = J_fᵀ e`` (SPEC §2)."""
+    """IE-Skip gradient step ``x − 2γ·(e − θ·v)`` with ``v = J_fᵀ e`` (docs/semantics.md §2)."""
     acc = _acc_dtype(x)
     return (x.to(acc) - 2.0 * step_size * (e.to(acc) - theta * v.to(acc))).to(x.dtype)

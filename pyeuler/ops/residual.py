@@ -1,4 +1,4 @@
-"""The scaled residual add ``x + h·f`` of an explicit Euler step (SPEC §1)."""
+"""The scaled residual add ``x + h·f`` of an explicit Euler step (docs/semantics.md §1)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ __all__ = ["scaled_residual_add"]
 
 
 def scaled_residual_add(x: Tensor, f: Tensor, h: float | Tensor = 1.0) -> Tensor:
-    """``x + h·f`` in one pass (SPEC §1): x, f ``(N, C, *spatial)`` of one shape on one
+    """``x + h·f`` in one pass (docs/semantics.md §1): x, f ``(N, C, *spatial)`` of one shape on one
     device, floating point; ``h`` a float, a scalar tensor or a per-channel ``(C,)`` tensor.
     The result has torch's promoted dtype.  Raises ``TypeError``/``ValueError`` naming the
     bad argument."""

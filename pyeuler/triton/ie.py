@@ -1,4 +1,4 @@
-"""IE-Skip elementwise steps (SPEC §2): the residual e and the gradient step on x.
+"""IE-Skip elementwise steps (docs/semantics.md §2): the residual e and the gradient step on x.
 
 Both are pure streams over dense tensors of one layout, so they run as flat 1-D kernels
 over storage order (any dense layout, channels-last included) with 16-byte vector loads.

@@ -10,7 +10,8 @@ Two stages, no atomics and a fixed tiling, so results are bitwise reproducible o
    NaN where that overflowed to +inf (see :func:`pyeuler.ops.primitives.norm_stats`).
 
 ``norm_stats_partials`` and ``merge_stats`` are exposed separately so that SyncBatchNorm
-style code can all-gather the per-rank ``(count, mean, M2)`` between the stages (SPEC §8).
+style code can all-gather the per-rank ``(count, mean, M2)`` between the stages
+(docs/semantics.md §8, §10).
 Welford never forms E[x²] − E[x]², and each program first subtracts one of its own
 elements (the shifted-data trick: x − shift is exact for nearby values), so inputs with
 |mean| ≫ std keep their variance to float32 rounding of the deviations, not of the mean.
