@@ -300,6 +300,17 @@ def norm_act(
 
 
 
+def _would_sync(norm: torch.nn.SyncBatchNorm) -> bool:
+    """Whether ``nn.SyncBatchNorm`` would all-reduce its statistics here: a process group
+    of more than one process (alone, it is plain BatchNorm, as torch's forward has it)."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return False
+    group = norm.process_group or dist.group.WORLD
+    return dist.get_world_size(group) > 1
+
+
 def norm_act_module(
     norm: torch.nn.Module,
     x: Tensor,
@@ -321,6 +332,11 @@ def norm_act_module(
                         return_stats=return_stats, conv=conv)
     if not isinstance(norm, torch.nn.modules.batchnorm._BatchNorm):
         raise TypeError(f"norm must be an nn.BatchNorm*d or nn.GroupNorm, got {type(norm).__name__}")
+    if isinstance(norm, torch.nn.SyncBatchNorm) and norm.training and _would_sync(norm):
+        raise NotImplementedError(
+            "nn.SyncBatchNorm inside pyeuler modules is not synchronised yet "
+            "(docs/semantics.md §10): each process would normalise with its own shard's "
+            "statistics.  Keep nn.BatchNorm per process, or use norm='group'.")
     tracking = norm.training and norm.track_running_stats and update_running
     use_running = not norm.training or norm.track_running_stats
     return norm_act(
