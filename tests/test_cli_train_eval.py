@@ -174,3 +174,29 @@ def test_cifar10_from_pickle_batches(tmp_path, capsys):
     ckpt = tmp_path / "ck" / "cifar10-wrn-10-1-K0-none-seed0.pt"
     assert main(["eval", "--checkpoint", str(ckpt), "--attack", "pgd-2", "--no-progress"]) == 0
     assert "pgd-2 accuracy (eps=8/255)" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("adv", ["pgd", "trades"])
+def test_adversarial_training_resumes_bit_identically(tmp_path, adv):
+    """2 epochs straight == 1 epoch, then --resume to 2: attack starts and TRADES noise
+    derive from (seed, epoch), so no generator state needs restoring (through subprocesses,
+    as a user runs them)."""
+    import subprocess
+    import sys
+
+    def train(epochs, out, *extra):
+        done = subprocess.run(
+            [sys.executable, "-m", "pyeuler", "train", "--data", "moons", "--adv", adv,
+             "--attack-steps", "2", "--ie-steps", "1", "--epochs", str(epochs),
+             "--eval-samples", "16", "--threads", "1", "--out", str(out), "--no-progress",
+             *extra], capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stdout + done.stderr
+        return load_checkpoint(out / f"moons-mlp-K1-{adv}-seed0.pt")
+
+    straight = train(2, tmp_path / "straight")
+    train(1, tmp_path / "resumed")
+    resumed = train(2, tmp_path / "resumed", "--resume")
+    assert resumed["epoch"] == straight["epoch"] == 2
+    differing = [k for k, v in straight["state_dict"].items()
+                 if not torch.equal(v, resumed["state_dict"][k])]
+    assert not differing, differing

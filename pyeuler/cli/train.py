@@ -299,7 +299,13 @@ def train_one(cfg: dict, data, k: int, device: torch.device, progress: bool | No
     for epoch in range(start, cfg["epochs"]):
         for group in opt.param_groups:
             group["lr"] = lr_at(cfg, epoch)
-        g = torch.Generator().manual_seed(cfg["seed"] * 100003 + epoch)
+        # Every random draw of the epoch derives from (seed, epoch): shuffling and
+        # augmentation from g, attack starts, TRADES noise and dropout from the global
+        # generators, seeded apart.  A run resumed at an epoch boundary so repeats the
+        # uninterrupted one bit for bit, without restoring generator states.
+        epoch_seed = cfg["seed"] * 100003 + epoch
+        g = torch.Generator().manual_seed(epoch_seed)
+        torch.manual_seed(epoch_seed + 2**31)
         stats = train_epoch(model, data.x_train, data.y_train, opt, batch_size=cfg["batch_size"],
                             adv=cfg["adv"], eps=cfg["eps"], alpha=cfg["alpha"],
                             steps=cfg["attack_steps"], beta=cfg["beta"], generator=g,
