@@ -44,3 +44,34 @@ def test_backend_choices_are_checked_by_argparse(capsys):
         main(["stability", "--backend", "nonsense"])
     assert exit_info.value.code == 2
     assert "argument --backend: invalid choice" in capsys.readouterr().err
+
+
+def _pyeuler(*argv, timeout=300):
+    import subprocess
+    import sys
+
+    return subprocess.run([sys.executable, "-m", "pyeuler", *argv], capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def test_eps_accepts_fractions_as_eval_prints_them(capsys):
+    """--eps 8/255 (how ε is written, and how eval prints it) is a number."""
+    from pyeuler.cli.train import _nonneg_float
+
+    assert _nonneg_float("8/255") == 8 / 255 and _nonneg_float("0.031") == 0.031
+    for bad in ("8/0", "eight", "inf", "-1/255"):
+        with pytest.raises(Exception, match="expected a number"):
+            _nonneg_float(bad)
+    done = _pyeuler("train", "--data", "moons", "--eps", "8/2x55")
+    assert done.returncode == 2 and "--eps" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_resume_with_another_optimizer_is_one_line_exit_2(tmp_path):
+    common = ["train", "--data", "moons", "--ie-steps", "0", "--eval-samples", "8",
+              "--threads", "1", "--out", str(tmp_path), "--no-progress"]
+    assert _pyeuler(*common, "--epochs", "1", "--optimizer", "sgd").returncode == 0
+    done = _pyeuler(*common, "--epochs", "2", "--optimizer", "adam", "--resume")
+    assert done.returncode == 2, done.stdout + done.stderr
+    err = done.stderr.strip().splitlines()
+    assert len(err) == 1 and "Traceback" not in done.stderr
+    assert "trained with --optimizer sgd, this run asks for adam" in err[0]

@@ -27,7 +27,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--attack", nargs="+", default=["fgsm"], metavar="ATTACK",
                    help="fgsm, pgd-N (e.g. pgd-20), cw; several allowed [fgsm]")
     p.add_argument("--eps", type=_nonneg_float, nargs="+", default=None,
-                   help="L∞ radius (several allowed) [the training run's eps]")
+                   help="L∞ radius, a number or a fraction like 8/255 (several allowed) "
+                        "[the training run's eps]")
     p.add_argument("--alpha", type=_nonneg_float, default=None,
                    help="PGD step size [2.5·eps/steps: 1/255 for PGD-20 at 8/255]")
     p.add_argument("--no-random-start", action="store_true", help="PGD starts at x")

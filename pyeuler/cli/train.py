@@ -9,6 +9,7 @@ on two CPU cores, nothing downloaded.
 from __future__ import annotations
 
 import argparse
+import fractions
 import json
 import math
 import sys
@@ -61,16 +62,24 @@ def _pos_int(s: str) -> int:
     return v
 
 
+def _number(s: str) -> float:
+    """A decimal or a fraction: ``0.031``, ``1e-3`` or ``8/255`` (how ε is usually given)."""
+    try:
+        return float(fractions.Fraction(s.strip()))
+    except (ValueError, ZeroDivisionError):
+        raise argparse.ArgumentTypeError(f"expected a number like 0.1 or 8/255, got {s}")
+
+
 def _nonneg_float(s: str) -> float:
-    v = float(s)
-    if not math.isfinite(v) or v < 0:
+    v = _number(s)
+    if v < 0:
         raise argparse.ArgumentTypeError(f"expected a number >= 0, got {s}")
     return v
 
 
 def _pos_float(s: str) -> float:
-    v = float(s)
-    if not math.isfinite(v) or v <= 0:
+    v = _number(s)
+    if v <= 0:
         raise argparse.ArgumentTypeError(f"expected a number > 0, got {s}")
     return v
 
@@ -129,8 +138,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     g.add_argument("--adv", choices=("none", "pgd", "trades"), default=None,
                    help="adversarial training: none, pgd (Madry PGD-AT) or trades [none]")
     g.add_argument("--eps", type=_nonneg_float, default=None,
-                   help="L∞ radius for adversarial training and the table's attacks "
-                        "[digits 0.1, moons 0.05, cifar10 8/255]")
+                   help="L∞ radius for adversarial training and the table's attacks, a "
+                        "number or a fraction like 8/255 [digits 0.1, moons 0.05, "
+                        "cifar10 8/255]")
     g.add_argument("--alpha", type=_nonneg_float, default=None,
                    help="PGD/TRADES training step [2.5·eps/steps: 2/255 for PGD-10 at 8/255]")
     g.add_argument("--attack-steps", type=_pos_int, default=None,
@@ -289,6 +299,11 @@ def train_one(cfg: dict, data, k: int, device: torch.device, progress: bool | No
             raise CheckpointError(f"checkpoint: {path} was saved for {ckpt['model']} on "
                                   f"{ckpt['config'].get('data')!r}; this run builds {spec} on "
                                   f"{cfg['data']!r} (use another --out, or drop --resume)")
+        saved_optimizer = ckpt["config"].get("optimizer")
+        if ckpt.get("optimizer") is not None and saved_optimizer != cfg["optimizer"]:
+            raise CheckpointError(f"checkpoint: {path} was trained with --optimizer "
+                                  f"{saved_optimizer}, this run asks for {cfg['optimizer']} "
+                                  "(resume with the same optimizer, or drop --resume)")
         load_model_state(model, ckpt, path)
         if ckpt.get("optimizer") is not None:
             opt.load_state_dict(ckpt["optimizer"])
