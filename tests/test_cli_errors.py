@@ -75,3 +75,31 @@ def test_resume_with_another_optimizer_is_one_line_exit_2(tmp_path):
     err = done.stderr.strip().splitlines()
     assert len(err) == 1 and "Traceback" not in done.stderr
     assert "trained with --optimizer sgd, this run asks for adam" in err[0]
+
+
+def test_ctrl_c_says_where_the_checkpoint_is_and_exits_130(tmp_path):
+    """SIGINT during training: one line naming the last checkpoint and --resume, exit 130."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    ckpt = tmp_path / "moons-mlp-K0-none-seed0.pt"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "pyeuler", "train", "--data", "moons", "--ie-steps", "0",
+         "--epochs", "100000", "--threads", "1", "--out", str(tmp_path), "--no-progress"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not ckpt.exists() and time.monotonic() < deadline and proc.poll() is None:
+            time.sleep(0.2)
+        assert ckpt.exists(), "no checkpoint within 120 s"
+        time.sleep(0.5)  # let the first save complete
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130, err
+    lines = err.strip().splitlines()
+    assert "Traceback" not in err and len(lines) == 1
+    assert f"the last checkpoint is {ckpt} (epoch" in lines[0] and "--resume" in lines[0]

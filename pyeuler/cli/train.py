@@ -368,6 +368,23 @@ def format_table(cfg: dict, rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def _interrupted(cfg: dict, out: str | None, k: int) -> int:
+    """Ctrl-C: one line saying where the last checkpoint is and how to resume; exit 130."""
+    path = checkpoint_path(out, cfg, k) if out else None
+    if path is not None and path.exists():
+        from pyeuler.checkpoint import load_checkpoint
+
+        epoch = load_checkpoint(path)["epoch"]
+        where = (f"the last checkpoint is {path} (epoch {epoch}); run the same command with "
+                 "--resume to continue")
+    elif path is not None:
+        where = f"no checkpoint was written yet (it would be {path})"
+    else:
+        where = "nothing was saved (no --out)"
+    print(f"\npyeuler: interrupted: {where}", file=sys.stderr)
+    return 130
+
+
 def run(args: argparse.Namespace) -> int:
     from pyeuler.checkpoint import CheckpointError
     from pyeuler.data import load
@@ -403,10 +420,15 @@ def run(args: argparse.Namespace) -> int:
         except ValueError as e:  # bad model name / arguments from build_model
             print(f"pyeuler: error: {e}", file=sys.stderr)
             return 2
+        except KeyboardInterrupt:
+            return _interrupted(cfg, args.out, k)
         row = {"name": row_name(k), "ie_steps": k, "train_seconds": trained["train_seconds"],
                "checkpoint": trained["checkpoint"]}
         t0 = time.perf_counter()
-        row.update(evaluate_row(cfg, trained["model"], data, device, progress))
+        try:
+            row.update(evaluate_row(cfg, trained["model"], data, device, progress))
+        except KeyboardInterrupt:
+            return _interrupted(cfg, args.out, k)
         row["eval_seconds"] = time.perf_counter() - t0
         rows.append(row)
         print(f"  {row['name']}: clean {100 * row['clean']:.1f}%, trained in "
