@@ -85,3 +85,18 @@ def swapped_parameters(module: torch.nn.Module, **tensors):
         for name, original in originals.items():
             delattr(module, name)
             module._parameters[name] = original
+
+
+def nan_inf_inputs(layout, per_sample, device, width):
+    """x, dy, ddx, e, shortcut and coefficients of shape (3, 4, 5, ``width``) with NaN /
+    ±inf placed per channel: 1 holds NaN, +inf and −inf activations, 2 a NaN shortcut, 3
+    NaN / inf gradients behind a gate closed by x = −inf (the scale is positive)."""
+    shape = (3, 4, 5, width)
+    x, dy, ddx, e, shortcut = (make_input(shape, layout, device=device) for _ in range(5))
+    x[0, 1, 0, 0], x[1, 1, 2, 1], x[2, 1, 4, 0] = float("nan"), float("inf"), float("-inf")
+    shortcut[0, 2, 1, 1] = float("nan")
+    x[1, 3, 0, 0], dy[1, 3, 0, 0], ddx[1, 3, 0, 0] = float("-inf"), float("nan"), float("inf")
+    dy[2, 0, 1, 1] = float("inf")
+    scale = random_coef(x, per_sample, positive=True)
+    shift, a, b, c, center = (random_coef(x, per_sample) for _ in range(5))
+    return x, dy, ddx, e, shortcut, scale, shift, a, b, c, center

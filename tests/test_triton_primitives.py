@@ -14,7 +14,7 @@ import sys
 import pytest
 import torch
 
-from helpers import layout_cases, make_input, random_coef
+from helpers import layout_cases, make_input, nan_inf_inputs, random_coef
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
@@ -612,18 +612,7 @@ numpy_nan_warnings = pytest.mark.filterwarnings("ignore:(invalid value|overflow)
 
 
 def _nan_inf_inputs(layout, per_sample):
-    """x, dy, ddx, e, shortcut and coefficients with NaN / ±inf placed per channel: 1 holds
-    NaN, +inf and −inf activations, 2 a NaN shortcut, 3 NaN / inf gradients behind a gate
-    closed by x = −inf (the scale is positive)."""
-    shape = (3, 4, 5, 2)
-    x, dy, ddx, e, shortcut = (make(shape, layout) for _ in range(5))
-    x[0, 1, 0, 0], x[1, 1, 2, 1], x[2, 1, 4, 0] = float("nan"), float("inf"), float("-inf")
-    shortcut[0, 2, 1, 1] = float("nan")
-    x[1, 3, 0, 0], dy[1, 3, 0, 0], ddx[1, 3, 0, 0] = float("-inf"), float("nan"), float("inf")
-    dy[2, 0, 1, 1] = float("inf")
-    scale = coef(x, per_sample, positive=True)
-    shift, a, b, c, center = (coef(x, per_sample) for _ in range(5))
-    return x, dy, ddx, e, shortcut, scale, shift, a, b, c, center
+    return nan_inf_inputs(layout, per_sample, DEVICE, width=2)
 
 
 @numpy_nan_warnings

@@ -82,6 +82,24 @@ def store_forward_coefficients(mean, var, channel, out, ok, weight_ptr, bias_ptr
 
 
 @triton.jit
+def _store_parameter_grads(dweight_ptr, dbias_ptr, dh_ptr, dweight, dbias, dh, dh_total,
+                           channel, ok, NEED_WEIGHT: tl.constexpr, NEED_BIAS: tl.constexpr,
+                           NEED_H: tl.constexpr, H_MODE: tl.constexpr):
+    """Store one chunk's parameter gradients; a 0-dim h's is summed into ``dh_total`` (the
+    caller stores it once, after the last chunk)."""
+    if NEED_WEIGHT:
+        tl.store(dweight_ptr + channel, dweight, mask=ok)
+    if NEED_BIAS:
+        tl.store(dbias_ptr + channel, dbias, mask=ok)
+    if NEED_H:
+        if H_MODE == 2:
+            tl.store(dh_ptr + channel, dh, mask=ok)
+        else:
+            dh_total += tl.where(ok, dh, 0.0)
+    return dh_total
+
+
+@triton.jit
 def _forward_coefficients_kernel(
     mean_ptr, var_ptr, weight_ptr, bias_ptr, h_ptr, scale_ptr, shift_ptr,
     n_rows, C, G, CPG, h_value, eps,
@@ -152,15 +170,9 @@ def _backward_coefficients_kernel(
             tl.store(a_ptr + out, step_w * invstd, mask=ok)
             tl.store(b_ptr + out, b, mask=ok)
             tl.store(c_ptr + out, c, mask=ok)
-        if NEED_WEIGHT:
-            tl.store(dweight_ptr + channel, dweight, mask=ok)
-        if NEED_BIAS:
-            tl.store(dbias_ptr + channel, dbias, mask=ok)
-        if NEED_H:
-            if H_MODE == 2:
-                tl.store(dh_ptr + channel, dh, mask=ok)
-            else:
-                dh_total += tl.where(ok, dh, 0.0)
+        dh_total = _store_parameter_grads(dweight_ptr, dbias_ptr, dh_ptr, dweight, dbias, dh,
+                                          dh_total, channel, ok, NEED_WEIGHT, NEED_BIAS, NEED_H,
+                                          H_MODE)
     if NEED_H:
         if H_MODE == 1:
             tl.store(dh_ptr, tl.sum(tl.sum(dh_total, axis=1), axis=0))
@@ -368,15 +380,9 @@ def _backward_coefficients_vjp_kernel(
         # h·w's gradient splits into h's and w's
         d_w += step * d_step_w
         d_step += d_step_w * w
-        if WANT_D_WEIGHT:
-            tl.store(d_weight_ptr + channel, d_w, mask=ok)
-        if WANT_D_BIAS:
-            tl.store(d_bias_ptr + channel, d_bias, mask=ok)
-        if WANT_D_H:
-            if H_MODE == 2:
-                tl.store(d_h_ptr + channel, d_step, mask=ok)
-            else:
-                d_h_total += tl.where(ok, d_step, 0.0)
+        d_h_total = _store_parameter_grads(d_weight_ptr, d_bias_ptr, d_h_ptr, d_w, d_bias, d_step,
+                                           d_h_total, channel, ok, WANT_D_WEIGHT, WANT_D_BIAS,
+                                           WANT_D_H, H_MODE)
     if WANT_D_H:
         if H_MODE == 1:
             tl.store(d_h_ptr, tl.sum(tl.sum(d_h_total, axis=1), axis=0))
