@@ -36,6 +36,7 @@ from pyeuler.ops import primitives
 from pyeuler.ops.dispatch import (dual_level_open, forward_mode_active, func_transform_active,
                                   kernel_backend)
 from pyeuler.ops.fixed_point import anderson
+from pyeuler.ops.norm_act_fusions import cached_weight_casts
 from pyeuler.ops.preact_branch import (branch_forward, branch_vjp, branch_vjp_ie_update,
                                        has_explicit_vjp)
 
@@ -67,7 +68,10 @@ def _ie_residual_setup(ctx, inputs, output):
 
 def _ie_residual_backward(ctx, de):
     dx_dtype, dc_dtype, dfx_dtype = ctx.dtypes
-    return de.to(dx_dtype), (-de).to(dc_dtype), (-ctx.theta * de).to(dfx_dtype), None, None
+    minus_de = -de
+    # θ = 1 (the default): c's and f(x)'s gradients are one tensor, computed once
+    dfx = minus_de if ctx.theta == 1.0 else -ctx.theta * de
+    return de.to(dx_dtype), minus_de.to(dc_dtype), dfx.to(dfx_dtype), None, None
 
 
 torch.library.register_autograd("pyeuler::ie_residual", _ie_residual_backward,
@@ -403,5 +407,6 @@ def ie_skip(branch, x: Tensor, steps: int = 1, step_size: float = 0.1, theta: fl
         evaluate = _explicit_evaluator(branch, name) if explicit else _autograd_evaluator(f, module)
         return _ie_implicit(evaluate, x, steps, theta, tol, bn_update)
     if explicit:
-        return _ie_explicit(branch, x, steps, step_size, theta, grad, bn_update, name)
+        with cached_weight_casts():
+            return _ie_explicit(branch, x, steps, step_size, theta, grad, bn_update, name)
     return _ie_autograd(f, module, x, steps, step_size, theta, grad, bn_update)

@@ -9,6 +9,9 @@ every order.
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 import torch
 from torch import Tensor
 
@@ -23,7 +26,7 @@ from pyeuler.ops.norm_act_ops import (Affine, BackwardInputs, NormConfig, NormSt
                                       wanted_inputs)
 from pyeuler.ops.norm_algebra import center_of, forward_coefficients, statistic_count
 
-__all__ = ["conv_weight_for", "norm_relu_backward_conv", "norm_relu_backward_ie_update"]
+__all__ = ["cached_weight_casts", "conv_weight_for", "norm_relu_backward_conv", "norm_relu_backward_ie_update"]
 
 
 # ----------------------------------------------------------------------------------------
@@ -49,11 +52,44 @@ def _(x, scale, shift, backend):
 register_eager_vjp_autograd("pyeuler::affine_relu", _affine_relu_eager)
 
 
+# The casts of conv weights to the autocast dtype made inside one scope (an IE-Skip call),
+# innermost scope last.  Torch's autocast caches its own casts of leaf weights the same way
+# until the autocast region exits; the casts here (the convolutions and their transposes
+# inside custom ops) cannot reach that cache.
+_open_cast_scopes: list[dict] = []
+
+
+@contextlib.contextmanager
+def cached_weight_casts() -> Iterator[None]:
+    """Within this block :func:`conv_weight_for` casts each weight once per dtype and grad
+    mode (an IE-Skip with K steps uses each conv weight 3K + 1 times): one cast kernel, and
+    one cast of the summed gradient in the backward instead of one per use.  A weight
+    changed in place (its version counter moved) is cast anew.  Not under torch.compile,
+    whose graphs deduplicate the casts themselves."""
+    _open_cast_scopes.append({})
+    try:
+        yield
+    finally:
+        _open_cast_scopes.pop()
+
+
 def conv_weight_for(x: Tensor, weight: Tensor) -> Tensor:
     """The conv weight as a convolution on ``x`` uses it: cast to the autocast dtype when
-    autocast is on for x's device (as ``F.conv*d`` would, differentiably), else as is."""
+    autocast is on for x's device (as ``F.conv*d`` would, differentiably; cached inside
+    :func:`cached_weight_casts`), else as is."""
     if torch.is_autocast_enabled(x.device.type):
-        return weight.to(torch.get_autocast_dtype(x.device.type))
+        dtype = torch.get_autocast_dtype(x.device.type)
+        if (not _open_cast_scopes or weight.dtype == dtype or weight.is_inference()
+                or torch.compiler.is_compiling()):
+            return weight.to(dtype)
+        scope = _open_cast_scopes[-1]
+        key = (id(weight), dtype, torch.is_grad_enabled())
+        cached = scope.get(key)
+        if cached is not None and cached[0] is weight and cached[1] == weight._version:
+            return cached[2]
+        cast = weight.to(dtype)
+        scope[key] = (weight, weight._version, cast)
+        return cast
     if weight.dtype != x.dtype:
         raise TypeError(f"conv weight is {weight.dtype} but x is {x.dtype} (outside autocast "
                         "they must match)")

@@ -1,0 +1,91 @@
+"""The conv-weight cast cache of one IE-Skip call (``cached_weight_casts``): each weight is
+cast to the autocast dtype once per grad mode, never reused across an in-place change or
+from a graph-less cast into a differentiable use, and the gradients stay those of autocast.
+"""
+
+import contextlib
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from pyeuler.functional import ie_skip
+from pyeuler.nn import PreActBranch
+from pyeuler.ops.norm_act_fusions import cached_weight_casts, conv_weight_for
+
+
+class _WeightCasts(TorchDispatchMode):
+    """Counts ``aten._to_copy`` of the given weights."""
+
+    def __init__(self, weights):
+        super().__init__()
+        self.weights = {w.untyped_storage()._cdata for w in weights}
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if (func is torch.ops.aten._to_copy.default
+                and args[0].untyped_storage()._cdata in self.weights):
+            self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
+def _casts_in_ie_skip(grad: str, steps: int) -> int:
+    torch.manual_seed(0)
+    branch = PreActBranch(4, norm="group")
+    x = torch.randn(2, 4, 5, 5, requires_grad=True)
+    weights = [branch.conv1.weight, branch.conv2.weight]
+    with torch.autocast("cpu", dtype=torch.bfloat16), _WeightCasts(weights) as casts:
+        y = ie_skip(branch, x, steps=steps, grad=grad, backend="eager")
+    y.float().sum().backward()
+    assert all(w.grad is not None and w.grad.dtype == torch.float32 for w in weights)
+    return casts.count
+
+
+@pytest.mark.parametrize("grad", ["unrolled", "detached"])
+def test_each_weight_cast_once_per_grad_mode(grad, monkeypatch):
+    """On the eager backend the branch's convolutions are nn.Conv2d calls, whose casts
+    autocast's own cache makes once per weight; the VJP's transposed convolutions go through
+    conv_weight_for: K steps use each weight K times, cast once (per grad mode)."""
+    steps = 3
+    assert _casts_in_ie_skip(grad, steps) == 2 + 2
+    monkeypatch.setattr("pyeuler.ops.ie_skip.cached_weight_casts", contextlib.nullcontext)
+    assert _casts_in_ie_skip(grad, steps) == 2 + 2 * steps
+
+
+def test_gradient_equals_one_cast_per_use():
+    """The summed weight gradient through one cached cast equals the sum over per-use casts
+    (float32 autocast dtype is not low precision on CPU: use float64 weights, bf16 casts,
+    and compare against explicit per-use casts)."""
+    torch.manual_seed(0)
+    weight = torch.randn(3, 3, requires_grad=True)
+    inputs = [torch.randn(3) for _ in range(3)]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        with cached_weight_casts():
+            cached = sum((conv_weight_for(u, weight) * u.bfloat16()).float().sum() for u in inputs)
+        per_use = sum((weight.bfloat16() * u.bfloat16()).float().sum() for u in inputs)
+    (g_cached,) = torch.autograd.grad(cached, weight)
+    (g_per_use,) = torch.autograd.grad(per_use, weight)
+    torch.testing.assert_close(g_cached, g_per_use, rtol=1e-2, atol=1e-2)
+
+
+def test_in_place_change_and_grad_mode_recast():
+    weight = torch.randn(2, 2, requires_grad=True)
+    x = torch.randn(2)
+    with torch.autocast("cpu", dtype=torch.bfloat16), cached_weight_casts():
+        with torch.no_grad():
+            plain = conv_weight_for(x, weight)
+        tracked = conv_weight_for(x, weight)
+        assert plain.grad_fn is None and tracked.grad_fn is not None
+        assert conv_weight_for(x, weight) is tracked
+        with torch.no_grad():
+            weight.add_(1.0)
+        recast = conv_weight_for(x, weight)
+        assert recast is not tracked
+        torch.testing.assert_close(recast.float(), weight.detach().bfloat16().float())
+
+
+def test_no_cache_outside_a_scope():
+    weight = torch.randn(2, 2, requires_grad=True)
+    x = torch.randn(2)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert conv_weight_for(x, weight) is not conv_weight_for(x, weight)
