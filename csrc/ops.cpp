@@ -327,7 +327,8 @@ std::tuple<Tensor, Tensor> affine_act_double_backward_apply(
     const Tensor& ddx_in, const Tensor& dy_in, const Tensor& x_in, const Tensor& scale,
     const Tensor& shift, const std::optional<Tensor>& mask_in, bool relu, const Tensor& a,
     const Tensor& b, const Tensor& p, const Tensor& q, const Tensor& center,
-    const std::optional<Tensor>& ddshortcut_in) {
+    const std::optional<Tensor>& ddshortcut_in, double ddx_scale,
+    const std::optional<Tensor>& dxx_addend_in) {
   check_activation(x_in, "x");
   const Tensor x = as_kernel_layout(x_in);
   const Tensor ddx = companion(ddx_in, x, "ddx", x.scalar_type());
@@ -336,6 +337,10 @@ std::tuple<Tensor, Tensor> affine_act_double_backward_apply(
   std::optional<Tensor> ddshortcut;
   if (ddshortcut_in.has_value()) {
     ddshortcut = companion(*ddshortcut_in, x, "ddshortcut", x.scalar_type());
+  }
+  std::optional<Tensor> dxx_addend;
+  if (dxx_addend_in.has_value()) {
+    dxx_addend = companion(*dxx_addend_in, x, "dxx_addend", x.scalar_type());
   }
   const Coef scale_arg = coef_arg(scale, x, "scale");
   const Coef shift_arg = coef_arg(shift, x, "shift");
@@ -351,7 +356,8 @@ std::tuple<Tensor, Tensor> affine_act_double_backward_apply(
                    ddx.data_ptr(), dy.data_ptr(), x.data_ptr(), mask_data(mask),
                    kernel_dtype(x, "x"), geometry_of(x), scale_arg.abi, shift_arg.abi, relu,
                    a_arg.abi, b_arg.abi, p_arg.abi, q_arg.abi, center_arg.abi,
-                   data_or_null<const void>(ddshortcut), ddy.data_ptr(), dxx.data_ptr(),
+                   data_or_null<const void>(ddshortcut), static_cast<float>(ddx_scale),
+                   data_or_null<const void>(dxx_addend), ddy.data_ptr(), dxx.data_ptr(),
                    current_stream(x.device())),
                "affine_act_double_backward_apply");
   return {ddy, dxx};
@@ -808,7 +814,8 @@ TORCH_LIBRARY_FRAGMENT(pyeuler, m) {
   m.def(
       "cuda_affine_act_double_backward_apply(Tensor ddx, Tensor dy, Tensor x, Tensor scale, "
       "Tensor shift, Tensor? mask, bool relu, Tensor a, Tensor b, Tensor p, Tensor q, "
-      "Tensor center, Tensor? ddshortcut) -> (Tensor, Tensor)");
+      "Tensor center, Tensor? ddshortcut, float ddx_scale, Tensor? dxx_addend) "
+      "-> (Tensor, Tensor)");
   m.def("cuda_ie_residual(Tensor x, Tensor c, Tensor fx, float theta) -> Tensor");
   m.def("cuda_ie_update(Tensor x, Tensor e, Tensor v, float step_size, float theta) -> Tensor");
   m.def(

@@ -209,6 +209,8 @@ struct DoubleApplyArgs {
   bool relu;
   pyeuler_coef_t a, b, p, q, center;
   const T* ddshortcut;  // nullable
+  float ddx_scale;      // dd = ddx_scale * ddx
+  const T* dxx_addend;  // nullable
   T* ddy;
   T* dxx;
 };
@@ -230,6 +232,10 @@ __global__ void __launch_bounds__(kMaxThreads, kMinBlocksPerSm)
     backward_gate<V>(args.mask, args.relu, offset, x, scale, shift, gate);
     float coef[V], ddx[V], dy[V], xc[V], ddy[V], dxx[V];
     load_floats<T, V>(args.ddx, offset, ddx);
+    if (args.ddx_scale != 1.f) {
+#pragma unroll
+      for (int i = 0; i < V; ++i) ddx[i] *= args.ddx_scale;
+    }
     load_coefs<V, kChannelsLast>(args.a, sample, channel, coef);
 #pragma unroll
     for (int i = 0; i < V; ++i) ddy[i] = coef[i] * ddx[i];
@@ -254,6 +260,12 @@ __global__ void __launch_bounds__(kMaxThreads, kMinBlocksPerSm)
       load_floats<T, V>(args.ddshortcut, offset, ddshortcut);
 #pragma unroll
       for (int i = 0; i < V; ++i) ddy[i] += ddshortcut[i];
+    }
+    if (args.dxx_addend != nullptr) {
+      float addend[V];
+      load_floats<T, V>(args.dxx_addend, offset, addend);
+#pragma unroll
+      for (int i = 0; i < V; ++i) dxx[i] += addend[i];
     }
 #pragma unroll
     for (int i = 0; i < V; ++i) ddy[i] = gated(gate[i], ddy[i]);
@@ -479,15 +491,18 @@ extern "C" cudaError_t pyeuler_affine_act_double_backward_apply(
     const void* ddx, const void* dy, const void* x, const uint8_t* mask, pyeuler_dtype_t dtype,
     pyeuler_geometry_t geo, pyeuler_coef_t scale, pyeuler_coef_t shift, int relu,
     pyeuler_coef_t a, pyeuler_coef_t b, pyeuler_coef_t p, pyeuler_coef_t q,
-    pyeuler_coef_t center, const void* ddshortcut, void* ddy, void* dxx, cudaStream_t stream) {
+    pyeuler_coef_t center, const void* ddshortcut, float ddx_scale, const void* dxx_addend,
+    void* ddy, void* dxx, cudaStream_t stream) {
   if (!geometry_is_valid(geo)) return cudaErrorInvalidValue;
   return dispatch_dtype(dtype, [&](auto tag) {
     using T = decltype(tag);
     const DoubleApplyArgs<T> args{static_cast<const T*>(ddx), static_cast<const T*>(dy),
                                   static_cast<const T*>(x), mask, scale, shift, relu != 0, a, b, p,
-                                  q, center, static_cast<const T*>(ddshortcut),
-                                  static_cast<T*>(ddy), static_cast<T*>(dxx)};
-    const bool aligned = all_vector_aligned<T>({ddx, dy, x, ddshortcut, ddy, dxx}, {mask});
+                                  q, center, static_cast<const T*>(ddshortcut), ddx_scale,
+                                  static_cast<const T*>(dxx_addend), static_cast<T*>(ddy),
+                                  static_cast<T*>(dxx)};
+    const bool aligned =
+        all_vector_aligned<T>({ddx, dy, x, ddshortcut, dxx_addend, ddy, dxx}, {mask});
     return launch_elementwise<T>(geo, aligned, [&](auto width, auto channels_last) {
       constexpr int V = decltype(width)::value;
       unsigned blocks = 0;

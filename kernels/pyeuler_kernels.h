@@ -167,16 +167,17 @@ cudaError_t pyeuler_affine_act_double_backward_reduce(
     int relu, int per_sample, float* sum_ddx, float* sum_ddx_xc, float* sum_ddx_g,
     void* workspace, size_t workspace_bytes, cudaStream_t stream);
 
-/* ddy = m * (a * ddx + p + q * (x - center) + ddshortcut) and dxx = b * ddx + q * g, with m and
- * g as in the reduce (primitives.affine_act_double_backward_apply; a zero q contributes
- * exactly 0 to ddy and dxx, a zero b exactly 0 to dxx, even against a NaN or +-inf).
- * ddshortcut may be NULL
- * (no term); ddx, ddshortcut, ddy and dxx have x's dtype. */
+/* ddy = m * (a * dd + p + q * (x - center) + ddshortcut) and dxx = b * dd + q * g + dxx_addend,
+ * dd = ddx_scale * ddx, with m and g as in the reduce
+ * (primitives.affine_act_double_backward_apply; a zero q contributes exactly 0 to ddy and dxx,
+ * a zero b exactly 0 to dxx, even against a NaN or +-inf).  ddshortcut and dxx_addend may be
+ * NULL (no term); ddx, ddshortcut, dxx_addend, ddy and dxx have x's dtype. */
 cudaError_t pyeuler_affine_act_double_backward_apply(
     const void* ddx, const void* dy, const void* x, const uint8_t* mask, pyeuler_dtype_t dtype,
     pyeuler_geometry_t geo, pyeuler_coef_t scale, pyeuler_coef_t shift, int relu,
     pyeuler_coef_t a, pyeuler_coef_t b, pyeuler_coef_t p, pyeuler_coef_t q,
-    pyeuler_coef_t center, const void* ddshortcut, void* ddy, void* dxx, cudaStream_t stream);
+    pyeuler_coef_t center, const void* ddshortcut, float ddx_scale, const void* dxx_addend,
+    void* ddy, void* dxx, cudaStream_t stream);
 
 /* ---- IE-Skip elementwise steps (layout-agnostic: all operands share one dense layout) ---- */
 

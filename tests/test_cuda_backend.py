@@ -152,7 +152,8 @@ def test_fakes_match_reference_outputs(shape, layout):
         sums = ref.affine_act_double_backward_reduce(*reduce_args)
         fakes = cuda_backend._fake_affine_act_double_backward_reduce(*reduce_args)
         assert [(f.shape, f.dtype) for f in fakes] == [(s.shape, s.dtype) for s in sums]
-    dd_args = (x, x.half(), x, scale, shift, None, True, scale, scale, scale, scale, scale, x)
+    dd_args = (x, x.half(), x, scale, shift, None, True, scale, scale, scale, scale, scale, x,
+               0.5, x)
     for fake, real in zip(cuda_backend._fake_affine_act_double_backward_apply(*dd_args),
                           ref.affine_act_double_backward_apply(*dd_args)):
         assert (fake.shape, fake.dtype) == (real.shape, real.dtype)
@@ -254,7 +255,7 @@ def step(x, dy, scale, shift):
         dx, dy, x, scale, shift, mean, mask, True, False)
     ddy, dxx = ops.cuda_affine_act_double_backward_apply(dx, dy, x, scale, shift, mask, True,
                                                          sum_g, sum_gx, sum_dd, sum_dd_xc, mean,
-                                                         g)
+                                                         g, 0.5, dx)
     return (ops.cuda_ie_update(x, e, g, 0.1, 1.0), x_new, mean, var, sum_g, sum_dd_g, ddy, dxx)
 x = torch.randn(4, 6, 5, 5).to(memory_format=torch.channels_last)
 args = (x, torch.randn_like(x), torch.randn(6), torch.randn(6))
@@ -498,12 +499,16 @@ def test_affine_act_double_backward_apply(shape, layout, dtype, gate, per_sample
     a, b, p, q, center = (coef(x, per_sample) for _ in range(5))
     mask = make(shape, layout).gt(0) if gate == "mask" else None
     relu = gate != "none"
-    args = (ddx, dy, x, scale, shift, mask, relu, a, b, p, q, center, ddshortcut)
+    # with a ddshortcut also the IE update's terms: ddx scaled, and summed into dxx itself
+    ddx_scale, dxx_addend = (0.5, ddx) if with_ddshortcut else (1.0, None)
+    args = (ddx, dy, x, scale, shift, mask, relu, a, b, p, q, center, ddshortcut, ddx_scale,
+            dxx_addend)
     ddy, dxx = cuda_backend.affine_act_double_backward_apply(*args)
     ddy_eager, dxx_eager = ref.affine_act_double_backward_apply(*args)
     gate64 = mask if mask is not None else (relu_gate32(x, scale, shift) if relu else None)
     ddy_exact, dxx_exact = ref.affine_act_double_backward_apply(
-        *doubles(ddx, dy, x, scale, shift), gate64, relu, *doubles(a, b, p, q, center, ddshortcut))
+        *doubles(ddx, dy, x, scale, shift), gate64, relu, *doubles(a, b, p, q, center, ddshortcut),
+        ddx_scale, *doubles(dxx_addend))
     assert_output(ddy, ddy_eager, ddy_exact)
     assert_output(dxx, dxx_eager, dxx_exact)
     if layout == "channels_last" and x.dim() == 4:

@@ -155,6 +155,35 @@ def test_norm_relu_backward_conv_gradcheck_gradgradcheck(routed_to_primitives, g
     assert torch.autograd.gradgradcheck(f, args)
 
 
+@pytest.mark.parametrize("groups", [0, 2])
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize("theta", [1.0, 0.5])
+def test_norm_relu_backward_ie_update_gradcheck_gradgradcheck(routed_to_primitives, groups,
+                                                              training, theta):
+    """``x − 2γ·(e − θ·v)`` with v = (ReLU∘norm)ᵀdy fused into the VJP's last pass: equal to
+    the unfused composition, and exact to second order in dy, x, e and the norm's parameters
+    (its backward folds 2γθ and x's own gradient into the second order's elementwise pass)."""
+    if groups and not training:
+        pytest.skip("group norm has no eval mode")
+    dt, step_size = torch.float64, 0.3
+    norm = (torch.nn.GroupNorm(groups, 4) if groups else torch.nn.BatchNorm2d(4)).double()
+    norm.train(training)
+
+    def f(dy, xx, e, weight, bias, backend="triton"):
+        with swapped_parameters(norm, weight=weight, bias=bias):
+            _, stats = na.norm_act_module(norm, xx, update_running=False, backend=backend,
+                                          return_stats=True)
+            return na.norm_relu_backward_ie_update(dy, stats, norm, e, step_size, theta, backend)
+
+    x = torch.randn(2, 4, 3, 2, dtype=dt) + 0.3
+    args = (torch.randn_like(x), x, torch.randn_like(x), torch.rand(4, dtype=dt) + 0.5,
+            torch.randn(4, dtype=dt))
+    args = tuple(a.requires_grad_() for a in args)
+    torch.testing.assert_close(f(*args), f(*args, backend="eager"))
+    assert torch.autograd.gradcheck(f, args)
+    assert torch.autograd.gradgradcheck(f, args)
+
+
 def test_norm_relu_conv_equals_unfused_and_updates_running_stats(routed_to_primitives):
     norm = torch.nn.BatchNorm2d(4)
     conv = torch.nn.Conv2d(4, 4, 3, padding=1, bias=False)
@@ -215,7 +244,10 @@ def test_opcheck_custom_ops(routed_to_primitives):
         torch.library.opcheck(torch.ops.pyeuler.affine_act_double_backward_reduce.default,
                               (ddx, dy, x, w, b, mean, mask, True, False, "triton"))
         torch.library.opcheck(torch.ops.pyeuler.affine_act_double_backward_apply.default,
-                              (ddx, dy, x, w, b, mask, True, *coef, mean, s, "triton"))
+                              (ddx, dy, x, w, b, mask, True, *coef, mean, s, 1.0, None, "triton"))
+        torch.library.opcheck(torch.ops.pyeuler.affine_act_double_backward_apply.default,
+                              (ddx, dy, x, w, b, mask, True, *coef, mean, None, 0.5, ddx,
+                               "triton"))
     torch.library.opcheck(torch.ops.pyeuler.affine_act_double_backward_reduce.default,
                           (ddx, dy, x, w, b, torch.randn(3, 4), None, False, True, "triton"))
     torch.library.opcheck(torch.ops.pyeuler.affine_relu.default, (x, w, b, "triton"))

@@ -374,10 +374,15 @@ def test_affine_act_double_backward_apply_fp32(shape, layout, per_sample):
     dy, x, scale, shift, center = _reduce_inputs(shape, layout, per_sample)
     a, b, p, q = (coef(x, per_sample) for _ in range(4))
     saved = ref.affine_act_forward(x, scale, shift, make(shape), True, True)[1]
-    for mask, relu, ddx_layout, ddshortcut in [(None, True, layout, make(shape, "strided")),
-                                               (saved, True, "contiguous", None),
-                                               (None, False, "strided", make(shape, layout))]:
-        args = (make(shape, ddx_layout), dy, x, scale, shift, mask, relu, a, b, p, q, center, ddshortcut)
+    ddx_shared = make(shape, layout)  # the IE update's backward passes one tensor as both
+    for mask, relu, ddx, ddshortcut, ddx_scale, dxx_addend in [
+            (None, True, make(shape, layout), make(shape, "strided"), 1.0, None),
+            (saved, True, make(shape, "contiguous"), None, 1.0, None),
+            (None, False, make(shape, "strided"), make(shape, layout), 1.0, None),
+            (None, True, ddx_shared, None, 0.25, ddx_shared),
+            (saved, True, make(shape, layout), make(shape, layout), -3.0, make(shape, "strided"))]:
+        args = (ddx, dy, x, scale, shift, mask, relu, a, b, p, q, center, ddshortcut, ddx_scale,
+                dxx_addend)
         ddy, dxx = tri.affine_act_double_backward_apply(*args)
         ddy_ref, dxx_ref = ref.affine_act_double_backward_apply(*args)
         assert ddy.dtype == dy.dtype and dxx.dtype == x.dtype
@@ -404,14 +409,17 @@ def test_affine_act_double_backward_low_precision(dtype, layout):
     for got, e, ex in zip(sums, eager, exact):
         assert_lowp(got, e, ex, floor=1e-5)
 
-    args = (ddx, dy, x, scale, shift, None, True, a, b, p, q, center, ddshortcut)
-    ddy, dxx = tri.affine_act_double_backward_apply(*args)
-    eager = ref.affine_act_double_backward_apply(*args)
-    exact = ref.affine_act_double_backward_apply(*to64(ddx, dy, x, scale, shift), gate, True,
-                                                 *to64(a, b, p, q, center, ddshortcut))
-    assert ddy.dtype == dxx.dtype == dtype
-    assert_lowp(ddy, eager[0], exact[0])
-    assert_lowp(dxx, eager[1], exact[1])
+    for ddx_scale, dxx_addend in ((1.0, None), (0.5, make(shape, layout, dtype))):
+        args = (ddx, dy, x, scale, shift, None, True, a, b, p, q, center, ddshortcut, ddx_scale,
+                dxx_addend)
+        ddy, dxx = tri.affine_act_double_backward_apply(*args)
+        eager = ref.affine_act_double_backward_apply(*args)
+        exact = ref.affine_act_double_backward_apply(
+            *to64(ddx, dy, x, scale, shift), gate, True, *to64(a, b, p, q, center, ddshortcut),
+            ddx_scale, None if dxx_addend is None else dxx_addend.double())
+        assert ddy.dtype == dxx.dtype == dtype
+        assert_lowp(ddy, eager[0], exact[0])
+        assert_lowp(dxx, eager[1], exact[1])
 
 # ----------------------------------------------------------------------------- IE-Skip
 
@@ -524,6 +532,12 @@ def test_double_backward_errors_name_the_argument():
         tri.affine_act_double_backward_apply(x, x, x, s, s, None, True, s, s, s.double(), s, s, None)
     with pytest.raises(ValueError, match="ddshortcut must have x's shape"):
         tri.affine_act_double_backward_apply(x, x, x, s, s, None, True, s, s, s, s, s, x[:, :2])
+    with pytest.raises(ValueError, match="dxx_addend"):
+        tri.affine_act_double_backward_apply(x, x, x, s, s, None, True, s, s, s, s, s, None, 1.0,
+                                             x[:, :2])
+    with pytest.raises(TypeError, match="ddx_scale"):
+        tri.affine_act_double_backward_apply(x, x, x, s, s, None, True, s, s, s, s, s, None,
+                                             torch.tensor(2.0))
 
 
 def test_import_without_triton_gives_a_clear_error():

@@ -458,7 +458,9 @@ void test_double_backward_reduce(const Shape& shape, Random& rng, bool use_mask,
   expect_close(what + "sum_ddx_g", sum_ddx_g.download(), want[2], 0.0, atol[2]);
 }
 
-// ddy = m * (a * ddx + p + q * (x - center) + ddshortcut), dxx = b * ddx + q * g.
+// ddy = m * (a * dd + p + q * (x - center) + ddshortcut), dxx = b * dd + q * g + addend,
+// dd = ddx_scale * ddx; with a ddshortcut also the IE update's terms (ddx_scale 0.5, ddx as
+// the addend), else ddx_scale 1 and no addend.
 template <typename T>
 void test_double_backward_apply(const Shape& shape, Random& rng, bool use_mask, bool relu,
                                 bool with_ddshortcut, bool per_sample_coefs, bool misaligned) {
@@ -475,11 +477,12 @@ void test_double_backward_apply(const Shape& shape, Random& rng, bool use_mask, 
       x(in.x.stored, misaligned), ddshortcut_dev(ddshortcut.stored, misaligned);
   DeviceArray<T> ddy(shape.numel(), misaligned), dxx(shape.numel(), misaligned);
   DeviceArray<uint8_t> mask(in.mask, misaligned);
+  const float ddx_scale = with_ddshortcut ? 0.5f : 1.f;
   CHECK_CUDA(pyeuler_affine_act_double_backward_apply(
       ddx_dev.get(), dy.get(), x.get(), use_mask ? mask.get() : nullptr, Dtype<T>::kEnum,
       shape.geometry(), in.scale.abi(), in.shift.abi(), relu, a.abi(), b.abi(), p.abi(), q.abi(),
-      in.center.abi(), with_ddshortcut ? ddshortcut_dev.get() : nullptr, ddy.get(), dxx.get(),
-      nullptr));
+      in.center.abi(), with_ddshortcut ? ddshortcut_dev.get() : nullptr, ddx_scale,
+      with_ddshortcut ? ddx_dev.get() : nullptr, ddy.get(), dxx.get(), nullptr));
 
   std::vector<double> want_ddy(shape.numel()), want_dxx(shape.numel());
   std::vector<double> atol_ddy(shape.numel()), atol_dxx(shape.numel());
@@ -487,18 +490,20 @@ void test_double_backward_apply(const Shape& shape, Random& rng, bool use_mask, 
     for (int64_t c = 0; c < shape.c; ++c)
       for (int64_t s = 0; s < shape.s; ++s) {
         const int64_t i = shape.at(n, c, s);
-        const double dd = ddx.values[i];
+        const double dd = double(ddx_scale) * ddx.values[i];
+        const double addend = with_ddshortcut ? double(ddx.values[i]) : 0.0;
         const double xc = double(in.x.values[i]) - in.center.at(n, c);
         const double shortcut_term = with_ddshortcut ? ddshortcut.values[i] : 0.0;
         const double inner = a.at(n, c) * dd + p.at(n, c) + q.at(n, c) * xc + shortcut_term;
         const double g = in.gradient(n, c, i, use_mask, relu);
         want_ddy[i] = in.gate(n, c, i, use_mask, relu) ? inner : 0.0;
         want_dxx[i] = (b.at(n, c) == 0.f ? 0.f : b.at(n, c) * dd) +
-                      (q.at(n, c) == 0.f ? 0.f : q.at(n, c) * g);
+                      (q.at(n, c) == 0.f ? 0.f : q.at(n, c) * g) + addend;
         // float32 rounding of the terms
         atol_ddy[i] = 1e-6 * (std::fabs(a.at(n, c) * dd) + std::fabs(q.at(n, c) * xc) +
                               std::fabs(shortcut_term) + 1.0);
-        atol_dxx[i] = 1e-6 * (std::fabs(b.at(n, c) * dd) + std::fabs(q.at(n, c) * g) + 1.0);
+        atol_dxx[i] = 1e-6 * (std::fabs(b.at(n, c) * dd) + std::fabs(q.at(n, c) * g) +
+                              std::fabs(addend) + 1.0);
       }
   const std::string what = std::string("double_backward_apply mask=") +
                            std::to_string(use_mask) + " relu=" + std::to_string(relu) +

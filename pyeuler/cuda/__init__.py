@@ -73,7 +73,8 @@ SCHEMAS = (
     "-> (Tensor, Tensor, Tensor)",
     "cuda_affine_act_double_backward_apply(Tensor ddx, Tensor dy, Tensor x, Tensor scale, "
     "Tensor shift, Tensor? mask, bool relu, Tensor a, Tensor b, Tensor p, Tensor q, "
-    "Tensor center, Tensor? ddshortcut) -> (Tensor, Tensor)",
+    "Tensor center, Tensor? ddshortcut, float ddx_scale, Tensor? dxx_addend) "
+    "-> (Tensor, Tensor)",
     "cuda_ie_residual(Tensor x, Tensor c, Tensor fx, float theta) -> Tensor",
     "cuda_ie_update(Tensor x, Tensor e, Tensor v, float step_size, float theta) -> Tensor",
     "cuda_forward_coefficients(Tensor mean, Tensor var, Tensor? weight, Tensor? bias, "
@@ -360,13 +361,15 @@ def affine_act_double_backward_apply(
     q: Tensor,
     center: Tensor,
     ddshortcut: Tensor | None,
+    ddx_scale: float = 1.0,
+    dxx_addend: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     _check_cuda(ddx=ddx, dy=dy, x=x, scale=scale, shift=shift, mask=mask, a=a, b=b, p=p, q=q,
-                center=center, ddshortcut=ddshortcut)
+                center=center, ddshortcut=ddshortcut, dxx_addend=dxx_addend)
     _require_extension()
     ddy, dxx = torch.ops.pyeuler.cuda_affine_act_double_backward_apply(
         _like_x(x, ddx), _like_x(x, dy), x, scale, shift, mask, relu, a, b, p, q, center,
-        _like_x(x, ddshortcut))
+        _like_x(x, ddshortcut), float(ddx_scale), _like_x(x, dxx_addend))
     return ddy.to(dy.dtype), dxx
 
 
@@ -632,7 +635,7 @@ def _fake_affine_act_double_backward_reduce(ddx, dy, x, scale, shift, center, ma
 
 
 def _fake_affine_act_double_backward_apply(ddx, dy, x, scale, shift, mask, relu, a, b, p, q,
-                                           center, ddshortcut):
+                                           center, ddshortcut, ddx_scale, dxx_addend):
     return _empty_in_layout_of(x, dy.dtype), _empty_in_layout_of(x, x.dtype)
 
 

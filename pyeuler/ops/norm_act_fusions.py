@@ -384,13 +384,15 @@ def _ie_update_backward(ctx, out_grad, sum_g_grad, sum_gxc_grad):
     if out_grad is None:  # only the kept sums are used downstream
         out_grad = torch.zeros_like(x)
     inputs = BackwardInputs(dy, None, None, x, weight, bias, None, mean, var, None, scale, shift)
+    # out = x − 2γ·e + 2γθ·v: v's gradient is 2γθ·out_grad, and x's own share, out_grad, is
+    # summed into x's gradient; both inside the elementwise pass of the second order
     grads = double_backward_math(
-        inputs, sums, OutputGrads(dx=(2.0 * step_size * theta) * out_grad,
-                                  sum_g=none_if_empty(sum_g_grad),
+        inputs, sums, OutputGrads(dx=out_grad, sum_g=none_if_empty(sum_g_grad),
                                   sum_gxc=none_if_empty(sum_gxc_grad)),
         NormConfig(1.0, eps, groups, True, batch_stats, _INPUT_GRAD_ONLY),
-        wanted_inputs(ctx, inputs, _IE_UPDATE_POSITIONS), backend)
-    g_x = out_grad + grads["x"] if ctx.needs_input_grad[1] else None
+        wanted_inputs(ctx, inputs, _IE_UPDATE_POSITIONS), backend,
+        dx_grad_scale=2.0 * step_size * theta, x_grad_addend=out_grad)
+    g_x = grads["x"] if ctx.needs_input_grad[1] else None
     g_e = (-2.0 * step_size * out_grad).to(ctx.e_dtype) if ctx.needs_input_grad[8] else None
     return (grads.get("dy"), g_x, grads.get("weight"), grads.get("bias"), grads.get("mean"),
             grads.get("var"), None, None, g_e, *(None,) * 6)

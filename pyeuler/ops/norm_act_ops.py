@@ -200,10 +200,15 @@ def algebra_for(backend: str):
 
 
 def double_backward_math(inputs: BackwardInputs, sums, grads_in: OutputGrads,
-                         config: NormConfig, wanted: set[str], backend: str) -> dict:
+                         config: NormConfig, wanted: set[str], backend: str, *,
+                         dx_grad_scale: float = 1.0, x_grad_addend: Tensor | None = None) -> dict:
     """Gradients of a first-order backward's inputs (``wanted``, a subset of
     :data:`DIFFERENTIABLE_INPUTS`) from the gradients of its outputs: the second order of
     the op.  ``sums`` = the kept reduce sums (Σg, Σg·(x − center)) or None.
+
+    The gradient of dx is ``dx_grad_scale·grads_in.dx``, and ``x_grad_addend`` (x's shape)
+    is added to x's gradient: both in the elementwise pass, where they cost no pass of
+    their own (the fused IE update's backward, whose output gradient is both).
 
     Two passes over the activations, like the first-order backward: a reduce of the
     gradient of dx (its sums are the gradients of a, b, c), then one elementwise pass giving
@@ -226,8 +231,11 @@ def double_backward_math(inputs: BackwardInputs, sums, grads_in: OutputGrads,
     g_dx = g_dx if needs[0] else None
     cotangents = (None, None, None)
     if g_dx is not None:  # the gradients of a, b, c: Σddx·g, Σddx·(x − center), Σddx
-        sum_dd, sum_dd_xc, sum_dd_g = _double_backward_reduce_op(g_dx, dy, x, scale, shift, center,
-                                                                 mask, relu, per_sample, backend)
+        sums_dd = _double_backward_reduce_op(g_dx, dy, x, scale, shift, center, mask, relu,
+                                             per_sample, backend)
+        if dx_grad_scale != 1.0:  # per-channel vectors: one launch for the three
+            sums_dd = torch._foreach_mul(sums_dd, dx_grad_scale)
+        sum_dd, sum_dd_xc, sum_dd_g = sums_dd
         cotangents = (sum_dd_g, sum_dd_xc, sum_dd)
     param_grads = tuple(g if need else None
                         for g, need in zip((g_dweight, g_dbias, g_dh), needs[2:]))
@@ -241,7 +249,8 @@ def double_backward_math(inputs: BackwardInputs, sums, grads_in: OutputGrads,
         ddy, dxx = _double_backward_apply_op(
             g_dx if g_dx is not None else torch.zeros_like(x), dy, x, scale, shift, mask, relu,
             a, b, torch.zeros_like(a) if p is None else p, torch.zeros_like(a) if q is None else q,
-            center, g_dshortcut if needs[1] else None, backend)
+            center, g_dshortcut if needs[1] else None, dx_grad_scale if g_dx is not None else 1.0,
+            x_grad_addend if "x" in wanted else None, backend)
     grads.update(dy=ddy, x=dxx)
     return {name: grads.get(name) for name in wanted}
 
@@ -336,13 +345,16 @@ register_eager_vjp_autograd("pyeuler::affine_act_double_backward_reduce",
 def _double_backward_apply_op(ddx: Tensor, dy: Tensor, x: Tensor, scale: Tensor, shift: Tensor,
                               mask: Tensor | None, relu: bool, a: Tensor, b: Tensor, p: Tensor,
                               q: Tensor, center: Tensor, ddshortcut: Tensor | None,
+                              ddx_scale: float, dxx_addend: Tensor | None,
                               backend: str) -> tuple[Tensor, Tensor]:
     return tuple(_kernels(backend).affine_act_double_backward_apply(
-        ddx, dy, x, scale, shift, mask, relu, a, b, p, q, center, ddshortcut))
+        ddx, dy, x, scale, shift, mask, relu, a, b, p, q, center, ddshortcut, ddx_scale,
+        dxx_addend))
 
 
 @_double_backward_apply_op.register_fake
-def _(ddx, dy, x, scale, shift, mask, relu, a, b, p, q, center, ddshortcut, backend):
+def _(ddx, dy, x, scale, shift, mask, relu, a, b, p, q, center, ddshortcut, ddx_scale, dxx_addend,
+      backend):
     return torch.empty_like(x, dtype=dy.dtype), torch.empty_like(x)
 
 

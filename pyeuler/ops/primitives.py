@@ -287,31 +287,38 @@ def affine_act_double_backward_apply(
     q: Tensor,
     center: Tensor,
     ddshortcut: Tensor | None,
+    ddx_scale: float = 1.0,
+    dxx_addend: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """The elementwise pass of the backward of :func:`affine_act_backward_apply`.
 
     ``dx = a·g + b·(x − center) + c`` with ``g = dy·m`` (``m`` piecewise constant, so its
     derivative is zero), and the reduce sums ``S1 = Σg``, ``S2 = Σg·(x − center)`` that the
-    per-channel coefficients were computed from.  Given ``ddx`` (the gradient of dx), ``p``
-    and ``q`` (the gradients of S1 and S2) and ``ddshortcut`` (the gradient of the
-    shortcut's gradient ``g``; optional), returns
+    per-channel coefficients were computed from.  Given ``ddx`` (the gradient of dx is
+    ``ddx_scale·ddx``), ``p`` and ``q`` (the gradients of S1 and S2) and ``ddshortcut`` (the
+    gradient of the shortcut's gradient ``g``; optional), returns
 
-        ddy = m·(a·ddx + p + q·(x − center) + ddshortcut)      (dy's dtype and layout)
-        dxx = b·ddx + q·g                                      (x's dtype and layout)
+        ddy = m·(a·dd + p + q·(x − center) + ddshortcut)      (dy's dtype and layout)
+        dxx = b·dd + q·g + dxx_addend                         (x's dtype and layout)
 
-    the gradients of dy and of x (at fixed ``center``; the per-channel algebra adds the
-    centre's share); a zero b or q contributes exactly 0 (an absent term), as in
-    ``_times_nonzero``.  a, b, p, q, center are [C] or [N, C].
+    with ``dd = ddx_scale·ddx``: the gradients of dy and of x (at fixed ``center``; the
+    per-channel algebra adds the centre's share).  ``dxx_addend`` (optional, x's shape) is a
+    gradient of x from elsewhere summed in the same pass, and ``ddx_scale`` a factor that
+    would otherwise cost a pass over ddx: the IE update ``x − 2γ·(e − θ·dx)`` passes its own
+    output gradient as both (docs/semantics.md §3).  A zero b or q contributes exactly 0 (an
+    absent term), as in ``_times_nonzero``.  a, b, p, q, center are [C] or [N, C].
     """
     acc = _acc_dtype(x)
     m = _relu_gate(x, scale, shift, mask, relu)
     g = _gated(dy.to(acc), m)
-    dd = ddx.to(acc)
+    dd = ddx.to(acc) if ddx_scale == 1.0 else ddx_scale * ddx.to(acc)
     ddy = _coef(a, x) * dd + _coef(p, x) + _times_centered(q, x, center)
     if ddshortcut is not None:
         ddy = ddy + ddshortcut.to(acc)
     ddy = _gated(ddy, m)
     dxx = _times_nonzero(b, dd, x) + _times_nonzero(q, g, x)
+    if dxx_addend is not None:
+        dxx = dxx + dxx_addend.to(acc)
     return ddy.to(dy.dtype), dxx.to(x.dtype)
 
 

@@ -334,17 +334,23 @@ def _affine_act_backward_apply_kernel(
 @triton.jit
 def _affine_act_double_backward_apply_kernel(
     ddx_ptr, dy_ptr, x_ptr, scale_ptr, shift_ptr, mask_ptr, a_ptr, b_ptr, p_ptr, q_ptr,
-    center_ptr, ddshortcut_ptr, ddy_ptr, dxx_ptr,
-    n_outer, n_inner, C, S,
+    center_ptr, ddshortcut_ptr, dxx_addend_ptr, ddy_ptr, dxx_ptr,
+    n_outer, n_inner, C, S, ddx_scale,
     CHANNELS_LAST: tl.constexpr, PER_SAMPLE: tl.constexpr, LOAD_MASK: tl.constexpr,
-    RECOMPUTE_MASK: tl.constexpr, HAS_DDSHORTCUT: tl.constexpr,
+    RECOMPUTE_MASK: tl.constexpr, HAS_DDSHORTCUT: tl.constexpr, SCALE_DDX: tl.constexpr,
+    HAS_DXX_ADDEND: tl.constexpr,
     BLOCK_I: tl.constexpr, TILE: tl.constexpr, BLOCK_O: tl.constexpr, WIDE_INDEX: tl.constexpr,
 ):
-    """``ddy = m·(a·ddx + p + q·(x − center) + ddshortcut)`` and ``dxx = b·ddx + q·g``."""
+    """``ddy = m·(a·dd + p + q·(x − center) + ddshortcut)`` and
+    ``dxx = b·dd + q·g + dxx_addend``, ``dd = ddx_scale·ddx``."""
     outer, inner, outer_ok, inner_ok, offsets, ok = _elementwise_tile(
         n_outer, n_inner, BLOCK_O, BLOCK_I, WIDE_INDEX)
     coef, coef_ok = _coef_index(outer, inner, outer_ok, inner_ok, C, S, CHANNELS_LAST, PER_SAMPLE)
     ddx = tl.load(ddx_ptr + offsets, mask=ok, other=0.0).to(tl.float32)
+    if HAS_DXX_ADDEND:  # read before ddx is scaled: the IE update passes one tensor as both
+        dxx_addend = tl.load(dxx_addend_ptr + offsets, mask=ok, other=0.0).to(tl.float32)
+    if SCALE_DDX:
+        ddx = ddx_scale * ddx
     dy = tl.load(dy_ptr + offsets, mask=ok, other=0.0).to(tl.float32)
     x = tl.load(x_ptr + offsets, mask=ok, other=0.0).to(tl.float32)
     m = _gate(x, mask_ptr, offsets, ok, scale_ptr, shift_ptr, coef, coef_ok, LOAD_MASK, RECOMPUTE_MASK)
@@ -358,6 +364,8 @@ def _affine_act_double_backward_apply_kernel(
         ddy += tl.load(ddshortcut_ptr + offsets, mask=ok, other=0.0).to(tl.float32)
     # a zero b or q is an absent term (eval mode): exactly 0, even where ddx or dy is NaN
     dxx = tl.where(b == 0, 0.0, b * ddx) + tl.where(q == 0, 0.0, q * tl.where(m, dy, 0.0))
+    if HAS_DXX_ADDEND:
+        dxx += dxx_addend
     tl.store(ddy_ptr + offsets, tl.where(m, ddy, 0.0).to(ddy_ptr.dtype.element_ty), mask=ok)
     tl.store(dxx_ptr + offsets, dxx.to(dxx_ptr.dtype.element_ty), mask=ok)
 
@@ -585,15 +593,21 @@ def affine_act_double_backward_apply(
     q: torch.Tensor,
     center: torch.Tensor,
     ddshortcut: torch.Tensor | None,
+    ddx_scale: float = 1.0,
+    dxx_addend: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``ddy = m·(a·ddx + p + q·(x − center) + ddshortcut)`` (dy's dtype) and
-    ``dxx = b·ddx + q·g`` (x's dtype), both in x's layout."""
+    """``ddy = m·(a·dd + p + q·(x − center) + ddshortcut)`` (dy's dtype) and
+    ``dxx = b·dd + q·g + dxx_addend`` (x's dtype), ``dd = ddx_scale·ddx``, both in x's
+    layout (pyeuler.ops.primitives.affine_act_double_backward_apply)."""
     check_activation(x)
     check_like(ddx, "ddx", x)
     check_like(dy, "dy", x)
     _check_mask(mask, x)
     if ddshortcut is not None:
         check_like(ddshortcut, "ddshortcut", x)
+    if dxx_addend is not None:
+        check_like(dxx_addend, "dxx_addend", x)
+    ddx_scale = check_float(ddx_scale, "ddx_scale")
     per_sample, (scale, shift, a, b, p, q, center) = coefficients(
         x, scale=scale, shift=shift, a=a, b=b, p=p, q=q, center=center)
     x, channels_last = dense_layout(x)
@@ -603,15 +617,18 @@ def affine_act_double_backward_apply(
         mask = same_layout(mask, x)
     if ddshortcut is not None:
         ddshortcut = same_layout(ddshortcut, x)
+    if dxx_addend is not None:
+        dxx_addend = same_layout(dxx_addend, x)
     ddy = torch.empty_like(x, dtype=dy.dtype)
     dxx = torch.empty_like(x)
     if x.numel() == 0:
         return ddy, dxx
     n_outer, n_inner, block_i = _elementwise_geometry(x, channels_last)
     _affine_act_double_backward_apply_kernel[_elementwise_grid(n_outer, n_inner)](
-        ddx, dy, x, scale, shift, mask, a, b, p, q, center, ddshortcut, ddy, dxx,
-        n_outer, n_inner, x.shape[1], spatial_size(x),
+        ddx, dy, x, scale, shift, mask, a, b, p, q, center, ddshortcut, dxx_addend, ddy, dxx,
+        n_outer, n_inner, x.shape[1], spatial_size(x), ddx_scale,
         CHANNELS_LAST=channels_last, PER_SAMPLE=per_sample, LOAD_MASK=mask is not None,
         RECOMPUTE_MASK=mask is None and bool(relu), HAS_DDSHORTCUT=ddshortcut is not None,
+        SCALE_DDX=ddx_scale != 1.0, HAS_DXX_ADDEND=dxx_addend is not None,
         BLOCK_I=block_i, WIDE_INDEX=needs_wide_index(x))
     return ddy, dxx
