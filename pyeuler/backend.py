@@ -39,13 +39,32 @@ _default_backend = _check_name(os.environ.get("PYEULER_BACKEND", "auto"), "PYEUL
 
 
 def set_backend(name: str) -> None:
-    """Set the process-wide default backend used when ``backend=None``."""
+    """Set the process-wide default backend used when ``backend=None``.
+
+    Args:
+        name: one of :data:`BACKENDS` (``"reference"``, ``"eager"``, ``"triton"``,
+            ``"cuda"``, ``"auto"``).  Availability is checked when an op resolves it
+            (:func:`resolve_backend`), not here.
+
+    Returns:
+        None.
+
+    Raises:
+        ValueError: ``name`` is not one of :data:`BACKENDS`.
+    """
     global _default_backend
     _default_backend = _check_name(name, "backend")
 
 
 def get_backend() -> str:
-    """The process-wide default backend."""
+    """The process-wide default backend.
+
+    Returns:
+        The name set by :func:`set_backend`, else ``PYEULER_BACKEND``'s, else ``"auto"``.
+
+    Raises:
+        Nothing: an invalid ``PYEULER_BACKEND`` already failed at import.
+    """
     return _default_backend
 
 
@@ -64,7 +83,17 @@ def kernel_module(name: str):
 
 
 def available_backends() -> dict[str, tuple[bool, str]]:
-    """Every concrete backend with ``(available, reason)``; the reason says why not."""
+    """Every concrete backend with ``(available, reason)``; the reason says why not.
+
+    Returns:
+        ``{"reference": (True, ...), "eager": (True, ...), "triton": (bool, str),
+        "cuda": (bool, str)}``: whether each can run in this process (Triton: installed,
+        and a GPU or ``TRITON_INTERPRET=1``; CUDA: a GPU and the extension), with the
+        reason when not (or a note, e.g. that Triton runs in the CPU interpreter).
+
+    Raises:
+        Nothing: a backend that cannot load is reported, not raised.
+    """
     report = {
         "reference": (True, "plain PyTorch autograd"),
         "eager": (True, "plain PyTorch ops"),
@@ -155,10 +184,21 @@ CPU_AUTO = "eager"
 
 
 def resolve_backend(backend: str | None, device: torch.device) -> str:
-    """The concrete backend to use for tensors on ``device``.
+    """The concrete backend to use for tensors on ``device`` (docs/semantics.md §7).
 
-    ``None`` means the process-wide default.  Raises ``RuntimeError`` naming the backends
-    that are available, and why the requested one is not, instead of silently falling back.
+    Args:
+        backend: one of :data:`BACKENDS`, or None for the process-wide default
+            (:func:`get_backend`).  ``"auto"`` picks ``"triton"`` (else ``"cuda"``) for
+            CUDA tensors and ``CPU_AUTO`` (``"eager"``) otherwise.
+        device: the ``torch.device`` of the tensors the op will run on.
+
+    Returns:
+        ``"reference"``, ``"eager"``, ``"triton"`` or ``"cuda"``.
+
+    Raises:
+        ValueError: ``backend`` is not one of :data:`BACKENDS`.
+        RuntimeError: the requested backend cannot run here or on ``device``; the message
+            says why and lists the backends that can, instead of silently falling back.
     """
     name = _check_name(get_backend() if backend is None else backend, "backend")
     if name == "auto":

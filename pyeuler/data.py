@@ -48,39 +48,76 @@ class Data:
                 f"test={tuple(self.x_test.shape)}, classes={self.num_classes})")
 
 
+def _sklearn():
+    """scikit-learn's datasets and splitter: an optional dependency (``pyeuler[data]``)."""
+    try:
+        from sklearn import datasets, model_selection
+    except ImportError as e:
+        raise ImportError("the digits and moons datasets need scikit-learn, which pyeuler "
+                          "installs only with an extra: pip install 'pyeuler[data]' (or "
+                          "'pyeuler[train]')") from e
+    return datasets, model_selection
+
+
 def _check_fraction(test_fraction: float) -> None:
     if not isinstance(test_fraction, (int, float)) or not 0 < test_fraction < 1:
         raise ValueError(f"test_fraction: expected a number in (0, 1), got {test_fraction!r}")
 
 
 def load_digits(seed: int = 0, test_fraction: float = 0.25) -> Data:
-    """sklearn digits as (N, 1, 8, 8) float32 in [0, 1]; stratified split with ``seed``."""
-    from sklearn.datasets import load_digits as _load
-    from sklearn.model_selection import train_test_split
+    """scikit-learn's bundled 8×8 digits (1,797 images, 10 classes), stratified split.
 
+    Args:
+        seed: the split's random state (an int).
+        test_fraction: share of the samples in the test split, in (0, 1).
+
+    Returns:
+        :class:`Data` ``"digits"``: x float32 ``(N, 1, 8, 8)`` in [0, 1] (pixel / 16),
+        y int64 ``(N,)`` in 0..9, ``input_shape=(1, 8, 8)``, 10 classes.
+
+    Raises:
+        ValueError: ``test_fraction`` outside (0, 1).
+        ImportError: scikit-learn is not installed (``pip install 'pyeuler[data]'``).
+    """
     _check_fraction(test_fraction)
-    d = _load()
+    datasets, model_selection = _sklearn()
+    d = datasets.load_digits()
     x = (d.images.astype(np.float32) / 16.0)[:, None]
     y = d.target.astype(np.int64)
-    xtr, xte, ytr, yte = train_test_split(x, y, test_size=test_fraction, random_state=seed,
-                                          stratify=y)
+    xtr, xte, ytr, yte = model_selection.train_test_split(
+        x, y, test_size=test_fraction, random_state=seed, stratify=y)
     return Data("digits", torch.from_numpy(xtr), torch.from_numpy(ytr), torch.from_numpy(xte),
                 torch.from_numpy(yte), 10, (1, 8, 8))
 
 
 def load_moons(seed: int = 0, n_samples: int = 2000, noise: float = 0.15,
                test_fraction: float = 0.25) -> Data:
-    """sklearn two-moons, (N, 2) float32 min-max scaled to [0, 1] (over all samples)."""
-    from sklearn.datasets import make_moons
-    from sklearn.model_selection import train_test_split
+    """scikit-learn's two interleaving half-circles, min-max scaled to [0, 1]² over all
+    samples; stratified split.
 
+    Args:
+        seed: the random state of both the points and the split (an int).
+        n_samples: points in all, an int >= 8.
+        noise: std of the Gaussian noise added to the points (before scaling).
+        test_fraction: share of the samples in the test split, in (0, 1).
+
+    Returns:
+        :class:`Data` ``"moons"``: x float32 ``(N, 2)`` in [0, 1], y int64 ``(N,)`` in
+        {0, 1}, ``input_shape=(2,)``, 2 classes.
+
+    Raises:
+        ValueError: ``test_fraction`` outside (0, 1); ``n_samples`` not an int >= 8.
+        ImportError: scikit-learn is not installed (``pip install 'pyeuler[data]'``).
+    """
     _check_fraction(test_fraction)
     if not isinstance(n_samples, int) or n_samples < 8:
         raise ValueError(f"n_samples: expected an int >= 8, got {n_samples!r}")
-    x, y = make_moons(n_samples=n_samples, noise=noise, random_state=seed)
+    datasets, model_selection = _sklearn()
+    x, y = datasets.make_moons(n_samples=n_samples, noise=noise, random_state=seed)
     x = (x - x.min(0)) / (x.max(0) - x.min(0))
-    xtr, xte, ytr, yte = train_test_split(x.astype(np.float32), y.astype(np.int64),
-                                          test_size=test_fraction, random_state=seed, stratify=y)
+    xtr, xte, ytr, yte = model_selection.train_test_split(
+        x.astype(np.float32), y.astype(np.int64), test_size=test_fraction, random_state=seed,
+        stratify=y)
     return Data("moons", torch.from_numpy(xtr), torch.from_numpy(ytr), torch.from_numpy(xte),
                 torch.from_numpy(yte), 2, (2,))
 
@@ -128,8 +165,24 @@ def _read_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
 
 
 def load_cifar10(data_dir: str | os.PathLike) -> Data:
-    """CIFAR-10 from the python pickle batches in ``data_dir`` (the extracted
-    ``cifar-10-batches-py`` folder, or its parent). Images stay uint8 (N, 3, 32, 32)."""
+    """CIFAR-10 from the python pickle batches in ``data_dir``, read without torchvision
+    and without running code from the files; the official split (50,000 / 10,000).
+
+    Args:
+        data_dir: the extracted ``cifar-10-batches-py`` folder, or its parent.
+
+    Returns:
+        :class:`Data` ``"cifar10"``: x uint8 ``(N, 3, 32, 32)`` (the training loop scales
+        batches to [0, 1]), y int64 ``(N,)`` in 0..9, ``input_shape=(3, 32, 32)``, 10
+        classes.
+
+    Raises:
+        ValueError: ``data_dir`` is None; a batch that is not a CIFAR-10 python batch
+            (unpickling refused, missing entries, pixels not uint8, labels outside 0..9,
+            wrong shapes), naming the file.
+        FileNotFoundError: batches missing from ``data_dir``, naming them and where to get
+            them.
+    """
     if data_dir is None:
         raise ValueError("data_dir: cifar10 needs --data-dir pointing at the extracted "
                          "'cifar-10-batches-py' folder (no downloads are made)")
@@ -151,7 +204,22 @@ def load_cifar10(data_dir: str | os.PathLike) -> Data:
 
 
 def load(name: str, seed: int = 0, data_dir: str | os.PathLike | None = None, **kw) -> Data:
-    """Load a dataset by name: ``digits`` (default elsewhere), ``moons``, ``cifar10``."""
+    """Load a dataset by name.
+
+    Args:
+        name: ``"digits"``, ``"moons"`` or ``"cifar10"`` (also ``"cifar-10"``), any case.
+        seed: the split's random state (digits, moons; CIFAR-10's split is fixed).
+        data_dir: the CIFAR-10 folder (:func:`load_cifar10`); ignored otherwise.
+        **kw: passed to :func:`load_digits` / :func:`load_moons` (``test_fraction``,
+            ``n_samples``, ``noise``).
+
+    Returns:
+        :class:`Data` (see :func:`load_digits`, :func:`load_moons`, :func:`load_cifar10`).
+
+    Raises:
+        ValueError: an unknown ``name``; else as the loader it calls.
+        FileNotFoundError, ImportError: as the loader it calls.
+    """
     key = str(name).lower()
     if key == "digits":
         return load_digits(seed=seed, **kw)
@@ -164,8 +232,20 @@ def load(name: str, seed: int = 0, data_dir: str | os.PathLike | None = None, **
 
 def random_crop_flip(x: torch.Tensor, padding: int = 4,
                      generator: torch.Generator | None = None) -> torch.Tensor:
-    """Standard CIFAR augmentation on a batch (N, C, H, W): zero-pad by ``padding``, random
-    crop back to H×W, random horizontal flip."""
+    """Standard CIFAR augmentation: zero-pad by ``padding``, random crop back to H×W,
+    random horizontal flip; one draw per image.
+
+    Args:
+        x: a batch ``(N, C, H, W)``, any dtype.
+        padding: pixels of zeros added on each side, an int >= 0.
+        generator: the crop offsets' and flips' generator (None: the global RNG).
+
+    Returns:
+        x's shape and dtype.
+
+    Raises:
+        ValueError: x not 4-D (unpacking its shape).
+    """
     n, c, h, w = x.shape
     padded = torch.nn.functional.pad(x, (padding,) * 4)
     dy = torch.randint(0, 2 * padding + 1, (n,), generator=generator)

@@ -108,7 +108,19 @@ def check_per_sample(module, argument: str = "branch") -> None:
     instance norm tracking running statistics in training mode, dropout modules with
     ``p > 0`` in training mode, and :class:`pyeuler.nn.PreActBranch` with ``dropout > 0`` in
     training mode.  Calling ``.eval()`` on the model first fixes all of them.  Plain
-    callables (not ``nn.Module``) are not checked."""
+    callables (not ``nn.Module``) are not checked.
+
+    Args:
+        module: the module (or callable) about to be differentiated per sample.
+        argument: the name the error message gives ``module`` (e.g. ``"branch"``,
+            ``"model"``); submodules are named ``argument.qualified_name``.
+
+    Returns:
+        None.
+
+    Raises:
+        ValueError: naming the first offending submodule and what to do.
+    """
     if not isinstance(module, nn.Module):
         return
     for name, m in module.named_modules():
@@ -375,7 +387,17 @@ def _lu_solver(op: _Operator):
 def singular_threshold(dtype: torch.dtype) -> float:
     """σ_min below which :func:`implicit_step_lipschitz` returns +inf by default:
     ``√eps`` of ``dtype`` (3.5e-4 in float32, 1.5e-8 in float64), the smallest σ_min that
-    (I − θJ)ᵀ(I − θJ), whose eigenvalues are σ², resolves in that precision."""
+    (I − θJ)ᵀ(I − θJ), whose eigenvalues are σ², resolves in that precision.
+
+    Args:
+        dtype: a floating ``torch.dtype``.
+
+    Returns:
+        ``√eps`` of ``dtype``, a Python float.
+
+    Raises:
+        TypeError: ``dtype`` is not a floating-point dtype (``torch.finfo``'s error).
+    """
     return math.sqrt(torch.finfo(dtype).eps)
 
 
@@ -535,8 +557,8 @@ def explicit_step_lipschitz(branch, x: Tensor, *, iters: int = 100, tol: float =
             algorithm with torch.func instead) or any other module (torch.func).  It must
             treat samples independently (:func:`check_per_sample`).
         x: ``(N, D)`` or ``(N, C, *spatial)``, floating point, finite: the points x_n.
-        iters: maximum power iterations; tol: stop a sample when the estimate's relative
-            change is ≤ tol.
+        iters: maximum power iterations.
+        tol: stop a sample when the estimate's relative change is ≤ tol.
         generator: the random start vectors' generator (deterministic given it; None: the
             global RNG).
         backend: pyeuler backend for a PreActBranch (None: the branch's, else the process
@@ -643,8 +665,31 @@ def block_map_lipschitz(block, x: Tensor, *, iters: int = 100, tol: float = 1e-5
     callable; input and output shapes may differ), by power iteration on ``J_gᵀJ_g`` with
     torch.func products: the local Lipschitz constant where the two step conditions do not
     apply, e.g. post-activation blocks ``ReLU(S(x) + h·F(x))`` (Zhang et al., IJCAI 2019)
-    and down-sampling blocks.  Arguments, returns, errors and warnings as
-    :func:`explicit_step_lipschitz`."""
+    and down-sampling blocks.
+
+    Args:
+        block: the block map g, any module or callable on x; it must treat samples
+            independently (:func:`check_per_sample`).
+        x: ``(N, D)`` or ``(N, C, *spatial)``, floating point, finite.
+        iters: maximum power iterations.
+        tol: stop a sample when the estimate's relative change is ≤ tol.
+        generator: the random start vectors' generator (None: the global RNG).
+        method: ``"auto"``, ``"iterative"`` or ``"dense"`` (as
+            :func:`explicit_step_lipschitz`).
+        return_info: also return a :class:`LipschitzInfo`.
+
+    Returns:
+        ``Tensor[N]`` in x's dtype, dimensionless, a lower bound of ``‖J_g(x_n)‖₂`` that is
+        exact on convergence; with ``return_info=True``, ``(values, info)``.
+
+    Raises:
+        ValueError: a module that couples samples or is random (naming it); bad
+            ``iters``/``tol``/``method``; non-finite x.
+        TypeError: x not a floating-point tensor.
+
+    Warns:
+        ConvergenceWarning: naming the samples that did not converge within ``iters``.
+    """
     _check_settings(iters, tol)
     _check_method(method)
     x = _prepare(block, x, "block")
@@ -664,7 +709,17 @@ def find_blocks(model: nn.Module) -> list[tuple[str, nn.Module]]:
     """The residual blocks of a pyeuler model, in registration (= execution, for pyeuler's
     sequential builders) order: :class:`~pyeuler.nn.PreActBlock` (and bottlenecks),
     :class:`~pyeuler.nn.EulerBasicBlock` and :class:`~pyeuler.nn.IESkip`, outermost only.
-    Returns ``[(qualified name, module)]``."""
+
+    Args:
+        model: any ``nn.Module``.
+
+    Returns:
+        ``[(qualified name, module)]``; the model's class name when the model is itself a
+        block; empty when it holds none.
+
+    Raises:
+        AttributeError: ``model`` is not an ``nn.Module`` (has no ``named_modules``).
+    """
     found, inside = [], []
     for name, m in model.named_modules():
         if any(name.startswith(p + ".") for p in inside):
@@ -949,6 +1004,12 @@ def model_stability(model: nn.Module, x: Tensor, *, iters: int = 100, tol: float
             (:func:`check_per_sample`: call ``.eval()`` on BatchNorm models).
         x: a batch of model inputs, floating point (N ≥ 1).
         iters, tol, method, cg_iters, cg_tol: as in :func:`implicit_step_lipschitz`.
+        theta: θ in [0, 1] of every block's implicit-step number; None: each IE-Skip's
+            own θ, 1 for plain blocks.
+        noise_scale: relative size of the Gaussian perturbation δ, a finite float > 0
+            (above).
+        noise_draws: number of δ draws averaged, a positive int.
+        perturb: ``"state"`` (δ on the first block's input) or ``"input"`` (δ on x).
         batch_size: samples per chunk (None: all at once).
         generator: random start vectors and noise; deterministic given it.
         backend: pyeuler backend for the branches' explicit products (None: each branch's).
@@ -988,11 +1049,13 @@ def model_stability(model: nn.Module, x: Tensor, *, iters: int = 100, tol: float
     chunks = x.split(batch_size) if batch_size else (x,)
     opts = dict(iters=iters, tol=tol, generator=generator, method=method, cg_iters=cg_iters,
                 cg_tol=cg_tol)
-    from tqdm.auto import tqdm
-
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:  # tqdm comes with pyeuler[train]; without it, no progress bar
+        tqdm = None
     bar = tqdm(total=len(chunks) * len(blocks), desc="stability", unit="block",
                disable=progress is False or (progress is None and not _stderr_tty()),
-               leave=False)
+               leave=False) if tqdm is not None else None
     per_block = [dict() for _ in blocks]
     amps, norms = [], []
     try:
@@ -1023,9 +1086,11 @@ def model_stability(model: nn.Module, x: Tensor, *, iters: int = 100, tol: float
                 res = _chunk_block(spec, block, x0s[i], ys[i], theta, backend, opts)
                 for q, r in res.items():
                     per_block[i].setdefault(q, []).append(r)
-                bar.update(1)
+                if bar is not None:
+                    bar.update(1)
     finally:
-        bar.close()
+        if bar is not None:
+            bar.close()
     results, unconverged = [], []
     for i, ((name, block), spec) in enumerate(zip(blocks, specs)):
         x0s_shape = tuple(x0s[i].shape[1:])

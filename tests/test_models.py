@@ -104,3 +104,62 @@ def test_channels_last_model():
 def test_bad_arguments_name_themselves(call, match):
     with pytest.raises(ValueError, match=match):
         call()
+
+
+# ---------------------------------------------------------------- one signature for all (0.2.0)
+
+IE_ARGUMENTS = ("h", "h_mode", "ie_steps", "ie_step_size", "theta", "grad", "bn_update", "tol",
+                "norm", "norm_groups", "backend")
+
+
+@pytest.mark.parametrize("builder", [preact_resnet, wide_resnet, mlp_resnet])
+def test_builders_take_every_ie_argument_by_keyword(builder):
+    import inspect
+
+    parameters = inspect.signature(builder).parameters
+    for name in IE_ARGUMENTS + ("num_classes",):
+        assert parameters[name].kind is inspect.Parameter.KEYWORD_ONLY, name
+
+
+def test_module_arguments_after_the_sizes_are_keyword_only():
+    import inspect
+
+    from pyeuler.nn import IESkip, PreActBottleneckBranch
+
+    for cls, positional in ((IESkip, ["branch"]), (PreActBranch, ["channels"]),
+                            (PreActBlock, ["in_planes", "planes", "stride"]),
+                            (EulerBasicBlock, ["in_planes", "planes", "stride"]),
+                            (PreActBottleneckBranch, ["in_planes", "planes", "stride"])):
+        parameters = list(inspect.signature(cls).parameters.values())
+        assert [p.name for p in parameters if p.kind is p.POSITIONAL_OR_KEYWORD] == positional
+    for cls in (PreActBranch, PreActBottleneckBranch):
+        for method in ("head", "tail", "forward"):
+            backend = inspect.signature(getattr(cls, method)).parameters["backend"]
+            assert backend.kind is inspect.Parameter.KEYWORD_ONLY, (cls, method)
+
+
+def test_tol_reaches_the_implicit_ie_skips_of_a_model():
+    from pyeuler.nn import IESkip
+
+    model = mlp_resnet(2, 4, 2, num_classes=2, ie_steps=30, grad="implicit", tol=1e-2,
+                       norm="group", h=0.5).double()
+    blocks = [m for m in model.modules() if isinstance(m, PreActBlock)]
+    assert [b.tol for b in blocks] == [1e-2, 1e-2]
+    assert "tol=0.01" in repr(blocks[0])
+    x = torch.rand(5, 4, dtype=torch.float64)
+    block = blocks[0]
+    for tol in (1e-2, None):  # the block runs exactly the IESkip with the same tol
+        block.tol = tol
+        expected = IESkip(block.branch, steps=30, grad="implicit", tol=tol)(x)
+        torch.testing.assert_close(block(x), expected, rtol=0, atol=0)
+    block.tol = 1e-2
+    early = block(x)
+    block.tol = None
+    assert not torch.equal(early, block(x))  # the early stop changed the answer
+
+
+def test_tol_without_implicit_gradients_is_refused():
+    with pytest.raises(ValueError, match="tol"):
+        wide_resnet(10, 1, ie_steps=1, tol=1e-3)
+    with pytest.raises(ValueError, match="tol"):
+        PreActBlock(4, 4, ie_steps=1, grad="unrolled", tol=1e-3)

@@ -6,6 +6,7 @@ from torch import Tensor, nn
 
 from pyeuler.models._common import PreActHead, check_positive_int
 from pyeuler.nn.blocks import PreActBlock, PreActBottleneck
+from pyeuler.nn.deprecation import keyword_only_since
 from pyeuler.nn.layers import make_conv, make_norm
 from pyeuler.ops.preact_branch import check_input_rank
 
@@ -15,12 +16,70 @@ _PREACT_DEPTHS = {18: (PreActBlock, (2, 2, 2, 2)), 34: (PreActBlock, (3, 4, 6, 3
                   50: (PreActBottleneck, (3, 4, 6, 3))}
 
 
-class PreActNet(nn.Module):
-    """stem conv → stages of pre-activation blocks → norm → ReLU → pool → linear.
+# What every builder's step-factor and IE-Skip arguments mean (one wording for all four).
+_IE_ARGS = """
+        h: the Euler step factor h of every block (finite float; Zhang et al., IJCAI 2019).
+        h_mode: ``"fixed"``, ``"scalar"`` (one learnable h per block) or ``"channel"``
+            (learnable per output channel).
+        ie_steps: K >= 0 IE-Skip steps in every shape-preserving block (0: ResNet;
+            :class:`pyeuler.nn.IESkip`'s ``steps``).
+        ie_step_size: γ > 0 of the IE steps.
+        theta: θ in [0, 1] of the θ-method (1: implicit Euler).
+        grad: ``"unrolled"`` (exact), ``"detached"`` (the IE authors' cheaper gradient;
+            white-box attacks through it overstate robustness) or ``"implicit"``.
+        bn_update: ``"all"`` or ``"first"``: which branch evaluations update BatchNorm's
+            running statistics in training mode.
+        tol: relative-residual early stop of ``grad="implicit"``; None: the whole budget.
+        norm: ``"batch"`` (default: the benchmarked model; BatchNorm inside IE-Skips can
+            lose much eval-mode accuracy, see below) or ``"group"``
+            (``GroupNorm(norm_groups, C)``, the IE authors' choice and the CLI's default).
+        norm_groups: groups of the GroupNorm."""
 
-    ``block_kwargs`` (h, h_mode, norm, norm_groups, dropout, downsample, ie_steps,
-    ie_step_size, theta, grad, bn_update, backend) go to every block; IE-Skips apply to
-    every shape-preserving block.
+_BUILDER_RAISES = """
+    Raises:
+        ValueError: bad ``depth``, widths, ``num_classes``, ``in_channels``, IE settings,
+            ``norm``, ``norm_groups``, ``h_mode``, ``dropout`` or ``downsample``, each
+            naming the argument; at a call, x of the wrong rank or channel count.
+        TypeError: ``h`` not a number; at a call, x not a floating-point tensor.
+        RuntimeError: at a call, an unavailable ``backend``.
+
+    With ``norm="batch"`` and ``ie_steps > 0`` the running statistics average the
+    branches' inputs at x0 and at the IE iterates, which are distributed differently, so
+    eval-mode accuracy can fall far below training accuracy (IE-ResNet-1 on digits: 75.7 ±
+    20.1 % vs 98.5 %, docs/robustness_report.md); such a model warns once when it first
+    runs in eval mode.  ``norm="group"`` has no running statistics.
+    """
+
+
+class PreActNet(nn.Module):
+    """stem conv → stages of pre-activation blocks → norm → ReLU → pool → linear: the
+    network :func:`preact_resnet`, :func:`wide_resnet` and :func:`mlp_resnet` build.
+
+    Calling it maps x of shape ``(N, in_channels, *spatial)`` (``dim`` spatial dims;
+    ``(N, in_channels)`` for ``dim=0``), floating point, to logits ``(N, num_classes)`` in
+    x's dtype.
+
+    Args:
+        block: the block class, :class:`~pyeuler.nn.PreActBlock` or
+            :class:`~pyeuler.nn.PreActBottleneck`.
+        widths: each stage's block width (``planes``), a sequence of positive ints.
+        counts: each stage's number of blocks.
+        strides: each stage's first stride.
+        in_channels: the input's channels (features for ``dim=0``).
+        stem_width: channels of the stem convolution (Linear layer for ``dim=0``).
+        num_classes: the number of logits.
+        dim: number of spatial dims, 0–3.
+        **block_kwargs: passed to every block (h, h_mode, norm, norm_groups, dropout,
+            downsample, ie_steps, ie_step_size, theta, grad, bn_update, tol, backend);
+            IE-Skips apply to every shape-preserving block.
+
+    Returns:
+        The module; ``net(x)`` returns ``(N, num_classes)`` logits.
+
+    Raises:
+        ValueError: non-positive ``num_classes``/``in_channels``, or a bad block argument
+            (as :class:`~pyeuler.nn.PreActBlock`); at a call, x of the wrong rank.
+        TypeError: at a call, x not a tensor.
     """
 
     def __init__(self, block, widths, counts, strides, *, in_channels: int, stem_width: int,
@@ -49,19 +108,35 @@ class PreActNet(nn.Module):
 
 
 def _block_kwargs(h, h_mode, norm, norm_groups, dropout, downsample, ie_steps, ie_step_size,
-                  theta, grad, bn_update, backend):
+                  theta, grad, bn_update, tol, backend):
     return dict(h=h, h_mode=h_mode, norm=norm, norm_groups=norm_groups, dropout=dropout,
                 downsample=downsample, ie_steps=ie_steps, ie_step_size=ie_step_size,
-                theta=theta, grad=grad, bn_update=bn_update, backend=backend)
+                theta=theta, grad=grad, bn_update=bn_update, tol=tol, backend=backend)
 
 
-def preact_resnet(depth: int = 18, base_width: int = 64, num_classes: int = 10,
-                  in_channels: int = 3, *, h: float = 1.0, h_mode: str = "fixed",
+@keyword_only_since("num_classes", "in_channels")
+def preact_resnet(depth: int = 18, base_width: int = 64, *, num_classes: int = 10,
+                  in_channels: int = 3, h: float = 1.0, h_mode: str = "fixed",
                   ie_steps: int = 0, ie_step_size: float = 0.1, theta: float = 1.0,
-                  grad: str = "unrolled", bn_update: str = "all", norm: str = "batch",
-                  norm_groups: int = 1, dropout: float = 0.0, downsample: str = "conv1x1",
-                  backend: str | None = None) -> PreActNet:
-    """PreAct-ResNet-18/34/50 (He et al. 2016b) for 32×32 inputs, widths ``base_width``·(1, 2, 4, 8)."""
+                  grad: str = "unrolled", bn_update: str = "all", tol: float | None = None,
+                  norm: str = "batch", norm_groups: int = 1, dropout: float = 0.0,
+                  downsample: str = "conv1x1", backend: str | None = None) -> PreActNet:
+    """PreAct-ResNet-18/34/50 (He et al. 2016b) for 32×32 inputs, widths
+    ``base_width``·(1, 2, 4, 8); 50 uses bottleneck blocks.
+
+    Args:
+        depth: 18, 34 or 50.
+        base_width: the first stage's width (64 in the paper).
+        num_classes: the number of logits.
+        in_channels: the input images' channels.{ie}
+        dropout: dropout probability in [0, 1) inside the branches (not for depth 50).
+        downsample: ``"conv1x1"`` (WRN convention) or ``"conv3x3"`` (the IE authors').
+        backend: the pyeuler backend of every fused op (None: the process default).
+
+    Returns:
+        A :class:`PreActNet` mapping x ``(N, in_channels, H, W)``, floating point, to
+        ``(N, num_classes)`` logits in x's dtype (any H, W; global average pooling).
+{raises}"""
     if depth not in _PREACT_DEPTHS:
         raise ValueError(f"depth must be one of {sorted(_PREACT_DEPTHS)}, got {depth!r}")
     check_positive_int(base_width, "base_width")
@@ -70,24 +145,37 @@ def preact_resnet(depth: int = 18, base_width: int = 64, num_classes: int = 10,
     return PreActNet(block, widths, counts, (1, 2, 2, 2), in_channels=in_channels,
                      stem_width=base_width, num_classes=num_classes,
                      **_block_kwargs(h, h_mode, norm, norm_groups, dropout, downsample, ie_steps,
-                                     ie_step_size, theta, grad, bn_update, backend))
+                                     ie_step_size, theta, grad, bn_update, tol, backend))
 
 
-def wide_resnet(depth: int = 34, widen_factor: int = 10, num_classes: int = 10,
-                in_channels: int = 3, *, dropout: float = 0.0, h: float = 1.0,
+@keyword_only_since("num_classes", "in_channels")
+def wide_resnet(depth: int = 34, widen_factor: int = 10, *, num_classes: int = 10,
+                in_channels: int = 3, dropout: float = 0.0, h: float = 1.0,
                 h_mode: str = "fixed", ie_steps: int = 0, ie_step_size: float = 0.1,
                 theta: float = 1.0, grad: str = "unrolled", bn_update: str = "all",
-                norm: str = "batch", norm_groups: int = 1, downsample: str = "conv1x1",
-                backend: str | None = None) -> PreActNet:
+                tol: float | None = None, norm: str = "batch", norm_groups: int = 1,
+                downsample: str = "conv1x1", backend: str | None = None) -> PreActNet:
     """WRN-depth-k (Zagoruyko & Komodakis): 3×3 stem to 16 channels, three groups of
     (depth−4)/6 pre-activation blocks of widths 16k, 32k, 64k.  ``wide_resnet(34, 10)`` is
     the TRADES / IE paper's WRN-34-10; ``ie_steps=1`` makes IE-WRN-1-34.
 
     ``norm="batch"`` (the default, the benchmarked model) puts BatchNorm inside the
-    IE-Skips too: its running statistics then average the branch's inputs at x0 and at the
-    IE iterates, and eval-mode accuracy can fall far below training accuracy (README,
-    docs/robustness_report.md); ``norm="group"`` (the CLI's default for IE models) avoids
-    that.  :class:`~pyeuler.nn.IESkip` warns once when such a model first runs in eval."""
+    IE-Skips too (see the note below); ``norm="group"`` (the CLI's default for IE models)
+    avoids that.
+
+    Args:
+        depth: 6n+4 (10, 16, 28, 34, ...).
+        widen_factor: k >= 1.
+        num_classes: the number of logits.
+        in_channels: the input images' channels.
+        dropout: dropout probability in [0, 1) between each branch's convolutions.{ie}
+        downsample: ``"conv1x1"`` (WRN convention) or ``"conv3x3"`` (the IE authors').
+        backend: the pyeuler backend of every fused op (None: the process default).
+
+    Returns:
+        A :class:`PreActNet` mapping x ``(N, in_channels, H, W)``, floating point, to
+        ``(N, num_classes)`` logits in x's dtype (any H, W; global average pooling).
+{raises}"""
     if not isinstance(depth, int) or depth < 10 or (depth - 4) % 6:
         raise ValueError(f"depth must be 6n+4 (10, 16, 28, 34, ...), got {depth!r}")
     check_positive_int(widen_factor, "widen_factor")
@@ -96,20 +184,37 @@ def wide_resnet(depth: int = 34, widen_factor: int = 10, num_classes: int = 10,
     return PreActNet(PreActBlock, widths, (n, n, n), (1, 2, 2), in_channels=in_channels,
                      stem_width=16, num_classes=num_classes,
                      **_block_kwargs(h, h_mode, norm, norm_groups, dropout, downsample, ie_steps,
-                                     ie_step_size, theta, grad, bn_update, backend))
+                                     ie_step_size, theta, grad, bn_update, tol, backend))
 
 
-def mlp_resnet(in_features: int = 2, width: int = 32, depth: int = 4, num_classes: int = 2, *,
+@keyword_only_since("num_classes")
+def mlp_resnet(in_features: int = 2, width: int = 32, depth: int = 4, *, num_classes: int = 2,
                h: float = 1.0, h_mode: str = "fixed", ie_steps: int = 0,
                ie_step_size: float = 0.1, theta: float = 1.0, grad: str = "unrolled",
-               bn_update: str = "all", norm: str = "batch", norm_groups: int = 1,
-               backend: str | None = None) -> PreActNet:
+               bn_update: str = "all", tol: float | None = None, norm: str = "batch",
+               norm_groups: int = 1, backend: str | None = None) -> PreActNet:
     """A residual MLP on points (two-moons): Linear stem, ``depth`` pre-activation Linear
-    blocks of ``width``, norm → ReLU → linear classifier."""
+    blocks of ``width``, norm → ReLU → linear classifier.
+
+    Args:
+        in_features: D, the points' dimension.
+        width: the blocks' width.
+        depth: the number of residual blocks.
+        num_classes: the number of logits.{ie}
+        backend: the pyeuler backend of every fused op (None: the process default).
+
+    Returns:
+        A :class:`PreActNet` mapping x ``(N, in_features)``, floating point, to
+        ``(N, num_classes)`` logits in x's dtype.
+{raises}"""
     check_positive_int(in_features, "in_features")
     check_positive_int(width, "width")
     check_positive_int(depth, "depth")
     return PreActNet(PreActBlock, (width,), (depth,), (1,), in_channels=in_features,
                      stem_width=width, num_classes=num_classes, dim=0,
                      **_block_kwargs(h, h_mode, norm, norm_groups, 0.0, "conv1x1", ie_steps,
-                                     ie_step_size, theta, grad, bn_update, backend))
+                                     ie_step_size, theta, grad, bn_update, tol, backend))
+
+
+for _builder in (preact_resnet, wide_resnet, mlp_resnet):
+    _builder.__doc__ = _builder.__doc__.format(ie=_IE_ARGS, raises=_BUILDER_RAISES)

@@ -6,6 +6,7 @@ from torch import Tensor, nn
 
 from pyeuler.models._common import check_positive_int
 from pyeuler.nn.blocks import EulerBasicBlock
+from pyeuler.nn.deprecation import keyword_only_since
 from pyeuler.ops.norm_act import norm_act_module
 from pyeuler.ops.preact_branch import check_input_rank
 
@@ -14,10 +15,35 @@ __all__ = ["ResNetCifar", "resnet_cifar"]
 
 class ResNetCifar(nn.Module):
     """conv3×3(16) → BN → ReLU → three stages of n post-activation Euler blocks
-    (16, 32, 64 channels) → global average pool → linear."""
+    (16, 32, 64 channels; :class:`~pyeuler.nn.EulerBasicBlock`) → global average pool →
+    linear: the CIFAR ResNet-(6n+2) of He et al. (2016) with the step factor h of Zhang et
+    al. (IJCAI 2019).
 
-    def __init__(self, depth: int = 20, h: float = 1.0, num_classes: int = 10,
-                 in_channels: int = 3, *, h_mode: str = "fixed", backend: str | None = None):
+    Calling it maps x ``(N, in_channels, H, W)``, floating point, to ``(N, num_classes)``
+    logits in x's dtype.
+
+    Args:
+        depth: 6n+2 (20, 32, 44, 56, 110, 218, ...).
+        num_classes: the number of logits.
+        in_channels: the input images' channels.
+        h: the Euler step factor h of every block (finite float; 0.1 in the paper's robust
+            ResNet-110).
+        h_mode: ``"fixed"``, ``"scalar"`` (one learnable h per block) or ``"channel"``.
+        backend: the pyeuler backend of every fused op (None: the process default).
+
+    Returns:
+        The module; ``net(x)`` returns ``(N, num_classes)`` logits.
+
+    Raises:
+        ValueError: bad ``depth``, ``num_classes``, ``in_channels`` or ``h_mode``; at a
+            call, x of the wrong rank or channel count.
+        TypeError: ``h`` not a number; at a call, x not a tensor.
+        RuntimeError: at a call, an unavailable ``backend``.
+    """
+
+    @keyword_only_since("h", "num_classes", "in_channels")
+    def __init__(self, depth: int = 20, *, num_classes: int = 10, in_channels: int = 3,
+                 h: float = 1.0, h_mode: str = "fixed", backend: str | None = None):
         super().__init__()
         if not isinstance(depth, int) or depth < 8 or (depth - 2) % 6:
             raise ValueError(f"depth must be 6n+2 (20, 56, 110, 218, ...), got {depth!r}")
@@ -30,7 +56,7 @@ class ResNetCifar(nn.Module):
         for planes, stride in ((16, 1), (32, 2), (64, 2)):
             blocks = []
             for i in range(n):
-                blocks.append(EulerBasicBlock(in_planes, planes, stride if i == 0 else 1, h,
+                blocks.append(EulerBasicBlock(in_planes, planes, stride if i == 0 else 1, h=h,
                                               h_mode=h_mode, backend=backend))
                 in_planes = planes
             layers.append(nn.Sequential(*blocks))
@@ -45,7 +71,28 @@ class ResNetCifar(nn.Module):
         return self.linear(out.mean((2, 3)))
 
 
-def resnet_cifar(depth: int = 20, h: float = 1.0, num_classes: int = 10, in_channels: int = 3,
-                 *, h_mode: str = "fixed", backend: str | None = None) -> ResNetCifar:
-    """The IJCAI paper's ResNet-20/56/110/218 (depth = 6n+2) with step factor ``h``."""
-    return ResNetCifar(depth, h, num_classes, in_channels, h_mode=h_mode, backend=backend)
+@keyword_only_since("h", "num_classes", "in_channels")
+def resnet_cifar(depth: int = 20, *, num_classes: int = 10, in_channels: int = 3,
+                 h: float = 1.0, h_mode: str = "fixed", backend: str | None = None
+                 ) -> ResNetCifar:
+    """The IJCAI paper's ResNet-20/56/110/218 (depth = 6n+2) with step factor ``h``
+    (post-activation blocks, BatchNorm only, no IE-Skips).
+
+    Args:
+        depth: 6n+2 (20, 32, 44, 56, 110, 218, ...).
+        num_classes: the number of logits.
+        in_channels: the input images' channels.
+        h: the Euler step factor h of every block (finite float).
+        h_mode: ``"fixed"``, ``"scalar"`` (one learnable h per block) or ``"channel"``.
+        backend: the pyeuler backend of every fused op (None: the process default).
+
+    Returns:
+        A :class:`ResNetCifar` mapping x ``(N, in_channels, H, W)``, floating point, to
+        ``(N, num_classes)`` logits in x's dtype.
+
+    Raises:
+        ValueError: bad ``depth``, ``num_classes``, ``in_channels`` or ``h_mode``.
+        TypeError: ``h`` not a number.
+    """
+    return ResNetCifar(depth, num_classes=num_classes, in_channels=in_channels, h=h,
+                       h_mode=h_mode, backend=backend)

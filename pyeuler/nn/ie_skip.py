@@ -6,6 +6,7 @@ import warnings
 
 from torch import Tensor, nn
 
+from pyeuler.nn.deprecation import keyword_only_since
 from pyeuler.ops.ie_skip import ie_skip, validate_ie_args
 
 __all__ = ["IESkip"]
@@ -29,19 +30,61 @@ def warn_batch_norm_in_eval(branch: nn.Module) -> None:
 
 
 class IESkip(nn.Module):
-    """``x0 + f(x0)`` refined by ``steps`` gradient steps toward ``x = x0 + θ·f(x) + (1−θ)·f(x0)``.
+    """``x0 + f(x0)`` refined by ``steps`` gradient steps toward ``x = x0 + θ·f(x) + (1−θ)·f(x0)``
+    (Li, He & Lin, ICML 2020; docs/semantics.md §2).
 
     For a :class:`~pyeuler.nn.PreActBranch` the refinement uses pyeuler's explicit VJP and
     fused kernels; any other shape-preserving module goes through generic autograd.
-    ``grad``: ``"unrolled"`` (exact), ``"detached"`` (the IE authors' cheaper gradient,
-    that of x0 + f(x0)), ``"implicit"`` (solve the implicit equation with a budget of
-    ``steps`` evaluations, optionally stopping at relative residual ``tol``, and
-    differentiate by the implicit function theorem).
+    Calling the module maps ``x`` of shape ``(N, C, *spatial)`` (or ``(N, D)`` for a
+    ``dim=0`` branch), any floating dtype, contiguous or channels-last, to a tensor of the
+    same shape, dtype and device; it warns once per process (``UserWarning``) when it first
+    runs in eval mode with BatchNorm in the branch (docs/semantics.md §2).
+
+    Args:
+        branch: the residual function f, a module (or callable) mapping x to a tensor of
+            x's shape; BatchNorm inside it is evaluated once per IE iterate.
+        steps: K >= 0, the number of gradient steps (``grad="implicit"``: the solver's
+            budget of branch evaluations, forward and backward each).  0 is the plain
+            residual step ``x0 + f(x0)``.
+        step_size: γ > 0, finite: each step is ``x − 2γ·(e − θ·J_fᵀe)``.  Unused with
+            ``grad="implicit"``.
+        theta: θ in [0, 1] of the θ-method (1: implicit Euler, 0: explicit).
+        grad: ``"unrolled"`` (the exact derivative of the K-step map), ``"detached"``
+            (the IE authors' cheaper gradient, that of ``x0 + f(x0)``: white-box attacks
+            through it are weaker than they look) or ``"implicit"`` (solve the implicit
+            equation and differentiate by the implicit function theorem; first-order
+            reverse mode only).
+        bn_update: ``"all"`` (every branch evaluation in training mode updates BatchNorm's
+            running statistics) or ``"first"`` (only the evaluation at x0).
+        tol: with ``grad="implicit"`` only, stop early when the relative residual
+            ``‖x − c − θ·f(x)‖ / ‖c + θ·f(x)‖`` falls to ``tol`` (> 0; read on the host each
+            iteration); None runs the whole budget.
+        backend: the pyeuler backend (``"reference"``, ``"eager"``, ``"triton"``,
+            ``"cuda"``, ``"auto"``); None: the branch's ``backend`` attribute, else the
+            process default (:func:`pyeuler.set_backend`).
+
+    Returns:
+        The module.  ``IESkip(f)(x)`` returns the IE-Skip's output: x's shape, dtype and
+        device.
+
+    Raises:
+        ValueError: bad ``steps``, ``step_size``, ``theta``, ``grad``, ``bn_update`` or
+            ``tol`` (at construction; ``tol`` only with ``grad="implicit"``); at a call, x
+            of the wrong rank for the branch, a branch that does not preserve x's shape, or
+            a PreActBranch with dropout in training mode under ``grad="implicit"``.
+        TypeError: at a call, x not a floating-point tensor, or a branch that does not
+            return one tensor.
+        RuntimeError: at a call, an unavailable ``backend`` (the message lists those that
+            are available).
+        NotImplementedError: at a call, what ``grad="implicit"`` cannot differentiate:
+            forward mode and ``torch.func`` transforms.  (``create_graph=True`` through
+            it raises RuntimeError in the backward pass.)
     """
 
-    def __init__(self, branch: nn.Module, steps: int = 1, step_size: float = 0.1,
+    @keyword_only_since("steps", "step_size", "theta", "grad", "bn_update", "backend")
+    def __init__(self, branch: nn.Module, *, steps: int = 1, step_size: float = 0.1,
                  theta: float = 1.0, grad: str = "unrolled", bn_update: str = "all",
-                 backend: str | None = None, *, tol: float | None = None):
+                 tol: float | None = None, backend: str | None = None):
         super().__init__()
         validate_ie_args(steps, step_size, theta, grad, bn_update, tol)
         self.branch = branch

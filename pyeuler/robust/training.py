@@ -14,7 +14,6 @@ from typing import Callable, Iterable, Iterator, Sequence
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from tqdm.auto import tqdm
 
 from pyeuler.robust.attacks import _check, default_alpha, eval_mode, make_attack, pgd
 
@@ -33,7 +32,18 @@ class GradientMaskingWarning(UserWarning):
 
 
 def uses_detached_ie_gradients(model: nn.Module) -> bool:
-    """True if some IE-Skip in ``model`` takes K > 0 steps with ``grad="detached"``."""
+    """Whether some IE-Skip in ``model`` takes K > 0 steps with ``grad="detached"``.
+
+    Args:
+        model: any ``nn.Module``.
+
+    Returns:
+        True if such an IE-Skip (an :class:`~pyeuler.nn.IESkip` or a
+        :class:`~pyeuler.nn.PreActBlock` with ``ie_steps > 0``) is in ``model``.
+
+    Raises:
+        AttributeError: ``model`` is not an ``nn.Module`` (has no ``modules``).
+    """
     for m in model.modules():
         if getattr(m, "grad", None) == "detached" and (getattr(m, "steps", 0) or 0) > 0:
             return True
@@ -41,8 +51,22 @@ def uses_detached_ie_gradients(model: nn.Module) -> bool:
 
 
 def warn_if_gradient_masking(model: nn.Module, stacklevel: int = 2) -> bool:
-    """Warn (:class:`GradientMaskingWarning`) if white-box attacks on ``model`` would use
-    detached IE-Skip gradients. Returns whether it warned."""
+    """Warn if white-box attacks on ``model`` would use detached IE-Skip gradients.
+
+    Args:
+        model: any ``nn.Module``.
+        stacklevel: the warning's stack level, counted from the caller (2: the caller's
+            caller).
+
+    Returns:
+        Whether it warned.
+
+    Raises:
+        AttributeError: ``model`` is not an ``nn.Module``.
+
+    Warns:
+        GradientMaskingWarning: :func:`uses_detached_ie_gradients` is true.
+    """
     if uses_detached_ie_gradients(model):
         warnings.warn(
             "the model's IE-Skips use grad='detached': input gradients ignore the implicit "
@@ -65,7 +89,24 @@ def batches(x: torch.Tensor, y: torch.Tensor, batch_size: int, shuffle: bool = F
             generator: torch.Generator | None = None, device: torch.device | str | None = None,
             transform: Callable[[torch.Tensor], torch.Tensor] | None = None
             ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """Mini-batches of in-memory tensors (uint8 images are scaled to [0, 1] float)."""
+    """Mini-batches of in-memory tensors.
+
+    Args:
+        x: inputs ``(N, ...)``; uint8 images are scaled to [0, 1] float32 per batch.
+        y: labels ``(N,)``.
+        batch_size: a positive int; the last batch may be smaller.
+        shuffle: draw a random order (else the stored order).
+        generator: the shuffle's generator (None: the global RNG).
+        device: where to move each batch (None: leave it).
+        transform: applied to each input batch (after scaling, before moving), e.g.
+            :func:`pyeuler.data.random_crop_flip`.
+
+    Yields:
+        ``(xb, yb)``: ``(B, ...)`` floating point and ``(B,)``, B <= ``batch_size``.
+
+    Raises:
+        ValueError: ``batch_size`` not a positive int; x and y of different lengths.
+    """
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size: expected a positive int, got {batch_size!r}")
     if len(x) != len(y):
@@ -82,8 +123,26 @@ def batches(x: torch.Tensor, y: torch.Tensor, batch_size: int, shuffle: bool = F
         yield xb, yb
 
 
+class _NoBar:
+    """The part of a tqdm bar the loops use, showing nothing: tqdm comes with
+    ``pyeuler[train]``, and the loops run without it."""
+
+    def __init__(self, iterable):
+        self._iterable = iterable
+
+    def __iter__(self):
+        return iter(self._iterable)
+
+    def set_postfix(self, **values) -> None:
+        pass
+
+
 def _progress(iterable, total, desc, progress: bool | None):
     disable = (not sys.stderr.isatty()) if progress is None else (not progress)
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:
+        return _NoBar(iterable)
     return tqdm(iterable, total=total, desc=desc, leave=False, disable=disable, dynamic_ncols=True)
 
 
@@ -91,9 +150,26 @@ def _progress(iterable, total, desc, progress: bool | None):
 
 def pgd_at_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float = 8 / 255,
                 alpha: float = 2 / 255, steps: int = 10) -> tuple[torch.Tensor, torch.Tensor]:
-    """Madry PGD-AT: ``CE(model(x_adv), y)`` with ``x_adv = pgd(model, x, y, eps, alpha,
-    steps, random_start=True)`` found in eval mode; the loss is computed in the model's
-    current mode. Returns (loss, logits on x_adv)."""
+    """Madry PGD-AT (Madry et al. 2018): ``CE(model(x_adv), y)`` with ``x_adv = pgd(model,
+    x, y, eps, alpha, steps, random_start=True)`` found in eval mode; the loss is computed in
+    the model's current mode.
+
+    Args:
+        model: a classifier mapping x to logits ``(N, classes)``.
+        x: inputs ``(N, ...)`` in [0, 1], floating point.
+        y: int64 labels ``(N,)`` on x's device.
+        eps: L∞ radius, a finite number >= 0 (in x's units: 8/255 for CIFAR).
+        alpha: PGD step, a finite number >= 0.
+        steps: PGD steps, an int >= 0.
+
+    Returns:
+        ``(loss, logits)``: the mean cross-entropy (0-dim, differentiable) and the logits
+        on x_adv ``(N, classes)``.
+
+    Raises:
+        TypeError, ValueError: bad model, x, y, eps, alpha or steps, naming the argument
+            (as :func:`pyeuler.robust.pgd`).
+    """
     x_adv = pgd(model, x, y, eps, alpha, steps, random_start=True)
     logits = model(x_adv)
     return F.cross_entropy(logits, y), logits
@@ -109,7 +185,22 @@ def trades_adversarial(model: nn.Module, x: torch.Tensor, eps: float = 8 / 255,
                        generator: torch.Generator | None = None) -> torch.Tensor:
     """TRADES inner maximisation (Zhang et al. 2019, reference code): start at
     ``x + 0.001·N(0, I)``, then ``steps`` signed-gradient steps of size ``alpha`` on
-    ``KL(p(x) || p(x'))`` projected to the eps-ball and [0, 1]; model in eval mode."""
+    ``KL(p(x) || p(x'))`` projected to the eps-ball and [0, 1]; model in eval mode.
+
+    Args:
+        model: a classifier mapping x to logits ``(N, classes)``.
+        x: inputs ``(N, ...)`` in [0, 1], floating point.
+        eps: L∞ radius, a finite number >= 0.
+        alpha: step size, a finite number >= 0.
+        steps: ascent steps, an int >= 0.
+        generator: the start noise's generator (None: the global RNG).
+
+    Returns:
+        x_adv: x's shape, dtype and device, detached, in [0, 1] and within eps of x.
+
+    Raises:
+        TypeError, ValueError: bad model, x, eps or alpha, naming the argument.
+    """
     y_dummy = torch.zeros(x.shape[0], dtype=torch.long, device=x.device)
     _check(model, x, y_dummy, eps=eps, alpha=alpha)
     x = x.detach()
@@ -132,10 +223,29 @@ def trades_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor, beta: float 
                 eps: float = 8 / 255, alpha: float = 2 / 255, steps: int = 10,
                 x_adv: torch.Tensor | None = None
                 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """TRADES loss ``CE(f(x), y) + beta · (1/N) Σᵢ KL(softmax f(xᵢ) || softmax f(x'ᵢ))``.
+    """TRADES loss ``CE(f(x), y) + beta · (1/N) Σᵢ KL(softmax f(xᵢ) || softmax f(x'ᵢ))``
+    (Zhang et al. 2019), computed in the model's current mode.
 
-    ``x_adv`` defaults to :func:`trades_adversarial` (model in eval mode); the loss itself
-    is computed in the model's current mode. Returns (loss, natural logits)."""
+    Args:
+        model: a classifier mapping x to logits ``(N, classes)``.
+        x: inputs ``(N, ...)`` in [0, 1], floating point.
+        y: int64 labels ``(N,)``.
+        beta: the robustness weight, a number >= 0 (6 in the paper).
+        eps: L∞ radius of the inner maximisation.
+        alpha: its step size.
+        steps: its steps.
+        x_adv: precomputed adversarial inputs of x's shape; None: :func:`trades_adversarial`
+            (model in eval mode).
+
+    Returns:
+        ``(loss, logits)``: the loss (0-dim, differentiable) and the natural logits
+        ``(N, classes)``.
+
+    Raises:
+        ValueError: ``beta`` not a number >= 0; ``x_adv`` not of x's shape; else as
+            :func:`trades_adversarial`.
+        TypeError: as :func:`trades_adversarial`.
+    """
     if isinstance(beta, bool) or not isinstance(beta, (int, float)) or beta < 0:
         raise ValueError(f"beta: expected a number >= 0, got {beta!r}")
     if x_adv is None:
@@ -167,9 +277,38 @@ def train_epoch(model: nn.Module, x: torch.Tensor, y: torch.Tensor,
                 transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
                 scheduler_step: Callable[[], None] | None = None,
                 progress: bool | None = None, desc: str = "train") -> EpochStats:
-    """One epoch over (x, y) with ``adv`` ∈ {"none", "pgd", "trades"} (``alpha`` defaults to
-    2.5·eps/steps, i.e. 2/255 for PGD-10 at 8/255). ``scheduler_step`` runs after each
-    optimizer step (per-iteration schedules)."""
+    """One training epoch over (x, y), naturally or adversarially; the model is left in
+    training mode.
+
+    Args:
+        model: a classifier mapping batches to logits ``(B, classes)``.
+        x: inputs ``(N, ...)``: floating point in [0, 1], or uint8 images (scaled per
+            batch).
+        y: int64 labels ``(N,)``.
+        optimizer: steps once per batch.
+        batch_size: a positive int.
+        adv: ``"none"``, ``"pgd"`` (:func:`pgd_at_loss`) or ``"trades"``
+            (:func:`trades_loss`).
+        eps: L∞ radius of the attacks, >= 0.
+        alpha: attack step; None: ``2.5·eps/steps`` (2/255 for PGD-10 at 8/255).
+        steps: attack steps.
+        beta: TRADES' robustness weight.
+        generator: the shuffle's generator (None: the global RNG).
+        device: where batches go (None: where x is).
+        transform: augmentation applied to each input batch.
+        scheduler_step: called after each optimizer step (per-iteration schedules).
+        progress: a tqdm bar (None: when stderr is a terminal; none without tqdm, which
+            comes with ``pyeuler[train]``).
+        desc: the bar's label.
+
+    Returns:
+        ``EpochStats(loss, accuracy, seconds, samples)``: mean loss and accuracy over the
+        samples the loss saw (adversarial ones for PGD-AT), wall time, sample count.
+
+    Raises:
+        ValueError: bad ``batch_size``, ``adv``, ``eps`` or ``alpha``; else as the attack.
+        FloatingPointError: the loss became NaN or infinite (lower the learning rate).
+    """
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size: expected a positive int, got {batch_size!r}")
     if adv not in ADV_METHODS:
@@ -213,7 +352,25 @@ def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor,
              attack: Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
              batch_size: int = 256, device: torch.device | str | None = None,
              progress: bool | None = None, desc: str = "eval") -> float:
-    """Accuracy of ``model`` (eval mode) on (x, y), or on ``attack(model, xb, yb)`` per batch."""
+    """Accuracy of ``model`` (in eval mode, restored after) on (x, y), or on
+    ``attack(model, xb, yb)`` per batch.
+
+    Args:
+        model: a classifier mapping batches to logits ``(B, classes)``.
+        x: inputs ``(N, ...)`` (uint8 images are scaled per batch).
+        y: int64 labels ``(N,)``.
+        attack: ``(model, xb, yb) -> xb_adv`` of xb's shape, or None (clean accuracy).
+        batch_size: a positive int.
+        device: where batches go (None: where x is).
+        progress: a tqdm bar (None: when stderr is a terminal).
+        desc: the bar's label.
+
+    Returns:
+        The fraction of correct predictions, a float in [0, 1] (0 for N = 0).
+
+    Raises:
+        ValueError: bad ``batch_size``; x and y of different lengths; else as ``attack``.
+    """
     correct, seen = 0, 0
     nb = math.ceil(len(x) / batch_size)
     with eval_mode(model):
@@ -232,11 +389,32 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor,
              alpha: float | None = None, batch_size: int = 256,
              device: torch.device | str | None = None, progress: bool | None = None,
              **attack_kwargs) -> dict:
-    """Clean and robust accuracy. ``attacks`` are names for :func:`make_attack` ("fgsm",
-    "pgd-20", "cw"); ``eps`` may be a list (one result per eps; CW ignores eps).
+    """Clean and robust accuracy.
 
-    Returns ``{"clean": acc, "fgsm": {eps: acc, ...}, ...}`` (eps keys as floats). Warns
-    (:class:`GradientMaskingWarning`) if the model uses detached IE gradients."""
+    Args:
+        model: a classifier mapping batches to logits ``(B, classes)``.
+        x: inputs ``(N, ...)`` in [0, 1] (uint8 images are scaled per batch).
+        y: int64 labels ``(N,)``.
+        attacks: names for :func:`pyeuler.robust.make_attack` (``"fgsm"``, ``"pgd-20"``,
+            ``"cw"``), one or a sequence.
+        eps: an L∞ radius or a sequence of them (one result per eps; CW ignores eps).
+        alpha: the PGD step (None: the attack's default).
+        batch_size: a positive int.
+        device: where batches go (None: where x is).
+        progress: tqdm bars (None: when stderr is a terminal).
+        **attack_kwargs: passed to :func:`pyeuler.robust.make_attack`.
+
+    Returns:
+        ``{"clean": acc, "fgsm": {eps: acc, ...}, "cw": acc, ...}``, accuracies as floats in
+        [0, 1], eps keys as floats.
+
+    Raises:
+        ValueError: an unknown attack name or bad attack settings
+            (:func:`pyeuler.robust.make_attack`); else as :func:`accuracy`.
+
+    Warns:
+        GradientMaskingWarning: the model uses detached IE-Skip gradients.
+    """
     if isinstance(attacks, str):
         attacks = (attacks,)
     eps_list = [eps] if isinstance(eps, (int, float)) else list(eps)

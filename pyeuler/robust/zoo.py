@@ -21,7 +21,17 @@ _DEFAULTS = {"digits": "wrn-10-1", "moons": "mlp", "cifar10": "preact-18"}
 
 
 def default_model(data: str) -> str:
-    """The model the CLI uses for ``data`` when ``--model`` is not given."""
+    """The model the CLI uses for ``data`` when ``--model`` is not given.
+
+    Args:
+        data: a dataset name (``"digits"``, ``"moons"``, ``"cifar10"``).
+
+    Returns:
+        A model name for :func:`build_model` (``"preact-18"`` for unknown data).
+
+    Raises:
+        Nothing.
+    """
     return _DEFAULTS.get(data, "preact-18")
 
 
@@ -35,8 +45,30 @@ def build_model(name: str, input_shape: tuple, num_classes: int, *, h: float = 1
                 backend: str | None = None) -> nn.Module:
     """Build a pyeuler model by name for inputs of ``input_shape`` (without batch dim).
 
-    ``norm`` is "batch" or "group" (GroupNorm(1, C), the IE authors' choice); None means
-    "group" for the IE-capable models and BatchNorm for ``resnet-D`` (which has only BN).
+    Args:
+        name: ``resnet-D``, ``preact-18|34|50``, ``wrn-D-W``, ``mlp`` or
+            ``mlp-WIDTH-DEPTH`` (module docstring), any case.
+        input_shape: one input's shape: ``(C, H, W)`` for the convolutional models; any
+            shape for the MLP (flattened).
+        num_classes: the number of logits.
+        h: the step factor, a finite number > 0.
+        ie_steps: IE-Skip steps K >= 0 (0 for ``resnet-D``).
+        ie_step_size: γ of the IE steps.
+        theta: θ in [0, 1].
+        grad: ``"unrolled"``, ``"detached"`` or ``"implicit"``.
+        norm: ``"batch"``, ``"group"`` (GroupNorm(1, C), the IE authors' choice) or None:
+            ``"group"`` for the IE-capable models, BatchNorm for ``resnet-D`` (which has
+            only BN).
+        backend: the pyeuler backend (None: the process default).
+
+    Returns:
+        The model (an ``nn.Module`` mapping ``(N, *input_shape)`` to ``(N, num_classes)``
+        logits; for an MLP on non-flat inputs, ``nn.Sequential(nn.Flatten(), net)``).
+
+    Raises:
+        ValueError: an unknown or malformed name; image models on non-image inputs; bad
+            ``h``, ``ie_steps`` or ``norm``; IE-Skips or GroupNorm asked of ``resnet-D``;
+            else as the builder.
     """
     from pyeuler import models
 
