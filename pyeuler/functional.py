@@ -137,13 +137,17 @@ _public_doc(ie_skip, """IE-Skip around a shape-preserving ``branch`` (Li, He & L
         tol: with ``grad="implicit"`` only: stop early at this relative residual
             ``‖x − c − θ·f(x)‖ / ‖c + θ·f(x)‖`` (> 0; read on the host every iteration);
             None runs the whole budget.
+        recompute: ``grad="unrolled"`` on the fused backends, convolutional branches: True
+            (default) keeps only the convolutions' inputs for the backward and recomputes
+            ``ReLU(norm(·))`` and the VJP's norm input gradient there, an elementwise pass
+            each (less memory); False keeps those activations (fewer bytes moved).
 
     Returns:
         x's shape, dtype and device.
 
     Raises:
         TypeError: ``branch`` not callable; x not a floating-point tensor; a branch that
-            does not return one tensor.
+            does not return one tensor; ``recompute`` not a bool.
         ValueError: bad ``steps``, ``step_size``, ``theta``, ``grad``, ``bn_update`` or
             ``tol``; a branch that does not preserve x's shape; dropout in training mode
             with ``grad="implicit"``.

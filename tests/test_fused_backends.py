@@ -213,6 +213,33 @@ def test_unrolled_ie_keeps_fewer_activations_than_reference(routed_to_primitives
     assert saved["triton"] < 0.7 * saved["reference"], saved
 
 
+@pytest.mark.parametrize("norm", ["batch", "group"])
+def test_recompute_false_keeps_activations_same_values(routed_to_primitives, norm):
+    """``recompute=False`` trades memory for passes: the same output and gradients (float64,
+    exact up to rounding), more saved bytes and no recomputing ``affine_relu`` kernel."""
+    torch.manual_seed(0)
+    branch = PreActBranch(4, norm=norm).double()
+    x = torch.randn(3, 4, 5, 5, dtype=torch.float64, requires_grad=True)
+    results = {}
+    for recompute in (True, False):
+        model = twin(branch)
+        saved, y = saved_tensor_bytes(lambda: ie_skip(model, x, 2, backend="triton",
+                                                      recompute=recompute))
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+            g = grads(y.square().sum(), [x, *model.parameters()])
+        ops = {event.name for event in prof.events()}
+        results[recompute] = (saved, y, g, "pyeuler::affine_relu" in ops)
+    (saved_r, y_r, g_r, relu_r), (saved_k, y_k, g_k, relu_k) = results[True], results[False]
+    torch.testing.assert_close(y_k, y_r)
+    assert_tensors_close(g_k, g_r)
+    assert saved_k > saved_r and relu_r and not relu_k
+
+
+def test_recompute_must_be_a_bool():
+    with pytest.raises(TypeError, match="recompute must be a bool"):
+        ie_skip(PreActBranch(4), torch.randn(2, 4, 3, 3), 1, recompute="no")
+
+
 @pytest.mark.parametrize("kwargs, match", [
     (dict(conv=torch.nn.Linear(4, 4, bias=False)), "conv must be an nn.Conv"),
     (dict(conv=torch.nn.Conv1d(4, 4, 3, padding=1, bias=False)), "spatial dims"),

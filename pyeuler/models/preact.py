@@ -30,6 +30,9 @@ _IE_ARGS = """
         bn_update: ``"all"`` or ``"first"``: which branch evaluations update BatchNorm's
             running statistics in training mode.
         tol: relative-residual early stop of ``grad="implicit"``; None: the whole budget.
+        recompute: ``grad="unrolled"`` on the fused backends: True (default) recomputes the
+            activations in the backward (less memory), False keeps them (fewer bytes
+            moved); :class:`pyeuler.nn.IESkip`.
         norm: ``"batch"`` (default: the benchmarked model; BatchNorm inside IE-Skips can
             lose much eval-mode accuracy, see below) or ``"group"``
             (``GroupNorm(norm_groups, C)``, the IE authors' choice and the CLI's default).
@@ -70,8 +73,8 @@ class PreActNet(nn.Module):
         num_classes: the number of logits.
         dim: number of spatial dims, 0–3.
         **block_kwargs: passed to every block (h, h_mode, norm, norm_groups, dropout,
-            downsample, ie_steps, ie_step_size, theta, grad, bn_update, tol, backend);
-            IE-Skips apply to every shape-preserving block.
+            downsample, ie_steps, ie_step_size, theta, grad, bn_update, tol, recompute,
+            backend); IE-Skips apply to every shape-preserving block.
 
     Returns:
         The module; ``net(x)`` returns ``(N, num_classes)`` logits.
@@ -108,10 +111,11 @@ class PreActNet(nn.Module):
 
 
 def _block_kwargs(h, h_mode, norm, norm_groups, dropout, downsample, ie_steps, ie_step_size,
-                  theta, grad, bn_update, tol, backend):
+                  theta, grad, bn_update, tol, recompute, backend):
     return dict(h=h, h_mode=h_mode, norm=norm, norm_groups=norm_groups, dropout=dropout,
                 downsample=downsample, ie_steps=ie_steps, ie_step_size=ie_step_size,
-                theta=theta, grad=grad, bn_update=bn_update, tol=tol, backend=backend)
+                theta=theta, grad=grad, bn_update=bn_update, tol=tol, recompute=recompute,
+                backend=backend)
 
 
 @keyword_only_since("num_classes", "in_channels")
@@ -119,7 +123,8 @@ def preact_resnet(depth: int = 18, base_width: int = 64, *, num_classes: int = 1
                   in_channels: int = 3, h: float = 1.0, h_mode: str = "fixed",
                   ie_steps: int = 0, ie_step_size: float = 0.1, theta: float = 1.0,
                   grad: str = "unrolled", bn_update: str = "all", tol: float | None = None,
-                  norm: str = "batch", norm_groups: int = 1, dropout: float = 0.0,
+                  recompute: bool = True, norm: str = "batch", norm_groups: int = 1,
+                  dropout: float = 0.0,
                   downsample: str = "conv1x1", backend: str | None = None) -> PreActNet:
     """PreAct-ResNet-18/34/50 (He et al. 2016b) for 32×32 inputs, widths
     ``base_width``·(1, 2, 4, 8); 50 uses bottleneck blocks.
@@ -145,7 +150,8 @@ def preact_resnet(depth: int = 18, base_width: int = 64, *, num_classes: int = 1
     return PreActNet(block, widths, counts, (1, 2, 2, 2), in_channels=in_channels,
                      stem_width=base_width, num_classes=num_classes,
                      **_block_kwargs(h, h_mode, norm, norm_groups, dropout, downsample, ie_steps,
-                                     ie_step_size, theta, grad, bn_update, tol, backend))
+                                     ie_step_size, theta, grad, bn_update, tol, recompute,
+                                     backend))
 
 
 @keyword_only_since("num_classes", "in_channels")
@@ -153,8 +159,9 @@ def wide_resnet(depth: int = 34, widen_factor: int = 10, *, num_classes: int = 1
                 in_channels: int = 3, dropout: float = 0.0, h: float = 1.0,
                 h_mode: str = "fixed", ie_steps: int = 0, ie_step_size: float = 0.1,
                 theta: float = 1.0, grad: str = "unrolled", bn_update: str = "all",
-                tol: float | None = None, norm: str = "batch", norm_groups: int = 1,
-                downsample: str = "conv1x1", backend: str | None = None) -> PreActNet:
+                tol: float | None = None, recompute: bool = True, norm: str = "batch",
+                norm_groups: int = 1, downsample: str = "conv1x1",
+                backend: str | None = None) -> PreActNet:
     """WRN-depth-k (Zagoruyko & Komodakis): 3×3 stem to 16 channels, three groups of
     (depth−4)/6 pre-activation blocks of widths 16k, 32k, 64k.  ``wide_resnet(34, 10)`` is
     the TRADES / IE paper's WRN-34-10; ``ie_steps=1`` makes IE-WRN-1-34.
@@ -184,15 +191,17 @@ def wide_resnet(depth: int = 34, widen_factor: int = 10, *, num_classes: int = 1
     return PreActNet(PreActBlock, widths, (n, n, n), (1, 2, 2), in_channels=in_channels,
                      stem_width=16, num_classes=num_classes,
                      **_block_kwargs(h, h_mode, norm, norm_groups, dropout, downsample, ie_steps,
-                                     ie_step_size, theta, grad, bn_update, tol, backend))
+                                     ie_step_size, theta, grad, bn_update, tol, recompute,
+                                     backend))
 
 
 @keyword_only_since("num_classes")
 def mlp_resnet(in_features: int = 2, width: int = 32, depth: int = 4, *, num_classes: int = 2,
                h: float = 1.0, h_mode: str = "fixed", ie_steps: int = 0,
                ie_step_size: float = 0.1, theta: float = 1.0, grad: str = "unrolled",
-               bn_update: str = "all", tol: float | None = None, norm: str = "batch",
-               norm_groups: int = 1, backend: str | None = None) -> PreActNet:
+               bn_update: str = "all", tol: float | None = None, recompute: bool = True,
+               norm: str = "batch", norm_groups: int = 1,
+               backend: str | None = None) -> PreActNet:
     """A residual MLP on points (two-moons): Linear stem, ``depth`` pre-activation Linear
     blocks of ``width``, norm → ReLU → linear classifier.
 
@@ -213,7 +222,8 @@ def mlp_resnet(in_features: int = 2, width: int = 32, depth: int = 4, *, num_cla
     return PreActNet(PreActBlock, (width,), (depth,), (1,), in_channels=in_features,
                      stem_width=width, num_classes=num_classes, dim=0,
                      **_block_kwargs(h, h_mode, norm, norm_groups, 0.0, "conv1x1", ie_steps,
-                                     ie_step_size, theta, grad, bn_update, tol, backend))
+                                     ie_step_size, theta, grad, bn_update, tol, recompute,
+                                     backend))
 
 
 for _builder in (preact_resnet, wide_resnet, mlp_resnet):

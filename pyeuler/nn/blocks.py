@@ -8,7 +8,7 @@ from pyeuler.nn.branch import PreActBranch
 from pyeuler.nn.deprecation import keyword_only_since
 from pyeuler.nn.layers import make_conv, make_norm, make_step
 from pyeuler.nn.ie_skip import warn_batch_norm_in_eval
-from pyeuler.ops.ie_skip import ie_skip, validate_ie_args
+from pyeuler.ops.ie_skip import check_recompute, ie_skip, validate_ie_args
 from pyeuler.ops.norm_act import norm_act_module
 from pyeuler.ops.preact_branch import check_input_rank, scale_by_step
 from pyeuler.ops.residual import scaled_residual_add
@@ -117,6 +117,9 @@ class PreActBlock(nn.Module):
         bn_update: ``"all"`` or ``"first"`` (:class:`IESkip`).
         tol: relative-residual early stop of ``grad="implicit"`` (:class:`IESkip`); None:
             the whole budget.
+        recompute: ``grad="unrolled"`` IE-Skips on the fused backends: True keeps only the
+            convolutions' inputs for the backward and recomputes the activations there (less
+            memory), False keeps them (fewer bytes moved; :class:`IESkip`).
         dim: number of spatial dims, 0–3.
         backend: the pyeuler backend (None: the process default).
 
@@ -139,10 +142,11 @@ class PreActBlock(nn.Module):
                  h_mode: str = "fixed", norm: str = "batch", norm_groups: int = 1,
                  dropout: float = 0.0, downsample: str = "conv1x1", ie_steps: int = 0,
                  ie_step_size: float = 0.1, theta: float = 1.0, grad: str = "unrolled",
-                 bn_update: str = "all", tol: float | None = None, dim: int = 2,
-                 backend: str | None = None):
+                 bn_update: str = "all", tol: float | None = None, recompute: bool = True,
+                 dim: int = 2, backend: str | None = None):
         super().__init__()
         validate_ie_args(ie_steps, ie_step_size, theta, grad, bn_update, tol)
+        check_recompute(recompute)
         if downsample not in DOWNSAMPLES:
             raise ValueError(f"downsample must be one of {DOWNSAMPLES}, got {downsample!r}")
         self.branch = self._make_branch(in_planes, planes, stride, norm=norm,
@@ -153,7 +157,7 @@ class PreActBlock(nn.Module):
         # Only shape-preserving blocks get an IE-Skip (docs/semantics.md §2).
         self.steps = ie_steps if self.shortcut is None else 0
         self.step_size, self.theta = float(ie_step_size), float(theta)
-        self.grad, self.bn_update, self.tol = grad, bn_update, tol
+        self.grad, self.bn_update, self.tol, self.recompute = grad, bn_update, tol, recompute
 
     @staticmethod
     def _make_branch(in_planes, planes, stride, *, dropout, **kwargs) -> nn.Module:
@@ -167,7 +171,8 @@ class PreActBlock(nn.Module):
                 if not self.training:
                     warn_batch_norm_in_eval(branch)
                 return ie_skip(branch, x, self.steps, self.step_size, self.theta, self.grad,
-                               self.bn_update, branch.backend, tol=self.tol)
+                               self.bn_update, branch.backend, tol=self.tol,
+                               recompute=self.recompute)
             return scaled_residual_add(x, branch.tail(branch.head(x)), branch.h)
         if isinstance(self.shortcut, nn.Sequential):  # norm → ReLU → conv3x3 on x
             return scaled_residual_add(self.shortcut(x), branch.tail(branch.head(x)), branch.h)
@@ -178,8 +183,9 @@ class PreActBlock(nn.Module):
         if not self.steps:
             return ""
         tol = f", tol={self.tol}" if self.tol is not None else ""
+        recompute = "" if self.recompute else ", recompute=False"
         return (f"ie_steps={self.steps}, ie_step_size={self.step_size}, theta={self.theta}, "
-                f"grad={self.grad!r}, bn_update={self.bn_update!r}{tol}")
+                f"grad={self.grad!r}, bn_update={self.bn_update!r}{tol}{recompute}")
 
 
 class PreActBottleneckBranch(nn.Module):

@@ -7,7 +7,7 @@ import warnings
 from torch import Tensor, nn
 
 from pyeuler.nn.deprecation import keyword_only_since
-from pyeuler.ops.ie_skip import ie_skip, validate_ie_args
+from pyeuler.ops.ie_skip import check_recompute, ie_skip, validate_ie_args
 
 __all__ = ["IESkip"]
 
@@ -59,6 +59,9 @@ class IESkip(nn.Module):
         tol: with ``grad="implicit"`` only, stop early when the relative residual
             ``‖x − c − θ·f(x)‖ / ‖c + θ·f(x)‖`` falls to ``tol`` (> 0; read on the host each
             iteration); None runs the whole budget.
+        recompute: ``grad="unrolled"`` on the fused backends: True keeps only the
+            convolutions' inputs for the backward and recomputes the activations there (an
+            elementwise pass each; less memory), False keeps them (fewer bytes moved).
         backend: the pyeuler backend (``"reference"``, ``"eager"``, ``"triton"``,
             ``"cuda"``, ``"auto"``); None: the branch's ``backend`` attribute, else the
             process default (:func:`pyeuler.set_backend`).
@@ -84,9 +87,11 @@ class IESkip(nn.Module):
     @keyword_only_since("steps", "step_size", "theta", "grad", "bn_update", "backend")
     def __init__(self, branch: nn.Module, *, steps: int = 1, step_size: float = 0.1,
                  theta: float = 1.0, grad: str = "unrolled", bn_update: str = "all",
-                 tol: float | None = None, backend: str | None = None):
+                 tol: float | None = None, recompute: bool = True, backend: str | None = None):
         super().__init__()
         validate_ie_args(steps, step_size, theta, grad, bn_update, tol)
+        check_recompute(recompute)
+        self.recompute = recompute
         self.branch = branch
         self.steps, self.step_size, self.theta = steps, float(step_size), float(theta)
         self.grad, self.bn_update, self.backend, self.tol = grad, bn_update, backend, tol
@@ -96,9 +101,10 @@ class IESkip(nn.Module):
             warn_batch_norm_in_eval(self.branch)
         backend = self.backend or getattr(self.branch, "backend", None)
         return ie_skip(self.branch, x, self.steps, self.step_size, self.theta, self.grad,
-                       self.bn_update, backend, tol=self.tol)
+                       self.bn_update, backend, tol=self.tol, recompute=self.recompute)
 
     def extra_repr(self) -> str:
         tol = f", tol={self.tol}" if self.tol is not None else ""
+        recompute = "" if self.recompute else ", recompute=False"
         return (f"steps={self.steps}, step_size={self.step_size}, theta={self.theta}, "
-                f"grad={self.grad!r}, bn_update={self.bn_update!r}{tol}")
+                f"grad={self.grad!r}, bn_update={self.bn_update!r}{tol}{recompute}")

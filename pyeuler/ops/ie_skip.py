@@ -40,7 +40,8 @@ from pyeuler.ops.norm_act_fusions import cached_weight_casts
 from pyeuler.ops.preact_branch import (branch_forward, branch_vjp, branch_vjp_ie_update,
                                        has_explicit_vjp)
 
-__all__ = ["GRAD_MODES", "BN_UPDATES", "ie_skip", "ie_residual", "ie_update", "validate_ie_args"]
+__all__ = ["GRAD_MODES", "BN_UPDATES", "ie_skip", "ie_residual", "ie_update", "validate_ie_args",
+           "check_recompute"]
 
 GRAD_MODES = ("unrolled", "detached", "implicit")
 BN_UPDATES = ("all", "first")
@@ -224,30 +225,34 @@ def _ie_functorch_steps(f, x, c, steps, step_size, theta, grad):
     return x
 
 
-def _refine(branch, x0, fx0, x, steps, step_size, theta, update_running, backend):
+def _refine(branch, x0, fx0, x, steps, step_size, theta, update_running, recompute, backend):
     c = x0 if theta == 1.0 else x0 + (1.0 - theta) * fx0
-    differentiable = torch.is_grad_enabled()
+    recompute = recompute and torch.is_grad_enabled()
     for _ in range(steps):
         fx, cache = branch_forward(branch, x, backend, update_running=update_running,
-                                   recompute=differentiable)
+                                   recompute=recompute)
         e = ie_residual(x, c, fx, theta, backend)
         x = branch_vjp_ie_update(branch, cache, e, step_size, theta, backend)
     return x
 
 
-def _ie_explicit(branch, x0, steps, step_size, theta, grad, bn_update, backend):
-    # "unrolled" keeps K + 1 branch evaluations and K VJPs alive: recompute activations.
+def _ie_explicit(branch, x0, steps, step_size, theta, grad, bn_update, recompute, backend):
+    # "unrolled" keeps K + 1 branch evaluations and K VJPs alive: recompute activations,
+    # unless the caller has the memory and would rather save the passes (recompute=False).
     unrolled = grad == "unrolled" and steps > 0 and torch.is_grad_enabled()
-    fx0, _ = branch_forward(branch, x0, backend, recompute=unrolled)
+    recompute = recompute and unrolled
+    fx0, _ = branch_forward(branch, x0, backend, recompute=recompute)
     _check_shape_preserving(fx0, x0)
     x = x0 + fx0
     if steps == 0:
         return x
     update_running = bn_update == "all"
     if grad == "unrolled" and torch.is_grad_enabled():
-        return _refine(branch, x0, fx0, x, steps, step_size, theta, update_running, backend)
+        return _refine(branch, x0, fx0, x, steps, step_size, theta, update_running, recompute,
+                       backend)
     with torch.no_grad():
-        refined = _refine(branch, x0, fx0, x, steps, step_size, theta, update_running, backend)
+        refined = _refine(branch, x0, fx0, x, steps, step_size, theta, update_running, False,
+                          backend)
     if not torch.is_grad_enabled():
         return refined
     # "detached": the value of x⁽ᴷ⁾, the gradient of x0 + f(x0).
@@ -347,6 +352,11 @@ def _check_shape_preserving(fx0: Tensor, x0: Tensor) -> None:
                          f"{tuple(fx0.shape)} for x of shape {tuple(x0.shape)}")
 
 
+def check_recompute(recompute) -> None:
+    if not isinstance(recompute, bool):
+        raise TypeError(f"recompute must be a bool, got {type(recompute).__name__}")
+
+
 def validate_ie_args(steps, step_size, theta, grad, bn_update, tol=None) -> None:
     """Clear errors for bad IE-Skip settings (also used by modules at construction)."""
     if not isinstance(steps, numbers.Integral) or isinstance(steps, bool) or steps < 0:
@@ -368,7 +378,7 @@ def validate_ie_args(steps, step_size, theta, grad, bn_update, tol=None) -> None
 
 def ie_skip(branch, x: Tensor, steps: int = 1, step_size: float = 0.1, theta: float = 1.0,
             grad: str = "unrolled", bn_update: str = "all", backend: str | None = None, *,
-            tol: float | None = None) -> Tensor:
+            tol: float | None = None, recompute: bool = True) -> Tensor:
     """IE-Skip around a shape-preserving ``branch``: x0 + f(x0) refined by ``steps`` gradient
     steps toward the implicit (θ-method) Euler solution.  See docs/semantics.md §2 for the modes.
 
@@ -376,6 +386,12 @@ def ie_skip(branch, x: Tensor, steps: int = 1, step_size: float = 0.1, theta: fl
     and backward each) and ``tol`` an optional early stop on the relative residual
     ‖x − c − θ·f(x)‖ / ‖c + θ·f(x)‖ (it reads the residual on the host every iteration);
     ``step_size`` is unused.
+
+    ``recompute`` (``grad="unrolled"`` on the fused path, convolutional branches): keep only
+    the convolutions' inputs for the backward and recompute ``ReLU(norm(·))`` and the VJP's
+    norm input gradient there, an elementwise pass each (True, the default: less memory);
+    False keeps those activations instead (fewer bytes moved: ``pyeuler cost
+    --keep-activations`` and ``pyeuler bench`` measure both sides, docs/benchmarks.md).
 
     x is ``(N, C, *spatial)``, any floating dtype; the output has x's shape.  Raises
     ``ValueError`` for bad settings or a branch that does not preserve x's shape, and
@@ -387,6 +403,7 @@ def ie_skip(branch, x: Tensor, steps: int = 1, step_size: float = 0.1, theta: fl
     if not isinstance(x, Tensor) or not x.is_floating_point():
         raise TypeError("x must be a floating-point Tensor")
     validate_ie_args(steps, step_size, theta, grad, bn_update, tol)
+    check_recompute(recompute)
     # parameters carry tangents only under forward-mode AD: don't walk the module otherwise
     parameters = (tuple(branch.parameters()) if isinstance(branch, nn.Module) and dual_level_open()
                   else ())
@@ -408,5 +425,6 @@ def ie_skip(branch, x: Tensor, steps: int = 1, step_size: float = 0.1, theta: fl
         return _ie_implicit(evaluate, x, steps, theta, tol, bn_update)
     if explicit:
         with cached_weight_casts():
-            return _ie_explicit(branch, x, steps, step_size, theta, grad, bn_update, name)
+            return _ie_explicit(branch, x, steps, step_size, theta, grad, bn_update,
+                                recompute, name)
     return _ie_autograd(f, module, x, steps, step_size, theta, grad, bn_update)
