@@ -2,8 +2,10 @@
 suites.
 
 - :func:`time_train_step`: one full training step of an (IE-)WideResNet (forward,
-  cross-entropy, backward, SGD-momentum step); median over timed steps after warm-up,
-  CUDA events on a GPU; peak memory; optionally the share of GPU time in convolutions.
+  cross-entropy, backward, SGD-momentum step); min, median and interquartile range over
+  timed steps after warm-up, CUDA events on a GPU; peak memory; optionally the share of
+  GPU time in convolutions.  Eagerly, compiled as a whole or replayed from a CUDA graph
+  (:class:`pyeuler.robust.capture.CapturedStep`).
   The ``"reference"`` rows, the baseline every speed-up is quoted against, run plain
   PyTorch as users write it, native BatchNorm included (:func:`native_norms`), not the
   oracle's decomposed norms.
@@ -32,6 +34,7 @@ import torch.nn.functional as F
 import pyeuler
 from pyeuler.models import wide_resnet
 from pyeuler.ops.reference_norm import native_norms
+from pyeuler.robust.capture import CapturedStep
 
 __all__ = ["StepCase", "StepResult", "time_train_step", "saved_tensor_bytes", "op_bytes",
            "environment", "write_results"]
@@ -45,12 +48,18 @@ class StepCase:
     grad: str  # "unrolled" | "detached" | "implicit"
     precision: str  # "bf16" (autocast, channels_last) | "fp32" (TF32 allowed)
     backend: str  # "reference" (plain PyTorch, native norms) | "eager" | "triton" | "cuda"
+    # the whole step (forward, loss, backward, optimizer) through torch.compile(mode=
+    # "reduce-overhead"), or replayed from one CUDA graph (pyeuler.robust.capture)
     compiled: bool = False
+    graph: bool = False
 
     @property
     def label(self) -> str:
-        name = f"{self.backend}+compile" if self.compiled else self.backend
-        return f"K={self.steps} {self.grad} {self.precision} {name}"
+        """``K=<k> <grad> <precision> <backend>[+compile|+graph]``; K = 0 has no IE-Skip,
+        hence no gradient mode: ``—`` stands in its place."""
+        name = self.backend + ("+compile" if self.compiled else "+graph" if self.graph else "")
+        grad = self.grad if self.steps else "—"
+        return f"K={self.steps} {grad} {self.precision} {name}"
 
 
 @dataclass
@@ -62,13 +71,8 @@ class StepResult:
     conv_share: float | None = None
     saved_mib: float | None = None
     extra: dict = field(default_factory=dict)
-
-
-def _configure_compile() -> None:
-    # Without these, torch.compile refuses autograd.grad(create_graph=True) inside forward
-    # (docs/benchmarks.md).
-    torch._functorch.config.donated_buffer = False
-    torch._dynamo.config.trace_autograd_ops = True
+    min_ms: float | None = None
+    iqr_ms: float | None = None  # q75 − q25 of the timed steps (inclusive quartiles)
 
 
 def _timer(device: torch.device):
@@ -103,8 +107,8 @@ def saved_tensor_bytes(forward):
     storages = {}
     for ref in saved:
         t = ref()
-        if t is not None:
-            storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        if t is not None:  # keyed by the storage itself: fake tensors (pyeuler.cost) have no data
+            storages[t.untyped_storage()._cdata] = t.untyped_storage().nbytes()
     return sum(storages.values()), out
 
 
@@ -112,7 +116,10 @@ def time_train_step(case: StepCase, *, depth: int = 34, widen_factor: int = 10,
                     batch_size: int = 128, image_size: int = 32, warmup: int = 3, iters: int = 10,
                     device: str | torch.device | None = None, profile: bool = False,
                     seed: int = 0) -> StepResult:
-    """Median time of one training step of ``wide_resnet(depth, widen_factor)``."""
+    """Time one training step of ``wide_resnet(depth, widen_factor)``: min, median and
+    interquartile range (ms) of ``iters`` timed steps; every time is in ``extra["times_ms"]``.
+    On a busy machine single steps vary widely (26–190 ms in one CPU row), so the spread
+    is reported with the median rather than hidden by it."""
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     torch.manual_seed(seed)
     model = wide_resnet(depth, widen_factor, ie_steps=case.steps, grad=case.grad,
@@ -124,23 +131,31 @@ def time_train_step(case: StepCase, *, depth: int = 34, widen_factor: int = 10,
         model, x = model.to(memory_format=torch.channels_last), x.to(memory_format=torch.channels_last)
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = not bf16
-    forward = model
-    if case.compiled:
-        _configure_compile()
-        forward = torch.compile(model)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
     autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if bf16
                 else contextlib.nullcontext())
     # The baseline times what users write: torch's native norms, not the oracle's exact ones.
     norms = native_norms if case.backend == "reference" else contextlib.nullcontext
 
-    def step():
-        optimizer.zero_grad(set_to_none=True)
-        with norms():
-            with autocast:
-                loss = F.cross_entropy(forward(x), y)
-            loss.backward()
-        optimizer.step()
+    def forward_backward(inputs, labels):
+        with autocast:
+            loss = F.cross_entropy(model(inputs), labels)
+        loss.backward()
+        return loss.detach()
+
+    if case.compiled or case.graph:
+        captured = CapturedStep(forward_backward, model, optimizer,
+                                mode="compile" if case.compiled else "cuda-graph")
+
+        def step():
+            with norms():
+                captured(x, y)
+    else:
+        def step():
+            optimizer.zero_grad(set_to_none=True)
+            with norms():
+                forward_backward(x, y)
+            optimizer.step()
 
     measure = _timer(device)
     compile_ms = measure(step)  # first step: compilation, autotuning, allocator warm-up
@@ -151,15 +166,19 @@ def time_train_step(case: StepCase, *, depth: int = 34, widen_factor: int = 10,
         torch.cuda.reset_peak_memory_stats()
     times = [measure(step) for _ in range(iters)]
     median = statistics.median(times)
+    if len(times) > 1:
+        q25, _, q75 = statistics.quantiles(times, n=4, method="inclusive")
+    else:
+        q25 = q75 = times[0]
     peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None
     conv_share = _conv_share(step, device) if profile else None
     saved_mib = None
     if not case.compiled:  # compiled graphs keep their own buffers, invisible to the hooks
         with norms(), autocast:
-            saved, _ = saved_tensor_bytes(lambda: F.cross_entropy(forward(x), y))
+            saved, _ = saved_tensor_bytes(lambda: F.cross_entropy(model(x), y))
         saved_mib = saved / 2**20
     return StepResult(case, median, batch_size / median * 1e3, peak, conv_share, saved_mib,
-                      {"first_step_ms": compile_ms, "times_ms": times})
+                      {"first_step_ms": compile_ms, "times_ms": times}, min(times), q75 - q25)
 
 
 def _conv_share(step, device: torch.device) -> float:
@@ -212,19 +231,34 @@ def _markdown(results: list[StepResult], env: dict, config: dict) -> str:
     lines = [f"# pyeuler bench — {env['device']}", "",
              f"torch {env['torch']}, CUDA {env['cuda']}, triton {env['triton']}, {env['date']}",
              f"config: {json.dumps(config)}", "",
-             "| case | median ms | images/s | peak GiB | saved MiB | conv share | vs reference |",
-             "|---|---|---|---|---|---|---|"]
-    ref = {(r.case.steps, r.case.grad, r.case.precision): r.median_ms for r in results
+             "| case | min ms | median ms | IQR ms | images/s | peak GiB | saved MiB | "
+             "conv share | vs reference |",
+             "|---|---|---|---|---|---|---|---|---|"]
+
+    def configuration(case: StepCase) -> tuple:
+        return case.steps, case.grad if case.steps else None, case.precision
+
+    ref = {configuration(r.case): r.median_ms for r in results
            if r.case.backend == "reference" and not r.case.compiled}
     for r in results:
-        base = ref.get((r.case.steps, r.case.grad, r.case.precision))
+        base = ref.get(configuration(r.case))
         speedup = f"{base / r.median_ms:.2f}×" if base else "—"
         peak = f"{r.peak_mem_gib:.2f}" if r.peak_mem_gib is not None else "—"
         share = f"{100 * r.conv_share:.0f} %" if r.conv_share is not None else "—"
         saved = f"{r.saved_mib:.0f}" if r.saved_mib is not None else "—"
-        lines.append(f"| {r.case.label} | {r.median_ms:.1f} | {r.images_per_s:.0f} | {peak} | "
+        spread = (f"{r.min_ms:.1f} | {r.median_ms:.1f} | {r.iqr_ms:.1f}" if r.min_ms is not None
+                  else f"— | {r.median_ms:.1f} | —")
+        lines.append(f"| {r.case.label} | {spread} | {r.images_per_s:.0f} | {peak} | "
                      f"{saved} | {share} | {speedup} |")
     return "\n".join(lines) + "\n"
+
+
+def _json_row(result: StepResult) -> dict:
+    """``asdict(result)`` with its label; a K = 0 row's ``case.grad`` is null (no IE-Skip)."""
+    row = dict(asdict(result), label=result.case.label)
+    if not result.case.steps:
+        row["case"]["grad"] = None
+    return row
 
 
 def write_results(results: list[StepResult], config: dict, out_dir: str | Path) -> tuple[Path, Path]:
@@ -240,7 +274,7 @@ def write_results(results: list[StepResult], config: dict, out_dir: str | Path) 
         part += 1
         stem = out_dir / f"{base}-{part}"
     payload = {"environment": env, "config": config,
-               "results": [dict(asdict(r), label=r.case.label) for r in results]}
+               "results": [_json_row(r) for r in results]}
     json_path, md_path = stem.with_suffix(".json"), stem.with_suffix(".md")
     json_path.write_text(json.dumps(payload, indent=2) + "\n")
     md_path.write_text(_markdown(results, env, config))

@@ -74,7 +74,7 @@ def test_resume_with_another_optimizer_is_one_line_exit_2(tmp_path):
     assert done.returncode == 2, done.stdout + done.stderr
     err = done.stderr.strip().splitlines()
     assert len(err) == 1 and "Traceback" not in done.stderr
-    assert "trained with --optimizer sgd, this run asks for adam" in err[0]
+    assert "was trained with --optimizer sgd; this run asks for --optimizer adam" in err[0]
 
 
 def test_ctrl_c_says_where_the_checkpoint_is_and_exits_130(tmp_path):
@@ -84,16 +84,16 @@ def test_ctrl_c_says_where_the_checkpoint_is_and_exits_130(tmp_path):
     import sys
     import time
 
-    ckpt = tmp_path / "moons-mlp-K0-none-seed0.pt"
     proc = subprocess.Popen(
         [sys.executable, "-m", "pyeuler", "train", "--data", "moons", "--ie-steps", "0",
          "--epochs", "100000", "--threads", "1", "--out", str(tmp_path), "--no-progress"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.monotonic() + 120
-        while not ckpt.exists() and time.monotonic() < deadline and proc.poll() is None:
+        while (not list(tmp_path.glob("moons-mlp-K0-*.pt")) and time.monotonic() < deadline
+               and proc.poll() is None):
             time.sleep(0.2)
-        assert ckpt.exists(), "no checkpoint within 120 s"
+        (ckpt,) = tmp_path.glob("moons-mlp-K0-*.pt")
         time.sleep(0.5)  # let the first save complete
         proc.send_signal(signal.SIGINT)
         _, err = proc.communicate(timeout=60)
@@ -103,3 +103,75 @@ def test_ctrl_c_says_where_the_checkpoint_is_and_exits_130(tmp_path):
     lines = err.strip().splitlines()
     assert "Traceback" not in err and len(lines) == 1
     assert f"the last checkpoint is {ckpt} (epoch" in lines[0] and "--resume" in lines[0]
+
+
+_NO_CUDA = pytest.mark.skipif(torch.cuda.is_available(),
+                              reason="the cuda backend is available on a GPU")
+
+
+@pytest.fixture(scope="module")
+def moons_checkpoint(tmp_path_factory):
+    """A moons MLP checkpoint as pyeuler train writes one (saved untrained: no work)."""
+    from pyeuler.checkpoint import save_checkpoint
+    from pyeuler.robust import build_model
+
+    kwargs = dict(h=1.0, ie_steps=0, norm="group")
+    path = tmp_path_factory.mktemp("ckpt") / "moons.pt"
+    save_checkpoint(path, build_model("mlp", (2,), 2, **kwargs), name="mlp", model_kwargs=kwargs,
+                    config={"data": "moons", "seed": 0, "eps": 0.05})
+    return path
+
+
+@pytest.mark.parametrize("argv, message", [
+    pytest.param(["train", "--data", "moons", "--backend", "cuda"],
+                 "--backend: backend='cuda' is not available", marks=_NO_CUDA),
+    (["train", "--data", "moons", "--json", "{file}/r.json"],
+     "--json: cannot write .*a-file is not a folder"),
+    (["train", "--data", "moons", "--out", "{file}/runs"],
+     "--out: cannot write .*a-file is not a folder"),
+    (["train", "--data", "moons", "--out", "{file}"], "--out: .*a-file exists and is not a folder"),
+    (["train", "--data", "moons", "--model", "wrn-16-1"], "is convolutional and needs image"),
+    pytest.param(["eval", "--checkpoint", "{ckpt}", "--backend", "cuda"],
+                 "--backend: backend='cuda' is not available", marks=_NO_CUDA),
+    (["eval", "--checkpoint", "{ckpt}", "--json", "{file}/e.json"],
+     "--json: cannot write .*a-file is not a folder"),
+    (["eval", "--checkpoint", "{ckpt}", "--json", "{file}"],
+     "--json: .*a-file exists and is not a pyeuler eval result"),
+    pytest.param(["stability", "--data", "moons", "--model", "mlp", "--backend", "cuda"],
+                 "--backend: backend='cuda' is not available", marks=_NO_CUDA),
+    (["stability", "--data", "moons", "--model", "mlp", "--out", "{file}/s"],
+     "--out: cannot write .*a-file is not a folder"),
+    pytest.param(["bench", "--backends", "eager", "cuda"],
+                 "--backends: backend='cuda' is not available", marks=_NO_CUDA),
+    (["bench", "--out", "{file}/results"], "--out: cannot write .*a-file is not a folder"),
+    (["bench", "--depth", "11"], "--depth: a WideResNet's depth is 6n\\+4"),
+    (["cost", "--json", "{file}/c.json"], "--json: cannot write .*a-file is not a folder"),
+])
+def test_mistakes_are_one_line_exit_2_before_any_work(argv, message, tmp_path,
+                                                      moons_checkpoint):
+    """Through the command line as a user runs it: exit status 2, one line on stderr naming
+    the flag, and nothing on stdout (every command prints its header line only once the
+    checks have passed, before loading data)."""
+    regular_file = tmp_path / "a-file"
+    regular_file.write_text("not a folder, not an eval result")
+    argv = [a.format(file=regular_file, ckpt=moons_checkpoint) for a in argv]
+    done = _pyeuler(*argv)
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert done.stdout == ""
+    err = done.stderr.strip().splitlines()
+    assert len(err) == 1 and "Traceback" not in done.stderr, done.stderr
+    assert re.search(message, err[0]), err[0]
+    assert regular_file.read_text() == "not a folder, not an eval result"
+
+
+def test_a_bad_local_world_size_is_one_line_exit_2():
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, LOCAL_WORLD_SIZE="zero")
+    env.pop("OMP_NUM_THREADS", None)
+    done = subprocess.run([sys.executable, "-m", "pyeuler", "train", "--data", "moons"],
+                          capture_output=True, text=True, timeout=300, env=env)
+    assert done.returncode == 2 and done.stdout == ""
+    assert done.stderr.strip() == "pyeuler: error: LOCAL_WORLD_SIZE: expected an int >= 1, got 'zero'"

@@ -9,6 +9,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+import torch
+
 from pyeuler.cli import bench, cost, eval as eval_cmd, info, stability, train
 
 _SUBCOMMANDS = (info, bench, cost, train, eval_cmd, stability)
@@ -27,7 +29,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    return int(args.func(args) or 0)
+    threads = torch.get_num_threads()
+    try:
+        return int(args.func(args) or 0)
+    finally:  # a command's --threads ends with it when main() is called in-process
+        torch.set_num_threads(threads)
 
 
 if __name__ == "__main__":

@@ -8,7 +8,7 @@ Gaussian noise and the feature norms through depth (Zhang et al., IJCAI 2019, §
 Prints a per-block table (medians over samples, [share of samples meeting the condition]),
 writes JSON and draws the per-depth curves (PNG).
 
-  pyeuler stability --checkpoint runs/digits-wrn-10-1-K1-none-seed0.pt
+  pyeuler stability --checkpoint runs/digits-wrn-10-1-K1-unrolled-none-seed0-<hash>.pt
   pyeuler stability --data moons --model mlp --ie-steps 0 1 3 --epochs 30
   pyeuler stability --data digits --model wrn-10-1 --h 0.1          # at initialisation
 
@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 from pyeuler.cli.train import (_nonneg_int, _pos_float, _pos_int, add_common_runtime_args,
-                               check_backend, check_output_path, resolve_device)
+                               apply_threads, check_backend, check_output_path, resolve_device)
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
@@ -222,8 +222,7 @@ def run(args: argparse.Namespace) -> int:
                       "model)")
     if not 0 <= args.theta <= 1:
         return _error(f"--theta: expected a number in [0, 1], got {args.theta}")
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    threads = apply_threads(args)
     device = resolve_device(args.device)
     check_backend(args.backend, device)
     check_output_path(args.json, "--json")
@@ -241,15 +240,13 @@ def run(args: argparse.Namespace) -> int:
         return _error(str(e))
     except (ValueError, TypeError) as e:
         return _error(str(e))
-    except SystemExit as e:  # resolve_config's messages
-        return _error(str(e).removeprefix("pyeuler: error: "))
     x = data.x_test[:args.samples]
     x = (x.float() / 255 if x.dtype == torch.uint8 else x).to(device)  # CIFAR is kept as uint8
     seed = cfg["seed"]
     print(f"{cfg['data']}: {len(x)} test inputs | {args.iters} iterations, tol {args.tol:g}, "
           f"method {args.method} | noise ‖δ‖ ≈ {args.noise_scale:g}·‖x‖ at the "
-          f"{'first block input' if args.perturb == 'state' else 'model input'} | {device}",
-          flush=True)
+          f"{'first block input' if args.perturb == 'state' else 'model input'} | {device}, "
+          f"{threads} threads", flush=True)
     payload, curves = [], []
     for name, model, desc, meta in models:
         model.to(device).eval()

@@ -12,6 +12,7 @@ import argparse
 import fractions
 import json
 import math
+import os
 import sys
 import time
 from pathlib import Path
@@ -84,13 +85,20 @@ def _pos_float(s: str) -> float:
     return v
 
 
+def add_threads_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--threads", type=_pos_int, default=None,
+                   help="torch CPU threads, shown in the run's header line [OMP_NUM_THREADS "
+                        "when set, else the cores this process may use (its CPU affinity) "
+                        "divided by LOCAL_WORLD_SIZE, the ranks on this machine; at least 1]")
+
+
 def add_common_runtime_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto",
                    help="cpu, cuda, cuda:N or auto (cuda if available) [auto]")
     p.add_argument("--backend", default=None, choices=BACKENDS,
                    help="pyeuler kernel backend for the model (reference, eager, triton, cuda, "
                         "auto) [PYEULER_BACKEND or the library default]")
-    p.add_argument("--threads", type=_pos_int, default=None, help="torch CPU threads")
+    add_threads_arg(p)
     p.add_argument("--no-progress", action="store_true",
                    help="no progress bars (they are off anyway when stderr is not a terminal)")
 
@@ -146,15 +154,34 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     g.add_argument("--attack-steps", type=_pos_int, default=None,
                    help="PGD/TRADES steps during training [10]")
     g.add_argument("--beta", type=_nonneg_float, default=None, help="TRADES β [6]")
+    capture = g.add_mutually_exclusive_group()
+    capture.add_argument("--cuda-graph", dest="capture", action="store_const", const="cuda-graph",
+                         help="capture each training step (attack, forward, loss, backward, "
+                              "optimizer) once in a CUDA graph and replay it: no host work per "
+                              "step. Needs CUDA; the last partial batch of each epoch is "
+                              "dropped (pyeuler.robust.capture)")
+    capture.add_argument("--compile", dest="capture", action="store_const", const="compile",
+                         help="the same through torch.compile(mode='reduce-overhead'): "
+                              "forward, loss and backward as one graph, the optimizer step "
+                              "apart. Needs CUDA; drops the last partial batch too")
     g = p.add_argument_group("evaluation and output")
     g.add_argument("--attacks", nargs="+", default=["fgsm"],
                    help="attacks for the table: fgsm, pgd-N, cw [fgsm]")
     g.add_argument("--eval-samples", type=_pos_int, default=None,
                    help="attack only the first N test samples (clean accuracy uses all)")
     g.add_argument("--out", default=None, metavar="DIR",
-                   help="save a checkpoint per model to DIR after every epoch")
+                   help="save a checkpoint per model to DIR after every epoch, named "
+                        "<data>-<model>-K<k>[-<grad>][-h<h>]-<adv>-seed<seed>-<hash>.pt: the "
+                        "hash is of every option that changes the trained weights (all but "
+                        "--epochs and the evaluation, data-dir and backend options), so runs of "
+                        "other configurations never share a file")
     g.add_argument("--resume", action="store_true",
-                   help="continue from the checkpoints in --out when they exist")
+                   help="continue from this configuration's checkpoints in --out when they "
+                        "exist; refused when --out holds only other configurations of the "
+                        "same model, data and seed (naming the options that differ)")
+    g.add_argument("--overwrite", action="store_true",
+                   help="replace a file at a checkpoint's path that is not a checkpoint of "
+                        "this configuration (refused without it)")
     g.add_argument("--json", default=None, metavar="PATH", help="write the results as JSON")
     add_common_runtime_args(p)
     p.set_defaults(func=run)
@@ -179,33 +206,82 @@ def resolve_device(name: str) -> torch.device:
     return dev
 
 
-def check_backend(name: str | None, device: torch.device) -> None:
-    """``--backend`` usable for tensors on ``device``, checked before any work."""
+def check_backend(name: str | None, device: torch.device, flag: str = "--backend") -> None:
+    """``--backend`` (or what ``flag`` names) usable for tensors on ``device``, checked
+    before any work."""
     from pyeuler.backend import resolve_backend
 
     try:
         resolve_backend(name, device)
     except (RuntimeError, ValueError) as e:
-        usage_error(f"--backend: {e}")
+        usage_error(f"{flag}: {e}")
 
 
 def check_output_path(path: str | None, flag: str, directory: bool = False) -> None:
     """``flag``'s path can be written (a folder with ``directory``), checked before any work,
-    so a long run never ends in a write error."""
+    so a long run never ends in a write error: the path is not the other kind (folder /
+    file), and its nearest existing ancestor is a folder this process may write in."""
     if path is None:
         return
     target = Path(path)
-    if directory:
-        if target.exists() and not target.is_dir():
-            usage_error(f"{flag}: {path} exists and is not a folder")
-        return
-    if target.is_dir():
+    if directory and target.exists() and not target.is_dir():
+        usage_error(f"{flag}: {path} exists and is not a folder")
+    if not directory and target.is_dir():
         usage_error(f"{flag}: {path} is a folder; give a file path")
-    for parent in target.parents:
+    if target.exists():
+        if not os.access(target, os.W_OK):
+            usage_error(f"{flag}: cannot write {path}: no permission")
+        return
+    for parent in target.absolute().parents:
         if parent.exists():
             if not parent.is_dir():
                 usage_error(f"{flag}: cannot write {path}: {parent} is not a folder")
+            if not os.access(parent, os.W_OK | os.X_OK):
+                usage_error(f"{flag}: cannot write {path}: no permission to write in {parent}")
             break
+
+
+def default_threads() -> int:
+    """torch's CPU threads when ``--threads`` is not given: the cores this process may run on
+    (its affinity mask, which containers and ``taskset`` narrow; not the host's count)
+    divided by ``LOCAL_WORLD_SIZE``, the ranks torchrun starts on this machine; at least 1.
+    More threads than free cores makes every OpenMP barrier wait for a descheduled thread
+    (one TRADES step on a loaded 2-core machine: 6.5 s with torch's default, 139 ms with 1)."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # no affinity masks (macOS, Windows)
+        cores = os.cpu_count() or 1
+    ranks = os.environ.get("LOCAL_WORLD_SIZE", "1")
+    if not ranks.strip().isdigit() or int(ranks) < 1:
+        usage_error(f"LOCAL_WORLD_SIZE: expected an int >= 1, got {ranks!r}")
+    return max(1, cores // int(ranks))
+
+
+def apply_threads(args: argparse.Namespace) -> int:
+    """Set torch's CPU threads from ``--threads``, else ``OMP_NUM_THREADS`` (which torch
+    has read already), else :func:`default_threads`; returns the count for the run's header
+    line."""
+    if args.threads is None and os.environ.get("OMP_NUM_THREADS"):
+        return torch.get_num_threads()
+    threads = args.threads or default_threads()
+    torch.set_num_threads(threads)
+    return threads
+
+
+def check_models(cfg: dict) -> None:
+    """Every model of the run can be built from the flags, tried on the meta device (no
+    memory, no data) before any work."""
+    from pyeuler.cost import DATA_SHAPES
+    from pyeuler.robust import build_model
+
+    input_shape, num_classes = DATA_SHAPES[cfg["data"]]
+    for k in cfg["ie_steps"]:
+        try:
+            with torch.device("meta"):
+                build_model(cfg["model"], input_shape, num_classes, backend=cfg["backend"],
+                            **model_kwargs(cfg, k))
+        except (ValueError, TypeError) as e:
+            usage_error(str(e))
 
 
 def resolve_config(args: argparse.Namespace) -> dict:
@@ -228,12 +304,12 @@ def resolve_config(args: argparse.Namespace) -> dict:
     eps = pick("eps", _DEFAULT_EPS[args.data])
     steps = pick("attack_steps", 10)
     if not 0 <= args.theta <= 1:
-        raise SystemExit(f"pyeuler: error: --theta: expected a number in [0, 1], got {args.theta}")
+        usage_error(f"--theta: expected a number in [0, 1], got {args.theta}")
     if args.resume and not args.out:
-        raise SystemExit("pyeuler: error: --resume needs --out DIR (where the checkpoints are)")
+        usage_error("--resume needs --out DIR (where the checkpoints are)")
     if args.data == "cifar10" and not args.data_dir:
-        raise SystemExit("pyeuler: error: --data-dir: cifar10 needs the folder with the "
-                         "CIFAR-10 python batches (nothing is downloaded)")
+        usage_error("--data-dir: cifar10 needs the folder with the CIFAR-10 python batches "
+                    "(nothing is downloaded)")
     return dict(
         data=args.data, data_dir=args.data_dir, seed=args.seed, model=model, h=args.h,
         ie_steps=list(dict.fromkeys(ie_steps)), ie_step_size=args.ie_step_size,
@@ -273,18 +349,125 @@ def row_name(k: int) -> str:
     return "ResNet (K=0)" if k == 0 else f"IE-ResNet (K={k})"
 
 
+# Resolved options that do not change the trained weights, so a checkpoint is no other
+# run's when only they differ: --epochs (a resumed run extends it; "cosine" rescales with
+# it, as it always has), the evaluation options, where the data lives, and the backend
+# (the same math, docs/semantics.md).  ie_steps is replaced by the one K of the model.
+_NOT_RUN_IDENTITY = ("epochs", "attacks", "eval_samples", "data_dir", "backend", "preset")
+
+
+def run_identity(cfg: dict, k: int) -> dict:
+    """The options the weights of model ``k`` depend on: what its checkpoint is a run of.
+
+    Presets enter through the values they resolve to.  A plain ResNet (K = 0) has no
+    IE-Skip, so its gradient mode, IE step size and θ are left out, and natural training
+    leaves out the attack's options (ε also sets the table's attacks: evaluation)."""
+    identity = {key: k if key == "ie_steps" else value for key, value in cfg.items()
+                if key not in _NOT_RUN_IDENTITY}
+    unused = []
+    if k == 0:
+        unused += ["grad", "ie_step_size", "theta"]
+    if cfg["adv"] == "none":
+        unused += ["eps", "alpha", "attack_steps", "beta"]
+    elif cfg["adv"] != "trades":
+        unused.append("beta")
+    for key in unused:
+        identity.pop(key, None)
+    return identity
+
+
 def checkpoint_path(out: str, cfg: dict, k: int) -> Path:
-    h = f"-h{cfg['h']:g}" if cfg["h"] != 1 else ""
-    return Path(out) / f"{cfg['data']}-{cfg['model']}{h}-K{k}-{cfg['adv']}-seed{cfg['seed']}.pt"
+    """``<data>-<model>-K<k>[-<grad>][-h<h>]-<adv>-seed<seed>-<hash>.pt`` in ``out``: a
+    readable prefix and the hash of :func:`run_identity`, so runs that differ in any option
+    the weights depend on never share (and overwrite) a file."""
+    from pyeuler.cli._results import config_hash
+
+    parts = [cfg["data"], cfg["model"], f"K{k}"]
+    if k:
+        parts.append(cfg["grad"])
+    if cfg["h"] != 1:
+        parts.append(f"h{cfg['h']:g}")
+    parts += [cfg["adv"], f"seed{cfg['seed']}", config_hash(run_identity(cfg, k))]
+    return Path(out) / ("-".join(parts) + ".pt")
+
+
+def _flag_values(identity: dict, keys) -> str:
+    def show(value):
+        return f"{value:g}" if isinstance(value, float) else json.dumps(value).strip('"')
+
+    flags = {"schedule": "--preset", "milestones": "--preset", "ie_steps": "--ie-steps"}
+    return ", ".join(f"{flags.get(key, '--' + key.replace('_', '-'))} "
+                     f"{show(identity[key]) if key in identity else '(unused)'}" for key in keys)
+
+
+def describe_difference(path: Path, saved: dict, wanted: dict) -> str:
+    """"PATH was trained with --lr 0.1; this run asks for --lr 0.01" for two identities."""
+    keys = [key for key in dict.fromkeys([*wanted, *saved]) if saved.get(key) != wanted.get(key)]
+    return (f"{path.name} was trained with {_flag_values(saved, keys)}; this run asks for "
+            f"{_flag_values(wanted, keys)}")
+
+
+def _saved_identity(path: Path):
+    """The run identity recorded in the checkpoint at ``path``, or the reason there is none."""
+    from pyeuler.checkpoint import CheckpointError, load_checkpoint
+
+    try:
+        config = load_checkpoint(path).get("config")
+    except (CheckpointError, FileNotFoundError) as e:
+        return None, str(e)
+    if not isinstance(config, dict) or not isinstance(config.get("run"), dict):
+        return None, f"{path.name} records no run configuration (written by an older pyeuler?)"
+    return config["run"], None
+
+
+def plan_checkpoints(cfg: dict, out: str | None, resume: bool, overwrite: bool) -> dict:
+    """``{K: resume from its checkpoint?}`` for every model of the run, decided before any
+    work: a file at a checkpoint's path that is not a checkpoint of this configuration is
+    replaced only with ``--overwrite``; ``--resume`` without a checkpoint of this
+    configuration, while ``out`` holds others of the same model, data and seed, is refused
+    naming the options that differ (a mistyped or forgotten flag would otherwise start
+    over).  Same configuration: resume with ``--resume``, else train afresh over it."""
+    plan = {k: False for k in cfg["ie_steps"]}
+    if out is None:
+        return plan
+    for k in cfg["ie_steps"]:
+        path, wanted = checkpoint_path(out, cfg, k), run_identity(cfg, k)
+        if path.exists():
+            saved, why = _saved_identity(path)
+            if saved == wanted:
+                plan[k] = resume
+            elif not overwrite:
+                what = why if saved is None else describe_difference(path, saved, wanted)
+                usage_error(f"--out: {path} is not a checkpoint of this configuration: {what}; "
+                            "use another --out, or --overwrite to replace it")
+            continue
+        if resume:
+            others = []
+            for sibling in sorted(path.parent.glob(f"{cfg['data']}-{cfg['model']}-K{k}-*"
+                                                   f"-seed{cfg['seed']}-*.pt")):
+                saved, _ = _saved_identity(sibling)
+                if saved is not None:
+                    differing = sum(saved.get(key) != wanted.get(key) for key in {*saved, *wanted})
+                    others.append((differing, sibling.name, sibling, saved))
+            if others:
+                _, _, nearest, saved = min(others)
+                usage_error(f"--resume: no checkpoint of this configuration in {out}: "
+                            f"{describe_difference(nearest, saved, wanted)} (resume with the "
+                            "same options, or drop --resume to start this configuration)")
+    return plan
 
 
 def train_one(cfg: dict, data, k: int, device: torch.device, progress: bool | None,
               out: str | None = None, resume: bool = False, log=print) -> dict:
     """Train one model (IE steps ``k``) per ``cfg``; returns its results row."""
     from pyeuler.checkpoint import CheckpointError, load_checkpoint, load_model_state, save_checkpoint
+    from pyeuler.cli._results import config_hash
     from pyeuler.data import random_crop_flip
     from pyeuler.robust import build_model, train_epoch
+    from pyeuler.robust.capture import CapturedTraining
 
+    # --cuda-graph / --compile: the same epochs, each step one replayed graph
+    run_epoch = CapturedTraining(cfg["capture"]) if cfg.get("capture") else train_epoch
     kwargs = model_kwargs(cfg, k)
     torch.manual_seed(cfg["seed"])
     model = build_model(cfg["model"], data.input_shape, data.num_classes, backend=cfg["backend"],
@@ -292,18 +475,13 @@ def train_one(cfg: dict, data, k: int, device: torch.device, progress: bool | No
     opt = make_optimizer(cfg, model)
     start, elapsed = 0, 0.0
     path = checkpoint_path(out, cfg, k) if out else None
+    identity = run_identity(cfg, k) if path is not None else None
     if path is not None and resume and path.exists():
         ckpt = load_checkpoint(path, map_location=device)
-        spec = {"name": cfg["model"], "kwargs": kwargs}
-        if ckpt["model"] != spec or ckpt["config"].get("data") != cfg["data"]:
-            raise CheckpointError(f"checkpoint: {path} was saved for {ckpt['model']} on "
-                                  f"{ckpt['config'].get('data')!r}; this run builds {spec} on "
-                                  f"{cfg['data']!r} (use another --out, or drop --resume)")
-        saved_optimizer = ckpt["config"].get("optimizer")
-        if ckpt.get("optimizer") is not None and saved_optimizer != cfg["optimizer"]:
-            raise CheckpointError(f"checkpoint: {path} was trained with --optimizer "
-                                  f"{saved_optimizer}, this run asks for {cfg['optimizer']} "
-                                  "(resume with the same optimizer, or drop --resume)")
+        saved = ckpt["config"].get("run") if isinstance(ckpt["config"], dict) else None
+        if saved != identity:  # plan_checkpoints refuses this before any work
+            raise CheckpointError(f"checkpoint: {path} is not a checkpoint of this "
+                                  "configuration (drop --resume, or use another --out)")
         load_model_state(model, ckpt, path)
         if ckpt.get("optimizer") is not None:
             opt.load_state_dict(ckpt["optimizer"])
@@ -321,15 +499,16 @@ def train_one(cfg: dict, data, k: int, device: torch.device, progress: bool | No
         epoch_seed = cfg["seed"] * 100003 + epoch
         g = torch.Generator().manual_seed(epoch_seed)
         torch.manual_seed(epoch_seed + 2**31)
-        stats = train_epoch(model, data.x_train, data.y_train, opt, batch_size=cfg["batch_size"],
-                            adv=cfg["adv"], eps=cfg["eps"], alpha=cfg["alpha"],
-                            steps=cfg["attack_steps"], beta=cfg["beta"], generator=g,
-                            device=device, transform=augment, progress=progress,
-                            desc=f"{row_name(k)} epoch {epoch + 1}/{cfg['epochs']}")
+        stats = run_epoch(model, data.x_train, data.y_train, opt, batch_size=cfg["batch_size"],
+                          adv=cfg["adv"], eps=cfg["eps"], alpha=cfg["alpha"],
+                          steps=cfg["attack_steps"], beta=cfg["beta"], generator=g,
+                          device=device, transform=augment, progress=progress,
+                          desc=f"{row_name(k)} epoch {epoch + 1}/{cfg['epochs']}")
         elapsed += stats.seconds
         if path is not None:
             save_checkpoint(path, model, name=cfg["model"], model_kwargs=kwargs, optimizer=opt,
-                            epoch=epoch + 1, config=cfg,
+                            epoch=epoch + 1,
+                            config=dict(cfg, run=identity, run_id=config_hash(identity)),
                             metrics={"train_seconds": elapsed, "train_loss": stats.loss})
     return {"model": model, "train_seconds": elapsed, "checkpoint": str(path) if path else None}
 
@@ -390,30 +569,41 @@ def run(args: argparse.Namespace) -> int:
     from pyeuler.data import load
     from pyeuler.robust.attacks import make_attack
 
+    # Every mistake in the command is reported before any work (data loading, training).
     cfg = resolve_config(args)
     for a in cfg["attacks"]:
         try:
             make_attack(a, eps=cfg["eps"])
         except ValueError as e:
-            raise SystemExit(f"pyeuler: error: --attacks: {e}")
-    if args.threads:
-        torch.set_num_threads(args.threads)
+            usage_error(f"--attacks: {e}")
+    threads = apply_threads(args)
     device = resolve_device(args.device)
+    capture = getattr(args, "capture", None)
+    if capture:
+        if device.type != "cuda":
+            usage_error(f"--{capture}: needs CUDA (a GPU); this run is on {device}")
+        cfg["capture"] = capture  # drops partial batches: part of the run's identity
+    check_backend(cfg["backend"], device)
+    check_output_path(args.json, "--json")
+    check_output_path(args.out, "--out", directory=True)
+    check_models(cfg)
+    resume = plan_checkpoints(cfg, args.out, args.resume, args.overwrite)
     progress = False if args.no_progress else None
     try:
         data = load(cfg["data"], seed=cfg["seed"], data_dir=cfg["data_dir"])
     except (ValueError, FileNotFoundError) as e:
-        raise SystemExit(f"pyeuler: error: {e}")
+        usage_error(str(e))
     adv = {"none": "natural training", "pgd": f"PGD-{cfg['attack_steps']} adversarial training",
            "trades": f"TRADES (beta={cfg['beta']:g}) training"}[cfg["adv"]]
     print(f"{cfg['data']}: {len(data.x_train)} train / {len(data.x_test)} test | model "
           f"{cfg['model']}, h={cfg['h']:g}, IE step {cfg['ie_step_size']:g}, theta="
           f"{cfg['theta']:g}, grad={cfg['grad']}, norm={cfg['norm']} | {adv}, {cfg['epochs']} epochs "
-          f"({cfg['preset']}: {cfg['optimizer']} lr {cfg['lr']:g}) | {device}", flush=True)
+          f"({cfg['preset']}: {cfg['optimizer']} lr {cfg['lr']:g}) | {device}, {threads} "
+          f"threads", flush=True)
     rows = []
     for k in cfg["ie_steps"]:
         try:
-            trained = train_one(cfg, data, k, device, progress, args.out, args.resume)
+            trained = train_one(cfg, data, k, device, progress, args.out, resume[k])
         except (CheckpointError, FileNotFoundError) as e:
             print(f"pyeuler: error: {e}", file=sys.stderr)
             return 2

@@ -26,8 +26,8 @@ from torch import Tensor
 from torch._C._functorch import TransformType
 from torch._functorch.pyfunctorch import retrieve_all_functorch_interpreters
 
-__all__ = ["FUSED_BACKENDS", "dual_level_open", "forward_mode_active", "func_transform_active",
-           "kernel_backend"]
+__all__ = ["FUSED_BACKENDS", "capture_active", "dual_level_open", "forward_mode_active",
+           "func_transform_active", "kernel_backend"]
 
 FUSED_BACKENDS = ("triton", "cuda")
 
@@ -35,6 +35,15 @@ FUSED_BACKENDS = ("triton", "cuda")
 def func_transform_active() -> bool:
     """Whether this call runs inside a ``torch.func`` transform (vmap, grad, jvp, …)."""
     return torch._C._functorch.maybe_current_level() is not None
+
+
+def capture_active() -> bool:
+    """Whether device values cannot be read on the host here: ``torch.compile`` is tracing,
+    or the current CUDA stream is capturing a graph (``torch.cuda.graph``).  Code that
+    would read one (an early stop, a value check) must refuse or skip it."""
+    if torch.compiler.is_compiling():
+        return True
+    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
 
 
 def dual_level_open() -> bool:

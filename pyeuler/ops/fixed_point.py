@@ -13,6 +13,8 @@ from typing import Callable
 import torch
 from torch import Tensor
 
+from pyeuler.ops.dispatch import capture_active
+
 __all__ = ["anderson", "relative_residual"]
 
 
@@ -29,13 +31,19 @@ def anderson(g: Callable[[Tensor], Tensor], x: Tensor, iterations: int, tol: flo
 
     With ``tol=None`` it runs exactly ``iterations`` evaluations and never synchronises
     with the host (CUDA-graph and torch.compile friendly); with a float it stops once
-    :func:`relative_residual` ``≤ tol``, which reads the residual on the host each step.
+    :func:`relative_residual` ``≤ tol``, which reads the residual on the host each step and
+    so raises ``RuntimeError`` under a CUDA graph capture or ``torch.compile``.
     Returns the last ``g(x)`` (one Picard step past the mixed iterate).
     """
     if iterations < 1:
         raise ValueError(f"iterations must be >= 1, got {iterations}")
     if memory < 1:
         raise ValueError(f"memory must be >= 1, got {memory}")
+    if tol is not None and capture_active():
+        raise RuntimeError(
+            f"grad='implicit' with tol={tol} reads the residual on the host every iteration, "
+            "which a CUDA graph capture or torch.compile cannot do: use tol=None (a fixed "
+            "budget of `steps` evaluations, no host reads)")
     acc = torch.float64 if x.dtype == torch.float64 else torch.float32
     iterates: list[Tensor] = []
     images: list[Tensor] = []
