@@ -186,3 +186,69 @@ def test_cw_matches_torchattacks_where_its_margin_is_correct():
     theirs = ta.CW(model, c=10, kappa=0, steps=30, lr=0.05)(x, y)
     assert torch.allclose(ours, theirs, atol=1e-5, rtol=0)
     assert (ours != x).any()
+
+
+# ----------------------------------------------------------------- L2, targeted, restarts
+
+@pytest.mark.parametrize("eps", [0.0, 0.3, 2.0])
+def test_l2_pgd_stays_in_ball_and_box(eps):
+    model = small_cnn()
+    x, y = batch()
+    for random_start in (True, False):
+        adv = pgd(model, x, y, eps, eps / 4, 5, random_start, norm="L2")
+        assert adv.shape == x.shape and adv.min() >= 0 and adv.max() <= 1
+        assert (adv - x).flatten(1).norm(dim=1).max() <= eps + 1e-5
+
+
+def test_l2_and_targeted_pgd_match_torchattacks():
+    ta = pytest.importorskip("torchattacks")
+    model = small_cnn().train()
+    x, y = batch(32)
+    ours = pgd(model, x, y, 1.0, 0.2, 10, random_start=False, norm="L2")
+    theirs = ta.PGDL2(model, eps=1.0, alpha=0.2, steps=10, random_start=False)(x, y)
+    assert torch.allclose(ours, theirs, atol=1e-6, rtol=0)
+    assert (ours - x).flatten(1).norm(dim=1).max() > 0.5
+    target = (y + 1) % 10
+    ours = pgd(model, x, target, 0.1, 0.01, 10, random_start=False, targeted=True)
+    attack = ta.PGD(model, eps=0.1, alpha=0.01, steps=10, random_start=False)
+    attack.set_mode_targeted_by_label(quiet=True)
+    assert torch.allclose(ours, attack(x, target), atol=1e-6, rtol=0)
+
+
+def test_targeted_pgd_reaches_the_target(trained_digits_mlp):
+    model, x, y = trained_digits_mlp
+    target = (y + 3) % 10
+    adv = pgd(model, x, target, 0.3, 0.03, 20, random_start=False, targeted=True)
+    with torch.no_grad():
+        hit = (model(adv).argmax(1) == target).float().mean().item()
+    assert hit > 0.8
+
+
+@pytest.mark.parametrize("norm", ["Linf", "L2"])
+def test_restarts_break_every_sample_any_single_run_breaks(trained_digits_mlp, norm):
+    """restarts=3 == per sample, the first of three runs (same generator stream) that
+    misclassifies; an independent recomputation from three single runs."""
+    model, x, y = trained_digits_mlp
+    eps = 0.08 if norm == "Linf" else 0.6
+    g = torch.Generator().manual_seed(5)
+    singles = [pgd(model, x, y, eps, eps / 4, 3, generator=g, norm=norm) for _ in range(3)]
+    combined = pgd(model, x, y, eps, eps / 4, 3, generator=torch.Generator().manual_seed(5),
+                   norm=norm, restarts=3)
+    with torch.no_grad():
+        broken = torch.stack([model(a).argmax(1) != y for a in singles])
+        assert torch.equal(model(combined).argmax(1) != y, broken.any(0))
+    first = broken.float().argmax(0)  # index of the first run that broke the sample
+    for i in torch.nonzero(broken.any(0)).flatten().tolist():
+        assert torch.equal(combined[i], singles[first[i]][i])
+    assert broken.any(0).sum() > broken[0].sum()  # restarts found more than one run
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(restarts=0), "restarts"),
+    (dict(restarts=2, random_start=False), "restarts"),
+    (dict(norm="L1"), "norm"),
+])
+def test_pgd_bad_options_name_the_argument(kwargs, match):
+    x, y = batch(4)
+    with pytest.raises(ValueError, match=match):
+        pgd(small_cnn(), x, y, 0.1, 0.01, 2, **kwargs)

@@ -11,6 +11,14 @@ from pyeuler.cli import main
 from pyeuler.robust import GradientMaskingWarning
 
 
+def checkpoint_of(out, prefix):
+    """The one checkpoint in ``out`` whose name starts with ``prefix`` (the name ends in the
+    hash of its configuration)."""
+    found = sorted(out.glob(f"{prefix}-*.pt"))
+    assert len(found) == 1, found
+    return found[0]
+
+
 @pytest.fixture(scope="module")
 def digits_run(tmp_path_factory):
     """One short epoch on digits: ResNet (K=0) vs IE-ResNet (K=1), checkpoints + JSON."""
@@ -20,7 +28,7 @@ def digits_run(tmp_path_factory):
     buf = io.StringIO()
     with contextlib.redirect_stdout(buf):
         rc = main(["train", "--epochs", "1", "--eval-samples", "64", "--out", str(out),
-                   "--json", str(out / "results.json"), "--no-progress"])
+                   "--json", str(out / "results.json"), "--no-progress", "--threads", "1"])
     return rc, buf.getvalue(), out
 
 
@@ -42,38 +50,51 @@ def test_train_prints_table_and_writes_results(digits_run):
 def test_resume_continues_from_checkpoint(digits_run, capsys):
     _, _, out = digits_run
     rc = main(["train", "--epochs", "2", "--ie-steps", "0", "--eval-samples", "32",
-               "--out", str(out), "--resume", "--no-progress"])
+               "--out", str(out), "--resume", "--no-progress", "--threads", "1"])
     assert rc == 0
     assert "resumed" in capsys.readouterr().out
-    ckpt = load_checkpoint(out / "digits-wrn-10-1-K0-none-seed0.pt")
+    ckpt = load_checkpoint(checkpoint_of(out, "digits-wrn-10-1-K0"))
     assert ckpt["epoch"] == 2
 
 
-def test_resume_refuses_a_checkpoint_of_another_model(digits_run, tmp_path, capsys):
+def test_a_checkpoint_of_another_model_is_replaced_only_with_overwrite(digits_run, tmp_path,
+                                                                        capsys):
+    """A K = 0 checkpoint put where this run's K = 1 checkpoint belongs: refused before any
+    work (nothing trained, the file kept), naming what differs; --overwrite replaces it."""
     _, _, out = digits_run
-    (tmp_path / "digits-wrn-10-1-K1-none-seed0.pt").write_bytes(
-        (out / "digits-wrn-10-1-K0-none-seed0.pt").read_bytes())
-    rc = main(["train", "--epochs", "2", "--ie-steps", "1", "--out", str(tmp_path), "--resume",
-               "--no-progress"])
-    assert rc == 2
-    err = capsys.readouterr().err
-    assert "K1-none-seed0.pt was saved for" in err and "'ie_steps': 0" in err
+    k1_path = tmp_path / checkpoint_of(out, "digits-wrn-10-1-K1").name
+    k0_bytes = checkpoint_of(out, "digits-wrn-10-1-K0").read_bytes()
+    k1_path.write_bytes(k0_bytes)
+    argv = ["train", "--epochs", "1", "--ie-steps", "1", "--eval-samples", "16", "--out",
+            str(tmp_path), "--no-progress", "--threads", "1"]
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv + ["--resume"])
+    assert exit_info.value.code == 2
+    captured = capsys.readouterr()
+    assert captured.out == "" and k1_path.read_bytes() == k0_bytes
+    assert (f"--out: {k1_path} is not a checkpoint of this configuration: {k1_path.name} was "
+            "trained with --ie-steps 0") in captured.err and "--overwrite" in captured.err
+    assert main(argv + ["--overwrite"]) == 0
+    ckpt = load_checkpoint(k1_path)
+    assert ckpt["model"]["kwargs"]["ie_steps"] == 1 and ckpt["config"]["run"]["ie_steps"] == 1
 
 
 def test_eval_prints_and_writes_json(digits_run, tmp_path, capsys):
     _, _, out = digits_run
-    ckpt = out / "digits-wrn-10-1-K1-none-seed0.pt"
+    ckpt = checkpoint_of(out, "digits-wrn-10-1-K1")
     rc = main(["eval", "--checkpoint", str(ckpt), "--attack", "fgsm", "pgd-3", "cw",
                "--cw-steps", "5", "--eps", "0.05", "0.1", "--samples", "48",
                "--json", str(tmp_path / "e.json"), "--no-progress"])
     assert rc == 0
     text = capsys.readouterr().out
-    assert "clean accuracy" in text and "pgd-3 accuracy (eps=0.1)" in text and "cw accuracy" in text
+    assert "clean accuracy" in text and "| L∞ | 0.1 |" in text and "C&W L2" in text
     res = json.loads((tmp_path / "e.json").read_text())
     r = res["results"]
-    assert res["samples"] == 48 and set(r) == {"clean", "fgsm", "pgd-3", "cw"}
+    assert res["samples"] == 48 and set(r) == {"clean", "fgsm", "pgd-3", "cw", "worst_case",
+                                               "worst_case_attacks"}
     assert r["pgd-3"]["0.1"] <= r["pgd-3"]["0.05"] + 0.05
-    assert r["fgsm"]["0.1"] <= r["clean"]
+    assert r["worst_case"]["Linf"]["0.1"] <= min(r["fgsm"]["0.1"], r["pgd-3"]["0.1"], r["clean"])
+    assert 0 <= r["cw"]["success_rate"] <= 1
     # default JSON path: next to the checkpoint
     assert main(["eval", "--checkpoint", str(ckpt), "--samples", "16", "--no-progress"]) == 0
     assert (out / (ckpt.name + ".eval.json")).exists()
@@ -94,7 +115,7 @@ def test_eval_bad_checkpoint_gives_clear_error(tmp_path, capsys, content, messag
 
 def test_eval_mismatched_checkpoint(digits_run, tmp_path, capsys):
     _, _, out = digits_run
-    ckpt = load_checkpoint(out / "digits-wrn-10-1-K0-none-seed0.pt")
+    ckpt = load_checkpoint(checkpoint_of(out, "digits-wrn-10-1-K0"))
     ckpt["model"]["name"] = "wrn-10-2"  # claims a wider net than the stored weights
     path = tmp_path / "renamed.pt"
     torch.save(ckpt, path)
@@ -105,9 +126,10 @@ def test_eval_mismatched_checkpoint(digits_run, tmp_path, capsys):
 
 def test_moons_detached_gradients_warn_and_unrolled_does_not(tmp_path, capsys):
     rc = main(["train", "--data", "moons", "--epochs", "1", "--ie-steps", "1", "--grad",
-               "detached", "--eval-samples", "32", "--out", str(tmp_path), "--no-progress"])
+               "detached", "--eval-samples", "32", "--out", str(tmp_path), "--no-progress",
+               "--threads", "1"])
     assert rc == 0
-    ckpt = tmp_path / "moons-mlp-K1-none-seed0.pt"
+    ckpt = checkpoint_of(tmp_path, "moons-mlp-K1-detached")
     with warnings.catch_warnings(record=True) as w:
         warnings.simplefilter("always")
         assert main(["eval", "--checkpoint", str(ckpt), "--samples", "64", "--no-progress"]) == 0
@@ -122,7 +144,7 @@ def test_moons_detached_gradients_warn_and_unrolled_does_not(tmp_path, capsys):
 def test_adversarial_training_runs(tmp_path, capsys):
     rc = main(["train", "--data", "moons", "--epochs", "1", "--adv", "trades",
                "--attack-steps", "2", "--ie-steps", "0", "--attacks", "fgsm", "pgd-5",
-               "--eval-samples", "64",
+               "--eval-samples", "64", "--threads", "1",
                "--json", str(tmp_path / "r.json"), "--no-progress"])
     assert rc == 0
     cfg = json.loads((tmp_path / "r.json").read_text())["config"]
@@ -136,8 +158,12 @@ def test_adversarial_training_runs(tmp_path, capsys):
     (["train", "--data", "moons", "--model", "preact-18"], "needs image inputs"),
 ])
 def test_train_bad_model_arguments(argv, message, capsys):
-    assert main(argv + ["--epochs", "1", "--no-progress"]) == 2
-    assert message in capsys.readouterr().err
+    """Refused before any work: the models are tried on the meta device before data loads."""
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv + ["--epochs", "1", "--no-progress"])
+    assert exit_info.value.code == 2
+    captured = capsys.readouterr()
+    assert captured.out == "" and message in captured.err
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -167,13 +193,13 @@ def test_cifar10_from_pickle_batches(tmp_path, capsys):
                          b"data": rng.integers(0, 256, (8, 3072), dtype=np.uint8)}, f)
     rc = main(["train", "--data", "cifar10", "--data-dir", str(tmp_path), "--model", "wrn-10-1",
                "--epochs", "1", "--batch-size", "16", "--ie-steps", "0", "--out",
-               str(tmp_path / "ck"), "--no-progress"])
+               str(tmp_path / "ck"), "--no-progress", "--threads", "1"])
     assert rc == 0
     out = capsys.readouterr().out
     assert "cifar10: 40 train / 8 test" in out and "FGSM acc (eps=8/255)" in out
-    ckpt = tmp_path / "ck" / "cifar10-wrn-10-1-K0-none-seed0.pt"
+    ckpt = checkpoint_of(tmp_path / "ck", "cifar10-wrn-10-1-K0")
     assert main(["eval", "--checkpoint", str(ckpt), "--attack", "pgd-2", "--no-progress"]) == 0
-    assert "pgd-2 accuracy (eps=8/255)" in capsys.readouterr().out
+    assert "| L∞ | 8/255 |" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("adv", ["pgd", "trades"])
@@ -191,7 +217,7 @@ def test_adversarial_training_resumes_bit_identically(tmp_path, adv):
              "--eval-samples", "16", "--threads", "1", "--out", str(out), "--no-progress",
              *extra], capture_output=True, text=True, timeout=300)
         assert done.returncode == 0, done.stdout + done.stderr
-        return load_checkpoint(out / f"moons-mlp-K1-{adv}-seed0.pt")
+        return load_checkpoint(checkpoint_of(out, f"moons-mlp-K1-unrolled-{adv}"))
 
     straight = train(2, tmp_path / "straight")
     train(1, tmp_path / "resumed")
@@ -200,3 +226,118 @@ def test_adversarial_training_resumes_bit_identically(tmp_path, adv):
     differing = [k for k, v in straight["state_dict"].items()
                  if not torch.equal(v, resumed["state_dict"][k])]
     assert not differing, differing
+
+
+def _cli(*argv, env=None, cwd=None):
+    """``python -m pyeuler ARGV`` as a user runs it, without OMP_NUM_THREADS or
+    LOCAL_WORLD_SIZE from this process unless ``env`` sets them."""
+    import os
+    import subprocess
+    import sys
+
+    clean = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "LOCAL_WORLD_SIZE")}
+    done = subprocess.run([sys.executable, "-m", "pyeuler", *argv], capture_output=True,
+                          text=True, timeout=300, env={**clean, **(env or {})}, cwd=cwd)
+    assert done.returncode == 0, done.stdout + done.stderr
+    return done
+
+
+def test_checkpoint_names_hash_every_option_the_weights_depend_on():
+    """Each training option moves the checkpoint to another file; --epochs, the evaluation
+    options, the data folder and the backend do not (a resumed or re-evaluated run is the
+    same run); K = 0 ignores the IE options, natural training the attack's."""
+    import argparse
+
+    from pyeuler.cli import train
+
+    parser = argparse.ArgumentParser()
+    train.add_parser(parser.add_subparsers())
+
+    def path(*argv, k=1):
+        return train.checkpoint_path("runs", train.resolve_config(parser.parse_args(
+            ["train", "--data", "moons", *argv])), k)
+
+    base = path()
+    assert base.name.startswith("moons-mlp-K1-unrolled-none-seed0-") and base.suffix == ".pt"
+    changes = [["--grad", "detached"], ["--lr", "0.01"], ["--norm", "batch"], ["--theta", "0.5"],
+               ["--ie-step-size", "0.2"], ["--optimizer", "sgd"], ["--momentum", "0.5"],
+               ["--weight-decay", "1e-4"], ["--batch-size", "32"], ["--h", "0.1"],
+               ["--seed", "1"], ["--model", "mlp-16-2"], ["--preset", "madry"], ["--adv", "pgd"]]
+    names = {base.name} | {path(*argv).name for argv in changes}
+    assert len(names) == len(changes) + 1
+    for same in (["--epochs", "99"], ["--attacks", "pgd-5"], ["--eval-samples", "8"],
+                 ["--backend", "eager"], ["--eps", "0.2"], ["--beta", "3"]):
+        assert path(*same) == base, same
+    assert path("--grad", "detached", k=0) == path(k=0)
+    assert path("--adv", "pgd", "--beta", "3") == path("--adv", "pgd")
+    assert path("--adv", "trades", "--beta", "3") != path("--adv", "trades")
+
+
+def test_a_grad_sweep_keeps_one_checkpoint_per_configuration(tmp_path):
+    """--grad unrolled then --grad detached into one --out: two checkpoints, the first
+    untouched by the second run; each records its configuration and hash."""
+    common = ["train", "--data", "moons", "--ie-steps", "1", "--epochs", "1", "--eval-samples",
+              "8", "--threads", "1", "--out", str(tmp_path), "--no-progress"]
+    _cli(*common, "--grad", "unrolled")
+    unrolled = checkpoint_of(tmp_path, "moons-mlp-K1-unrolled")
+    before = unrolled.read_bytes()
+    _cli(*common, "--grad", "detached")
+    detached = checkpoint_of(tmp_path, "moons-mlp-K1-detached")
+    assert unrolled.read_bytes() == before and len(list(tmp_path.glob("*.pt"))) == 2
+    for path, grad in ((unrolled, "unrolled"), (detached, "detached")):
+        config = load_checkpoint(path)["config"]
+        assert config["run"]["grad"] == grad and path.stem.endswith("-" + config["run_id"])
+    assert "resumed" in _cli(*common, "--grad", "detached", "--epochs", "2", "--resume").stdout
+    assert load_checkpoint(detached)["epoch"] == 2 and unrolled.read_bytes() == before
+
+
+def test_a_second_eval_merges_into_the_first_by_attack_and_eps(tmp_path):
+    """pyeuler eval with another attack and ε keeps the earlier results in
+    <checkpoint>.eval.json; each evaluation is listed in "runs" with its own settings."""
+    _cli("train", "--data", "moons", "--ie-steps", "0", "--epochs", "1", "--eval-samples", "8",
+         "--threads", "1", "--out", str(tmp_path), "--no-progress")
+    ckpt = checkpoint_of(tmp_path, "moons-mlp-K0")
+    common = ["eval", "--checkpoint", str(ckpt), "--samples", "16", "--threads", "1",
+              "--no-progress"]
+    _cli(*common, "--attack", "fgsm", "--eps", "0.05")
+    _cli(*common, "--attack", "pgd-2", "--eps", "0.05", "0.1")
+    _cli(*common, "--attack", "fgsm", "--eps", "0.1")
+    saved = json.loads(ckpt.with_name(ckpt.name + ".eval.json").read_text())
+    results = saved["results"]
+    assert set(results["fgsm"]) == {"0.05", "0.1"} and set(results["pgd-2"]) == {"0.05", "0.1"}
+    assert [run["attacks"] for run in saved["runs"]] == [["fgsm"], ["pgd-2"], ["fgsm"]]
+
+
+def test_merging_eval_results_of_other_weights_replaces_them():
+    from pyeuler.cli._results import merge_eval_results
+
+    first = {"model": "mlp", "epochs": 1, "samples": 64,
+             "results": {"clean": 0.9, "fgsm": {"0.1": 0.5}, "cw": {"success_rate": 0.4}}}
+    second = dict(first, samples=16, results={"clean": 0.8, "fgsm": {"0.2": 0.3},
+                                              "cw": {"median_l2": 0.7}})
+    merged, note = merge_eval_results(merge_eval_results(None, first)[0], second)
+    assert note is None and merged["samples"] == 16
+    assert merged["results"] == {"clean": 0.8, "fgsm": {"0.1": 0.5, "0.2": 0.3},
+                                 "cw": {"success_rate": 0.4, "median_l2": 0.7}}
+    assert [run["samples"] for run in merged["runs"]] == [64, 16]
+    retrained, note = merge_eval_results(merged, dict(second, epochs=2))
+    assert retrained["results"] == second["results"] and len(retrained["runs"]) == 1
+    assert "epochs 1 there, 2 now" in note
+
+
+def test_threads_default_to_the_process_cores_over_the_local_ranks(tmp_path):
+    """The header line shows the threads: the cores of this process's affinity mask divided
+    by LOCAL_WORLD_SIZE (at least 1), or --threads."""
+    import os
+
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    stability = ["stability", "--data", "moons", "--model", "mlp", "--samples", "2", "--iters",
+                 "2", "--no-plot", "--out", str(tmp_path), "--no-progress"]
+    for ranks, threads in ((None, cores), ("2", max(1, cores // 2)), ("64", 1)):
+        done = _cli(*stability, env={"LOCAL_WORLD_SIZE": ranks} if ranks else None)
+        assert done.stdout.splitlines()[0].endswith(f"| cpu, {threads} threads"), done.stdout
+    done = _cli("train", "--data", "moons", "--ie-steps", "0", "--epochs", "1", "--eval-samples",
+                "8", "--no-progress", env={"LOCAL_WORLD_SIZE": "2"})
+    assert done.stdout.splitlines()[0].endswith(f"| cpu, {max(1, cores // 2)} threads")
+    done = _cli(*stability, "--threads", "3")
+    assert done.stdout.splitlines()[0].endswith("| cpu, 3 threads")

@@ -1,50 +1,93 @@
-"""``pyeuler eval``: clean and robust accuracy of a trained checkpoint.
+"""``pyeuler eval``: clean and robust accuracy of a trained checkpoint, per sample.
 
-Rebuilds the model from the checkpoint (loaded with ``weights_only=True``), evaluates it
-on the test split of the data set it was trained on, prints the results and writes them
-as JSON (default: next to the checkpoint, ``<checkpoint>.eval.json``).
+Rebuilds the model from the checkpoint (loaded with ``weights_only=True``), runs every
+attack at every radius of its norm on the first N test samples of the data set it was
+trained on, and reports, per norm and ε, the per-sample worst case over all attacks run
+(the headline robust accuracy; a sample misclassified without attack is not robust) with
+each attack beside it. C&W is an L2 attack: its success rate and median L2 distortion.
+
+Writes, next to the checkpoint unless --json says otherwise:
+  <checkpoint>.eval.json  settings, results and per-sample results; saved after every
+                          batch, so a run interrupted with the same settings resumes
+                          (--fresh starts over)
+  <checkpoint>.eval.md    the results table (also printed)
+  <checkpoint>.eval.png   robust accuracy vs ε, one panel per norm (needs matplotlib)
+
+--check-masking adds the gradient-masking checks of pyeuler.robust.masking and a verdict.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
-import math
+import os
 import sys
+import tempfile
 import time
+import warnings
 from pathlib import Path
 
 import torch
 
-from pyeuler.cli.train import _nonneg_float, _pos_int, add_common_runtime_args, resolve_device
+from pyeuler.cli._results import merge_eval_results, read_eval_results
+from pyeuler.cli.train import (_nonneg_float, _pos_float, _pos_int, add_common_runtime_args,
+                               apply_threads, check_backend, check_output_path, resolve_device)
+
+FORMAT, VERSION = "pyeuler-eval", 2
+_SAVE_EVERY_S = 5.0
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser(
-        "eval", help="clean and robust accuracy (FGSM, PGD-N, CW) of a checkpoint",
+        "eval", help="robust accuracy of a checkpoint: worst case over FGSM, PGD, AutoAttack, "
+                     "Square; C&W distortion; gradient-masking checks",
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", required=True, help="checkpoint written by pyeuler train --out")
-    p.add_argument("--attack", nargs="+", default=["fgsm"], metavar="ATTACK",
-                   help="fgsm, pgd-N (e.g. pgd-20), cw; several allowed [fgsm]")
+    p.add_argument("--attack", nargs="+", default=["fgsm", "pgd-20"], metavar="ATTACK",
+                   help="fgsm, pgd-N (L∞), pgd-N-l2, pgd-N-t / pgd-N-l2-t (targeted), "
+                        "autoattack[-l2], square[-l2], cw; several allowed [fgsm pgd-20]")
     p.add_argument("--eps", type=_nonneg_float, nargs="+", default=None,
-                   help="L∞ radius, a number or a fraction like 8/255 (several allowed) "
-                        "[the training run's eps]")
+                   help="L∞ radii, numbers or fractions like 8/255 [the training run's eps]")
+    p.add_argument("--eps-l2", type=_nonneg_float, nargs="+", default=[0.5],
+                   help="L2 radii for the -l2 attacks and C&W's L2 columns [0.5]")
     p.add_argument("--alpha", type=_nonneg_float, default=None,
                    help="PGD step size [2.5·eps/steps: 1/255 for PGD-20 at 8/255]")
+    p.add_argument("--restarts", type=_pos_int, default=1,
+                   help="PGD runs per sample from random starts; a sample is broken if any "
+                        "run breaks it [1]")
+    p.add_argument("--targets", type=_pos_int, default=None,
+                   help="targeted PGD: attack toward each of the top T wrong classes "
+                        "[min(9, classes − 1)]")
     p.add_argument("--no-random-start", action="store_true", help="PGD starts at x")
+    p.add_argument("--aa-version", choices=("standard", "plus", "rand"), default="standard",
+                   help="AutoAttack version [standard]")
+    p.add_argument("--aa-attacks", nargs="+", default=None, metavar="NAME",
+                   help="custom AutoAttack subset, e.g. apgd-ce apgd-t (the package's custom "
+                        "version)")
+    p.add_argument("--square-queries", type=_pos_int, default=5000,
+                   help="Square attack queries per sample (square, --check-masking) [5000]")
     p.add_argument("--cw-c", type=_nonneg_float, default=10.0, help="CW c [10]")
     p.add_argument("--cw-steps", type=_pos_int, default=50, help="CW Adam steps [50]")
-    p.add_argument("--cw-lr", type=_nonneg_float, default=6e-4, help="CW Adam lr [6e-4]")
+    p.add_argument("--cw-lr", type=_pos_float, default=6e-4, help="CW Adam lr [6e-4]")
     p.add_argument("--cw-kappa", type=_nonneg_float, default=0.0, help="CW confidence κ [0]")
+    p.add_argument("--check-masking", action="store_true",
+                   help="run the gradient-masking checks (exact vs detached IE gradients, "
+                        "Square vs white box, monotone in steps and eps, eps = 0.5) and "
+                        "print a verdict")
     p.add_argument("--grad", choices=("unrolled", "detached", "implicit"), default=None,
                    help="rebuild the IE-Skips with this gradient mode (same weights); e.g. "
                         "unrolled to attack a model trained with detached gradients honestly")
     p.add_argument("--data-dir", default=None, help="CIFAR-10 folder, if not the training one")
     p.add_argument("--samples", type=_pos_int, default=None, help="first N test samples only")
     p.add_argument("--batch-size", type=_pos_int, default=256)
-    p.add_argument("--seed", type=int, default=0, help="seed for PGD random starts [0]")
+    p.add_argument("--seed", type=int, default=0,
+                   help="seed for PGD random starts, AutoAttack and Square [0]")
     p.add_argument("--json", default=None, metavar="PATH",
-                   help="where to write the results [<checkpoint>.eval.json]")
+                   help="where to write the results [<checkpoint>.eval.json]; the Markdown "
+                        "table and the plot go beside it (.md, .png)")
+    p.add_argument("--fresh", action="store_true",
+                   help="ignore saved results of an earlier run instead of resuming them")
     add_common_runtime_args(p)
     p.set_defaults(func=run)
     return p
@@ -55,13 +98,161 @@ def _error(msg: str) -> int:
     return 2
 
 
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def _resumable(out: Path, identity: dict, attacks, eps, eps_l2) -> dict | None:
+    """The saved per-sample results of an earlier run with the same identity, restricted to
+    this run's attacks and radii; None if there is nothing to resume."""
+    from pyeuler.robust.evaluation import eps_key, parse_attack
+
+    try:
+        saved = json.loads(out.read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(saved, dict) or saved.get("format") != FORMAT \
+            or saved.get("version") != VERSION \
+            or any(saved.get(k) != v for k, v in identity.items()):
+        return None
+    old = saved.get("per_sample") or {}
+    keep = {"clean": old.get("clean", [])}
+    for spec in map(parse_attack, attacks):
+        if spec.kind == "cw":
+            keep["cw"] = old.get("cw", {"l2": []})
+            continue
+        radii = {eps_key(e) for e in (eps if spec.norm == "Linf" else eps_l2)}
+        keep[spec.name] = {k: v for k, v in (old.get(spec.name) or {}).items() if k in radii}
+    return {"samples": identity["samples"], "per_sample": keep}
+
+
+def _percent(v) -> str:
+    return "—" if v is None else f"{100 * v:.1f}"
+
+
+def markdown_report(payload: dict) -> str:
+    """The results as Markdown: a table per norm and ε (clean, worst case, each attack),
+    C&W's line, notes, and the masking checks."""
+    from pyeuler.robust.evaluation import eps_key, parse_attack
+
+    res = payload["results"]
+    specs = [parse_attack(a) for a in payload["attacks"]]
+    fmt = payload.get("eps_format") or {}
+    lines = [f"**{payload['model']}** {payload['model_kwargs']} on {payload['data']}, "
+             f"{payload['samples']} test samples, clean accuracy {_percent(res.get('clean'))} %.",
+             ""]
+    for norm, radii in (("Linf", payload["eps"]), ("L2", payload["eps_l2"])):
+        names = [s.name for s in specs if s.norm == norm]
+        if not names:
+            continue
+        extra = ["cw"] if norm == "L2" and "cw" in res else []
+        lines += ["| norm | ε | clean | **worst case** | " + " | ".join(names + extra) + " |",
+                  "|---|---|---|---|" + "---|" * (len(names) + len(extra))]
+        for e in radii:
+            key = eps_key(e)
+            worst = (res.get("worst_case") or {}).get(norm, {}).get(key)
+            cells = [_percent((res.get(a) or {}).get(key)) for a in names]
+            if extra:
+                cells.append(_percent(res["cw"].get("accuracy_at", {}).get(key)))
+            label = fmt.get(key, f"{e:g}") if norm == "Linf" else f"{e:g}"
+            lines.append(f"| {'L∞' if norm == 'Linf' else 'L2'} | {label} | "
+                         f"{_percent(res.get('clean'))} | **{_percent(worst)}** | "
+                         + " | ".join(cells) + " |")
+        lines += ["", f"Robust accuracy in % of all samples. Worst case: a sample counts only "
+                      f"if correct clean and after every attack ({', '.join(names + extra)}).",
+                  ""]
+    if "cw" in res:
+        cw, s = res["cw"], payload["settings"]
+        median = "—" if cw["median_l2"] is None else f"{cw['median_l2']:.4g}"
+        lines += [f"C&W L2 (c={s['cw_c']:g}, {s['cw_steps']} Adam steps, lr {s['cw_lr']:g}, "
+                  f"κ={s['cw_kappa']:g}): success rate {_percent(cw['success_rate'])} % of the "
+                  f"{cw['attacked']} samples classified correctly, median L2 distortion "
+                  f"{median} (successful samples).", ""]
+    for note in payload.get("notes", []):
+        lines += [f"Note: {note}", ""]
+    masking = payload.get("masking")
+    if masking:
+        lines += ["| masking check | status | result | fires when |", "|---|---|---|---|"]
+        lines += [f"| {c['name']} | {c['status']} | {c['summary']} | {c['threshold']} |"
+                  for c in masking["checks"]]
+        lines += ["", f"**{masking['verdict']}**", ""]
+    return "\n".join(lines)
+
+
+def plot_report(payload: dict, path: Path) -> bool:
+    """Robust accuracy vs ε, a panel per norm: each attack, the worst case (bold) and, if
+    the masking checks ran, their PGD-20 sweep. Returns False without matplotlib."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    from pyeuler.robust.evaluation import eps_key, parse_attack
+
+    res = payload["results"]
+    specs = [parse_attack(a) for a in payload["attacks"]]
+    norms = [(n, r) for n, r in (("Linf", payload["eps"]), ("L2", payload["eps_l2"]))
+             if any(s.norm == n for s in specs)]
+    fig, axes = plt.subplots(1, max(len(norms), 1), figsize=(5.5 * max(len(norms), 1), 4),
+                             squeeze=False)
+    for ax, (norm, radii) in zip(axes[0], norms):
+        radii = sorted(radii)
+        clean = res.get("clean")
+        xs = [0.0] + radii
+        for spec in (s for s in specs if s.norm == norm):
+            ys = [clean] + [(res.get(spec.name) or {}).get(eps_key(e)) for e in radii]
+            ax.plot(xs, [None if v is None else 100 * v for v in ys], marker="o", label=spec.name)
+        worst = (res.get("worst_case") or {}).get(norm, {})
+        ax.plot(xs, [None if v is None else 100 * v
+                     for v in [clean] + [worst.get(eps_key(e)) for e in radii]],
+                color="black", linewidth=2.5, marker="s", label="worst case")
+        masking = payload.get("masking")
+        if norm == "Linf" and masking:
+            sweep = next(c for c in masking["checks"] if c["name"] == "monotone_in_eps")["values"]
+            n = payload["samples"]
+            ex = sorted(float(k) for k in sweep)
+            ax.plot([0.0] + ex, [100 * clean] + [100 * sweep[str(e)] / n for e in ex],
+                    color="gray", linestyle="--", label="PGD-20 ×5 restarts (masking check)")
+        ax.set_xlabel(f"ε ({'L∞' if norm == 'Linf' else 'L2'})")
+        ax.set_ylabel("accuracy (%)")
+        ax.set_ylim(0, 100)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle(f"{payload['model']} {payload['model_kwargs']} on {payload['data']} "
+                 f"({payload['samples']} samples)", fontsize=9)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True
+
+
 def run(args: argparse.Namespace) -> int:
     from pyeuler.checkpoint import CheckpointError, load_checkpoint, load_model_state
     from pyeuler.data import load
-    from pyeuler.robust import build_model, evaluate, make_attack
+    from pyeuler.robust import build_model, warn_if_gradient_masking
+    from pyeuler.robust.autoattack import autoattack_plan
+    from pyeuler.robust.evaluation import (EvalSettings, eps_key, parse_attack, per_sample,
+                                           robust_evaluation, worst_case)
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    threads = apply_threads(args)
     device = resolve_device(args.device)
     path = Path(args.checkpoint)
     try:
@@ -77,11 +268,32 @@ def run(args: argparse.Namespace) -> int:
     if args.grad:
         kwargs["grad"] = args.grad
     eps_list = args.eps if args.eps is not None else [float(cfg.get("eps", 8 / 255))]
-    for a in args.attack:
+    try:
+        specs = [parse_attack(a) for a in args.attack]
+    except ValueError as e:
+        return _error(f"--attack: {e}")
+    attacks = [s.name for s in specs]
+    if len(set(attacks)) != len(attacks):
+        return _error(f"--attack: an attack is listed twice: {' '.join(args.attack)}")
+    needs_package = args.check_masking or any(s.kind in ("autoattack", "square") for s in specs)
+    if needs_package:
         try:
-            make_attack(a, eps=eps_list[0])
-        except ValueError as e:
-            return _error(f"--attack: {e}")
+            import pyautoattack  # noqa: F401  (only to say what to install)
+        except ImportError:
+            return _error("AutoAttack and Square need the pyautoattack package: "
+                          'pip install "pyeuler[eval]"')
+    # Checked before any work; earlier results in --json are merged into, never lost.
+    if args.backend or not cfg.get("backend"):
+        check_backend(args.backend, device)
+    else:
+        check_backend(cfg["backend"], device, f"--backend (the checkpoint's, {cfg['backend']}; "
+                                              "pass --backend to choose another)")
+    out = Path(args.json) if args.json else path.with_name(path.name + ".eval.json")
+    check_output_path(str(out), "--json")
+    try:
+        earlier = read_eval_results(out)
+    except ValueError as e:
+        return _error(f"--json: {e}")
     try:
         data = load(cfg["data"], seed=int(cfg.get("seed", 0)),
                     data_dir=args.data_dir or cfg.get("data_dir"))
@@ -93,43 +305,109 @@ def run(args: argparse.Namespace) -> int:
         return _error(str(e))
     except (ValueError, FileNotFoundError, TypeError) as e:
         return _error(f"checkpoint: {path}: cannot rebuild its model/data: {e}")
+    notes = []
+    if any(s.kind == "autoattack" for s in specs):
+        try:
+            _, _, note = autoattack_plan(data.num_classes, args.aa_version, args.aa_attacks)
+        except ValueError as e:
+            return _error(f"--aa-attacks/--aa-version: {e}")
+        if note:
+            notes.append(note)
     model.to(device).eval()
-    n = args.samples or len(data.x_test)
+    warn_if_gradient_masking(model)
+    n = min(args.samples or len(data.x_test), len(data.x_test))
     x, y = data.x_test[:n], data.y_test[:n]
-    torch.manual_seed(args.seed)
-    t0 = time.perf_counter()
-    res = evaluate(model, x, y, attacks=args.attack, eps=eps_list, alpha=args.alpha,
-                   batch_size=args.batch_size, device=device,
-                   progress=False if args.no_progress else None,
-                   random_start=not args.no_random_start, c=args.cw_c, cw_steps=args.cw_steps,
-                   lr=args.cw_lr, kappa=args.cw_kappa)
-    seconds = time.perf_counter() - t0
+    settings = EvalSettings(
+        alpha=args.alpha, restarts=args.restarts, random_start=not args.no_random_start,
+        targets=args.targets, seed=args.seed, aa_version=args.aa_version,
+        aa_attacks=args.aa_attacks, square_queries=args.square_queries, cw_c=args.cw_c,
+        cw_steps=args.cw_steps, cw_lr=args.cw_lr, cw_kappa=args.cw_kappa,
+        batch_size=args.batch_size)
+    if settings.restarts > 1 and not settings.random_start:
+        return _error("--restarts: several runs need random starts (drop --no-random-start)")
+    identity = {"checkpoint_sha256": _sha256(path), "model_kwargs": kwargs, "data": cfg["data"],
+                "samples": n, "settings": settings.to_dict(),
+                "backend": args.backend or cfg.get("backend")}
+    state = None if args.fresh else _resumable(out, identity, attacks, eps_list, args.eps_l2)
+    if state is not None:
+        print(f"resuming the evaluation saved in {out} (--fresh starts over)")
 
     def fmt_eps(e):
         return f"{e * 255:.3g}/255" if cfg["data"] == "cifar10" else f"{e:g}"
 
-    print(f"{path}: {spec['name']} {kwargs} trained {ckpt['epoch']} epochs on {cfg['data']} "
-          f"({cfg.get('adv', 'none')} training)")
-    print(f"{n} test samples on {device}, {seconds:.1f} s")
-    print(f"  clean accuracy: {100 * res['clean']:.2f}%")
-    results = {"clean": res["clean"]}
-    for a in args.attack:
-        if a.lower() == "cw":
-            print(f"  {a} accuracy (c={args.cw_c:g}, {args.cw_steps} steps, lr {args.cw_lr:g}): "
-                  f"{100 * res[a]:.2f}%")
-            results[a] = res[a]
-        else:
-            results[a] = {str(e): acc for e, acc in res[a].items()}
-            for e, acc in res[a].items():
-                print(f"  {a} accuracy (eps={fmt_eps(e)}): {100 * acc:.2f}%")
-    out = Path(args.json) if args.json else path.with_name(path.name + ".eval.json")
-    payload = {"checkpoint": str(path), "model": spec["name"], "model_kwargs": kwargs,
-               "epochs": ckpt["epoch"], "data": cfg["data"], "samples": n,
-               "attacks": args.attack, "eps": eps_list, "alpha": args.alpha,
+    payload = {"format": FORMAT, "version": VERSION, "checkpoint": str(path), **identity,
+               "model": spec["name"], "epochs": ckpt["epoch"], "attacks": attacks,
+               "eps": eps_list, "eps_l2": args.eps_l2,
+               "eps_format": {eps_key(e): fmt_eps(e) for e in eps_list},
                "gradient_masking": bool(kwargs.get("grad") == "detached"
                                         and kwargs.get("ie_steps", 0) > 0),
-               "results": results, "seconds": seconds}
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(payload, indent=2))
-    print(f"results written to {out}")
+               "notes": notes, "complete": False}
+    last_save = [0.0]
+
+    def save(current: dict, force: bool = False) -> None:
+        if force or time.perf_counter() - last_save[0] > _SAVE_EVERY_S:
+            payload.update(current)
+            _write_atomic(out, json.dumps(merge_eval_results(earlier, payload)[0]))
+            last_save[0] = time.perf_counter()
+
+    show = sys.stderr.isatty() and not args.no_progress
+
+    def progress(label, done, total):
+        if show:
+            print(f"\r  {label}: {done}/{total} samples\033[K", end="", file=sys.stderr,
+                  flush=True)
+
+    print(f"{path}: {spec['name']} {kwargs} trained {ckpt['epoch']} epochs on {cfg['data']} "
+          f"({cfg.get('adv', 'none')} training)")
+    t0 = time.perf_counter()
+    state = state if state is not None else {}
+    try:
+        robust_evaluation(model, x, y, attacks, eps=eps_list, eps_l2=args.eps_l2,
+                          settings=settings, device=device, state=state, on_batch=save,
+                          progress=progress)
+    except ValueError as e:
+        return _error(str(e))
+    except KeyboardInterrupt:
+        save(state, force=True)
+        print(f"\ninterrupted; the results so far are in {out}: run the same command again "
+              "to resume", file=sys.stderr)
+        return 130
+    finally:
+        if show:
+            print("\r\033[K", end="", file=sys.stderr)
+    payload.update(state)
+    res = state["results"]
+    if args.check_masking:
+        from pyeuler.robust.masking import check_gradient_masking
+
+        clean = per_sample(state, "clean")
+        white_box = [s.name for s in specs if s.norm == "Linf" and s.white_box]
+        white = {e: worst_case(clean, [per_sample(state, a, e) for a in white_box])
+                 for e in eps_list} if white_box else {}
+        black = {e: per_sample(state, "square", e) for e in eps_list} if "square" in attacks \
+            else {}
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)
+            report = check_gradient_masking(
+                model, x, y, eps=eps_list, white_box=white, black_box=black,
+                square_queries=args.square_queries, seed=args.seed,
+                batch_size=args.batch_size, device=device)
+        payload["masking"] = report.to_dict()
+    payload["seconds"] = time.perf_counter() - t0
+    payload["complete"] = True
+    save({}, force=True)
+    text = markdown_report(payload)
+    out.with_suffix(".md").write_text(text + "\n")
+    print(f"{n} test samples on {device}, {threads} threads, {time.perf_counter() - t0:.1f} s")
+    merge_note = merge_eval_results(earlier, payload)[1]
+    if merge_note:
+        print(f"{out}: {merge_note}")
+    print(f"  clean accuracy: {100 * res['clean']:.2f}%\n")
+    print(text)
+    if args.check_masking:
+        print(payload["masking"]["verdict"])
+    plotted = plot_report(payload, out.with_suffix(".png"))
+    written = [out, out.with_suffix(".md")] + ([out.with_suffix(".png")] if plotted else [])
+    print(f"results written to {', '.join(map(str, written))}"
+          + ("" if plotted else " (no plot: matplotlib is not installed)"))
     return 0
