@@ -34,8 +34,13 @@ Classes of launches (``launches_by_class``, ``hbm_bytes_by_class``):
 
 HBM bytes of a kernel: each distinct element of each operand, read or written, once (an
 in-place operand counts twice: read and write), times the passes the kernel declares over
-it (:data:`_PASSES`: torch's native BatchNorm reads its input twice).  A lower bound: caches
-are ignored, and so are layout copies inside the CUDA extension's C++ wrappers.
+it: :data:`_PASSES` for ATen (torch's native BatchNorm reads its input twice),
+:func:`pyeuler.triton._utils.declare_passes` next to each Triton kernel (checked against
+the interpreter's loads and stores by ``tests/test_kernel_passes.py``; a kernel without a
+declaration is an error here), :data:`pyeuler.cuda.KERNEL_PASSES` for the CUDA extension.
+An operand a launch passes but does not touch (an absent option's placeholder) is not
+counted.  A lower bound: caches are ignored, and so are layout copies inside the CUDA
+extension's C++ wrappers.
 """
 
 from __future__ import annotations
@@ -65,7 +70,7 @@ from torch.utils._pytree import tree_flatten
 import pyeuler
 from pyeuler.backend import H100, DeviceModel, counting_device
 
-__all__ = ["CLASSES", "PHASES", "TINY_BYTES", "StepConfig", "Workload", "Kernel", "Recorder",
+__all__ = ["CLASSES", "PHASES", "TINY_BYTES", "LAUNCH_GAP_US", "SKIPPED_WHEN_CAPTURED", "StepConfig", "Workload", "Kernel", "Recorder",
            "StepCount", "CostReport", "cost", "count_step", "host_ms", "build_workload",
            "run_step", "probe_step", "kernel_class", "operand_bytes", "foreach_launches",
            "source_revision"]
@@ -79,6 +84,17 @@ DATA_SHAPES = {"cifar10": ((3, 32, 32), 10), "digits": ((1, 8, 8), 10), "moons":
 
 # The host-time probe: the same model and step at these sizes (see host_ms).
 PROBE_WIDTH, PROBE_BATCH, PROBE_IMAGE = 2, 4, 8
+
+# Idle GPU time between two consecutive kernels, µs per launch (model parameters, not
+# measured by pyeuler; docs/benchmarks.md §9).  Eager dispatch: 1.4, fitted by the
+# project's independent cost model to the H100 anchors of docs/benchmarks.md §4.1,
+# (step − profiled kernel time) / launches at K = 0 and K = 1 detached.  A CUDA graph
+# replay: 0.5, that model's assumption (no measurement yet: `pyeuler bench --cuda-graph`
+# on a GPU measures it).
+LAUNCH_GAP_US = {"eager": 1.4, "graph": 0.5}
+# Host reads of an eager step that a captured one skips (pyeuler.ops.dispatch.capture_active):
+# the attacks' check that their inputs lie in [0, 1].
+SKIPPED_WHEN_CAPTURED = ("robust/attacks.py:_check",)
 
 
 @dataclass(frozen=True)
@@ -106,6 +122,7 @@ class StepConfig:
     theta: float = 1.0
     eps: float = 8 / 255
     beta: float = 6.0
+    recompute: bool = True  # unrolled IE-Skips recompute activations (pyeuler.nn.IESkip)
 
     def __post_init__(self):
         from pyeuler.robust.training import ADV_METHODS
@@ -130,6 +147,8 @@ class StepConfig:
             label += f"-{self.norm}"
         if self.adv != "none":
             label += f"-{self.adv}{self.attack_steps}"
+        if not self.recompute:
+            label += "-keep"
         return label
 
 
@@ -157,7 +176,7 @@ def build_workload(config: StepConfig, input_shape: tuple[int, ...] | None = Non
     model = build_model(config.model, input_shape, num_classes, h=config.h,
                         ie_steps=config.ie_steps, ie_step_size=config.ie_step_size,
                         theta=config.theta, grad=config.grad, norm=config.norm,
-                        backend=config.backend)
+                        recompute=config.recompute, backend=config.backend)
     x = torch.rand(config.batch_size, *input_shape)
     y = torch.randint(0, num_classes, (config.batch_size,))
     if config.precision == "bf16" and x.dim() == 4:
@@ -354,6 +373,20 @@ def _node_name(node) -> str:
 _CPU = torch._C.DispatchKeySet(torch._C.DispatchKey.CPU)
 
 
+def _cuda_operands(func, name: str, args, kwargs, out) -> list[tuple[torch.Tensor, int]]:
+    """``(tensor, passes)`` of each operand of a ``pyeuler::cuda_*`` op: its arguments by
+    :data:`pyeuler.cuda.KERNEL_PASSES`, its results one pass each."""
+    from pyeuler.cuda import KERNEL_PASSES
+
+    if name not in KERNEL_PASSES:
+        raise KeyError(f"pyeuler::{name} declares no passes (pyeuler.cuda.KERNEL_PASSES): "
+                       "the cost counter cannot count it")
+    op = dict(zip((argument.name for argument in func._schema.arguments), args)) | kwargs
+    passes = KERNEL_PASSES[name](op)
+    return ([(t, passes.get(argument, 1)) for argument, value in op.items()
+             for t in _tensors(value)] + [(t, 1) for t in _tensors(out)])
+
+
 class Recorder(TorchDispatchMode):
     """Records every kernel of the ops that reach it, and the Triton launches offered to
     :meth:`triton_launch` (through :func:`pyeuler.triton._utils.launch_hook`)."""
@@ -365,6 +398,7 @@ class Recorder(TorchDispatchMode):
         self.kernels: list[Kernel] = []
         self.custom_op_calls: collections.Counter = collections.Counter()
         self.syncs = 0
+        self.sync_sources: collections.Counter = collections.Counter()
         self.phase = "forward"
         self._cuda_launches = KERNEL_LAUNCHES
         self._expanding: list[str] = []
@@ -382,11 +416,15 @@ class Recorder(TorchDispatchMode):
 
     # -- Triton: the launch hook
     def triton_launch(self, name: str, grid, args: tuple, kwargs: dict) -> bool:
-        tensors = _tensors((args, kwargs))
-        sizes = [operand_bytes(t) for t in tensors]
+        from pyeuler.triton._utils import operand_passes
+
+        # each operand times the passes the kernel declares (KeyError if it declares none)
+        touched = [(operand_bytes(t), passes) for _, t, passes in operand_passes(name, args, kwargs)
+                   if passes]
+        largest = max((size for size, _ in touched), default=0)
         # frames: this hook <- the Launcher <- the launch site
-        self._add(f"triton:{name}", kernel_class("triton", max(sizes, default=0)), 1,
-                  sum(sizes), sys._getframe(2))
+        self._add(f"triton:{name}", kernel_class("triton", largest), 1,
+                  sum(size * passes for size, passes in touched), sys._getframe(2))
         return True  # never run: the tensors are fake
 
     # -- everything else: the dispatcher
@@ -396,9 +434,11 @@ class Recorder(TorchDispatchMode):
         if namespace == "pyeuler":
             if name in self._cuda_launches:
                 out = func(*args, **kwargs)
-                sizes = [operand_bytes(t) for t in _tensors((args, kwargs, out))]
-                self._add(str(func), kernel_class("cuda", max(sizes, default=0)),
-                          self._cuda_launches[name], sum(sizes), sys._getframe(1))
+                touched = [(operand_bytes(t), passes)
+                           for t, passes in _cuda_operands(func, name, args, kwargs, out) if passes]
+                largest = max((size for size, _ in touched), default=0)
+                self._add(str(func), kernel_class("cuda", largest), self._cuda_launches[name],
+                          sum(size * passes for size, passes in touched), sys._getframe(1))
                 return out
             # a pyeuler custom op: run its Python body (the CPU kernel of a custom_op without
             # device types) with this mode active, to see what it launches
@@ -411,6 +451,7 @@ class Recorder(TorchDispatchMode):
                 self._expanding.pop()
         if func is torch.ops.aten._local_scalar_dense.default:  # a host read: a sync on a GPU
             self.syncs += 1
+            self.sync_sources[_source(sys._getframe(1))] += 1
             dtype = args[0].dtype
             return False if dtype == torch.bool else 0.0 if dtype.is_floating_point else 0
         if namespace == "aten" and torch._C._dispatch_has_kernel_for_dispatch_key(
@@ -548,6 +589,14 @@ class StepCount:
     kernels: list[Kernel]
     custom_op_calls: dict[str, int]
     syncs: int
+    sync_sources: dict[str, int] = field(default_factory=dict)  # pyeuler function: syncs
+
+    @property
+    def capturable(self) -> bool:
+        """Whether a CUDA graph could capture the step: every host read it makes is one
+        that a capture skips (:data:`SKIPPED_WHEN_CAPTURED`)."""
+        return all(source.split(" < ")[0] in SKIPPED_WHEN_CAPTURED
+                   for source in self.sync_sources)
 
     @property
     def launches(self) -> int:
@@ -618,7 +667,8 @@ def count_step(config: StepConfig, device: DeviceModel = H100) -> StepCount:
             recorder = Recorder()
             with recorder, launch_hook(recorder.triton_launch):
                 run_step(config, work, on_phase=functools.partial(setattr, recorder, "phase"))
-    count = StepCount(recorder.kernels, dict(recorder.custom_op_calls), recorder.syncs)
+    count = StepCount(recorder.kernels, dict(recorder.custom_op_calls), recorder.syncs,
+                      dict(recorder.sync_sources))
     _check_path(config, count)
     return count
 
@@ -728,7 +778,14 @@ def source_revision() -> tuple[str | None, bool | None]:
 @dataclass
 class CostReport:
     """What one training step costs: ``launches`` and HBM bytes per class, custom-op calls,
-    host syncs, host time (ms, this CPU) and the top sources by pyeuler function."""
+    host syncs, host time (ms, this CPU) and the top sources by pyeuler function.
+
+    And what it would cost captured (``pyeuler train --cuda-graph``): ``capturable`` (no
+    host syncs but those a capture skips, :data:`SKIPPED_WHEN_CAPTURED`; ``sync_sources``
+    names the pyeuler function of each), ``captured_host_ms`` (0: a replay issues nothing
+    from the host; None when not capturable) and ``launch_gaps_ms``, the GPU's idle time
+    between kernels, launches × :data:`LAUNCH_GAP_US`, for ``"eager"`` dispatch and a
+    ``"graph"`` replay."""
 
     config: StepConfig
     device: DeviceModel
@@ -744,6 +801,11 @@ class CostReport:
     top_sources: list[dict] = field(default_factory=list)
     commit: str | None = None
     dirty: bool | None = None
+    capturable: bool | None = None
+    sync_sources: dict[str, int] = field(default_factory=dict)
+    captured_host_ms: float | None = None
+    launch_gap_us: dict[str, float] = field(default_factory=lambda: dict(LAUNCH_GAP_US))
+    launch_gaps_ms: dict[str, float] = field(default_factory=dict)
 
     def to_json(self) -> dict:
         data = dataclasses.asdict(self)
@@ -764,7 +826,11 @@ def cost(config: StepConfig, *, device: DeviceModel = H100, host_time: bool = Tr
             reference = host_ms(dataclasses.replace(config, backend="reference"), device=device)
         host = reference if config.backend == "reference" else host_ms(config, device=device)
     commit, dirty = source_revision()
+    capturable = count.capturable
     return CostReport(config, device, count.launches, count.by_class("launches"),
                       count.by_phase(), count.hbm_bytes, count.by_class("bytes"),
                       count.custom_op_calls, count.syncs, host, reference, count.top_sources(),
-                      commit, dirty)
+                      commit, dirty, capturable, count.sync_sources,
+                      0.0 if capturable else None,
+                      dict(LAUNCH_GAP_US),
+                      {kind: count.launches * gap / 1e3 for kind, gap in LAUNCH_GAP_US.items()})

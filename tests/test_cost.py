@@ -211,8 +211,14 @@ def test_recorded_classes_launches_and_bytes():
             torch.ops.aten.convolution_backward.default(out, x, w, None, [1, 1], [1, 1], [1, 1],
                                                         False, [0, 0], 1, [True, True, False])
             assert not bool(x.sum() > 0)  # a host read: a sync, answered False
-            recorder.triton_launch("small_kernel", (1,), (v, 3), {})
-            recorder.triton_launch("big_kernel", (1,), (x, y, v), {"BLOCK": 64})
+            # buffers updated in place: two declared passes each (read and write)
+            recorder.triton_launch("_update_running_stats_kernel", (1,),
+                                   (v, v, None, v, v, None, 0.1, 1.0, c),
+                                   {"HAS_COUNTER": False, "MOMENTUM_MODE": 0, "BLOCK": 256})
+            # y passed as the shortcut but HAS_SHORTCUT off: not touched, not counted
+            recorder.triton_launch("_affine_act_forward_kernel", (1,),
+                                   (x, v, v, y, y, None, n * 32 * 32, c, c, 32 * 32),
+                                   {"HAS_SHORTCUT": False, "SAVE_MASK": False, "BLOCK_I": 64})
             recorder.phase = "optimizer"
             torch._foreach_add_([v, v], [v, v], alpha=0.1)
     got = [(k.name, k.step_class, k.launches, k.bytes) for k in recorder.kernels]
@@ -229,11 +235,64 @@ def test_recorded_classes_launches_and_bytes():
         ("aten.convolution_backward.default wgrad", "conv", 1, 2 * act + wb),
         ("aten.sum.default", "activation", 1, act + 2),
         ("aten.gt.Scalar", "tiny", 1, 2 + 1),
-        ("triton:small_kernel", "tiny", 1, vec),
-        ("triton:big_kernel", "fused", 1, 2 * act + vec),
+        ("triton:_update_running_stats_kernel", "tiny", 1, 2 * 2 * vec + 2 * vec),
+        ("triton:_affine_act_forward_kernel", "fused", 1, 2 * act + 2 * vec),
         ("aten._foreach_add_.List", "optimizer", 1, 6 * vec),  # two lists read, the first written
     ]
     assert recorder.syncs == 1
+
+
+def test_bytes_are_multiplied_by_declared_passes(monkeypatch):
+    """A Triton operand's bytes times the passes its kernel declares: a kernel declaring two
+    passes over x counts x twice; a kernel without a declaration is an error."""
+    from pyeuler.triton import ie
+
+    recorder = Recorder()
+    with FakeTensorMode():
+        x = torch.empty(128, 160, 32, 32, dtype=torch.bfloat16)
+        launch = (x, x, x, x, x.numel(), 0.2, 1.0)
+        recorder.triton_launch("_ie_update_kernel", (1,), launch, {})
+        names = ie._ie_update_kernel.fn.arg_names
+        monkeypatch.setitem(_utils._DECLARED_PASSES, "_ie_update_kernel",
+                            (tuple(names), {"x_ptr": 2, "e_ptr": 1, "v_ptr": 1, "out_ptr": 1}))
+        recorder.triton_launch("_ie_update_kernel", (1,), launch, {})
+        with pytest.raises(KeyError, match="declares no passes"):
+            recorder.triton_launch("_undeclared_kernel", (1,), (x,), {})
+    act = x.numel() * 2
+    assert [k.bytes for k in recorder.kernels] == [4 * act, 5 * act]
+
+
+def test_cuda_kernel_passes_are_declared_and_counted():
+    """Every CUDA op declares its passes over schema arguments; the counter reads running
+    statistics twice (in place) and the gate's scale and shift only when it recomputes the
+    gate."""
+    from pyeuler.cuda import KERNEL_LAUNCHES, KERNEL_PASSES, SCHEMAS
+
+    assert set(KERNEL_PASSES) == set(KERNEL_LAUNCHES)
+    for schema in SCHEMAS:
+        arguments = [a.name for a in torch._C.parse_schema(f"pyeuler::{schema}").arguments]
+        op = dict.fromkeys(arguments, None)
+        assert set(KERNEL_PASSES[schema.split("(")[0]](op)) <= set(arguments), schema
+    n, c = 128, 160
+    act, vec = n * c * 32 * 32 * 2, c * 4
+    recorder = Recorder()
+    with backend.counting_device(backend.H100):
+        import pyeuler.cuda
+
+        assert pyeuler.cuda.is_available()[0]  # defines the ops for counting
+        with FakeTensorMode():
+            x = torch.empty(n, c, 32, 32, dtype=torch.bfloat16)
+            mask = torch.empty(n, c, 32, 32, dtype=torch.bool)
+            v, counter = torch.empty(c), torch.zeros((), dtype=torch.long)
+            with recorder:
+                torch.ops.pyeuler.cuda_update_running_stats(v, v, counter, v, v, 37, None, 0.1)
+                torch.ops.pyeuler.cuda_affine_act_backward_reduce(x, x, v, v, v, mask, True, False)
+                torch.ops.pyeuler.cuda_affine_act_backward_reduce(x, x, v, v, v, None, True, False)
+    sums = 2 * vec  # the two [C] results
+    assert [k.bytes for k in recorder.kernels] == [
+        2 * 2 * vec + 2 * 8 + 2 * vec,  # running mean, var and counter in place; mean, var
+        2 * act + act // 2 + vec + sums,  # dy, x, the mask, the centre
+        2 * act + 3 * vec + sums]  # dy, x, scale, shift, the centre
 
 
 # ------------------------------------------------------------------ (c) launch budget
@@ -285,3 +344,53 @@ def test_cli_json_keys(tmp_path, capsys):
                                      for k, g in ((0, "unrolled"), (1, "unrolled"),
                                                   (1, "detached")))
     assert all(r["host_ms"] is None for r in reports.values())
+
+
+# ------------------------------------------------------------------ (e) a captured step
+
+
+_CAPTURE_CASES = [(0, "unrolled", "batch", "none"), (1, "unrolled", "batch", "none"),
+                  (1, "unrolled", "group", "trades"), (1, "detached", "batch", "pgd"),
+                  (1, "detached", "group", "none"), (2, "implicit", "batch", "trades"),
+                  (2, "implicit", "group", "pgd")]
+
+
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+@pytest.mark.parametrize("k,grad,norm,adv", _CAPTURE_CASES)
+def test_gpu_path_step_is_capturable(backend, k, grad, norm, adv):
+    """The step CUDA tensors take (emulated) reads nothing on the host but the attacks'
+    input check, which a capture skips; the report prices a replay: host 0, graph gaps."""
+    from pyeuler.cost import LAUNCH_GAP_US, SKIPPED_WHEN_CAPTURED, cost
+
+    config = StepConfig(**{**SMALL.__dict__, "backend": backend, "grad": grad, "adv": adv,
+                           "norm": norm, "attack_steps": 1, "ie_steps": k})
+    report = cost(config, device=ONE_SM, host_time=False)
+    assert report.capturable and report.captured_host_ms == 0.0
+    assert {source.split(" < ")[0] for source in report.sync_sources} <= set(
+        SKIPPED_WHEN_CAPTURED)
+    assert (adv != "none") == (report.syncs > 0)  # the check the capture skips is counted
+    assert report.launch_gaps_ms == {kind: report.launches * gap / 1e3
+                                     for kind, gap in LAUNCH_GAP_US.items()}
+    assert report.launch_gaps_ms["graph"] < report.launch_gaps_ms["eager"]
+
+
+def test_a_step_with_a_host_read_is_not_capturable():
+    from pyeuler.cost import StepCount
+
+    assert StepCount([], {}, 1, {"robust/attacks.py:_check < pgd": 1}).capturable
+    assert not StepCount([], {}, 1, {"ops/fixed_point.py:anderson < _ie_implicit": 1}).capturable
+    assert StepCount([], {}, 0).capturable
+
+
+def test_cli_reports_the_captured_step(tmp_path, capsys):
+    from pyeuler.cli import main
+
+    out = tmp_path / "one.json"
+    assert main(["cost", "--model", "wrn-10-1", "--data", "digits", "--batch-size", "4",
+                 "--no-host-time", "--top", "0", "--json", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert report["capturable"] is True and report["captured_host_ms"] == 0.0
+    assert set(report["launch_gaps_ms"]) == set(report["launch_gap_us"]) == {"eager", "graph"}
+    text = capsys.readouterr().out
+    assert (f"captured step (CUDA graph): host 0 ms, launch gaps {report['launches']} × 0.5 µs"
+            in text) and "eager dispatch: launch gaps" in text

@@ -46,6 +46,10 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     g.add_argument("--grad", nargs="+", default=["unrolled"],
                    choices=("unrolled", "detached", "implicit"),
                    help="IE-Skip gradient mode [unrolled]")
+    g.add_argument("--keep-activations", dest="recompute", action="store_false",
+                   help="unrolled IE-Skips keep their activations for the backward instead "
+                        "of recomputing them (IESkip(recompute=False): fewer bytes, more "
+                        "memory) [recompute]")
     g = p.add_argument_group("step")
     g.add_argument("--batch-size", type=_pos_int, default=128, help="[128]")
     g.add_argument("--precision", default="bf16", choices=("bf16", "fp32"),
@@ -84,7 +88,8 @@ def configs(args: argparse.Namespace) -> list:
         out.append(StepConfig(model=args.model, data=args.data, batch_size=args.batch_size,
                               precision=args.precision, ie_steps=k, grad=grad, norm=args.norm,
                               adv=args.adv, attack_steps=args.attack_steps, backend=backend,
-                              h=args.h, ie_step_size=args.ie_step_size, theta=args.theta))
+                              h=args.h, ie_step_size=args.ie_step_size, theta=args.theta,
+                              recompute=args.recompute))
     return out
 
 
@@ -97,8 +102,9 @@ def format_report(report, top: int) -> str:
 
     c = report.config
     adv = "" if c.adv == "none" else f" · {c.adv} ({c.attack_steps} attack steps)"
-    lines = [f"{c.model} · {c.data} · batch {c.batch_size} · {c.precision} · K={c.ie_steps} "
-             f"{c.grad} · norm {c.norm}{adv} · {c.backend}   "
+    ie = f"K={c.ie_steps} {c.grad}" if c.ie_steps else "K=0"
+    lines = [f"{c.model} · {c.data} · batch {c.batch_size} · {c.precision} · {ie} "
+             f"· norm {c.norm}{adv} · {c.backend}   "
              f"(as on {report.device.name}, {report.device.sm_count} SMs)"]
     if report.commit:
         changes = " (uncommitted changes)" if report.dirty else ""
@@ -119,6 +125,7 @@ def format_report(report, top: int) -> str:
         lines.append(f"host time to issue the step: {report.host_ms:.1f} ms (reference backend "
                      f"{report.host_ms_reference:.1f} ms); CPU time on this machine, "
                      f"{probe.model}, batch {probe.batch_size}, inputs {'×'.join(map(str, shape))}")
+    lines.append(_captured_line(report))
     if top and report.top_sources:
         rows = report.top_sources[:top]
         width = max(len(row["source"]) for row in rows) + 2
@@ -133,12 +140,34 @@ def format_report(report, top: int) -> str:
     return "\n".join(lines)
 
 
+def _captured_line(report) -> str:
+    """What a CUDA-graph replay of the step would cost next to eager dispatch: host time
+    and the GPU's idle gaps between kernels (model parameters: pyeuler.cost.LAUNCH_GAP_US)."""
+    gap, gaps = report.launch_gap_us, report.launch_gaps_ms
+    eager_host = f"host {report.host_ms:.1f} ms (this CPU), " if report.host_ms is not None else ""
+    eager = (f"eager dispatch: {eager_host}launch gaps {report.launches} × {gap['eager']:g} µs "
+             f"= {gaps['eager']:.2f} ms")
+    if not report.capturable:
+        return (f"captured step (CUDA graph): not capturable, {report.syncs} host syncs; "
+                f"{eager}")
+    return (f"captured step (CUDA graph): host {report.captured_host_ms:g} ms, launch gaps "
+            f"{report.launches} × {gap['graph']:g} µs = {gaps['graph']:.2f} ms; {eager}")
+
+
+def printed_label(config) -> str:
+    """``config.label`` without the gradient mode at K = 0 (no IE-Skip there: the mode
+    means nothing); the JSON's report keys keep ``config.label`` unchanged."""
+    if config.ie_steps:
+        return config.label
+    return config.label.replace(f"-K0-{config.grad}-", "-K0-")
+
+
 def _summary(reports) -> str:
     lines = [f"{'configuration':34s}{'launches':>9s}{'tiny':>7s}{'fused':>7s}{'HBM GB':>9s}"
              f"{'host ms':>9s}"]
     for r in reports:
         host = f"{r.host_ms:.1f}" if r.host_ms is not None else "-"
-        lines.append(f"{r.config.label:34s}{r.launches:9d}{r.launches_by_class['tiny']:7d}"
+        lines.append(f"{printed_label(r.config):34s}{r.launches:9d}{r.launches_by_class['tiny']:7d}"
                      f"{r.launches_by_class['fused']:7d}{r.hbm_bytes / 1e9:9.2f}{host:>9s}")
     return "\n".join(lines)
 

@@ -111,6 +111,30 @@ KERNEL_LAUNCHES = {schema.split("(")[0]: 1 for schema in SCHEMAS} | {
 }
 
 
+def _gate_passes(op: dict) -> dict[str, int]:
+    # scale and shift are read only to recompute the ReLU gate (kernels/affine_act.cu:
+    # gate_from_affine), never when the mask is loaded
+    recompute = int(op["mask"] is None and bool(op["relu"]))
+    return {"scale": recompute, "shift": recompute}
+
+
+# HBM passes of each op's kernels, for pyeuler.cost: a function of the op's arguments (by
+# schema name) giving the passes over those that differ from one; every other tensor
+# argument and every result is one pass.  kernels/*.cu run the Triton kernels' algorithms,
+# whose declarations tests/test_kernel_passes.py checks against the interpreter's accesses:
+# one pass over each activation-sized operand; running statistics are read and written in
+# place.  (Not checked on a GPU here: nothing counts a CUDA kernel's loads.)
+KERNEL_PASSES = {name: lambda op: {} for name in KERNEL_LAUNCHES} | {
+    name: _gate_passes for name in (
+        "cuda_affine_act_backward_reduce", "cuda_affine_act_backward_apply",
+        "cuda_affine_act_backward_apply_ie_update", "cuda_affine_act_double_backward_reduce",
+        "cuda_affine_act_double_backward_apply")
+} | {
+    "cuda_update_running_stats": lambda op: {"running_mean": 2, "running_var": 2,
+                                             "num_batches_tracked": 2},
+}
+
+
 def _load() -> ModuleType:
     """The extension module, loaded (or built) once; RuntimeError with the reason if not."""
     global _extension, _load_error

@@ -15,7 +15,9 @@ Any other layout is copied into one of these two first.
 Launch seam: every kernel of this package launches through :class:`Launcher`
 (:func:`route_launches`, applied by ``pyeuler/triton/__init__.py``), which offers each
 launch to the hook installed with :func:`launch_hook` before running it.  The cost counter
-(:mod:`pyeuler.cost`) records launches there, and skips them on fake tensors.
+(:mod:`pyeuler.cost`) records launches there, and skips them on fake tensors; it counts
+each operand's bytes times the passes the kernel declares over it (:func:`declare_passes`,
+above each kernel).
 """
 
 from __future__ import annotations
@@ -111,6 +113,80 @@ def route_launches(module: ModuleType) -> None:
     for name, value in list(vars(module).items()):
         if isinstance(value, KernelInterface) and name.endswith("_kernel"):
             setattr(module, name, Launcher(value))
+
+
+# ----------------------------------------------------------------------------- declared passes
+
+# A kernel's passes over its pointer operands, {argument name: passes}, or a function of the
+# launch's named arguments (scalars and host-given constexprs) returning that dict.
+PassDeclaration = dict[str, int] | Callable[[dict[str, Any]], dict[str, int]]
+# kernel name -> (argument names, declaration)
+_DECLARED_PASSES: dict[str, tuple[tuple[str, ...], PassDeclaration]] = {}
+
+
+def _arg_names(kernel) -> tuple[str, ...]:
+    # autotune / heuristics wrappers and the JIT (or interpreted) function all carry them
+    while not hasattr(kernel, "arg_names") and hasattr(kernel, "fn"):
+        kernel = kernel.fn
+    return tuple(kernel.arg_names)
+
+
+def declare_passes(passes: PassDeclaration):
+    """Decorator: declare how many times a kernel moves each pointer operand through HBM.
+
+    One pass is one read, or one write, of each of the operand's elements; an operand read
+    and written in place makes 2, a two-pass kernel that re-reads x declares 2 for x, an
+    operand passed but not touched (an absent option's placeholder) 0.  Re-reads of a few
+    elements (a reduction's shift row) and of per-channel vectors that stay in cache are not
+    passes.  ``passes`` is ``{argument name: passes}`` or, where a constexpr flag decides,
+    a function of the launch's named arguments returning it.  :mod:`pyeuler.cost` multiplies
+    each operand's bytes by it; ``tests/test_kernel_passes.py`` checks each declaration
+    against the loads and stores the kernel issues in the interpreter.
+
+    Raises ValueError at import if a static declaration names an argument the kernel lacks.
+    """
+    def register(kernel):
+        name = _kernel_name(kernel)
+        arg_names = _arg_names(kernel)
+        if not callable(passes):
+            unknown = set(passes) - set(arg_names)
+            if unknown:
+                raise ValueError(f"{name}: declared passes name no argument of it: "
+                                 f"{sorted(unknown)}")
+        _DECLARED_PASSES[name] = (arg_names, passes)
+        return kernel
+
+    return register
+
+
+def declared_kernels() -> tuple[str, ...]:
+    """Names of the kernels with declared passes."""
+    return tuple(_DECLARED_PASSES)
+
+
+def operand_passes(name: str, args: tuple, kwargs: dict) -> list[tuple[str, torch.Tensor, int]]:
+    """``(argument, tensor, passes)`` of each tensor operand of one launch of kernel ``name``
+    (positional ``args`` and keyword ``kwargs`` as given at the launch site).
+
+    Raises KeyError if the kernel declares no passes, ValueError if a tensor operand is
+    missing from its declaration or a pass count is not an int >= 0.
+    """
+    if name not in _DECLARED_PASSES:
+        raise KeyError(f"Triton kernel {name} declares no passes over its operands "
+                       "(pyeuler.triton._utils.declare_passes): the cost counter cannot count it")
+    arg_names, declaration = _DECLARED_PASSES[name]
+    launch = {**dict(zip(arg_names, args)), **kwargs}
+    passes = declaration(launch) if callable(declaration) else declaration
+    operands = []
+    for argument, value in launch.items():
+        if not isinstance(value, torch.Tensor):
+            continue
+        count = passes.get(argument)
+        if isinstance(count, bool) or not isinstance(count, int) or count < 0:
+            raise ValueError(f"{name}: tensor operand {argument} needs a declared pass count "
+                             f"(an int >= 0), got {count!r}")
+        operands.append((argument, value, count))
+    return operands
 
 
 def autotune_configs(tiles_and_warps: list[tuple[int, int]], interpreter_tile: int) -> list:

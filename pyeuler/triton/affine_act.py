@@ -35,6 +35,7 @@ from pyeuler.triton._utils import (
     check_float,
     check_like,
     coefficients,
+    declare_passes,
     dense_layout,
     inner_block,
     needs_wide_index,
@@ -127,6 +128,16 @@ def _gated_grad(dy, x, mask_ptr, offsets, ok, scale_ptr, shift_ptr, coef, coef_o
     return tl.where(m, dy, 0.0)
 
 
+def _gate_passes(launch) -> dict[str, int]:
+    """Passes of ``_gate``'s operands: the saved mask, or scale and shift to recompute it."""
+    recompute = not launch["LOAD_MASK"] and launch["RECOMPUTE_MASK"]
+    return {"mask_ptr": int(launch["LOAD_MASK"]), "scale_ptr": int(recompute),
+            "shift_ptr": int(recompute)}
+
+
+@declare_passes(lambda launch: {
+    "x_ptr": 1, "scale_ptr": 1, "shift_ptr": 1, "y_ptr": 1,
+    "shortcut_ptr": int(launch["HAS_SHORTCUT"]), "mask_ptr": int(launch["SAVE_MASK"])})
 @triton.autotune(configs=_ELEMENTWISE_CONFIGS, key=["n_outer", "n_inner"])
 @triton.heuristics({"BLOCK_O": lambda a: outer_block(a["TILE"], a["BLOCK_I"], a["n_outer"])})
 @triton.jit
@@ -153,6 +164,14 @@ def _affine_act_forward_kernel(
         tl.store(mask_ptr + offsets, ~(y <= 0), mask=ok)
 
 
+def _grad_sums_passes(launch) -> dict[str, int]:
+    """Both grad-sum kernels: one read of dy and x (and ddx), one write of each partial."""
+    double = int(launch["DOUBLE_BACKWARD"])
+    return {"dy_ptr": 1, "x_ptr": 1, "ddx_ptr": double, "center_ptr": 1, "w_parts_ptr": 1,
+            "wx_parts_ptr": 1, "wg_parts_ptr": double, **_gate_passes(launch)}
+
+
+@declare_passes(_grad_sums_passes)
 @triton.heuristics({"BLOCK_R": lambda a: outer_block(a["TILE"], a["BLOCK_C"], a["rows_per_split"])})
 @triton.jit
 def _grad_sums_columns_kernel(
@@ -211,6 +230,7 @@ def _grad_sums_columns_kernel(
         tl.store(wg_parts_ptr + out, tl.sum(acc_wg, axis=0), mask=col_ok)
 
 
+@declare_passes(_grad_sums_passes)
 @triton.heuristics({"BLOCK_P": lambda a: outer_block(a["TILE"], a["BLOCK_S"], a["planes_per_split"])})
 @triton.jit
 def _grad_sums_planes_kernel(
@@ -268,6 +288,9 @@ def _grad_sums_planes_kernel(
         tl.store(wg_parts_ptr + out, tl.sum(acc_wg))
 
 
+@declare_passes(lambda launch: {
+    "w_parts_ptr": 1, "wx_parts_ptr": 1, "w_sum_ptr": 1, "wx_sum_ptr": 1,
+    "wg_parts_ptr": int(launch["THREE_SUMS"]), "wg_sum_ptr": int(launch["THREE_SUMS"])})
 @triton.jit
 def _sum_partials_kernel(w_parts_ptr, wx_parts_ptr, wg_parts_ptr, w_sum_ptr, wx_sum_ptr,
                          wg_sum_ptr, n_parts, K, THREE_SUMS: tl.constexpr, BLOCK_K: tl.constexpr):
@@ -292,6 +315,10 @@ def _sum_partials_kernel(w_parts_ptr, wx_parts_ptr, wg_parts_ptr, w_sum_ptr, wx_
         tl.store(wg_sum_ptr + ks, total_wg, mask=ok)
 
 
+@declare_passes(lambda launch: {
+    "dy_ptr": 1, "x_ptr": 1, "a_ptr": 1, "b_ptr": 1, "c_ptr": 1, "center_ptr": 1, "dx_ptr": 1,
+    "dshortcut_ptr": int(launch["WANT_DSHORTCUT"]), "e_ptr": int(launch["IE_UPDATE"]),
+    **_gate_passes(launch)})
 @triton.autotune(configs=_ELEMENTWISE_CONFIGS, key=["n_outer", "n_inner"])
 @triton.heuristics({"BLOCK_O": lambda a: outer_block(a["TILE"], a["BLOCK_I"], a["n_outer"])})
 @triton.jit
@@ -329,6 +356,11 @@ def _affine_act_backward_apply_kernel(
         tl.store(dshortcut_ptr + offsets, g.to(dshortcut_ptr.dtype.element_ty), mask=ok)
 
 
+@declare_passes(lambda launch: {
+    "ddx_ptr": 1, "dy_ptr": 1, "x_ptr": 1, "a_ptr": 1, "b_ptr": 1, "p_ptr": 1, "q_ptr": 1,
+    "center_ptr": 1, "ddy_ptr": 1, "dxx_ptr": 1,
+    "ddshortcut_ptr": int(launch["HAS_DDSHORTCUT"]),
+    "dxx_addend_ptr": int(launch["HAS_DXX_ADDEND"]), **_gate_passes(launch)})
 @triton.autotune(configs=_ELEMENTWISE_CONFIGS, key=["n_outer", "n_inner"])
 @triton.heuristics({"BLOCK_O": lambda a: outer_block(a["TILE"], a["BLOCK_I"], a["n_outer"])})
 @triton.jit

@@ -22,7 +22,7 @@ import triton
 import triton.language as tl
 
 from pyeuler.ops import norm_algebra
-from pyeuler.triton._utils import check_device
+from pyeuler.triton._utils import check_device, declare_passes
 
 __all__ = ["backward_coefficients", "backward_coefficients_vjp", "double_backward_coefficients",
            "forward_coefficients", "update_running_stats"]
@@ -81,6 +81,15 @@ def store_forward_coefficients(mean, var, channel, out, ok, weight_ptr, bias_ptr
     tl.store(shift_ptr + out, shift, mask=ok)
 
 
+def forward_coefficient_passes(launch, present=True) -> dict[str, int]:
+    """Passes of ``store_forward_coefficients``' operands in a launch that runs it
+    (``present``): one over each vector it reads or writes, none over absent ones."""
+    return {"weight_ptr": int(present and launch["HAS_WEIGHT"]),
+            "bias_ptr": int(present and launch["HAS_BIAS"]),
+            "h_ptr": int(present and launch["H_MODE"] != 0),
+            "scale_ptr": int(present), "shift_ptr": int(present)}
+
+
 @triton.jit
 def _store_parameter_grads(dweight_ptr, dbias_ptr, dh_ptr, dweight, dbias, dh, dh_total,
                            channel, ok, NEED_WEIGHT: tl.constexpr, NEED_BIAS: tl.constexpr,
@@ -99,6 +108,9 @@ def _store_parameter_grads(dweight_ptr, dbias_ptr, dh_ptr, dweight, dbias, dh, d
     return dh_total
 
 
+# Per-channel vectors: one pass over each that the launch's flags read or write; the
+# placeholders of absent ones (_dummy) are not touched.
+@declare_passes(lambda launch: {"mean_ptr": 1, "var_ptr": 1, **forward_coefficient_passes(launch)})
 @triton.jit
 def _forward_coefficients_kernel(
     mean_ptr, var_ptr, weight_ptr, bias_ptr, h_ptr, scale_ptr, shift_ptr,
@@ -117,6 +129,15 @@ def _forward_coefficients_kernel(
                 HAS_BIAS, H_MODE)
 
 
+@declare_passes(lambda launch: {
+    "sum_g_ptr": int(launch["HAS_SUMS"]), "sum_gxc_ptr": int(launch["HAS_SUMS"]),
+    "dmean_ptr": int(launch["CENTERED"] and launch["HAS_DMEAN"]),
+    "dvar_ptr": int(launch["CENTERED"] and launch["HAS_DVAR"]),
+    "weight_ptr": int(launch["HAS_WEIGHT"]),
+    "bias_ptr": int(launch["HAS_SUMS"] and launch["HAS_BIAS"]),
+    "h_ptr": int(launch["H_MODE"] != 0), "var_ptr": 1, "a_ptr": 1, "b_ptr": 1, "c_ptr": 1,
+    "dweight_ptr": int(launch["NEED_WEIGHT"]), "dbias_ptr": int(launch["NEED_BIAS"]),
+    "dh_ptr": int(launch["NEED_H"] and launch["H_MODE"] != 0)})
 @triton.jit
 def _backward_coefficients_kernel(
     sum_g_ptr, sum_gxc_ptr, dmean_ptr, dvar_ptr, weight_ptr, bias_ptr, h_ptr, var_ptr,
@@ -260,6 +281,26 @@ def backward_coefficients(sum_g, sum_gxc, dmean, dvar, weight, bias, h, var, h_v
     return a, b, c, dweight, dbias, dh
 
 
+def _vjp_passes(launch) -> dict[str, int]:
+    """One pass over each vector the VJP kernel's flags read (a cotangent given, ``COT_*``)
+    or write (a gradient wanted, ``WANT_*``); none over the placeholders of the rest."""
+    h = launch["H_MODE"] != 0
+    passes = {"sum_g_ptr": launch["HAS_SUMS"], "sum_gxc_ptr": launch["HAS_SUMS"],
+              "dvar_ptr": launch["WANT_AB"] and launch["CENTERED"] and launch["HAS_DVAR"],
+              "weight_ptr": launch["HAS_WEIGHT"],
+              "bias_ptr": launch["HAS_SUMS"] and launch["HAS_BIAS"],
+              "h_ptr": h, "var_ptr": True, "cot_dh_ptr": launch["COT_DH"] and h,
+              "a_ptr": launch["WANT_AB"], "b_ptr": launch["WANT_AB"],
+              "d_mean_ptr": launch["WANT_AB"] and launch["WANT_D_MEAN"],
+              "d_h_ptr": launch["WANT_D_H"] and h}
+    for name in ("a", "b", "c", "dweight", "dbias", "sum_g", "sum_gxc"):
+        passes[f"cot_{name}_ptr"] = launch[f"COT_{name.upper()}"]
+    for name in ("sum_g", "sum_gxc", "dmean", "dvar", "weight", "bias", "var"):
+        passes[f"d_{name}_ptr"] = launch[f"WANT_D_{name.upper()}"]
+    return {name: int(bool(read)) for name, read in passes.items()}
+
+
+@declare_passes(_vjp_passes)
 @triton.jit
 def _backward_coefficients_vjp_kernel(
     sum_g_ptr, sum_gxc_ptr, dvar_ptr, weight_ptr, bias_ptr, h_ptr, var_ptr,
@@ -481,6 +522,10 @@ def _lerp_in_place(running_ptr, channel, ok, end, rate):
     tl.store(running_ptr + channel, value.to(running_ptr.dtype.element_ty), mask=ok)
 
 
+# the buffers are read and written in place: two passes each
+@declare_passes(lambda launch: {
+    "running_mean_ptr": 2, "running_var_ptr": 2, "counter_ptr": 2 * int(launch["HAS_COUNTER"]),
+    "mean_ptr": 1, "var_ptr": 1, "momentum_ptr": int(launch["MOMENTUM_MODE"] == 1)})
 @triton.jit
 def _update_running_stats_kernel(
     running_mean_ptr, running_var_ptr, counter_ptr, mean_ptr, var_ptr, momentum_ptr,

@@ -16,6 +16,7 @@ from pyeuler.triton._utils import (
     check_device,
     check_float,
     check_like,
+    declare_passes,
     needs_wide_index,
     same_layout,
 )
@@ -34,6 +35,7 @@ def _flat_offsets(numel, TILE: tl.constexpr, WIDE_INDEX: tl.constexpr):
     return offsets, offsets < numel
 
 
+@declare_passes({"x_ptr": 1, "c_ptr": 1, "fx_ptr": 1, "e_ptr": 1})
 @triton.autotune(configs=_CONFIGS, key=["numel"])
 @triton.jit
 def _ie_residual_kernel(x_ptr, c_ptr, fx_ptr, e_ptr, numel, theta,
@@ -46,6 +48,7 @@ def _ie_residual_kernel(x_ptr, c_ptr, fx_ptr, e_ptr, numel, theta,
     tl.store(e_ptr + offsets, e.to(e_ptr.dtype.element_ty), mask=ok)
 
 
+@declare_passes({"x_ptr": 1, "e_ptr": 1, "v_ptr": 1, "out_ptr": 1})
 @triton.autotune(configs=_CONFIGS, key=["numel"])
 @triton.jit
 def _ie_update_kernel(x_ptr, e_ptr, v_ptr, out_ptr, numel, two_step_size, theta,

@@ -24,11 +24,12 @@ import triton
 import triton.language as tl
 
 from pyeuler.ops import norm_algebra
-from pyeuler.triton.coefficients import store_forward_coefficients
+from pyeuler.triton.coefficients import forward_coefficient_passes, store_forward_coefficients
 from pyeuler.triton._utils import (
     REDUCTION_TILE,
     REDUCTION_WARPS,
     check_activation,
+    declare_passes,
     dense_layout,
     inner_block,
     needs_wide_index,
@@ -54,6 +55,10 @@ def _welford_lanes_to_partial(count, mean, m2, AXIS: tl.constexpr):
     return total, merged_mean, merged_m2
 
 
+_PARTIALS_PASSES = {"x_ptr": 1, "count_ptr": 1, "mean_ptr": 1, "m2_ptr": 1}
+
+
+@declare_passes(_PARTIALS_PASSES)  # the shift, one element per split, is not a pass
 @triton.heuristics({"BLOCK_R": lambda a: outer_block(a["TILE"], a["BLOCK_C"], a["rows_per_split"])})
 @triton.jit
 def _channel_stats_partials_kernel(
@@ -101,6 +106,7 @@ def _channel_stats_partials_kernel(
     tl.store(m2_ptr + out, part_m2, mask=col_ok)
 
 
+@declare_passes(_PARTIALS_PASSES)
 @triton.heuristics({"BLOCK_O": lambda a: outer_block(a["TILE"], a["BLOCK_I"], a["outer_per_split"])})
 @triton.jit
 def _segment_stats_partials_kernel(
@@ -152,6 +158,10 @@ def _segment_stats_partials_kernel(
     tl.store(m2_ptr + out, part_m2)
 
 
+@declare_passes(lambda launch: {
+    "count_ptr": 1, "mean_ptr": 1, "m2_ptr": 1, "out_count_ptr": 1, "out_mean_ptr": 1,
+    "out_m2_ptr": 1, "out_var_ptr": 1,
+    **forward_coefficient_passes(launch, launch["COEFFICIENTS"])})
 @triton.jit
 def _merge_stats_kernel(
     count_ptr, mean_ptr, m2_ptr,
