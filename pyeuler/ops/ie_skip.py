@@ -37,6 +37,7 @@ from pyeuler.ops.dispatch import (dual_level_open, forward_mode_active, func_tra
                                   kernel_backend)
 from pyeuler.ops.fixed_point import anderson
 from pyeuler.ops.norm_act_fusions import cached_weight_casts
+from pyeuler.ops.sync import refuse_synchronised
 from pyeuler.ops.preact_branch import (branch_forward, branch_vjp, branch_vjp_ie_update,
                                        has_explicit_vjp)
 
@@ -410,6 +411,11 @@ def ie_skip(branch, x: Tensor, steps: int = 1, step_size: float = 0.1, theta: fl
     name = kernel_backend(resolve_backend(backend, x.device), x, *parameters)
     if grad == "implicit" and steps > 0:
         _check_implicit_differentiation(x, parameters)
+        if isinstance(branch, nn.Module):
+            # each process's Anderson solver mixes iterates with coefficients of its own
+            # shard, so the processes would not solve the global batch's fixed point
+            refuse_synchronised(branch, "grad='implicit' IE-Skips",
+                                "use grad='unrolled' (or 'detached'), or norm='group'")
     preact = has_explicit_vjp(branch)
     explicit = preact and name != "reference"
     if preact:

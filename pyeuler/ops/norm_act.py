@@ -18,11 +18,12 @@ from torch import Tensor
 
 from pyeuler.backend import resolve_backend
 from pyeuler.ops import primitives, reference_norm
-from pyeuler.ops.dispatch import kernel_backend
+from pyeuler.ops import sync as collectives
+from pyeuler.ops.dispatch import forward_mode_active, func_transform_active, kernel_backend
 from pyeuler.ops.norm_act_fusions import (conv_weight_for, norm_relu_backward_conv,
                                           norm_relu_backward_ie_update, norm_relu_conv)
-from pyeuler.ops.norm_act_ops import (Affine, NormStats, forward_math, norm_act_backward,
-                                      norm_act_fwd, update_running_stats_op)
+from pyeuler.ops.norm_act_ops import (Affine, NormStats, SyncedNormAct, forward_math,
+                                      norm_act_backward, norm_act_fwd, update_running_stats_op)
 from pyeuler.ops.norm_algebra import statistic_count
 
 __all__ = ["NormStats", "conv_weight_for", "norm_act", "norm_act_backward", "norm_act_module",
@@ -58,7 +59,7 @@ def _is_real(v) -> bool:
 
 
 def _validate(x, weight, bias, running_mean, running_var, shortcut, h, groups, training, eps,
-              momentum, relu, num_batches_tracked=None):
+              momentum, relu, num_batches_tracked=None, synchronised=False):
     if not isinstance(x, Tensor):
         raise TypeError(f"x must be a Tensor, got {type(x).__name__}")
     if x.dim() < 2 or x.dim() > 5:
@@ -139,7 +140,8 @@ def _validate(x, weight, bias, running_mean, running_var, shortcut, h, groups, t
     if not isinstance(groups, int) or isinstance(groups, bool) or groups < 0 or (
             groups > 0 and channels % groups):
         raise ValueError(f"groups must be 0 (batch norm) or divide C={channels}, got {groups!r}")
-    if groups == 0 and training and x.numel() == channels:  # N·spatial == 1, as torch refuses
+    # N·spatial == 1, as torch refuses (synchronised: the global batch counts, as in torch)
+    if groups == 0 and training and x.numel() == channels and not synchronised:
         raise ValueError(f"x has one value per channel ({tuple(x.shape)}); batch statistics in "
                          "training mode need more than one (N·spatial > 1)")
     if (running_mean is None) != (running_var is None):
@@ -186,8 +188,13 @@ def _reference(x, weight, bias, running_mean, running_var, training, momentum, e
             running_mean = running_var = None
         y = reference_norm.batch_norm(x, running_mean, running_var, weight, bias, training,
                                       momentum, eps)
+    return _step_shortcut_act(y, shortcut, h, relu)
+
+
+def _step_shortcut_act(y: Tensor, shortcut: Tensor | None, h, relu: bool) -> Tensor:
+    """``act(shortcut + h·y)`` of a normalised y, literally."""
     if isinstance(h, Tensor) and h.dim() == 1:
-        h = h.view(1, -1, *([1] * (x.dim() - 2)))
+        h = h.view(1, -1, *([1] * (y.dim() - 2)))
     if not (isinstance(h, float) and h == 1.0):
         y = h * y
     if shortcut is not None:
@@ -300,15 +307,73 @@ def norm_act(
 
 
 
-def _would_sync(norm: torch.nn.SyncBatchNorm) -> bool:
-    """Whether ``nn.SyncBatchNorm`` would all-reduce its statistics here: a process group
-    of more than one process (alone, it is plain BatchNorm, as torch's forward has it)."""
-    import torch.distributed as dist
+def _synced_reference(x, weight, bias, running_mean, running_var, num_batches_tracked, momentum,
+                      eps, shortcut, h, relu, sync):
+    """The literal synchronised BatchNorm: mean and variance as sums all-reduced over the
+    group (differentiable, so every derivative order is autograd's), then
+    :func:`_reference`'s step, shortcut and ReLU."""
+    dims = [0, *range(2, x.dim())]
+    broadcast = (1, -1, *([1] * (x.dim() - 2)))
+    local_count = torch.full((), float(x.numel() // x.shape[1]), dtype=x.dtype, device=x.device)
+    count, total = collectives.all_reduce_sum((local_count, x.sum(dims)), sync)
+    mean = total / count
+    (m2,) = collectives.all_reduce_sum(((x - mean.view(broadcast)).square().sum(dims),), sync)
+    var = m2 / count
+    var = var.masked_fill(var == float("inf"), float("nan"))  # docs/semantics.md §5
+    y = (x - mean.view(broadcast)) * torch.rsqrt(var + eps).view(broadcast)
+    if weight is not None:
+        y = y * weight.view(broadcast)
+    if bias is not None:
+        y = y + bias.view(broadcast)
+    if running_mean is not None:
+        primitives.update_running_stats(running_mean, running_var, num_batches_tracked, mean, var,
+                                        count, momentum)
+    return _step_shortcut_act(y, shortcut, h, relu)
 
-    if not (dist.is_available() and dist.is_initialized()):
-        return False
-    group = norm.process_group or dist.group.WORLD
-    return dist.get_world_size(group) > 1
+
+def _synced_norm_act(norm: torch.nn.Module, x: Tensor, sync: collectives.SyncGroup, *, shortcut,
+                     h, relu, update_running, backend, return_stats, conv):
+    """:func:`norm_act_module` for a BatchNorm layer that synchronises over ``sync``
+    (docs/semantics.md §10): the statistics and every gradient of the global batch."""
+    tracking = norm.track_running_stats and update_running
+    running_mean, running_var = (norm.running_mean, norm.running_var) if tracking else (None, None)
+    num_batches_tracked = norm.num_batches_tracked if tracking else None
+    momentum = norm.momentum if tracking else 0.0
+    _validate(x, norm.weight, norm.bias, running_mean, running_var, shortcut, h, 0, True, norm.eps,
+              momentum, relu, num_batches_tracked, synchronised=True)
+    if conv is not None:
+        _validate_conv(conv, x, shortcut, h, relu)
+    if tracking and momentum is None and num_batches_tracked is None:
+        raise ValueError("momentum=None (the cumulative average) needs num_batches_tracked")
+    if forward_mode_active(x, norm.weight, norm.bias, h) or func_transform_active():
+        raise NotImplementedError(
+            "synchronised BatchNorm (docs/semantics.md §10) supports reverse-mode autograd "
+            "only, not forward mode or torch.func transforms: use .backward() / "
+            "torch.autograd.grad, or call .eval() (running statistics need no synchronisation)")
+    momentum = float(momentum) if _is_real(momentum) else momentum
+    h = float(h) if _is_real(h) else h
+    name = resolve_backend(backend, x.device)
+    if name == "reference":
+        if return_stats:
+            raise ValueError("return_stats=True needs an explicit backend, not 'reference'")
+        y = _synced_reference(x, norm.weight, norm.bias, running_mean, running_var,
+                              num_batches_tracked, momentum, norm.eps, shortcut, h, relu, sync)
+        return y if conv is None else conv(y)
+    x, shortcut = _promoted(x, shortcut, h)
+    h_tensor = h.reshape(-1)[0] if isinstance(h, Tensor) and h.numel() == 1 and h.dim() == 1 else h
+    h_tensor, h_value = (h_tensor, 1.0) if isinstance(h_tensor, Tensor) else (None, float(h))
+    save_mask = relu and shortcut is not None
+    y, mean, var, count, scale, shift, mask = SyncedNormAct.apply(
+        x, norm.weight, norm.bias, shortcut, h_tensor, h_value, norm.eps, relu, save_mask, sync,
+        name)
+    if conv is not None:  # unfused: the convolution's input is kept for its backward
+        y = conv(y)
+    if tracking:  # the global count, a tensor: no host read
+        primitives.update_running_stats(running_mean, running_var, num_batches_tracked, mean, var,
+                                        count, momentum)
+    if return_stats:
+        return y, NormStats(x, mean, var, mask, True, Affine(scale, shift), sync)
+    return y
 
 
 def norm_act_module(
@@ -325,18 +390,24 @@ def norm_act_module(
 ):
     """:func:`norm_act` with the parameters and buffers of an ``nn.BatchNorm*d`` or
     ``nn.GroupNorm``, updating ``num_batches_tracked`` and honouring ``momentum=None``
-    (cumulative average) exactly as the module's own forward does."""
+    (cumulative average) exactly as the module's own forward does.
+
+    An ``nn.SyncBatchNorm`` in training mode under a process group of more than one
+    process synchronises (docs/semantics.md §10): statistics, gradients and running
+    statistics of the global batch, and ``return_stats`` carries the group
+    (:attr:`NormStats.sync`) for the backward passes.  It raises NotImplementedError under
+    forward-mode AD or a ``torch.func`` transform."""
     if isinstance(norm, torch.nn.GroupNorm):
         return norm_act(x, norm.weight, norm.bias, eps=norm.eps, groups=norm.num_groups,
                         shortcut=shortcut, h=h, relu=relu, backend=backend,
                         return_stats=return_stats, conv=conv)
     if not isinstance(norm, torch.nn.modules.batchnorm._BatchNorm):
         raise TypeError(f"norm must be an nn.BatchNorm*d or nn.GroupNorm, got {type(norm).__name__}")
-    if isinstance(norm, torch.nn.SyncBatchNorm) and norm.training and _would_sync(norm):
-        raise NotImplementedError(
-            "nn.SyncBatchNorm inside pyeuler modules is not synchronised yet "
-            "(docs/semantics.md §10): each process would normalise with its own shard's "
-            "statistics.  Keep nn.BatchNorm per process, or use norm='group'.")
+    sync = collectives.sync_group(norm)
+    if sync is not None:
+        return collectives.run_eagerly(_synced_norm_act)(
+            norm, x, sync, shortcut=shortcut, h=h, relu=relu, update_running=update_running,
+            backend=backend, return_stats=return_stats, conv=conv)
     tracking = norm.training and norm.track_running_stats and update_running
     use_running = not norm.training or norm.track_running_stats
     return norm_act(

@@ -423,6 +423,11 @@ def norm_relu_backward_ie_update(dy: Tensor, stats: NormStats, norm: torch.nn.Mo
         raise ValueError("norm_relu_backward_ie_update recomputes the ReLU mask from x: stats "
                          "must come from an evaluation without a shortcut")
     backend = kernel_backend(backend, dy, stats.x, norm.weight, norm.bias, stats.mean, stats.var, e)
+    if stats.sync is not None:  # unfused: v from the synchronised backward, then the update
+        v, *_ = norm_act_backward(dy, stats.x, norm.weight, norm.bias, None, 1.0, stats.mean,
+                                  stats.var, None, norm.eps, groups, True, True, _INPUT_GRAD_ONLY,
+                                  backend, affine=stats.affine, sync=stats.sync)
+        return primitives.ie_update(stats.x, e, v, step_size, theta)
     if backend == "eager":  # torch ops: autograd differentiates them directly
         out, _ = _ie_update_pass(primitives, dy, stats.x, norm.weight, norm.bias, stats.mean,
                                  stats.var, e, norm.eps, groups, stats.batch_stats, step_size, theta,
@@ -448,10 +453,10 @@ def norm_relu_backward_conv(dy: Tensor, stats: NormStats, norm: torch.nn.Module,
     conv_weight = conv_weight_for(dy, conv.weight)
     backend = kernel_backend(backend, dy, stats.x, norm.weight, norm.bias, stats.mean, stats.var,
                              conv_weight)
-    if backend == "eager":
+    if backend == "eager" or stats.sync is not None:  # synchronised: unfused
         dx, *_ = norm_act_backward(dy, stats.x, norm.weight, norm.bias, None, 1.0, stats.mean,
                                    stats.var, stats.mask, norm.eps, groups, True, stats.batch_stats,
-                                   _INPUT_GRAD_ONLY, backend, affine=stats.affine)
+                                   _INPUT_GRAD_ONLY, backend, affine=stats.affine, sync=stats.sync)
         conv_args = _conv_args(conv_weight, conv.stride, conv.padding, conv.dilation, conv.groups)
         return _conv_input_grad(dx.to(conv_weight.dtype), input_shape, conv_weight, conv_args)
     if stats.mask is not None:

@@ -39,6 +39,7 @@ from torch.fx.experimental.proxy_tensor import get_proxy_mode
 
 from pyeuler.backend import kernel_module as _kernels
 from pyeuler.ops import norm_algebra, primitives
+from pyeuler.ops import sync as collectives
 from pyeuler.ops.dispatch import kernel_backend
 from pyeuler.ops.norm_algebra import center_of, forward_coefficients, statistic_count
 
@@ -66,6 +67,8 @@ class NormStats:
     # the forward's (scale, shift) of h·Norm(x), detached: backward passes recompute the ReLU
     # mask from them, a piecewise-constant use, instead of recomputing them per pass
     affine: Affine | None = None
+    # the processes whose global batch mean and var are (synchronised BatchNorm), or None
+    sync: collectives.SyncGroup | None = None
 
 
 
@@ -525,14 +528,20 @@ torch.library.register_autograd("pyeuler::norm_act_bwd", _bwd_backward,
 
 def norm_act_backward(dy, x, weight, bias, h, h_value, mean, var, mask, eps, groups, relu,
                       batch_stats, needs, backend, *, dmean=None, dvar=None,
-                      affine: Affine | None = None):
+                      affine: Affine | None = None, sync=None):
     """Explicit gradients ``(dx, dshortcut, dweight, dbias, dh)`` of :func:`norm_act`.
 
     Differentiable once more on every backend (so IE-Skip VJPs built from it have exact
     "unrolled" gradients).  ``needs`` flags (x, shortcut, weight, bias, h); unneeded
     entries are None.  ``affine``: the forward's coefficients (:class:`NormStats`), which
-    spare recomputing them; they only gate the ReLU.
+    spare recomputing them; they only gate the ReLU.  ``sync``: the
+    :class:`~pyeuler.ops.sync.SyncGroup` of a synchronised BatchNorm evaluation
+    (:attr:`NormStats.sync`), whose gradients then follow docs/semantics.md §10.
     """
+    if sync is not None:
+        return collectives.run_eagerly(synced_norm_act_backward)(
+            dy, x, weight, bias, h, h_value, mean, var, mask, eps, relu, needs, sync, backend,
+            dmean=dmean, dvar=dvar, affine=affine)
     backend = kernel_backend(backend, dy, x, weight, bias, h, mean, var, dmean, dvar)
     if backend == "eager":
         grads, _ = backward_math(primitives, dy, dmean, dvar, x, weight, bias, h, h_value, mean,
@@ -561,3 +570,211 @@ def _(running_mean, running_var, num_batches_tracked, mean, var, count, momentum
       backend):
     return None
 
+
+
+# ----------------------------------------------------------------------------------------
+# Synchronised BatchNorm (docs/semantics.md §10): the same passes, with the collectives of
+# :mod:`pyeuler.ops.sync` between them, on every backend (eager: the passes in torch ops).
+# Autograd functions rather than custom ops, because they hold a process group.  The
+# per-channel algebra runs as the torch ops of norm_algebra, which take the global count as
+# a tensor (reading it on the host would synchronise); the passes over the activations are
+# the backend's kernels, their contract unchanged.
+
+
+@torch.library.custom_op("pyeuler::affine_act_backward_reduce", mutates_args=())
+def _backward_reduce_op(dy: Tensor, x: Tensor, scale: Tensor, shift: Tensor, center: Tensor,
+                        mask: Tensor | None, relu: bool, backend: str) -> tuple[Tensor, Tensor]:
+    sums = _kernels(backend).affine_act_backward_reduce(dy, x, scale, shift, center, mask, relu,
+                                                        False)
+    return unaliased(sums, (dy, x, scale, shift, center, mask))
+
+
+@_backward_reduce_op.register_fake
+def _(dy, x, scale, shift, center, mask, relu, backend):
+    return tuple(scale.new_empty(x.shape[1]) for _ in range(2))
+
+
+register_eager_vjp_autograd("pyeuler::affine_act_backward_reduce",
+                             lambda *args: primitives.affine_act_backward_reduce(*args, False))
+
+
+class _ActivationPasses(NamedTuple):
+    """The passes over the activations a synchronised norm runs, per-channel ([C]) sums."""
+
+    reduce: object  # (dy, x, scale, shift, center, mask, relu) → (Σg, Σg·(x − center))
+    double_reduce: object  # (ddx, dy, x, scale, shift, center, mask, relu) → three sums
+    double_apply: object  # affine_act_double_backward_apply's arguments
+
+
+def _activation_passes(backend: str, x: Tensor):
+    """``(kernels, passes)`` for a synchronised norm: the backend's kernel module, and the
+    passes that must stay differentiable (higher orders): torch ops on ``"eager"`` (and for
+    an empty shard, which launches nothing), the kernel custom ops on the fused backends."""
+    if backend == "eager" or x.numel() == 0:
+        return primitives, _ActivationPasses(
+            lambda *a: primitives.affine_act_backward_reduce(*a, False),
+            lambda *a: primitives.affine_act_double_backward_reduce(*a, False),
+            primitives.affine_act_double_backward_apply)
+    return _kernels(backend), _ActivationPasses(
+        lambda *a: _backward_reduce_op(*a, backend),
+        lambda *a: _double_backward_reduce_op(*a, False, backend),
+        lambda *a: _double_backward_apply_op(*a, backend))
+
+
+def _zeros_if_none(t: Tensor | None, like: Tensor) -> Tensor:
+    return torch.zeros_like(like) if t is None else t
+
+
+def _synced_sums(passes, dy, dmean, dvar, x, scale, shift, mean, mask, relu, sync):
+    """This process's reduce sums and the all-reduced ``(Σg, Σg·(x − mean), dmean, dvar,
+    count)`` of the global batch (absent statistic gradients are zeros)."""
+    local = passes.reduce(dy, x, scale, shift, mean, mask, relu)
+    count = torch.full((), float(statistic_count(x, 0) if x.numel() else 0), dtype=mean.dtype,
+                       device=mean.device)
+    return local, collectives.all_reduce_sum(
+        (*local, _zeros_if_none(dmean, mean), _zeros_if_none(dvar, mean), count), sync)
+
+
+def _synced_coefficients(total_sums, local_sums, weight, bias, h, var, h_value, eps, needs):
+    """``(a, b, c)`` of the input gradient from the global batch's sums, and the parameter
+    gradients (this process's share) from its own sums."""
+    sum_g, sum_gxc, dmean, dvar, count = total_sums
+    channels = var.shape[0]
+    a, b, c, *_ = norm_algebra.backward_coefficients(
+        sum_g, sum_gxc, dmean, dvar, weight, bias, h, var, h_value, eps, 0, True,
+        (needs[0], False, False, False, False), channels, count)
+    *_, dweight, dbias, dh = norm_algebra.backward_coefficients(
+        *local_sums, None, None, weight, bias, h, var, h_value, eps, 0, True,
+        (False, False, *needs[2:]), channels, count)
+    return (a, b, c), (dweight, dbias, dh)
+
+
+class SyncedNormActBackward(torch.autograd.Function):
+    """The input and parameter gradients of a synchronised :class:`SyncedNormAct`: its
+    reduce pass, one all-reduce, the per-channel algebra on the global sums (this process's
+    own sums for the parameters' shares), its apply pass.  Its backward, the second order,
+    is the double backward's reduce and apply passes with one all-reduce between them (the
+    gradients reaching the all-reduced quantities, summed: the adjoint of a sum)."""
+
+    @staticmethod
+    def forward(ctx, dy, dmean, dvar, x, weight, bias, h, mean, var, mask, scale, shift,
+                h_value, eps, relu, needs, sync, backend):
+        kernels, passes = _activation_passes(backend, x)
+        local, total = _synced_sums(passes, dy, dmean, dvar, x, scale, shift, mean, mask, relu,
+                                    sync)
+        (a, b, c), params = _synced_coefficients(total, local, weight, bias, h, var, h_value, eps,
+                                                 needs)
+        dx = dshortcut = None
+        if needs[0] or needs[1]:
+            dx, dshortcut = kernels.affine_act_backward_apply(dy, x, scale, shift, mask, relu, a,
+                                                              b, c, mean, needs[1])
+        ctx.save_for_backward(dy, dmean, dvar, x, weight, bias, h, mean, var, mask, scale, shift)
+        ctx.config = (h_value, eps, relu, needs, sync, backend)
+        ctx.sums = (local, total)
+        ctx.set_materialize_grads(False)
+        return (dx if needs[0] else None, dshortcut, *params)
+
+    @staticmethod
+    def backward(ctx, g_dx, g_dshortcut, g_dweight, g_dbias, g_dh):
+        dy, dmean, dvar, x, weight, bias, h, mean, var, mask, scale, shift = ctx.saved_tensors
+        h_value, eps, relu, needs, sync, backend = ctx.config
+        _, passes = _activation_passes(backend, x)
+        if torch.is_grad_enabled():  # a third order: the sums must carry their graph
+            local, total = _synced_sums(passes, dy, dmean, dvar, x, scale, shift, mean, mask,
+                                        relu, sync)
+        else:
+            local, total = ctx.sums
+        sum_g, sum_gxc, total_dmean, total_dvar, count = total
+        channels = x.shape[1]
+        cot_a = cot_b = cot_c = None
+        if g_dx is not None:  # the gradients of a, b, c: Σddx·g, Σddx·(x − mean), Σddx
+            cot_c, cot_b, cot_a = passes.double_reduce(g_dx, dy, x, scale, shift, mean, mask, relu)
+        config = (h_value, eps, 0, True)
+        of_coefficients = norm_algebra.backward_coefficients_vjp(
+            sum_g, sum_gxc, total_dmean, total_dvar, weight, bias, h, var, *config,
+            (needs[0], False, False, False, False), channels, count,
+            (cot_a, cot_b, cot_c, None, None, None))
+        of_params = norm_algebra.backward_coefficients_vjp(
+            *local, None, None, weight, bias, h, var, *config, (False, False, *needs[2:]),
+            channels, count, (None, None, None, g_dweight, g_dbias, g_dh))
+        # the global sums and statistic gradients are sums over processes: their gradients
+        # reach every process's addend summed over processes
+        p, q, d_dmean, d_dvar = collectives.all_reduce_sum(
+            [_zeros_if_none(of_coefficients[k], mean)
+             for k in ("sum_g", "sum_gxc", "dmean", "dvar")], sync)
+        p = norm_algebra.add_optional(p, of_params["sum_g"])
+        q = norm_algebra.add_optional(q, of_params["sum_gxc"])
+        a, b, *_ = norm_algebra.backward_coefficients(
+            sum_g, sum_gxc, total_dmean, total_dvar, weight, bias, h, var, *config,
+            (needs[0], False, False, False, False), channels, count)
+        ddy = dxx = None
+        if ctx.needs_input_grad[0] or ctx.needs_input_grad[3]:
+            ddy, dxx = passes.double_apply(
+                _zeros_if_none(g_dx, x), dy, x, scale, shift, mask, relu, a, b, p, q, mean,
+                g_dshortcut if needs[1] else None, 1.0, None)
+        # the mean is the centre of dx's b·(x − mean) and of the sum Σg·(x − mean)
+        d_mean = -(q * local[0])
+        if cot_c is not None:
+            d_mean = d_mean - b * cot_c
+        grads = {name: norm_algebra.add_optional(of_coefficients[name], of_params[name])
+                 for name in ("weight", "bias", "h", "var")}
+        return (ddy, d_dmean if dmean is not None else None,
+                d_dvar if dvar is not None else None, dxx, grads["weight"], grads["bias"],
+                grads["h"], d_mean, grads["var"], *(None,) * 9)
+
+
+def synced_norm_act_backward(dy, x, weight, bias, h, h_value, mean, var, mask, eps, relu, needs,
+                             sync, backend, *, dmean=None, dvar=None,
+                             affine: Affine | None = None):
+    """:func:`norm_act_backward` for a synchronised BatchNorm evaluation (``sync``, a
+    :class:`pyeuler.ops.sync.SyncGroup`; ``mean``, ``var`` the global batch's): the exact
+    gradients of ``L = Σ_r L_r``, differentiable to every order."""
+    if affine is None:
+        affine = Affine(*(t.detach() for t in forward_coefficients(
+            mean, var, weight, bias, h, h_value, eps, 0, x.shape[1])))
+    return SyncedNormActBackward.apply(dy, dmean, dvar, x, weight, bias, h, mean, var, mask,
+                                       affine.scale, affine.shift, h_value, eps, relu,
+                                       tuple(needs), sync, backend)
+
+
+class SyncedNormAct(torch.autograd.Function):
+    """``act(shortcut + h·BN(x))`` normalised with the global batch's statistics: the
+    statistics pass on this process's shard, one all-gather and Chan merge
+    (:func:`pyeuler.ops.sync.merged_statistics`), the forward coefficients and the
+    elementwise pass.  Returns ``(y, mean, var, count, scale, shift, mask)`` with the global
+    mean, (biased) variance and count; mean and var are differentiable, as in norm_act_fwd.
+    Its backward is :class:`SyncedNormActBackward`."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, shortcut, h, h_value, eps, relu, save_mask, sync, backend):
+        kernels, _ = _activation_passes(backend, x)
+        acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+        if x.numel():
+            mean, var = kernels.norm_stats(x, 0)
+            count = statistic_count(x, 0)
+        else:  # an empty shard adds nothing, but joins the collective
+            mean = var = torch.zeros(x.shape[1], dtype=acc, device=x.device)
+            count = 0
+        count, mean, var = collectives.merged_statistics(
+            torch.full((), float(count), dtype=acc, device=x.device), mean, var, sync)
+        scale, shift = kernels.forward_coefficients(mean, var, weight, bias, h, h_value, eps, 0,
+                                                    x.shape[1])
+        y, mask = kernels.affine_act_forward(x, scale, shift, shortcut, relu, save_mask)
+        ctx.save_for_backward(x, weight, bias, h, mean, var, mask, scale, shift)
+        ctx.config = (h_value, eps, relu, sync, backend, shortcut is not None)
+        ctx.set_materialize_grads(False)
+        ctx.mark_non_differentiable(*(t for t in (count, scale, shift, mask) if t is not None))
+        return y, mean, var, count, scale, shift, mask
+
+    @staticmethod
+    def backward(ctx, dy, dmean, dvar, dcount, dscale, dshift, dmask):
+        x, weight, bias, h, mean, var, mask, scale, shift = ctx.saved_tensors
+        h_value, eps, relu, sync, backend, has_shortcut = ctx.config
+        if dy is None and dmean is None and dvar is None:
+            return (None,) * 11
+        needs = (ctx.needs_input_grad[0], has_shortcut and ctx.needs_input_grad[3],
+                 ctx.needs_input_grad[1], ctx.needs_input_grad[2], ctx.needs_input_grad[4])
+        dx, dshortcut, dweight, dbias, dh = synced_norm_act_backward(
+            _zeros_if_none(dy, x), x, weight, bias, h, h_value, mean, var, mask, eps, relu,
+            needs, sync, backend, dmean=dmean, dvar=dvar, affine=Affine(scale, shift))
+        return (dx, dweight, dbias, dshortcut, dh, *(None,) * 6)

@@ -95,7 +95,8 @@ def backward_coefficients(sum_g, sum_gxc, dmean, dvar, weight, bias, h, var, h_v
 
     Pure arithmetic on [C] / [N, C] vectors; :func:`backward_coefficients_vjp` is its derivative.
     ``dmean``/``dvar`` are gradients flowing into the batch statistics themselves (IE-Skip
-    VJPs use them), or None.
+    VJPs use them), or None.  ``count`` (values behind each statistic) is an int, or a 0-dim
+    tensor: a synchronised BatchNorm's global count (docs/semantics.md §10), kept on the device.
     """
     invstd = torch.rsqrt(var + eps)
     w = None if weight is None else _per_channel(weight, channels, invstd)
@@ -276,7 +277,7 @@ def backward_coefficients_vjp(sum_g, sum_gxc, dmean, dvar, weight, bias, h, var,
 
 def update_running_stats(running_mean: Tensor, running_var: Tensor,
                          num_batches_tracked: Tensor | None, mean: Tensor, var: Tensor,
-                         count: int, momentum: float | Tensor | None) -> None:
+                         count: int | Tensor, momentum: float | Tensor | None) -> None:
     """``nn.BatchNorm``'s running-statistics update, in place (no host synchronisation).
 
     ``num_batches_tracked`` (int64, 0-dim or [1]) is incremented when given.  The rate
@@ -287,10 +288,12 @@ def update_running_stats(running_mean: Tensor, running_var: Tensor,
     each in the running buffer's dtype as ``Tensor.lerp_`` computes it.
 
     ``mean``, ``var``: the biased batch statistics ``[C]`` (float32, float64 for float64
-    input); ``count >= 2``: the values behind each.  Raises ValueError for ``count < 2`` or
-    ``momentum=None`` without ``num_batches_tracked``.
+    input); ``count >= 2``: the values behind each, an int or a 0-dim tensor (a synchronised
+    BatchNorm's global count, docs/semantics.md §10, not checked: that would read it on the
+    host).  Raises ValueError for an int ``count < 2`` or ``momentum=None`` without
+    ``num_batches_tracked``.
     """
-    if count < 2:
+    if not isinstance(count, Tensor) and count < 2:
         raise ValueError("running statistics need more than one value per channel")
     if momentum is None and num_batches_tracked is None:
         raise ValueError("momentum=None (cumulative average) needs num_batches_tracked")

@@ -128,7 +128,8 @@ def _norm_relu_input_grad(norm: nn.Module, stats: NormStats, grad_out: Tensor, b
     groups = norm.num_groups if isinstance(norm, nn.GroupNorm) else 0
     dx, *_ = norm_act_backward(grad_out, stats.x, norm.weight, norm.bias, None, 1.0, stats.mean,
                                stats.var, stats.mask, norm.eps, groups, True, stats.batch_stats,
-                               (True, False, False, False, False), backend, affine=stats.affine)
+                               (True, False, False, False, False), backend, affine=stats.affine,
+                               sync=stats.sync)
     return dx
 
 

@@ -7,8 +7,8 @@ shift), :func:`backward_coefficients` (reduce sums → the backward's coefficien
 parameter gradients), for the second order :func:`backward_coefficients_vjp`, and
 BatchNorm's :func:`update_running_stats`, defined in :mod:`pyeuler.ops.norm_algebra`.  A
 kernel backend runs each as one launch; as torch ops each would be several tiny ones.
-SyncBatchNorm-style all-reduces stay in :mod:`pyeuler.ops.norm_act`, shared by all
-backends.
+Synchronised BatchNorm's collectives run between these passes, in :mod:`pyeuler.ops.sync`,
+shared by all backends (docs/semantics.md §10).
 
 Tensors are ``(N, C, *spatial)`` with 0–3 spatial dims, contiguous or channels_last, in
 float32 / float16 / bfloat16 (float64 too for this eager version).  Per-channel
