@@ -4,7 +4,7 @@ A checkpoint is a plain dict of tensors and JSON-like values::
 
     {"format": "pyeuler-checkpoint", "version": 1, "pyeuler_version": str,
      "model": {"name": str, "kwargs": dict},      # enough to rebuild the model
-     "state_dict": ..., "optimizer": ... | None, "epoch": int,
+     "state_dict": ..., "optimizer": ... | None, "grad_scaler": dict | None, "epoch": int,
      "config": dict, "metrics": dict, "rng_state": ByteTensor}
 
 Corrupt, truncated, foreign or mismatched files raise :class:`CheckpointError` naming the
@@ -40,12 +40,15 @@ class CheckpointError(RuntimeError):
 def save_checkpoint(path: str | os.PathLike, model: nn.Module, *, name: str | None = None,
                     model_kwargs: dict | None = None,
                     optimizer: torch.optim.Optimizer | None = None, epoch: int = 0,
-                    config: dict | None = None, metrics: dict | None = None) -> Path:
+                    config: dict | None = None, metrics: dict | None = None,
+                    grad_scaler: torch.amp.GradScaler | None = None) -> Path:
     """Write a checkpoint atomically (temp file + rename; parent folders are created).
 
     ``name``/``model_kwargs`` describe how to rebuild the model (e.g. ``"wrn-10-1"`` and
     ``{"h": 1.0, "ie_steps": 1}``); ``config`` and ``metrics`` must be JSON-like (dicts,
-    lists, str, numbers, bool, None) so that ``weights_only=True`` loading accepts them."""
+    lists, str, numbers, bool, None) so that ``weights_only=True`` loading accepts them.
+    ``grad_scaler``'s state (float16 mixed precision: the loss scale and its growth
+    counter) is kept so that a resumed run scales as the uninterrupted one."""
     path = Path(path)
     from pyeuler._version import __version__
 
@@ -54,6 +57,7 @@ def save_checkpoint(path: str | os.PathLike, model: nn.Module, *, name: str | No
         "model": {"name": name, "kwargs": dict(model_kwargs or {})},
         "state_dict": model.state_dict(),
         "optimizer": optimizer.state_dict() if optimizer is not None else None,
+        "grad_scaler": grad_scaler.state_dict() if grad_scaler is not None else None,
         "epoch": int(epoch), "config": dict(config or {}), "metrics": dict(metrics or {}),
         "rng_state": torch.get_rng_state(),
     }

@@ -13,6 +13,7 @@ Splits are deterministic given ``seed`` (digits: stratified; cifar10: the offici
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import os
 import pickle
@@ -23,7 +24,7 @@ import numpy as np
 import torch
 
 __all__ = ["Data", "load", "load_digits", "load_moons", "load_cifar10", "DATASETS",
-           "random_crop_flip"]
+           "random_crop_flip", "hold_out", "validation_count"]
 
 DATASETS = ("digits", "moons", "cifar10")
 
@@ -38,13 +39,17 @@ class Data:
     num_classes: int
     #: shape of one input, e.g. (1, 8, 8) or (2,)
     input_shape: tuple
+    #: a validation split carved from the training data (:func:`hold_out`), else None
+    x_val: torch.Tensor | None = None
+    y_val: torch.Tensor | None = None
 
     @property
     def in_channels(self) -> int:
         return self.input_shape[0]
 
     def __repr__(self) -> str:
-        return (f"Data({self.name!r}, train={tuple(self.x_train.shape)}, "
+        val = "" if self.x_val is None else f", val={tuple(self.x_val.shape)}"
+        return (f"Data({self.name!r}, train={tuple(self.x_train.shape)}{val}, "
                 f"test={tuple(self.x_test.shape)}, classes={self.num_classes})")
 
 
@@ -228,6 +233,51 @@ def load(name: str, seed: int = 0, data_dir: str | os.PathLike | None = None, **
     if key in ("cifar10", "cifar-10"):
         return load_cifar10(data_dir)
     raise ValueError(f"data: unknown dataset {name!r}; choose from {', '.join(DATASETS)}")
+
+
+def validation_count(size: float, n_train: int) -> int:
+    """The number of samples a validation split of ``size`` takes from ``n_train``: a
+    fraction in (0, 1) (rounded, at least 1) or a count (an int >= 1).
+
+    Raises:
+        ValueError: ``size`` neither a fraction in (0, 1) nor an int >= 1, or leaving no
+            training sample.
+    """
+    if isinstance(size, bool) or not isinstance(size, (int, float)) or not size > 0 or (
+            size >= 1 and size != int(size)):
+        raise ValueError(f"val_split: expected a fraction in (0, 1) or a count >= 1, got "
+                         f"{size!r}")
+    count = max(1, round(size * n_train)) if size < 1 else int(size)
+    if count >= n_train:
+        raise ValueError(f"val_split: {count} validation samples leave none of the "
+                         f"{n_train} training samples to train on")
+    return count
+
+
+def hold_out(data: Data, size: float, seed: int = 0) -> Data:
+    """``data`` with a validation split carved from its training samples (never from the
+    test split): a random subset, the same for the same ``seed``, kept in
+    ``x_val``/``y_val``, the rest in ``x_train``/``y_train`` (in their stored order).
+
+    Args:
+        data: the data set; its test split is left as it is.
+        size: a fraction of the training samples in (0, 1), or a count (an int >= 1).
+        seed: the draw's seed (an int).
+
+    Returns:
+        A new :class:`Data` (tensors shared with ``data`` where unchanged).
+
+    Raises:
+        ValueError: as :func:`validation_count`.
+    """
+    n = len(data.x_train)
+    count = validation_count(size, n)
+    chosen = torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:count]
+    keep = torch.ones(n, dtype=torch.bool)
+    keep[chosen] = False
+    chosen = chosen.sort().values
+    return dataclasses.replace(data, x_train=data.x_train[keep], y_train=data.y_train[keep],
+                               x_val=data.x_train[chosen], y_val=data.y_train[chosen])
 
 
 def random_crop_flip(x: torch.Tensor, padding: int = 4,

@@ -262,11 +262,13 @@ def test_checkpoint_names_hash_every_option_the_weights_depend_on():
     changes = [["--grad", "detached"], ["--lr", "0.01"], ["--norm", "batch"], ["--theta", "0.5"],
                ["--ie-step-size", "0.2"], ["--optimizer", "sgd"], ["--momentum", "0.5"],
                ["--weight-decay", "1e-4"], ["--batch-size", "32"], ["--h", "0.1"],
-               ["--seed", "1"], ["--model", "mlp-16-2"], ["--preset", "madry"], ["--adv", "pgd"]]
+               ["--seed", "1"], ["--model", "mlp-16-2"], ["--preset", "madry"], ["--adv", "pgd"],
+               ["--amp", "bf16"], ["--sync-bn"], ["--val-split", "0.1"]]
     names = {base.name} | {path(*argv).name for argv in changes}
     assert len(names) == len(changes) + 1
     for same in (["--epochs", "99"], ["--attacks", "pgd-5"], ["--eval-samples", "8"],
-                 ["--backend", "eager"], ["--eps", "0.2"], ["--beta", "3"]):
+                 ["--backend", "eager"], ["--eps", "0.2"], ["--beta", "3"],
+                 ["--channels-last"], ["--val-samples", "8"]):
         assert path(*same) == base, same
     assert path("--grad", "detached", k=0) == path(k=0)
     assert path("--adv", "pgd", "--beta", "3") == path("--adv", "pgd")

@@ -85,6 +85,15 @@ def _pos_float(s: str) -> float:
     return v
 
 
+def _val_size(s: str) -> float:
+    """``--val-split``: a fraction in (0, 1) or a count >= 1."""
+    v = _number(s)
+    if not v > 0 or (v >= 1 and v != int(v)):
+        raise argparse.ArgumentTypeError(f"expected a fraction in (0, 1) or a count >= 1, "
+                                         f"got {s}")
+    return int(v) if v >= 1 else v
+
+
 def add_threads_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=_pos_int, default=None,
                    help="torch CPU threads, shown in the run's header line [OMP_NUM_THREADS "
@@ -164,13 +173,37 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                          help="the same through torch.compile(mode='reduce-overhead'): "
                               "forward, loss and backward as one graph, the optimizer step "
                               "apart. Needs CUDA; drops the last partial batch too")
+    g.add_argument("--amp", choices=("bf16", "fp16"), default=None,
+                   help="mixed precision: the forward passes (the attack's too) under "
+                        "torch.autocast in bfloat16 or float16; fp16 also scales the loss "
+                        "with a GradScaler (its state is checkpointed) [off]")
+    g.add_argument("--channels-last", action="store_true",
+                   help="model and image batches in channels-last memory format (faster "
+                        "convolutions on tensor-core GPUs; image data only)")
+    g.add_argument("--sync-bn", action="store_true",
+                   help="under torchrun: convert BatchNorm with "
+                        "nn.SyncBatchNorm.convert_sync_batchnorm, so every rank normalises "
+                        "with the global batch's statistics (pyeuler's fused norms "
+                        "synchronise, gloo or NCCL); GroupNorm models need none")
+    g = p.add_argument_group("validation (a split of the training data; never the test set)")
+    g.add_argument("--val-split", type=_val_size, default=None, metavar="F|N",
+                   help="hold out a fraction F in (0, 1) or N samples of the training data, "
+                        "drawn from --seed, and report clean and robust (PGD-10 at --eps) "
+                        "accuracy on it after every epoch; with --out also "
+                        "<checkpoint>.best.pt, the best robust accuracy so far [off]")
+    g.add_argument("--val-samples", type=_pos_int, default=256,
+                   help="attack only the first N validation samples (clean accuracy uses "
+                        "all) [256]")
     g = p.add_argument_group("evaluation and output")
     g.add_argument("--attacks", nargs="+", default=["fgsm"],
                    help="attacks for the table: fgsm, pgd-N, cw [fgsm]")
     g.add_argument("--eval-samples", type=_pos_int, default=None,
                    help="attack only the first N test samples (clean accuracy uses all)")
     g.add_argument("--out", default=None, metavar="DIR",
-                   help="save a checkpoint per model to DIR after every epoch, named "
+                   help="save a checkpoint per model to DIR after every epoch, with its "
+                        "per-epoch log <checkpoint>.csv, curves <checkpoint>.png (needs "
+                        "matplotlib) and, when tensorboard is installed, <checkpoint>.tb/; "
+                        "named "
                         "<data>-<model>-K<k>[-<grad>][-h<h>]-<adv>-seed<seed>-<hash>.pt: the "
                         "hash is of every option that changes the trained weights (all but "
                         "--epochs and the evaluation, data-dir and backend options), so runs of "
@@ -321,7 +354,12 @@ def resolve_config(args: argparse.Namespace) -> dict:
         schedule=preset["schedule"], milestones=list(preset["milestones"]),
         adv=adv, eps=eps, alpha=pick("alpha", 2.5 * eps / steps), attack_steps=steps,
         beta=pick("beta", 6.0), attacks=list(args.attacks), eval_samples=args.eval_samples,
-        backend=args.backend,
+        backend=args.backend, channels_last=args.channels_last,
+        val_samples=args.val_samples if args.val_split is not None else None,
+        # options that change the trained weights enter only when given, so that the
+        # checkpoint names of runs without them stay what they were
+        **{key: value for key, value in (("amp", args.amp), ("sync_bn", args.sync_bn),
+                                         ("val_split", args.val_split)) if value},
     )
 
 
@@ -353,7 +391,10 @@ def row_name(k: int) -> str:
 # run's when only they differ: --epochs (a resumed run extends it; "cosine" rescales with
 # it, as it always has), the evaluation options, where the data lives, and the backend
 # (the same math, docs/semantics.md).  ie_steps is replaced by the one K of the model.
-_NOT_RUN_IDENTITY = ("epochs", "attacks", "eval_samples", "data_dir", "backend", "preset")
+# channels-last and the number of ranks change only rounding (the global batches and
+# the loss are the same for every number of ranks: pyeuler.robust.distributed).
+_NOT_RUN_IDENTITY = ("epochs", "attacks", "eval_samples", "data_dir", "backend", "preset",
+                     "channels_last", "val_samples", "world_size")
 
 
 def run_identity(cfg: dict, k: int) -> dict:
@@ -445,6 +486,8 @@ def plan_checkpoints(cfg: dict, out: str | None, resume: bool, overwrite: bool) 
             others = []
             for sibling in sorted(path.parent.glob(f"{cfg['data']}-{cfg['model']}-K{k}-*"
                                                    f"-seed{cfg['seed']}-*.pt")):
+                if sibling.name.endswith(".best.pt"):
+                    continue
                 saved, _ = _saved_identity(sibling)
                 if saved is not None:
                     differing = sum(saved.get(key) != wanted.get(key) for key in {*saved, *wanted})
@@ -457,75 +500,237 @@ def plan_checkpoints(cfg: dict, out: str | None, resume: bool, overwrite: bool) 
     return plan
 
 
+_AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+_CSV_COLUMNS = ("epoch", "lr", "train_loss", "train_acc", "val_clean", "val_robust", "seconds")
+
+
+def sharded_accuracy(model, x, y, attack, device, run) -> float:
+    """:func:`~pyeuler.robust.training.accuracy` of (x, y) with each rank taking its part
+    (:func:`~pyeuler.robust.distributed.shard_bounds`), the correct counts summed over the
+    ranks; the whole of (x, y) when ``run`` is None."""
+    from pyeuler.robust.distributed import all_sum, shard_bounds
+    from pyeuler.robust.training import accuracy
+
+    if run is None:
+        return accuracy(model, x, y, attack, device=device, progress=False)
+    start, stop = shard_bounds(len(x), run.rank, run.world_size)
+    local = accuracy(model, x[start:stop], y[start:stop], attack, device=device, progress=False)
+    correct, seen = all_sum([local * (stop - start), stop - start], device)
+    return correct / max(seen, 1)
+
+
+def validate(cfg: dict, model, data, device, run, epoch: int) -> dict:
+    """Clean accuracy on the whole validation split and PGD-10 accuracy (at ``--eps``) on
+    its first ``--val-samples``, each rank attacking its part; attack starts drawn from
+    (seed, epoch, rank)."""
+    from pyeuler.robust.attacks import make_attack
+    from pyeuler.robust.distributed import derive_seed
+
+    n = min(cfg["val_samples"], len(data.x_val))
+    torch.manual_seed(derive_seed(cfg["seed"], epoch, run.rank if run else 0, 1))
+    return {"val_clean": sharded_accuracy(model, data.x_val, data.y_val, None, device, run),
+            "val_robust": sharded_accuracy(model, data.x_val[:n], data.y_val[:n],
+                                           make_attack("pgd-10", eps=cfg["eps"]), device, run)}
+
+
+def _extra_path(path: Path, suffix: str) -> Path:
+    """``<checkpoint stem><suffix>`` beside the checkpoint: ``.best.pt``, ``.csv``, ..."""
+    return path.with_name(path.stem + suffix)
+
+
+def write_curves(path: Path, history: list[dict], log=print) -> None:
+    """The epochs so far as ``<checkpoint>.csv`` and, with matplotlib, ``<checkpoint>.png``
+    (loss and accuracies per epoch); one line saying why when there is no plot."""
+    import csv
+
+    csv_path = _extra_path(path, ".csv")
+    with open(csv_path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=_CSV_COLUMNS, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(history)
+    try:
+        import matplotlib
+    except ImportError:
+        if len(history) == 1:
+            log(f"no training-curve plot beside {path.name}: matplotlib is not installed "
+                "(pip install 'pyeuler[plot]'); the curves are in "
+                f"{csv_path.name}")
+        return
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    epochs = [row["epoch"] for row in history]
+    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(9, 3.5))
+    ax_loss.plot(epochs, [row["train_loss"] for row in history], marker="o")
+    ax_loss.set(xlabel="epoch", ylabel="training loss", title=path.stem)
+    for key, label in (("train_acc", "train"), ("val_clean", "validation, clean"),
+                       ("val_robust", "validation, PGD-10")):
+        if key not in history[-1]:  # no --val-split
+            continue
+        ax_acc.plot(epochs, [row[key] for row in history], marker="o", label=label)
+    ax_acc.set(xlabel="epoch", ylabel="accuracy", ylim=(0, 1))
+    ax_acc.legend()
+    fig.tight_layout()
+    fig.savefig(_extra_path(path, ".png"), dpi=120)
+    plt.close(fig)
+
+
+def _tensorboard(path: Path):
+    """A ``SummaryWriter`` logging to ``<checkpoint>.tb/``, or None when tensorboard is not
+    installed (the CSV has the same numbers)."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        return None
+    return SummaryWriter(log_dir=str(_extra_path(path, ".tb")))
+
+
 def train_one(cfg: dict, data, k: int, device: torch.device, progress: bool | None,
-              out: str | None = None, resume: bool = False, log=print) -> dict:
-    """Train one model (IE steps ``k``) per ``cfg``; returns its results row."""
+              out: str | None = None, resume: bool = False, log=print, run=None) -> dict:
+    """Train one model (IE steps ``k``) per ``cfg``; returns its results row.
+
+    With ``run`` (a :class:`~pyeuler.robust.distributed.DistributedRun`) this is one
+    rank's part of a data-parallel run: only rank 0 reads and writes ``out`` (the resumed
+    checkpoint is broadcast), every rank trains its part of each global batch."""
     from pyeuler.checkpoint import CheckpointError, load_checkpoint, load_model_state, save_checkpoint
     from pyeuler.cli._results import config_hash
     from pyeuler.data import random_crop_flip
     from pyeuler.robust import build_model, train_epoch
     from pyeuler.robust.capture import CapturedTraining
+    from pyeuler.robust.distributed import (
+        broadcast_object, derive_seed, has_batch_norm, wrap_model,
+    )
 
+    is_main = run is None or run.is_main
+    rank, world_size = (run.rank, run.world_size) if run else (0, 1)
     # --cuda-graph / --compile: the same epochs, each step one replayed graph
     run_epoch = CapturedTraining(cfg["capture"]) if cfg.get("capture") else train_epoch
     kwargs = model_kwargs(cfg, k)
     torch.manual_seed(cfg["seed"])
     model = build_model(cfg["model"], data.input_shape, data.num_classes, backend=cfg["backend"],
                         **kwargs).to(device)
+    if cfg["channels_last"]:
+        model = model.to(memory_format=torch.channels_last)
+    if cfg.get("sync_bn") and not has_batch_norm(model):
+        log(f"--sync-bn: {row_name(k)} has no BatchNorm (norm={cfg['norm']}: GroupNorm "
+            "normalises each sample on its own, so its ranks need no synchronisation)")
     opt = make_optimizer(cfg, model)
-    start, elapsed = 0, 0.0
+    amp = _AMP_DTYPES.get(cfg.get("amp"))
+    scaler = torch.amp.GradScaler(device.type) if amp == torch.float16 else None
+    start, elapsed, history, best = 0, 0.0, [], None
     path = checkpoint_path(out, cfg, k) if out else None
     identity = run_identity(cfg, k) if path is not None else None
-    if path is not None and resume and path.exists():
-        ckpt = load_checkpoint(path, map_location=device)
+    ckpt = None
+    if is_main and path is not None and resume and path.exists():
+        ckpt = load_checkpoint(path, map_location="cpu")
         saved = ckpt["config"].get("run") if isinstance(ckpt["config"], dict) else None
         if saved != identity:  # plan_checkpoints refuses this before any work
             raise CheckpointError(f"checkpoint: {path} is not a checkpoint of this "
                                   "configuration (drop --resume, or use another --out)")
+    ckpt = broadcast_object(ckpt, run)
+    if ckpt is not None:
         load_model_state(model, ckpt, path)
         if ckpt.get("optimizer") is not None:
             opt.load_state_dict(ckpt["optimizer"])
+        if scaler is not None and ckpt.get("grad_scaler") is not None:
+            scaler.load_state_dict(ckpt["grad_scaler"])
         start = ckpt["epoch"]
         elapsed = float(ckpt["metrics"].get("train_seconds", 0.0))
-        log(f"resumed {path} at epoch {start}")
+        history = list(ckpt["metrics"].get("history", []))
+        best = ckpt["metrics"].get("best_robust")
+        ranks_before = ckpt["config"].get("world_size", 1)
+        across = (f" (trained on {ranks_before} ranks so far, {world_size} now)"
+                  if ranks_before != world_size else "")
+        log(f"resumed {path} at epoch {start}{across}")
+    trained = wrap_model(model, run, device, sync_bn=bool(cfg.get("sync_bn")),
+                         cuda_graph=cfg.get("capture") == "cuda-graph")
     augment = random_crop_flip if cfg["data"] == "cifar10" else None
+
+    def prepare(xb):
+        xb = augment(xb) if augment is not None else xb
+        return xb.contiguous(memory_format=torch.channels_last) if cfg["channels_last"] else xb
+
+    tensorboard = _tensorboard(path) if is_main and path is not None else None
     for epoch in range(start, cfg["epochs"]):
+        lr = lr_at(cfg, epoch)
         for group in opt.param_groups:
-            group["lr"] = lr_at(cfg, epoch)
-        # Every random draw of the epoch derives from (seed, epoch): shuffling and
-        # augmentation from g, attack starts, TRADES noise and dropout from the global
-        # generators, seeded apart.  A run resumed at an epoch boundary so repeats the
-        # uninterrupted one bit for bit, without restoring generator states.
-        epoch_seed = cfg["seed"] * 100003 + epoch
-        g = torch.Generator().manual_seed(epoch_seed)
-        torch.manual_seed(epoch_seed + 2**31)
-        stats = run_epoch(model, data.x_train, data.y_train, opt, batch_size=cfg["batch_size"],
+            group["lr"] = lr
+        # The global order of the epoch derives from (seed, epoch), the same on every rank
+        # and for every number of ranks; each step's draws (augmentation, attack starts,
+        # TRADES noise, dropout) from (seed, epoch, step, rank).  A run resumed at an
+        # epoch boundary so repeats the uninterrupted one bit for bit, without restoring
+        # generator states.
+        g = torch.Generator().manual_seed(cfg["seed"] * 100003 + epoch)
+        stats = run_epoch(trained, data.x_train, data.y_train, opt, batch_size=cfg["batch_size"],
                           adv=cfg["adv"], eps=cfg["eps"], alpha=cfg["alpha"],
                           steps=cfg["attack_steps"], beta=cfg["beta"], generator=g,
-                          device=device, transform=augment, progress=progress,
-                          desc=f"{row_name(k)} epoch {epoch + 1}/{cfg['epochs']}")
+                          device=device, transform=prepare if augment or cfg["channels_last"]
+                          else None, progress=progress if is_main else False,
+                          desc=f"{row_name(k)} epoch {epoch + 1}/{cfg['epochs']}",
+                          shard=(rank, world_size), seed=derive_seed(cfg["seed"], epoch, rank),
+                          amp=amp, grad_scaler=scaler)
         elapsed += stats.seconds
-        if path is not None:
-            save_checkpoint(path, model, name=cfg["model"], model_kwargs=kwargs, optimizer=opt,
-                            epoch=epoch + 1,
-                            config=dict(cfg, run=identity, run_id=config_hash(identity)),
-                            metrics={"train_seconds": elapsed, "train_loss": stats.loss})
-    return {"model": model, "train_seconds": elapsed, "checkpoint": str(path) if path else None}
+        row = {"epoch": epoch + 1, "lr": lr, "train_loss": stats.loss,
+               "train_acc": stats.accuracy, "seconds": stats.seconds}
+        if data.x_val is not None:
+            row.update(validate(cfg, model, data, device, run, epoch))
+            log(f"  {row_name(k)} epoch {epoch + 1}/{cfg['epochs']}: loss {stats.loss:.4f}, "
+                f"train {100 * stats.accuracy:.1f}%, validation clean "
+                f"{100 * row['val_clean']:.1f}%, PGD-10 {100 * row['val_robust']:.1f}%")
+        history.append(row)
+        if path is None or not is_main:
+            continue
+        metrics = {"train_seconds": elapsed, "train_loss": stats.loss, "history": history}
+        improved = data.x_val is not None and (best is None or
+                                               row["val_robust"] > best["val_robust"])
+        if improved:
+            best = {"epoch": epoch + 1, "val_clean": row["val_clean"],
+                    "val_robust": row["val_robust"]}
+        metrics["best_robust"] = best
+        saved = dict(model=model, name=cfg["model"], model_kwargs=kwargs, optimizer=opt,
+                     epoch=epoch + 1, grad_scaler=scaler,
+                     config=dict(cfg, run=identity, run_id=config_hash(identity),
+                                 world_size=world_size), metrics=metrics)
+        save_checkpoint(path, **saved)
+        if improved:
+            save_checkpoint(_extra_path(path, ".best.pt"), **saved)
+        write_curves(path, history, log)
+        if tensorboard is not None:
+            for key in _CSV_COLUMNS[1:]:
+                if key in row:
+                    tensorboard.add_scalar(key, row[key], epoch + 1)
+            tensorboard.flush()
+    if tensorboard is not None:
+        tensorboard.close()
+    return {"model": model, "train_seconds": elapsed, "checkpoint": str(path) if path else None,
+            "best_robust": best}
 
 
-def evaluate_row(cfg: dict, model, data, device, progress) -> dict:
+def evaluate_row(cfg: dict, model, data, device, progress, run=None) -> dict:
+    """Clean accuracy on the test split and the table's attacks on its first
+    ``--eval-samples``; each rank evaluates its part under torchrun, the accuracies are
+    combined over the ranks."""
     from pyeuler.robust import evaluate
-
-    n = cfg["eval_samples"] or len(data.x_test)
+    from pyeuler.robust.distributed import all_sum, shard_bounds
     from pyeuler.robust.training import accuracy
 
-    clean = accuracy(model, data.x_test, data.y_test, device=device, progress=progress,
-                     desc="clean")
-    res = evaluate(model, data.x_test[:n], data.y_test[:n], attacks=cfg["attacks"],
-                   eps=[cfg["eps"]], device=device, progress=progress)
+    rank, world_size = (run.rank, run.world_size) if run else (0, 1)
+    n = cfg["eval_samples"] or len(data.x_test)
+    start, stop = shard_bounds(len(data.x_test), rank, world_size)
+    clean = accuracy(model, data.x_test[start:stop], data.y_test[start:stop], device=device,
+                     progress=progress, desc="clean")
+    first, last = shard_bounds(min(n, len(data.x_test)), rank, world_size)
+    res = evaluate(model, data.x_test[first:last], data.y_test[first:last],
+                   attacks=cfg["attacks"], eps=[cfg["eps"]], device=device, progress=progress)
     row = {"clean": clean}
     for name in cfg["attacks"]:
         row[name] = res[name] if name.lower() == "cw" else res[name][float(cfg["eps"])]
+    if world_size > 1:  # accuracies of parts, weighted by their sizes
+        weights = [stop - start] + [last - first] * len(cfg["attacks"])
+        sums = all_sum([row[key] * w for key, w in zip(row, weights)] + weights[:2], device)
+        totals = sums[len(weights):]
+        row = {key: value / max(totals[0] if key == "clean" else totals[1], 1)
+               for key, value in zip(row, sums)}
     return row
 
 
@@ -564,10 +769,39 @@ def _interrupted(cfg: dict, out: str | None, k: int) -> int:
     return 130
 
 
+def check_distributed(cfg: dict, args: argparse.Namespace, device: torch.device) -> torch.device:
+    """torchrun's ranks checked before any work: ``--batch-size`` (the global batch) splits
+    evenly among them, and each rank drives ``cuda:LOCAL_RANK``; returns this rank's
+    device."""
+    world = os.environ.get("WORLD_SIZE", "1")
+    if not world.strip().isdigit() or int(world) < 1:
+        usage_error(f"WORLD_SIZE: expected an int >= 1 (set by torchrun), got {world!r}")
+    world = int(world)
+    if world == 1:
+        return device
+    if cfg["batch_size"] % world:
+        usage_error(f"--batch-size: {cfg['batch_size']} is the global batch and must split "
+                    f"evenly among the {world} ranks; give a multiple of {world}")
+    if device.type != "cuda":
+        return device
+    if args.device not in ("auto", "cuda"):
+        usage_error(f"--device: under torchrun each rank drives cuda:LOCAL_RANK; give "
+                    f"--device cuda (or auto), not {args.device}")
+    local = os.environ.get("LOCAL_RANK", "0")
+    if not local.strip().isdigit():
+        usage_error(f"LOCAL_RANK: expected an int >= 0 (set by torchrun), got {local!r}")
+    return torch.device("cuda", int(local))
+
+
+def _quiet(*args, **kwargs) -> None:
+    """The print of ranks other than 0."""
+
+
 def run(args: argparse.Namespace) -> int:
-    from pyeuler.checkpoint import CheckpointError
-    from pyeuler.data import load
+    from pyeuler.cost import DATA_SHAPES
+    from pyeuler.data import hold_out, load
     from pyeuler.robust.attacks import make_attack
+    from pyeuler.robust.distributed import from_environment
 
     # Every mistake in the command is reported before any work (data loading, training).
     cfg = resolve_config(args)
@@ -582,28 +816,68 @@ def run(args: argparse.Namespace) -> int:
     if capture:
         if device.type != "cuda":
             usage_error(f"--{capture}: needs CUDA (a GPU); this run is on {device}")
+        if cfg.get("amp") == "fp16":
+            usage_error(f"--amp fp16: its GradScaler reads the found-inf flag on the host "
+                        f"every step, which --{capture} cannot; use --amp bf16")
         cfg["capture"] = capture  # drops partial batches: part of the run's identity
+    if cfg["channels_last"] and len(DATA_SHAPES[cfg["data"]][0]) != 3:
+        usage_error(f"--channels-last: needs image data; {cfg['data']} inputs are "
+                    f"{len(DATA_SHAPES[cfg['data']][0])}-D")
+    device = check_distributed(cfg, args, device)
     check_backend(cfg["backend"], device)
     check_output_path(args.json, "--json")
     check_output_path(args.out, "--out", directory=True)
     check_models(cfg)
-    resume = plan_checkpoints(cfg, args.out, args.resume, args.overwrite)
+    # rank 0 alone reads and writes --out (other machines may not see it)
+    is_main = os.environ.get("RANK", "0") in ("0", "")
+    resume = (plan_checkpoints(cfg, args.out, args.resume, args.overwrite) if is_main
+              else {k: False for k in cfg["ie_steps"]})
     progress = False if args.no_progress else None
     try:
         data = load(cfg["data"], seed=cfg["seed"], data_dir=cfg["data_dir"])
-    except (ValueError, FileNotFoundError) as e:
+        if "val_split" in cfg:
+            data = hold_out(data, cfg["val_split"], seed=cfg["seed"])
+    except ValueError as e:
+        usage_error(str(e).replace("val_split:", "--val-split:"))
+    except FileNotFoundError as e:
         usage_error(str(e))
+    if capture == "cuda-graph":  # PyTorch's recipe for NCCL inside CUDA graphs
+        os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "0")
+    try:
+        dist_run = from_environment(device.type)
+    except (ValueError, RuntimeError) as e:
+        usage_error(str(e))
+    try:
+        return _train_and_report(cfg, args, data, device, dist_run, resume, progress, threads)
+    finally:
+        if dist_run is not None:
+            import torch.distributed as dist
+
+            dist.destroy_process_group()
+
+
+def _train_and_report(cfg, args, data, device, dist_run, resume, progress, threads) -> int:
+    from pyeuler.checkpoint import CheckpointError
+
+    is_main = dist_run is None or dist_run.is_main
+    say = print if is_main else _quiet
+    cfg["world_size"] = dist_run.world_size if dist_run else 1
     adv = {"none": "natural training", "pgd": f"PGD-{cfg['attack_steps']} adversarial training",
            "trades": f"TRADES (beta={cfg['beta']:g}) training"}[cfg["adv"]]
-    print(f"{cfg['data']}: {len(data.x_train)} train / {len(data.x_test)} test | model "
-          f"{cfg['model']}, h={cfg['h']:g}, IE step {cfg['ie_step_size']:g}, theta="
-          f"{cfg['theta']:g}, grad={cfg['grad']}, norm={cfg['norm']} | {adv}, {cfg['epochs']} epochs "
-          f"({cfg['preset']}: {cfg['optimizer']} lr {cfg['lr']:g}) | {device}, {threads} "
-          f"threads", flush=True)
+    val = "" if data.x_val is None else f" / {len(data.x_val)} validation"
+    ranks = "" if dist_run is None else (f" | {dist_run.world_size} ranks ({dist_run.backend}), "
+                                         f"{cfg['batch_size'] // dist_run.world_size} samples "
+                                         "per rank and step")
+    say(f"{cfg['data']}: {len(data.x_train)} train{val} / {len(data.x_test)} test | model "
+        f"{cfg['model']}, h={cfg['h']:g}, IE step {cfg['ie_step_size']:g}, theta="
+        f"{cfg['theta']:g}, grad={cfg['grad']}, norm={cfg['norm']} | {adv}, {cfg['epochs']} epochs "
+        f"({cfg['preset']}: {cfg['optimizer']} lr {cfg['lr']:g}){ranks} | {device}, {threads} "
+        f"threads", flush=True)
     rows = []
     for k in cfg["ie_steps"]:
         try:
-            trained = train_one(cfg, data, k, device, progress, args.out, resume[k])
+            trained = train_one(cfg, data, k, device, progress, args.out, resume[k], log=say,
+                                run=dist_run)
         except (CheckpointError, FileNotFoundError) as e:
             print(f"pyeuler: error: {e}", file=sys.stderr)
             return 2
@@ -611,23 +885,34 @@ def run(args: argparse.Namespace) -> int:
             print(f"pyeuler: error: {e}", file=sys.stderr)
             return 2
         except KeyboardInterrupt:
-            return _interrupted(cfg, args.out, k)
+            return _interrupted(cfg, args.out, k) if is_main else 130
         row = {"name": row_name(k), "ie_steps": k, "train_seconds": trained["train_seconds"],
                "checkpoint": trained["checkpoint"]}
+        if trained["best_robust"] is not None:
+            row["best_robust"] = trained["best_robust"]
         t0 = time.perf_counter()
         try:
-            row.update(evaluate_row(cfg, trained["model"], data, device, progress))
+            row.update(evaluate_row(cfg, trained["model"], data, device,
+                                    progress if is_main else False, dist_run))
         except KeyboardInterrupt:
-            return _interrupted(cfg, args.out, k)
+            return _interrupted(cfg, args.out, k) if is_main else 130
         row["eval_seconds"] = time.perf_counter() - t0
         rows.append(row)
-        print(f"  {row['name']}: clean {100 * row['clean']:.1f}%, trained in "
-              f"{row['train_seconds']:.1f} s", flush=True)
+        say(f"  {row['name']}: clean {100 * row['clean']:.1f}%, trained in "
+            f"{row['train_seconds']:.1f} s", flush=True)
+    if not is_main:
+        return 0
     print()
     print(format_table(cfg, rows))
     if args.out:
         print(f"\ncheckpoints in {args.out}/ (evaluate with: pyeuler eval --checkpoint "
               f"{rows[-1]['checkpoint']} --attack pgd-20)")
+        for row in rows:
+            if "best_robust" in row:
+                best = row["best_robust"]
+                print(f"  {row['name']}: best validation PGD-10 accuracy "
+                      f"{100 * best['val_robust']:.1f}% at epoch {best['epoch']}: "
+                      f"{_extra_path(Path(row['checkpoint']), '.best.pt')}")
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps({"config": cfg, "results": rows}, indent=2))

@@ -38,8 +38,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from pyeuler.robust.attacks import default_alpha
+from pyeuler.robust.distributed import all_sum, derive_seed
 from pyeuler.robust.training import (
-    ADV_METHODS, EpochStats, _progress, batches, pgd_at_loss, trades_loss,
+    ADV_METHODS, EpochStats, _check_shard, _progress, autocast, batches, pgd_at_loss,
+    trades_loss,
 )
 
 __all__ = ["MODES", "CapturedStep", "CapturedTraining", "step_loss", "prepare_optimizer"]
@@ -264,6 +266,16 @@ class CapturedTraining:
     no running loss; ``scheduler_step`` (a per-step schedule) is refused — set the
     learning rate per epoch, as ``pyeuler train`` does.  For adversarial training the
     inputs' range [0, 1] is checked on the whole training set, on the host, once per epoch.
+
+    Data-parallel (``shard``, the model a ``DistributedDataParallel`` wrapper): ``batch_size``
+    must divide evenly among the ranks (every part is a full, fixed-shape batch, so DDP's
+    gradient average is the global batch's mean as it is).  ``seed`` and ``amp`` as in
+    ``train_epoch`` (``torch.manual_seed`` between replays reaches the graph's random
+    draws through PyTorch's graph-safe generator state); ``grad_scaler`` is refused: its
+    step reads the found-inf flag on the host (use ``amp=torch.bfloat16``).  Under DDP,
+    ``"cuda-graph"`` follows PyTorch's recipe (CUDA semantics notes, "Usage with
+    DistributedDataParallel"): NCCL >= 2.9.6, ``TORCH_NCCL_ASYNC_ERROR_HANDLING=0`` before
+    the process group starts, and 11 eager warm-up steps (``warmup`` is raised to 11).
     """
 
     def __init__(self, mode: str, *, warmup: int = 3, compile_mode: str | None = "reduce-overhead",
@@ -282,7 +294,10 @@ class CapturedTraining:
                  device: torch.device | str | None = None,
                  transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
                  scheduler_step: Callable[[], None] | None = None,
-                 progress: bool | None = None, desc: str = "train") -> EpochStats:
+                 progress: bool | None = None, desc: str = "train",
+                 shard: tuple[int, int] = (0, 1), seed: int | None = None,
+                 amp: torch.dtype | None = None,
+                 grad_scaler: torch.amp.GradScaler | None = None) -> EpochStats:
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"batch_size: expected a positive int, got {batch_size!r}")
         if adv not in ADV_METHODS:
@@ -293,6 +308,16 @@ class CapturedTraining:
                              "rate per epoch")
         if len(x) != len(y):
             raise ValueError(f"y: {len(y)} labels for {len(x)} inputs")
+        _, world_size = _check_shard(shard)
+        if batch_size % world_size:
+            raise ValueError(f"batch_size: {batch_size} does not split evenly among "
+                             f"{world_size} ranks; a captured step replays one fixed shape")
+        if amp not in (None, torch.bfloat16, torch.float16):
+            raise ValueError(f"amp: expected torch.bfloat16, torch.float16 or None, got {amp!r}")
+        if grad_scaler is not None:
+            raise ValueError("grad_scaler: GradScaler's step reads the found-inf flag on the "
+                             "host, which a captured step cannot; train with "
+                             "amp=torch.bfloat16, which needs no scaler")
         full_batches = len(x) // batch_size
         if full_batches == 0:
             raise ValueError(f"batch_size: {batch_size} is more than the {len(x)} training "
@@ -305,17 +330,20 @@ class CapturedTraining:
             if x.dtype != torch.uint8 and x.numel() and (x.min() < 0 or x.max() > 1):
                 raise ValueError("x: adversarial training expects inputs in [0, 1]; got "
                                  f"values in [{x.min().item():.4g}, {x.max().item():.4g}]")
-        key = (id(model), id(optimizer), batch_size, adv, eps, alpha, steps, beta)
+        key = (id(model), id(optimizer), batch_size, adv, eps, alpha, steps, beta, amp)
         if self.step is None or key != self._key:
             def forward_backward(xb, yb):
-                loss, logits = step_loss(model, xb, yb, adv, eps=eps, alpha=alpha, steps=steps,
-                                         beta=beta)
+                with autocast(xb.device.type, amp):
+                    loss, logits = step_loss(model, xb, yb, adv, eps=eps, alpha=alpha,
+                                             steps=steps, beta=beta)
                 loss.backward()
                 correct = (logits.detach().argmax(1) == yb).sum()
                 return torch.stack([loss.detach().float() * yb.shape[0], correct.float()])
 
+            # DDP's buckets settle in the first eager steps: PyTorch's recipe warms up 11
+            warmup = max(self.warmup, 11) if world_size > 1 else self.warmup
             self.step = CapturedStep(forward_backward, model, optimizer, mode=self.mode,
-                                     warmup=self.warmup, compile_mode=self.compile_mode,
+                                     warmup=warmup, compile_mode=self.compile_mode,
                                      compile_backend=self.compile_backend)
             self._key = key
         model.train()
@@ -323,12 +351,19 @@ class CapturedTraining:
         totals = None
         # zip stops at the last full batch before the partial one is even assembled
         bar = _progress(range(full_batches), full_batches, desc, progress)
-        stream = batches(x, y, batch_size, shuffle=True, generator=generator, device=device,
-                         transform=transform)
-        for _, (xb, yb) in zip(bar, stream):
+        stream = batches(x, y, batch_size, shuffle=True, generator=generator, shard=shard)
+        for step, (_, (xb, yb)) in enumerate(zip(bar, stream)):
+            if seed is not None:
+                torch.manual_seed(derive_seed(seed, step))  # before the step's first draw
+            if transform is not None:
+                xb = transform(xb)
+            if device is not None:
+                xb, yb = xb.to(device, non_blocking=True), yb.to(device, non_blocking=True)
             out = self.step(xb, yb)
             totals = out.double() if totals is None else totals.add_(out)
         loss_sum, correct = totals.tolist()  # the epoch's one host read
+        if world_size > 1:
+            loss_sum, correct = all_sum([loss_sum, correct], totals.device)
         seen = full_batches * batch_size
         if not math.isfinite(loss_sum):
             raise FloatingPointError(f"training loss became {loss_sum / seen} in this epoch "

@@ -4,6 +4,7 @@ for IE-Skips with detached gradients."""
 
 from __future__ import annotations
 
+import contextlib
 import math
 import sys
 import time
@@ -16,6 +17,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from pyeuler.robust.attacks import _check, default_alpha, eval_mode, make_attack, pgd
+from pyeuler.robust.distributed import all_sum, derive_seed, loss_scale, shard_bounds
 
 __all__ = [
     "GradientMaskingWarning", "uses_detached_ie_gradients", "warn_if_gradient_masking",
@@ -87,9 +89,10 @@ def _to_float(x: torch.Tensor) -> torch.Tensor:
 
 def batches(x: torch.Tensor, y: torch.Tensor, batch_size: int, shuffle: bool = False,
             generator: torch.Generator | None = None, device: torch.device | str | None = None,
-            transform: Callable[[torch.Tensor], torch.Tensor] | None = None
+            transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
+            shard: tuple[int, int] = (0, 1)
             ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """Mini-batches of in-memory tensors.
+    """Mini-batches of in-memory tensors, or this process's part of each.
 
     Args:
         x: inputs ``(N, ...)``; uint8 images are scaled to [0, 1] float32 per batch.
@@ -100,27 +103,56 @@ def batches(x: torch.Tensor, y: torch.Tensor, batch_size: int, shuffle: bool = F
         device: where to move each batch (None: leave it).
         transform: applied to each input batch (after scaling, before moving), e.g.
             :func:`pyeuler.data.random_crop_flip`.
+        shard: ``(rank, world_size)``: each batch of ``batch_size`` (the global batch, the
+            same for every ``world_size``) is cut into ``world_size`` contiguous parts of
+            near-equal size and part ``rank`` is yielded
+            (:func:`pyeuler.robust.distributed.shard_bounds`); a last batch smaller than
+            ``world_size`` is skipped (it cannot give every rank a sample).
 
     Yields:
-        ``(xb, yb)``: ``(B, ...)`` floating point and ``(B,)``, B <= ``batch_size``.
+        ``(xb, yb)``: ``(B, ...)`` floating point and ``(B,)``, B <= ``batch_size``
+        (about ``batch_size / world_size`` with ``shard``).
 
     Raises:
-        ValueError: ``batch_size`` not a positive int; x and y of different lengths.
+        ValueError: ``batch_size`` not a positive int; x and y of different lengths;
+            ``shard`` not ``(rank, world_size)`` with 0 <= rank < world_size.
     """
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size: expected a positive int, got {batch_size!r}")
     if len(x) != len(y):
         raise ValueError(f"y: {len(y)} labels for {len(x)} inputs")
+    rank, world_size = _check_shard(shard)
     n = len(x)
     order = torch.randperm(n, generator=generator) if shuffle else torch.arange(n)
     for i in range(0, n, batch_size):
         idx = order[i:i + batch_size]
+        if world_size > 1:
+            if len(idx) < world_size:
+                return
+            start, stop = shard_bounds(len(idx), rank, world_size)
+            idx = idx[start:stop]
         xb, yb = _to_float(x[idx]), y[idx]
         if transform is not None:
             xb = transform(xb)
         if device is not None:
             xb, yb = xb.to(device, non_blocking=True), yb.to(device, non_blocking=True)
         yield xb, yb
+
+
+def autocast(device_type: str, dtype: torch.dtype | None):
+    """``torch.autocast(device_type, dtype)``, or no context at all for ``dtype=None`` (an
+    autocast the caller opened stays in force)."""
+    return contextlib.nullcontext() if dtype is None else torch.autocast(device_type, dtype)
+
+
+def _check_shard(shard) -> tuple[int, int]:
+    valid = (isinstance(shard, tuple) and len(shard) == 2
+             and all(isinstance(v, int) and not isinstance(v, bool) for v in shard)
+             and 0 <= shard[0] < shard[1])
+    if not valid:
+        raise ValueError(f"shard: expected (rank, world_size) with 0 <= rank < world_size, "
+                         f"got {shard!r}")
+    return shard
 
 
 class _NoBar:
@@ -276,9 +308,13 @@ def train_epoch(model: nn.Module, x: torch.Tensor, y: torch.Tensor,
                 device: torch.device | str | None = None,
                 transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
                 scheduler_step: Callable[[], None] | None = None,
-                progress: bool | None = None, desc: str = "train") -> EpochStats:
+                progress: bool | None = None, desc: str = "train",
+                shard: tuple[int, int] = (0, 1), seed: int | None = None,
+                amp: torch.dtype | None = None,
+                grad_scaler: torch.amp.GradScaler | None = None) -> EpochStats:
     """One training epoch over (x, y), naturally or adversarially; the model is left in
-    training mode.
+    training mode.  Also one rank's part of a data-parallel epoch (``shard``), where the
+    model is a ``DistributedDataParallel`` wrapper (:mod:`pyeuler.robust.distributed`).
 
     Args:
         model: a classifier mapping batches to logits ``(B, classes)``.
@@ -300,13 +336,26 @@ def train_epoch(model: nn.Module, x: torch.Tensor, y: torch.Tensor,
         progress: a tqdm bar (None: when stderr is a terminal; none without tqdm, which
             comes with ``pyeuler[train]``).
         desc: the bar's label.
+        shard: ``(rank, world_size)``: train on part ``rank`` of every global batch of
+            ``batch_size`` (:func:`batches`).  With ``world_size > 1`` the loss is scaled
+            so that DDP's gradient average is the gradient of the mean over the global
+            batch, and the returned statistics are summed over the default process group.
+        seed: reseed torch's global generators before every step with
+            ``derive_seed(seed, step)``, so that the step's draws (augmentation, attack
+            starts, TRADES noise, dropout) depend on nothing else; None: leave them running.
+        amp: ``torch.bfloat16`` or ``torch.float16``: the step's forward passes (the
+            attack's included) under ``torch.autocast``; None: full precision.
+        grad_scaler: scales the loss, and steps the optimizer, through this
+            ``torch.amp.GradScaler`` (float16 gradients underflow without it).
 
     Returns:
         ``EpochStats(loss, accuracy, seconds, samples)``: mean loss and accuracy over the
-        samples the loss saw (adversarial ones for PGD-AT), wall time, sample count.
+        samples the loss saw (adversarial ones for PGD-AT; all ranks' with ``shard``), wall
+        time, sample count.
 
     Raises:
-        ValueError: bad ``batch_size``, ``adv``, ``eps`` or ``alpha``; else as the attack.
+        ValueError: bad ``batch_size``, ``adv``, ``eps``, ``alpha``, ``shard`` or ``amp``;
+            else as the attack.
         FloatingPointError: the loss became NaN or infinite (lower the learning rate).
     """
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
@@ -318,23 +367,44 @@ def train_epoch(model: nn.Module, x: torch.Tensor, y: torch.Tensor,
             alpha = default_alpha(eps, steps)
         if eps < 0 or alpha < 0:
             raise ValueError(f"eps/alpha: must be >= 0, got eps={eps!r}, alpha={alpha!r}")
+    rank, world_size = _check_shard(shard)
+    if amp not in (None, torch.bfloat16, torch.float16):
+        raise ValueError(f"amp: expected torch.bfloat16, torch.float16 or None, got {amp!r}")
     model.train()
     t0 = time.perf_counter()
     total_loss, correct, seen = 0.0, 0, 0
-    nb = math.ceil(len(x) / batch_size)
-    bar = _progress(batches(x, y, batch_size, shuffle=True, generator=generator, device=device,
-                            transform=transform), nb, desc, progress)
-    for xb, yb in bar:
-        if adv == "none":
-            logits = model(xb)
-            loss = F.cross_entropy(logits, yb)
-        elif adv == "pgd":
-            loss, logits = pgd_at_loss(model, xb, yb, eps, alpha, steps)
-        else:
-            loss, logits = trades_loss(model, xb, yb, beta=beta, eps=eps, alpha=alpha, steps=steps)
+    n = len(x)
+    nb = math.ceil(n / batch_size)
+    bar = _progress(batches(x, y, batch_size, shuffle=True, generator=generator, shard=shard),
+                    nb, desc, progress)
+    for step, (xb, yb) in enumerate(bar):
+        if seed is not None:
+            torch.manual_seed(derive_seed(seed, step))  # before the step's first draw
+        if transform is not None:
+            xb = transform(xb)
+        if device is not None:
+            xb, yb = xb.to(device, non_blocking=True), yb.to(device, non_blocking=True)
+        with autocast(xb.device.type, amp):
+            if adv == "none":
+                logits = model(xb)
+                loss = F.cross_entropy(logits, yb)
+            elif adv == "pgd":
+                loss, logits = pgd_at_loss(model, xb, yb, eps, alpha, steps)
+            else:
+                loss, logits = trades_loss(model, xb, yb, beta=beta, eps=eps, alpha=alpha,
+                                           steps=steps)
+        objective = loss
+        if world_size > 1:
+            objective = loss * loss_scale(len(yb), min(batch_size, n - step * batch_size),
+                                          world_size)
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+        if grad_scaler is not None:
+            grad_scaler.scale(objective).backward()
+            grad_scaler.step(optimizer)
+            grad_scaler.update()
+        else:
+            objective.backward()
+            optimizer.step()
         if scheduler_step is not None:
             scheduler_step()
         loss_v = loss.detach()
@@ -344,6 +414,9 @@ def train_epoch(model: nn.Module, x: torch.Tensor, y: torch.Tensor,
         correct += (logits.detach().argmax(1) == yb).sum().item()
         seen += len(yb)
         bar.set_postfix(loss=f"{total_loss / seen:.3f}", acc=f"{correct / seen:.3f}")
+    if world_size > 1:
+        total_loss, correct, seen = all_sum([total_loss, correct, seen], device or x.device)
+        seen = int(seen)
     return EpochStats(total_loss / max(seen, 1), correct / max(seen, 1),
                       time.perf_counter() - t0, seen)
 
