@@ -236,8 +236,15 @@ def load(name: str, seed: int = 0, data_dir: str | os.PathLike | None = None, **
 
 
 def validation_count(size: float, n_train: int) -> int:
-    """The number of samples a validation split of ``size`` takes from ``n_train``: a
-    fraction in (0, 1) (rounded, at least 1) or a count (an int >= 1).
+    """The number of samples a validation split of ``size`` takes from ``n_train``.
+
+    Args:
+        size: a fraction of the training samples in (0, 1) (rounded, at least 1) or a
+            count (an int >= 1).
+        n_train: the number of training samples.
+
+    Returns:
+        The validation split's size, an int in [1, n_train).
 
     Raises:
         ValueError: ``size`` neither a fraction in (0, 1) nor an int >= 1, or leaving no
