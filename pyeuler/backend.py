@@ -35,7 +35,15 @@ def _check_name(name: str, argument: str) -> str:
     return name
 
 
-_default_backend = _check_name(os.environ.get("PYEULER_BACKEND", "auto"), "PYEULER_BACKEND")
+def check_backend_name(name: str) -> str:
+    """``name`` if it names a backend (:data:`BACKENDS`), else ValueError; availability is
+    :func:`resolve_backend`'s question."""
+    return _check_name(name, "backend")
+
+
+# set_backend's choice; None: PYEULER_BACKEND's, read (and checked) where it is first needed,
+# so that a bad value is an error of the code that uses it, not of `import pyeuler`
+_default_backend: str | None = None
 
 
 def set_backend(name: str) -> None:
@@ -63,9 +71,12 @@ def get_backend() -> str:
         The name set by :func:`set_backend`, else ``PYEULER_BACKEND``'s, else ``"auto"``.
 
     Raises:
-        Nothing: an invalid ``PYEULER_BACKEND`` already failed at import.
+        ValueError: ``PYEULER_BACKEND`` is set to a name not in :data:`BACKENDS` (and no
+            :func:`set_backend` call overrides it).
     """
-    return _default_backend
+    if _default_backend is not None:
+        return _default_backend
+    return _check_name(os.environ.get("PYEULER_BACKEND", "auto"), "PYEULER_BACKEND")
 
 
 def kernel_module(name: str):

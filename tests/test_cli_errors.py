@@ -46,12 +46,12 @@ def test_backend_choices_are_checked_by_argparse(capsys):
     assert "argument --backend: invalid choice" in capsys.readouterr().err
 
 
-def _pyeuler(*argv, timeout=300):
+def _pyeuler(*argv, timeout=300, env=None):
     import subprocess
     import sys
 
     return subprocess.run([sys.executable, "-m", "pyeuler", *argv], capture_output=True,
-                          text=True, timeout=timeout)
+                          text=True, timeout=timeout, env=env)
 
 
 def test_eps_accepts_fractions_as_eval_prints_them(capsys):
@@ -175,3 +175,37 @@ def test_a_bad_local_world_size_is_one_line_exit_2():
                           capture_output=True, text=True, timeout=300, env=env)
     assert done.returncode == 2 and done.stdout == ""
     assert done.stderr.strip() == "pyeuler: error: LOCAL_WORLD_SIZE: expected an int >= 1, got 'zero'"
+
+
+def test_argparse_mistakes_are_one_line(capsys):
+    """argparse's own errors (a bad type, a missing value) without the usage block."""
+    for argv in (["train", "--eps", "-1"], ["train", "--epochs"], ["eval"]):
+        with pytest.raises(SystemExit) as exit_info:
+            main(argv)
+        assert exit_info.value.code == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("pyeuler "), err
+        assert "--help" in err[0]
+
+
+def test_bad_pyeuler_backend_is_one_line_exit_2():
+    import os
+
+    env = dict(os.environ, PYEULER_BACKEND="gpu")
+    out = _pyeuler("info", env=env)
+    assert out.returncode == 2, out.stderr
+    assert out.stderr.strip().splitlines() == [
+        "pyeuler: error: PYEULER_BACKEND must be one of ('reference', 'eager', 'triton', "
+        "'cuda', 'auto'), got 'gpu' (see pyeuler --help)"]
+
+
+def test_warnings_of_a_command_are_one_line(capsys):
+    import warnings
+
+    from pyeuler.cli import _one_line_warning
+
+    line = _one_line_warning(UserWarning("careful"), UserWarning, "/x/y.py", 3, "code()")
+    assert line == "pyeuler: UserWarning: careful\n"
+    before = warnings.formatwarning
+    main(["info"])
+    assert warnings.formatwarning is before  # restored after the command

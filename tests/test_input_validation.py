@@ -332,3 +332,27 @@ def test_momentum_none_and_numpy_numbers_where_they_make_sense(backend):
     for got in results[1:]:
         for a, b in zip(got, results[0]):
             torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("h", [float("nan"), float("inf")])
+def test_module_step_factor_must_be_finite(h):
+    from pyeuler.nn import EulerBasicBlock, PreActBranch
+
+    with pytest.raises(ValueError, match="h must be a finite float"):
+        PreActBranch(8, h=h)
+    with pytest.raises(ValueError, match="h must be a finite float"):
+        EulerBasicBlock(8, 8, h=h)
+
+
+def test_wrong_channel_count_names_the_module():
+    with pytest.raises(ValueError, match=r"PreActBranch expects 8 input channels \(dim 1\)"):
+        PreActBranch(8)(torch.randn(2, 4, 4, 4))
+    with pytest.raises(ValueError, match=r"PreActNet expects 3 input channels \(dim 1\)"):
+        mlp_resnet(in_features=3)(torch.randn(2, 2))
+    with pytest.raises(ValueError, match=r"ResNetCifar expects 3 input channels"):
+        resnet_cifar(8)(torch.randn(2, 1, 8, 8))
+
+
+def test_ie_skip_backend_name_is_checked_at_construction():
+    with pytest.raises(ValueError, match="backend must be one of"):
+        IESkip(PreActBranch(4), backend="gpu")

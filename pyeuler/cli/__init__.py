@@ -8,16 +8,31 @@ from __future__ import annotations
 
 import argparse
 import sys
+import warnings
 
 import torch
 
+from pyeuler.backend import get_backend
 from pyeuler.cli import bench, cost, eval as eval_cmd, info, stability, train
 
 _SUBCOMMANDS = (info, bench, cost, train, eval_cmd, stability)
 
 
+class _Parser(argparse.ArgumentParser):
+    """A usage mistake is one line (and exit status 2), not the usage block; subcommand
+    parsers are made of this class too."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _one_line_warning(message, category, filename, lineno, line=None) -> str:
+    # what a command-line user needs: the warning, not the library line that raised it
+    return f"pyeuler: {category.__name__}: {message}\n"
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="pyeuler",
         description="Fast, robust Euler ResNets: explicit step factor h and implicit Euler skips.",
     )
@@ -28,12 +43,19 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    threads = torch.get_num_threads()
+    parser = build_parser()
+    try:
+        get_backend()
+    except ValueError as e:  # a bad PYEULER_BACKEND
+        parser.error(str(e))
+    args = parser.parse_args(argv)
+    threads, format_warning = torch.get_num_threads(), warnings.formatwarning
+    warnings.formatwarning = _one_line_warning
     try:
         return int(args.func(args) or 0)
-    finally:  # a command's --threads ends with it when main() is called in-process
+    finally:  # a command's --threads and warning format end with it (main() in-process)
         torch.set_num_threads(threads)
+        warnings.formatwarning = format_warning
 
 
 if __name__ == "__main__":

@@ -86,9 +86,10 @@ def _pos_float(s: str) -> float:
 
 
 def _val_size(s: str) -> float:
-    """``--val-split``: a fraction in (0, 1) or a count >= 1."""
+    """``--val-split``: a fraction in (0, 1) or a count >= 1 (written as an integer: 1.0
+    is neither, rather than one sample)."""
     v = _number(s)
-    if not v > 0 or (v >= 1 and v != int(v)):
+    if not v > 0 or (v >= 1 and not s.strip().isdigit()):
         raise argparse.ArgumentTypeError(f"expected a fraction in (0, 1) or a count >= 1, "
                                          f"got {s}")
     return int(v) if v >= 1 else v

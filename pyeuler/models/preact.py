@@ -48,8 +48,8 @@ _BUILDER_RAISES = """
 
     With ``norm="batch"`` and ``ie_steps > 0`` the running statistics average the
     branches' inputs at x0 and at the IE iterates, which are distributed differently, so
-    eval-mode accuracy can fall far below training accuracy (IE-ResNet-1 on digits: 75.7 ±
-    20.1 % vs 98.5 %, docs/robustness_report.md); such a model warns once when it first
+    eval-mode accuracy can fall far below training accuracy (IE-ResNet-1 on digits: 74.6 ±
+    13.2 % vs 98.6 ± 0.9 %, docs/robustness_report.md); such a model warns once when it first
     runs in eval mode.  ``norm="group"`` has no running statistics.
     """
 

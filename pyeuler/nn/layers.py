@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 
@@ -56,6 +58,8 @@ def make_step(h: float, h_mode: str, channels: int) -> float | nn.Parameter:
     """The Euler step factor: a float (``"fixed"``) or a learnable scalar / per-channel h."""
     if not isinstance(h, (int, float)) or isinstance(h, bool):
         raise TypeError(f"h must be a float, got {type(h).__name__}")
+    if not math.isfinite(h):  # a module's step factor: NaN or inf is a mistake, not a value
+        raise ValueError(f"h must be a finite float, got {h!r}")
     if h_mode == "fixed":
         return float(h)
     if h_mode == "scalar":

@@ -38,9 +38,10 @@ class BranchCache:
 
 
 def check_input_rank(x: Tensor, layer: nn.Module, owner: str) -> None:
-    """x must be ``(N, C, *spatial)`` with the spatial rank of ``layer`` (the first conv or
-    linear layer ``owner`` applies): convolutions would read a tensor one dim short as a
-    single unbatched sample, and return a wrong answer rather than an error.  Metadata only.
+    """x must be ``(N, C, *spatial)`` with the spatial rank and the input channels of
+    ``layer`` (the first conv or linear layer ``owner`` applies): convolutions would read a
+    tensor one dim short as a single unbatched sample, and return a wrong answer rather than
+    an error; a wrong C would surface as an error about some internal weight.  Metadata only.
     """
     if not isinstance(x, Tensor):
         raise TypeError(f"{owner} input x must be a Tensor, got {type(x).__name__}")
@@ -49,6 +50,10 @@ def check_input_rank(x: Tensor, layer: nn.Module, owner: str) -> None:
         shape = "(N, C)" if expected == 2 else f"(N, C, {', '.join('*' * (expected - 2))})"
         raise ValueError(f"{owner} expects a {expected}-D input {shape} (a batch), got x of "
                          f"shape {tuple(x.shape)}")
+    channels = layer.in_features if isinstance(layer, nn.Linear) else layer.in_channels
+    if x.shape[1] != channels:
+        raise ValueError(f"{owner} expects {channels} input channels (dim 1), got x of shape "
+                         f"{tuple(x.shape)}")
 
 
 def has_explicit_vjp(branch) -> bool:
