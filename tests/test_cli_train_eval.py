@@ -310,23 +310,6 @@ def test_a_second_eval_merges_into_the_first_by_attack_and_eps(tmp_path):
     assert [run["attacks"] for run in saved["runs"]] == [["fgsm"], ["pgd-2"], ["fgsm"]]
 
 
-def test_merging_eval_results_of_other_weights_replaces_them():
-    from pyeuler.cli._results import merge_eval_results
-
-    first = {"model": "mlp", "epochs": 1, "samples": 64,
-             "results": {"clean": 0.9, "fgsm": {"0.1": 0.5}, "cw": {"success_rate": 0.4}}}
-    second = dict(first, samples=16, results={"clean": 0.8, "fgsm": {"0.2": 0.3},
-                                              "cw": {"median_l2": 0.7}})
-    merged, note = merge_eval_results(merge_eval_results(None, first)[0], second)
-    assert note is None and merged["samples"] == 16
-    assert merged["results"] == {"clean": 0.8, "fgsm": {"0.1": 0.5, "0.2": 0.3},
-                                 "cw": {"success_rate": 0.4, "median_l2": 0.7}}
-    assert [run["samples"] for run in merged["runs"]] == [64, 16]
-    retrained, note = merge_eval_results(merged, dict(second, epochs=2))
-    assert retrained["results"] == second["results"] and len(retrained["runs"]) == 1
-    assert "epochs 1 there, 2 now" in note
-
-
 def test_threads_default_to_the_process_cores_over_the_local_ranks(tmp_path):
     """The header line shows the threads: the cores of this process's affinity mask divided
     by LOCAL_WORLD_SIZE (at least 1), or --threads."""

@@ -6,6 +6,12 @@ trained on, and reports, per norm and ε, the per-sample worst case over all att
 (the headline robust accuracy; a sample misclassified without attack is not robust) with
 each attack beside it. C&W is an L2 attack: its success rate and median L2 distortion.
 
+Successive runs on one checkpoint merge: on the same test samples (same count and data)
+the per-sample records of every run are kept and the worst case is over all of them; an
+attack run with another --grad than the checkpoint's is its own attack (pgd-20@detached)
+beside the others; results on other samples are kept apart, labelled by their sample set
+("other_sample_sets"), never in the worst case.
+
 Writes, next to the checkpoint unless --json says otherwise:
   <checkpoint>.eval.json  settings, results and per-sample results; saved after every
                           batch, so a run interrupted with the same settings resumes
@@ -30,11 +36,13 @@ from pathlib import Path
 
 import torch
 
-from pyeuler.cli._results import merge_eval_results, read_eval_results
+from pyeuler.cli._results import (EVAL_CONTEXT, attack_key, config_hash, merge_eval_results,
+                                  read_eval_results, sample_set_id, sample_sets,
+                                  split_attack_key)
 from pyeuler.cli.train import (_nonneg_float, _pos_float, _pos_int, add_common_runtime_args,
                                apply_threads, check_backend, check_output_path, resolve_device)
 
-FORMAT, VERSION = "pyeuler-eval", 2
+FORMAT, VERSION = "pyeuler-eval", 3
 _SAVE_EVERY_S = 5.0
 
 
@@ -87,7 +95,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    help="where to write the results [<checkpoint>.eval.json]; the Markdown "
                         "table and the plot go beside it (.md, .png)")
     p.add_argument("--fresh", action="store_true",
-                   help="ignore saved results of an earlier run instead of resuming them")
+                   help="measure this run's attacks afresh instead of resuming saved "
+                        "records of them (other attacks' records are kept)")
     add_common_runtime_args(p)
     p.set_defaults(func=run)
     return p
@@ -118,32 +127,48 @@ def _write_atomic(path: Path, text: str) -> None:
             os.unlink(tmp)
 
 
-def _resumable(out: Path, identity: dict, attacks, eps, eps_l2) -> dict | None:
-    """The saved per-sample results of an earlier run with the same identity, restricted to
-    this run's attacks and radii; None if there is nothing to resume."""
+def _resumable(saved: dict | None, context: dict, sample_set: str, provenance: str,
+               attacks, grad: str | None, eps, eps_l2) -> tuple[dict, bool]:
+    """The state to resume: the saved per-sample records (finished or not) of this run's
+    attacks and radii that were measured on the same model state and samples with the same
+    settings (``provenance``), under this run's plain attack names; and whether any attack
+    record was among them."""
     from pyeuler.robust.evaluation import eps_key, parse_attack
 
-    try:
-        saved = json.loads(out.read_text())
-    except (OSError, ValueError):
-        return None
+    state = {"per_sample": {}}
     if not isinstance(saved, dict) or saved.get("format") != FORMAT \
             or saved.get("version") != VERSION \
-            or any(saved.get(k) != v for k, v in identity.items()):
-        return None
-    old = saved.get("per_sample") or {}
-    keep = {"clean": old.get("clean", [])}
+            or any(saved.get(k) != v for k, v in context.items()):
+        return state, False
+    entry = sample_sets(saved).get(sample_set) or {}
+    old, made = entry.get("per_sample") or {}, entry.get("measured_with") or {}
+    keep = state["per_sample"]
+    if old.get("clean") is not None and made.get("clean") == provenance:
+        keep["clean"] = old["clean"]
     for spec in map(parse_attack, attacks):
-        if spec.kind == "cw":
-            keep["cw"] = old.get("cw", {"l2": []})
-            continue
-        radii = {eps_key(e) for e in (eps if spec.norm == "Linf" else eps_l2)}
-        keep[spec.name] = {k: v for k, v in (old.get(spec.name) or {}).items() if k in radii}
-    return {"samples": identity["samples"], "per_sample": keep}
+        key = attack_key(spec.name, grad)
+        radii = ["l2"] if spec.kind == "cw" else \
+            [eps_key(e) for e in (eps if spec.norm == "Linf" else eps_l2)]
+        records = {r: (old.get(key) or {})[r] for r in radii
+                   if r in (old.get(key) or {}) and (made.get(key) or {}).get(r) == provenance}
+        if records:
+            keep[spec.name] = records
+    return state, any(k != "clean" for k in keep)
 
 
 def _percent(v) -> str:
     return "—" if v is None else f"{100 * v:.1f}"
+
+
+def _settings_of(payload: dict, key: str, radius: str) -> dict:
+    """The settings of the run that measured ``key`` at ``radius`` (the newest run's when
+    the file does not say)."""
+    made = ((payload.get("measured_with") or {}).get(key) or {}).get(radius)
+    for run in reversed(payload.get("runs") or []):
+        if isinstance(run, dict) and made is not None and made == config_hash(
+                {"settings": run.get("settings"), "backend": run.get("backend")}):
+            return run["settings"]
+    return payload["settings"]
 
 
 def markdown_report(payload: dict) -> str:
@@ -152,40 +177,62 @@ def markdown_report(payload: dict) -> str:
     from pyeuler.robust.evaluation import eps_key, parse_attack
 
     res = payload["results"]
-    specs = [parse_attack(a) for a in payload["attacks"]]
+    keys = [(a, parse_attack(split_attack_key(a)[0])) for a in payload["attacks"]]
     fmt = payload.get("eps_format") or {}
+    on = f" ({payload['sample_set']})" if payload.get("sample_set") else ""
     lines = [f"**{payload['model']}** {payload['model_kwargs']} on {payload['data']}, "
-             f"{payload['samples']} test samples, clean accuracy {_percent(res.get('clean'))} %.",
-             ""]
+             f"{payload['samples']} test samples{on}, clean accuracy "
+             f"{_percent(res.get('clean'))} %.", ""]
     for norm, radii in (("Linf", payload["eps"]), ("L2", payload["eps_l2"])):
-        names = [s.name for s in specs if s.norm == norm]
+        names = [a for a, s in keys if s.norm == norm]
         if not names:
             continue
-        extra = ["cw"] if norm == "L2" and "cw" in res else []
+        extra = [a for a, s in keys if s.kind == "cw" and a in res] if norm == "L2" else []
         lines += ["| norm | ε | clean | **worst case** | " + " | ".join(names + extra) + " |",
                   "|---|---|---|---|" + "---|" * (len(names) + len(extra))]
         for e in radii:
             key = eps_key(e)
             worst = (res.get("worst_case") or {}).get(norm, {}).get(key)
             cells = [_percent((res.get(a) or {}).get(key)) for a in names]
-            if extra:
-                cells.append(_percent(res["cw"].get("accuracy_at", {}).get(key)))
+            cells += [_percent(res[a].get("accuracy_at", {}).get(key)) for a in extra]
             label = fmt.get(key, f"{e:g}") if norm == "Linf" else f"{e:g}"
             lines.append(f"| {'L∞' if norm == 'Linf' else 'L2'} | {label} | "
                          f"{_percent(res.get('clean'))} | **{_percent(worst)}** | "
                          + " | ".join(cells) + " |")
+        used = (res.get("worst_case_attacks") or {}).get(norm) or names + extra
         lines += ["", f"Robust accuracy in % of all samples. Worst case: a sample counts only "
-                      f"if correct clean and after every attack ({', '.join(names + extra)}).",
-                  ""]
-    if "cw" in res:
-        cw, s = res["cw"], payload["settings"]
+                      f"if correct clean and after every attack ({', '.join(used)})."]
+        for e, taken in ((res.get("worst_case_attacks_by_eps") or {}).get(norm) or {}).items():
+            lines[-1] += f" At ε = {fmt.get(e, e)}: {', '.join(taken)} only."
+        unfinished = [f"{a} at {', '.join(r)}" for a, r in (res.get("unfinished") or {}).items()]
+        if unfinished:
+            lines[-1] += (" Unfinished (interrupted; run it again to finish), so no worst case "
+                          f"where they are: {'; '.join(unfinished)}.")
+        lines.append("")
+    for a in (a for a, spec in keys if spec.kind == "cw" and a in res):
+        cw, s = res[a], _settings_of(payload, a, "l2")
         median = "—" if cw["median_l2"] is None else f"{cw['median_l2']:.4g}"
-        lines += [f"C&W L2 (c={s['cw_c']:g}, {s['cw_steps']} Adam steps, lr {s['cw_lr']:g}, "
+        label = "C&W" + a[len("cw"):]
+        lines += [f"{label} L2 (c={s['cw_c']:g}, {s['cw_steps']} Adam steps, lr {s['cw_lr']:g}, "
                   f"κ={s['cw_kappa']:g}): success rate {_percent(cw['success_rate'])} % of the "
                   f"{cw['attacked']} samples classified correctly, median L2 distortion "
                   f"{median} (successful samples).", ""]
     for note in payload.get("notes", []):
         lines += [f"Note: {note}", ""]
+    for label, entry in (payload.get("other_sample_sets") or {}).items():
+        other = entry.get("results") or {}
+        parts = [f"clean {_percent(other.get('clean'))} %"]
+        for norm, per_eps in (other.get("worst_case") or {}).items():
+            taken = ", ".join((other.get("worst_case_attacks") or {}).get(norm, []))
+            parts += [f"worst case {'L∞' if norm == 'Linf' else 'L2'} ε = {e}: {_percent(v)} % "
+                      f"(over {taken})" for e, v in per_eps.items()]
+        parts += [f"{a} ε = {e}: {_percent(v)} %" for a, accs in other.items()
+                  if a not in ("clean", "worst_case", "worst_case_attacks",
+                               "worst_case_attacks_by_eps", "unfinished")
+                  and isinstance(accs, dict) and "success_rate" not in accs
+                  for e, v in accs.items()]
+        lines += [f"Other samples, {entry.get('samples')} ({label}), not in the tables above: "
+                  + "; ".join(parts) + ".", ""]
     masking = payload.get("masking")
     if masking:
         lines += ["| masking check | status | result | fires when |", "|---|---|---|---|"]
@@ -207,18 +254,18 @@ def plot_report(payload: dict, path: Path) -> bool:
     from pyeuler.robust.evaluation import eps_key, parse_attack
 
     res = payload["results"]
-    specs = [parse_attack(a) for a in payload["attacks"]]
+    specs = [(a, parse_attack(split_attack_key(a)[0])) for a in payload["attacks"]]
     norms = [(n, r) for n, r in (("Linf", payload["eps"]), ("L2", payload["eps_l2"]))
-             if any(s.norm == n for s in specs)]
+             if any(s.norm == n for _, s in specs)]
     fig, axes = plt.subplots(1, max(len(norms), 1), figsize=(5.5 * max(len(norms), 1), 4),
                              squeeze=False)
     for ax, (norm, radii) in zip(axes[0], norms):
         radii = sorted(radii)
         clean = res.get("clean")
         xs = [0.0] + radii
-        for spec in (s for s in specs if s.norm == norm):
-            ys = [clean] + [(res.get(spec.name) or {}).get(eps_key(e)) for e in radii]
-            ax.plot(xs, [None if v is None else 100 * v for v in ys], marker="o", label=spec.name)
+        for name in (a for a, s in specs if s.norm == norm):
+            ys = [clean] + [(res.get(name) or {}).get(eps_key(e)) for e in radii]
+            ax.plot(xs, [None if v is None else 100 * v for v in ys], marker="o", label=name)
         worst = (res.get("worst_case") or {}).get(norm, {})
         ax.plot(xs, [None if v is None else 100 * v
                      for v in [clean] + [worst.get(eps_key(e)) for e in radii]],
@@ -264,9 +311,13 @@ def run(args: argparse.Namespace) -> int:
     if not spec.get("name") or "data" not in cfg:
         return _error(f"checkpoint: {path} does not say which model/data it was trained with "
                       "(it was not written by pyeuler train)")
-    kwargs = dict(spec.get("kwargs") or {})
+    trained_kwargs = dict(spec.get("kwargs") or {})
+    kwargs = dict(trained_kwargs)
     if args.grad:
         kwargs["grad"] = args.grad
+    # The same weights attacked through other gradients: its own attacks (pgd-20@detached)
+    grad_tag = args.grad if args.grad and args.grad != trained_kwargs.get("grad", "unrolled") \
+        else None
     eps_list = args.eps if args.eps is not None else [float(cfg.get("eps", 8 / 255))]
     try:
         specs = [parse_attack(a) for a in args.attack]
@@ -325,29 +376,44 @@ def run(args: argparse.Namespace) -> int:
         batch_size=args.batch_size)
     if settings.restarts > 1 and not settings.random_start:
         return _error("--restarts: several runs need random starts (drop --no-random-start)")
-    identity = {"checkpoint_sha256": _sha256(path), "model_kwargs": kwargs, "data": cfg["data"],
-                "samples": n, "settings": settings.to_dict(),
-                "backend": args.backend or cfg.get("backend")}
-    state = None if args.fresh else _resumable(out, identity, attacks, eps_list, args.eps_l2)
-    if state is not None:
+    backend = args.backend or cfg.get("backend")
+    context = {"checkpoint_sha256": _sha256(path), "model_kwargs": trained_kwargs,
+               "data": cfg["data"], "model": spec["name"], "epochs": ckpt["epoch"],
+               "run_id": cfg.get("run_id")}
+    assert set(context) == set(EVAL_CONTEXT)
+    sample_set = sample_set_id(cfg["data"], x, y)
+    # what a per-sample record depends on besides the model state, samples and attack key
+    provenance = config_hash({"settings": settings.to_dict(), "backend": backend})
+    state, resumed = ({"per_sample": {}}, False) if args.fresh else _resumable(
+        earlier, context, sample_set, provenance, attacks, grad_tag, eps_list, args.eps_l2)
+    if resumed:
         print(f"resuming the evaluation saved in {out} (--fresh starts over)")
+    keys = {a: attack_key(a, grad_tag) for a in attacks}
 
     def fmt_eps(e):
         return f"{e * 255:.3g}/255" if cfg["data"] == "cifar10" else f"{e:g}"
 
-    payload = {"format": FORMAT, "version": VERSION, "checkpoint": str(path), **identity,
-               "model": spec["name"], "epochs": ckpt["epoch"], "attacks": attacks,
-               "eps": eps_list, "eps_l2": args.eps_l2,
+    payload = {"format": FORMAT, "version": VERSION, "checkpoint": str(path), **context,
+               "sample_set": sample_set, "samples": n, "settings": settings.to_dict(),
+               "backend": backend, "grad": kwargs.get("grad", "unrolled"),
+               "attacks": list(keys.values()), "eps": eps_list, "eps_l2": args.eps_l2,
                "eps_format": {eps_key(e): fmt_eps(e) for e in eps_list},
                "gradient_masking": bool(kwargs.get("grad") == "detached"
                                         and kwargs.get("ie_steps", 0) > 0),
                "notes": notes, "complete": False}
     last_save = [0.0]
 
+    def merged_with_earlier(current: dict) -> tuple[dict, str | None]:
+        """This run's records (under their attack keys) merged into the file's."""
+        records = {keys.get(k, k): v for k, v in (current.get("per_sample") or {}).items()}
+        made = {k: {r: provenance for r in v} if isinstance(v, dict) else provenance
+                for k, v in records.items()}
+        return merge_eval_results(earlier, {**payload, "per_sample": records,
+                                            "measured_with": made})
+
     def save(current: dict, force: bool = False) -> None:
         if force or time.perf_counter() - last_save[0] > _SAVE_EVERY_S:
-            payload.update(current)
-            _write_atomic(out, json.dumps(merge_eval_results(earlier, payload)[0]))
+            _write_atomic(out, json.dumps(merged_with_earlier(current)[0]))
             last_save[0] = time.perf_counter()
 
     show = sys.stderr.isatty() and not args.no_progress
@@ -360,7 +426,6 @@ def run(args: argparse.Namespace) -> int:
     print(f"{path}: {spec['name']} {kwargs} trained {ckpt['epoch']} epochs on {cfg['data']} "
           f"({cfg.get('adv', 'none')} training)")
     t0 = time.perf_counter()
-    state = state if state is not None else {}
     try:
         robust_evaluation(model, x, y, attacks, eps=eps_list, eps_l2=args.eps_l2,
                           settings=settings, device=device, state=state, on_batch=save,
@@ -375,7 +440,6 @@ def run(args: argparse.Namespace) -> int:
     finally:
         if show:
             print("\r\033[K", end="", file=sys.stderr)
-    payload.update(state)
     res = state["results"]
     if args.check_masking:
         from pyeuler.robust.masking import check_gradient_masking
@@ -395,18 +459,19 @@ def run(args: argparse.Namespace) -> int:
         payload["masking"] = report.to_dict()
     payload["seconds"] = time.perf_counter() - t0
     payload["complete"] = True
-    save({}, force=True)
-    text = markdown_report(payload)
+    merged, merge_note = merged_with_earlier(state)
+    _write_atomic(out, json.dumps(merged))
+    text = markdown_report(merged)
     out.with_suffix(".md").write_text(text + "\n")
-    print(f"{n} test samples on {device}, {threads} threads, {time.perf_counter() - t0:.1f} s")
-    merge_note = merge_eval_results(earlier, payload)[1]
+    print(f"{n} test samples ({sample_set}) on {device}, {threads} threads, "
+          f"{time.perf_counter() - t0:.1f} s")
     if merge_note:
         print(f"{out}: {merge_note}")
     print(f"  clean accuracy: {100 * res['clean']:.2f}%\n")
     print(text)
     if args.check_masking:
         print(payload["masking"]["verdict"])
-    plotted = plot_report(payload, out.with_suffix(".png"))
+    plotted = plot_report(merged, out.with_suffix(".png"))
     written = [out, out.with_suffix(".md")] + ([out.with_suffix(".png")] if plotted else [])
     print(f"results written to {', '.join(map(str, written))}"
           + ("" if plotted else " (no plot: matplotlib is not installed)"))
