@@ -989,12 +989,14 @@ def section_settings(data_name: str, args: argparse.Namespace) -> dict:
                 [e for e in s["grid"] if e > 0])
 
 
-def _meta(argv, t0, args, **extra) -> dict:
+def _meta(argv, t0, args, source: dict, **extra) -> dict:
+    """A run's record; ``source`` is :func:`provenance` taken when the run started (the tree
+    may change while it runs)."""
     return dict(command=shlex.join(["python", "-m", "pyeuler.robust.report",
                                     *(argv if argv is not None else sys.argv[1:])]),
                 date=time.strftime("%Y-%m-%d %H:%M"), seconds=time.perf_counter() - t0,
                 machine=f"{platform.machine()} CPU, {torch.get_num_threads()} threads",
-                seeds=list(args.seeds), provenance=provenance(),
+                seeds=list(args.seeds), provenance=source,
                 epochs={d: _epochs(d, args.epochs_scale) for d in SETTINGS}, **extra)
 
 
@@ -1098,14 +1100,14 @@ def main(argv=None) -> int:
         drawn = len(stab_figures) + (0 if args.stability else len(figures))
         print(f"rewrote {report} and {drawn} figures")
         return 0
-    t0 = time.perf_counter()
+    t0, source = time.perf_counter(), provenance()
     if args.stability:
         stability = run_stability(args.data, args.seeds, args.stability_samples,
                                   args.epochs_scale, log, iters=args.stability_iters,
                                   at_steps=args.at_steps)
         from pyeuler.stability import PASS_TOLERANCE
 
-        stability["meta"] = _meta(argv, t0, args, samples=args.stability_samples,
+        stability["meta"] = _meta(argv, t0, args, source, samples=args.stability_samples,
                                   iters=args.stability_iters, tol=1e-5, noise_scale=1e-2,
                                   pass_tolerance=PASS_TOLERANCE)
         _write_json(figdir / "stability.json", stability)
@@ -1122,7 +1124,7 @@ def main(argv=None) -> int:
         p.error(f"--aa-attacks: {e}")
     results = read_results(results_path, log)
     for data_name in args.data:
-        t_section = time.perf_counter()
+        t_section, section_source = time.perf_counter(), provenance()
         settings = plans[data_name]
         previous = results["sections"].get(data_name)
         done, earlier = [], None
@@ -1136,8 +1138,8 @@ def main(argv=None) -> int:
                     "starting over")
 
         def section(runs, complete):
-            meta = _meta(argv, t_section, args, settings=settings, complete=complete,
-                         resumed=bool(done))
+            meta = _meta(argv, t_section, args, section_source, settings=settings,
+                         complete=complete, resumed=bool(done))
             if earlier is not None:
                 meta["resumed_from"] = earlier
             return {"meta": meta, "runs": runs}
