@@ -35,15 +35,19 @@ void check_launch(cudaError_t err, const char* primitive) {
               cudaGetErrorString(err));
 }
 
-pyeuler_dtype_t kernel_dtype(const Tensor& t, const char* name) {
-  switch (t.scalar_type()) {
+pyeuler_dtype_t kernel_dtype(at::ScalarType dtype, const char* name) {
+  switch (dtype) {
     case at::kFloat: return PYEULER_DTYPE_FLOAT32;
     case at::kHalf: return PYEULER_DTYPE_FLOAT16;
     case at::kBFloat16: return PYEULER_DTYPE_BFLOAT16;
     default:
       TORCH_CHECK_TYPE(false, "pyeuler.cuda: ", name,
-                       " must be float32, float16 or bfloat16, got ", t.scalar_type());
+                       " must be float32, float16 or bfloat16, got ", dtype);
   }
+}
+
+pyeuler_dtype_t kernel_dtype(const Tensor& t, const char* name) {
+  return kernel_dtype(t.scalar_type(), name);
 }
 
 // ---- activations: (N, C, *spatial) in one of the two dense layouts ----------------------
@@ -219,27 +223,58 @@ std::tuple<Tensor, Tensor> affine_act_forward(const Tensor& x_in, const Tensor& 
   return {y, mask};
 }
 
-std::tuple<Tensor, Tensor> affine_act_backward_reduce(
+// Both first-order reduces: the plain one (y_dtype absent; the third result is undefined), and
+// the one that recomputes the gate and also writes y = act(scale * x + shift) in y_dtype and
+// x's layout (mask_in absent).  One workspace size serves both (the same partials).
+std::tuple<Tensor, Tensor, Tensor> first_order_reduce(
     const Tensor& dy_in, const Tensor& x_in, const Tensor& scale, const Tensor& shift,
-    const Tensor& center, const std::optional<Tensor>& mask_in, bool relu, bool per_sample) {
+    const Tensor& center, const std::optional<Tensor>& mask_in, bool relu, bool per_sample,
+    std::optional<at::ScalarType> y_dtype, const char* op) {
   check_activation(x_in, "x");
   const Tensor x = as_kernel_layout(x_in);
   const ReduceOperands in = reduce_operands(dy_in, x, scale, shift, center, mask_in, per_sample,
-                                            "affine_act_backward_reduce");
+                                            op);
+  const pyeuler_dtype_t y_kernel_dtype =
+      y_dtype.has_value() ? kernel_dtype(*y_dtype, "y_dtype") : PYEULER_DTYPE_FLOAT32;
   const c10::DeviceGuard guard(x.device());
   Tensor sum_g = empty_sums(x, in.geo, per_sample);
   Tensor sum_g_xc = at::empty_like(sum_g);
   size_t bytes = 0;
-  check_launch(pyeuler_affine_act_backward_reduce_workspace_size(in.geo, per_sample, &bytes),
-               "affine_act_backward_reduce");
+  check_launch(pyeuler_affine_act_backward_reduce_workspace_size(in.geo, per_sample, &bytes), op);
   Tensor scratch = workspace(bytes, x);
-  check_launch(pyeuler_affine_act_backward_reduce(
-                   in.dy.data_ptr(), x.data_ptr(), mask_data(in.mask), kernel_dtype(x, "x"), in.geo,
-                   in.scale.abi, in.shift.abi, in.center.abi, relu, per_sample,
-                   sum_g.data_ptr<float>(), sum_g_xc.data_ptr<float>(), scratch.data_ptr(), bytes,
-                   current_stream(x.device())),
-               "affine_act_backward_reduce");
-  return {sum_g, sum_g_xc};
+  const cudaStream_t stream = current_stream(x.device());
+  if (!y_dtype.has_value()) {
+    check_launch(pyeuler_affine_act_backward_reduce(
+                     in.dy.data_ptr(), x.data_ptr(), mask_data(in.mask), kernel_dtype(x, "x"),
+                     in.geo, in.scale.abi, in.shift.abi, in.center.abi, relu, per_sample,
+                     sum_g.data_ptr<float>(), sum_g_xc.data_ptr<float>(), scratch.data_ptr(),
+                     bytes, stream),
+                 op);
+    return {sum_g, sum_g_xc, Tensor()};
+  }
+  Tensor y = empty_in_layout_of(x, *y_dtype);
+  check_launch(pyeuler_affine_act_backward_reduce_recompute(
+                   in.dy.data_ptr(), x.data_ptr(), kernel_dtype(x, "x"), in.geo, in.scale.abi,
+                   in.shift.abi, in.center.abi, relu, per_sample, sum_g.data_ptr<float>(),
+                   sum_g_xc.data_ptr<float>(), y.data_ptr(), y_kernel_dtype, scratch.data_ptr(),
+                   bytes, stream),
+               op);
+  return {sum_g, sum_g_xc, y};
+}
+
+std::tuple<Tensor, Tensor> affine_act_backward_reduce(
+    const Tensor& dy_in, const Tensor& x_in, const Tensor& scale, const Tensor& shift,
+    const Tensor& center, const std::optional<Tensor>& mask_in, bool relu, bool per_sample) {
+  const auto sums = first_order_reduce(dy_in, x_in, scale, shift, center, mask_in, relu,
+                                       per_sample, std::nullopt, "affine_act_backward_reduce");
+  return {std::get<0>(sums), std::get<1>(sums)};
+}
+
+std::tuple<Tensor, Tensor, Tensor> affine_act_backward_reduce_recompute(
+    const Tensor& dy_in, const Tensor& x_in, const Tensor& scale, const Tensor& shift,
+    const Tensor& center, bool relu, bool per_sample, at::ScalarType y_dtype) {
+  return first_order_reduce(dy_in, x_in, scale, shift, center, std::nullopt, relu, per_sample,
+                            y_dtype, "affine_act_backward_reduce_recompute");
 }
 
 std::tuple<Tensor, Tensor> affine_act_backward_apply(
@@ -800,6 +835,10 @@ TORCH_LIBRARY_FRAGMENT(pyeuler, m) {
       "cuda_affine_act_backward_reduce(Tensor dy, Tensor x, Tensor scale, Tensor shift, "
       "Tensor center, Tensor? mask, bool relu, bool per_sample) -> (Tensor, Tensor)");
   m.def(
+      "cuda_affine_act_backward_reduce_recompute(Tensor dy, Tensor x, Tensor scale, "
+      "Tensor shift, Tensor center, bool relu, bool per_sample, ScalarType y_dtype) "
+      "-> (Tensor, Tensor, Tensor)");
+  m.def(
       "cuda_affine_act_backward_apply(Tensor dy, Tensor x, Tensor scale, Tensor shift, "
       "Tensor? mask, bool relu, Tensor a, Tensor b, Tensor c, Tensor center, "
       "bool want_dshortcut) -> (Tensor, Tensor)");
@@ -848,6 +887,8 @@ TORCH_LIBRARY_IMPL(pyeuler, CUDA, m) {
   m.impl("cuda_norm_stats_and_coefficients", &pyeuler::norm_stats_and_coefficients);
   m.impl("cuda_affine_act_forward", &pyeuler::affine_act_forward);
   m.impl("cuda_affine_act_backward_reduce", &pyeuler::affine_act_backward_reduce);
+  m.impl("cuda_affine_act_backward_reduce_recompute",
+         &pyeuler::affine_act_backward_reduce_recompute);
   m.impl("cuda_affine_act_backward_apply", &pyeuler::affine_act_backward_apply);
   m.impl("cuda_affine_act_backward_apply_ie_update",
          &pyeuler::affine_act_backward_apply_ie_update);

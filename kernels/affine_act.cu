@@ -1,5 +1,6 @@
-// Fused per-channel affine + residual add + ReLU: forward, backward reduce, backward apply
-// (plain, or with the IE-Skip update fused into it), and the double-backward reduce and apply.
+// Fused per-channel affine + residual add + ReLU: forward, backward reduce (plain, or also
+// writing the recomputed forward activation), backward apply (plain, or with the IE-Skip update
+// fused into it), and the double-backward reduce and apply.
 #include <type_traits>
 
 #include "reduce.cuh"
@@ -31,6 +32,11 @@ __device__ __forceinline__ float affine(float scale, float x, float shift) {
 // NaN or inf dy, as in torch.
 __device__ __forceinline__ bool gate_open(float y) { return !(y <= 0.f); }
 __device__ __forceinline__ float gated(bool open, float v) { return open ? v : 0.f; }
+
+// act(v): ReLU iff relu; NaN propagates, as torch.relu.
+__device__ __forceinline__ float activate(bool relu, float v) {
+  return relu && v < 0.f ? 0.f : v;
+}
 
 // m of the backward: the saved mask, else the recomputed ReLU gate, else open.
 template <int V>
@@ -104,7 +110,7 @@ __global__ void __launch_bounds__(kMaxThreads, kMinBlocksPerSm)
     for (int i = 0; i < V; ++i) {
       y[i] = affine(scale[i], x[i], shift[i]);
       if (args.shortcut != nullptr) y[i] = __fadd_rn(y[i], shortcut[i]);
-      if (args.relu && y[i] < 0.f) y[i] = 0.f;  // NaN propagates, as torch.relu
+      y[i] = activate(args.relu, y[i]);
       open[i] = gate_open(y[i]);
     }
     store_floats<T, V>(args.y, offset, y);
@@ -277,6 +283,9 @@ __global__ void __launch_bounds__(kMaxThreads, kMinBlocksPerSm)
 // ---------------------------------------------------------------------------------------
 // Backward reduces (policies for reduce.cuh), K sums per unit.  K = 2, the first order: g and
 // g * (x - center).  K = 3, the double backward: ddx, ddx * (x - center) and ddx * g.
+// A first-order reduce with Y (the storage type of y) also writes the forward's activation
+// y = act(scale * x + shift) it recomputes for the gate: every element is pushed exactly once,
+// so the pass that reads x for the sums writes y too (a recomputing backward needs both).
 
 // Adds one element's terms to the sums.
 template <int K>
@@ -292,23 +301,45 @@ __device__ __forceinline__ void accumulate(Sums<K>& sums, float g, float xc, flo
   }
 }
 
-template <typename T, int K>
+// Y of the reduces that write no activation.
+struct NoActivation {};
+
+template <typename T, int K, typename Y = NoActivation>
 struct GradSumsInputs {
+  static constexpr bool kWritesActivation = !std::is_same_v<Y, NoActivation>;
+  static_assert(K == 2 || !kWritesActivation, "only the first-order reduce writes y");
+
   const T* ddx;  // read only when K == 3
   const T* dy;
   const T* x;
-  const uint8_t* mask;  // nullable
+  const uint8_t* mask;  // nullable; NULL with kWritesActivation
   bool relu;
+  Y* y;  // written only with kWritesActivation, at x's offsets
 
-  // g = dy * m, x and (K == 3) ddx as float for the V elements at `offset`.
+  // scale and shift enter only through the recomputed ReLU gate or y (else may be absent).
+  __device__ __forceinline__ bool reads_affine() const {
+    return kWritesActivation || (mask == nullptr && relu);
+  }
+
+  // g = dy * m, x and (K == 3) ddx as float for the V elements at `offset`; with
+  // kWritesActivation also stores their y.
   template <int V>
   __device__ __forceinline__ void load(int64_t offset, const float (&scale)[V],
                                        const float (&shift)[V], float (&g)[V], float (&x_v)[V],
                                        float (&ddx_v)[V]) const {
     float dy_v[V];
     bool gate[V];
-    load_floats<T, V>(dy, offset, dy_v);
     load_floats<T, V>(x, offset, x_v);
+    if constexpr (kWritesActivation) {
+      // the gate's affine below, the same operations on the same operands (one computation
+      // once compiled), rounded once, to Y; stored before dy is loaded, so that fewer values
+      // are live at once (the channels-last 16-bit kernels spill less on sm_80)
+      float y_v[V];
+#pragma unroll
+      for (int i = 0; i < V; ++i) y_v[i] = activate(relu, affine(scale[i], x_v[i], shift[i]));
+      store_floats<Y, V>(y, offset, y_v);
+    }
+    load_floats<T, V>(dy, offset, dy_v);
     backward_gate<V>(mask, relu, offset, x_v, scale, shift, gate);
 #pragma unroll
     for (int i = 0; i < V; ++i) g[i] = gated(gate[i], dy_v[i]);
@@ -316,27 +347,27 @@ struct GradSumsInputs {
   }
 };
 
-template <typename T, int K>
+template <typename T, int K, typename Y = NoActivation>
 struct GradSumsPolicy {
   using State = Sums<K>;
   using Combine = SumsCombine;
+  using Inputs = GradSumsInputs<T, K, Y>;
 
-  GradSumsInputs<T, K> inputs;
+  Inputs inputs;
   pyeuler_coef_t scale, shift, center;
   int64_t channels;
 
-  // scale/shift only feed the recomputed ReLU gate and may be absent otherwise.
   __device__ __forceinline__ void coefs_at(int64_t sample, int64_t channel, float& scale_c,
                                            float& shift_c, float& center_c) const {
-    const bool gate_from_affine = inputs.mask == nullptr && inputs.relu;
-    scale_c = gate_from_affine ? coef_at(scale, sample, channel) : 0.f;
-    shift_c = gate_from_affine ? coef_at(shift, sample, channel) : 0.f;
+    const bool reads_affine = inputs.reads_affine();
+    scale_c = reads_affine ? coef_at(scale, sample, channel) : 0.f;
+    shift_c = reads_affine ? coef_at(shift, sample, channel) : 0.f;
     center_c = coef_at(center, sample, channel);
   }
 
   // Rows kernel: unit (sample, channel) = (u / C, u % C); BatchNorm units are channels (u < C).
   struct UnitBinding {
-    GradSumsInputs<T, K> inputs;
+    Inputs inputs;
     float scale, shift, center;
 
     template <int V>
@@ -358,7 +389,7 @@ struct GradSumsPolicy {
   // Channels-last kernel: lanes are V consecutive channels of one sample.
   template <int V>
   struct LanesBinding {
-    GradSumsInputs<T, K> inputs;
+    Inputs inputs;
     float scale[V], shift[V], center[V];
 
     __device__ __forceinline__ void push(State (&lanes)[V], int64_t offset) const {
@@ -406,13 +437,15 @@ cudaError_t backward_reduce_workspace_size(const pyeuler_geometry_t& geo, int pe
   return cudaSuccess;
 }
 
-// The C entry points of both backward reduces; `ddx` is read only with K == 3.
+// The C entry points of the backward reduces; `ddx` is read only with K == 3, and `y` (in
+// y_dtype) is written only when not NULL, by the first-order reduce that recomputes the gate.
 template <int K>
 cudaError_t launch_backward_reduce(const void* ddx, const void* dy, const void* x,
                                    const uint8_t* mask, pyeuler_dtype_t dtype,
                                    const pyeuler_geometry_t& geo, pyeuler_coef_t scale,
                                    pyeuler_coef_t shift, pyeuler_coef_t center, int relu,
-                                   int per_sample, const Results<K>& sums, void* workspace,
+                                   int per_sample, void* y, pyeuler_dtype_t y_dtype,
+                                   const Results<K>& sums, void* workspace,
                                    size_t workspace_bytes, cudaStream_t stream) {
   // Summing over N needs one coefficient per channel.
   if (!per_sample && (scale.sample_stride || shift.sample_stride || center.sample_stride)) {
@@ -427,11 +460,21 @@ cudaError_t launch_backward_reduce(const void* ddx, const void* dy, const void* 
   float* partials = static_cast<float*>(workspace);
   err = dispatch_dtype(dtype, [&](auto tag) {
     using T = decltype(tag);
-    const GradSumsInputs<T, K> inputs{static_cast<const T*>(ddx), static_cast<const T*>(dy),
-                                      static_cast<const T*>(x), mask, relu != 0};
-    const GradSumsPolicy<T, K> policy{inputs, scale, shift, center, geo.c};
-    const bool aligned = all_vector_aligned<T>({ddx, dy, x}, {mask});
-    return launch_partials<T>(policy, plan, aligned, partials, stream);
+    auto launch = [&](auto y_tag) {
+      using Y = decltype(y_tag);
+      const GradSumsInputs<T, K, Y> inputs{static_cast<const T*>(ddx), static_cast<const T*>(dy),
+                                           static_cast<const T*>(x), mask, relu != 0,
+                                           static_cast<Y*>(y)};
+      const GradSumsPolicy<T, K, Y> policy{inputs, scale, shift, center, geo.c};
+      // y is stored V = vector_width<T>() elements at a time, like the activations are read
+      const bool aligned = all_vector_aligned<T>({ddx, dy, x}, {mask}) &&
+                           is_aligned(y, vector_width<T>() * int64_t(sizeof(Y)));
+      return launch_partials<T>(policy, plan, aligned, partials, stream);
+    };
+    if constexpr (K == 2) {
+      if (y != nullptr) return dispatch_dtype(y_dtype, launch);
+    }
+    return launch(NoActivation{});
   });
   if (err != cudaSuccess) return err;
   return launch_finalize<Sums<K>, SumsCombine>(partials, plan.splits(), plan.units(), sums,
@@ -527,8 +570,20 @@ extern "C" cudaError_t pyeuler_affine_act_backward_reduce(
     int relu, int per_sample, float* sum_g, float* sum_g_xc, void* workspace,
     size_t workspace_bytes, cudaStream_t stream) {
   return launch_backward_reduce<2>(nullptr, dy, x, mask, dtype, geo, scale, shift, center, relu,
-                                   per_sample, Results<2>{{sum_g, sum_g_xc}}, workspace,
-                                   workspace_bytes, stream);
+                                   per_sample, nullptr, dtype, Results<2>{{sum_g, sum_g_xc}},
+                                   workspace, workspace_bytes, stream);
+}
+
+extern "C" cudaError_t pyeuler_affine_act_backward_reduce_recompute(
+    const void* dy, const void* x, pyeuler_dtype_t dtype, pyeuler_geometry_t geo,
+    pyeuler_coef_t scale, pyeuler_coef_t shift, pyeuler_coef_t center, int relu, int per_sample,
+    float* sum_g, float* sum_g_xc, void* y, pyeuler_dtype_t y_dtype, void* workspace,
+    size_t workspace_bytes, cudaStream_t stream) {
+  if (y == nullptr || !dtype_is_valid(y_dtype)) return cudaErrorInvalidValue;
+  return launch_backward_reduce<2>(nullptr, dy, x, nullptr, dtype, geo, scale, shift, center,
+                                   relu, per_sample, y, y_dtype,
+                                   Results<2>{{sum_g, sum_g_xc}}, workspace, workspace_bytes,
+                                   stream);
 }
 
 extern "C" cudaError_t pyeuler_affine_act_double_backward_reduce_workspace_size(
@@ -543,6 +598,7 @@ extern "C" cudaError_t pyeuler_affine_act_double_backward_reduce(
     void* workspace, size_t workspace_bytes, cudaStream_t stream) {
   if (ddx == nullptr) return cudaErrorInvalidValue;
   return launch_backward_reduce<3>(ddx, dy, x, mask, dtype, geo, scale, shift, center, relu,
-                                   per_sample, Results<3>{{sum_ddx, sum_ddx_xc, sum_ddx_g}},
-                                   workspace, workspace_bytes, stream);
+                                   per_sample, nullptr, dtype,
+                                   Results<3>{{sum_ddx, sum_ddx_xc, sum_ddx_g}}, workspace,
+                                   workspace_bytes, stream);
 }

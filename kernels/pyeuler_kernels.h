@@ -9,9 +9,10 @@
  *   PYEULER_LAYOUT_CHANNELS_FIRST: element (n, c, s) at (n * C + c) * S + s  (NCHW)
  *   PYEULER_LAYOUT_CHANNELS_LAST:  element (n, c, s) at (n * S + s) * C + c  (NHWC)
  * All activation tensors of one call (x, dy, ddx, shortcut, mask, outputs) share that layout.
- * Activations are float32, float16 or bfloat16 (one dtype per call); masks are one byte
- * per element (torch.bool); statistics, coefficients and sums are float32, and all
- * accumulation is in float32.  Indexing is 64-bit throughout.
+ * Activations are float32, float16 or bfloat16 (one dtype per call, except the y_dtype of
+ * pyeuler_affine_act_backward_reduce_recompute's y); masks are one byte per element
+ * (torch.bool); statistics, coefficients and sums are float32, and all accumulation is in
+ * float32.  Indexing is 64-bit throughout.
  *
  * Every entry point only enqueues work on `stream` (no host synchronisation, no
  * allocation) and returns cudaSuccess, cudaErrorInvalidValue for arguments it cannot
@@ -135,6 +136,21 @@ cudaError_t pyeuler_affine_act_backward_reduce(const void* dy, const void* x, co
                                                pyeuler_coef_t center, int relu, int per_sample,
                                                float* sum_g, float* sum_g_xc, void* workspace,
                                                size_t workspace_bytes, cudaStream_t stream);
+
+/* pyeuler_affine_act_backward_reduce with the gate recomputed (no mask), which in the same
+ * pass also writes the forward's activation y = act(scale * x + shift)
+ * (primitives.affine_act_backward_reduce_recompute): act is ReLU iff relu (NaN kept, as in
+ * pyeuler_affine_act_forward), computed in float32 and rounded once to y_dtype (float32,
+ * float16 or bfloat16, independent of x's dtype).  y (required) is dense in x's layout.  The
+ * sums, reduction sets, coefficient rules (scale and shift are read even without relu) and
+ * two stages are pyeuler_affine_act_backward_reduce's, and so is the workspace:
+ * pyeuler_affine_act_backward_reduce_workspace_size for the same geo and per_sample.
+ * cudaErrorInvalidValue also for a NULL y or an invalid y_dtype. */
+cudaError_t pyeuler_affine_act_backward_reduce_recompute(
+    const void* dy, const void* x, pyeuler_dtype_t dtype, pyeuler_geometry_t geo,
+    pyeuler_coef_t scale, pyeuler_coef_t shift, pyeuler_coef_t center, int relu, int per_sample,
+    float* sum_g, float* sum_g_xc, void* y, pyeuler_dtype_t y_dtype, void* workspace,
+    size_t workspace_bytes, cudaStream_t stream);
 
 /* dx = a * g + b * (x - center) + c with g as in the reduce
  * (primitives.affine_act_backward_apply); a zero b contributes exactly 0, even at

@@ -86,6 +86,21 @@ def doubles(*tensors):
     return [None if t is None else t.double() for t in tensors]
 
 
+def assert_first_order_sums(sums, dy, x, scale, shift, center, mask, relu, per_sample):
+    """(Σg, Σg·(x − center)) against float64 sums of the float32 gate's g."""
+    gate64 = mask if mask is not None else (relu_gate32(x, scale, shift) if relu else None)
+    expected = ref.affine_act_backward_reduce(*doubles(dy, x, scale, shift, center), gate64,
+                                              relu, per_sample)
+    g = dy.double() * (gate64 if gate64 is not None else 1)
+    g_xc = g * (x.double() - broadcast(center.double(), x))
+    dims = list(range(2, x.dim())) if per_sample else [0, *range(2, x.dim())]
+    magnitudes = [t.abs().sum(dims) if dims else t.abs() for t in (g, g_xc)]
+    assert len(sums) == 2
+    for actual, exact, magnitude in zip(sums, expected, magnitudes):
+        assert actual.dtype == torch.float32 and actual.shape == exact.shape
+        assert_sums_close(actual, exact, magnitude)
+
+
 # ---------------------------------------------------------------------------------------
 # CPU-runnable: availability, fakes, consistency of the layers
 
@@ -109,6 +124,9 @@ def test_primitives_reject_cpu_tensors_by_name():
     with pytest.raises(ValueError, match="dy must be a CUDA tensor"):
         cuda_backend.affine_act_backward_apply_ie_update(x, x, s, s, None, True, s, s, s, s, x,
                                                          0.1, 1.0)
+    with pytest.raises(ValueError, match="dy must be a CUDA tensor"):
+        cuda_backend.affine_act_backward_reduce_recompute(x, x, s, s, s, True, False,
+                                                          torch.bfloat16)
     with pytest.raises(ValueError, match="ddx must be a CUDA tensor"):
         cuda_backend.affine_act_double_backward_reduce(x, x, x, s, s, s, None, True, False)
     with pytest.raises(ValueError, match="ddx must be a CUDA tensor"):
@@ -136,6 +154,13 @@ def test_fakes_match_reference_outputs(shape, layout):
         fakes = cuda_backend._fake_affine_act_backward_reduce(x, x, scale, shift, scale, None,
                                                               True, per_sample)
         assert [(f.shape, f.dtype) for f in fakes] == [(s.shape, s.dtype) for s in sums]
+        for y_dtype in (torch.float32, torch.bfloat16):
+            recompute_args = (x, x, scale, shift, scale, True, per_sample, y_dtype)
+            outputs = ref.affine_act_backward_reduce_recompute(*recompute_args)
+            fakes = cuda_backend._fake_affine_act_backward_reduce_recompute(*recompute_args)
+            assert [(f.shape, f.dtype) for f in fakes] == [(o.shape, o.dtype) for o in outputs]
+            if x.is_contiguous() or x.movedim(1, -1).is_contiguous():
+                assert fakes[2].stride() == outputs[2].stride()
     fake_dx, fake_ds = cuda_backend._fake_affine_act_backward_apply(
         x, x, scale, shift, None, True, scale, scale, scale, scale, True)
     dx, ds = ref.affine_act_backward_apply(x, x, scale, shift, None, True, scale, scale, scale,
@@ -231,6 +256,8 @@ def apply(dy, *args):
 lib.impl("cuda_norm_stats", ref.norm_stats, "CPU")
 lib.impl("cuda_affine_act_forward", forward, "CPU")
 lib.impl("cuda_affine_act_backward_reduce", ref.affine_act_backward_reduce, "CPU")
+lib.impl("cuda_affine_act_backward_reduce_recompute", ref.affine_act_backward_reduce_recompute,
+         "CPU")
 lib.impl("cuda_affine_act_backward_apply", apply, "CPU")
 lib.impl("cuda_affine_act_backward_apply_ie_update", ref.affine_act_backward_apply_ie_update,
          "CPU")
@@ -246,6 +273,8 @@ def step(x, dy, scale, shift):
     y, mask = ops.cuda_affine_act_forward(x, scale, shift, dy, True, True)
     sum_g, sum_gx = ops.cuda_affine_act_backward_reduce(dy, x, scale, shift, mean, mask, True,
                                                         False)
+    _, recomputed_sum_gx, y_low = ops.cuda_affine_act_backward_reduce_recompute(
+        dy, x, scale, shift, mean, True, False, torch.bfloat16)
     dx, g = ops.cuda_affine_act_backward_apply(dy, x, scale, shift, mask, True, sum_g, sum_gx,
                                                var, mean, True)
     e = ops.cuda_ie_residual(x, y, dx, 1.0)
@@ -256,7 +285,8 @@ def step(x, dy, scale, shift):
     ddy, dxx = ops.cuda_affine_act_double_backward_apply(dx, dy, x, scale, shift, mask, True,
                                                          sum_g, sum_gx, sum_dd, sum_dd_xc, mean,
                                                          g, 0.5, dx)
-    return (ops.cuda_ie_update(x, e, g, 0.1, 1.0), x_new, mean, var, sum_g, sum_dd_g, ddy, dxx)
+    return (ops.cuda_ie_update(x, e, g, 0.1, 1.0), x_new, mean, var, sum_g, sum_dd_g, ddy, dxx,
+            recomputed_sum_gx, y_low)
 x = torch.randn(4, 6, 5, 5).to(memory_format=torch.channels_last)
 args = (x, torch.randn_like(x), torch.randn(6), torch.randn(6))
 compiled = torch.compile(step, backend="aot_eager", fullgraph=True)(*args)
@@ -360,18 +390,57 @@ def test_affine_act_backward_reduce(shape, layout, dtype, gate, per_sample):
     scale, shift, center = coef(x, per_sample), coef(x, per_sample), coef(x, per_sample)
     mask = make(shape, layout).gt(0) if gate == "mask" else None
     relu = gate != "none"
-    sum_g, sum_g_xc = cuda_backend.affine_act_backward_reduce(dy, x, scale, shift, center, mask,
-                                                              relu, per_sample)
-    gate64 = mask if mask is not None else (relu_gate32(x, scale, shift) if relu else None)
-    expected = ref.affine_act_backward_reduce(*doubles(dy, x, scale, shift, center), gate64,
-                                              relu, per_sample)
-    g = dy.double() * (gate64 if gate64 is not None else 1)
-    g_xc = g * (x.double() - broadcast(center.double(), x))
-    dims = list(range(2, x.dim())) if per_sample else [0, *range(2, x.dim())]
-    magnitudes = [t.abs().sum(dims) if dims else t.abs() for t in (g, g_xc)]
-    for actual, exact, magnitude in zip((sum_g, sum_g_xc), expected, magnitudes):
-        assert actual.dtype == torch.float32 and actual.shape == exact.shape
-        assert_sums_close(actual, exact, magnitude)
+    sums = cuda_backend.affine_act_backward_reduce(dy, x, scale, shift, center, mask, relu,
+                                                   per_sample)
+    assert_first_order_sums(sums, dy, x, scale, shift, center, mask, relu, per_sample)
+
+
+@gpu
+@pytest.mark.usefixtures("cuda_ready")
+@pytest.mark.parametrize("y_dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape,layout", cases())
+@pytest.mark.parametrize("relu,per_sample", [(True, False), (True, True), (False, True)],
+                         ids=["relu-per_channel", "relu-per_sample", "none-per_sample"])
+def test_affine_act_backward_reduce_recompute(shape, layout, dtype, relu, per_sample, y_dtype):
+    """The sums are the plain reduce's with the recomputed gate, bit for bit (the same plan and
+    partials kernel) and close to float64; y is the contract's bit for bit (float32 arithmetic
+    rounded once to y_dtype, whatever x's dtype), in x's layout, and the forward kernel's."""
+    dy, x = make(shape, layout, dtype), make(shape, layout, dtype, mean=0.5)
+    scale, shift, center = (coef(x, per_sample) for _ in range(3))
+    args = (dy, x, scale, shift, center, relu, per_sample, y_dtype)
+    sum_g, sum_g_xc, y = cuda_backend.affine_act_backward_reduce_recompute(*args)
+    assert_first_order_sums((sum_g, sum_g_xc), dy, x, scale, shift, center, None, relu,
+                            per_sample)
+    plain = cuda_backend.affine_act_backward_reduce(dy, x, scale, shift, center, None, relu,
+                                                    per_sample)
+    assert torch.equal(sum_g, plain[0]) and torch.equal(sum_g_xc, plain[1])
+    y_eager = ref.affine_act_backward_reduce_recompute(*args)[2]
+    assert y.dtype == y_dtype and y.shape == x.shape and torch.equal(y, y_eager)
+    if layout == "channels_last" and x.dim() == 4:
+        assert y.is_contiguous(memory_format=torch.channels_last)
+    if y_dtype == dtype:
+        assert torch.equal(y, cuda_backend.affine_act_forward(x, scale, shift, None, relu,
+                                                              False)[0])
+
+
+@gpu
+@pytest.mark.usefixtures("cuda_ready")
+@pytest.mark.parametrize("per_sample", [False, True], ids=["per_channel", "per_sample"])
+def test_backward_reduce_recompute_is_two_launches_and_deterministic(per_sample):
+    """The partials pass, which also writes y, and the finalize: nothing else (outputs and
+    workspace are torch.empty), with many splits per unit; bitwise equal on repeats."""
+    x, dy = (make((64, 40, 32, 32), "channels_last", torch.bfloat16) for _ in range(2))
+    scale, shift, center = (coef(x, per_sample) for _ in range(3))
+    args = (dy, x, scale, shift, center, True, per_sample, torch.float32)
+    first = cuda_backend.affine_act_backward_reduce_recompute(*args)
+    for _ in range(2):
+        assert all(torch.equal(a, b) for a, b in
+                   zip(cuda_backend.affine_act_backward_reduce_recompute(*args), first))
+    device_events = _device_kernels(
+        lambda: cuda_backend.affine_act_backward_reduce_recompute(*args))
+    assert len(device_events) == cuda_backend.KERNEL_LAUNCHES[
+        "cuda_affine_act_backward_reduce_recompute"] == 2, device_events
 
 
 @gpu
@@ -551,6 +620,12 @@ def test_bad_arguments_are_named():
     with pytest.raises(RuntimeError, match=r"center must be \[C\] when per_sample is False"):
         cuda_backend.affine_act_double_backward_reduce(x, x, x, scale, scale, coef(x, True), None,
                                                        True, False)
+    with pytest.raises(RuntimeError, match=r"center must be \[C\] when per_sample is False"):
+        cuda_backend.affine_act_backward_reduce_recompute(x, x, scale, scale, coef(x, True), True,
+                                                          False, torch.float32)
+    with pytest.raises(TypeError, match="y_dtype must be float32, float16 or bfloat16"):
+        cuda_backend.affine_act_backward_reduce_recompute(x, x, scale, scale, scale, True, False,
+                                                          torch.float64)
     with pytest.raises(RuntimeError, match="ddshortcut has shape"):
         cuda_backend.affine_act_double_backward_apply(x, x, x, scale, scale, None, True, scale,
                                                       scale, scale, scale, scale, x[:1])
@@ -610,6 +685,13 @@ def test_matches_triton(shape, layout):
             cuda_backend.affine_act_backward_reduce(dy, x, scale, shift, center, None, True, False),
             tri.affine_act_backward_reduce(dy, x, scale, shift, center, None, True, False)):
         torch.testing.assert_close(cu, tr, rtol=1e-4, atol=1e-4)
+    recompute_args = (dy, x, scale, shift, center, True, False, torch.bfloat16)
+    cu = cuda_backend.affine_act_backward_reduce_recompute(*recompute_args)
+    tr = tri.affine_act_backward_reduce_recompute(*recompute_args)
+    for cu_sum, tr_sum in zip(cu[:2], tr[:2]):
+        torch.testing.assert_close(cu_sum, tr_sum, rtol=1e-4, atol=1e-4)
+    assert cu[2].dtype == tr[2].dtype == torch.bfloat16
+    torch.testing.assert_close(cu[2], tr[2], rtol=2**-7, atol=1e-5)
     torch.testing.assert_close(cuda_backend.ie_update(x, dy, y_cu, 0.1, 1.0),
                                tri.ie_update(x, dy, y_cu, 0.1, 1.0), rtol=1e-4, atol=1e-5)
     ie_args = (dy, x, scale, shift, m_cu, True, scale, shift, center, center, y_cu, 0.1, 1.0)
@@ -651,6 +733,13 @@ def test_mixed_dtypes_follow_the_contract():
     for got, want in zip(cuda_backend.affine_act_forward(low, scale, shift, x, True, True),
                          ref.affine_act_forward(low, scale, shift, x, True, True)):
         torch.testing.assert_close(got, want, atol=2**-7, rtol=2**-7)
+    # a float32 block input, its bfloat16 gradient, y for a bfloat16 convolution
+    recompute_args = (low, x, scale, shift, shift, True, False, torch.bfloat16)
+    got = cuda_backend.affine_act_backward_reduce_recompute(*recompute_args)
+    want = ref.affine_act_backward_reduce_recompute(*recompute_args)
+    for got_sum, want_sum in zip(got[:2], want[:2]):
+        torch.testing.assert_close(got_sum, want_sum, rtol=1e-4, atol=1e-4)
+    assert got[2].dtype == torch.bfloat16 and torch.equal(got[2], want[2])
 
 
 # ---------------------------------------------------------------------------------------
@@ -680,6 +769,13 @@ def test_nan_and_inf_propagate_like_the_eager_contract(layout, per_sample):
         for got, want in zip(cuda_backend.affine_act_backward_reduce(*reduce_args),
                              ref.affine_act_backward_reduce(*reduce_args)):
             torch.testing.assert_close(got, want, **NAN_TOL)
+        if m is None:  # the reduce that recomputes the gate also writes y (NaN kept)
+            recompute_args = (dy, x, scale, shift, center, True, per_sample, torch.bfloat16)
+            got = cuda_backend.affine_act_backward_reduce_recompute(*recompute_args)
+            want = ref.affine_act_backward_reduce_recompute(*recompute_args)
+            assert got[2].isnan().any()
+            for g, w in zip(got, want):
+                torch.testing.assert_close(g, w, **NAN_TOL)
         apply_args = (dy, x, scale, shift, m, True, a, b, c, center)
         for got, want in zip(cuda_backend.affine_act_backward_apply(*apply_args, True),
                              ref.affine_act_backward_apply(*apply_args, True)):

@@ -293,6 +293,10 @@ def _run_affine_act(tri, make):
             tri.affine_act_double_backward_apply(ddx, dy, x, scale, shift, gate_mask, relu, a, b,
                                                  p, q, center, ddshortcut, ddx_scale, addend)
     tri.affine_act_backward_reduce(dy, x, scale, shift, center, None, True, True)  # [N, C] sums
+    for relu, per_sample, y_dtype in ((True, False, torch.float32), (False, False, torch.float32),
+                                      (True, True, torch.bfloat16)):
+        tri.affine_act_backward_reduce_recompute(dy, x, scale, shift, center, relu, per_sample,
+                                                 y_dtype)
 
 
 def _run_norm_stats(tri, make):

@@ -242,6 +242,61 @@ def test_affine_act_backward_reduce_many_splits(layout, per_sample):
 
 
 @pytest.mark.parametrize("shape,layout", cases())
+@pytest.mark.parametrize("variants", REDUCE_VARIANTS)
+def test_affine_act_backward_reduce_recompute_fp32(shape, layout, variants):
+    """The reduce pass that also writes the forward's activation: its sums are the plain
+    reduce's with the gate recomputed, its y the forward's, in x's memory format."""
+    per_sample_coef, flag_sets = REDUCE_VARIANTS[variants]
+    dy, x, scale, shift, center = _reduce_inputs(shape, layout, per_sample_coef)
+    for _, relu, per_sample in flag_sets:
+        sum_g, sum_gx, y = tri.affine_act_backward_reduce_recompute(
+            dy, x, scale, shift, center, relu, per_sample, torch.float32)
+        (g64, gx64), (g_abs, gx_abs) = _expected_sums(dy, x, scale, shift, center, None, relu,
+                                                      per_sample)
+        assert_sums_close(sum_g, g64, g_abs)
+        assert_sums_close(sum_gx, gx64, gx_abs)
+        assert y.dtype == torch.float32
+        assert_close32(y, ref.affine_act_forward(x, scale, shift, None, relu, False)[0])
+        if layout != "strided":
+            assert y.stride() == x.stride()
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_affine_act_backward_reduce_recompute_rounds_y_once(layout):
+    """y in another dtype than x (a float32 x feeding a bfloat16 convolution under autocast)
+    is rounded once from the float32 pre-activation, as the contract says; the sums are the
+    float32 ones.  Also split into several partials (second-stage reduce)."""
+    dy, x, scale, shift, center = _reduce_inputs((8, 3, 32, 32), layout, False)
+    sum_g, sum_gx, y = tri.affine_act_backward_reduce_recompute(
+        dy, x, scale, shift, center, True, False, torch.bfloat16)
+    (g64, gx64), (g_abs, gx_abs) = _expected_sums(dy, x, scale, shift, center, None, True, False)
+    assert_sums_close(sum_g, g64, g_abs)
+    assert_sums_close(sum_gx, gx64, gx_abs)
+    y_ref = ref.affine_act_backward_reduce_recompute(dy, x, scale, shift, center, True, False,
+                                                     torch.bfloat16)[2]
+    exact = ref.affine_act_forward(*to64(x, scale, shift), None, True, False)[0]
+    assert y.dtype == torch.bfloat16 and y.stride() == x.stride()
+    assert_lowp(y, y_ref, exact)
+
+
+def test_affine_act_backward_reduce_recompute_nan_and_bad_dtype():
+    """A NaN pre-activation stays NaN in y and opens the gate (torch's relu and
+    threshold_backward), as in the plain passes; y_dtype must be a kernel dtype."""
+    dy, x, scale, shift, center = _reduce_inputs((2, 3, 4, 4), "contiguous", False)
+    x[0, 1, 2, 3] = float("nan")
+    sum_g, sum_gx, y = tri.affine_act_backward_reduce_recompute(
+        dy, x, scale, shift, center, True, False, torch.float32)
+    sums_ref = ref.affine_act_backward_reduce(dy, x, scale, shift, center, None, True, False)
+    torch.testing.assert_close((sum_g, sum_gx), sums_ref, equal_nan=True, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(y, ref.affine_act_forward(x, scale, shift, None, True, False)[0],
+                               equal_nan=True)
+    assert torch.isnan(y[0, 1, 2, 3])
+    with pytest.raises(TypeError, match="y_dtype"):
+        tri.affine_act_backward_reduce_recompute(dy, x, scale, shift, center, True, False,
+                                                 torch.int32)
+
+
+@pytest.mark.parametrize("shape,layout", cases())
 @pytest.mark.parametrize("per_sample", [False, True], ids=["per_channel", "per_sample"])
 def test_affine_act_backward_apply_fp32(shape, layout, per_sample):
     dy, x, scale, shift, center = _reduce_inputs(shape, layout, per_sample)

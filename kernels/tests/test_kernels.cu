@@ -270,7 +270,29 @@ void test_forward(const Shape& shape, Random& rng, bool with_shortcut, bool relu
   expect_equal(what + "mask", mask.download(), want_mask);
 }
 
-// Shared inputs of the two backward tests.
+// sum_g, sum_g_xc ([C], or [N, C] per sample) and the workspace of a first-order reduce.
+struct FirstOrderSums {
+  int64_t units;
+  size_t bytes;
+  DeviceArray<float> sum_g, sum_g_xc;
+  DeviceArray<unsigned char> workspace;
+
+  FirstOrderSums(const Shape& shape, bool per_sample)
+      : units(per_sample ? shape.n * shape.c : shape.c),
+        bytes(workspace_size(shape, per_sample)),
+        sum_g(units, false),
+        sum_g_xc(units, false),
+        workspace(bytes, false) {}
+
+  static size_t workspace_size(const Shape& shape, bool per_sample) {
+    size_t bytes = 0;
+    CHECK_CUDA(
+        pyeuler_affine_act_backward_reduce_workspace_size(shape.geometry(), per_sample, &bytes));
+    return bytes;
+  }
+};
+
+// Shared inputs of the backward tests.
 template <typename T>
 struct BackwardCase {
   Shape shape;
@@ -299,6 +321,28 @@ struct BackwardCase {
   float gradient(int64_t n, int64_t c, int64_t i, bool use_mask, bool relu) const {
     return gate(n, c, i, use_mask, relu) ? dy.values[i] : 0.f;
   }
+
+  // A first-order reduce's sums against float64 sums over (N, S), or S per sample.
+  void expect_sums(const std::string& what, bool use_mask, bool relu, bool per_sample,
+                   const FirstOrderSums& out) const {
+    const int64_t units = out.units;
+    std::vector<double> want_g(units), want_g_xc(units), abs_g(units), abs_g_xc(units);
+    for (int64_t n = 0; n < shape.n; ++n)
+      for (int64_t c = 0; c < shape.c; ++c)
+        for (int64_t s = 0; s < shape.s; ++s) {
+          const int64_t i = shape.at(n, c, s);
+          const int64_t u = per_sample ? n * shape.c + c : c;
+          const double g = gradient(n, c, i, use_mask, relu);
+          const double g_xc = g * (double(x.values[i]) - center.at(n, c));
+          want_g[u] += g, want_g_xc[u] += g_xc;
+          abs_g[u] += std::fabs(g), abs_g_xc[u] += std::fabs(g_xc);
+        }
+    // float32 accumulation: error bounded relative to the sum of magnitudes
+    for (int64_t u = 0; u < units; ++u) abs_g[u] = 1e-5 * abs_g[u] + 1e-6;
+    for (int64_t u = 0; u < units; ++u) abs_g_xc[u] = 1e-5 * abs_g_xc[u] + 1e-6;
+    expect_close(what + "sum_g", out.sum_g.download(), want_g, 0.0, abs_g);
+    expect_close(what + "sum_g_xc", out.sum_g_xc.download(), want_g_xc, 0.0, abs_g_xc);
+  }
 };
 
 template <typename T>
@@ -307,36 +351,47 @@ void test_backward_reduce(const Shape& shape, Random& rng, bool use_mask, bool r
   const BackwardCase<T> in(shape, rng, per_sample);
   DeviceArray<T> dy(in.dy.stored, false), x(in.x.stored, false);
   DeviceArray<uint8_t> mask(in.mask, false);
-  const int64_t units = per_sample ? shape.n * shape.c : shape.c;
-  DeviceArray<float> sum_g(units, false), sum_g_xc(units, false);
-  size_t bytes = 0;
-  CHECK_CUDA(
-      pyeuler_affine_act_backward_reduce_workspace_size(shape.geometry(), per_sample, &bytes));
-  DeviceArray<unsigned char> workspace(bytes, false);
+  const FirstOrderSums out(shape, per_sample);
   CHECK_CUDA(pyeuler_affine_act_backward_reduce(
       dy.get(), x.get(), use_mask ? mask.get() : nullptr, Dtype<T>::kEnum, shape.geometry(),
-      in.scale.abi(), in.shift.abi(), in.center.abi(), relu, per_sample, sum_g.get(),
-      sum_g_xc.get(), workspace.get(), bytes, nullptr));
+      in.scale.abi(), in.shift.abi(), in.center.abi(), relu, per_sample, out.sum_g.get(),
+      out.sum_g_xc.get(), out.workspace.get(), out.bytes, nullptr));
+  const std::string what = std::string("backward_reduce mask=") + std::to_string(use_mask) +
+                           " relu=" + std::to_string(relu) +
+                           " per_sample=" + std::to_string(per_sample) + " ";
+  in.expect_sums(what, use_mask, relu, per_sample, out);
+}
 
-  std::vector<double> want_g(units), want_g_xc(units), abs_g(units), abs_g_xc(units);
+// The reduce that recomputes the gate and also writes y = act(scale * x + shift) in Y: the
+// sums as the plain reduce's, y bit for bit (float32 arithmetic rounded once to Y, whatever
+// x's dtype); misaligned pointers take the scalar path.
+template <typename T, typename Y>
+void test_backward_reduce_recompute(const Shape& shape, Random& rng, bool relu, bool per_sample,
+                                    bool misaligned) {
+  const BackwardCase<T> in(shape, rng, per_sample);
+  DeviceArray<T> dy(in.dy.stored, misaligned), x(in.x.stored, misaligned);
+  DeviceArray<Y> y(shape.numel(), misaligned);
+  const FirstOrderSums out(shape, per_sample);
+  CHECK_CUDA(pyeuler_affine_act_backward_reduce_recompute(
+      dy.get(), x.get(), Dtype<T>::kEnum, shape.geometry(), in.scale.abi(), in.shift.abi(),
+      in.center.abi(), relu, per_sample, out.sum_g.get(), out.sum_g_xc.get(), y.get(),
+      Dtype<Y>::kEnum, out.workspace.get(), out.bytes, nullptr));
+
+  std::vector<double> want_y(shape.numel());
   for (int64_t n = 0; n < shape.n; ++n)
     for (int64_t c = 0; c < shape.c; ++c)
       for (int64_t s = 0; s < shape.s; ++s) {
         const int64_t i = shape.at(n, c, s);
-        const int64_t u = per_sample ? n * shape.c + c : c;
-        const double g = in.gradient(n, c, i, use_mask, relu);
-        const double g_xc = g * (double(in.x.values[i]) - in.center.at(n, c));
-        want_g[u] += g, want_g_xc[u] += g_xc;
-        abs_g[u] += std::fabs(g), abs_g_xc[u] += std::fabs(g_xc);
+        float v = affine(in.scale.at(n, c), in.x.values[i], in.shift.at(n, c));
+        if (relu && v < 0.f) v = 0.f;
+        want_y[i] = Dtype<Y>::to_float(Dtype<Y>::from_float(v));
       }
-  // float32 accumulation: error bounded relative to the sum of magnitudes
-  for (int64_t u = 0; u < units; ++u) abs_g[u] = 1e-5 * abs_g[u] + 1e-6;
-  for (int64_t u = 0; u < units; ++u) abs_g_xc[u] = 1e-5 * abs_g_xc[u] + 1e-6;
-  const std::string what = std::string("backward_reduce mask=") + std::to_string(use_mask) +
-                           " relu=" + std::to_string(relu) +
-                           " per_sample=" + std::to_string(per_sample) + " ";
-  expect_close(what + "sum_g", sum_g.download(), want_g, 0.0, abs_g);
-  expect_close(what + "sum_g_xc", sum_g_xc.download(), want_g_xc, 0.0, abs_g_xc);
+  const std::string what = std::string("backward_reduce_recompute y=") + Dtype<Y>::kName +
+                           " relu=" + std::to_string(relu) + " per_sample=" +
+                           std::to_string(per_sample) + " misaligned=" +
+                           std::to_string(misaligned) + " ";
+  expect_close(what + "y", to_floats(y.download()), want_y, 0.0, 0.0);
+  in.expect_sums(what, false, relu, per_sample, out);
 }
 
 template <typename T>
@@ -575,6 +630,11 @@ void test_dtype(Random& rng) {
       test_backward_reduce<T>(shape, rng, false, false, false);
       test_backward_reduce<T>(shape, rng, false, true, true);
       test_backward_reduce<T>(shape, rng, true, false, true);
+      test_backward_reduce_recompute<T, T>(shape, rng, true, false, false);
+      test_backward_reduce_recompute<T, T>(shape, rng, false, true, true);
+      test_backward_reduce_recompute<T, float>(shape, rng, true, true, false);
+      test_backward_reduce_recompute<T, __half>(shape, rng, false, false, false);
+      test_backward_reduce_recompute<T, __nv_bfloat16>(shape, rng, true, false, true);
       test_double_backward_reduce<T>(shape, rng, true, true, false, false);
       test_double_backward_reduce<T>(shape, rng, false, true, false, false);
       test_double_backward_reduce<T>(shape, rng, false, false, true, false);
@@ -1491,6 +1551,34 @@ void test_update_running_stats_dtype(Random& rng) {
               Dtype<T>::kName);
 }
 
+void expect_invalid_value(const std::string& what, cudaError_t got) {
+  if (got != cudaErrorInvalidValue) {
+    std::printf("FAIL %s: returned %d, not cudaErrorInvalidValue\n", what.c_str(), int(got));
+    ++g_failures;
+  }
+}
+
+// The recomputing reduce's own argument errors (no y, a bad y_dtype) and the reduce's
+// coefficient rule are reported before anything is launched (host pointers are not touched).
+void test_backward_reduce_recompute_errors() {
+  const int failures_before = g_failures;
+  float buffer[4] = {};
+  const pyeuler_geometry_t geo{2, 2, 1, PYEULER_LAYOUT_CHANNELS_FIRST};
+  const pyeuler_coef_t per_channel{buffer, 0}, per_sample{buffer, 2};
+  auto reduce = [&](void* y, pyeuler_dtype_t y_dtype, pyeuler_coef_t center) {
+    return pyeuler_affine_act_backward_reduce_recompute(
+        buffer, buffer, PYEULER_DTYPE_FLOAT32, geo, per_channel, per_channel, center, 1, 0,
+        buffer, buffer, y, y_dtype, nullptr, 0, nullptr);
+  };
+  const std::string what = "backward_reduce_recompute ";
+  expect_invalid_value(what + "NULL y", reduce(nullptr, PYEULER_DTYPE_FLOAT32, per_channel));
+  expect_invalid_value(what + "bad y_dtype", reduce(buffer, pyeuler_dtype_t(7), per_channel));
+  expect_invalid_value(what + "[N, C] center summed over N",
+                       reduce(buffer, PYEULER_DTYPE_FLOAT32, per_sample));
+  std::printf("%-4s backward_reduce_recompute argument errors\n",
+              g_failures == failures_before ? "ok" : "FAIL");
+}
+
 // Argument errors are reported, not launched; C = 0 without a counter launches nothing.
 void test_update_running_stats_errors() {
   const int failures_before = g_failures;
@@ -1567,6 +1655,7 @@ int main() {
   test_update_running_stats_dtype<__half>(rng);
   test_update_running_stats_dtype<__nv_bfloat16>(rng);
   test_update_running_stats_errors();
+  test_backward_reduce_recompute_errors();
   if (g_failures != 0) {
     std::printf("%d check(s) failed\n", g_failures);
     return 1;

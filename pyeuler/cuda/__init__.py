@@ -37,6 +37,7 @@ __all__ = [
     "norm_stats_and_coefficients",
     "affine_act_forward",
     "affine_act_backward_reduce",
+    "affine_act_backward_reduce_recompute",
     "affine_act_backward_apply",
     "affine_act_backward_apply_ie_update",
     "affine_act_double_backward_reduce",
@@ -62,6 +63,9 @@ SCHEMAS = (
     "bool relu, bool save_mask) -> (Tensor, Tensor)",
     "cuda_affine_act_backward_reduce(Tensor dy, Tensor x, Tensor scale, Tensor shift, "
     "Tensor center, Tensor? mask, bool relu, bool per_sample) -> (Tensor, Tensor)",
+    "cuda_affine_act_backward_reduce_recompute(Tensor dy, Tensor x, Tensor scale, "
+    "Tensor shift, Tensor center, bool relu, bool per_sample, ScalarType y_dtype) "
+    "-> (Tensor, Tensor, Tensor)",
     "cuda_affine_act_backward_apply(Tensor dy, Tensor x, Tensor scale, Tensor shift, "
     "Tensor? mask, bool relu, Tensor a, Tensor b, Tensor c, Tensor center, "
     "bool want_dshortcut) -> (Tensor, Tensor)",
@@ -107,6 +111,7 @@ KERNEL_LAUNCHES = {schema.split("(")[0]: 1 for schema in SCHEMAS} | {
     "cuda_norm_stats": 2,
     "cuda_norm_stats_and_coefficients": 2,
     "cuda_affine_act_backward_reduce": 2,
+    "cuda_affine_act_backward_reduce_recompute": 2,  # y is written by the partials pass
     "cuda_affine_act_double_backward_reduce": 2,
 }
 
@@ -123,7 +128,10 @@ def _gate_passes(op: dict) -> dict[str, int]:
 # argument and every result is one pass.  kernels/*.cu run the Triton kernels' algorithms,
 # whose declarations tests/test_kernel_passes.py checks against the interpreter's accesses:
 # one pass over each activation-sized operand; running statistics are read and written in
-# place.  (Not checked on a GPU here: nothing counts a CUDA kernel's loads.)
+# place.  The recomputing reduce (cuda_affine_act_backward_reduce_recompute) reads scale and
+# shift always (y needs them even without the ReLU), so all its passes are one: dy, x, the
+# coefficients, and y written.  (Not checked on a GPU here: nothing counts a CUDA kernel's
+# loads.)
 KERNEL_PASSES = {name: lambda op: {} for name in KERNEL_LAUNCHES} | {
     name: _gate_passes for name in (
         "cuda_affine_act_backward_reduce", "cuda_affine_act_backward_apply",
@@ -308,6 +316,28 @@ def affine_act_backward_reduce(
     sum_g, sum_g_xc = torch.ops.pyeuler.cuda_affine_act_backward_reduce(
         _like_x(x, dy), x, scale, shift, center, mask, relu, per_sample)
     return sum_g, sum_g_xc
+
+
+def affine_act_backward_reduce_recompute(
+    dy: Tensor,
+    x: Tensor,
+    scale: Tensor,
+    shift: Tensor,
+    center: Tensor,
+    relu: bool,
+    per_sample: bool,
+    y_dtype: torch.dtype,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Two launches (kernels/affine_act.cu), as :func:`affine_act_backward_reduce`: its
+    partials pass recomputes the gate from x and also writes ``y = act(scale·x + shift)``,
+    computed in float32 and rounded once to ``y_dtype`` (float32, float16 or bfloat16, else
+    TypeError), in x's layout (channels_last stays channels_last).  Sums float32, [C] or
+    [N, C] per sample."""
+    _check_cuda(dy=dy, x=x, scale=scale, shift=shift, center=center)
+    _require_extension()
+    sum_g, sum_g_xc, y = torch.ops.pyeuler.cuda_affine_act_backward_reduce_recompute(
+        _like_x(x, dy), x, scale, shift, center, relu, per_sample, y_dtype)
+    return sum_g, sum_g_xc, y
 
 
 def affine_act_backward_apply(
@@ -640,6 +670,13 @@ def _fake_affine_act_backward_reduce(dy, x, scale, shift, center, mask, relu, pe
     return x.new_empty(shape, dtype=torch.float32), x.new_empty(shape, dtype=torch.float32)
 
 
+def _fake_affine_act_backward_reduce_recompute(dy, x, scale, shift, center, relu, per_sample,
+                                               y_dtype):
+    return (*_fake_affine_act_backward_reduce(dy, x, scale, shift, center, None, relu,
+                                              per_sample),
+            _empty_in_layout_of(x, y_dtype))
+
+
 def _fake_affine_act_backward_apply(dy, x, scale, shift, mask, relu, a, b, c, center,
                                     want_dshortcut):
     dshortcut = (_empty_in_layout_of(x, dy.dtype) if want_dshortcut
@@ -737,6 +774,8 @@ _FAKES = {
     "pyeuler::cuda_norm_stats_and_coefficients": _fake_norm_stats_and_coefficients,
     "pyeuler::cuda_affine_act_forward": _fake_affine_act_forward,
     "pyeuler::cuda_affine_act_backward_reduce": _fake_affine_act_backward_reduce,
+    "pyeuler::cuda_affine_act_backward_reduce_recompute":
+        _fake_affine_act_backward_reduce_recompute,
     "pyeuler::cuda_affine_act_backward_apply": _fake_affine_act_backward_apply,
     "pyeuler::cuda_affine_act_backward_apply_ie_update": _fake_affine_act_backward_apply_ie_update,
     "pyeuler::cuda_affine_act_double_backward_reduce": _fake_affine_act_double_backward_reduce,

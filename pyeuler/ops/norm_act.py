@@ -234,8 +234,9 @@ def norm_act(
 
     ``conv`` (a bias-free ``nn.Conv{1,2,3}d``; ReLU, no shortcut, ``h=1``) returns
     ``conv(ReLU(Norm(x)))`` instead.  On the fused backends its backward then recomputes
-    the activation from x rather than keeping it: one elementwise pass for a tensor of
-    memory.
+    the activation from x rather than keeping it: the first-order backward's reduction
+    pass writes it (one write for a tensor of memory), a differentiable one
+    (``create_graph=True``) spends an elementwise pass.
     """
     _validate(x, weight, bias, running_mean, running_var, shortcut, h, groups, training, eps,
               momentum, relu, num_batches_tracked)

@@ -1,8 +1,10 @@
 """The norm_act ops fused with their neighbours (docs/semantics.md §4, §5): ``conv(ReLU(norm(x)))``,
 its VJP counterpart ``Wᵀ⋆(ReLU∘norm)ᵀ dy`` and the IE-Skip update ``x − 2γ·(e − θ·v)`` fused
 into the last pass of the branch VJP.  Each keeps x rather than an activation for its
-backward and recomputes what it needs there by one elementwise pass: "unrolled" IE-Skips
-keep several branch evaluations alive at once, so memory decides.  Each is a custom op
+backward and recomputes what it needs there: "unrolled" IE-Skips keep several branch
+evaluations alive at once, so memory decides.  ``conv(ReLU(norm(x)))``'s first-order
+backward (:func:`_norm_relu_conv_backward`) has its reduction pass write the activation
+again, no pass of its own; the others spend one elementwise pass.  Each is a custom op
 whose backward is written with the kernel ops of :mod:`pyeuler.ops.norm_act_ops`, exact to
 every order.
 """
@@ -151,6 +153,67 @@ def _conv_setup_context(ctx, inputs, output):
                                                            conv_groups), backend)
 
 
+@torch.library.custom_op("pyeuler::norm_relu_conv_backward", mutates_args=())
+def _norm_relu_conv_backward(
+    dz: Tensor,
+    dmean: Tensor | None,
+    dvar: Tensor | None,
+    x: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    mean: Tensor,
+    var: Tensor,
+    scale: Tensor,
+    shift: Tensor,
+    conv_weight: Tensor,
+    eps: float,
+    groups: int,
+    batch_stats: bool,
+    stride: list[int],
+    padding: list[int],
+    dilation: list[int],
+    conv_groups: int,
+    needs: list[bool],
+    backend: str,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """``(dx, dweight, dbias, dconv_weight)`` of ``conv(ReLU(norm(x)))``, first order only;
+    ``needs`` flags (x, weight, bias), an unneeded gradient is empty.  The reduce pass of the
+    norm's backward also writes the recomputed activation the weight gradient reads, so x
+    is read once for both."""
+    kernels = _kernels(backend)
+    conv_args = _conv_args(conv_weight, stride, padding, dilation, conv_groups)
+    du = _conv_input_grad(dz, x.shape, conv_weight, conv_args).to(x.dtype)
+    channels = x.shape[1]
+    center = center_of(mean, groups, channels)
+    sum_g, sum_gxc, u = kernels.affine_act_backward_reduce_recompute(
+        du, x, scale, shift, center, True, groups > 0, conv_weight.dtype)
+    dconv = torch.ops.aten.convolution_backward(dz, u, conv_weight, None, *conv_args,
+                                                [False, True, False])[1]
+    need_x, need_weight, need_bias = needs
+    a, b, c, dweight, dbias, _ = kernels.backward_coefficients(
+        sum_g, sum_gxc, dmean, dvar, weight, bias, None, var, 1.0, eps, groups, batch_stats,
+        (need_x, False, need_weight, need_bias, False), channels, statistic_count(x, groups))
+    dx = x.new_empty(0)
+    if need_x:
+        dx, _ = kernels.affine_act_backward_apply(du, x, scale, shift, None, True, a, b, c, center,
+                                                  False)
+    empty = mean.new_empty(0)
+    return unaliased((dx, dweight if need_weight else empty,
+                      dbias if need_bias else empty.clone(), dconv),
+                     (dz, dmean, dvar, x, weight, bias, mean, var, scale, shift, conv_weight))
+
+
+@_norm_relu_conv_backward.register_fake
+def _(dz, dmean, dvar, x, weight, bias, mean, var, scale, shift, conv_weight, eps, groups,
+      batch_stats, stride, padding, dilation, conv_groups, needs, backend):
+    need_x, need_weight, need_bias = needs
+    param = mean.new_empty(x.shape[1])
+    return (torch.empty_like(x) if need_x else x.new_empty(0),
+            param.clone() if need_weight else mean.new_empty(0),
+            param.clone() if need_bias else mean.new_empty(0),
+            torch.empty_like(conv_weight))
+
+
 def _conv_backward(ctx, dz, dmean, dvar, dscale, dshift):
     x, weight, bias, mean, var, conv_weight, scale, shift = ctx.saved_tensors
     eps, groups, batch_stats, conv_args, backend = ctx.config
@@ -160,6 +223,18 @@ def _conv_backward(ctx, dz, dmean, dvar, dscale, dshift):
         dz = x.new_zeros(ctx.z_shape, dtype=conv_weight.dtype)
     need_x, need_weight, need_bias, need_conv = (ctx.needs_input_grad[i] for i in (0, 1, 2, 7))
     need_input = need_x or need_weight or need_bias
+    needs = (need_x, False, need_weight, need_bias, False)
+    if (not torch.is_grad_enabled() and need_conv and need_input
+            and sums_needed(needs, batch_stats)):
+        # first order: one pass over x gives the reduce sums and the activation (the
+        # differentiable path below recomputes the activation by a pass of its own)
+        stride, padding, dilation, _, _, conv_groups = conv_args
+        dx, dweight, dbias, dconv = _norm_relu_conv_backward(
+            dz, dmean, dvar, x, weight, bias, mean, var, scale, shift, conv_weight, eps, groups,
+            batch_stats, stride, padding, dilation, conv_groups, [need_x, need_weight, need_bias],
+            backend)
+        return (none_if_empty(dx), none_if_empty(dweight), none_if_empty(dbias), None, None,
+                None, None, dconv, None, None, None, None, None)
     affine = Affine(scale, shift)
     if torch.is_grad_enabled():
         # create_graph: the recomputed activation must be differentiable in the statistics
@@ -175,8 +250,7 @@ def _conv_backward(ctx, dz, dmean, dvar, dscale, dshift):
         dx, _, dweight, dbias, _ = norm_act_backward(
             du.to(x.dtype), x, weight, bias, None, 1.0, mean, var, None, eps, groups, True,
             batch_stats,
-            (need_x, False, need_weight, need_bias, False), backend, dmean=dmean, dvar=dvar,
-            affine=affine)
+            needs, backend, dmean=dmean, dvar=dvar, affine=affine)
     return dx, dweight, dbias, None, None, None, None, dconv, None, None, None, None, None
 
 

@@ -46,6 +46,7 @@ __all__ = [
     "norm_stats_and_coefficients",
     "affine_act_forward",
     "affine_act_backward_reduce",
+    "affine_act_backward_reduce_recompute",
     "affine_act_backward_apply",
     "affine_act_backward_apply_ie_update",
     "affine_act_double_backward_reduce",
@@ -173,6 +174,32 @@ def affine_act_backward_reduce(
     if not dims:  # per_sample with no spatial dims: nothing to sum
         return g, g * xc
     return g.sum(dims), (g * xc).sum(dims)
+
+
+def affine_act_backward_reduce_recompute(
+    dy: Tensor,
+    x: Tensor,
+    scale: Tensor,
+    shift: Tensor,
+    center: Tensor,
+    relu: bool,
+    per_sample: bool,
+    y_dtype: torch.dtype,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """``(Σg, Σg·(x − center), y)``: the sums of :func:`affine_act_backward_reduce` (gate
+    recomputed from ``scale``/``shift``, no saved mask) and the forward's activation
+    ``y = act(scale·x + shift)``, computed in the accumulation dtype and rounded once to
+    ``y_dtype``, in x's memory format.
+
+    One pass for what a recomputing backward needs twice: a convolution's weight gradient
+    reads y, the norm's input gradient the sums (:mod:`pyeuler.ops.norm_act_fusions`).
+    """
+    sums = affine_act_backward_reduce(dy, x, scale, shift, center, None, relu, per_sample)
+    acc = _acc_dtype(x)
+    y = _coef(scale, x) * x.to(acc) + _coef(shift, x)
+    if relu:
+        y = torch.relu(y)
+    return *sums, y.to(y_dtype)
 
 
 def _times_nonzero(k: Tensor, v: Tensor, x: Tensor) -> Tensor:

@@ -4,7 +4,9 @@
   shortcut), one write of y;
 - backward reduce: per-channel or per-(sample, channel) sums of ``g = dy·m`` and
   ``g·(x − center)``: partials per chunk, then an in-order second stage (no float atomics,
-  so deterministic); the ``[C]`` sums are what SyncBatchNorm would all-reduce;
+  so deterministic); the ``[C]`` sums are what SyncBatchNorm would all-reduce.  Optionally
+  the same pass writes the forward's ``y = act(scale·x + shift)`` again, for a backward that
+  recomputes it (a convolution's weight gradient), instead of a pass of its own;
 - backward apply: ``dx = a·g + b·(x − center) + c`` and optionally ``g`` for the shortcut;
   or, as the IE-Skip's last VJP pass, the step ``x − 2γ·(e − θ·dx)`` in dx's place (one more
   read, e; v = dx is never written);
@@ -48,6 +50,7 @@ from pyeuler.triton._utils import (
 __all__ = [
     "affine_act_forward",
     "affine_act_backward_reduce",
+    "affine_act_backward_reduce_recompute",
     "affine_act_backward_apply",
     "affine_act_backward_apply_ie_update",
     "affine_act_double_backward_reduce",
@@ -128,6 +131,18 @@ def _gated_grad(dy, x, mask_ptr, offsets, ok, scale_ptr, shift_ptr, coef, coef_o
     return tl.where(m, dy, 0.0)
 
 
+@triton.jit
+def _gated_grad_and_activation(dy, x, scale_ptr, shift_ptr, coef, coef_ok, RELU: tl.constexpr):
+    """``(g, y)`` from one pre-activation ``scale·x + shift``: the gradient gated by the
+    recomputed ReLU (see ``_gate``) and the forward's ``y = act(scale·x + shift)``."""
+    scale = tl.load(scale_ptr + coef, mask=coef_ok, other=0.0)
+    shift = tl.load(shift_ptr + coef, mask=coef_ok, other=0.0)
+    pre = scale * x + shift
+    if RELU:
+        return tl.where(pre <= 0, 0.0, dy), tl.where(pre < 0, 0.0, pre)  # NaN: open, kept
+    return dy, pre
+
+
 def _gate_passes(launch) -> dict[str, int]:
     """Passes of ``_gate``'s operands: the saved mask, or scale and shift to recompute it."""
     recompute = not launch["LOAD_MASK"] and launch["RECOMPUTE_MASK"]
@@ -165,10 +180,16 @@ def _affine_act_forward_kernel(
 
 
 def _grad_sums_passes(launch) -> dict[str, int]:
-    """Both grad-sum kernels: one read of dy and x (and ddx), one write of each partial."""
+    """Both grad-sum kernels: one read of dy and x (and ddx), one write of each partial
+    (and of y)."""
     double = int(launch["DOUBLE_BACKWARD"])
-    return {"dy_ptr": 1, "x_ptr": 1, "ddx_ptr": double, "center_ptr": 1, "w_parts_ptr": 1,
-            "wx_parts_ptr": 1, "wg_parts_ptr": double, **_gate_passes(launch)}
+    activation = int(launch["ACTIVATION_OUT"])
+    passes = {"dy_ptr": 1, "x_ptr": 1, "ddx_ptr": double, "center_ptr": 1, "w_parts_ptr": 1,
+              "wx_parts_ptr": 1, "wg_parts_ptr": double, "y_ptr": activation,
+              **_gate_passes(launch)}
+    if activation:
+        passes.update(scale_ptr=1, shift_ptr=1)
+    return passes
 
 
 @declare_passes(_grad_sums_passes)
@@ -176,15 +197,17 @@ def _grad_sums_passes(launch) -> dict[str, int]:
 @triton.jit
 def _grad_sums_columns_kernel(
     dy_ptr, x_ptr, ddx_ptr, scale_ptr, shift_ptr, center_ptr, mask_ptr,
-    w_parts_ptr, wx_parts_ptr, wg_parts_ptr,
+    w_parts_ptr, wx_parts_ptr, wg_parts_ptr, y_ptr,
     rows_per_segment, C, S, rows_per_split, n_segments,
     PER_SAMPLE: tl.constexpr, LOAD_MASK: tl.constexpr, RECOMPUTE_MASK: tl.constexpr,
-    DOUBLE_BACKWARD: tl.constexpr,
+    DOUBLE_BACKWARD: tl.constexpr, ACTIVATION_OUT: tl.constexpr,
     BLOCK_C: tl.constexpr, TILE: tl.constexpr, BLOCK_R: tl.constexpr, WIDE_INDEX: tl.constexpr,
 ):
     """Channels-last partial sums of ``w``, ``w·(x − center)`` (and ``w·g``) over rows ``n·S + s``.
 
     ``w = g = dy·m``; with ``DOUBLE_BACKWARD``, ``w = ddx`` and the third sum is added.
+    ``ACTIVATION_OUT`` (no saved mask; the ReLU iff ``RECOMPUTE_MASK``): also write
+    ``y = act(scale·x + shift)`` to ``y_ptr``.
 
     Grid ``(n_segments, cdiv(C, BLOCK_C), n_splits)``: segment = sample (per-sample sums,
     ``rows_per_segment = S``) or the whole batch (``n_segments = 1``).  Partials of each
@@ -212,8 +235,13 @@ def _grad_sums_columns_kernel(
         coef, coef_ok = _coef_index(rows, cols, row_ok, col_ok, C, S, True, PER_SAMPLE)
         dy = tl.load(dy_ptr + offsets, mask=ok, other=0.0).to(tl.float32)
         x = tl.load(x_ptr + offsets, mask=ok, other=0.0).to(tl.float32)
-        g = _gated_grad(dy, x, mask_ptr, offsets, ok, scale_ptr, shift_ptr, coef, coef_ok,
-                        LOAD_MASK, RECOMPUTE_MASK)
+        if ACTIVATION_OUT:
+            g, y = _gated_grad_and_activation(dy, x, scale_ptr, shift_ptr, coef, coef_ok,
+                                              RECOMPUTE_MASK)
+            tl.store(y_ptr + offsets, y.to(y_ptr.dtype.element_ty), mask=ok)
+        else:
+            g = _gated_grad(dy, x, mask_ptr, offsets, ok, scale_ptr, shift_ptr, coef, coef_ok,
+                            LOAD_MASK, RECOMPUTE_MASK)
         center = tl.load(center_ptr + coef, mask=coef_ok, other=0.0)
         if DOUBLE_BACKWARD:
             w = tl.load(ddx_ptr + offsets, mask=ok, other=0.0).to(tl.float32)
@@ -235,10 +263,10 @@ def _grad_sums_columns_kernel(
 @triton.jit
 def _grad_sums_planes_kernel(
     dy_ptr, x_ptr, ddx_ptr, scale_ptr, shift_ptr, center_ptr, mask_ptr,
-    w_parts_ptr, wx_parts_ptr, wg_parts_ptr,
+    w_parts_ptr, wx_parts_ptr, wg_parts_ptr, y_ptr,
     n_results, planes_per_result, planes_per_split, C, S,
     PER_SAMPLE: tl.constexpr, LOAD_MASK: tl.constexpr, RECOMPUTE_MASK: tl.constexpr,
-    DOUBLE_BACKWARD: tl.constexpr,
+    DOUBLE_BACKWARD: tl.constexpr, ACTIVATION_OUT: tl.constexpr,
     BLOCK_S: tl.constexpr, TILE: tl.constexpr, BLOCK_P: tl.constexpr, WIDE_INDEX: tl.constexpr,
 ):
     """Planar partial sums (terms as in the columns kernel): result ``k`` sums planes
@@ -271,8 +299,13 @@ def _grad_sums_planes_kernel(
             offsets = planes[:, None] * S + s[None, :]
             dy = tl.load(dy_ptr + offsets, mask=ok, other=0.0).to(tl.float32)
             x = tl.load(x_ptr + offsets, mask=ok, other=0.0).to(tl.float32)
-            g = _gated_grad(dy, x, mask_ptr, offsets, ok, scale_ptr, shift_ptr, coef, coef_ok,
-                            LOAD_MASK, RECOMPUTE_MASK)
+            if ACTIVATION_OUT:
+                g, y = _gated_grad_and_activation(dy, x, scale_ptr, shift_ptr, coef, coef_ok,
+                                                  RECOMPUTE_MASK)
+                tl.store(y_ptr + offsets, y.to(y_ptr.dtype.element_ty), mask=ok)
+            else:
+                g = _gated_grad(dy, x, mask_ptr, offsets, ok, scale_ptr, shift_ptr, coef,
+                                coef_ok, LOAD_MASK, RECOMPUTE_MASK)
             if DOUBLE_BACKWARD:
                 w = tl.load(ddx_ptr + offsets, mask=ok, other=0.0).to(tl.float32)
                 acc_wg += w * g
@@ -451,11 +484,12 @@ def affine_act_forward(
     return y, mask
 
 
-def _grad_sums(dy, x, scale, shift, center, mask, relu, per_sample, ddx=None):
+def _grad_sums(dy, x, scale, shift, center, mask, relu, per_sample, ddx=None, y_dtype=None):
     """Validate and launch the split reduction, then merge its partials in order.
 
     Sums of ``g``, ``g·(x − center)``; with ``ddx``, of ``ddx``, ``ddx·(x − center)``,
-    ``ddx·g``.  Each float32, ``[C]`` or ``[N, C]`` if per_sample.
+    ``ddx·g``.  Each float32, ``[C]`` or ``[N, C]`` if per_sample.  With ``y_dtype`` (no
+    mask), the pass also writes ``y = act(scale·x + shift)`` in x's layout, returned last.
     """
     check_activation(x)
     check_like(dy, "dy", x)
@@ -472,11 +506,14 @@ def _grad_sums(dy, x, scale, shift, center, mask, relu, per_sample, ddx=None):
     n, c, s = x.shape[0], x.shape[1], spatial_size(x)
     out_shape = (n, c) if per_sample else (c,)
     n_sums = 2 if ddx is None else 3
+    y = None if y_dtype is None else torch.empty_like(x, dtype=y_dtype)
+    activation = () if y is None else (y,)
     if x.numel() == 0:
-        return tuple(torch.zeros(out_shape, device=x.device, dtype=torch.float32) for _ in range(n_sums))
+        return tuple(torch.zeros(out_shape, device=x.device, dtype=torch.float32)
+                     for _ in range(n_sums)) + activation
     flags = dict(PER_SAMPLE=per_sample_coef, LOAD_MASK=mask is not None,
                  RECOMPUTE_MASK=mask is None and bool(relu), DOUBLE_BACKWARD=ddx is not None,
-                 WIDE_INDEX=needs_wide_index(x))
+                 ACTIVATION_OUT=y is not None, WIDE_INDEX=needs_wide_index(x))
     k = n * c if per_sample else c
 
     def buffers(rows):
@@ -491,7 +528,7 @@ def _grad_sums(dy, x, scale, shift, center, mask, relu, per_sample, ddx=None):
         splits, rows_per_split = num_splits(rows_per_segment, c, channel_blocks * n_segments, x.device)
         parts = buffers(splits)
         _grad_sums_columns_kernel[(n_segments, channel_blocks, splits)](
-            dy, x, ddx, scale, shift, center, mask, *parts,
+            dy, x, ddx, scale, shift, center, mask, *parts, y,
             rows_per_segment, c, s, rows_per_split, n_segments, BLOCK_C=block_c, **flags,
             TILE=REDUCTION_TILE, num_warps=REDUCTION_WARPS)
     else:
@@ -499,17 +536,17 @@ def _grad_sums(dy, x, scale, shift, center, mask, relu, per_sample, ddx=None):
         splits, planes_per_split = num_splits(planes_per_result, s, k, x.device)
         parts = buffers(splits)
         _grad_sums_planes_kernel[(k, splits)](
-            dy, x, ddx, scale, shift, center, mask, *parts,
+            dy, x, ddx, scale, shift, center, mask, *parts, y,
             k, planes_per_result, planes_per_split, c, s,
             BLOCK_S=inner_block(s, _MAX_SPATIAL_BLOCK), **flags, TILE=REDUCTION_TILE, num_warps=REDUCTION_WARPS)
 
     if splits == 1:
-        return tuple(part.view(out_shape) for part in parts[:n_sums])
+        return tuple(part.view(out_shape) for part in parts[:n_sums]) + activation
     sums = buffers(1)
     block_k = min(1024, triton.next_power_of_2(k))
     _sum_partials_kernel[(triton.cdiv(k, block_k),)](*parts, *sums, splits, k,
                                                      THREE_SUMS=n_sums == 3, BLOCK_K=block_k)
-    return tuple(total.view(out_shape) for total in sums[:n_sums])
+    return tuple(total.view(out_shape) for total in sums[:n_sums]) + activation
 
 
 def affine_act_backward_reduce(
@@ -524,6 +561,23 @@ def affine_act_backward_reduce(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Float32 sums of ``g = dy·m`` and ``g·(x − center)``: ``[C]``, or ``[N, C]`` if per_sample."""
     return _grad_sums(dy, x, scale, shift, center, mask, relu, per_sample)
+
+
+def affine_act_backward_reduce_recompute(
+    dy: torch.Tensor,
+    x: torch.Tensor,
+    scale: torch.Tensor,
+    shift: torch.Tensor,
+    center: torch.Tensor,
+    relu: bool,
+    per_sample: bool,
+    y_dtype: torch.dtype,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Float32 sums of ``g = dy·m`` (gate recomputed) and ``g·(x − center)``, and
+    ``y = act(scale·x + shift)`` in ``y_dtype`` and x's layout, from one pass over x."""
+    if y_dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        raise TypeError(f"y_dtype must be float32, float16 or bfloat16, got {y_dtype}")
+    return _grad_sums(dy, x, scale, shift, center, None, relu, per_sample, y_dtype=y_dtype)
 
 
 def affine_act_double_backward_reduce(

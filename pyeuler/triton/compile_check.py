@@ -40,8 +40,9 @@ class KernelSpec:
 _STATS_PARTS = {"count_ptr": "*fp32", "mean_ptr": "*fp32", "m2_ptr": "*fp32"}
 _GRAD_SUM_PTRS = {"dy_ptr": DATA, "x_ptr": DATA, "ddx_ptr": DATA, "scale_ptr": "*fp32",
                   "shift_ptr": "*fp32", "center_ptr": "*fp32", "mask_ptr": "*u1", "w_parts_ptr": "*fp32",
-                  "wx_parts_ptr": "*fp32", "wg_parts_ptr": "*fp32"}
-_GRAD_SUM_FLAGS = ("PER_SAMPLE", "LOAD_MASK", "RECOMPUTE_MASK", "DOUBLE_BACKWARD", "WIDE_INDEX")
+                  "wx_parts_ptr": "*fp32", "wg_parts_ptr": "*fp32", "y_ptr": DATA}
+_GRAD_SUM_FLAGS = ("PER_SAMPLE", "LOAD_MASK", "RECOMPUTE_MASK", "DOUBLE_BACKWARD",
+                   "ACTIVATION_OUT", "WIDE_INDEX")
 
 # BatchNorm (channel chunks, one channel per group) and GroupNorm (a groups × channels tile)
 _COEFFICIENT_BLOCKS = ({"BLOCK_G": 1024, "BLOCK_J": 1}, {"BLOCK_G": 32, "BLOCK_J": 32})
