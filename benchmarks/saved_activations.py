@@ -4,8 +4,8 @@ The forward and loss of ``pyeuler cost``'s workload (IE-WRN-34-10, batch 128 by 
 run on fake tensors through the GPU code path, as in ``pyeuler cost``, and every storage
 autograd saves is counted once (:func:`pyeuler.benchmark.saved_tensor_bytes`).  The rows
 compare the reference (plain PyTorch with native norms, the baseline) with a fused backend
-recomputing the unrolled IE-Skips' activations in the backward (``recompute=True``, the
-default) and keeping them (``recompute=False``)::
+under each policy of what unrolled IE-Skips recompute in the backward (``IESkip(recompute=)``:
+``"selective"``, the default, ``"full"`` and ``"none"``)::
 
     python benchmarks/saved_activations.py --json benchmarks/results/saved-activations.json
 
@@ -28,6 +28,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from pyeuler import cost
 from pyeuler.backend import counting_device
 from pyeuler.benchmark import saved_tensor_bytes
+from pyeuler.ops.ie_skip import RECOMPUTE_POLICIES
 from pyeuler.ops.reference_norm import native_norms
 from pyeuler.triton._utils import launch_hook
 
@@ -59,19 +60,20 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     commit, dirty = cost.source_revision()
     rows = []
-    print(f"{'configuration':28s} {'reference MiB':>14s} {'recompute':>16s} {'keep':>16s}")
+    print(f"{'configuration':28s} {'reference MiB':>14s} "
+          + " ".join(f"{policy:>16s}" for policy in RECOMPUTE_POLICIES))
     for precision in args.precision:
         for k in args.ie_steps:
             base = cost.StepConfig(model=args.model, batch_size=args.batch_size,
                                    precision=precision, ie_steps=k, backend=args.backend)
             reference = saved_bytes(dataclasses.replace(base, backend="reference"))
-            fused = {recompute: saved_bytes(dataclasses.replace(base, recompute=recompute))
-                     for recompute in (True, False)}
+            fused = {policy: saved_bytes(dataclasses.replace(base, recompute=policy))
+                     for policy in RECOMPUTE_POLICIES}
             rows.append({"label": base.label, "reference_bytes": reference,
-                         "recompute_bytes": fused[True], "keep_bytes": fused[False]})
-            print(f"{base.label:28s} {reference / 2**20:14.0f} "
-                  f"{fused[True] / 2**20:9.0f} {fused[True] / reference:5.3f}x "
-                  f"{fused[False] / 2**20:9.0f} {fused[False] / reference:5.3f}x")
+                         **{f"{policy}_bytes": fused[policy] for policy in RECOMPUTE_POLICIES}})
+            print(f"{base.label:28s} {reference / 2**20:14.0f} " + " ".join(
+                f"{fused[policy] / 2**20:9.0f} {fused[policy] / reference:5.3f}x"
+                for policy in RECOMPUTE_POLICIES))
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"commit": commit, "dirty": dirty, "model": args.model,

@@ -122,7 +122,7 @@ class StepConfig:
     theta: float = 1.0
     eps: float = 8 / 255
     beta: float = 6.0
-    recompute: bool = True  # unrolled IE-Skips recompute activations (pyeuler.nn.IESkip)
+    recompute: str = "selective"  # what unrolled IE-Skips recompute (pyeuler.nn.IESkip)
 
     def __post_init__(self):
         from pyeuler.robust.training import ADV_METHODS
@@ -147,8 +147,8 @@ class StepConfig:
             label += f"-{self.norm}"
         if self.adv != "none":
             label += f"-{self.adv}{self.attack_steps}"
-        if not self.recompute:
-            label += "-keep"
+        if self.recompute != "selective":
+            label += f"-recompute-{self.recompute}"
         return label
 
 

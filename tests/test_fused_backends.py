@@ -18,7 +18,7 @@ from pyeuler.ops import norm_act_fusions, norm_act_ops
 from pyeuler.benchmark import saved_tensor_bytes
 from pyeuler.functional import ie_skip
 from pyeuler.models import resnet_cifar, wide_resnet
-from pyeuler.nn import PreActBranch
+from pyeuler.nn import IESkip, PreActBranch
 from pyeuler.ops import primitives
 from conftest import requires_cuda, triton_usable
 from helpers import (F32, assert_close_low_precision, assert_tensors_close, grads,
@@ -199,6 +199,37 @@ def test_norm_relu_conv_equals_unfused_and_updates_running_stats(routed_to_primi
                          grads((z_ref * dz).sum(), [x, norm_ref.weight, conv.weight]), **F32)
 
 
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+@pytest.mark.parametrize("groups", [0, 2])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_norm_relu_conv_first_order_backward_on_the_kernels(backend, groups, layout):
+    """The first-order backward of conv(ReLU(norm(x))) on the kernels themselves (one reduce
+    pass writing the recomputed activation for the weight gradient): every gradient, the
+    statistics' included, equal to the unfused eager composition in float32."""
+    torch.manual_seed(0)
+    device = _device(backend)
+    x = torch.randn(3, 6, 5, 7, device=device) + 0.3
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    weight, bias = torch.rand(6, device=device) + 0.5, torch.randn(6, device=device)
+    kernel = torch.randn(4, 6, 3, 3, device=device)
+    conv = torch.nn.Conv2d(6, 4, 3, padding=1, bias=False).to(device)
+    leaves = {name: [t.clone().requires_grad_() for t in (x, weight, bias, kernel)]
+              for name in (backend, "eager")}
+    outputs = {}
+    for name, (xx, ww, bb, kk) in leaves.items():
+        with swapped_parameters(conv, weight=kk):
+            z, stats = na.norm_act(xx, ww, bb, None, None, training=True, groups=groups,
+                                   update_running=False, backend=name, conv=conv,
+                                   return_stats=True)
+        # the statistics feed a downstream use too (an IE-Skip's VJP reads them)
+        outputs[name] = (z, stats.mean, stats.var)
+    cotangents = [torch.randn_like(t) for t in outputs["eager"]]
+    results = {name: grads(sum((t * c).sum() for t, c in zip(outputs[name], cotangents)),
+                           leaves[name]) for name in leaves}
+    assert_tensors_close(results[backend], results["eager"], **F32)
+
+
 @pytest.mark.parametrize("norm", ["batch", "group"])
 @pytest.mark.parametrize("steps", [1, 3])
 def test_unrolled_ie_keeps_fewer_activations_than_reference(routed_to_primitives, norm, steps):
@@ -214,30 +245,45 @@ def test_unrolled_ie_keeps_fewer_activations_than_reference(routed_to_primitives
 
 
 @pytest.mark.parametrize("norm", ["batch", "group"])
-def test_recompute_false_keeps_activations_same_values(routed_to_primitives, norm):
-    """``recompute=False`` trades memory for passes: the same output and gradients (float64,
-    exact up to rounding), more saved bytes and no recomputing ``affine_relu`` kernel."""
+def test_recompute_policies_trade_memory_for_passes_same_values(routed_to_primitives, norm):
+    """Each ``recompute`` policy gives the same output and gradients (float64, exact up to
+    rounding); less recomputed, more saved bytes ("full" < "selective" < "none"); the
+    recomputing ops run exactly where the policy says: the first-order norm_relu_conv
+    backward (its reduce pass writes the activation) unless "none", the VJP's fused
+    norm_relu_backward_conv (it keeps dy, not its output) only under "full"."""
     torch.manual_seed(0)
     branch = PreActBranch(4, norm=norm).double()
     x = torch.randn(3, 4, 5, 5, dtype=torch.float64, requires_grad=True)
     results = {}
-    for recompute in (True, False):
+    for policy in ("full", "selective", "none"):
         model = twin(branch)
-        saved, y = saved_tensor_bytes(lambda: ie_skip(model, x, 2, backend="triton",
-                                                      recompute=recompute))
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+            saved, y = saved_tensor_bytes(lambda: ie_skip(model, x, 2, backend="triton",
+                                                          recompute=policy))
             g = grads(y.square().sum(), [x, *model.parameters()])
         ops = {event.name for event in prof.events()}
-        results[recompute] = (saved, y, g, "pyeuler::affine_relu" in ops)
-    (saved_r, y_r, g_r, relu_r), (saved_k, y_k, g_k, relu_k) = results[True], results[False]
-    torch.testing.assert_close(y_k, y_r)
-    assert_tensors_close(g_k, g_r)
-    assert saved_k > saved_r and relu_r and not relu_k
+        results[policy] = (saved, y, g, {op for op in ("pyeuler::norm_relu_conv_backward",
+                                                       "pyeuler::norm_relu_backward_conv")
+                                         if op in ops})
+    saved_f, y_f, g_f, ops_f = results["full"]
+    for policy in ("selective", "none"):
+        torch.testing.assert_close(results[policy][1], y_f)
+        assert_tensors_close(results[policy][2], g_f)
+    assert saved_f < results["selective"][0] < results["none"][0]
+    assert ops_f == {"pyeuler::norm_relu_conv_backward", "pyeuler::norm_relu_backward_conv"}
+    assert results["selective"][3] == {"pyeuler::norm_relu_conv_backward"}
+    assert results["none"][3] == set()
 
 
-def test_recompute_must_be_a_bool():
-    with pytest.raises(TypeError, match="recompute must be a bool"):
-        ie_skip(PreActBranch(4), torch.randn(2, 4, 3, 3), 1, recompute="no")
+@pytest.mark.parametrize("recompute, error, match", [
+    (True, TypeError, "a policy, not a bool: True was 'full'"),
+    ("no", ValueError, r"recompute must be one of \('selective', 'full', 'none'\)"),
+])
+def test_recompute_must_be_a_policy(recompute, error, match):
+    with pytest.raises(error, match=match):
+        ie_skip(PreActBranch(4), torch.randn(2, 4, 3, 3), 1, recompute=recompute)
+    with pytest.raises(error, match=match):
+        IESkip(PreActBranch(4), recompute=recompute)
 
 
 @pytest.mark.parametrize("kwargs, match", [

@@ -24,6 +24,7 @@ import json
 from pathlib import Path
 
 from pyeuler.cli.train import _nonneg_int, _pos_float, _pos_int, check_output_path, usage_error
+from pyeuler.ops.ie_skip import RECOMPUTE_POLICIES
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
@@ -46,10 +47,10 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     g.add_argument("--grad", nargs="+", default=["unrolled"],
                    choices=("unrolled", "detached", "implicit"),
                    help="IE-Skip gradient mode [unrolled]")
-    g.add_argument("--keep-activations", dest="recompute", action="store_false",
-                   help="unrolled IE-Skips keep their activations for the backward instead "
-                        "of recomputing them (IESkip(recompute=False): fewer bytes, more "
-                        "memory) [recompute]")
+    g.add_argument("--recompute", default="selective", choices=RECOMPUTE_POLICIES,
+                   help="what unrolled IE-Skips recompute in the backward instead of keeping "
+                        "(IESkip(recompute=)): 'full' the least memory, 'none' the fewest "
+                        "bytes [selective]")
     g = p.add_argument_group("step")
     g.add_argument("--batch-size", type=_pos_int, default=128, help="[128]")
     g.add_argument("--precision", default="bf16", choices=("bf16", "fp32"),

@@ -30,8 +30,8 @@ _IE_ARGS = """
         bn_update: ``"all"`` or ``"first"``: which branch evaluations update BatchNorm's
             running statistics in training mode.
         tol: relative-residual early stop of ``grad="implicit"``; None: the whole budget.
-        recompute: ``grad="unrolled"`` on the fused backends: True (default) recomputes the
-            activations in the backward (less memory), False keeps them (fewer bytes
+        recompute: ``grad="unrolled"`` on the fused backends, what the backward recomputes:
+            ``"selective"`` (default), ``"full"`` (least memory) or ``"none"`` (fewest bytes
             moved); :class:`pyeuler.nn.IESkip`.
         norm: ``"batch"`` (default: the benchmarked model; BatchNorm inside IE-Skips can
             lose much eval-mode accuracy, see below) or ``"group"``
@@ -123,7 +123,7 @@ def preact_resnet(depth: int = 18, base_width: int = 64, *, num_classes: int = 1
                   in_channels: int = 3, h: float = 1.0, h_mode: str = "fixed",
                   ie_steps: int = 0, ie_step_size: float = 0.1, theta: float = 1.0,
                   grad: str = "unrolled", bn_update: str = "all", tol: float | None = None,
-                  recompute: bool = True, norm: str = "batch", norm_groups: int = 1,
+                  recompute: str = "selective", norm: str = "batch", norm_groups: int = 1,
                   dropout: float = 0.0,
                   downsample: str = "conv1x1", backend: str | None = None) -> PreActNet:
     """PreAct-ResNet-18/34/50 (He et al. 2016b) for 32×32 inputs, widths
@@ -159,7 +159,7 @@ def wide_resnet(depth: int = 34, widen_factor: int = 10, *, num_classes: int = 1
                 in_channels: int = 3, dropout: float = 0.0, h: float = 1.0,
                 h_mode: str = "fixed", ie_steps: int = 0, ie_step_size: float = 0.1,
                 theta: float = 1.0, grad: str = "unrolled", bn_update: str = "all",
-                tol: float | None = None, recompute: bool = True, norm: str = "batch",
+                tol: float | None = None, recompute: str = "selective", norm: str = "batch",
                 norm_groups: int = 1, downsample: str = "conv1x1",
                 backend: str | None = None) -> PreActNet:
     """WRN-depth-k (Zagoruyko & Komodakis): 3×3 stem to 16 channels, three groups of
@@ -199,7 +199,7 @@ def wide_resnet(depth: int = 34, widen_factor: int = 10, *, num_classes: int = 1
 def mlp_resnet(in_features: int = 2, width: int = 32, depth: int = 4, *, num_classes: int = 2,
                h: float = 1.0, h_mode: str = "fixed", ie_steps: int = 0,
                ie_step_size: float = 0.1, theta: float = 1.0, grad: str = "unrolled",
-               bn_update: str = "all", tol: float | None = None, recompute: bool = True,
+               bn_update: str = "all", tol: float | None = None, recompute: str = "selective",
                norm: str = "batch", norm_groups: int = 1,
                backend: str | None = None) -> PreActNet:
     """A residual MLP on points (two-moons): Linear stem, ``depth`` pre-activation Linear

@@ -117,9 +117,9 @@ class PreActBlock(nn.Module):
         bn_update: ``"all"`` or ``"first"`` (:class:`IESkip`).
         tol: relative-residual early stop of ``grad="implicit"`` (:class:`IESkip`); None:
             the whole budget.
-        recompute: ``grad="unrolled"`` IE-Skips on the fused backends: True keeps only the
-            convolutions' inputs for the backward and recomputes the activations there (less
-            memory), False keeps them (fewer bytes moved; :class:`IESkip`).
+        recompute: what ``grad="unrolled"`` IE-Skips on the fused backends recompute in the
+            backward: ``"selective"`` (default), ``"full"`` (least memory) or ``"none"``
+            (fewest bytes moved; :class:`IESkip`).
         dim: number of spatial dims, 0–3.
         backend: the pyeuler backend (None: the process default).
 
@@ -142,7 +142,7 @@ class PreActBlock(nn.Module):
                  h_mode: str = "fixed", norm: str = "batch", norm_groups: int = 1,
                  dropout: float = 0.0, downsample: str = "conv1x1", ie_steps: int = 0,
                  ie_step_size: float = 0.1, theta: float = 1.0, grad: str = "unrolled",
-                 bn_update: str = "all", tol: float | None = None, recompute: bool = True,
+                 bn_update: str = "all", tol: float | None = None, recompute: str = "selective",
                  dim: int = 2, backend: str | None = None):
         super().__init__()
         validate_ie_args(ie_steps, ie_step_size, theta, grad, bn_update, tol)
@@ -183,7 +183,7 @@ class PreActBlock(nn.Module):
         if not self.steps:
             return ""
         tol = f", tol={self.tol}" if self.tol is not None else ""
-        recompute = "" if self.recompute else ", recompute=False"
+        recompute = "" if self.recompute == "selective" else f", recompute={self.recompute!r}"
         return (f"ie_steps={self.steps}, ie_step_size={self.step_size}, theta={self.theta}, "
                 f"grad={self.grad!r}, bn_update={self.bn_update!r}{tol}{recompute}")
 

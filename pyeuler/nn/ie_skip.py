@@ -61,9 +61,11 @@ class IESkip(nn.Module):
         tol: with ``grad="implicit"`` only, stop early when the relative residual
             ``‖x − c − θ·f(x)‖ / ‖c + θ·f(x)‖`` falls to ``tol`` (> 0; read on the host each
             iteration); None runs the whole budget.
-        recompute: ``grad="unrolled"`` on the fused backends: True keeps only the
-            convolutions' inputs for the backward and recomputes the activations there (an
-            elementwise pass each; less memory), False keeps them (fewer bytes moved).
+        recompute: ``grad="unrolled"`` on the fused backends, what the backward recomputes
+            instead of keeping: ``"selective"`` (default) the convolutions' inputs,
+            ``"full"`` also the VJP's norm gradient (least memory), ``"none"`` nothing
+            (fewest bytes moved); :func:`pyeuler.ops.ie_skip.ie_skip` gives the measured
+            trade.
         backend: the pyeuler backend (``"reference"``, ``"eager"``, ``"triton"``,
             ``"cuda"``, ``"auto"``); None: the branch's ``backend`` attribute, else the
             process default (:func:`pyeuler.set_backend`).
@@ -89,7 +91,8 @@ class IESkip(nn.Module):
     @keyword_only_since("steps", "step_size", "theta", "grad", "bn_update", "backend")
     def __init__(self, branch: nn.Module, *, steps: int = 1, step_size: float = 0.1,
                  theta: float = 1.0, grad: str = "unrolled", bn_update: str = "all",
-                 tol: float | None = None, recompute: bool = True, backend: str | None = None):
+                 tol: float | None = None, recompute: str = "selective",
+                 backend: str | None = None):
         super().__init__()
         validate_ie_args(steps, step_size, theta, grad, bn_update, tol)
         check_recompute(recompute)
@@ -109,6 +112,6 @@ class IESkip(nn.Module):
 
     def extra_repr(self) -> str:
         tol = f", tol={self.tol}" if self.tol is not None else ""
-        recompute = "" if self.recompute else ", recompute=False"
+        recompute = "" if self.recompute == "selective" else f", recompute={self.recompute!r}"
         return (f"steps={self.steps}, step_size={self.step_size}, theta={self.theta}, "
                 f"grad={self.grad!r}, bn_update={self.bn_update!r}{tol}{recompute}")

@@ -41,11 +41,14 @@ from pyeuler.ops.sync import refuse_synchronised
 from pyeuler.ops.preact_branch import (branch_forward, branch_vjp, branch_vjp_ie_update,
                                        has_explicit_vjp)
 
-__all__ = ["GRAD_MODES", "BN_UPDATES", "ie_skip", "ie_residual", "ie_update", "validate_ie_args",
-           "check_recompute"]
+__all__ = ["GRAD_MODES", "BN_UPDATES", "RECOMPUTE_POLICIES", "ie_skip", "ie_residual", "ie_update",
+           "validate_ie_args", "check_recompute"]
 
 GRAD_MODES = ("unrolled", "detached", "implicit")
 BN_UPDATES = ("all", "first")
+# What the fused path of an unrolled IE-Skip recomputes in the backward instead of keeping
+# (ie_skip's docstring; docs/benchmarks.md measures each).
+RECOMPUTE_POLICIES = ("selective", "full", "none")
 
 
 # ----------------------------------------------------------------------------------------
@@ -228,7 +231,7 @@ def _ie_functorch_steps(f, x, c, steps, step_size, theta, grad):
 
 def _refine(branch, x0, fx0, x, steps, step_size, theta, update_running, recompute, backend):
     c = x0 if theta == 1.0 else x0 + (1.0 - theta) * fx0
-    recompute = recompute and torch.is_grad_enabled()
+    recompute = recompute if torch.is_grad_enabled() else "none"
     for _ in range(steps):
         fx, cache = branch_forward(branch, x, backend, update_running=update_running,
                                    recompute=recompute)
@@ -239,9 +242,9 @@ def _refine(branch, x0, fx0, x, steps, step_size, theta, update_running, recompu
 
 def _ie_explicit(branch, x0, steps, step_size, theta, grad, bn_update, recompute, backend):
     # "unrolled" keeps K + 1 branch evaluations and K VJPs alive: recompute activations,
-    # unless the caller has the memory and would rather save the passes (recompute=False).
+    # unless the caller has the memory and would rather save the passes (recompute="none").
     unrolled = grad == "unrolled" and steps > 0 and torch.is_grad_enabled()
-    recompute = recompute and unrolled
+    recompute = recompute if unrolled else "none"
     fx0, _ = branch_forward(branch, x0, backend, recompute=recompute)
     _check_shape_preserving(fx0, x0)
     x = x0 + fx0
@@ -252,7 +255,7 @@ def _ie_explicit(branch, x0, steps, step_size, theta, grad, bn_update, recompute
         return _refine(branch, x0, fx0, x, steps, step_size, theta, update_running, recompute,
                        backend)
     with torch.no_grad():
-        refined = _refine(branch, x0, fx0, x, steps, step_size, theta, update_running, False,
+        refined = _refine(branch, x0, fx0, x, steps, step_size, theta, update_running, "none",
                           backend)
     if not torch.is_grad_enabled():
         return refined
@@ -354,8 +357,12 @@ def _check_shape_preserving(fx0: Tensor, x0: Tensor) -> None:
 
 
 def check_recompute(recompute) -> None:
-    if not isinstance(recompute, bool):
-        raise TypeError(f"recompute must be a bool, got {type(recompute).__name__}")
+    if not isinstance(recompute, str):
+        raise TypeError(f"recompute must be one of {RECOMPUTE_POLICIES} (a policy, not a bool: "
+                        f"True was 'full', False 'none'), got {type(recompute).__name__} "
+                        f"{recompute!r}")
+    if recompute not in RECOMPUTE_POLICIES:
+        raise ValueError(f"recompute must be one of {RECOMPUTE_POLICIES}, got {recompute!r}")
 
 
 def validate_ie_args(steps, step_size, theta, grad, bn_update, tol=None) -> None:
@@ -379,7 +386,7 @@ def validate_ie_args(steps, step_size, theta, grad, bn_update, tol=None) -> None
 
 def ie_skip(branch, x: Tensor, steps: int = 1, step_size: float = 0.1, theta: float = 1.0,
             grad: str = "unrolled", bn_update: str = "all", backend: str | None = None, *,
-            tol: float | None = None, recompute: bool = True) -> Tensor:
+            tol: float | None = None, recompute: str = "selective") -> Tensor:
     """IE-Skip around a shape-preserving ``branch``: x0 + f(x0) refined by ``steps`` gradient
     steps toward the implicit (θ-method) Euler solution.  See docs/semantics.md §2 for the modes.
 
@@ -388,11 +395,20 @@ def ie_skip(branch, x: Tensor, steps: int = 1, step_size: float = 0.1, theta: fl
     ‖x − c − θ·f(x)‖ / ‖c + θ·f(x)‖ (it reads the residual on the host every iteration);
     ``step_size`` is unused.
 
-    ``recompute`` (``grad="unrolled"`` on the fused path, convolutional branches): keep only
-    the convolutions' inputs for the backward and recompute ``ReLU(norm(·))`` and the VJP's
-    norm input gradient there, an elementwise pass each (True, the default: less memory);
-    False keeps those activations instead (fewer bytes moved: ``pyeuler cost
-    --keep-activations`` and ``pyeuler bench`` measure both sides, docs/benchmarks.md).
+    ``recompute`` (``grad="unrolled"`` on the fused path, convolutional branches), what the
+    backward recomputes instead of keeping:
+
+    - ``"selective"`` (default): the convolutions' inputs ``ReLU(norm(·))``, written again by
+      the backward's reduce pass (one write each, no pass of its own); the VJP's norm input
+      gradient is kept.
+    - ``"full"``: that gradient too, by an elementwise pass (three per element): the least
+      memory.
+    - ``"none"``: keep everything: the fewest bytes moved, the most memory.
+
+    The default is the measured trade (IE-WRN-34-10, K = 1, bf16: 44.5 GB moved per step
+    and 0.61× the reference's saved activations, against 45.3 GB / 0.54× for "full" and
+    44.1 GB / 0.88× for "none"; ``pyeuler cost --recompute`` and
+    ``benchmarks/saved_activations.py`` measure each, docs/benchmarks.md).
 
     x is ``(N, C, *spatial)``, any floating dtype; the output has x's shape.  Raises
     ``ValueError`` for bad settings or a branch that does not preserve x's shape, and

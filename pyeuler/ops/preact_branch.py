@@ -34,7 +34,9 @@ class BranchCache:
     stats1: NormStats
     stats2: NormStats
     dropout_noise: Tensor | None
-    recompute: bool = False  # the VJP, too, recomputes rather than keeps (see branch_forward)
+    # the VJP recomputes its norm input gradient in the backward rather than keeping it
+    # (recompute="full", see branch_forward)
+    vjp_recomputes: bool = False
 
 
 def check_input_rank(x: Tensor, layer: nn.Module, owner: str) -> None:
@@ -87,17 +89,19 @@ def _dropout_noise(u: Tensor, p: float, training: bool) -> Tensor | None:
 
 
 def branch_forward(branch, x: Tensor, backend: str, update_running: bool = True,
-                   recompute: bool = False):
+                   recompute: str = "none"):
     """``(f(x), cache)``; running statistics updated unless ``update_running=False``.
 
-    ``recompute=True`` keeps only the convolutions' pre-activation inputs for the backward
-    (x and conv1's output), recomputing ``ReLU(norm(·))`` there, and :func:`branch_vjp`
-    at this point likewise recomputes the norm's input gradient before conv1ᵀ: fewer saved
-    activations, for an elementwise pass each (convolution layers, no dropout noise).
+    ``recompute`` (a policy of :data:`pyeuler.ops.ie_skip.RECOMPUTE_POLICIES`; convolution
+    layers): ``"selective"`` keeps only the convolutions' pre-activation inputs for the
+    backward (x and conv1's output), which recomputes ``ReLU(norm(·))`` in its reduce pass;
+    ``"full"`` also has :func:`branch_vjp` at this point recompute the norm's input gradient
+    before conv1ᵀ (no dropout noise), by an elementwise pass; ``"none"`` keeps everything.
     """
     check_input_rank(x, branch.conv1, type(branch).__name__)
     convolutional = not isinstance(branch.conv1, nn.Linear)
-    fuse = recompute and convolutional
+    fuse = recompute != "none" and convolutional
+    vjp_recomputes = fuse and recompute == "full"
     if fuse:
         z1, stats1 = norm_act_module(branch.bn1, x, update_running=update_running, backend=backend,
                                      return_stats=True, conv=branch.conv1)
@@ -108,12 +112,12 @@ def branch_forward(branch, x: Tensor, backend: str, update_running: bool = True,
     if fuse and not (branch.training and branch.dropout > 0):
         fx, stats2 = norm_act_module(branch.bn2, z1, update_running=update_running, backend=backend,
                                      return_stats=True, conv=branch.conv2)
-        return scale_by_step(fx, branch.h), BranchCache(stats1, stats2, None, recompute=True)
+        return scale_by_step(fx, branch.h), BranchCache(stats1, stats2, None, vjp_recomputes)
     u2, stats2 = norm_act_module(branch.bn2, z1, update_running=update_running, backend=backend,
                                  return_stats=True)
     noise = _dropout_noise(u2, branch.dropout, branch.training)
     fx = branch.conv2(u2 if noise is None else u2 * noise)
-    return scale_by_step(fx, branch.h), BranchCache(stats1, stats2, noise, recompute=fuse)
+    return scale_by_step(fx, branch.h), BranchCache(stats1, stats2, noise, vjp_recomputes)
 
 
 def _layer_input_grad(layer: nn.Module, grad_out: Tensor, layer_input: Tensor) -> Tensor:
@@ -145,7 +149,7 @@ def _vjp_to_first_activation(branch, cache: BranchCache, e: Tensor, backend: str
     g = _layer_input_grad(branch.conv2, g, cache.stats2.x)
     if cache.dropout_noise is not None:
         g = g * cache.dropout_noise
-    if cache.recompute:
+    if cache.vjp_recomputes:
         g = norm_relu_backward_conv(g, cache.stats2, branch.bn2, branch.conv1,
                                     cache.stats1.x.shape, backend)
         return g.to(cache.stats1.x.dtype)

@@ -41,7 +41,7 @@ def is_ie_capable(name: str) -> bool:
 
 def build_model(name: str, input_shape: tuple, num_classes: int, *, h: float = 1.0,
                 ie_steps: int = 0, ie_step_size: float = 0.1, theta: float = 1.0,
-                grad: str = "unrolled", norm: str | None = None, recompute: bool = True,
+                grad: str = "unrolled", norm: str | None = None, recompute: str = "selective",
                 backend: str | None = None) -> nn.Module:
     """Build a pyeuler model by name for inputs of ``input_shape`` (without batch dim).
 
@@ -59,9 +59,9 @@ def build_model(name: str, input_shape: tuple, num_classes: int, *, h: float = 1
         norm: ``"batch"``, ``"group"`` (GroupNorm(1, C), the IE authors' choice) or None:
             ``"group"`` for the IE-capable models, BatchNorm for ``resnet-D`` (which has
             only BN).
-        recompute: ``grad="unrolled"`` IE-Skips on the fused backends recompute their
-            activations in the backward (True: less memory) or keep them (False: fewer
-            bytes moved); :class:`pyeuler.nn.IESkip`.
+        recompute: what ``grad="unrolled"`` IE-Skips on the fused backends recompute in the
+            backward: ``"selective"`` (default), ``"full"`` (least memory) or ``"none"``
+            (fewest bytes moved); :class:`pyeuler.nn.IESkip`.
         backend: the pyeuler backend (None: the process default).
 
     Returns:
