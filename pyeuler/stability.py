@@ -36,13 +36,17 @@ Products with the Jacobian: for a :class:`pyeuler.nn.PreActBranch`, pyeuler's ex
 ``J_fᵀu`` (docs/semantics.md §3, the fused kernels of the chosen backend) and its
 forward-mode ``J_f v`` (:func:`pyeuler.functional.branch_jvp`); with
 ``backend="reference"``, or for any other module (and whole block maps), reverse-mode
-autograd on a graph kept for ``J_fᵀu`` and ``torch.func.jvp`` for ``J_f v``.  Estimates
-come from power iteration and inverse iteration, matrix-free (``method="iterative"``:
-conjugate gradients for the inverse) or on per-sample Jacobians formed from D products
-(``method="dense"``, exact solves; ``"auto"`` for up to :data:`DENSE_MAX` entries per
-sample).  They are deterministic given ``generator`` and return one value per sample;
-samples that do not converge within ``iters`` raise a :class:`ConvergenceWarning` naming
-them.
+autograd on a graph kept for ``J_fᵀu`` and ``torch.func.jvp`` for ``J_f v``.  Two methods,
+each returning one value per sample:
+
+- ``method="dense"``: each sample's Jacobian is formed from D products and its singular
+  values are computed by ``torch.linalg.svdvals``: exact (to rounding in x's dtype), no
+  iteration, no :class:`ConvergenceWarning`.  Refused (``ValueError`` naming the size) for
+  samples of more than :data:`DENSE_LIMIT` entries, whose D×D matrices and O(D³) SVDs are
+  out of reach; ``"auto"`` picks it for up to :data:`DENSE_MAX` entries.
+- ``method="iterative"``: matrix-free power iteration and inverse iteration (conjugate
+  gradients for the inner solves), deterministic given ``generator``; samples that do not
+  converge within ``iters`` raise a :class:`ConvergenceWarning` naming them.
 """
 
 from __future__ import annotations
@@ -65,7 +69,8 @@ from pyeuler.ops.ie_skip import ie_skip
 __all__ = ["ConvergenceWarning", "LipschitzInfo", "explicit_step_lipschitz",
            "implicit_step_lipschitz", "block_map_lipschitz", "check_per_sample",
            "singular_threshold", "find_blocks", "BlockStability", "ModelStability",
-           "model_stability", "KINDS", "METHODS", "DENSE_MAX", "PASS_TOLERANCE"]
+           "model_stability", "KINDS", "METHODS", "DENSE_MAX", "DENSE_LIMIT",
+           "PASS_TOLERANCE"]
 
 #: Block kinds :func:`model_stability` recognises, and what it measures for each.
 KINDS = {
@@ -85,10 +90,11 @@ class ConvergenceWarning(RuntimeWarning):
 class LipschitzInfo(NamedTuple):
     """Per-sample diagnostics of an estimate (``return_info=True``); all tensors ``[N]``.
 
-    ``converged`` (bool): the estimate's relative change fell below ``tol``;
+    ``converged`` (bool): the estimate's relative change fell below ``tol`` (always True
+    for ``method="dense"``, which computes the singular values exactly);
     ``iterations`` (int64): outer iterations run for that sample (power or inverse
     iterations, each one product with the operator and one with its transpose, plus the
-    inner conjugate-gradient products for the inverse iteration);
+    inner conjugate-gradient products for the inverse iteration; 0 for the dense method);
     ``singular`` (bool): σ_min was found below the singularity threshold (value +inf;
     always False for the explicit / block-map estimates).
     """
@@ -202,12 +208,11 @@ def _unit_start(shape, like: Tensor, generator: torch.Generator | None) -> Tenso
 
 class _Operator:
     """A per-sample (block-diagonal) linear map given by batched products ``mv`` (x-shaped
-    in, out_shape out) and ``rmv`` (its transpose); ``matrix`` [N, D_out, D_in] when dense."""
+    in, out_shape out) and ``rmv`` (its transpose)."""
 
     def __init__(self, mv: Callable[[Tensor], Tensor], rmv: Callable[[Tensor], Tensor],
-                 in_shape: tuple, out_shape: tuple, matrix: Tensor | None = None):
+                 in_shape: tuple, out_shape: tuple):
         self.mv, self.rmv, self.in_shape, self.out_shape = mv, rmv, in_shape, out_shape
-        self.matrix = matrix
 
 
 def _jacobian(f: Callable[[Tensor], Tensor], x: Tensor) -> tuple[Tensor, _Operator]:
@@ -256,29 +261,23 @@ def _branch_jacobian(branch, x: Tensor, backend: str | None) -> tuple[Tensor, _O
     return _jacobian(branch, x)
 
 
-def _matrix_operator(m: Tensor, in_shape: tuple, out_shape: tuple) -> _Operator:
-    """Products with dense per-sample matrices m [N, D_out, D_in], both as row vector ×
-    contiguous matrix (several times faster than matrix × column on CPU)."""
-    n = m.shape[0]
-    mt = m.transpose(1, 2).contiguous()
-    return _Operator(lambda v: torch.bmm(v.reshape(n, 1, -1).to(m.dtype), mt).view(out_shape),
-                     lambda u: torch.bmm(u.reshape(n, 1, -1).to(m.dtype), m).view(in_shape),
-                     in_shape, out_shape, m)
-
-
 _REPLICA_ELEMENTS = 1 << 22  # entries of one replicated input in dense mode
 
 
-def _dense_jacobian(make: Callable[[Tensor], tuple[Tensor, _Operator]], x: Tensor):
-    """``(f(x), J)`` with J's per-sample matrices [N, D_out, D_in] formed from transposed
-    products (row i of every sample's J is Jᵀe_i).  ``make(z)`` gives f(z) and its
-    Jacobian operator; it is called once, on k copies of the batch, so that one product
-    yields k rows of every sample's J (valid because samples are independent)."""
+def _dense_jacobian(make: Callable[[Tensor], tuple[Tensor, _Operator]], x: Tensor,
+                    argument: str) -> tuple[Tensor, Tensor]:
+    """``(f(x), J)`` with J the per-sample matrices [N, D_out, D_in] in x's dtype, formed
+    from transposed products (row i of every sample's J is Jᵀe_i).  ``make(z)`` gives f(z)
+    and its Jacobian operator; it is called once, on k copies of the batch, so that one
+    product yields k rows of every sample's J (valid because samples are independent).
+    Raises ValueError (:func:`_check_dense_size`) for outputs too large to form, and for
+    Jacobians with non-finite entries, naming the samples."""
     n, d_in = x.shape[0], x[0].numel()
     k = max(1, min(d_in, _REPLICA_ELEMENTS // max(n * d_in, 1)))
     xr = x.repeat(k, *([1] * (x.dim() - 1)))
     fr, op = make(xr)
     d_out = fr[0].numel()
+    _check_dense_size(tuple(x.shape[1:]), tuple(fr.shape[1:]), argument)
     m = x.new_empty(n, d_out, d_in)
     copies = torch.arange(k, device=x.device)
     for start in range(0, d_out, k):
@@ -287,15 +286,16 @@ def _dense_jacobian(make: Callable[[Tensor], tuple[Tensor, _Operator]], x: Tenso
         u[copies[:kk], :, start + copies[:kk]] = 1
         g = op.rmv(u.view(fr.shape)).reshape(k, n, d_in)
         m[:, start:start + kk] = g[:kk].transpose(0, 1).to(x.dtype)
-    fx = fr[:n]
-    return fx, _matrix_operator(m, tuple(x.shape), tuple(fx.shape))
+    bad = (~torch.isfinite(m).flatten(1).all(1)).nonzero().flatten().tolist()
+    if bad:  # torch.linalg.svdvals would raise for NaN and return NaN for ±inf
+        raise ValueError(f"{argument}: the Jacobian has non-finite entries at samples {bad[:10]}"
+                         f"{' ...' if len(bad) > 10 else ''} (the map overflows there, or has "
+                         "non-finite parameters)")
+    return fr[:n], m
 
 
 def _affine(jac: _Operator, scale: float) -> _Operator:
     """``I + scale·J`` for a square J."""
-    if jac.matrix is not None:
-        eye = torch.eye(jac.matrix.shape[1], dtype=jac.matrix.dtype, device=jac.matrix.device)
-        return _matrix_operator(eye + scale * jac.matrix, jac.in_shape, jac.out_shape)
     return _Operator(lambda v: v + scale * jac.mv(v), lambda u: u + scale * jac.rmv(u),
                      jac.in_shape, jac.out_shape)
 
@@ -369,21 +369,6 @@ def _cg_solver(op: _Operator, cg_iters: int, cg_tol: float):
     return lambda b, guess: _conjugate_gradient(op, b, guess, cg_iters, cg_tol)
 
 
-def _lu_solver(op: _Operator):
-    """Exact ``(opᵀop)⁻¹b`` from one LU factorisation of the dense ``op``; samples whose
-    factorisation has a zero pivot are marked as breakdowns (singular)."""
-    lu, pivots, info = torch.linalg.lu_factor_ex(op.matrix)
-    zero_pivot = info != 0
-
-    def solve(b, guess):
-        n = b.shape[0]
-        y = torch.linalg.lu_solve(lu, pivots, b.reshape(n, -1, 1).to(lu.dtype), adjoint=True)
-        w = torch.linalg.lu_solve(lu, pivots, y)
-        return w.view(b.shape).to(b.dtype), zero_pivot
-
-    return solve
-
-
 def singular_threshold(dtype: torch.dtype) -> float:
     """σ_min below which :func:`implicit_step_lipschitz` returns +inf by default:
     ``√eps`` of ``dtype`` (3.5e-4 in float32, 1.5e-8 in float64), the smallest σ_min that
@@ -405,8 +390,8 @@ def _inverse_iteration(op: _Operator, like: Tensor, iters: int, tol: float, gene
                        solve, threshold: float):
     """σ_min of a square ``op`` per sample by inverse iteration on opᵀop, each step a solve
     ``solve(v, guess)`` (conjugate gradients warm-started at ``guess = v/σ²``, exact for the
-    converged singular vector; or LU for a dense op).  The estimate ``‖op·v‖`` is an upper
-    bound of σ_min.  Returns (estimate float64, converged, iterations, singular)."""
+    converged singular vector).  The estimate ``‖op·v‖`` is an upper bound of σ_min.
+    Returns (estimate float64, converged, iterations, singular)."""
     n = like.shape[0]
     v = _unit_start(op.in_shape, like, generator)
     est = _norm(op.mv(v)).double()
@@ -465,6 +450,10 @@ METHODS = ("auto", "iterative", "dense")
 PASS_TOLERANCE = 1e-3
 #: ``method="auto"`` forms dense Jacobians when a sample has at most this many entries.
 DENSE_MAX = 1024
+#: ``method="dense"`` refuses maps whose input or output has more entries per sample than
+#: this: one sample's 4096×4096 Jacobian is 64 MiB in float32 and its SVD takes about 10 s
+#: on two CPU cores (O(D³); 3×32×32 images fit, 16×32×32 feature maps do not).
+DENSE_LIMIT = 4096
 _DENSE_ELEMENTS = 1 << 23  # Jacobian entries per chunk of samples in dense mode
 
 
@@ -473,11 +462,40 @@ def _check_method(method) -> None:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
 
 
-def _chunks(x: Tensor, method: str) -> tuple[bool, tuple]:
+def _check_dense_size(in_shape: tuple, out_shape: tuple | None, argument: str) -> None:
+    """ValueError when a per-sample Jacobian of a map from ``in_shape`` to ``out_shape``
+    (one sample's shapes; None: not known yet, taken as ``in_shape``) is too large for
+    ``method="dense"``."""
+    d_in = math.prod(in_shape)
+    d_out = d_in if out_shape is None else math.prod(out_shape)
+    if max(d_in, d_out) > DENSE_LIMIT:
+        which, d, shape = ("input", d_in, in_shape) if d_in >= d_out else ("output", d_out,
+                                                                         out_shape)
+        mib = d_in * d_out * 4 / 2 ** 20
+        size = f"{mib:,.0f} MiB" if mib >= 1 else f"{mib * 1024:.0f} KiB"
+        raise ValueError(
+            f"{argument}: method='dense' is limited to DENSE_LIMIT = {DENSE_LIMIT} entries per "
+            f"sample, and the {which} has {d} (shape {shape}): each sample's Jacobian would be "
+            f"a {d_out}×{d_in} matrix ({size} in float32) and its SVD O(D³); use "
+            "method='iterative' (matrix-free) instead")
+
+
+def _chunks(x: Tensor, method: str, argument: str) -> tuple[bool, tuple]:
     d = x[0].numel() if x.shape[0] else 0
     dense = method == "dense" or (method == "auto" and d <= DENSE_MAX)
+    if dense:
+        _check_dense_size(tuple(x.shape[1:]), None, argument)
     size = max(1, _DENSE_ELEMENTS // max(d * d, 1)) if dense else max(x.shape[0], 1)
     return dense, x.split(size)
+
+
+def _exact(values: Tensor, singular: Tensor | None = None) -> tuple[Tensor, LipschitzInfo]:
+    """Values from singular value decompositions, with their info: converged, 0 iterations."""
+    n, device = values.shape[0], values.device
+    return values, LipschitzInfo(torch.ones(n, dtype=torch.bool, device=device),
+                                 torch.zeros(n, dtype=torch.int64, device=device),
+                                 torch.zeros(n, dtype=torch.bool, device=device)
+                                 if singular is None else singular)
 
 
 def _cat(parts) -> tuple[Tensor, LipschitzInfo]:
@@ -488,15 +506,27 @@ def _cat(parts) -> tuple[Tensor, LipschitzInfo]:
 def _step_numbers(branch, x, which, *, theta=1.0, iters=100, tol=1e-5, generator=None,
                   backend=None, method="auto", cg_iters=50, cg_tol=1e-4, singular_tol=None):
     """``{"explicit"|"implicit": (values [N], LipschitzInfo)}`` at x, for ``which``; the
-    branch's Jacobian is formed once per chunk for both."""
-    dense, chunks = _chunks(x, method)
+    branch's Jacobian is formed once per chunk for both.  Dense: the extreme singular values
+    of ``I + J`` and ``I − θJ`` by ``torch.linalg.svdvals`` (descending); iterative: power
+    and inverse iteration."""
+    dense, chunks = _chunks(x, method, "branch")
     threshold = singular_threshold(x.dtype) if singular_tol is None else float(singular_tol)
     parts = {w: [] for w in which}
     for xc in chunks:
         if dense:
-            fx, jac = _dense_jacobian(lambda z: _branch_jacobian(branch, z, backend), xc)
-        else:
-            fx, jac = _branch_jacobian(branch, xc, backend)
+            fx, m = _dense_jacobian(lambda z: _branch_jacobian(branch, z, backend), xc, "branch")
+            _check_square(fx, xc)
+            eye = torch.eye(m.shape[1], dtype=m.dtype, device=m.device)
+            for w in which:
+                if w == "explicit":
+                    parts[w].append(_exact(torch.linalg.svdvals(eye + m)[:, 0]))
+                else:
+                    sigma = torch.linalg.svdvals(eye - float(theta) * m)[:, -1]
+                    singular = sigma < threshold
+                    inv = torch.where(singular, torch.full_like(sigma, math.inf), 1.0 / sigma)
+                    parts[w].append(_exact(inv, singular))
+            continue
+        fx, jac = _branch_jacobian(branch, xc, backend)
         _check_square(fx, xc)
         for w in which:
             if w == "explicit":
@@ -505,20 +535,24 @@ def _step_numbers(branch, x, which, *, theta=1.0, iters=100, tol=1e-5, generator
                                  LipschitzInfo(done, count, torch.zeros_like(done))))
             else:
                 op = _affine(jac, -float(theta))
-                solve = _lu_solver(op) if dense else _cg_solver(op, cg_iters, cg_tol)
-                sigma, done, count, singular = _inverse_iteration(op, xc, iters, tol, generator,
-                                                                  solve, threshold)
+                sigma, done, count, singular = _inverse_iteration(
+                    op, xc, iters, tol, generator, _cg_solver(op, cg_iters, cg_tol), threshold)
                 inv = torch.where(singular, torch.full_like(sigma, math.inf),
                                   1.0 / sigma.clamp_min(threshold))
                 parts[w].append((inv.to(xc.dtype), LipschitzInfo(done, count, singular)))
     return {w: _cat(p) for w, p in parts.items()}
 
 
-def _map_numbers(f, x, *, iters=100, tol=1e-5, generator=None, method="auto"):
-    dense, chunks = _chunks(x, method)
+def _map_numbers(f, x, *, iters=100, tol=1e-5, generator=None, method="auto",
+                 argument="block"):
+    dense, chunks = _chunks(x, method, argument)
     parts = []
     for xc in chunks:
-        _, jac = _dense_jacobian(lambda z: _jacobian(f, z), xc) if dense else _jacobian(f, xc)
+        if dense:
+            _, m = _dense_jacobian(lambda z: _jacobian(f, z), xc, argument)
+            parts.append(_exact(torch.linalg.svdvals(m)[:, 0]))
+            continue
+        _, jac = _jacobian(f, xc)
         est, done, count = _power_iteration(jac, xc, iters, tol, generator)
         parts.append((est.to(xc.dtype), LipschitzInfo(done, count, torch.zeros_like(done))))
     return _cat(parts)
@@ -543,11 +577,13 @@ def explicit_step_lipschitz(branch, x: Tensor, *, iters: int = 100, tol: float =
     Prop. 2.  With ``f = h·F`` a small step factor h pulls it towards 1 (Zhang et al.,
     IJCAI 2019).
 
-    Power iteration on ``(I + J)ᵀ(I + J)``, batched over samples: each iteration one
-    ``J v`` and one ``Jᵀu`` (``method="iterative"``).  ``method="dense"`` first forms each
-    sample's D×D Jacobian from D products ``Jᵀe_i`` (exact, in x's dtype) and iterates on
-    the matrices; ``"auto"`` (default) does so when ``D ≤ DENSE_MAX`` (1024), where that
-    is cheaper and lets :func:`implicit_step_lipschitz` solve exactly.
+    ``method="dense"`` forms each sample's D×D Jacobian from D products ``Jᵀe_i`` (in x's
+    dtype) and returns the largest singular value of ``I + J`` from
+    ``torch.linalg.svdvals``: exact to rounding, no iteration (``iters``, ``tol`` and
+    ``generator`` are not used) and never a :class:`ConvergenceWarning`; refused for
+    ``D > DENSE_LIMIT`` (4096).  ``method="iterative"``: power iteration on
+    ``(I + J)ᵀ(I + J)``, batched over samples, each iteration one ``J v`` and one ``Jᵀu``.
+    ``"auto"`` (default): dense when ``D ≤ DENSE_MAX`` (1024), else iterative.
 
     Args:
         branch: a shape-preserving module (or callable) ``f``, e.g. a
@@ -568,17 +604,21 @@ def explicit_step_lipschitz(branch, x: Tensor, *, iters: int = 100, tol: float =
 
     Returns:
         ``Tensor[N]`` in x's dtype (dimensionless: the largest ratio of Euclidean norms of
-        one sample's output and input perturbations), a lower bound that is exact on
-        convergence; with ``return_info=True``, ``(values, info)``.
+        one sample's output and input perturbations): exact with the dense method; with
+        the iterative one a lower bound that is exact on convergence.  With
+        ``return_info=True``, ``(values, info)``.
 
     Raises:
         ValueError: naming a module that couples samples or is random (BatchNorm or
             dropout in training mode); a branch that does not preserve x's shape; bad
-            ``iters``/``tol``/``method``; non-finite x.  TypeError: x not a floating-point
-            tensor.
+            ``iters``/``tol``/``method``; non-finite x; ``method="dense"`` for samples of
+            more than :data:`DENSE_LIMIT` entries (naming the size; use
+            ``method="iterative"``) or a Jacobian with non-finite entries.  TypeError: x
+            not a floating-point tensor.
 
     Warns:
-        ConvergenceWarning: naming the samples that did not converge within ``iters``.
+        ConvergenceWarning: naming the samples that did not converge within ``iters``
+        (iterative method only).
 
     Never changes the branch's mode, parameters or buffers.
     """
@@ -608,37 +648,41 @@ def implicit_step_lipschitz(branch, x: Tensor, *, theta: float = 1.0, iters: int
     Theorem 1 shows this holds for more Jacobians than the explicit step's
     ``‖I + J_f‖₂ ≤ 1`` (:func:`explicit_step_lipschitz`), so both conditions read "≤ 1".
 
-    Inverse iteration on ``(I − θJ)ᵀ(I − θJ)``.  ``method="iterative"``: each iteration
-    solves ``(I − θJ)ᵀ(I − θJ)·w = v`` by at most ``cg_iters`` conjugate-gradient steps
+    ``method="dense"`` (``"auto"``: when D ≤ 1024) forms the Jacobians and returns
+    ``1/σ_min`` from ``torch.linalg.svdvals`` of ``I − θJ``: exact to rounding, no
+    iteration, never a :class:`ConvergenceWarning`; refused for ``D > DENSE_LIMIT`` (4096).
+    ``method="iterative"``: inverse iteration on ``(I − θJ)ᵀ(I − θJ)``, each iteration
+    solving ``(I − θJ)ᵀ(I − θJ)·w = v`` by at most ``cg_iters`` conjugate-gradient steps
     (relative residual ``cg_tol``; each step one J v and one Jᵀu), warm-started at
     ``v/σ²``.  The inner solves need not be accurate (the estimate is the Rayleigh quotient
     ``‖(I − θJ)v‖`` of the iterate, exact for whatever v), but CG needs about κ(I − θJ)
     steps, so near-singular steps converge slowly; the estimate stays a lower bound, so a
     value > 1 is a certain failure of the condition.
-    ``method="dense"`` (``"auto"``: when D ≤ 1024) forms the Jacobians and solves exactly
-    by one LU factorisation per sample.
 
     Args:
         branch, x, iters, tol, generator, backend, method, return_info: as in
             :func:`explicit_step_lipschitz` (``iters``: outer inverse iterations).
         theta: θ in [0, 1] (1: the implicit Euler step of Prop. 3).
-        cg_iters, cg_tol: the inner solver's budget and relative residual.
+        cg_iters, cg_tol: the inner solver's budget and relative residual (iterative
+            method).
         singular_tol: σ_min below which the value is +inf (the step is singular, or too
             close to singular to resolve); default ``√eps`` of x's dtype
             (:func:`singular_threshold`: 3.5e-4 in float32, 1.5e-8 in float64).  Also
-            +inf where the solve breaks down (a zero pivot, ``pᵀAp`` ≈ 0).  Never NaN.
+            +inf where the conjugate-gradient solve breaks down (``pᵀAp`` ≈ 0).  Never NaN.
 
     Returns:
-        ``Tensor[N]`` in x's dtype, dimensionless, in ``(0, +inf]``: a lower bound of
-        ``‖(I − θJ)⁻¹‖₂`` that is exact on convergence (its σ_min estimate ``‖(I − θJ)v‖``
-        is an upper bound); with ``return_info=True``, ``(values, info)``,
-        ``info.singular`` marking the +inf samples.
+        ``Tensor[N]`` in x's dtype, dimensionless, in ``(0, +inf]``: exact with the dense
+        method; with the iterative one a lower bound of ``‖(I − θJ)⁻¹‖₂`` that is exact on
+        convergence (its σ_min estimate ``‖(I − θJ)v‖`` is an upper bound).  With
+        ``return_info=True``, ``(values, info)``, ``info.singular`` marking the +inf
+        samples.
 
     Raises:
         As :func:`explicit_step_lipschitz`, and ValueError for θ outside [0, 1].
 
     Warns:
-        ConvergenceWarning: naming the samples that did not converge within ``iters``.
+        ConvergenceWarning: naming the samples that did not converge within ``iters``
+        (iterative method only).
     """
     _check_settings(iters, tol, theta)
     _check_settings(cg_iters, cg_tol)
@@ -662,10 +706,11 @@ def block_map_lipschitz(block, x: Tensor, *, iters: int = 100, tol: float = 1e-5
                         generator: torch.Generator | None = None, method: str = "auto",
                         return_info: bool = False):
     """Per sample n, ``‖J_g(x_n)‖₂`` of a whole block map ``g = block`` (any module or
-    callable; input and output shapes may differ), by power iteration on ``J_gᵀJ_g`` with
-    torch.func products: the local Lipschitz constant where the two step conditions do not
-    apply, e.g. post-activation blocks ``ReLU(S(x) + h·F(x))`` (Zhang et al., IJCAI 2019)
-    and down-sampling blocks.
+    callable; input and output shapes may differ), from ``torch.linalg.svdvals`` of the
+    formed Jacobian (``method="dense"``, exact) or by power iteration on ``J_gᵀJ_g`` with
+    torch.func products (``"iterative"``): the local Lipschitz constant where the two step
+    conditions do not apply, e.g. post-activation blocks ``ReLU(S(x) + h·F(x))`` (Zhang et
+    al., IJCAI 2019) and down-sampling blocks.
 
     Args:
         block: the block map g, any module or callable on x; it must treat samples
@@ -675,20 +720,24 @@ def block_map_lipschitz(block, x: Tensor, *, iters: int = 100, tol: float = 1e-5
         tol: stop a sample when the estimate's relative change is ≤ tol.
         generator: the random start vectors' generator (None: the global RNG).
         method: ``"auto"``, ``"iterative"`` or ``"dense"`` (as
-            :func:`explicit_step_lipschitz`).
+            :func:`explicit_step_lipschitz`; dense is refused when the input or the output
+            has more than :data:`DENSE_LIMIT` entries per sample).
         return_info: also return a :class:`LipschitzInfo`.
 
     Returns:
-        ``Tensor[N]`` in x's dtype, dimensionless, a lower bound of ``‖J_g(x_n)‖₂`` that is
-        exact on convergence; with ``return_info=True``, ``(values, info)``.
+        ``Tensor[N]`` in x's dtype, dimensionless: exact with the dense method, a lower
+        bound of ``‖J_g(x_n)‖₂`` that is exact on convergence with the iterative one; with
+        ``return_info=True``, ``(values, info)``.
 
     Raises:
         ValueError: a module that couples samples or is random (naming it); bad
-            ``iters``/``tol``/``method``; non-finite x.
+            ``iters``/``tol``/``method``; non-finite x; ``method="dense"`` beyond
+            :data:`DENSE_LIMIT` (naming the size) or a non-finite Jacobian.
         TypeError: x not a floating-point tensor.
 
     Warns:
-        ConvergenceWarning: naming the samples that did not converge within ``iters``.
+        ConvergenceWarning: naming the samples that did not converge within ``iters``
+        (iterative method only).
     """
     _check_settings(iters, tol)
     _check_method(method)
@@ -1003,7 +1052,9 @@ def model_stability(model: nn.Module, x: Tensor, *, iters: int = 100, tol: float
             pyeuler blocks that run in model(x)); must treat samples independently
             (:func:`check_per_sample`: call ``.eval()`` on BatchNorm models).
         x: a batch of model inputs, floating point (N ≥ 1).
-        iters, tol, method, cg_iters, cg_tol: as in :func:`implicit_step_lipschitz`.
+        iters, tol, method, cg_iters, cg_tol: as in :func:`implicit_step_lipschitz`
+            (``method="dense"`` is refused before any measurement when a block's input or
+            output has more than :data:`DENSE_LIMIT` entries per sample).
         theta: θ in [0, 1] of every block's implicit-step number; None: each IE-Skip's
             own θ, 1 for plain blocks.
         noise_scale: relative size of the Gaussian perturbation δ, a finite float > 0
@@ -1014,14 +1065,17 @@ def model_stability(model: nn.Module, x: Tensor, *, iters: int = 100, tol: float
         generator: random start vectors and noise; deterministic given it.
         backend: pyeuler backend for the branches' explicit products (None: each branch's).
         progress: a tqdm bar over blocks (None: when stderr is a terminal).
-        warn: one :class:`ConvergenceWarning` summarising non-converged estimates.
+        warn: one :class:`ConvergenceWarning` summarising non-converged estimates
+            (iterative method only: the dense one computes exact values).
 
     Returns:
         :class:`ModelStability`.  Never changes the model's mode, parameters or buffers.
 
     Raises:
         ValueError: a module that couples samples or is random (naming it), a model without
-            pyeuler blocks, an empty batch, bad settings; TypeError: x not floating point.
+            pyeuler blocks, an empty batch, bad settings, ``method="dense"`` for a block
+            too large for it (naming the block and its size); TypeError: x not floating
+            point.
     """
     _check_settings(iters, tol, theta)
     _check_settings(cg_iters, cg_tol)
@@ -1061,6 +1115,9 @@ def model_stability(model: nn.Module, x: Tensor, *, iters: int = 100, tol: float
     try:
         for xc in chunks:
             x0s, ys = _capture(model, blocks, xc)
+            if method == "dense" and xc is chunks[0]:  # before any Jacobian is formed
+                for (name, _), x0, y in zip(blocks, x0s, ys):
+                    _check_dense_size(tuple(x0.shape[1:]), tuple(y.shape[1:]), f"block {name}")
             clean = [x0s[0]] + ys
             norms.append(torch.stack([_norm(t).double() for t in clean]))
             amp = torch.zeros(len(clean), xc.shape[0], dtype=torch.float64, device=x.device)

@@ -10,6 +10,7 @@ what a wrong split, a missing gradient average or another batch order moves (~1e
 
 import csv
 import os
+import re
 import subprocess
 import sys
 from datetime import timedelta
@@ -147,10 +148,13 @@ def _env():
             if k not in ("OMP_NUM_THREADS", "LOCAL_WORLD_SIZE", "WORLD_SIZE", "RANK")}
 
 
+def _launcher(ranks=1):
+    return ([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(ranks),
+             "--standalone", "-m", "pyeuler"] if ranks > 1 else [sys.executable, "-m", "pyeuler"])
+
+
 def _train(out, *argv, ranks=1):
-    launcher = ([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(ranks),
-                 "--standalone", "-m", "pyeuler"] if ranks > 1 else [sys.executable, "-m", "pyeuler"])
-    done = subprocess.run([*launcher, "train", *argv, "--out", str(out), "--no-progress",
+    done = subprocess.run([*_launcher(ranks), "train", *argv, "--out", str(out), "--no-progress",
                            "--eval-samples", "8"],
                           capture_output=True, text=True, timeout=300, env=_env())
     assert done.returncode == 0, done.stdout + done.stderr
@@ -217,6 +221,35 @@ def test_batch_size_must_split_evenly_among_the_ranks(tmp_path):
     assert done.returncode == 2 and done.stdout == ""
     assert "--batch-size: 64 is the global batch and must split evenly among the 3 ranks" \
         in done.stderr
+
+
+@needs_gloo
+def test_a_bad_argument_under_torchrun_is_printed_once_and_every_rank_fails():
+    done = subprocess.run([*_launcher(2), "train", "--epochs", "-1"], capture_output=True,
+                          text=True, timeout=300, env=_env())
+    assert done.returncode != 0
+    assert done.stderr.count("pyeuler train: error: argument --epochs:") == 1, done.stderr
+    # torchrun's failure report: rank 1 exited 2 by itself, or was ended once rank 0 had
+    exits = dict(re.findall(r"rank\s*: (\d+) \(local_rank: \d+\)\s*exitcode\s*: (-?\d+)",
+                            done.stderr))
+    assert exits.keys() == {"0", "1"} and "0" not in exits.values(), done.stderr
+
+
+@pytest.mark.parametrize("argv, printed", [
+    # the same mistake on every rank: said by the first one, not by rank 1
+    (["--theta", "2"], ""),
+    # about rank 1's own start (torchrun's variables missing): rank 1 says it
+    (["--epochs", "1"], "pyeuler: error: WORLD_SIZE is 2 but MASTER_ADDR, MASTER_PORT are not "
+                        "set"),
+])
+def test_rank_one_exits_2_and_prints_only_errors_of_its_own(argv, printed):
+    env = {k: v for k, v in _env().items() if k not in ("MASTER_ADDR", "MASTER_PORT")}
+    env.update(WORLD_SIZE="2", RANK="1", LOCAL_RANK="1", LOCAL_WORLD_SIZE="2")
+    done = subprocess.run([sys.executable, "-m", "pyeuler", "train", *argv], capture_output=True,
+                          text=True, env=env, timeout=120)
+    assert done.returncode == 2 and done.stdout == ""
+    assert done.stderr.startswith(printed) and done.stderr.count("\n") == bool(printed), \
+        done.stderr
 
 
 def test_amp_channels_last_validation_csv_and_plot(tmp_path):

@@ -21,8 +21,8 @@ from pyeuler.checkpoint import save_checkpoint
 from pyeuler.cli import main
 from pyeuler.nn import PreActBranch
 from pyeuler.robust import build_model
-from pyeuler.stability import (ConvergenceWarning, block_map_lipschitz, explicit_step_lipschitz,
-                               implicit_step_lipschitz, model_stability)
+from pyeuler.stability import (DENSE_LIMIT, ConvergenceWarning, block_map_lipschitz,
+                               explicit_step_lipschitz, implicit_step_lipschitz, model_stability)
 from conftest import requires_cuda, requires_triton
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -159,6 +159,66 @@ def test_generic_module_and_block_map():
         torch.testing.assert_close(got, expected, rtol=1e-8, atol=0)
     with pytest.raises(ValueError, match="preserve its input's shape"):
         explicit_step_lipschitz(conv, x)
+
+
+def _autograd_jacobians(f, x):
+    """Per-sample Jacobians [N, D_out, D_in] by torch.autograd.functional.jacobian, one
+    sample at a time (independent of pyeuler's products and of torch.func)."""
+    n, d_in = x.shape[0], x[0].numel()
+    return torch.stack([torch.autograd.functional.jacobian(lambda z: f(z[None])[0], x[i])
+                        .reshape(-1, d_in) for i in range(n)])
+
+
+def test_dense_is_the_exact_svd_without_iterating_or_warning():
+    """method="dense" takes the singular values of the formed Jacobian: with iters=1 any
+    power or inverse iteration would stop unconverged (and warn); dense returns the exact
+    values, converged, after 0 iterations, and warns about nothing."""
+    branch = _perturbed_branch(channels=2, h=1.0)
+    x = torch.randn(3, 2, 3, 3, dtype=torch.float64)
+    jac = _autograd_jacobians(lambda z: branch(z, backend="reference"), x)
+    eye = torch.eye(jac.shape[-1], dtype=torch.float64)
+    conv = nn.Conv2d(2, 3, 3, stride=2, padding=1, bias=False).double()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        explicit, e_info = explicit_step_lipschitz(branch, x, method="dense", iters=1,
+                                                   return_info=True)
+        implicit, i_info = implicit_step_lipschitz(branch, x, method="dense", theta=0.7,
+                                                   iters=1, return_info=True)
+        block_map, m_info = block_map_lipschitz(conv, x, method="dense", iters=1,
+                                                return_info=True)
+        res = model_stability(build_model("mlp-6-2", (2,), 2, ie_steps=1).double().eval(),
+                              torch.rand(4, 2, dtype=torch.float64), method="dense", iters=1)
+    torch.testing.assert_close(explicit, torch.linalg.svdvals(eye + jac)[:, 0],
+                               rtol=1e-10, atol=0)
+    torch.testing.assert_close(implicit, 1 / torch.linalg.svdvals(eye - 0.7 * jac)[:, -1],
+                               rtol=1e-10, atol=0)
+    torch.testing.assert_close(block_map, torch.linalg.svdvals(_autograd_jacobians(conv, x))
+                               [:, 0], rtol=1e-10, atol=0)
+    for info in (e_info, i_info, m_info):
+        assert info.converged.all() and info.iterations.eq(0).all()
+    assert all(v == 1.0 for b in res.blocks for v in b.converged.values())
+    # the iterative method, given the same single iteration, does warn
+    with pytest.warns(ConvergenceWarning):
+        explicit_step_lipschitz(branch, x, method="iterative", iters=1)
+
+
+def test_dense_refuses_inputs_too_large_to_form_naming_the_size():
+    side = math.isqrt(DENSE_LIMIT) + 1  # one channel of side² > DENSE_LIMIT entries
+    x = torch.randn(1, 1, side, side)
+    with pytest.raises(ValueError, match=rf"branch: method='dense' is limited to DENSE_LIMIT = "
+                                         rf"{DENSE_LIMIT} .* has {side * side} \(shape \(1, "
+                                         rf"{side}, {side}\)\).*use method='iterative'"):
+        explicit_step_lipschitz(nn.Identity(), x, method="dense")
+    with pytest.raises(ValueError, match=rf"{side * side}.*method='iterative'"):
+        implicit_step_lipschitz(nn.Identity(), x, method="dense")
+    with pytest.raises(ValueError, match=rf"block: .* the output has {DENSE_LIMIT + 1} "
+                                         rf"\(shape \({DENSE_LIMIT + 1},\)\)"):
+        block_map_lipschitz(nn.Linear(2, DENSE_LIMIT + 1), torch.randn(1, 2), method="dense")
+    # a whole model is refused before anything is measured, naming the block: 16×17×17
+    model = build_model("wrn-10-1", (1, 17, 17), 3).eval()
+    with pytest.raises(ValueError, match=r"block stages\.0\.0: method='dense' .* the input "
+                                         r"has 4624 \(shape \(16, 17, 17\)\)"):
+        model_stability(model, torch.rand(1, 1, 17, 17), method="dense")
 
 
 # ------------------------------------------------------------------- errors and side effects
@@ -337,3 +397,16 @@ def test_cli_checkpoint(tmp_path, capsys):
     assert json.loads((tmp_path / "m.stability.json").read_text())["data"] == "moons"
     rc = main(["stability", "--checkpoint", str(path), "--model", "mlp"])
     assert rc == 2 and "exclude each other" in capsys.readouterr().err
+
+
+def test_cli_dense_too_large_is_one_line_naming_the_block(tmp_path):
+    """wrn-10-5 on 8×8 digits: the first block's output has 80·8·8 = 5120 entries."""
+    cmd = [sys.executable, "-m", "pyeuler", "stability", "--data", "digits", "--model",
+           "wrn-10-5", "--ie-steps", "0", "--method", "dense", "--samples", "2", "--no-plot",
+           "--out", str(tmp_path), "--no-progress", "--threads", "1"]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, proc.stderr
+    (line,) = proc.stderr.splitlines()
+    assert line.startswith("pyeuler: error: digits-wrn-10-5-K0-seed0: block stages.0.0: "
+                           "method='dense' is limited to DENSE_LIMIT = 4096"), line
+    assert "5120 (shape (80, 8, 8))" in line and "use method='iterative'" in line

@@ -20,10 +20,14 @@ _SUBCOMMANDS = (info, bench, cost, train, eval_cmd, stability)
 
 class _Parser(argparse.ArgumentParser):
     """A usage mistake is one line (and exit status 2), not the usage block; subcommand
-    parsers are made of this class too."""
+    parsers are made of this class too.  Under torchrun every rank exits 2 and one per
+    machine prints the line (:func:`pyeuler.robust.distributed.reports_errors`)."""
 
     def error(self, message: str):
-        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+        from pyeuler.robust.distributed import reports_errors
+
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n"
+                  if reports_errors() else None)
 
 
 def _one_line_warning(message, category, filename, lineno, line=None) -> str:

@@ -20,14 +20,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 from pathlib import Path
 
 import torch
 
 from pyeuler.cli.train import (_nonneg_int, _pos_float, _pos_int, add_common_runtime_args,
-                               apply_threads, check_backend, check_output_path, resolve_device)
+                               apply_threads, check_backend, check_output_path, print_error,
+                               resolve_device)
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
@@ -66,12 +66,15 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    help="measure at the first N test inputs [64]")
     g = p.add_argument_group("measurement")
     g.add_argument("--iters", type=_pos_int, default=100,
-                   help="power / inverse iterations per estimate [100]")
+                   help="power / inverse iterations per estimate (iterative method) [100]")
     g.add_argument("--tol", type=_pos_float, default=1e-5,
-                   help="relative change at which an estimate has converged [1e-5]")
+                   help="relative change at which an estimate has converged (iterative "
+                        "method) [1e-5]")
     g.add_argument("--method", default="auto", choices=("auto", "iterative", "dense"),
-                   help="dense: form each sample's Jacobian (exact; auto does when a sample "
-                        "has <= 1024 entries); iterative: matrix-free products only [auto]")
+                   help="dense: form each sample's Jacobian and take its singular values "
+                        "(exact, no iteration; refused for blocks of more than 4096 entries "
+                        "per sample); iterative: power / inverse iteration on matrix-free "
+                        "products; auto: dense up to 1024 entries per sample [auto]")
     g.add_argument("--noise-scale", type=_pos_float, default=1e-2,
                    help="Gaussian noise with ‖δ‖ ≈ SCALE·‖x‖ per sample [0.01]")
     g.add_argument("--noise-draws", type=_pos_int, default=1, help="noise draws averaged [1]")
@@ -95,7 +98,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def _error(msg: str) -> int:
-    print(f"pyeuler: error: {msg}", file=sys.stderr)
+    print_error(msg)
     return 2
 
 

@@ -222,9 +222,22 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     return p
 
 
-def usage_error(message: str):
-    """A user's mistake: one line on stderr, exit status 2 (argparse's), no traceback."""
-    print(f"pyeuler: error: {message}", file=sys.stderr)
+def print_error(message: str, every_rank: bool = False) -> None:
+    """``pyeuler: error: MESSAGE``, one line on stderr; under torchrun printed by the first
+    rank of each machine only (:func:`pyeuler.robust.distributed.reports_errors`: the other
+    ranks hit the same error and exit non-zero silently), or by every rank with
+    ``every_rank`` (an error about this rank's own place in the run, which rank 0 may not
+    share)."""
+    from pyeuler.robust.distributed import reports_errors
+
+    if every_rank or reports_errors():
+        print(f"pyeuler: error: {message}", file=sys.stderr)
+
+
+def usage_error(message: str, every_rank: bool = False):
+    """A user's mistake: one line on stderr (:func:`print_error`), exit status 2
+    (argparse's), no traceback."""
+    print_error(message, every_rank)
     raise SystemExit(2)
 
 
@@ -846,8 +859,8 @@ def run(args: argparse.Namespace) -> int:
         os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "0")
     try:
         dist_run = from_environment(device.type)
-    except (ValueError, RuntimeError) as e:
-        usage_error(str(e))
+    except (ValueError, RuntimeError) as e:  # e.g. a LOCAL_RANK beyond this machine's GPUs
+        usage_error(str(e), every_rank=True)
     try:
         return _train_and_report(cfg, args, data, device, dist_run, resume, progress, threads)
     finally:
@@ -880,10 +893,10 @@ def _train_and_report(cfg, args, data, device, dist_run, resume, progress, threa
             trained = train_one(cfg, data, k, device, progress, args.out, resume[k], log=say,
                                 run=dist_run)
         except (CheckpointError, FileNotFoundError) as e:
-            print(f"pyeuler: error: {e}", file=sys.stderr)
+            print_error(str(e))
             return 2
         except ValueError as e:  # bad model name / arguments from build_model
-            print(f"pyeuler: error: {e}", file=sys.stderr)
+            print_error(str(e))
             return 2
         except KeyboardInterrupt:
             return _interrupted(cfg, args.out, k) if is_main else 130

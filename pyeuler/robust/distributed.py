@@ -30,8 +30,8 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-__all__ = ["DistributedRun", "from_environment", "shard_bounds", "loss_scale", "derive_seed",
-           "all_sum", "broadcast_object", "wrap_model", "has_batch_norm"]
+__all__ = ["DistributedRun", "from_environment", "reports_errors", "shard_bounds", "loss_scale",
+           "derive_seed", "all_sum", "broadcast_object", "wrap_model", "has_batch_norm"]
 
 _TORCHRUN_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 
@@ -99,6 +99,25 @@ def from_environment(device_type: str, timeout: timedelta = timedelta(minutes=30
     if not dist.is_initialized():
         dist.init_process_group(backend, timeout=timeout)
     return DistributedRun(rank, world, local, backend)
+
+
+def reports_errors() -> bool:
+    """Whether this process prints a command's one-line error: a process running alone, and
+    under torchrun the first rank of each machine (``LOCAL_RANK`` 0).  Every rank parses
+    the same command line and loads the same files, so a mistake is hit by all of them;
+    printed by one per machine it shows once in each torchrun's output (once, by rank 0, on
+    a single machine), while every rank still exits non-zero.
+
+    Read from torchrun's environment (``WORLD_SIZE``, ``LOCAL_RANK``), not the process
+    group: a refused command line never joins it.  A ``LOCAL_RANK`` that is not an int
+    reports too, so that no error goes unsaid.
+
+    Returns:
+        True for the process that prints errors, False for the other ranks.
+    """
+    world = os.environ.get("WORLD_SIZE", "1").strip()
+    local = os.environ.get("LOCAL_RANK", "0").strip()
+    return not (world.isdigit() and int(world) > 1) or not local.isdigit() or int(local) == 0
 
 
 def shard_bounds(count: int, rank: int, world_size: int) -> tuple[int, int]:
