@@ -91,11 +91,13 @@ void check_activation(const Tensor& x, const char* name) {
 }
 
 // Another activation operand of x's op: same shape, dtype and device, in x's layout.
-Tensor companion(const Tensor& t, const Tensor& x, const char* name, at::ScalarType dtype) {
-  TORCH_CHECK(t.device() == x.device(), "pyeuler.cuda: ", name, " is on ", t.device(),
-              " but x is on ", x.device());
-  TORCH_CHECK(t.sizes() == x.sizes(), "pyeuler.cuda: ", name, " has shape ", t.sizes(),
-              " but x has shape ", x.sizes());
+// `x_name`: x's argument name in the op, for the errors.
+Tensor companion(const Tensor& t, const Tensor& x, const char* name, at::ScalarType dtype,
+                 const char* x_name = "x") {
+  TORCH_CHECK(t.device() == x.device(), "pyeuler.cuda: ", name, " is on ", t.device(), " but ",
+              x_name, " is on ", x.device());
+  TORCH_CHECK(t.sizes() == x.sizes(), "pyeuler.cuda: ", name, " has shape ", t.sizes(), " but ",
+              x_name, " has shape ", x.sizes());
   TORCH_CHECK_TYPE(t.scalar_type() == dtype, "pyeuler.cuda: ", name, " must be ", dtype,
                    ", got ", t.scalar_type());
   return in_layout_of(t, x);
@@ -307,11 +309,12 @@ std::tuple<Tensor, Tensor> affine_act_backward_apply(
 Tensor affine_act_backward_apply_ie_update(
     const Tensor& dy_in, const Tensor& x_in, const Tensor& scale, const Tensor& shift,
     const std::optional<Tensor>& mask_in, bool relu, const Tensor& a, const Tensor& b,
-    const Tensor& c, const Tensor& center, const Tensor& e_in, double step_size, double theta) {
+    const Tensor& c, const Tensor& center, const Tensor& residual_in, double step_size,
+    double theta, bool residual_is_term) {
   check_activation(x_in, "x");
   const Tensor x = as_kernel_layout(x_in);
   const Tensor dy = companion(dy_in, x, "dy", x.scalar_type());
-  const Tensor e = companion(e_in, x, "e", x.scalar_type());
+  const Tensor residual = companion(residual_in, x, "residual", x.scalar_type());
   const std::optional<Tensor> mask = mask_arg(mask_in, x);
   const Coef scale_arg = coef_arg(scale, x, "scale");
   const Coef shift_arg = coef_arg(shift, x, "shift");
@@ -324,8 +327,8 @@ Tensor affine_act_backward_apply_ie_update(
   check_launch(pyeuler_affine_act_backward_apply_ie_update(
                    dy.data_ptr(), x.data_ptr(), mask_data(mask), kernel_dtype(x, "x"),
                    geometry_of(x), scale_arg.abi, shift_arg.abi, relu, a_arg.abi, b_arg.abi,
-                   c_arg.abi, center_arg.abi, e.data_ptr(), step_size, theta, x_new.data_ptr(),
-                   current_stream(x.device())),
+                   c_arg.abi, center_arg.abi, residual.data_ptr(), step_size, theta,
+                   residual_is_term, x_new.data_ptr(), current_stream(x.device())),
                "affine_act_backward_apply_ie_update");
   return x_new;
 }
@@ -398,17 +401,61 @@ std::tuple<Tensor, Tensor> affine_act_double_backward_apply(
   return {ddy, dxx};
 }
 
-Tensor ie_residual(const Tensor& x_in, const Tensor& c_in, const Tensor& fx_in, double theta) {
+// Both residuals: e alone (step_size absent; the second result is undefined), or e and its
+// term -2γ·e in the IE step, written by the same pass.
+std::tuple<Tensor, Tensor> residual_pass(const Tensor& x_in, const Tensor& c_in,
+                                         const Tensor& fx_in, double theta,
+                                         std::optional<double> step_size, const char* op) {
   check_activation(x_in, "x");
   const Tensor x = as_kernel_layout(x_in);
   const Tensor c = companion(c_in, x, "c", x.scalar_type());
   const Tensor fx = companion(fx_in, x, "fx", x.scalar_type());
   const c10::DeviceGuard guard(x.device());
   Tensor e = empty_in_layout_of(x, x.scalar_type());
-  check_launch(pyeuler_ie_residual(x.data_ptr(), c.data_ptr(), fx.data_ptr(), kernel_dtype(x, "x"),
-                                   x.numel(), theta, e.data_ptr(), current_stream(x.device())),
-               "ie_residual");
-  return e;
+  const cudaStream_t stream = current_stream(x.device());
+  if (!step_size.has_value()) {
+    check_launch(pyeuler_ie_residual(x.data_ptr(), c.data_ptr(), fx.data_ptr(),
+                                     kernel_dtype(x, "x"), x.numel(), theta, e.data_ptr(), stream),
+                 op);
+    return {e, Tensor()};
+  }
+  Tensor term = empty_in_layout_of(x, x.scalar_type());
+  check_launch(pyeuler_ie_residual_with_term(x.data_ptr(), c.data_ptr(), fx.data_ptr(),
+                                             kernel_dtype(x, "x"), x.numel(), theta, *step_size,
+                                             e.data_ptr(), term.data_ptr(), stream),
+               op);
+  return {e, term};
+}
+
+Tensor ie_residual(const Tensor& x_in, const Tensor& c_in, const Tensor& fx_in, double theta) {
+  return std::get<0>(residual_pass(x_in, c_in, fx_in, theta, std::nullopt, "ie_residual"));
+}
+
+std::tuple<Tensor, Tensor> ie_residual_with_term(const Tensor& x_in, const Tensor& c_in,
+                                                 const Tensor& fx_in, double theta,
+                                                 double step_size) {
+  return residual_pass(x_in, c_in, fx_in, theta, step_size, "ie_residual_with_term");
+}
+
+// (dx, dc, dfx) in de's layout; at theta == 1, where dfx = -u is dc, dfx is not written and
+// comes back empty (outputs may not alias; the Python wrapper returns dc in its place).
+std::tuple<Tensor, Tensor, Tensor> ie_residual_with_term_adjoint(const Tensor& de_in,
+                                                                 const Tensor& dterm_in,
+                                                                 double theta, double step_size) {
+  check_activation(de_in, "de");
+  const Tensor de = as_kernel_layout(de_in);
+  const Tensor dterm = companion(dterm_in, de, "dterm", de.scalar_type(), "de");
+  const c10::DeviceGuard guard(de.device());
+  Tensor dx = empty_in_layout_of(de, de.scalar_type());
+  Tensor dc = empty_in_layout_of(de, de.scalar_type());
+  const bool write_dfx = theta != 1.0;
+  Tensor dfx = write_dfx ? empty_in_layout_of(de, de.scalar_type()) : at::empty({0}, de.options());
+  check_launch(pyeuler_ie_residual_with_term_adjoint(
+                   de.data_ptr(), dterm.data_ptr(), kernel_dtype(de, "de"), de.numel(), theta,
+                   step_size, dx.data_ptr(), dc.data_ptr(), write_dfx ? dfx.data_ptr() : nullptr,
+                   current_stream(de.device())),
+               "ie_residual_with_term_adjoint");
+  return {dx, dc, dfx};
 }
 
 Tensor ie_update(const Tensor& x_in, const Tensor& e_in, const Tensor& v_in, double step_size,
@@ -845,7 +892,7 @@ TORCH_LIBRARY_FRAGMENT(pyeuler, m) {
   m.def(
       "cuda_affine_act_backward_apply_ie_update(Tensor dy, Tensor x, Tensor scale, "
       "Tensor shift, Tensor? mask, bool relu, Tensor a, Tensor b, Tensor c, Tensor center, "
-      "Tensor e, float step_size, float theta) -> Tensor");
+      "Tensor residual, float step_size, float theta, bool residual_is_term) -> Tensor");
   m.def(
       "cuda_affine_act_double_backward_reduce(Tensor ddx, Tensor dy, Tensor x, Tensor scale, "
       "Tensor shift, Tensor center, Tensor? mask, bool relu, bool per_sample) "
@@ -856,6 +903,12 @@ TORCH_LIBRARY_FRAGMENT(pyeuler, m) {
       "Tensor center, Tensor? ddshortcut, float ddx_scale, Tensor? dxx_addend) "
       "-> (Tensor, Tensor)");
   m.def("cuda_ie_residual(Tensor x, Tensor c, Tensor fx, float theta) -> Tensor");
+  m.def(
+      "cuda_ie_residual_with_term(Tensor x, Tensor c, Tensor fx, float theta, float step_size) "
+      "-> (Tensor, Tensor)");
+  m.def(
+      "cuda_ie_residual_with_term_adjoint(Tensor de, Tensor dterm, float theta, "
+      "float step_size) -> (Tensor, Tensor, Tensor)");
   m.def("cuda_ie_update(Tensor x, Tensor e, Tensor v, float step_size, float theta) -> Tensor");
   m.def(
       "cuda_forward_coefficients(Tensor mean, Tensor var, Tensor? weight, Tensor? bias, "
@@ -895,6 +948,8 @@ TORCH_LIBRARY_IMPL(pyeuler, CUDA, m) {
   m.impl("cuda_affine_act_double_backward_reduce", &pyeuler::affine_act_double_backward_reduce);
   m.impl("cuda_affine_act_double_backward_apply", &pyeuler::affine_act_double_backward_apply);
   m.impl("cuda_ie_residual", &pyeuler::ie_residual);
+  m.impl("cuda_ie_residual_with_term", &pyeuler::ie_residual_with_term);
+  m.impl("cuda_ie_residual_with_term_adjoint", &pyeuler::ie_residual_with_term_adjoint);
   m.impl("cuda_ie_update", &pyeuler::ie_update);
   m.impl("cuda_forward_coefficients", &pyeuler::forward_coefficients);
   m.impl("cuda_backward_coefficients", &pyeuler::backward_coefficients);

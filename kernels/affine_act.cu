@@ -121,7 +121,18 @@ __global__ void __launch_bounds__(kMaxThreads, kMinBlocksPerSm)
 // ---------------------------------------------------------------------------------------
 // Backward apply: g = dy * m, dx = a * g + b * (x - center) + c, dshortcut = g.
 // kIeUpdate (the IE-Skip's last VJP pass): dx is the VJP v, and the output receives the
-// step x - 2γ·(e - θ·v) instead, so v is never written.
+// step x - 2γ·(e - θ·v) instead, so v is never written.  The step reads a residual r: e, or
+// its term -2γ·e (which ie_update.cu's residual writes with e).
+
+// The step (x + residual_coef·r) + 2γθ·v, residual_coef -2γ for r = e and 1 for the term;
+// each operation rounded separately like the eager reference's kernels.
+struct IeStep {
+  float residual_coef;  // formed in double first as the reference does
+  float v_coef;         // 2γθ, likewise
+  __device__ __forceinline__ float operator()(float x, float r, float v) const {
+    return __fadd_rn(__fadd_rn(x, __fmul_rn(residual_coef, r)), __fmul_rn(v_coef, v));
+  }
+};
 
 template <typename T>
 struct ApplyArgs {
@@ -131,10 +142,10 @@ struct ApplyArgs {
   pyeuler_coef_t scale, shift;
   bool relu;
   pyeuler_coef_t a, b, c, center;
-  T* dx;         // x_new with kIeUpdate
-  T* dshortcut;  // nullable
-  const T* e;    // kIeUpdate only
-  IeUpdate step;  // kIeUpdate only
+  T* dx;              // x_new with kIeUpdate
+  T* dshortcut;       // nullable
+  const T* residual;  // kIeUpdate only: e or its term -2γ·e
+  IeStep step;        // kIeUpdate only
 };
 
 template <typename T, int V, bool kChannelsLast, bool kIeUpdate>
@@ -163,31 +174,32 @@ __global__ void __launch_bounds__(kMaxThreads, kMinBlocksPerSm)
       dx[i] = a[i] * g[i] + (b[i] == 0.f ? 0.f : b[i] * (x[i] - center[i])) + c[i];
     }
     if constexpr (kIeUpdate) {
-      float e[V];
-      load_floats<T, V>(args.e, offset, e);
+      float r[V];
+      load_floats<T, V>(args.residual, offset, r);
 #pragma unroll
-      for (int i = 0; i < V; ++i) dx[i] = args.step(x[i], e[i], dx[i]);
+      for (int i = 0; i < V; ++i) dx[i] = args.step(x[i], r[i], dx[i]);
     }
     store_floats<T, V>(args.dx, offset, dx);
     if (args.dshortcut != nullptr) store_floats<T, V>(args.dshortcut, offset, g);
   });
 }
 
-// Both C entry points of the backward apply; `e` and `step` are read only with kIeUpdate.
+// Both C entry points of the backward apply; `residual` and `step` are read only with
+// kIeUpdate.
 template <bool kIeUpdate>
 cudaError_t launch_backward_apply(const void* dy, const void* x, const uint8_t* mask,
                                   pyeuler_dtype_t dtype, const pyeuler_geometry_t& geo,
                                   pyeuler_coef_t scale, pyeuler_coef_t shift, int relu,
                                   pyeuler_coef_t a, pyeuler_coef_t b, pyeuler_coef_t c,
-                                  pyeuler_coef_t center, const void* e, IeUpdate step, void* dx,
-                                  void* dshortcut, cudaStream_t stream) {
+                                  pyeuler_coef_t center, const void* residual, IeStep step,
+                                  void* dx, void* dshortcut, cudaStream_t stream) {
   if (!geometry_is_valid(geo)) return cudaErrorInvalidValue;
   return dispatch_dtype(dtype, [&](auto tag) {
     using T = decltype(tag);
     const ApplyArgs<T> args{static_cast<const T*>(dy), static_cast<const T*>(x), mask,
                             scale, shift, relu != 0, a, b, c, center, static_cast<T*>(dx),
-                            static_cast<T*>(dshortcut), static_cast<const T*>(e), step};
-    const bool aligned = all_vector_aligned<T>({dy, x, dx, dshortcut, e}, {mask});
+                            static_cast<T*>(dshortcut), static_cast<const T*>(residual), step};
+    const bool aligned = all_vector_aligned<T>({dy, x, dx, dshortcut, residual}, {mask});
     return launch_elementwise<T>(geo, aligned, [&](auto width, auto channels_last) {
       constexpr int V = decltype(width)::value;
       unsigned blocks = 0;
@@ -516,18 +528,20 @@ extern "C" cudaError_t pyeuler_affine_act_backward_apply(
     pyeuler_coef_t a, pyeuler_coef_t b, pyeuler_coef_t c, pyeuler_coef_t center, void* dx,
     void* dshortcut, cudaStream_t stream) {
   return launch_backward_apply<false>(dy, x, mask, dtype, geo, scale, shift, relu, a, b, c,
-                                      center, nullptr, IeUpdate{}, dx, dshortcut, stream);
+                                      center, nullptr, IeStep{}, dx, dshortcut, stream);
 }
 
 extern "C" cudaError_t pyeuler_affine_act_backward_apply_ie_update(
     const void* dy, const void* x, const uint8_t* mask, pyeuler_dtype_t dtype,
     pyeuler_geometry_t geo, pyeuler_coef_t scale, pyeuler_coef_t shift, int relu,
-    pyeuler_coef_t a, pyeuler_coef_t b, pyeuler_coef_t c, pyeuler_coef_t center, const void* e,
-    double step_size, double theta, void* x_new, cudaStream_t stream) {
-  if (e == nullptr) return cudaErrorInvalidValue;
+    pyeuler_coef_t a, pyeuler_coef_t b, pyeuler_coef_t c, pyeuler_coef_t center,
+    const void* residual, double step_size, double theta, int residual_is_term, void* x_new,
+    cudaStream_t stream) {
+  if (residual == nullptr) return cudaErrorInvalidValue;
+  const IeStep step{float(residual_is_term ? 1.0 : -2.0 * step_size),
+                    float(2.0 * step_size * theta)};
   return launch_backward_apply<true>(dy, x, mask, dtype, geo, scale, shift, relu, a, b, c,
-                                     center, e, ie_update_step(step_size, theta), x_new,
-                                     nullptr, stream);
+                                     center, residual, step, x_new, nullptr, stream);
 }
 
 extern "C" cudaError_t pyeuler_affine_act_double_backward_apply(

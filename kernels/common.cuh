@@ -111,23 +111,6 @@ bool all_vector_aligned(std::initializer_list<const void*> activations,
 }
 
 // ---------------------------------------------------------------------------------------
-// The IE-Skip gradient step x - 2γ·(e - θ·v) (docs/semantics.md §2), each operation rounded
-// separately like the eager reference's kernels; ie_update.cu's stream and the backward
-// apply's fused epilogue share it.
-
-struct IeUpdate {
-  float two_step_size;  // 2γ, formed in double first as the reference does
-  float theta;
-  __device__ __forceinline__ float operator()(float x, float e, float v) const {
-    return __fsub_rn(x, __fmul_rn(two_step_size, __fsub_rn(e, __fmul_rn(theta, v))));
-  }
-};
-
-inline IeUpdate ie_update_step(double step_size, double theta) {
-  return {float(2.0 * step_size), float(theta)};
-}
-
-// ---------------------------------------------------------------------------------------
 // Welford statistics
 
 struct Welford {

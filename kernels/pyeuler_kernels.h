@@ -162,14 +162,19 @@ cudaError_t pyeuler_affine_act_backward_apply(const void* dy, const void* x, con
                                               pyeuler_coef_t center, void* dx, void* dshortcut,
                                               cudaStream_t stream);
 
-/* The IE-Skip step fused into the apply (primitives.affine_act_backward_apply_ie_update):
- * x_new = x - 2 * step_size * (e - theta * v) with v the dx above, which is never written.
- * e has x's dtype; x_new is written instead of dx (there is no dshortcut). */
+/* The IE-Skip step fused into the apply (primitives.affine_act_backward_apply_ie_update),
+ * x - 2 * step_size * (e - theta * v) with v the dx above (never written), computed as
+ *   x_new = (x + residual_coef * residual) + (2 * step_size * theta) * v
+ * from residual = e (residual_is_term == 0; residual_coef = -2 * step_size), or from its term
+ * -2 * step_size * e (residual_is_term != 0, as pyeuler_ie_residual_with_term writes it;
+ * residual_coef = 1).  Both factors are formed in double, then used as float32.  residual
+ * (required) has x's dtype; x_new is written instead of dx (there is no dshortcut). */
 cudaError_t pyeuler_affine_act_backward_apply_ie_update(
     const void* dy, const void* x, const uint8_t* mask, pyeuler_dtype_t dtype,
     pyeuler_geometry_t geo, pyeuler_coef_t scale, pyeuler_coef_t shift, int relu,
-    pyeuler_coef_t a, pyeuler_coef_t b, pyeuler_coef_t c, pyeuler_coef_t center, const void* e,
-    double step_size, double theta, void* x_new, cudaStream_t stream);
+    pyeuler_coef_t a, pyeuler_coef_t b, pyeuler_coef_t c, pyeuler_coef_t center,
+    const void* residual, double step_size, double theta, int residual_is_term, void* x_new,
+    cudaStream_t stream);
 
 /* Sums of ddx, ddx * (x - center) and ddx * g, g as in the reduce above
  * (primitives.affine_act_double_backward_reduce).  ddx has x's dtype; reduction sets,
@@ -197,10 +202,34 @@ cudaError_t pyeuler_affine_act_double_backward_apply(
 
 /* ---- IE-Skip elementwise steps (layout-agnostic: all operands share one dense layout) ---- */
 
-/* e = x - c - theta * fx */
+/* The operands of each are numel > 0 elements of one dtype, every pointer required unless
+ * said otherwise; each operation is rounded to float32 separately, like the eager reference's
+ * kernels, and the factors (2 * step_size, -theta, ...) are formed in double first.  One
+ * launch each. */
+
+/* e = x - c - theta * fx (primitives.ie_residual) */
 cudaError_t pyeuler_ie_residual(const void* x, const void* c, const void* fx,
                                 pyeuler_dtype_t dtype, int64_t numel, double theta, void* e,
                                 cudaStream_t stream);
+
+/* e = x - c - theta * fx and its term in the IE step, term = -2 * step_size * e
+ * (primitives.ie_residual_with_term), in one pass: the term is formed from e in float32,
+ * before e is rounded to dtype.  pyeuler_affine_act_backward_apply_ie_update reads the term
+ * as its residual (residual_is_term). */
+cudaError_t pyeuler_ie_residual_with_term(const void* x, const void* c, const void* fx,
+                                          pyeuler_dtype_t dtype, int64_t numel, double theta,
+                                          double step_size, void* e, void* term,
+                                          cudaStream_t stream);
+
+/* The adjoint of pyeuler_ie_residual_with_term (primitives.ie_residual_with_term_adjoint),
+ * from the gradients de of e and dterm of its term, in one pass:
+ *   u = de - 2 * step_size * dterm,  dx = u,  dc = -u,  dfx = -theta * u.
+ * dfx may be NULL: not written (at theta == 1 it equals dc, so a caller passes NULL and
+ * uses dc). */
+cudaError_t pyeuler_ie_residual_with_term_adjoint(const void* de, const void* dterm,
+                                                  pyeuler_dtype_t dtype, int64_t numel,
+                                                  double theta, double step_size, void* dx,
+                                                  void* dc, void* dfx, cudaStream_t stream);
 
 /* x_next = x - 2 * step_size * (e - theta * v) */
 cudaError_t pyeuler_ie_update(const void* x, const void* e, const void* v, pyeuler_dtype_t dtype,

@@ -120,10 +120,14 @@ def test_primitives_reject_cpu_tensors_by_name():
         cuda_backend.norm_stats_and_coefficients(x, 0, None, None, None, 1.0, 1e-5)
     with pytest.raises(ValueError, match="must be a CUDA tensor"):
         cuda_backend.ie_update(x, x, x, 0.1, 1.0)
+    with pytest.raises(ValueError, match="x must be a CUDA tensor"):
+        cuda_backend.ie_residual_with_term(x, x, x, 1.0, 0.1)
+    with pytest.raises(ValueError, match="de must be a CUDA tensor"):
+        cuda_backend.ie_residual_with_term_adjoint(x, x, 1.0, 0.1)
     s = torch.ones(3)
     with pytest.raises(ValueError, match="dy must be a CUDA tensor"):
         cuda_backend.affine_act_backward_apply_ie_update(x, x, s, s, None, True, s, s, s, s, x,
-                                                         0.1, 1.0)
+                                                         0.1, 1.0, True)
     with pytest.raises(ValueError, match="dy must be a CUDA tensor"):
         cuda_backend.affine_act_backward_reduce_recompute(x, x, s, s, s, True, False,
                                                           torch.bfloat16)
@@ -166,12 +170,14 @@ def test_fakes_match_reference_outputs(shape, layout):
     dx, ds = ref.affine_act_backward_apply(x, x, scale, shift, None, True, scale, scale, scale,
                                            scale, True)
     assert (fake_dx.shape, fake_dx.dtype, fake_ds.shape) == (dx.shape, dx.dtype, ds.shape)
-    ie_args = (x, x, scale, shift, None, True, scale, scale, scale, scale, x, 0.1, 1.0)
-    fake_new = cuda_backend._fake_affine_act_backward_apply_ie_update(*ie_args)
-    x_new = ref.affine_act_backward_apply_ie_update(*ie_args)
-    assert (fake_new.shape, fake_new.dtype) == (x_new.shape, x_new.dtype)
-    if x.is_contiguous() or x.movedim(1, -1).is_contiguous():
-        assert fake_new.stride() == x_new.stride()
+    for residual_is_term in (False, True):
+        ie_args = (x, x, scale, shift, None, True, scale, scale, scale, scale, x, 0.1, 1.0,
+                   residual_is_term)
+        fake_new = cuda_backend._fake_affine_act_backward_apply_ie_update(*ie_args)
+        x_new = ref.affine_act_backward_apply_ie_update(*ie_args)
+        assert (fake_new.shape, fake_new.dtype) == (x_new.shape, x_new.dtype)
+        if x.is_contiguous() or x.movedim(1, -1).is_contiguous():
+            assert fake_new.stride() == x_new.stride()
     for per_sample in (False, True):
         reduce_args = (x, x, x, scale, shift, scale, None, True, per_sample)
         sums = ref.affine_act_double_backward_reduce(*reduce_args)
@@ -185,6 +191,19 @@ def test_fakes_match_reference_outputs(shape, layout):
         if x.is_contiguous() or x.movedim(1, -1).is_contiguous():
             assert fake.stride() == real.stride()
     assert cuda_backend._fake_ie_update(x, x, x, 0.1, 1.0).shape == x.shape
+    dense = x.is_contiguous() or x.movedim(1, -1).is_contiguous()
+    for theta in (0.5, 1.0):
+        outputs = ref.ie_residual_with_term(x, x, x, theta, 0.1)
+        fakes = cuda_backend._fake_ie_residual_with_term(x, x, x, theta, 0.1)
+        # the adjoint's dfx: written only at θ ≠ 1 (at θ = 1 it is dc), else an empty result
+        outputs += ref.ie_residual_with_term_adjoint(x, x, theta, 0.1)[:2 if theta == 1.0 else 3]
+        fakes += cuda_backend._fake_ie_residual_with_term_adjoint(x, x, theta, 0.1)
+        if theta == 1.0:
+            assert fakes[-1].numel() == 0
+            fakes = fakes[:-1]
+        assert [(f.shape, f.dtype) for f in fakes] == [(o.shape, o.dtype) for o in outputs]
+        if dense:
+            assert [f.stride() for f in fakes] == [o.stride() for o in outputs]
 
 
 def _device_kernels(call) -> list[str]:
@@ -263,7 +282,14 @@ lib.impl("cuda_affine_act_backward_apply_ie_update", ref.affine_act_backward_app
          "CPU")
 lib.impl("cuda_affine_act_double_backward_reduce", ref.affine_act_double_backward_reduce, "CPU")
 lib.impl("cuda_affine_act_double_backward_apply", ref.affine_act_double_backward_apply, "CPU")
+def adjoint(de, dterm, theta, step_size):
+    dx, dc, dfx = ref.ie_residual_with_term_adjoint(de, dterm, theta, step_size)
+    return dx, dc, de.new_empty((0,)) if theta == 1.0 else dfx
+
+
 lib.impl("cuda_ie_residual", ref.ie_residual, "CPU")
+lib.impl("cuda_ie_residual_with_term", ref.ie_residual_with_term, "CPU")
+lib.impl("cuda_ie_residual_with_term_adjoint", adjoint, "CPU")
 lib.impl("cuda_ie_update", ref.ie_update, "CPU")
 cuda_backend._register_fakes()
 
@@ -278,15 +304,20 @@ def step(x, dy, scale, shift):
     dx, g = ops.cuda_affine_act_backward_apply(dy, x, scale, shift, mask, True, sum_g, sum_gx,
                                                var, mean, True)
     e = ops.cuda_ie_residual(x, y, dx, 1.0)
+    e_again, term = ops.cuda_ie_residual_with_term(x, y, dx, 1.0, 0.1)
     x_new = ops.cuda_affine_act_backward_apply_ie_update(dy, x, scale, shift, mask, True, sum_g,
-                                                         sum_gx, var, mean, e, 0.1, 1.0)
+                                                         sum_gx, var, mean, term, 0.1, 1.0, True)
+    x_new_from_e = ops.cuda_affine_act_backward_apply_ie_update(
+        dy, x, scale, shift, mask, True, sum_g, sum_gx, var, mean, e, 0.1, 1.0, False)
+    dx_e, dc, dfx = ops.cuda_ie_residual_with_term_adjoint(e_again, g, 0.5, 0.1)
+    _, dc_at_one, no_dfx = ops.cuda_ie_residual_with_term_adjoint(e_again, g, 1.0, 0.1)
     sum_dd, sum_dd_xc, sum_dd_g = ops.cuda_affine_act_double_backward_reduce(
         dx, dy, x, scale, shift, mean, mask, True, False)
     ddy, dxx = ops.cuda_affine_act_double_backward_apply(dx, dy, x, scale, shift, mask, True,
                                                          sum_g, sum_gx, sum_dd, sum_dd_xc, mean,
                                                          g, 0.5, dx)
     return (ops.cuda_ie_update(x, e, g, 0.1, 1.0), x_new, mean, var, sum_g, sum_dd_g, ddy, dxx,
-            recomputed_sum_gx, y_low)
+            recomputed_sum_gx, y_low, term, x_new_from_e, dx_e, dc, dfx, dc_at_one, no_dfx)
 x = torch.randn(4, 6, 5, 5).to(memory_format=torch.channels_last)
 args = (x, torch.randn_like(x), torch.randn(6), torch.randn(6))
 compiled = torch.compile(step, backend="aot_eager", fullgraph=True)(*args)
@@ -307,6 +338,39 @@ def test_schemas_and_fakes_trace_under_torch_compile():
                              str(ROOT / "csrc" / "ops.cpp")], capture_output=True, text=True,
                             cwd=ROOT, timeout=300)
     assert result.returncode == 0 and "traced" in result.stdout, result.stderr[-3000:]
+
+
+def test_ie_residual_with_term_ops_count_each_operand_once():
+    """pyeuler.cost's view (KERNEL_LAUNCHES, KERNEL_PASSES) of the wrappers, on CPU inside
+    counting_device: one launch each; the residual reads x, c, fx and writes e and the term;
+    the adjoint reads de and dterm and writes dx, dc and, only at θ ≠ 1, dfx: at θ = 1 the
+    op's dfx is empty and the wrapper returns dc in its place.  Shapes, dtypes and layouts
+    are the contract's."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from pyeuler import backend
+    from pyeuler.cost import Recorder
+
+    recorder = Recorder()
+    with backend.counting_device(backend.H100):
+        assert cuda_backend.is_available()[0]  # defines the ops for counting
+        with FakeTensorMode():
+            x = make((16, 32, 8, 8), "channels_last", torch.bfloat16, device="cpu")
+            with recorder:
+                got = [cuda_backend.ie_residual_with_term(x, x, x, 0.5, 0.1)]
+                got += [cuda_backend.ie_residual_with_term_adjoint(x, x, theta, 0.1)
+                        for theta in (0.5, 1.0)]
+            want = [ref.ie_residual_with_term(x, x, x, 0.5, 0.1)]
+            want += [ref.ie_residual_with_term_adjoint(x, x, theta, 0.1) for theta in (0.5, 1.0)]
+    for outputs, expected in zip(got, want):
+        assert ([(t.shape, t.dtype, t.stride()) for t in outputs]
+                == [(t.shape, t.dtype, t.stride()) for t in expected])
+    assert got[1][2] is not got[1][1] and got[2][2] is got[2][1]
+    act = x.numel() * x.element_size()
+    assert [(k.name, k.launches, k.bytes) for k in recorder.kernels] == [
+        ("pyeuler.cuda_ie_residual_with_term.default", 1, 5 * act),
+        ("pyeuler.cuda_ie_residual_with_term_adjoint.default", 1, 5 * act),
+        ("pyeuler.cuda_ie_residual_with_term_adjoint.default", 1, 4 * act)]
 
 
 def test_jit_build_compiles_what_setup_py_compiles():
@@ -475,7 +539,11 @@ def test_affine_act_backward_apply(shape, layout, dtype, gate, per_sample):
 @pytest.mark.parametrize("shape,layout", cases())
 @pytest.mark.parametrize("gate,per_sample", [("mask", False), ("relu", True), ("none", False)],
                          ids=["mask-per_channel", "relu-per_sample", "none-per_channel"])
-def test_affine_act_backward_apply_ie_update(shape, layout, dtype, gate, per_sample):
+@pytest.mark.parametrize("residual_is_term", [False, True], ids=["e", "term"])
+def test_affine_act_backward_apply_ie_update(shape, layout, dtype, gate, per_sample,
+                                             residual_is_term):
+    """The step x − 2γ·(e − θ·v) from e, or from its term −2γ·e (the residual in another
+    layout than x where there is one: the op copies it into x's)."""
     dy, x = make(shape, layout, dtype), make(shape, layout, dtype)
     e = make(shape, "contiguous" if layout == "channels_last" else layout, dtype)
     scale, shift = coef(x, per_sample), coef(x, per_sample)
@@ -483,20 +551,21 @@ def test_affine_act_backward_apply_ie_update(shape, layout, dtype, gate, per_sam
     mask = make(shape, layout).gt(0) if gate == "mask" else None
     relu = gate != "none"
     step_size, theta = 0.1, 0.75
-    x_new = cuda_backend.affine_act_backward_apply_ie_update(dy, x, scale, shift, mask, relu, a, b,
-                                                             c, center, e, step_size, theta)
-    eager = ref.affine_act_backward_apply_ie_update(dy, x, scale, shift, mask, relu, a, b, c,
-                                                    center, e, step_size, theta)
+    # the term as ie_residual_with_term writes it: from e in float32, rounded once
+    residual = (-2.0 * step_size * e.float()).to(dtype) if residual_is_term else e
+    apply_args = (dy, x, scale, shift, mask, relu, a, b, c, center)
+    ie_args = (residual, step_size, theta, residual_is_term)
+    x_new = cuda_backend.affine_act_backward_apply_ie_update(*apply_args, *ie_args)
+    eager = ref.affine_act_backward_apply_ie_update(*apply_args, *ie_args)
     gate64 = mask if mask is not None else (relu_gate32(x, scale, shift) if relu else None)
     exact = ref.affine_act_backward_apply_ie_update(*doubles(dy, x, scale, shift), gate64, relu,
-                                                    *doubles(a, b, c, center, e), step_size,
-                                                    theta)
+                                                    *doubles(a, b, c, center, residual),
+                                                    *ie_args[1:])
     assert_output(x_new, eager, exact)
     if layout == "channels_last" and x.dim() == 4:
         assert x_new.is_contiguous(memory_format=torch.channels_last)
-    # the fused pass equals the two-pass apply + ie_update
-    v, _ = cuda_backend.affine_act_backward_apply(dy, x, scale, shift, mask, relu, a, b, c,
-                                                  center, False)
+    # the fused pass equals the two-pass apply + ie_update from e
+    v, _ = cuda_backend.affine_act_backward_apply(*apply_args, False)
     if dtype == torch.float32:
         torch.testing.assert_close(x_new, cuda_backend.ie_update(x, e, v, step_size, theta),
                                    rtol=1e-5, atol=1e-6)
@@ -601,6 +670,51 @@ def test_ie_residual_and_update(shape, layout, dtype):
 
 @gpu
 @pytest.mark.usefixtures("cuda_ready")
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape,layout", cases())
+def test_ie_residual_with_term_and_adjoint(shape, layout, dtype):
+    """e is ie_residual's and the term the contract's (−2γ·e from e in float32, rounded once),
+    bit for bit, in x's layout; the adjoint's (u, −u, −θ·u), u = de − 2γ·dterm, are the
+    contract's bit for bit, in de's layout (dterm in another layout where there is one), and
+    at θ = 1 its dfx is its dc, the same tensor."""
+    x, c, fx = (make(shape, layout, dtype) for _ in range(3))
+    theta, step_size = 0.75, 0.1
+    e, term = cuda_backend.ie_residual_with_term(x, c, fx, theta, step_size)
+    e_eager, term_eager = ref.ie_residual_with_term(x, c, fx, theta, step_size)
+    assert e.dtype == term.dtype == dtype
+    assert torch.equal(e, cuda_backend.ie_residual(x, c, fx, theta))
+    assert torch.equal(e, e_eager) and torch.equal(term, term_eager)
+    de = make(shape, layout, dtype)
+    dterm = make(shape, "contiguous" if layout == "channels_last" else layout, dtype)
+    for adjoint_theta in (theta, 1.0):
+        grads = cuda_backend.ie_residual_with_term_adjoint(de, dterm, adjoint_theta, step_size)
+        eager = ref.ie_residual_with_term_adjoint(de, dterm, adjoint_theta, step_size)
+        for got, want in zip(grads, eager):
+            assert got.dtype == dtype and torch.equal(got, want)
+        assert (grads[2] is grads[1]) == (adjoint_theta == 1.0)
+        if layout == "channels_last" and x.dim() == 4:
+            assert all(t.is_contiguous(memory_format=torch.channels_last)
+                       for t in (e, term, *grads))
+
+
+@gpu
+@pytest.mark.usefixtures("cuda_ready")
+def test_ie_residual_with_term_ops_are_one_launch_each():
+    """One kernel each, the adjoint at θ = 1 too (where it writes dfx = dc once)."""
+    x = make((8, 16, 8, 8), "channels_last", torch.bfloat16)
+    calls = {"cuda_ie_residual_with_term":
+             [lambda: cuda_backend.ie_residual_with_term(x, x, x, 0.5, 0.1)],
+             "cuda_ie_residual_with_term_adjoint":
+             [lambda theta=theta: cuda_backend.ie_residual_with_term_adjoint(x, x, theta, 0.1)
+              for theta in (0.5, 1.0)]}
+    for name, name_calls in calls.items():
+        for call in name_calls:
+            device_events = _device_kernels(call)
+            assert len(device_events) == cuda_backend.KERNEL_LAUNCHES[name] == 1, device_events
+
+
+@gpu
+@pytest.mark.usefixtures("cuda_ready")
 def test_bad_arguments_are_named():
     x = make((2, 4, 3, 3))
     scale = coef(x, False)
@@ -632,6 +746,16 @@ def test_bad_arguments_are_named():
     with pytest.raises(RuntimeError, match=r"q must be \[C\]"):
         cuda_backend.affine_act_double_backward_apply(x, x, x, scale, scale, None, True, scale,
                                                       scale, scale, scale[:3], scale, None)
+    with pytest.raises(RuntimeError, match="residual has shape"):
+        cuda_backend.affine_act_backward_apply_ie_update(x, x, scale, scale, None, True, scale,
+                                                         scale, scale, scale, x[:1], 0.1, 0.5,
+                                                         True)
+    with pytest.raises(RuntimeError, match="fx has shape"):
+        cuda_backend.ie_residual_with_term(x, x, x[:1], 0.5, 0.1)
+    with pytest.raises(RuntimeError, match=r"dterm has shape .* but de has shape"):
+        cuda_backend.ie_residual_with_term_adjoint(x, x[:1], 0.5, 0.1)
+    with pytest.raises(TypeError, match="de must be float32, float16 or bfloat16"):
+        cuda_backend.ie_residual_with_term_adjoint(x.double(), x.double(), 0.5, 0.1)
 
 
 @gpu
@@ -694,10 +818,21 @@ def test_matches_triton(shape, layout):
     torch.testing.assert_close(cu[2], tr[2], rtol=2**-7, atol=1e-5)
     torch.testing.assert_close(cuda_backend.ie_update(x, dy, y_cu, 0.1, 1.0),
                                tri.ie_update(x, dy, y_cu, 0.1, 1.0), rtol=1e-4, atol=1e-5)
-    ie_args = (dy, x, scale, shift, m_cu, True, scale, shift, center, center, y_cu, 0.1, 1.0)
-    torch.testing.assert_close(cuda_backend.affine_act_backward_apply_ie_update(*ie_args),
-                               tri.affine_act_backward_apply_ie_update(*ie_args), rtol=1e-4,
-                               atol=1e-5)
+    for residual_is_term in (False, True):
+        ie_args = (dy, x, scale, shift, m_cu, True, scale, shift, center, center, y_cu, 0.1, 1.0,
+                   residual_is_term)
+        torch.testing.assert_close(cuda_backend.affine_act_backward_apply_ie_update(*ie_args),
+                                   tri.affine_act_backward_apply_ie_update(*ie_args), rtol=1e-4,
+                                   atol=1e-5)
+    for cu, tr in zip(cuda_backend.ie_residual_with_term(x, dy, y_cu, 0.75, 0.1),
+                      tri.ie_residual_with_term(x, dy, y_cu, 0.75, 0.1)):
+        torch.testing.assert_close(cu, tr, rtol=1e-5, atol=1e-6)
+    for theta in (0.75, 1.0):
+        cu = cuda_backend.ie_residual_with_term_adjoint(x, dy, theta, 0.1)
+        tr = tri.ie_residual_with_term_adjoint(x, dy, theta, 0.1)
+        for cu_grad, tr_grad in zip(cu, tr):
+            torch.testing.assert_close(cu_grad, tr_grad, rtol=1e-5, atol=1e-6)
+        assert (cu[2] is cu[1]) == (tr[2] is tr[1]) == (theta == 1.0)
     ddx = make(shape, layout)
     reduce_args = (ddx, dy, x, scale, shift, center, None, True, False)
     for cu, tr in zip(cuda_backend.affine_act_double_backward_reduce(*reduce_args),
@@ -730,6 +865,14 @@ def test_mixed_dtypes_follow_the_contract():
                                ref.ie_residual(x, x, low, 0.5))
     torch.testing.assert_close(cuda_backend.ie_update(x, low, low, 0.1, 0.5),
                                ref.ie_update(x, low, low, 0.1, 0.5))
+    for got, want in zip(cuda_backend.ie_residual_with_term(x, x, low, 0.5, 0.1),
+                         ref.ie_residual_with_term(x, x, low, 0.5, 0.1)):
+        torch.testing.assert_close(got, want)
+    # a float32 de with a bfloat16 dterm (its term's gradient): de's dtype
+    for got, want in zip(cuda_backend.ie_residual_with_term_adjoint(x, low, 0.5, 0.1),
+                         ref.ie_residual_with_term_adjoint(x, low, 0.5, 0.1)):
+        assert got.dtype == torch.float32
+        torch.testing.assert_close(got, want)
     for got, want in zip(cuda_backend.affine_act_forward(low, scale, shift, x, True, True),
                          ref.affine_act_forward(low, scale, shift, x, True, True)):
         torch.testing.assert_close(got, want, atol=2**-7, rtol=2**-7)
@@ -759,6 +902,11 @@ def _nan_inf_inputs(layout, per_sample):
 @pytest.mark.parametrize("per_sample", [False, True], ids=["per_channel", "per_sample"])
 def test_nan_and_inf_propagate_like_the_eager_contract(layout, per_sample):
     x, dy, ddx, e, shortcut, scale, shift, a, b, c, center = _nan_inf_inputs(layout, per_sample)
+    for got, want in zip((*cuda_backend.ie_residual_with_term(x, shortcut, dy, 0.9, 0.1),
+                          *cuda_backend.ie_residual_with_term_adjoint(x, e, 0.9, 0.1)),
+                         (*ref.ie_residual_with_term(x, shortcut, dy, 0.9, 0.1),
+                          *ref.ie_residual_with_term_adjoint(x, e, 0.9, 0.1))):
+        torch.testing.assert_close(got, want, **NAN_TOL)
     y, mask = cuda_backend.affine_act_forward(x, scale, shift, shortcut, True, True)
     y_ref, mask_ref = ref.affine_act_forward(x, scale, shift, shortcut, True, True)
     assert y.isnan().any() and mask[y.isnan()].all()  # NaN passes its gradient
@@ -780,9 +928,11 @@ def test_nan_and_inf_propagate_like_the_eager_contract(layout, per_sample):
         for got, want in zip(cuda_backend.affine_act_backward_apply(*apply_args, True),
                              ref.affine_act_backward_apply(*apply_args, True)):
             torch.testing.assert_close(got, want, **NAN_TOL)
-        ie_args = (*apply_args, e, 0.1, 0.9)
-        torch.testing.assert_close(cuda_backend.affine_act_backward_apply_ie_update(*ie_args),
-                                   ref.affine_act_backward_apply_ie_update(*ie_args), **NAN_TOL)
+        for residual_is_term in (False, True):  # e, or e standing for the residual's term
+            ie_args = (*apply_args, e, 0.1, 0.9, residual_is_term)
+            torch.testing.assert_close(cuda_backend.affine_act_backward_apply_ie_update(*ie_args),
+                                       ref.affine_act_backward_apply_ie_update(*ie_args),
+                                       **NAN_TOL)
         reduce_args = (ddx, dy, x, scale, shift, center, m, True, per_sample)
         for got, want in zip(cuda_backend.affine_act_double_backward_reduce(*reduce_args),
                              ref.affine_act_double_backward_reduce(*reduce_args)):

@@ -155,14 +155,41 @@ def test_norm_relu_backward_conv_gradcheck_gradgradcheck(routed_to_primitives, g
     assert torch.autograd.gradgradcheck(f, args)
 
 
+@pytest.mark.parametrize("theta", [1.0, 0.5, 0.0])
+def test_ie_residual_with_term_is_exact_to_third_order(routed_to_primitives, theta):
+    """``(e, −2γ·e)`` and its fused adjoint are each other's VJPs: gradcheck,
+    gradgradcheck and a third order against the same map written with torch ops, in
+    float64, including outputs nobody differentiates (e alone, the term alone)."""
+    dt, step_size = torch.float64, 0.3
+    args = tuple(torch.randn(2, 3, 4, dtype=dt, requires_grad=True) for _ in range(3))
+
+    def f(x, c, fx, backend="triton"):
+        return ie_ops.ie_residual_with_term(x, c, fx, theta, step_size, backend)
+
+    torch.testing.assert_close(f(*args), f(*args, backend="eager"))
+    assert torch.autograd.gradcheck(f, args)
+    assert torch.autograd.gradgradcheck(f, args)
+    for pick in (0, 1):
+        assert torch.autograd.gradgradcheck(lambda *a: f(*a)[pick], args)
+    third = {}
+    for backend in ("triton", "eager"):
+        e, term = f(*args, backend=backend)
+        (gx,) = torch.autograd.grad((e * term).sum(), args[0], create_graph=True)
+        (ggx,) = torch.autograd.grad(gx.square().sum(), args[0], create_graph=True)
+        third[backend] = torch.autograd.grad(ggx.sum(), args)
+    assert_tensors_close(third["triton"], third["eager"])
+
+
 @pytest.mark.parametrize("groups", [0, 2])
 @pytest.mark.parametrize("training", [True, False])
 @pytest.mark.parametrize("theta", [1.0, 0.5])
+@pytest.mark.parametrize("residual_is_term", [False, True], ids=["e", "term"])
 def test_norm_relu_backward_ie_update_gradcheck_gradgradcheck(routed_to_primitives, groups,
-                                                              training, theta):
-    """``x − 2γ·(e − θ·v)`` with v = (ReLU∘norm)ᵀdy fused into the VJP's last pass: equal to
-    the unfused composition, and exact to second order in dy, x, e and the norm's parameters
-    (its backward folds 2γθ and x's own gradient into the second order's elementwise pass)."""
+                                                              training, theta, residual_is_term):
+    """``x − 2γ·(e − θ·v)`` with v = (ReLU∘norm)ᵀdy fused into the VJP's last pass, reading e
+    or its term −2γ·e: equal to the unfused composition, and exact to second order in dy,
+    x, the residual and the norm's parameters (its backward folds 2γθ and x's own gradient
+    into the second order's elementwise pass)."""
     if groups and not training:
         pytest.skip("group norm has no eval mode")
     dt, step_size = torch.float64, 0.3
@@ -173,7 +200,8 @@ def test_norm_relu_backward_ie_update_gradcheck_gradgradcheck(routed_to_primitiv
         with swapped_parameters(norm, weight=weight, bias=bias):
             _, stats = na.norm_act_module(norm, xx, update_running=False, backend=backend,
                                           return_stats=True)
-            return na.norm_relu_backward_ie_update(dy, stats, norm, e, step_size, theta, backend)
+            return na.norm_relu_backward_ie_update(dy, stats, norm, e, step_size, theta, backend,
+                                                   residual_is_term)
 
     x = torch.randn(2, 4, 3, 2, dtype=dt) + 0.3
     args = (torch.randn_like(x), x, torch.randn_like(x), torch.rand(4, dtype=dt) + 0.5,
@@ -340,12 +368,17 @@ def test_opcheck_custom_ops(routed_to_primitives):
     for batch_stats in (True, False):
         torch.library.opcheck(torch.ops.pyeuler.norm_relu_backward_ie_update.default,
                               (dy, x, w, b, mean, var, scale, shift, s, 1e-5, 0, batch_stats, 0.1,
-                               0.5, "triton"))
+                               0.5, batch_stats, "triton"))
     for momentum, momentum_tensor in ((0.1, None), (None, torch.tensor(0.3)), (None, None)):
         torch.library.opcheck(torch.ops.pyeuler.update_running_stats.default,
                               (torch.randn(4), torch.rand(4), torch.tensor(2), mean, var, 15,
                                momentum, momentum_tensor, "triton"))
     torch.library.opcheck(torch.ops.pyeuler.ie_residual.default, (x, s, x, 0.5, "triton"))
+    for theta in (1.0, 0.5):
+        torch.library.opcheck(torch.ops.pyeuler.ie_residual_with_term.default,
+                              (x, s, x, theta, 0.1, "triton"))
+        torch.library.opcheck(torch.ops.pyeuler.ie_residual_with_term_adjoint.default,
+                              (x, s, theta, 0.1, "triton"))
     torch.library.opcheck(torch.ops.pyeuler.ie_update.default, (x, s, x, 0.1, 0.5, "triton"))
 
 

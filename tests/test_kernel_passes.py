@@ -287,8 +287,9 @@ def _run_affine_act(tri, make):
         for want_dshortcut in (True, False):
             tri.affine_act_backward_apply(dy, x, scale, shift, gate_mask, relu, a, b, c, center,
                                           want_dshortcut)
-        tri.affine_act_backward_apply_ie_update(dy, x, scale, shift, gate_mask, relu, a, b, c,
-                                                center, e, 0.1, 1.0)
+        for residual_is_term in (False, True):
+            tri.affine_act_backward_apply_ie_update(dy, x, scale, shift, gate_mask, relu, a, b,
+                                                    c, center, e, 0.1, 1.0, residual_is_term)
         for ddshortcut, ddx_scale, addend in ((None, 1.0, None), (make(), 0.5, make())):
             tri.affine_act_double_backward_apply(ddx, dy, x, scale, shift, gate_mask, relu, a, b,
                                                  p, q, center, ddshortcut, ddx_scale, addend)
@@ -349,6 +350,9 @@ def _run_ie(tri, make):
     x, c, fx = make(), make(), make()
     tri.ie_residual(x, c, fx, 1.0)
     tri.ie_update(x, c, fx, 0.1, 0.5)
+    tri.ie_residual_with_term(x, c, fx, 1.0, 0.1)
+    for theta in (1.0, 0.5):
+        tri.ie_residual_with_term_adjoint(x, c, theta, 0.1)
 
 
 @pytest.fixture(scope="module")

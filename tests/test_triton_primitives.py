@@ -323,9 +323,10 @@ def test_affine_act_backward_apply_ie_update_fp32(shape, layout, per_sample):
     dy, x, scale, shift, center = _reduce_inputs(shape, layout, per_sample)
     a, b, c = coef(x, per_sample), coef(x, per_sample), coef(x, per_sample)
     saved = ref.affine_act_forward(x, scale, shift, None, True, True)[1]
-    for mask, relu, e_layout in [(None, True, layout), (saved, True, "contiguous"), (None, False, "strided")]:
+    for mask, relu, e_layout, is_term in [(None, True, layout, True), (saved, True, "contiguous", False),
+                                          (None, False, "strided", True)]:
         e = make(shape, e_layout)
-        args = (dy, x, scale, shift, mask, relu, a, b, c, center, e, 0.1, 0.7)
+        args = (dy, x, scale, shift, mask, relu, a, b, c, center, e, 0.1, 0.7, is_term)
         out = tri.affine_act_backward_apply_ie_update(*args)
         assert out.dtype == x.dtype
         assert_close32(out, ref.affine_act_backward_apply_ie_update(*args))
@@ -340,12 +341,14 @@ def test_affine_act_backward_apply_ie_update_low_precision(dtype, layout):
     x, dy, e = (make(shape, layout, dtype) for _ in range(3))
     scale, shift, center = coef(x, False), coef(x, False), coef(x, False)
     a, b, c = coef(x, True), coef(x, True), coef(x, True)  # GroupNorm-like [N, C]
-    out = tri.affine_act_backward_apply_ie_update(dy, x, scale, shift, None, True, a, b, c, center, e, 0.1, 1.0)
-    eager = ref.affine_act_backward_apply_ie_update(dy, x, scale, shift, None, True, a, b, c, center, e, 0.1, 1.0)
+    out = tri.affine_act_backward_apply_ie_update(dy, x, scale, shift, None, True, a, b, c, center, e, 0.1, 1.0,
+                                                  True)
+    eager = ref.affine_act_backward_apply_ie_update(dy, x, scale, shift, None, True, a, b, c, center, e, 0.1, 1.0,
+                                                    True)
     # the float64 reference with the gate as float32 computes it (recomputed at ~0 it may flip)
     gate = ref._coef(scale, x) * x.float() + ref._coef(shift, x) > 0
     exact = ref.affine_act_backward_apply_ie_update(*to64(dy, x, scale, shift), gate, True,
-                                                    *to64(a, b, c, center, e), 0.1, 1.0)
+                                                    *to64(a, b, c, center, e), 0.1, 1.0, True)
     assert out.dtype == dtype
     assert_lowp(out, eager, exact)
 
@@ -501,6 +504,51 @@ def test_ie_low_precision(dtype):
     assert_lowp(out, ref.ie_update(x, e, v, 0.1, 1.0), ref.ie_update(*to64(x, e, v), 0.1, 1.0))
 
 
+@pytest.mark.parametrize("shape,layout", cases([(4, 5, 7, 5), (3, 3), (2, 6, 3, 4, 5)]))
+@pytest.mark.parametrize("theta", [1.0, 0.4])
+def test_ie_residual_with_term_and_adjoint_fp32(shape, layout, theta):
+    """(e, −2γ·e) from one pass, and the adjoint (dx, dc, dfx) = (u, −u, −θ·u) with
+    u = de − 2γ·dterm; at θ = 1 dfx is dc itself (one tensor written)."""
+    x, c, fx = make(shape, layout), make(shape, "contiguous"), make(shape, layout)
+    e, term = tri.ie_residual_with_term(x, c, fx, theta, 0.15)
+    e_ref, term_ref = ref.ie_residual_with_term(x, c, fx, theta, 0.15)
+    assert_close32(e, e_ref)
+    assert_close32(term, term_ref)
+    assert_close32(e, tri.ie_residual(x, c, fx, theta))
+    de, dterm = make(shape, layout), make(shape, "strided")
+    grads = tri.ie_residual_with_term_adjoint(de, dterm, theta, 0.15)
+    for got, want in zip(grads, ref.ie_residual_with_term_adjoint(de, dterm, theta, 0.15)):
+        assert_close32(got, want)
+    assert (grads[2] is grads[1]) == (theta == 1.0)
+    if layout != "strided":
+        assert e.stride() == term.stride() == grads[0].stride() == x.stride()
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_ie_residual_with_term_and_adjoint_low_precision(dtype):
+    x, c, fx, de, dterm = (make((3, 6, 5, 7), "channels_last", dtype) for _ in range(5))
+    e, term = tri.ie_residual_with_term(x, c, fx, 0.5, 0.1)
+    eager = ref.ie_residual_with_term(x, c, fx, 0.5, 0.1)
+    exact = ref.ie_residual_with_term(*to64(x, c, fx), 0.5, 0.1)
+    assert e.dtype == term.dtype == dtype
+    assert_lowp(e, eager[0], exact[0])
+    assert_lowp(term, eager[1], exact[1])
+    grads = tri.ie_residual_with_term_adjoint(de, dterm, 0.5, 0.1)
+    eager = ref.ie_residual_with_term_adjoint(de, dterm, 0.5, 0.1)
+    exact = ref.ie_residual_with_term_adjoint(*to64(de, dterm), 0.5, 0.1)
+    for got, lowp, want in zip(grads, eager, exact):
+        assert got.dtype == dtype
+        assert_lowp(got, lowp, want)
+
+
+def test_ie_residual_with_term_adjoint_bad_arguments():
+    de = make((2, 3, 4), "contiguous")
+    with pytest.raises(ValueError, match="dterm must have x's shape"):
+        tri.ie_residual_with_term_adjoint(de, de[:1], 1.0, 0.1)
+    with pytest.raises(TypeError, match="de must be float32, float16 or bfloat16"):
+        tri.ie_residual_with_term_adjoint(de.double(), de, 1.0, 0.1)
+
+
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
 def test_int64_offset_kernels_agree(layout, monkeypatch):
     """The int64-offset variants (chosen for ≥ 2**31 elements), forced on a small tensor."""
@@ -525,7 +573,7 @@ def test_int64_offset_kernels_agree(layout, monkeypatch):
     assert_close32(dx, dx_ref)
     assert_close32(ds, ds_ref)
     assert_close32(tri.ie_update(x, dy, shortcut, 0.1, 1.0), ref.ie_update(x, dy, shortcut, 0.1, 1.0))
-    args = (dy, x, scale, shift, mask, True, scale, shift, center, center, shortcut, 0.1, 1.0)
+    args = (dy, x, scale, shift, mask, True, scale, shift, center, center, shortcut, 0.1, 1.0, False)
     assert_close32(tri.affine_act_backward_apply_ie_update(*args), ref.affine_act_backward_apply_ie_update(*args))
     ddx = shortcut
     for per_sample in (False, True):
@@ -560,10 +608,10 @@ def test_errors_name_the_argument():
         tri.affine_act_backward_apply(x.to(torch.int32), x, s, s, None, True, s, s, s, s, False)
     with pytest.raises(ValueError, match=r"center must have shape"):
         tri.affine_act_backward_apply(x, x, s, s, None, True, s, s, s, torch.ones(2, 2, device=DEVICE), False)
-    with pytest.raises(ValueError, match="e must have x's shape"):
-        tri.affine_act_backward_apply_ie_update(x, x, s, s, None, True, s, s, s, s, x[:1], 0.1, 1.0)
+    with pytest.raises(ValueError, match="residual must have x's shape"):
+        tri.affine_act_backward_apply_ie_update(x, x, s, s, None, True, s, s, s, s, x[:1], 0.1, 1.0, True)
     with pytest.raises(TypeError, match="theta must be a Python float"):
-        tri.affine_act_backward_apply_ie_update(x, x, s, s, None, True, s, s, s, s, x, 0.1, None)
+        tri.affine_act_backward_apply_ie_update(x, x, s, s, None, True, s, s, s, s, x, 0.1, None, True)
     with pytest.raises(ValueError, match="fx must have x's shape"):
         tri.ie_residual(x, x, x[0], 1.0)
     with pytest.raises(TypeError, match="step_size must be a Python float"):
@@ -702,9 +750,10 @@ def test_nan_and_inf_propagate_like_the_eager_contract(layout, per_sample):
         for got, want in zip(tri.affine_act_backward_apply(*apply_args, True),
                              ref.affine_act_backward_apply(*apply_args, True)):
             torch.testing.assert_close(got, want, **NAN_TOL)
-        torch.testing.assert_close(tri.affine_act_backward_apply_ie_update(*apply_args, e, 0.1, 0.9),
-                                   ref.affine_act_backward_apply_ie_update(*apply_args, e, 0.1, 0.9),
-                                   **NAN_TOL)
+        for is_term in (False, True):
+            torch.testing.assert_close(
+                tri.affine_act_backward_apply_ie_update(*apply_args, e, 0.1, 0.9, is_term),
+                ref.affine_act_backward_apply_ie_update(*apply_args, e, 0.1, 0.9, is_term), **NAN_TOL)
         reduce_args = (ddx, dy, x, scale, shift, center, m, True, per_sample)
         for got, want in zip(tri.affine_act_double_backward_reduce(*reduce_args),
                              ref.affine_act_double_backward_reduce(*reduce_args)):

@@ -429,10 +429,13 @@ void test_backward_apply(const Shape& shape, Random& rng, bool use_mask, bool re
   expect_close(what + "dshortcut", to_floats(dshortcut.download()), want_g, 0.0, 0.0);
 }
 
-// The IE-Skip step fused into the apply: x - 2γ·(e - θ·v), v the apply's dx (never written).
+// The IE-Skip step fused into the apply: x - 2γ·(e - θ·v) as (x + residual_coef·r) + 2γθ·v,
+// from r = e (residual_coef = -2γ) or from its term r = -2γ·e (residual_coef = 1); v the
+// apply's dx (never written).
 template <typename T>
 void test_backward_apply_ie_update(const Shape& shape, Random& rng, bool use_mask, bool relu,
-                                   bool per_sample_coefs, bool misaligned) {
+                                   bool per_sample_coefs, bool residual_is_term,
+                                   bool misaligned) {
   const double step_size = 0.1, theta = 0.75;
   const BackwardCase<T> in(shape, rng, per_sample_coefs);
   const int64_t coef_rows = per_sample_coefs ? shape.n : 1;
@@ -440,14 +443,15 @@ void test_backward_apply_ie_update(const Shape& shape, Random& rng, bool use_mas
   const Coef a(rng.uniform(coef_rows * shape.c, -1.f, 1.f), stride);
   const Coef b(rng.uniform(coef_rows * shape.c, -1.f, 1.f), stride);
   const Coef c_coef(rng.uniform(coef_rows * shape.c, -0.1f, 0.1f), stride);
-  const Activation<T> e(rng.uniform(shape.numel(), -1.f, 1.f));
+  const Activation<T> residual(rng.uniform(shape.numel(), -1.f, 1.f));
   DeviceArray<T> dy(in.dy.stored, misaligned), x(in.x.stored, misaligned);
-  DeviceArray<T> e_dev(e.stored, misaligned), x_new(shape.numel(), misaligned);
+  DeviceArray<T> residual_dev(residual.stored, misaligned), x_new(shape.numel(), misaligned);
   DeviceArray<uint8_t> mask(in.mask, misaligned);
   CHECK_CUDA(pyeuler_affine_act_backward_apply_ie_update(
       dy.get(), x.get(), use_mask ? mask.get() : nullptr, Dtype<T>::kEnum, shape.geometry(),
       in.scale.abi(), in.shift.abi(), relu, a.abi(), b.abi(), c_coef.abi(), in.center.abi(),
-      e_dev.get(), step_size, theta, x_new.get(), nullptr));
+      residual_dev.get(), step_size, theta, residual_is_term, x_new.get(), nullptr));
+  const double residual_coef = residual_is_term ? 1.0 : -2.0 * step_size;
 
   std::vector<double> want(shape.numel()), atol(shape.numel());
   for (int64_t n = 0; n < shape.n; ++n)
@@ -457,15 +461,17 @@ void test_backward_apply_ie_update(const Shape& shape, Random& rng, bool use_mas
         const double g = in.gradient(n, c, i, use_mask, relu);
         const double xc = double(in.x.values[i]) - in.center.at(n, c);
         const double v = a.at(n, c) * g + b.at(n, c) * xc + c_coef.at(n, c);
-        const double step = 2.0 * step_size * (double(e.values[i]) - theta * v);
-        want[i] = in.x.values[i] - step;
+        const double scaled_v = 2.0 * step_size * theta * v;
+        const double scaled_r = residual_coef * residual.values[i];
+        want[i] = double(in.x.values[i]) + scaled_r + scaled_v;
         // float32 rounding of v's three terms (scaled by 2γθ) and of the step's operations
         const double v_err = 1e-6 * (std::fabs(a.at(n, c) * g) + std::fabs(b.at(n, c) * xc) + 1.0);
         atol[i] = 2.0 * step_size * theta * v_err +
-                  1e-6 * (std::fabs(in.x.values[i]) + std::fabs(step) + std::fabs(e.values[i]));
+                  1e-6 * (std::fabs(in.x.values[i]) + std::fabs(scaled_r) + std::fabs(scaled_v));
       }
   const std::string what = std::string("backward_apply_ie_update mask=") +
-                           std::to_string(use_mask) + " relu=" + std::to_string(relu) + " ";
+                           std::to_string(use_mask) + " relu=" + std::to_string(relu) +
+                           " residual_is_term=" + std::to_string(residual_is_term) + " ";
   expect_close(what + "x_new", to_floats(x_new.download()), want, Dtype<T>::kRtol, atol);
 }
 
@@ -597,6 +603,63 @@ void test_ie(const Shape& shape, Random& rng, bool misaligned) {
   expect_close("ie_update", to_floats(out.download()), want, 0.0, 0.0);
 }
 
+// The residual with its term (-2γ·e from e in float32, before rounding), and that map's
+// adjoint u = de - 2γ·dterm, (dx, dc, dfx) = (u, -u, -θ·u), with dfx written or (NULL) not:
+// bit for bit against the kernels' rounding sequence.
+template <typename T>
+void test_ie_residual_with_term(const Shape& shape, Random& rng, bool misaligned) {
+  const double theta = 0.75, step_size = 0.1;
+  const int64_t numel = shape.numel();
+  const Activation<T> x(rng.uniform(numel, -2.f, 2.f)), c(rng.uniform(numel, -2.f, 2.f)),
+      f(rng.uniform(numel, -2.f, 2.f));
+  DeviceArray<T> x_dev(x.stored, misaligned), c_dev(c.stored, misaligned),
+      f_dev(f.stored, misaligned), e(numel, misaligned), term(numel, misaligned),
+      e_alone(numel, misaligned);
+  CHECK_CUDA(pyeuler_ie_residual_with_term(x_dev.get(), c_dev.get(), f_dev.get(), Dtype<T>::kEnum,
+                                           numel, theta, step_size, e.get(), term.get(),
+                                           nullptr));
+  CHECK_CUDA(pyeuler_ie_residual(x_dev.get(), c_dev.get(), f_dev.get(), Dtype<T>::kEnum, numel,
+                                 theta, e_alone.get(), nullptr));
+  std::vector<double> want_e(numel), want_term(numel);
+  for (int64_t i = 0; i < numel; ++i) {
+    const volatile float difference = x.values[i] - c.values[i];
+    const volatile float scaled = float(theta) * f.values[i];
+    const volatile float residual = difference - scaled;
+    want_e[i] = Dtype<T>::to_float(Dtype<T>::from_float(residual));
+    want_term[i] = Dtype<T>::to_float(Dtype<T>::from_float(float(-2.0 * step_size) * residual));
+  }
+  const std::string what = std::string("ie_residual_with_term misaligned=") +
+                           std::to_string(misaligned) + " ";
+  expect_close(what + "e", to_floats(e.download()), want_e, 0.0, 0.0);
+  expect_close(what + "term", to_floats(term.download()), want_term, 0.0, 0.0);
+  expect_close(what + "ie_residual", to_floats(e_alone.download()), want_e, 0.0, 0.0);
+
+  // the adjoint, from de = x and dterm = c
+  for (const double adjoint_theta : {theta, 1.0}) {
+    const bool write_dfx = adjoint_theta != 1.0;
+    DeviceArray<T> dx(numel, misaligned), dc(numel, misaligned), dfx(numel, misaligned);
+    CHECK_CUDA(pyeuler_ie_residual_with_term_adjoint(
+        x_dev.get(), c_dev.get(), Dtype<T>::kEnum, numel, adjoint_theta, step_size, dx.get(),
+        dc.get(), write_dfx ? dfx.get() : nullptr, nullptr));
+    std::vector<double> want_u(numel), want_dc(numel), want_dfx(numel);
+    for (int64_t i = 0; i < numel; ++i) {
+      const volatile float scaled = float(2.0 * step_size) * c.values[i];
+      const volatile float u = x.values[i] - scaled;
+      want_u[i] = Dtype<T>::to_float(Dtype<T>::from_float(u));
+      want_dc[i] = Dtype<T>::to_float(Dtype<T>::from_float(-u));
+      const float minus_theta_u = float(-adjoint_theta) * u;
+      // NULL dfx: the buffer keeps its zeros
+      want_dfx[i] = write_dfx ? Dtype<T>::to_float(Dtype<T>::from_float(minus_theta_u)) : 0.0;
+    }
+    const std::string adjoint = std::string("ie_residual_with_term_adjoint theta=") +
+                                std::to_string(adjoint_theta) + " misaligned=" +
+                                std::to_string(misaligned) + " ";
+    expect_close(adjoint + "dx", to_floats(dx.download()), want_u, 0.0, 0.0);
+    expect_close(adjoint + "dc", to_floats(dc.download()), want_dc, 0.0, 0.0);
+    expect_close(adjoint + "dfx", to_floats(dfx.download()), want_dfx, 0.0, 0.0);
+  }
+}
+
 template <typename T>
 void test_dtype(Random& rng) {
   // odd sizes (scalar paths), vector-friendly sizes, S = 1, and one shape large enough
@@ -617,13 +680,15 @@ void test_dtype(Random& rng) {
         test_forward<T>(shape, rng, false, false, true, misaligned);
         test_backward_apply<T>(shape, rng, true, true, false, misaligned);
         test_backward_apply<T>(shape, rng, false, true, true, misaligned);
-        test_backward_apply_ie_update<T>(shape, rng, true, true, false, misaligned);
-        test_backward_apply_ie_update<T>(shape, rng, false, true, true, misaligned);
-        test_backward_apply_ie_update<T>(shape, rng, false, false, false, misaligned);
+        test_backward_apply_ie_update<T>(shape, rng, true, true, false, true, misaligned);
+        test_backward_apply_ie_update<T>(shape, rng, false, true, true, false, misaligned);
+        test_backward_apply_ie_update<T>(shape, rng, false, false, false, true, misaligned);
+        test_backward_apply_ie_update<T>(shape, rng, true, false, true, false, misaligned);
         test_double_backward_apply<T>(shape, rng, true, true, true, false, misaligned);
         test_double_backward_apply<T>(shape, rng, false, true, false, true, misaligned);
         test_double_backward_apply<T>(shape, rng, false, false, true, false, misaligned);
         test_ie<T>(shape, rng, misaligned);
+        test_ie_residual_with_term<T>(shape, rng, misaligned);
       }
       test_backward_reduce<T>(shape, rng, true, true, false);
       test_backward_reduce<T>(shape, rng, false, true, false);
@@ -1579,6 +1644,36 @@ void test_backward_reduce_recompute_errors() {
               g_failures == failures_before ? "ok" : "FAIL");
 }
 
+// The IE maps' argument errors (a required output NULL, nothing to do, a bad dtype) are
+// reported before anything is launched (host pointers are not touched).
+void test_ie_errors() {
+  const int failures_before = g_failures;
+  float buffer[4] = {};
+  const std::string what = "ie ";
+  auto with_term = [&](void* term, int64_t numel, pyeuler_dtype_t dtype) {
+    return pyeuler_ie_residual_with_term(buffer, buffer, buffer, dtype, numel, 0.5, 0.1, buffer,
+                                         term, nullptr);
+  };
+  expect_invalid_value(what + "residual_with_term NULL term",
+                       with_term(nullptr, 4, PYEULER_DTYPE_FLOAT32));
+  expect_invalid_value(what + "residual_with_term numel 0",
+                       with_term(buffer, 0, PYEULER_DTYPE_FLOAT32));
+  expect_invalid_value(what + "residual_with_term bad dtype",
+                       with_term(buffer, 4, pyeuler_dtype_t(7)));
+  expect_invalid_value(what + "residual_with_term NULL e",
+                       pyeuler_ie_residual_with_term(buffer, buffer, buffer,
+                                                     PYEULER_DTYPE_FLOAT32, 4, 0.5, 0.1, nullptr,
+                                                     buffer, nullptr));
+  auto adjoint = [&](const void* dterm, void* dx, void* dc) {
+    return pyeuler_ie_residual_with_term_adjoint(buffer, dterm, PYEULER_DTYPE_FLOAT32, 4, 0.5,
+                                                 0.1, dx, dc, buffer, nullptr);
+  };
+  expect_invalid_value(what + "adjoint NULL dterm", adjoint(nullptr, buffer, buffer));
+  expect_invalid_value(what + "adjoint NULL dx", adjoint(buffer, nullptr, buffer));
+  expect_invalid_value(what + "adjoint NULL dc", adjoint(buffer, buffer, nullptr));
+  std::printf("%-4s ie argument errors\n", g_failures == failures_before ? "ok" : "FAIL");
+}
+
 // Argument errors are reported, not launched; C = 0 without a counter launches nothing.
 void test_update_running_stats_errors() {
   const int failures_before = g_failures;
@@ -1656,6 +1751,7 @@ int main() {
   test_update_running_stats_dtype<__nv_bfloat16>(rng);
   test_update_running_stats_errors();
   test_backward_reduce_recompute_errors();
+  test_ie_errors();
   if (g_failures != 0) {
     std::printf("%d check(s) failed\n", g_failures);
     return 1;

@@ -43,6 +43,8 @@ __all__ = [
     "affine_act_double_backward_reduce",
     "affine_act_double_backward_apply",
     "ie_residual",
+    "ie_residual_with_term",
+    "ie_residual_with_term_adjoint",
     "ie_update",
     "update_running_stats",
 ]
@@ -71,7 +73,7 @@ SCHEMAS = (
     "bool want_dshortcut) -> (Tensor, Tensor)",
     "cuda_affine_act_backward_apply_ie_update(Tensor dy, Tensor x, Tensor scale, "
     "Tensor shift, Tensor? mask, bool relu, Tensor a, Tensor b, Tensor c, Tensor center, "
-    "Tensor e, float step_size, float theta) -> Tensor",
+    "Tensor residual, float step_size, float theta, bool residual_is_term) -> Tensor",
     "cuda_affine_act_double_backward_reduce(Tensor ddx, Tensor dy, Tensor x, Tensor scale, "
     "Tensor shift, Tensor center, Tensor? mask, bool relu, bool per_sample) "
     "-> (Tensor, Tensor, Tensor)",
@@ -80,6 +82,10 @@ SCHEMAS = (
     "Tensor center, Tensor? ddshortcut, float ddx_scale, Tensor? dxx_addend) "
     "-> (Tensor, Tensor)",
     "cuda_ie_residual(Tensor x, Tensor c, Tensor fx, float theta) -> Tensor",
+    "cuda_ie_residual_with_term(Tensor x, Tensor c, Tensor fx, float theta, float step_size) "
+    "-> (Tensor, Tensor)",
+    "cuda_ie_residual_with_term_adjoint(Tensor de, Tensor dterm, float theta, "
+    "float step_size) -> (Tensor, Tensor, Tensor)",
     "cuda_ie_update(Tensor x, Tensor e, Tensor v, float step_size, float theta) -> Tensor",
     "cuda_forward_coefficients(Tensor mean, Tensor var, Tensor? weight, Tensor? bias, "
     "Tensor? h, float h_value, float eps, int groups, int channels) -> (Tensor, Tensor)",
@@ -130,8 +136,9 @@ def _gate_passes(op: dict) -> dict[str, int]:
 # one pass over each activation-sized operand; running statistics are read and written in
 # place.  The recomputing reduce (cuda_affine_act_backward_reduce_recompute) reads scale and
 # shift always (y needs them even without the ReLU), so all its passes are one: dy, x, the
-# coefficients, and y written.  (Not checked on a GPU here: nothing counts a CUDA kernel's
-# loads.)
+# coefficients, and y written.  cuda_ie_residual_with_term_adjoint writes dfx only at θ ≠ 1
+# (at θ = 1, dfx = dc): its dfx result is then empty, so it counts no bytes.  (Not checked on
+# a GPU here: nothing counts a CUDA kernel's loads.)
 KERNEL_PASSES = {name: lambda op: {} for name in KERNEL_LAUNCHES} | {
     name: _gate_passes for name in (
         "cuda_affine_act_backward_reduce", "cuda_affine_act_backward_apply",
@@ -371,16 +378,20 @@ def affine_act_backward_apply_ie_update(
     b: Tensor,
     c: Tensor,
     center: Tensor,
-    e: Tensor,
+    residual: Tensor,
     step_size: float,
     theta: float,
+    residual_is_term: bool,
 ) -> Tensor:
+    """One launch (kernels/affine_act.cu): the IE step ``x − 2γ·(e − θ·v)`` with v the
+    apply's dx, never written, in x's dtype and layout, from ``residual`` = e or, with
+    ``residual_is_term``, its term ``−2γ·e`` (:func:`ie_residual_with_term`)."""
     _check_cuda(dy=dy, x=x, scale=scale, shift=shift, mask=mask, a=a, b=b, c=c, center=center,
-                e=e)
+                residual=residual)
     _require_extension()
     return torch.ops.pyeuler.cuda_affine_act_backward_apply_ie_update(
-        _like_x(x, dy), x, scale, shift, mask, relu, a, b, c, center, _like_x(x, e),
-        float(step_size), float(theta))
+        _like_x(x, dy), x, scale, shift, mask, relu, a, b, c, center, _like_x(x, residual),
+        float(step_size), float(theta), bool(residual_is_term))
 
 
 def affine_act_double_backward_reduce(
@@ -431,6 +442,30 @@ def ie_residual(x: Tensor, c: Tensor, fx: Tensor, theta: float) -> Tensor:
     _check_cuda(x=x, c=c, fx=fx)
     _require_extension()
     return torch.ops.pyeuler.cuda_ie_residual(x, _like_x(x, c), _like_x(x, fx), float(theta))
+
+
+def ie_residual_with_term(x: Tensor, c: Tensor, fx: Tensor, theta: float,
+                          step_size: float) -> tuple[Tensor, Tensor]:
+    """One launch (kernels/ie_update.cu): ``(e, −2γ·e)`` in x's dtype and layout, the term
+    formed from e in float32 before either is rounded."""
+    _check_cuda(x=x, c=c, fx=fx)
+    _require_extension()
+    e, term = torch.ops.pyeuler.cuda_ie_residual_with_term(x, _like_x(x, c), _like_x(x, fx),
+                                                           float(theta), float(step_size))
+    return e, term
+
+
+def ie_residual_with_term_adjoint(de: Tensor, dterm: Tensor, theta: float,
+                                  step_size: float) -> tuple[Tensor, Tensor, Tensor]:
+    """One launch (kernels/ie_update.cu): with ``u = de − 2γ·dterm``, ``(u, −u, −θ·u)`` in
+    de's dtype and layout (dterm is read as de's dtype).  At θ = 1 the third is the second,
+    the same tensor: the kernel writes it once (the op's own third result is then empty)."""
+    _check_cuda(de=de, dterm=dterm)
+    _require_extension()
+    theta = float(theta)
+    dx, dc, dfx = torch.ops.pyeuler.cuda_ie_residual_with_term_adjoint(
+        de, _like_x(de, dterm), theta, float(step_size))
+    return dx, dc, (dc if theta == 1.0 else dfx)
 
 
 def ie_update(x: Tensor, e: Tensor, v: Tensor, step_size: float, theta: float) -> Tensor:
@@ -685,7 +720,7 @@ def _fake_affine_act_backward_apply(dy, x, scale, shift, mask, relu, a, b, c, ce
 
 
 def _fake_affine_act_backward_apply_ie_update(dy, x, scale, shift, mask, relu, a, b, c, center,
-                                              e, step_size, theta):
+                                              residual, step_size, theta, residual_is_term):
     return _empty_in_layout_of(x, x.dtype)
 
 
@@ -702,6 +737,15 @@ def _fake_affine_act_double_backward_apply(ddx, dy, x, scale, shift, mask, relu,
 
 def _fake_ie_residual(x, c, fx, theta):
     return _empty_in_layout_of(x, x.dtype)
+
+
+def _fake_ie_residual_with_term(x, c, fx, theta, step_size):
+    return _empty_in_layout_of(x, x.dtype), _empty_in_layout_of(x, x.dtype)
+
+
+def _fake_ie_residual_with_term_adjoint(de, dterm, theta, step_size):
+    dfx = de.new_empty((0,)) if theta == 1.0 else _empty_in_layout_of(de, de.dtype)
+    return _empty_in_layout_of(de, de.dtype), _empty_in_layout_of(de, de.dtype), dfx
 
 
 def _fake_ie_update(x, e, v, step_size, theta):
@@ -781,6 +825,8 @@ _FAKES = {
     "pyeuler::cuda_affine_act_double_backward_reduce": _fake_affine_act_double_backward_reduce,
     "pyeuler::cuda_affine_act_double_backward_apply": _fake_affine_act_double_backward_apply,
     "pyeuler::cuda_ie_residual": _fake_ie_residual,
+    "pyeuler::cuda_ie_residual_with_term": _fake_ie_residual_with_term,
+    "pyeuler::cuda_ie_residual_with_term_adjoint": _fake_ie_residual_with_term_adjoint,
     "pyeuler::cuda_ie_update": _fake_ie_update,
     "pyeuler::cuda_forward_coefficients": _fake_forward_coefficients,
     "pyeuler::cuda_backward_coefficients": _fake_backward_coefficients,

@@ -41,8 +41,8 @@ from pyeuler.ops.sync import refuse_synchronised
 from pyeuler.ops.preact_branch import (branch_forward, branch_vjp, branch_vjp_ie_update,
                                        has_explicit_vjp)
 
-__all__ = ["GRAD_MODES", "BN_UPDATES", "RECOMPUTE_POLICIES", "ie_skip", "ie_residual", "ie_update",
-           "validate_ie_args", "check_recompute"]
+__all__ = ["GRAD_MODES", "BN_UPDATES", "RECOMPUTE_POLICIES", "ie_skip", "ie_residual",
+           "ie_residual_with_term", "ie_update", "validate_ie_args", "check_recompute"]
 
 GRAD_MODES = ("unrolled", "detached", "implicit")
 BN_UPDATES = ("all", "first")
@@ -81,6 +81,78 @@ def _ie_residual_backward(ctx, de):
 
 torch.library.register_autograd("pyeuler::ie_residual", _ie_residual_backward,
                                 setup_context=_ie_residual_setup)
+
+
+# ``(e, −2γ·e)`` and its adjoint: each is the other's VJP (both maps are linear), so the
+# pair is differentiable to every order.  The adjoint's third output, dfx = −θ·u, is empty at
+# θ = 1, where it equals dc (custom-op outputs may not alias each other).
+
+
+@torch.library.custom_op("pyeuler::ie_residual_with_term", mutates_args=())
+def _ie_residual_with_term_op(x: Tensor, c: Tensor, fx: Tensor, theta: float, step_size: float,
+                              backend: str) -> tuple[Tensor, Tensor]:
+    return _kernels(backend).ie_residual_with_term(x, c, fx, theta, step_size)
+
+
+@_ie_residual_with_term_op.register_fake
+def _(x, c, fx, theta, step_size, backend):
+    return torch.empty_like(x), torch.empty_like(x)
+
+
+def _with_term_setup(ctx, inputs, output):
+    x, c, fx, theta, step_size, backend = inputs
+    ctx.config, ctx.dtypes = (theta, step_size, backend), (x.dtype, c.dtype, fx.dtype)
+    ctx.set_materialize_grads(False)
+
+
+def _with_term_backward(ctx, de, dterm):
+    theta, step_size, backend = ctx.config
+    if de is None and dterm is None:
+        return (None,) * 6
+    de = torch.zeros_like(dterm) if de is None else de
+    dterm = torch.zeros_like(de) if dterm is None else dterm
+    dx, dc, dfx = _ie_residual_with_term_adjoint_op(de, dterm.to(de.dtype), theta, step_size,
+                                                    backend)
+    dfx = dc if theta == 1.0 else dfx
+    return (*(g.to(dtype) for g, dtype in zip((dx, dc, dfx), ctx.dtypes)), None, None, None)
+
+
+torch.library.register_autograd("pyeuler::ie_residual_with_term", _with_term_backward,
+                                setup_context=_with_term_setup)
+
+
+@torch.library.custom_op("pyeuler::ie_residual_with_term_adjoint", mutates_args=())
+def _ie_residual_with_term_adjoint_op(de: Tensor, dterm: Tensor, theta: float, step_size: float,
+                                      backend: str) -> tuple[Tensor, Tensor, Tensor]:
+    dx, dc, dfx = _kernels(backend).ie_residual_with_term_adjoint(de, dterm, theta, step_size)
+    return dx, dc, (de.new_empty(0) if theta == 1.0 else dfx)
+
+
+@_ie_residual_with_term_adjoint_op.register_fake
+def _(de, dterm, theta, step_size, backend):
+    return (torch.empty_like(de), torch.empty_like(de),
+            de.new_empty(0) if theta == 1.0 else torch.empty_like(de))
+
+
+def _adjoint_setup(ctx, inputs, output):
+    de, dterm, theta, step_size, backend = inputs
+    ctx.config, ctx.dtypes = (theta, step_size, backend), (de.dtype, dterm.dtype)
+    ctx.set_materialize_grads(False)
+
+
+def _adjoint_backward(ctx, ddx, ddc, ddfx):
+    theta, step_size, backend = ctx.config
+    given = next((g for g in (ddx, ddc, ddfx) if g is not None and g.numel()), None)
+    if given is None:
+        return (None,) * 5
+    ddx, ddc, ddfx = (g if g is not None and g.numel() else torch.zeros_like(given)
+                      for g in (ddx, ddc, ddfx))
+    dde, ddterm = _ie_residual_with_term_op(ddx, ddc, ddfx, theta, step_size, backend)
+    return dde.to(ctx.dtypes[0]), ddterm.to(ctx.dtypes[1]), None, None, None
+
+
+torch.library.register_autograd("pyeuler::ie_residual_with_term_adjoint", _adjoint_backward,
+                                setup_context=_adjoint_setup)
 
 
 @torch.library.custom_op("pyeuler::ie_update", mutates_args=())
@@ -131,6 +203,23 @@ def _elementwise_operands(names: tuple[str, ...], tensors: tuple) -> tuple[Tenso
     return (first.to(dtype),) + tuple(tensors[1:])
 
 
+def _run_elementwise(names: tuple[str, ...], tensors: tuple, scalars: tuple, backend: str,
+                     primitive, op):
+    """Check the operands (:func:`_elementwise_operands`), then run the eager ``primitive``
+    or, on a kernel backend, its custom ``op``."""
+    operands = _elementwise_operands(names, tensors)
+    backend = kernel_backend(backend, *operands)
+    if backend in ("eager", "reference"):
+        return primitive(*operands, *scalars)
+    return op(*operands, *scalars, backend)
+
+
+def _check_step_size(step_size) -> None:
+    if (not isinstance(step_size, (int, float)) or isinstance(step_size, bool)
+            or not 0.0 < step_size < math.inf):
+        raise ValueError(f"step_size must be a finite float > 0, got {step_size!r}")
+
+
 def _check_theta(theta) -> None:
     if not isinstance(theta, (int, float)) or isinstance(theta, bool) or not 0.0 <= theta <= 1.0:
         raise ValueError(f"theta must be a float in [0, 1], got {theta!r}")
@@ -141,11 +230,22 @@ def ie_residual(x: Tensor, c: Tensor, fx: Tensor, theta: float, backend: str = "
     device, any floating dtypes; returns their promoted dtype.  ``θ`` in [0, 1].  Raises
     ``TypeError``/``ValueError`` naming the bad argument."""
     _check_theta(theta)
-    x, c, fx = _elementwise_operands(("x", "c", "fx"), (x, c, fx))
-    backend = kernel_backend(backend, x, c, fx)
-    if backend in ("eager", "reference"):
-        return primitives.ie_residual(x, c, fx, theta)
-    return _ie_residual_op(x, c, fx, theta, backend)
+    return _run_elementwise(("x", "c", "fx"), (x, c, fx), (theta,), backend,
+                            primitives.ie_residual, _ie_residual_op)
+
+
+def ie_residual_with_term(x: Tensor, c: Tensor, fx: Tensor, theta: float, step_size: float,
+                          backend: str = "eager") -> tuple[Tensor, Tensor]:
+    """``(e, −2γ·e)``: the residual ``e = x − c − θ·f(x)`` and its term in the IE step
+    ``x − 2γ·(e − θ·v)`` (docs/semantics.md §2), from one pass; shapes, dtypes and errors
+    as :func:`ie_residual`, ``γ`` (``step_size``) finite and > 0.  The branch VJP reads e
+    and the fused step the term (:func:`pyeuler.ops.preact_branch.branch_vjp_ie_update`):
+    each has one reader, so their gradients meet in this op's own backward, one fused
+    pass (:func:`pyeuler.ops.primitives.ie_residual_with_term_adjoint`)."""
+    _check_step_size(step_size)
+    _check_theta(theta)
+    return _run_elementwise(("x", "c", "fx"), (x, c, fx), (theta, step_size), backend,
+                            primitives.ie_residual_with_term, _ie_residual_with_term_op)
 
 
 def ie_update(x: Tensor, e: Tensor, v: Tensor, step_size: float, theta: float,
@@ -153,15 +253,10 @@ def ie_update(x: Tensor, e: Tensor, v: Tensor, step_size: float, theta: float,
     """``x − 2γ·(e − θ·v)``, one gradient step on ‖x − c − θ·f(x)‖² with ``v = J_fᵀe``
     (docs/semantics.md §2): x, e, v of one shape on one device, any floating dtypes; returns their
     promoted dtype.  ``γ`` (``step_size``) finite and > 0, ``θ`` in [0, 1]."""
-    if (not isinstance(step_size, (int, float)) or isinstance(step_size, bool)
-            or not 0.0 < step_size < math.inf):
-        raise ValueError(f"step_size must be a finite float > 0, got {step_size!r}")
+    _check_step_size(step_size)
     _check_theta(theta)
-    x, e, v = _elementwise_operands(("x", "e", "v"), (x, e, v))
-    backend = kernel_backend(backend, x, e, v)
-    if backend in ("eager", "reference"):
-        return primitives.ie_update(x, e, v, step_size, theta)
-    return _ie_update_op(x, e, v, step_size, theta, backend)
+    return _run_elementwise(("x", "e", "v"), (x, e, v), (step_size, theta), backend,
+                            primitives.ie_update, _ie_update_op)
 
 
 # ----------------------------------------------------------------------------------------
@@ -235,8 +330,11 @@ def _refine(branch, x0, fx0, x, steps, step_size, theta, update_running, recompu
     for _ in range(steps):
         fx, cache = branch_forward(branch, x, backend, update_running=update_running,
                                    recompute=recompute)
-        e = ie_residual(x, c, fx, theta, backend)
-        x = branch_vjp_ie_update(branch, cache, e, step_size, theta, backend)
+        if torch.is_grad_enabled():  # the term spares the backward three passes
+            e, residual_term = ie_residual_with_term(x, c, fx, theta, step_size, backend)
+        else:  # no backward: one tensor fewer to write
+            e, residual_term = ie_residual(x, c, fx, theta, backend), None
+        x = branch_vjp_ie_update(branch, cache, e, step_size, theta, backend, residual_term)
     return x
 
 

@@ -389,16 +389,20 @@ torch.library.register_autograd("pyeuler::norm_relu_backward_conv", _backward_co
 
 
 # The IE-Skip update fused into the last pass of the branch VJP, ``x − 2γ·(e − θ·v)`` with v
-# the norm's input gradient, differentiable (for "unrolled"): v is never written or read.
+# the norm's input gradient, differentiable (for "unrolled"): v is never written or read.  With
+# a backward to come it reads the residual's term ``−2γ·e`` (pyeuler.ops.ie_skip writes it
+# beside e) rather than e: the term's gradient is then the output's own, and e keeps a single
+# reader.
 
 
-def _ie_update_pass(kernels, dy, x, weight, bias, mean, var, e, eps, groups, batch_stats,
-                    step_size, theta, affine):
+def _ie_update_pass(kernels, dy, x, weight, bias, mean, var, residual, eps, groups,
+                    batch_stats, step_size, theta, residual_is_term, affine):
     (scale, shift, a, b, c, center), *_, sums = backward_terms(
         kernels, dy, None, None, x, weight, bias, None, 1.0, mean, var, None, eps, groups, True,
         batch_stats, _INPUT_GRAD_ONLY, affine)
     out = kernels.affine_act_backward_apply_ie_update(dy, x, scale, shift, None, True, a, b, c,
-                                                      center, e, step_size, theta)
+                                                      center, residual, step_size, theta,
+                                                      residual_is_term)
     return out, sums
 
 
@@ -412,25 +416,28 @@ def _norm_relu_backward_ie_update(
     var: Tensor,
     scale: Tensor,
     shift: Tensor,
-    e: Tensor,
+    residual: Tensor,
     eps: float,
     groups: int,
     batch_stats: bool,
     step_size: float,
     theta: float,
+    residual_is_term: bool,
     backend: str,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """``(x − 2γ·(e − θ·v), Σg, Σg·(x − center))``; the sums (empty when not needed) are
-    kept for the backward.  ``scale``/``shift``: the forward's coefficients (the ReLU gate)."""
-    out, sums = _ie_update_pass(_kernels(backend), dy, x, weight, bias, mean, var, e, eps, groups,
-                                batch_stats, step_size, theta, Affine(scale, shift))
+    """``(x − 2γ·(e − θ·v), Σg, Σg·(x − center))`` from ``residual`` = e or (with
+    ``residual_is_term``) its term ``−2γ·e``; the sums (empty when not needed) are kept for
+    the backward.  ``scale``/``shift``: the forward's coefficients (the ReLU gate)."""
+    out, sums = _ie_update_pass(_kernels(backend), dy, x, weight, bias, mean, var, residual,
+                                eps, groups, batch_stats, step_size, theta, residual_is_term,
+                                Affine(scale, shift))
     return unaliased((out,) + (sums or (x.new_empty(0), x.new_empty(0))),
-                      (dy, x, weight, bias, mean, var, scale, shift, e))
+                      (dy, x, weight, bias, mean, var, scale, shift, residual))
 
 
 @_norm_relu_backward_ie_update.register_fake
-def _(dy, x, weight, bias, mean, var, scale, shift, e, eps, groups, batch_stats, step_size, theta,
-      backend):
+def _(dy, x, weight, bias, mean, var, scale, shift, residual, eps, groups, batch_stats,
+      step_size, theta, residual_is_term, backend):
     sum_shape = (x.shape[1],) if groups == 0 else (x.shape[0], x.shape[1])
     sums = sums_needed(_INPUT_GRAD_ONLY, batch_stats)
     return (torch.empty_like(x), mean.new_empty(sum_shape if sums else (0,)),
@@ -442,13 +449,14 @@ _IE_UPDATE_POSITIONS = {"dy": 0, "x": 1, "weight": 2, "bias": 3, "mean": 4, "var
 
 
 def _ie_update_setup_context(ctx, inputs, output):
-    (dy, x, weight, bias, mean, var, scale, shift, e, eps, groups, batch_stats, step_size, theta,
-     backend) = inputs
+    (dy, x, weight, bias, mean, var, scale, shift, residual, eps, groups, batch_stats,
+     step_size, theta, residual_is_term, backend) = inputs
     no_zero_gradients(ctx)
     sums = output[1:] if output[1].numel() else (None, None)
     ctx.save_for_backward(dy, x, weight, bias, mean, var, scale, shift, *sums)
     ctx.config = (eps, groups, batch_stats, step_size, theta, backend)
-    ctx.e_dtype = e.dtype
+    ctx.residual_coef = 1.0 if residual_is_term else -2.0 * step_size
+    ctx.residual_dtype = residual.dtype
 
 
 def _ie_update_backward(ctx, out_grad, sum_g_grad, sum_gxc_grad):
@@ -458,8 +466,9 @@ def _ie_update_backward(ctx, out_grad, sum_g_grad, sum_gxc_grad):
     if out_grad is None:  # only the kept sums are used downstream
         out_grad = torch.zeros_like(x)
     inputs = BackwardInputs(dy, None, None, x, weight, bias, None, mean, var, None, scale, shift)
-    # out = x − 2γ·e + 2γθ·v: v's gradient is 2γθ·out_grad, and x's own share, out_grad, is
-    # summed into x's gradient; both inside the elementwise pass of the second order
+    # out = x + residual_coef·residual + 2γθ·v: v's gradient is 2γθ·out_grad, and x's own
+    # share, out_grad, is summed into x's gradient; both inside the second order's
+    # elementwise pass.  The term's gradient is out_grad itself.
     grads = double_backward_math(
         inputs, sums, OutputGrads(dx=out_grad, sum_g=none_if_empty(sum_g_grad),
                                   sum_gxc=none_if_empty(sum_gxc_grad)),
@@ -467,9 +476,12 @@ def _ie_update_backward(ctx, out_grad, sum_g_grad, sum_gxc_grad):
         wanted_inputs(ctx, inputs, _IE_UPDATE_POSITIONS), backend,
         dx_grad_scale=2.0 * step_size * theta, x_grad_addend=out_grad)
     g_x = grads["x"] if ctx.needs_input_grad[1] else None
-    g_e = (-2.0 * step_size * out_grad).to(ctx.e_dtype) if ctx.needs_input_grad[8] else None
+    g_residual = None
+    if ctx.needs_input_grad[8]:
+        g_residual = out_grad if ctx.residual_coef == 1.0 else ctx.residual_coef * out_grad
+        g_residual = g_residual.to(ctx.residual_dtype)
     return (grads.get("dy"), g_x, grads.get("weight"), grads.get("bias"), grads.get("mean"),
-            grads.get("var"), None, None, g_e, *(None,) * 6)
+            grads.get("var"), None, None, g_residual, *(None,) * 7)
 
 
 torch.library.register_autograd("pyeuler::norm_relu_backward_ie_update", _ie_update_backward,
@@ -487,30 +499,39 @@ def _affine_of(stats: NormStats, norm: torch.nn.Module) -> Affine:
     return Affine(*(t.detach() for t in coefficients))
 
 
-def norm_relu_backward_ie_update(dy: Tensor, stats: NormStats, norm: torch.nn.Module, e: Tensor,
-                                 step_size: float, theta: float, backend: str) -> Tensor:
-    """``x − 2γ·(e − θ·v)`` with ``v`` the input gradient of ``ReLU(norm(x))`` at ``stats``
-    for output gradient ``dy``, in one fused pass that never writes v.  Differentiable to
-    any order, like :func:`norm_act_backward` ("unrolled" IE-Skips use it too)."""
+def norm_relu_backward_ie_update(dy: Tensor, stats: NormStats, norm: torch.nn.Module,
+                                 residual: Tensor, step_size: float, theta: float, backend: str,
+                                 residual_is_term: bool = False) -> Tensor:
+    """The IE step ``x − 2γ·(e − θ·v)`` with ``v`` the input gradient of ``ReLU(norm(x))`` at
+    ``stats`` for output gradient ``dy``, in one fused pass that never writes v.
+    ``residual`` is e, or with ``residual_is_term`` its term ``−2γ·e``
+    (:func:`pyeuler.ops.ie_skip.ie_residual_with_term`).  Differentiable to any order, like
+    :func:`norm_act_backward` ("unrolled" IE-Skips use it too)."""
     groups = norm.num_groups if isinstance(norm, torch.nn.GroupNorm) else 0
     if stats.mask is not None:
         raise ValueError("norm_relu_backward_ie_update recomputes the ReLU mask from x: stats "
                          "must come from an evaluation without a shortcut")
-    backend = kernel_backend(backend, dy, stats.x, norm.weight, norm.bias, stats.mean, stats.var, e)
+    backend = kernel_backend(backend, dy, stats.x, norm.weight, norm.bias, stats.mean, stats.var,
+                             residual)
     if stats.sync is not None:  # unfused: v from the synchronised backward, then the update
         v, *_ = norm_act_backward(dy, stats.x, norm.weight, norm.bias, None, 1.0, stats.mean,
                                   stats.var, None, norm.eps, groups, True, True, _INPUT_GRAD_ONLY,
                                   backend, affine=stats.affine, sync=stats.sync)
-        return primitives.ie_update(stats.x, e, v, step_size, theta)
+        if not residual_is_term:
+            return primitives.ie_update(stats.x, residual, v, step_size, theta)
+        acc = torch.float64 if stats.x.dtype == torch.float64 else torch.float32
+        return (stats.x.to(acc) + residual.to(acc)
+                + (2.0 * step_size * theta) * v.to(acc)).to(stats.x.dtype)
     if backend == "eager":  # torch ops: autograd differentiates them directly
         out, _ = _ie_update_pass(primitives, dy, stats.x, norm.weight, norm.bias, stats.mean,
-                                 stats.var, e, norm.eps, groups, stats.batch_stats, step_size, theta,
-                                 stats.affine)
+                                 stats.var, residual, norm.eps, groups, stats.batch_stats,
+                                 step_size, theta, residual_is_term, stats.affine)
         return out
     scale, shift = _affine_of(stats, norm)
     out, _, _ = _norm_relu_backward_ie_update(dy, stats.x, norm.weight, norm.bias, stats.mean,
-                                              stats.var, scale, shift, e, norm.eps, groups,
-                                              stats.batch_stats, step_size, theta, backend)
+                                              stats.var, scale, shift, residual, norm.eps,
+                                              groups, stats.batch_stats, step_size, theta,
+                                              residual_is_term, backend)
     return out
 
 

@@ -164,11 +164,18 @@ def branch_vjp(branch, cache: BranchCache, e: Tensor, backend: str) -> Tensor:
 
 
 def branch_vjp_ie_update(branch, cache: BranchCache, e: Tensor, step_size: float, theta: float,
-                         backend: str) -> Tensor:
+                         backend: str, residual_term: Tensor | None = None) -> Tensor:
     """``x − 2γ·(e − θ·J_fᵀe)`` at the branch input x, the update fused into the VJP's last
-    pass (J_fᵀe is never written).  Differentiable like :func:`branch_vjp`."""
+    pass (J_fᵀe is never written).  Given e's term ``residual_term = −2γ·e``
+    (:func:`pyeuler.ops.ie_skip.ie_residual_with_term`), the update reads it and the VJP e:
+    each has one reader, so their gradients never meet in the autograd engine.
+    Differentiable like :func:`branch_vjp`."""
     g = _vjp_to_first_activation(branch, cache, e, backend)
-    return norm_relu_backward_ie_update(g, cache.stats1, branch.bn1, e, step_size, theta, backend)
+    if residual_term is None:
+        return norm_relu_backward_ie_update(g, cache.stats1, branch.bn1, e, step_size, theta,
+                                            backend)
+    return norm_relu_backward_ie_update(g, cache.stats1, branch.bn1, residual_term, step_size,
+                                        theta, backend, residual_is_term=True)
 
 
 def branch_jvp(branch, x: Tensor, v: Tensor, backend: str = "eager") -> Tensor:

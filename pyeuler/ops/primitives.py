@@ -52,6 +52,8 @@ __all__ = [
     "affine_act_double_backward_reduce",
     "affine_act_double_backward_apply",
     "ie_residual",
+    "ie_residual_with_term",
+    "ie_residual_with_term_adjoint",
     "ie_update",
 ]
 
@@ -254,20 +256,25 @@ def affine_act_backward_apply_ie_update(
     b: Tensor,
     c: Tensor,
     center: Tensor,
-    e: Tensor,
+    residual: Tensor,
     step_size: float,
     theta: float,
+    residual_is_term: bool,
 ) -> Tensor:
     """The IE-Skip update fused into the last backward pass of its VJP.
 
     With ``v = a·g + b·(x − center) + c`` (:func:`affine_act_backward_apply`'s dx, here the
-    VJP ``J_fᵀe`` of a pre-activation branch whose input is ``x``), returns
-    ``x − 2γ·(e − θ·v)`` in x's dtype and memory format without materialising v:
-    reads dy, x, e once and writes one tensor, instead of two passes and two writes.
+    VJP ``J_fᵀe`` of a pre-activation branch whose input is ``x``), returns the step
+    ``x − 2γ·(e − θ·v)`` in x's dtype and memory format without materialising v: reads dy,
+    x, the residual once and writes one tensor, instead of two passes and two writes.
+    ``residual`` is e, or with ``residual_is_term`` its term ``−2γ·e``
+    (:func:`ie_residual_with_term`: the step is then ``x + residual + 2γθ·v``).
     """
     _, v = _gated_input_grad(dy, x, scale, shift, mask, relu, a, b, c, center)
     acc = _acc_dtype(x)
-    return (x.to(acc) - 2.0 * step_size * (e.to(acc) - theta * v)).to(x.dtype)
+    residual_coef = 1.0 if residual_is_term else -2.0 * step_size
+    return (x.to(acc) + residual_coef * residual.to(acc)
+            + (2.0 * step_size * theta) * v).to(x.dtype)
 
 
 def affine_act_double_backward_reduce(
@@ -353,6 +360,33 @@ def ie_residual(x: Tensor, c: Tensor, fx: Tensor, theta: float) -> Tensor:
     """IE-Skip residual ``e = x − c − θ·f(x)`` (docs/semantics.md §2)."""
     acc = _acc_dtype(x)
     return (x.to(acc) - c.to(acc) - theta * fx.to(acc)).to(x.dtype)
+
+
+def ie_residual_with_term(x: Tensor, c: Tensor, fx: Tensor, theta: float,
+                          step_size: float) -> tuple[Tensor, Tensor]:
+    """``(e, −2γ·e)``: the residual ``e = x − c − θ·f(x)`` and its term in the IE step
+    ``x − 2γ·(e − θ·v)`` (docs/semantics.md §2), both in x's dtype, from one pass.
+
+    The VJP reads e and the step reads the term (:func:`affine_act_backward_apply_ie_update`),
+    two tensors with one reader each: their gradients reach this op apart, and its adjoint
+    (:func:`ie_residual_with_term_adjoint`) combines them in one pass, where a single e read
+    twice would have the autograd engine sum them, and a scale and a negation follow."""
+    acc = _acc_dtype(x)
+    e = x.to(acc) - c.to(acc) - theta * fx.to(acc)
+    return e.to(x.dtype), (-2.0 * step_size * e).to(x.dtype)
+
+
+def ie_residual_with_term_adjoint(de: Tensor, dterm: Tensor, theta: float,
+                                  step_size: float) -> tuple[Tensor, Tensor, Tensor]:
+    """The transpose of :func:`ie_residual_with_term`'s linear map: from the gradients of
+    ``e`` and of its term (one shape), those of x, c and f(x), in de's dtype::
+
+        u = de − 2γ·dterm,    dx = u,    dc = −u,    dfx = −θ·u
+
+    Linear in (de, dterm), so its VJP is :func:`ie_residual_with_term`'s map again."""
+    acc = _acc_dtype(de)
+    u = de.to(acc) - (2.0 * step_size) * dterm.to(acc)
+    return u.to(de.dtype), (-u).to(de.dtype), (-theta * u).to(de.dtype)
 
 
 def ie_update(x: Tensor, e: Tensor, v: Tensor, step_size: float, theta: float) -> Tensor:

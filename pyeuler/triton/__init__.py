@@ -36,6 +36,8 @@ __all__ = [
     "affine_act_double_backward_reduce",
     "affine_act_double_backward_apply",
     "ie_residual",
+    "ie_residual_with_term",
+    "ie_residual_with_term_adjoint",
     "ie_update",
 ]
 
@@ -74,7 +76,8 @@ if _IMPORT_ERROR is None:
     from pyeuler.triton.coefficients import (backward_coefficients, backward_coefficients_vjp,
                                              double_backward_coefficients, forward_coefficients,
                                              update_running_stats)
-    from pyeuler.triton.ie import ie_residual, ie_update
+    from pyeuler.triton.ie import (ie_residual, ie_residual_with_term,
+                                   ie_residual_with_term_adjoint, ie_update)
     from pyeuler.triton.norm_stats import (merge_stats, norm_stats, norm_stats_and_coefficients,
                                            norm_stats_partials)
 

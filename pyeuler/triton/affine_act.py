@@ -9,7 +9,7 @@
   recomputes it (a convolution's weight gradient), instead of a pass of its own;
 - backward apply: ``dx = a·g + b·(x − center) + c`` and optionally ``g`` for the shortcut;
   or, as the IE-Skip's last VJP pass, the step ``x − 2γ·(e − θ·dx)`` in dx's place (one more
-  read, e; v = dx is never written);
+  read, e or its term ``−2γ·e``; v = dx is never written);
 - double backward (the backward of backward apply, for second-order gradients): the same
   reduce over ``ddx`` with a third sum ``ddx·g``, and one elementwise pass writing both
   ``ddy = m·(a·ddx + p + q·(x − center) + ddshortcut)`` and ``dxx = b·ddx + q·g``.
@@ -350,15 +350,15 @@ def _sum_partials_kernel(w_parts_ptr, wx_parts_ptr, wg_parts_ptr, w_sum_ptr, wx_
 
 @declare_passes(lambda launch: {
     "dy_ptr": 1, "x_ptr": 1, "a_ptr": 1, "b_ptr": 1, "c_ptr": 1, "center_ptr": 1, "dx_ptr": 1,
-    "dshortcut_ptr": int(launch["WANT_DSHORTCUT"]), "e_ptr": int(launch["IE_UPDATE"]),
+    "dshortcut_ptr": int(launch["WANT_DSHORTCUT"]), "residual_ptr": int(launch["IE_UPDATE"]),
     **_gate_passes(launch)})
 @triton.autotune(configs=_ELEMENTWISE_CONFIGS, key=["n_outer", "n_inner"])
 @triton.heuristics({"BLOCK_O": lambda a: outer_block(a["TILE"], a["BLOCK_I"], a["n_outer"])})
 @triton.jit
 def _affine_act_backward_apply_kernel(
     dy_ptr, x_ptr, scale_ptr, shift_ptr, mask_ptr, a_ptr, b_ptr, c_ptr, center_ptr,
-    dx_ptr, dshortcut_ptr, e_ptr,
-    n_outer, n_inner, C, S, two_step_size, theta,
+    dx_ptr, dshortcut_ptr, residual_ptr,
+    n_outer, n_inner, C, S, residual_coef, v_coef,
     CHANNELS_LAST: tl.constexpr, PER_SAMPLE: tl.constexpr, LOAD_MASK: tl.constexpr,
     RECOMPUTE_MASK: tl.constexpr, WANT_DSHORTCUT: tl.constexpr, IE_UPDATE: tl.constexpr,
     BLOCK_I: tl.constexpr, TILE: tl.constexpr, BLOCK_O: tl.constexpr, WIDE_INDEX: tl.constexpr,
@@ -366,7 +366,8 @@ def _affine_act_backward_apply_kernel(
     """``dx = a·g + b·(x − center) + c`` into ``dx_ptr``, and ``g`` into ``dshortcut_ptr``.
 
     ``IE_UPDATE``: ``dx`` is the IE-Skip VJP ``v``, and ``dx_ptr`` receives the step
-    ``x − 2γ·(e − θ·v)`` instead (``two_step_size`` = 2γ), so v is never written.
+    ``x + residual_coef·r + v_coef·v = x − 2γ·(e − θ·v)`` instead (r = e with coefficient
+    −2γ, or its term −2γ·e with 1; ``v_coef`` = 2γθ), so v is never written.
     """
     outer, inner, outer_ok, inner_ok, offsets, ok = _elementwise_tile(
         n_outer, n_inner, BLOCK_O, BLOCK_I, WIDE_INDEX)
@@ -382,8 +383,8 @@ def _affine_act_backward_apply_kernel(
     # a zero b (running statistics) contributes nothing, even at x = ±inf (0·inf is NaN)
     dx = a * g + tl.where(b == 0, 0.0, b * (x - center)) + c
     if IE_UPDATE:
-        e = tl.load(e_ptr + offsets, mask=ok, other=0.0).to(tl.float32)
-        dx = x - two_step_size * (e - theta * dx)
+        r = tl.load(residual_ptr + offsets, mask=ok, other=0.0).to(tl.float32)
+        dx = x + residual_coef * r + v_coef * dx
     tl.store(dx_ptr + offsets, dx.to(dx_ptr.dtype.element_ty), mask=ok)
     if WANT_DSHORTCUT:
         tl.store(dshortcut_ptr + offsets, g.to(dshortcut_ptr.dtype.element_ty), mask=ok)
@@ -596,32 +597,32 @@ def affine_act_double_backward_reduce(
 
 
 def _backward_apply(dy, x, scale, shift, mask, relu, a, b, c, center, want_dshortcut,
-                    e=None, step_size=0.0, theta=0.0):
-    """Validate and launch the apply kernel; with ``e``, its IE-update epilogue."""
+                    residual=None, residual_coef=0.0, v_coef=0.0):
+    """Validate and launch the apply kernel; with ``residual``, its IE-update epilogue."""
     check_activation(x)
     check_like(dy, "dy", x)
     _check_mask(mask, x)
-    if e is not None:
-        check_like(e, "e", x)
+    if residual is not None:
+        check_like(residual, "residual", x)
     per_sample, (scale, shift, a, b, c, center) = coefficients(
         x, scale=scale, shift=shift, a=a, b=b, c=c, center=center)
     x, channels_last = dense_layout(x)
     dy = same_layout(dy, x)
     if mask is not None:
         mask = same_layout(mask, x)
-    if e is not None:
-        e = same_layout(e, x)
+    if residual is not None:
+        residual = same_layout(residual, x)
     dx = torch.empty_like(x)
     dshortcut = torch.empty_like(x, dtype=dy.dtype) if want_dshortcut else None
     if x.numel() == 0:
         return dx, dshortcut
     n_outer, n_inner, block_i = _elementwise_geometry(x, channels_last)
     _affine_act_backward_apply_kernel[_elementwise_grid(n_outer, n_inner)](
-        dy, x, scale, shift, mask, a, b, c, center, dx, dshortcut, e,
-        n_outer, n_inner, x.shape[1], spatial_size(x), 2.0 * step_size, theta,
+        dy, x, scale, shift, mask, a, b, c, center, dx, dshortcut, residual,
+        n_outer, n_inner, x.shape[1], spatial_size(x), residual_coef, v_coef,
         CHANNELS_LAST=channels_last, PER_SAMPLE=per_sample, LOAD_MASK=mask is not None,
         RECOMPUTE_MASK=mask is None and bool(relu), WANT_DSHORTCUT=bool(want_dshortcut),
-        IE_UPDATE=e is not None, BLOCK_I=block_i, WIDE_INDEX=needs_wide_index(x))
+        IE_UPDATE=residual is not None, BLOCK_I=block_i, WIDE_INDEX=needs_wide_index(x))
     return dx, dshortcut
 
 
@@ -653,15 +654,20 @@ def affine_act_backward_apply_ie_update(
     b: torch.Tensor,
     c: torch.Tensor,
     center: torch.Tensor,
-    e: torch.Tensor,
+    residual: torch.Tensor,
     step_size: float,
     theta: float,
+    residual_is_term: bool,
 ) -> torch.Tensor:
-    """``x − 2γ·(e − θ·v)`` with ``v = a·g + b·(x − center) + c`` never written (x's dtype and layout)."""
+    """The IE step ``x − 2γ·(e − θ·v)`` with ``v = a·g + b·(x − center) + c`` never written
+    (x's dtype and layout); ``residual`` is e, or with ``residual_is_term`` its term
+    ``−2γ·e``."""
     step_size = check_float(step_size, "step_size")
     theta = check_float(theta, "theta")
+    residual_coef = 1.0 if residual_is_term else -2.0 * step_size
     x_new, _ = _backward_apply(dy, x, scale, shift, mask, relu, a, b, c, center, False,
-                               e=e, step_size=step_size, theta=theta)
+                               residual=residual, residual_coef=residual_coef,
+                               v_coef=2.0 * step_size * theta)
     return x_new
 
 

@@ -1,4 +1,5 @@
-"""IE-Skip elementwise steps (docs/semantics.md §2): the residual e and the gradient step on x.
+"""IE-Skip elementwise steps (docs/semantics.md §2): the residual e (with its term ``−2γ·e``
+of the step), that map's adjoint, and the gradient step on x.
 
 Both are pure streams over dense tensors of one layout, so they run as flat 1-D kernels
 over storage order (any dense layout, channels-last included) with 16-byte vector loads.
@@ -21,7 +22,7 @@ from pyeuler.triton._utils import (
     same_layout,
 )
 
-__all__ = ["ie_residual", "ie_update"]
+__all__ = ["ie_residual", "ie_residual_with_term", "ie_residual_with_term_adjoint", "ie_update"]
 
 _CONFIGS = autotune_configs([(2048, 4), (4096, 8)], interpreter_tile=4096)
 
@@ -35,17 +36,39 @@ def _flat_offsets(numel, TILE: tl.constexpr, WIDE_INDEX: tl.constexpr):
     return offsets, offsets < numel
 
 
-@declare_passes({"x_ptr": 1, "c_ptr": 1, "fx_ptr": 1, "e_ptr": 1})
+@declare_passes(lambda launch: {"x_ptr": 1, "c_ptr": 1, "fx_ptr": 1, "e_ptr": 1,
+                                 "term_ptr": int(launch["WITH_TERM"])})
 @triton.autotune(configs=_CONFIGS, key=["numel"])
 @triton.jit
-def _ie_residual_kernel(x_ptr, c_ptr, fx_ptr, e_ptr, numel, theta,
-                        TILE: tl.constexpr, WIDE_INDEX: tl.constexpr):
+def _ie_residual_kernel(x_ptr, c_ptr, fx_ptr, e_ptr, term_ptr, numel, theta, two_step_size,
+                        WITH_TERM: tl.constexpr, TILE: tl.constexpr, WIDE_INDEX: tl.constexpr):
+    """``e = x − c − θ·fx``; with ``WITH_TERM`` also ``−2γ·e`` (from e unrounded)."""
     offsets, ok = _flat_offsets(numel, TILE, WIDE_INDEX)
     x = tl.load(x_ptr + offsets, mask=ok, other=0.0).to(tl.float32)
     c = tl.load(c_ptr + offsets, mask=ok, other=0.0).to(tl.float32)
     fx = tl.load(fx_ptr + offsets, mask=ok, other=0.0).to(tl.float32)
     e = x - c - theta * fx
     tl.store(e_ptr + offsets, e.to(e_ptr.dtype.element_ty), mask=ok)
+    if WITH_TERM:
+        tl.store(term_ptr + offsets, (-two_step_size * e).to(term_ptr.dtype.element_ty), mask=ok)
+
+
+@declare_passes(lambda launch: {"de_ptr": 1, "dterm_ptr": 1, "dx_ptr": 1, "dc_ptr": 1,
+                                 "dfx_ptr": int(launch["WRITE_DFX"])})
+@triton.autotune(configs=_CONFIGS, key=["numel"])
+@triton.jit
+def _ie_residual_adjoint_kernel(de_ptr, dterm_ptr, dx_ptr, dc_ptr, dfx_ptr, numel, theta,
+                                two_step_size, WRITE_DFX: tl.constexpr, TILE: tl.constexpr,
+                                WIDE_INDEX: tl.constexpr):
+    """``u = de − 2γ·dterm``: ``dx = u``, ``dc = −u``, ``dfx = −θ·u`` (``WRITE_DFX``)."""
+    offsets, ok = _flat_offsets(numel, TILE, WIDE_INDEX)
+    de = tl.load(de_ptr + offsets, mask=ok, other=0.0).to(tl.float32)
+    dterm = tl.load(dterm_ptr + offsets, mask=ok, other=0.0).to(tl.float32)
+    u = de - two_step_size * dterm
+    tl.store(dx_ptr + offsets, u.to(dx_ptr.dtype.element_ty), mask=ok)
+    tl.store(dc_ptr + offsets, (-u).to(dc_ptr.dtype.element_ty), mask=ok)
+    if WRITE_DFX:
+        tl.store(dfx_ptr + offsets, (-theta * u).to(dfx_ptr.dtype.element_ty), mask=ok)
 
 
 @declare_passes({"x_ptr": 1, "e_ptr": 1, "v_ptr": 1, "out_ptr": 1})
@@ -72,13 +95,15 @@ def _dense(x: torch.Tensor) -> torch.Tensor:
     return x
 
 
-def _prepare(x: torch.Tensor, **others: torch.Tensor) -> list[torch.Tensor]:
-    """Validate; return x (dense) and the others in x's layout, so storage order matches."""
+def _prepare(x: torch.Tensor, first: str = "x", **others: torch.Tensor) -> list[torch.Tensor]:
+    """Validate; return x (dense) and the others in x's layout, so storage order matches.
+    ``first``: x's argument name, for the errors."""
     if not isinstance(x, torch.Tensor):
-        raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+        raise TypeError(f"{first} must be a torch.Tensor, got {type(x).__name__}")
     if x.dtype not in SUPPORTED_DTYPES:
-        raise TypeError(f"x must be float32, float16 or bfloat16 for the Triton backend, got {x.dtype}")
-    check_device(x, "x")
+        raise TypeError(f"{first} must be float32, float16 or bfloat16 for the Triton backend, "
+                        f"got {x.dtype}")
+    check_device(x, first)
     for name, t in others.items():
         check_like(t, name, x)
     x = _dense(x)
@@ -89,15 +114,44 @@ def _grid(numel: int):
     return lambda meta: (triton.cdiv(numel, meta["TILE"]),)
 
 
-def ie_residual(x: torch.Tensor, c: torch.Tensor, fx: torch.Tensor, theta: float) -> torch.Tensor:
-    """IE-Skip residual ``e = x − c − θ·f(x)`` in x's dtype and layout."""
+def _residual(x, c, fx, theta, step_size):
     theta = check_float(theta, "theta")
     x, c, fx = _prepare(x, c=c, fx=fx)
     e = torch.empty_like(x)
+    term = None if step_size is None else torch.empty_like(x)
     if x.numel():
-        _ie_residual_kernel[_grid(x.numel())](x, c, fx, e, x.numel(), theta,
-                                              WIDE_INDEX=needs_wide_index(x))
-    return e
+        _ie_residual_kernel[_grid(x.numel())](
+            x, c, fx, e, term, x.numel(), theta,
+            0.0 if step_size is None else 2.0 * check_float(step_size, "step_size"),
+            WITH_TERM=term is not None, WIDE_INDEX=needs_wide_index(x))
+    return e, term
+
+
+def ie_residual(x: torch.Tensor, c: torch.Tensor, fx: torch.Tensor, theta: float) -> torch.Tensor:
+    """IE-Skip residual ``e = x − c − θ·f(x)`` in x's dtype and layout."""
+    return _residual(x, c, fx, theta, None)[0]
+
+
+def ie_residual_with_term(x: torch.Tensor, c: torch.Tensor, fx: torch.Tensor, theta: float,
+                          step_size: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(e, −2γ·e)`` in x's dtype and layout, one pass."""
+    return _residual(x, c, fx, theta, step_size)
+
+
+def ie_residual_with_term_adjoint(de: torch.Tensor, dterm: torch.Tensor, theta: float,
+                                  step_size: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(dx, dc, dfx)`` of :func:`ie_residual_with_term` in de's dtype and layout; at θ = 1
+    ``dfx`` is ``dc`` itself (one tensor written, not two)."""
+    theta = check_float(theta, "theta")
+    two_step_size = 2.0 * check_float(step_size, "step_size")
+    de, dterm = _prepare(de, "de", dterm=dterm)
+    dx, dc = torch.empty_like(de), torch.empty_like(de)
+    dfx = dc if theta == 1.0 else torch.empty_like(de)
+    if de.numel():
+        _ie_residual_adjoint_kernel[_grid(de.numel())](
+            de, dterm, dx, dc, dfx, de.numel(), theta, two_step_size, WRITE_DFX=theta != 1.0,
+            WIDE_INDEX=needs_wide_index(de))
+    return dx, dc, dfx
 
 
 def ie_update(x: torch.Tensor, e: torch.Tensor, v: torch.Tensor, step_size: float, theta: float) -> torch.Tensor:
