@@ -186,11 +186,13 @@ def _device_ok(name: str, device: torch.device) -> tuple[bool, str]:
     return True, ""
 
 
-# What "auto" runs off the GPU, by measurement (benchmarks/results/cpu-2026-11-29.md:
-# OMP_NUM_THREADS=1 pyeuler bench --backends reference eager --steps 0 1 --grads unrolled
-# detached --depth 16 --widen-factor 4 --batch-size 8 --image-size 32): "eager" takes
-# 218.7 ms per K = 0 step against plain PyTorch's 227.4 (native BatchNorm, autograd),
-# 486.0 against 479.7 at K = 1 unrolled and 302.2 against 290.4 detached.
+# What "auto" runs off the GPU, by measurement (benchmarks/results/cpu-2026-11-29.md and
+# cpu-2026-11-30.md: OMP_NUM_THREADS=1 pyeuler bench --backends reference eager --steps 0 1
+# --grads unrolled detached --depth 16 --widen-factor 4 --batch-size 8 --image-size 32):
+# "eager" takes 218.7 / 220.0 ms per K = 0 step against plain PyTorch's 227.4 / 212.2
+# (native BatchNorm, autograd), 486.0 / 469.0 against 479.7 / 485.9 at K = 1 unrolled and
+# 302.2 / 327.0 against 290.4 / 286.3 detached.  The "reference" backend, the other exact
+# one, runs the oracle's arithmetic norms, not the native ones.
 CPU_AUTO = "eager"
 
 
