@@ -130,3 +130,13 @@ def test_sections_are_kept_and_findings_state_the_spread_over_seeds(tmp_path):
             assert "±" in line and ("within the seed spread" in line
                                     or "exceeds the seed spread" in line), line
     assert (figdir / "moons_step_factor.png").exists()
+
+
+def test_the_dense_stability_sentence_follows_the_method_the_run_used():
+    """A stability section run before the dense method took singular values directly says
+    its values are exact up to the iteration tolerance; one run since says exact."""
+    from pyeuler.robust.report import dense_method_sentence
+
+    assert "up to the iteration tolerance 1e-05" in dense_method_sentence({"tol": 1e-5})
+    now = dense_method_sentence({"tol": 1e-5, "dense": "svdvals"})
+    assert "svdvals" in now and "tolerance" not in now

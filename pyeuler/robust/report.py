@@ -707,6 +707,17 @@ def _stability_summary(res) -> dict:
     return out
 
 
+def dense_method_sentence(meta: dict) -> str:
+    """How exact the stability section's dense values are, from its run's ``meta``: runs
+    since the dense method took singular values directly record ``dense="svdvals"``;
+    earlier ones power-iterated on the formed Jacobian to ``meta["tol"]``."""
+    if meta.get("dense") == "svdvals":
+        return ("Per-sample Jacobians are formed densely (`method=\"auto\"`) and their "
+                "singular values taken directly (`torch.linalg.svdvals`), so values are exact.")
+    return ("Per-sample Jacobians are formed densely (`method=\"auto\"`), so values are exact "
+            f"up to the iteration tolerance {meta['tol']:g}.")
+
+
 def run_stability(datasets, seeds, samples, epochs_scale, log, iters=100, tol=1e-5,
                   at_steps=3) -> dict:
     """Train the step-factor and IE-Skip models of :func:`run_section` (natural
@@ -836,9 +847,7 @@ def stability_markdown(stability: dict, figures, figrel: str) -> list[str]:
          "(`resnet-56`) and for down-sampling blocks, which are not of the form x + f(x).",
          "- [share]: the share of (test input, block) pairs meeting the condition (value "
          f"≤ 1 + {meta.get('pass_tolerance', 1e-3):g}, for rounding), pooled over the blocks "
-         "where it applies; medians pooled likewise. Per-sample Jacobians are formed densely "
-         f"(`method=\"auto\"`), so values are exact up to the iteration tolerance "
-         f"{meta['tol']:g}.",
+         "where it applies; medians pooled likewise. " + dense_method_sentence(meta),
          "- With GroupNorm(1, C) in the branch (`wrn-10-1`, the `mlp-*` models) f(x) is "
          "unchanged by x ↦ αx and x ↦ x + c·1 (up to the norm's ε), so J_f x = 0 and "
          "J_f 1 = 0: ‖I+J_f‖₂ ≥ 1 and 1/σmin(I−J_f) ≥ 1 at every point, and either condition "
@@ -1109,7 +1118,7 @@ def main(argv=None) -> int:
 
         stability["meta"] = _meta(argv, t0, args, source, samples=args.stability_samples,
                                   iters=args.stability_iters, tol=1e-5, noise_scale=1e-2,
-                                  pass_tolerance=PASS_TOLERANCE)
+                                  pass_tolerance=PASS_TOLERANCE, dense="svdvals")
         _write_json(figdir / "stability.json", stability)
         stab_figures = plot_stability(stability, figdir)
         results = read_results(results_path, log)
