@@ -120,11 +120,12 @@ def test_norm_relu_conv_gradcheck_gradgradcheck(routed_to_primitives, groups, tr
 @pytest.mark.parametrize("groups", [0, 2])
 @pytest.mark.parametrize("training", [True, False])
 @pytest.mark.parametrize("stride", [1, 2])
+@pytest.mark.parametrize("keep", [False, True], ids=["recompute", "keep"])
 def test_norm_relu_backward_conv_gradcheck_gradgradcheck(routed_to_primitives, groups, training,
-                                                         stride):
-    """Wᵀ⋆(ReLU∘norm)ᵀdy recomputing the norm's input gradient in its backward: equal to the
-    unfused composition, and exact to second order in dy, x, the norm's parameters and
-    statistics, and the conv weight."""
+                                                         stride, keep):
+    """Wᵀ⋆(ReLU∘norm)ᵀdy recomputing the norm's input gradient in its backward, or keeping it
+    for a first-order one: equal to the unfused composition, and exact to second order in
+    dy, x, the norm's parameters and statistics, and the conv weight."""
     if groups and not training:
         pytest.skip("group norm has no eval mode")
     dt = torch.float64
@@ -139,7 +140,8 @@ def test_norm_relu_backward_conv_gradcheck_gradgradcheck(routed_to_primitives, g
                 swapped_parameters(conv, weight=kernel):
             _, stats = na.norm_act_module(norm, xx, update_running=False, backend="triton",
                                           return_stats=True)
-            return na.norm_relu_backward_conv(dy, stats, norm, conv, input_shape, "triton")
+            return na.norm_relu_backward_conv(dy, stats, norm, conv, input_shape, "triton",
+                                              keep_input_grad=keep)
 
     args = (torch.randn_like(x), x, torch.rand(4, dtype=dt) + 0.5, torch.randn(4, dtype=dt),
             torch.randn(4, 2, 3, 3, dtype=dt))
@@ -277,8 +279,9 @@ def test_recompute_policies_trade_memory_for_passes_same_values(routed_to_primit
     """Each ``recompute`` policy gives the same output and gradients (float64, exact up to
     rounding); less recomputed, more saved bytes ("full" < "selective" < "none"); the
     recomputing ops run exactly where the policy says: the first-order norm_relu_conv
-    backward (its reduce pass writes the activation) unless "none", the VJP's fused
-    norm_relu_backward_conv (it keeps dy, not its output) only under "full"."""
+    backward (its reduce pass writes the activation) unless "none"; the VJP's fused
+    norm_relu_backward_conv unless "none", whose backward recomputes the norm's input
+    gradient (affine_act_backward_apply) only under "full"."""
     torch.manual_seed(0)
     branch = PreActBranch(4, norm=norm).double()
     x = torch.randn(3, 4, 5, 5, dtype=torch.float64, requires_grad=True)
@@ -291,20 +294,24 @@ def test_recompute_policies_trade_memory_for_passes_same_values(routed_to_primit
             g = grads(y.square().sum(), [x, *model.parameters()])
         ops = {event.name for event in prof.events()}
         results[policy] = (saved, y, g, {op for op in ("pyeuler::norm_relu_conv_backward",
-                                                       "pyeuler::norm_relu_backward_conv")
+                                                       "pyeuler::norm_relu_backward_conv",
+                                                       "pyeuler::affine_act_backward_apply")
                                          if op in ops})
     saved_f, y_f, g_f, ops_f = results["full"]
     for policy in ("selective", "none"):
         torch.testing.assert_close(results[policy][1], y_f)
         assert_tensors_close(results[policy][2], g_f)
     assert saved_f < results["selective"][0] < results["none"][0]
-    assert ops_f == {"pyeuler::norm_relu_conv_backward", "pyeuler::norm_relu_backward_conv"}
-    assert results["selective"][3] == {"pyeuler::norm_relu_conv_backward"}
+    assert ops_f == {"pyeuler::norm_relu_conv_backward", "pyeuler::norm_relu_backward_conv",
+                     "pyeuler::affine_act_backward_apply"}
+    assert results["selective"][3] == {"pyeuler::norm_relu_conv_backward",
+                                       "pyeuler::norm_relu_backward_conv"}
     assert results["none"][3] == set()
 
 
 @pytest.mark.parametrize("recompute, error, match", [
     (True, TypeError, "a policy, not a bool: True was 'full'"),
+    (None, TypeError, r"recompute must be one of \('selective', 'full', 'none'\), got NoneType"),
     ("no", ValueError, r"recompute must be one of \('selective', 'full', 'none'\)"),
 ])
 def test_recompute_must_be_a_policy(recompute, error, match):
@@ -360,11 +367,11 @@ def test_opcheck_custom_ops(routed_to_primitives):
     torch.library.opcheck(torch.ops.pyeuler.affine_act_backward_apply.default,
                           (dy, x, w, b, None, True, *coef[:3], mean, "triton"))
     var4, mean4 = torch.var_mean(x4, (0, 2, 3), correction=0)
-    for batch_stats in (True, False):
+    for batch_stats, keep in ((True, False), (False, True)):
         torch.library.opcheck(torch.ops.pyeuler.norm_relu_backward_conv.default,
                               (torch.randn(2, 4, 5, 5), None, None, x4, w, b, mean4, var4, scale,
                                shift, 1e-5, 0, batch_stats, torch.randn(4, 3, 3, 3), [2, 3, 5, 5],
-                               [1, 1], [1, 1], [1, 1], 1, "triton"))
+                               [1, 1], [1, 1], [1, 1], 1, keep, "triton"))
     for batch_stats in (True, False):
         torch.library.opcheck(torch.ops.pyeuler.norm_relu_backward_ie_update.default,
                               (dy, x, w, b, mean, var, scale, shift, s, 1e-5, 0, batch_stats, 0.1,

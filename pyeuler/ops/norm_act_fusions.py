@@ -259,8 +259,9 @@ torch.library.register_autograd("pyeuler::norm_relu_conv", _conv_backward,
 
 
 # Its VJP counterpart, ``Wᵀ⋆(ReLU∘norm)ᵀ dy`` (the input gradient of the conv that produced
-# the norm's input), keeps dy and x for the backward and recomputes the norm's input
-# gradient there from the saved reduce sums: one elementwise pass instead of a stored tensor.
+# the norm's input), keeps dy and x for the backward and either keeps the norm's input
+# gradient too (a first-order backward reads it) or recomputes it there from the saved reduce
+# sums: one elementwise pass instead of a stored tensor.
 
 
 def _backward_apply_eager(dy, x, scale, shift, mask, relu, a, b, c, center):
@@ -313,10 +314,12 @@ def _norm_relu_backward_conv(
     padding: list[int],
     dilation: list[int],
     conv_groups: int,
+    keep_input_grad: bool,
     backend: str,
-) -> tuple[Tensor, Tensor, Tensor]:
-    """``(Wᵀ⋆dx, Σg, Σg·(x − center))``, dx the input gradient of ``ReLU(norm(x))``; the
-    sums (empty when the backward needs none) are kept to recompute dx.  ``scale``/
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """``(Wᵀ⋆dx, Σg, Σg·(x − center), dx)``, dx the input gradient of ``ReLU(norm(x))``; the
+    sums (empty when the backward needs none) are kept to recompute dx, dx itself is
+    returned (for the backward to keep) iff ``keep_input_grad``, else empty.  ``scale``/
     ``shift``: the forward's coefficients, which gate the ReLU."""
     (dx, *_), sums = backward_math(_kernels(backend), dy, dmean, dvar, x, weight, bias, None, 1.0,
                                     mean, var, None, eps, groups, True, batch_stats,
@@ -324,19 +327,22 @@ def _norm_relu_backward_conv(
     conv_args = _conv_args(conv_weight, stride, padding, dilation, conv_groups)
     grad_input = _conv_input_grad(dx.to(conv_weight.dtype), input_shape, conv_weight, conv_args)
     inputs = (dy, dmean, dvar, x, weight, bias, mean, var, scale, shift, conv_weight)
-    return unaliased((grad_input,) + (sums or (x.new_empty(0), x.new_empty(0))), inputs)
+    return unaliased((grad_input,) + (sums or (x.new_empty(0), x.new_empty(0)))
+                     + (dx if keep_input_grad else x.new_empty(0),), inputs)
 
 
 @_norm_relu_backward_conv.register_fake
 def _(dy, dmean, dvar, x, weight, bias, mean, var, scale, shift, eps, groups, batch_stats,
-      conv_weight, input_shape, stride, padding, dilation, conv_groups, backend):
+      conv_weight, input_shape, stride, padding, dilation, conv_groups, keep_input_grad,
+      backend):
     conv_args = _conv_args(conv_weight, stride, padding, dilation, conv_groups)
     grad_input = _conv_input_grad(torch.empty_like(x, dtype=conv_weight.dtype), input_shape,
                                   conv_weight, conv_args)
     sum_shape = (x.shape[1],) if groups == 0 else (x.shape[0], x.shape[1])
     sums = sums_needed(_INPUT_GRAD_ONLY, batch_stats)
     return (grad_input, mean.new_empty(sum_shape if sums else (0,)),
-            mean.new_empty(sum_shape if sums else (0,)))
+            mean.new_empty(sum_shape if sums else (0,)),
+            torch.empty_like(x) if keep_input_grad else x.new_empty(0))
 
 
 # norm_relu_backward_conv's differentiable arguments (of BackwardInputs) and their positions
@@ -346,18 +352,20 @@ _BACKWARD_CONV_POSITIONS = {"dy": 0, "dmean": 1, "dvar": 2, "x": 3, "weight": 4,
 
 def _backward_conv_setup_context(ctx, inputs, output):
     (dy, dmean, dvar, x, weight, bias, mean, var, scale, shift, eps, groups, batch_stats,
-     conv_weight, input_shape, stride, padding, dilation, conv_groups, backend) = inputs
-    no_zero_gradients(ctx)
-    sums = output[1:] if output[1].numel() else (None, None)
+     conv_weight, input_shape, stride, padding, dilation, conv_groups, keep_input_grad,
+     backend) = inputs
+    kept_input_grad = output[3]
+    no_zero_gradients(ctx, kept_input_grad)
+    sums = output[1:3] if output[1].numel() else (None, None)
     ctx.save_for_backward(dy, dmean, dvar, x, weight, bias, mean, var, scale, shift, conv_weight,
-                          *sums)
+                          *sums, kept_input_grad if keep_input_grad else None)
     ctx.config = (eps, groups, batch_stats,
                   _conv_args(conv_weight, stride, padding, dilation, conv_groups), backend)
 
 
-def _backward_conv_backward(ctx, grad_input_grad, sum_g_grad, sum_gxc_grad):
+def _backward_conv_backward(ctx, grad_input_grad, sum_g_grad, sum_gxc_grad, _):
     (dy, dmean, dvar, x, weight, bias, mean, var, scale, shift, conv_weight, sum_g,
-     sum_gxc) = ctx.saved_tensors
+     sum_gxc, kept_input_grad) = ctx.saved_tensors
     eps, groups, batch_stats, conv_args, backend = ctx.config
     sums = None if sum_g is None else (sum_g, sum_gxc)
     # the map dx ↦ Wᵀ⋆dx is linear in dx and in W; its adjoint in dx is the convolution.
@@ -365,12 +373,15 @@ def _backward_conv_backward(ctx, grad_input_grad, sum_g_grad, sum_gxc_grad):
     if grad_input_grad is not None:
         dx_grad = torch.convolution(grad_input_grad, conv_weight, None, *conv_args).to(x.dtype)
     if ctx.needs_input_grad[13] and grad_input_grad is not None:
-        channels = x.shape[1]
-        a, b, c, *_ = algebra_for(backend).backward_coefficients(
-            *(sums or (None, None)), dmean, dvar, weight, bias, None, var, 1.0, eps, groups,
-            batch_stats, _INPUT_GRAD_ONLY, channels, statistic_count(x, groups))
-        dx = _backward_apply_op(dy, x, scale, shift, None, True, a, b, c,
-                                center_of(mean, groups, channels), backend)
+        if kept_input_grad is not None and not torch.is_grad_enabled():
+            dx = kept_input_grad  # first order: the kept tensor (a constant to autograd)
+        else:
+            channels = x.shape[1]
+            a, b, c, *_ = algebra_for(backend).backward_coefficients(
+                *(sums or (None, None)), dmean, dvar, weight, bias, None, var, 1.0, eps,
+                groups, batch_stats, _INPUT_GRAD_ONLY, channels, statistic_count(x, groups))
+            dx = _backward_apply_op(dy, x, scale, shift, None, True, a, b, c,
+                                    center_of(mean, groups, channels), backend)
         conv_weight_grad = torch.ops.aten.convolution_backward(
             dx.to(conv_weight.dtype), grad_input_grad, conv_weight, None, *conv_args,
             [False, True, False])[1]
@@ -381,7 +392,7 @@ def _backward_conv_backward(ctx, grad_input_grad, sum_g_grad, sum_gxc_grad):
         NormConfig(1.0, eps, groups, True, batch_stats, _INPUT_GRAD_ONLY),
         wanted_inputs(ctx, inputs, _BACKWARD_CONV_POSITIONS), backend)
     return (*(grads.get(name) for name in _BACKWARD_CONV_POSITIONS), *(None,) * 5,
-            conv_weight_grad, *(None,) * 6)
+            conv_weight_grad, *(None,) * 7)
 
 
 torch.library.register_autograd("pyeuler::norm_relu_backward_conv", _backward_conv_backward,
@@ -536,13 +547,15 @@ def norm_relu_backward_ie_update(dy: Tensor, stats: NormStats, norm: torch.nn.Mo
 
 
 def norm_relu_backward_conv(dy: Tensor, stats: NormStats, norm: torch.nn.Module,
-                            conv: torch.nn.Module, input_shape, backend: str) -> Tensor:
+                            conv: torch.nn.Module, input_shape, backend: str,
+                            keep_input_grad: bool = False) -> Tensor:
     """``Wᵀ⋆v``: the input gradient of ``conv`` (which produced ``stats.x``) where ``v`` is
     the input gradient of ``ReLU(norm(x))`` at ``stats`` for output gradient ``dy``; in the
     convolution's compute dtype (the autocast dtype under autocast).
 
-    On the fused backends v is not kept for the backward but recomputed there (one
-    elementwise pass); differentiable to any order, like :func:`norm_act_backward`.
+    On the fused backends v is kept for a first-order backward with ``keep_input_grad``,
+    else recomputed there (one elementwise pass, and always for a differentiable
+    backward); differentiable to any order, like :func:`norm_act_backward`.
     """
     groups = norm.num_groups if isinstance(norm, torch.nn.GroupNorm) else 0
     conv_weight = conv_weight_for(dy, conv.weight)
@@ -558,9 +571,9 @@ def norm_relu_backward_conv(dy: Tensor, stats: NormStats, norm: torch.nn.Module,
         raise ValueError("norm_relu_backward_conv recomputes the ReLU mask from x: stats must "
                          "come from an evaluation without a shortcut")
     scale, shift = _affine_of(stats, norm)
-    grad_input, _, _ = _norm_relu_backward_conv(
+    grad_input, *_ = _norm_relu_backward_conv(
         dy, None, None, stats.x, norm.weight, norm.bias, stats.mean, stats.var, scale, shift,
         norm.eps, groups, stats.batch_stats, conv_weight, list(input_shape), list(conv.stride),
-        list(conv.padding), list(conv.dilation), conv.groups, backend)
+        list(conv.padding), list(conv.dilation), conv.groups, keep_input_grad, backend)
     return grad_input
 

@@ -34,9 +34,10 @@ class BranchCache:
     stats1: NormStats
     stats2: NormStats
     dropout_noise: Tensor | None
-    # the VJP recomputes its norm input gradient in the backward rather than keeping it
-    # (recompute="full", see branch_forward)
-    vjp_recomputes: bool = False
+    # the recompute policy of the VJP at this point (see branch_forward): "none" runs it
+    # unfused, "selective" fused, keeping the norm's input gradient, "full" fused,
+    # recomputing it in the backward
+    recompute: str = "none"
 
 
 def check_input_rank(x: Tensor, layer: nn.Module, owner: str) -> None:
@@ -101,7 +102,7 @@ def branch_forward(branch, x: Tensor, backend: str, update_running: bool = True,
     check_input_rank(x, branch.conv1, type(branch).__name__)
     convolutional = not isinstance(branch.conv1, nn.Linear)
     fuse = recompute != "none" and convolutional
-    vjp_recomputes = fuse and recompute == "full"
+    policy = recompute if fuse else "none"
     if fuse:
         z1, stats1 = norm_act_module(branch.bn1, x, update_running=update_running, backend=backend,
                                      return_stats=True, conv=branch.conv1)
@@ -112,12 +113,12 @@ def branch_forward(branch, x: Tensor, backend: str, update_running: bool = True,
     if fuse and not (branch.training and branch.dropout > 0):
         fx, stats2 = norm_act_module(branch.bn2, z1, update_running=update_running, backend=backend,
                                      return_stats=True, conv=branch.conv2)
-        return scale_by_step(fx, branch.h), BranchCache(stats1, stats2, None, vjp_recomputes)
+        return scale_by_step(fx, branch.h), BranchCache(stats1, stats2, None, policy)
     u2, stats2 = norm_act_module(branch.bn2, z1, update_running=update_running, backend=backend,
                                  return_stats=True)
     noise = _dropout_noise(u2, branch.dropout, branch.training)
     fx = branch.conv2(u2 if noise is None else u2 * noise)
-    return scale_by_step(fx, branch.h), BranchCache(stats1, stats2, noise, vjp_recomputes)
+    return scale_by_step(fx, branch.h), BranchCache(stats1, stats2, noise, policy)
 
 
 def _layer_input_grad(layer: nn.Module, grad_out: Tensor, layer_input: Tensor) -> Tensor:
@@ -149,9 +150,10 @@ def _vjp_to_first_activation(branch, cache: BranchCache, e: Tensor, backend: str
     g = _layer_input_grad(branch.conv2, g, cache.stats2.x)
     if cache.dropout_noise is not None:
         g = g * cache.dropout_noise
-    if cache.vjp_recomputes:
+    if cache.recompute != "none":
         g = norm_relu_backward_conv(g, cache.stats2, branch.bn2, branch.conv1,
-                                    cache.stats1.x.shape, backend)
+                                    cache.stats1.x.shape, backend,
+                                    keep_input_grad=cache.recompute == "selective")
         return g.to(cache.stats1.x.dtype)
     g = _norm_relu_input_grad(branch.bn2, cache.stats2, g, backend)
     return _layer_input_grad(branch.conv1, g, cache.stats1.x)
