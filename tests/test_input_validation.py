@@ -115,6 +115,11 @@ def test_ie_skip_settings_are_checked_at_construction():
         IESkip(PreActBranch(4), step_size=float("nan"))
     with pytest.raises(ValueError, match="theta"):
         IESkip(PreActBranch(4), theta=True)
+    # a tensor in range is refused for its type, and the message says so
+    with pytest.raises(ValueError, match=r"theta must be a Python float, got Tensor .*float\(\.\.\.\)"):
+        IESkip(PreActBranch(4), theta=torch.tensor(0.5))
+    with pytest.raises(ValueError, match=r"step_size \(ie_step_size\) must be a Python float"):
+        IESkip(PreActBranch(4), step_size=torch.tensor(0.1))
     with pytest.raises(ValueError, match="tol"):
         IESkip(PreActBranch(4), grad="implicit", tol=float("inf"))
 

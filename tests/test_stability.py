@@ -408,5 +408,6 @@ def test_cli_dense_too_large_is_one_line_naming_the_block(tmp_path):
     assert proc.returncode == 2, proc.stderr
     (line,) = proc.stderr.splitlines()
     assert line.startswith("pyeuler: error: digits-wrn-10-5-K0-seed0: block stages.0.0: "
-                           "method='dense' is limited to DENSE_LIMIT = 4096"), line
-    assert "5120 (shape (80, 8, 8))" in line and "use method='iterative'" in line
+                           "--method dense is limited to DENSE_LIMIT = 4096"), line
+    assert "5120 (shape (80, 8, 8))" in line and "use --method iterative" in line
+    assert "method=" not in line  # the command line's flag, not the Python argument

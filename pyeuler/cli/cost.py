@@ -47,10 +47,11 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     g.add_argument("--grad", nargs="+", default=["unrolled"],
                    choices=("unrolled", "detached", "implicit"),
                    help="IE-Skip gradient mode [unrolled]")
-    g.add_argument("--recompute", default="selective", choices=RECOMPUTE_POLICIES,
+    g.add_argument("--recompute", nargs="+", default=["selective"], choices=RECOMPUTE_POLICIES,
                    help="what unrolled IE-Skips recompute in the backward instead of keeping "
                         "(IESkip(recompute=)): 'full' the least memory, 'none' the fewest "
-                        "bytes [selective]")
+                        "bytes; benchmarks/saved_activations.py gives the memory side "
+                        "[selective]")
     g = p.add_argument_group("step")
     g.add_argument("--batch-size", type=_pos_int, default=128, help="[128]")
     g.add_argument("--precision", default="bf16", choices=("bf16", "fp32"),
@@ -79,18 +80,23 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def configs(args: argparse.Namespace) -> list:
-    """Every (backend, K, grad) combination, K = 0 with the first grad mode only."""
+    """Every (backend, K, grad, recompute) combination; K = 0 with the first grad mode and
+    policy only, as is any K with a grad mode other than "unrolled" (the policy applies to
+    unrolled IE-Skips alone)."""
     from pyeuler.cost import StepConfig
 
     out = []
-    for backend, k, grad in itertools.product(args.backend, args.ie_steps, args.grad):
+    for backend, k, grad, recompute in itertools.product(args.backend, args.ie_steps, args.grad,
+                                                         args.recompute):
         if k == 0 and grad != args.grad[0]:
+            continue
+        if (k == 0 or grad != "unrolled") and recompute != args.recompute[0]:
             continue
         out.append(StepConfig(model=args.model, data=args.data, batch_size=args.batch_size,
                               precision=args.precision, ie_steps=k, grad=grad, norm=args.norm,
                               adv=args.adv, attack_steps=args.attack_steps, backend=backend,
                               h=args.h, ie_step_size=args.ie_step_size, theta=args.theta,
-                              recompute=args.recompute))
+                              recompute=recompute))
     return out
 
 
@@ -104,6 +110,8 @@ def format_report(report, top: int) -> str:
     c = report.config
     adv = "" if c.adv == "none" else f" · {c.adv} ({c.attack_steps} attack steps)"
     ie = f"K={c.ie_steps} {c.grad}" if c.ie_steps else "K=0"
+    if c.ie_steps and c.grad == "unrolled":
+        ie += f" · recompute {c.recompute}"
     lines = [f"{c.model} · {c.data} · batch {c.batch_size} · {c.precision} · {ie} "
              f"· norm {c.norm}{adv} · {c.backend}   "
              f"(as on {report.device.name}, {report.device.sm_count} SMs)"]
@@ -164,12 +172,14 @@ def printed_label(config) -> str:
 
 
 def _summary(reports) -> str:
-    lines = [f"{'configuration':34s}{'launches':>9s}{'tiny':>7s}{'fused':>7s}{'HBM GB':>9s}"
+    width = max([34] + [len(printed_label(r.config)) + 2 for r in reports])
+    lines = [f"{'configuration':{width}s}{'launches':>9s}{'tiny':>7s}{'fused':>7s}{'HBM GB':>9s}"
              f"{'host ms':>9s}"]
     for r in reports:
         host = f"{r.host_ms:.1f}" if r.host_ms is not None else "-"
-        lines.append(f"{printed_label(r.config):34s}{r.launches:9d}{r.launches_by_class['tiny']:7d}"
-                     f"{r.launches_by_class['fused']:7d}{r.hbm_bytes / 1e9:9.2f}{host:>9s}")
+        lines.append(f"{printed_label(r.config):{width}s}{r.launches:9d}"
+                     f"{r.launches_by_class['tiny']:7d}{r.launches_by_class['fused']:7d}"
+                     f"{r.hbm_bytes / 1e9:9.2f}{host:>9s}")
     return "\n".join(lines)
 
 

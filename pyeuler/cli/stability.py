@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import time
 from pathlib import Path
 
@@ -260,8 +261,9 @@ def run(args: argparse.Namespace) -> int:
                                   noise_scale=args.noise_scale, noise_draws=args.noise_draws,
                                   perturb=args.perturb, batch_size=args.batch_size,
                                   generator=generator, method=args.method, progress=progress)
-        except ValueError as e:
-            return _error(f"{name}: {e}")
+        except ValueError as e:  # the library names its arguments; here they are flags
+            message = re.sub(r"\bmethod='(\w+)'", r"--method \1", str(e))
+            return _error(f"{name}: {message}")
         seconds = time.perf_counter() - t0
         print(f"\n{desc} ({seconds:.1f} s)")
         print(res.table())

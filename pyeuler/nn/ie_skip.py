@@ -38,8 +38,9 @@ class IESkip(nn.Module):
     For a :class:`~pyeuler.nn.PreActBranch` the refinement uses pyeuler's explicit VJP and
     fused kernels; any other shape-preserving module goes through generic autograd.
     Calling the module maps ``x`` of shape ``(N, C, *spatial)`` (or ``(N, D)`` for a
-    ``dim=0`` branch), any floating dtype, contiguous or channels-last, to a tensor of the
-    same shape, dtype and device; it warns once per process (``UserWarning``) when it first
+    ``dim=0`` branch), any floating dtype (the ``triton`` and ``cuda`` backends: float32,
+    float16, bfloat16), contiguous or channels-last, to a tensor of the same shape, dtype and
+    device; it warns once per process (``UserWarning``) when it first
     runs in eval mode with BatchNorm in the branch (docs/semantics.md §2).
 
     Args:
@@ -75,12 +76,14 @@ class IESkip(nn.Module):
         device.
 
     Raises:
-        ValueError: bad ``steps``, ``step_size``, ``theta``, ``grad``, ``bn_update`` or
-            ``tol`` (at construction; ``tol`` only with ``grad="implicit"``); at a call, x
+        ValueError: bad ``steps``, ``step_size``, ``theta``, ``grad``, ``bn_update``,
+            ``tol`` or ``recompute`` (at construction; ``tol`` only with
+            ``grad="implicit"``; a ``recompute`` string that is not a policy); at a call, x
             of the wrong rank for the branch, a branch that does not preserve x's shape, or
             a PreActBranch with dropout in training mode under ``grad="implicit"``.
-        TypeError: at a call, x not a floating-point tensor, or a branch that does not
-            return one tensor.
+        TypeError: ``recompute`` not a string (at construction); at a call, x not a
+            floating-point tensor (or float64 on a kernel backend), or a branch that does
+            not return one tensor.
         RuntimeError: at a call, an unavailable ``backend`` (the message lists those that
             are available).
         NotImplementedError: at a call, what ``grad="implicit"`` cannot differentiate:

@@ -455,10 +455,12 @@ def _check_shape_preserving(fx0: Tensor, x0: Tensor) -> None:
 
 
 def check_recompute(recompute) -> None:
-    if not isinstance(recompute, str):
+    if isinstance(recompute, bool):
         raise TypeError(f"recompute must be one of {RECOMPUTE_POLICIES} (a policy, not a bool: "
-                        f"True was 'full', False 'none'), got {type(recompute).__name__} "
-                        f"{recompute!r}")
+                        f"True was 'full', False 'none'), got {recompute!r}")
+    if not isinstance(recompute, str):
+        raise TypeError(f"recompute must be one of {RECOMPUTE_POLICIES}, got "
+                        f"{type(recompute).__name__} {recompute!r}")
     if recompute not in RECOMPUTE_POLICIES:
         raise ValueError(f"recompute must be one of {RECOMPUTE_POLICIES}, got {recompute!r}")
 
@@ -467,10 +469,14 @@ def validate_ie_args(steps, step_size, theta, grad, bn_update, tol=None) -> None
     """Clear errors for bad IE-Skip settings (also used by modules at construction)."""
     if not isinstance(steps, numbers.Integral) or isinstance(steps, bool) or steps < 0:
         raise ValueError(f"steps (ie_steps) must be an int >= 0, got {steps!r}")
-    if (not isinstance(step_size, (int, float)) or isinstance(step_size, bool)
-            or not 0.0 < step_size < math.inf):
+    for name, value in (("step_size (ie_step_size)", step_size), ("theta", theta)):
+        if not isinstance(value, (int, float)) or isinstance(value, bool):
+            raise ValueError(f"{name} must be a Python float, got {type(value).__name__} "
+                             f"{value!r}" + (" (pass float(...))" if isinstance(value, Tensor)
+                                             else ""))
+    if not 0.0 < step_size < math.inf:
         raise ValueError(f"step_size (ie_step_size) must be a finite float > 0, got {step_size!r}")
-    if not isinstance(theta, (int, float)) or isinstance(theta, bool) or not 0.0 <= theta <= 1.0:
+    if not 0.0 <= theta <= 1.0:
         raise ValueError(f"theta must be in [0, 1], got {theta!r}")
     if grad not in GRAD_MODES:
         raise ValueError(f"grad must be one of {GRAD_MODES}, got {grad!r}")
@@ -503,10 +509,14 @@ def ie_skip(branch, x: Tensor, steps: int = 1, step_size: float = 0.1, theta: fl
       memory.
     - ``"none"``: keep everything: the fewest bytes moved, the most memory.
 
-    The default is the measured trade (IE-WRN-34-10, K = 1, bf16: 44.5 GB moved per step
-    and 0.61× the reference's saved activations, against 45.3 GB / 0.54× for "full" and
-    44.1 GB / 0.88× for "none"; ``pyeuler cost --recompute`` and
-    ``benchmarks/saved_activations.py`` measure each, docs/benchmarks.md).
+    The default is the measured trade (IE-WRN-34-10, K = 1, bf16: 43.8 GB moved per step
+    and 0.61× the reference's saved activations, against 44.7 GB / 0.54× for "full" and
+    43.5 GB / 0.88× for "none"; ``pyeuler cost --recompute`` and
+    ``benchmarks/saved_activations.py`` measure each, docs/benchmarks.md §6).  The policy
+    has no effect elsewhere (other gradient modes, the eager and reference backends,
+    branches without convolutions).  Values agree across policies up to rounding: under
+    autocast, ``"none"`` casts each conv weight per use, as ``nn.Conv2d`` does, and sums
+    its gradients in float32, the others once per call, summing them in the autocast dtype.
 
     x is ``(N, C, *spatial)``, any floating dtype; the output has x's shape.  Raises
     ``ValueError`` for bad settings or a branch that does not preserve x's shape, and
