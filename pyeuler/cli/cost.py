@@ -80,9 +80,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def configs(args: argparse.Namespace) -> list:
-    """Every (backend, K, grad, recompute) combination; K = 0 with the first grad mode and
-    policy only, as is any K with a grad mode other than "unrolled" (the policy applies to
-    unrolled IE-Skips alone)."""
+    """Every (backend, K, grad, recompute) combination; K = 0 with the first grad mode only,
+    and the first policy only where policies do not apply (:func:`_recomputes`)."""
     from pyeuler.cost import StepConfig
 
     out = []
@@ -90,7 +89,7 @@ def configs(args: argparse.Namespace) -> list:
                                                          args.recompute):
         if k == 0 and grad != args.grad[0]:
             continue
-        if (k == 0 or grad != "unrolled") and recompute != args.recompute[0]:
+        if not _recomputes(backend, k, grad) and recompute != args.recompute[0]:
             continue
         out.append(StepConfig(model=args.model, data=args.data, batch_size=args.batch_size,
                               precision=args.precision, ie_steps=k, grad=grad, norm=args.norm,
@@ -98,6 +97,11 @@ def configs(args: argparse.Namespace) -> list:
                               h=args.h, ie_step_size=args.ie_step_size, theta=args.theta,
                               recompute=recompute))
     return out
+
+
+def _recomputes(backend: str, ie_steps: int, grad: str) -> bool:
+    """Whether a recompute policy applies: unrolled IE-Skips on a fused backend."""
+    return backend in ("triton", "cuda") and ie_steps > 0 and grad == "unrolled"
 
 
 def _gb(nbytes: int) -> str:
@@ -110,7 +114,7 @@ def format_report(report, top: int) -> str:
     c = report.config
     adv = "" if c.adv == "none" else f" · {c.adv} ({c.attack_steps} attack steps)"
     ie = f"K={c.ie_steps} {c.grad}" if c.ie_steps else "K=0"
-    if c.ie_steps and c.grad == "unrolled":
+    if _recomputes(c.backend, c.ie_steps, c.grad):
         ie += f" · recompute {c.recompute}"
     lines = [f"{c.model} · {c.data} · batch {c.batch_size} · {c.precision} · {ie} "
              f"· norm {c.norm}{adv} · {c.backend}   "
