@@ -7,8 +7,9 @@ suites.
   GPU time in convolutions.  Eagerly, compiled as a whole or replayed from a CUDA graph
   (:class:`pyeuler.robust.capture.CapturedStep`).
   The ``"reference"`` rows, the baseline every speed-up is quoted against, run plain
-  PyTorch as users write it, native BatchNorm included (:func:`native_norms`), not the
-  oracle's decomposed norms.
+  PyTorch as users write it, native BatchNorm and SGD's default update included
+  (:func:`native_norms`), not the oracle's decomposed norms; the other rows step the
+  optimizer ``pyeuler train`` builds (:func:`pyeuler.robust.make_optimizer`: fused on CUDA).
 - :func:`saved_tensor_bytes`: the activation memory autograd keeps for the backward, a
   device-independent count (peak memory needs a GPU).
 - :func:`op_bytes`: the bytes an op must move ("ideal" in docs/benchmarks.md), for GB/s
@@ -35,6 +36,7 @@ import pyeuler
 from pyeuler.models import wide_resnet
 from pyeuler.ops.reference_norm import native_norms
 from pyeuler.robust.capture import CapturedStep
+from pyeuler.robust.training import make_optimizer
 
 __all__ = ["StepCase", "StepResult", "time_train_step", "saved_tensor_bytes", "op_bytes",
            "environment", "write_results"]
@@ -131,7 +133,10 @@ def time_train_step(case: StepCase, *, depth: int = 34, widen_factor: int = 10,
         model, x = model.to(memory_format=torch.channels_last), x.to(memory_format=torch.channels_last)
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = not bf16
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    if case.backend == "reference":  # plain PyTorch: SGD's default (foreach on CUDA)
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    else:  # pyeuler train's (fused on CUDA)
+        optimizer = make_optimizer("sgd", model.parameters(), lr=0.01, momentum=0.9)
     autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if bf16
                 else contextlib.nullcontext())
     # The baseline times what users write: torch's native norms, not the oracle's exact ones.

@@ -18,7 +18,9 @@ The step takes the code path CUDA tensors take, through explicit seams only:
   implementations would hide them), while their autograd formulas run unchanged;
 - ``pyeuler::cuda_*`` ops are kernels: :data:`pyeuler.cuda.KERNEL_LAUNCHES` each;
 - CUDA's autocast policy is emulated on CPU autocast (ops that CUDA autocast runs in
-  float32 and CPU autocast does not), and SGD runs ``foreach=True``, its default on CUDA;
+  float32 and CPU autocast does not); SGD runs fused, as ``pyeuler train`` runs it on CUDA
+  (:func:`pyeuler.robust.make_optimizer`), except for ``"reference"``, plain PyTorch, whose
+  SGD runs ``foreach=True``, its default on CUDA;
 - host reads (``.item()``, ``bool(t)``) are counted as ``syncs`` and answered with 0/False:
   fake tensors have no values.
 
@@ -169,6 +171,7 @@ def build_workload(config: StepConfig, input_shape: tuple[int, ...] | None = Non
     """Model, batch and optimizer of ``config``, on the default device, under whatever
     tensor mode is active (fake tensors when counting).  ``input_shape`` (one sample's)
     defaults to the data set's."""
+    from pyeuler.robust.training import make_optimizer
     from pyeuler.robust.zoo import build_model
 
     data_shape, num_classes = DATA_SHAPES[config.data]
@@ -186,8 +189,10 @@ def build_workload(config: StepConfig, input_shape: tuple[int, ...] | None = Non
                 p.data = p.data.contiguous(memory_format=torch.channels_last)
         x = x.contiguous(memory_format=torch.channels_last)
     model.train()
-    # foreach: what SGD picks for CUDA parameters by default (CPU tensors would get a loop)
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, foreach=True)
+    if config.backend == "reference":  # plain PyTorch: SGD's default for CUDA parameters
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, foreach=True)
+    else:  # as pyeuler train steps CUDA parameters
+        optimizer = make_optimizer("sgd", model.parameters(), lr=0.01, momentum=0.9, fused=True)
     return Workload(model, x, y, optimizer)
 
 
@@ -501,6 +506,9 @@ class Recorder(TorchDispatchMode):
             self._add(str(func), kernel_class("aten", max(sizes, default=0)), launches,
                       sum(sizes), frame)
             return
+        if name.startswith("_fused_") and name.endswith("_"):  # _fused_sgd_, _fused_adam_, …
+            self._record_fused_optimizer(func, args, kwargs, frame)
+            return
         inputs = list(_tensors((args, kwargs)))
         if name in _WRITE_ONLY:
             inputs = inputs[1:]
@@ -510,6 +518,31 @@ class Recorder(TorchDispatchMode):
         largest = max([operand_bytes(t) for t in inputs + outputs], default=0)
         self._add(str(func), kernel_class("aten", largest), _LAUNCHES.get(name, 1), sum(sizes),
                   frame)
+
+
+    def _record_fused_optimizer(self, func, args, kwargs, frame) -> None:
+        """A fused optimizer step, one multi-tensor kernel: each tensor list is read once
+        and, where the kernel writes it, once more: parameters and state; gradients only
+        when it unscales them in place (a ``grad_scale`` is given), though the schema marks
+        them mutable either way.  Parameter-sized lists set multi_tensor_apply's depth."""
+        unscales = kwargs.get("grad_scale") is not None
+
+        def written(arg) -> bool:
+            mutable = arg.alias_info is not None and arg.alias_info.is_write
+            return mutable and (arg.name != "grads" or unscales)
+
+        lists = [(value, written(arg)) for arg, value in zip(func._schema.arguments, args)
+                 if isinstance(value, (list, tuple)) and value
+                 and isinstance(value[0], torch.Tensor)]
+        params = lists[0][0]
+        depth = sum(len(values) == len(params)
+                    and all(t.numel() == p.numel() for t, p in zip(values, params))
+                    for values, _ in lists)
+        nbytes = sum(operand_bytes(t) * (2 if written else 1) for values, written in lists
+                     for t in values)
+        launches = foreach_launches([p.numel() for p in params], depth)
+        self._add(str(func), kernel_class("aten", max(operand_bytes(p) for p in params)),
+                  launches, nbytes, frame)
 
 
 # ----------------------------------------------------------------------------- emulation

@@ -142,3 +142,35 @@ def test_evaluate_structure_and_monotone_in_eps():
     assert res["fgsm"][0.0] == res["clean"] == res["pgd-10"][0.0]
     assert res["pgd-10"][0.2] <= res["pgd-10"][0.05] <= res["clean"]
     assert 0 <= res["cw"] <= res["clean"]
+
+
+def test_make_optimizer_builds_sgd_and_adam_and_names_a_bad_choice():
+    from pyeuler.robust import make_optimizer
+
+    w = torch.nn.Parameter(torch.ones(3))
+    sgd = make_optimizer("sgd", [w], lr=0.1, momentum=0.9, weight_decay=1e-4)
+    assert isinstance(sgd, torch.optim.SGD)
+    group = sgd.param_groups[0]
+    assert (group["lr"], group["momentum"], group["weight_decay"]) == (0.1, 0.9, 1e-4)
+    assert not group["fused"]  # CPU parameters: torch's default update
+    assert isinstance(make_optimizer("adam", [w], lr=1e-3), torch.optim.Adam)
+    assert make_optimizer("sgd", [w], lr=0.1, fused=True).param_groups[0]["fused"]
+    with pytest.raises(ValueError, match="optimizer.*'lamb'"):
+        make_optimizer("lamb", [w], lr=0.1)
+
+
+def test_fused_sgd_takes_the_same_step_as_the_default():
+    """fused=True changes the kernels, not the update: the same parameters after three steps."""
+    from pyeuler.robust import make_optimizer
+
+    torch.manual_seed(0)
+    start, grads = torch.randn(10), [torch.randn(10) for _ in range(3)]
+    results = []
+    for fused in (False, True):
+        w = torch.nn.Parameter(start.clone())
+        opt = make_optimizer("sgd", [w], lr=0.1, momentum=0.9, weight_decay=1e-3, fused=fused)
+        for g in grads:
+            w.grad = g.clone()
+            opt.step()
+        results.append(w.detach())
+    torch.testing.assert_close(results[1], results[0])

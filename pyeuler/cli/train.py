@@ -385,13 +385,6 @@ def lr_at(cfg: dict, epoch: int) -> float:
     return cfg["lr"] * 0.1 ** drops
 
 
-def make_optimizer(cfg: dict, model: torch.nn.Module) -> torch.optim.Optimizer:
-    if cfg["optimizer"] == "sgd":
-        return torch.optim.SGD(model.parameters(), lr=cfg["lr"], momentum=cfg["momentum"],
-                               weight_decay=cfg["weight_decay"])
-    return torch.optim.Adam(model.parameters(), lr=cfg["lr"], weight_decay=cfg["weight_decay"])
-
-
 def model_kwargs(cfg: dict, k: int) -> dict:
     return dict(h=cfg["h"], ie_steps=k, ie_step_size=cfg["ie_step_size"], theta=cfg["theta"],
                 grad=cfg["grad"], norm=cfg["norm"])
@@ -609,7 +602,7 @@ def train_one(cfg: dict, data, k: int, device: torch.device, progress: bool | No
     from pyeuler.checkpoint import CheckpointError, load_checkpoint, load_model_state, save_checkpoint
     from pyeuler.cli._results import config_hash
     from pyeuler.data import random_crop_flip
-    from pyeuler.robust import build_model, train_epoch
+    from pyeuler.robust import build_model, make_optimizer, train_epoch
     from pyeuler.robust.capture import CapturedTraining
     from pyeuler.robust.distributed import (
         broadcast_object, derive_seed, has_batch_norm, wrap_model,
@@ -628,7 +621,8 @@ def train_one(cfg: dict, data, k: int, device: torch.device, progress: bool | No
     if cfg.get("sync_bn") and not has_batch_norm(model):
         log(f"--sync-bn: {row_name(k)} has no BatchNorm (norm={cfg['norm']}: GroupNorm "
             "normalises each sample on its own, so its ranks need no synchronisation)")
-    opt = make_optimizer(cfg, model)
+    opt = make_optimizer(cfg["optimizer"], model.parameters(), lr=cfg["lr"],
+                         momentum=cfg["momentum"], weight_decay=cfg["weight_decay"])
     amp = _AMP_DTYPES.get(cfg.get("amp"))
     scaler = torch.amp.GradScaler(device.type) if amp == torch.float16 else None
     start, elapsed, history, best = 0, 0.0, [], None

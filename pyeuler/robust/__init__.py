@@ -17,7 +17,8 @@ from pyeuler.robust.evaluation import (
 )
 from pyeuler.robust.masking import MaskingReport, check_gradient_masking, ie_gradients
 from pyeuler.robust.training import (
-    ADV_METHODS, GradientMaskingWarning, accuracy, batches, evaluate, pgd_at_loss,
+    ADV_METHODS, OPTIMIZERS, GradientMaskingWarning, accuracy, batches, evaluate,
+    make_optimizer, pgd_at_loss,
     trades_adversarial, trades_loss, train_epoch, uses_detached_ie_gradients,
     warn_if_gradient_masking,
 )
@@ -30,6 +31,7 @@ __all__ = [
     "worst_case", "per_sample",
     "MaskingReport", "check_gradient_masking", "ie_gradients",
     "pgd_at_loss", "trades_adversarial", "trades_loss", "train_epoch", "accuracy", "evaluate",
-    "batches", "ADV_METHODS", "GradientMaskingWarning", "uses_detached_ie_gradients",
+    "batches", "ADV_METHODS", "OPTIMIZERS", "make_optimizer", "GradientMaskingWarning",
+    "uses_detached_ie_gradients",
     "warn_if_gradient_masking", "build_model", "default_model", "MODEL_NAMES",
 ]

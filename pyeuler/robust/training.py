@@ -22,10 +22,11 @@ from pyeuler.robust.distributed import all_sum, derive_seed, loss_scale, shard_b
 __all__ = [
     "GradientMaskingWarning", "uses_detached_ie_gradients", "warn_if_gradient_masking",
     "pgd_at_loss", "trades_adversarial", "trades_loss", "train_epoch", "accuracy",
-    "evaluate", "batches", "ADV_METHODS",
+    "evaluate", "batches", "ADV_METHODS", "OPTIMIZERS", "make_optimizer",
 ]
 
 ADV_METHODS = ("none", "pgd", "trades")
+OPTIMIZERS = ("sgd", "adam")
 
 
 class GradientMaskingWarning(UserWarning):
@@ -81,6 +82,44 @@ def warn_if_gradient_masking(model: nn.Module, stacklevel: int = 2) -> bool:
 
 
 # --------------------------------------------------------------------------- data batches
+
+def make_optimizer(name: str, parameters: Iterable[torch.Tensor], *, lr: float,
+                   momentum: float = 0.0, weight_decay: float = 0.0,
+                   fused: bool | None = None) -> torch.optim.Optimizer:
+    """The optimizer ``pyeuler train`` steps: ``torch.optim.SGD`` or ``torch.optim.Adam``,
+    with torch's fused update kernels on CUDA.
+
+    Fused: one multi-tensor pass that reads each parameter, gradient and state tensor once
+    and writes each parameter and state tensor once, where the default ``foreach`` update
+    spends a pass per arithmetic op (SGD with momentum: 5 parameter-sized passes against
+    8; for WRN-34-10, 0.55 GB less per step).  Same update rule, same state dict, and
+    capturable (:mod:`pyeuler.robust.capture`).
+
+    Args:
+        name: ``"sgd"`` or ``"adam"`` (:data:`OPTIMIZERS`).
+        parameters: the tensors to optimise.
+        lr: the learning rate.
+        momentum: SGD's momentum (Adam ignores it).
+        weight_decay: L2 penalty coefficient, added to the gradient.
+        fused: torch's fused kernels; None: where every parameter is a floating-point CUDA
+            tensor (torch's default elsewhere).
+
+    Returns:
+        The ``torch.optim.Optimizer``.
+
+    Raises:
+        ValueError: ``name`` not in :data:`OPTIMIZERS`.
+    """
+    if name not in OPTIMIZERS:
+        raise ValueError(f"optimizer: expected one of {OPTIMIZERS}, got {name!r}")
+    parameters = list(parameters)
+    if fused is None:
+        fused = bool(parameters) and all(p.is_cuda and p.is_floating_point() for p in parameters)
+    if name == "sgd":
+        return torch.optim.SGD(parameters, lr=lr, momentum=momentum, weight_decay=weight_decay,
+                               fused=fused or None)
+    return torch.optim.Adam(parameters, lr=lr, weight_decay=weight_decay, fused=fused or None)
+
 
 def _to_float(x: torch.Tensor) -> torch.Tensor:
     # uint8 images (CIFAR) are kept compact in memory and scaled per batch.
