@@ -54,14 +54,26 @@ class StepCase:
     # "reduce-overhead"), or replayed from one CUDA graph (pyeuler.robust.capture)
     compiled: bool = False
     graph: bool = False
+    # what unrolled IE-Skips on the fused backends recompute in the backward instead of
+    # keeping (pyeuler.nn.IESkip(recompute=)); ignored where it does not apply
+    recompute: str = "selective"
+
+    @property
+    def recompute_applies(self) -> bool:
+        """Whether ``recompute`` changes the step: unrolled IE-Skips (K > 0) on a fused
+        backend (triton, cuda), as ``pyeuler cost`` counts them."""
+        return self.steps > 0 and self.grad == "unrolled" and self.backend in ("triton", "cuda")
 
     @property
     def label(self) -> str:
-        """``K=<k> <grad> <precision> <backend>[+compile|+graph]``; K = 0 has no IE-Skip,
-        hence no gradient mode: ``—`` stands in its place."""
+        """``K=<k> <grad> <precision> <backend>[+compile|+graph][ recompute=<policy>]``; K = 0
+        has no IE-Skip, hence no gradient mode: ``—`` stands in its place.  The policy is
+        named only where it applies (:attr:`recompute_applies`) and is not the default."""
         name = self.backend + ("+compile" if self.compiled else "+graph" if self.graph else "")
         grad = self.grad if self.steps else "—"
-        return f"K={self.steps} {grad} {self.precision} {name}"
+        policy = (f" recompute={self.recompute}"
+                  if self.recompute_applies and self.recompute != "selective" else "")
+        return f"K={self.steps} {grad} {self.precision} {name}{policy}"
 
 
 @dataclass
@@ -125,7 +137,7 @@ def time_train_step(case: StepCase, *, depth: int = 34, widen_factor: int = 10,
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     torch.manual_seed(seed)
     model = wide_resnet(depth, widen_factor, ie_steps=case.steps, grad=case.grad,
-                        backend=case.backend).to(device)
+                        recompute=case.recompute, backend=case.backend).to(device)
     x = torch.rand(batch_size, 3, image_size, image_size, device=device)
     y = torch.randint(0, 10, (batch_size,), device=device)
     bf16 = case.precision == "bf16"
@@ -259,10 +271,13 @@ def _markdown(results: list[StepResult], env: dict, config: dict) -> str:
 
 
 def _json_row(result: StepResult) -> dict:
-    """``asdict(result)`` with its label; a K = 0 row's ``case.grad`` is null (no IE-Skip)."""
+    """``asdict(result)`` with its label; a K = 0 row's ``case.grad`` is null (no IE-Skip),
+    and ``case.recompute`` is null where no policy applies (:attr:`StepCase.recompute_applies`)."""
     row = dict(asdict(result), label=result.case.label)
     if not result.case.steps:
         row["case"]["grad"] = None
+    if not result.case.recompute_applies:
+        row["case"]["recompute"] = None
     return row
 
 

@@ -45,7 +45,7 @@ def test_bench_help_describes_the_run_and_shows_every_default():
     text = _cli("bench", "--help")
     assert "time one training step" in text and "relative to the current directory" in text
     for default in ("[0 1 3]", "[unrolled detached]", "[3]", "[10]", "[benchmarks/results]",
-                    "[34 on a GPU, 10 on a CPU]", "LOCAL_WORLD_SIZE"):
+                    "[34 on a GPU, 10 on a CPU]", "LOCAL_WORLD_SIZE", "[selective]"):
         assert default in " ".join(text.split()), default
 
 
@@ -79,3 +79,74 @@ def test_cost_labels_k0_without_a_gradient_mode_and_keeps_json_keys(tmp_path, ca
     assert "K=0 unrolled" not in text and "eager-K0-bf16 " in text
     assert set(json.loads(out.read_text())["reports"]) == {"eager-K0-unrolled-bf16",
                                                           "eager-K1-unrolled-bf16"}
+
+
+def test_bench_makes_a_row_per_recompute_policy_only_where_one_applies():
+    """--recompute multiplies the rows of unrolled IE-Skips (K > 0) on the fused backends,
+    eager, graphed and compiled; every other row is made once, with the default policy."""
+    from pyeuler.cli import build_parser
+    from pyeuler.cli.bench import _cases
+
+    args = build_parser().parse_args([
+        "bench", "--backends", "reference", "eager", "triton", "cuda", "--steps", "0", "1",
+        "--grads", "unrolled", "detached", "--precisions", "fp32", "--recompute", "selective",
+        "none", "full", "none", "--cuda-graph", "--compile"])
+    cases = _cases(args, gpu=True)
+    labels = [case.label for case in cases]
+    assert len(labels) == len(set(labels))
+    varied = [case for case in cases if case.recompute_applies]
+    assert {(case.backend, case.steps, case.grad) for case in varied} == {
+        ("triton", 1, "unrolled"), ("cuda", 1, "unrolled")}
+    assert len(varied) == 2 * 3 * 3  # {triton, cuda} × {eager, graph, compile} × policies
+    assert [case.recompute for case in varied[:3]] == ["selective", "none", "full"]
+    assert all(case.recompute == "selective" for case in cases if not case.recompute_applies)
+    assert "K=1 unrolled fp32 cuda+graph recompute=full" in labels
+    assert "K=1 unrolled fp32 triton+compile recompute=none" in labels
+    assert "K=1 unrolled fp32 triton" in labels and "K=1 detached fp32 triton" in labels
+    assert all(case.recompute_applies for case in cases if "recompute" in case.label)
+    # without the flag: one row per (K, grad, backend) as before it, none naming a policy
+    default = _cases(build_parser().parse_args(["bench", "--backends", "eager", "triton"]),
+                     gpu=False)
+    assert len(default) == (1 + 2 + 2) * 2  # K = 0 once, K = 1 and 3 twice; two backends
+    assert not any("recompute" in case.label for case in default)
+
+
+def test_step_case_labels_name_a_recompute_policy_only_where_it_applies():
+    assert StepCase(1, "unrolled", "bf16", "triton").label == "K=1 unrolled bf16 triton"
+    assert (StepCase(1, "unrolled", "bf16", "triton", recompute="selective").label
+            == "K=1 unrolled bf16 triton")
+    assert (StepCase(3, "unrolled", "bf16", "cuda", compiled=True, recompute="none").label
+            == "K=3 unrolled bf16 cuda+compile recompute=none")
+    for case in (StepCase(1, "unrolled", "fp32", "eager", recompute="full"),
+                 StepCase(1, "unrolled", "fp32", "reference", recompute="full"),
+                 StepCase(1, "detached", "fp32", "triton", recompute="full"),
+                 StepCase(1, "implicit", "fp32", "cuda", recompute="full"),
+                 StepCase(0, "unrolled", "fp32", "triton", recompute="full")):
+        assert not case.recompute_applies and "recompute" not in case.label, case
+
+
+def test_time_train_step_builds_the_policy_and_json_rows_carry_it(tmp_path, monkeypatch):
+    """The timed model's IE blocks have the case's policy; the JSON row records it where
+    it applies and null elsewhere (as K = 0's gradient mode)."""
+    import dataclasses
+
+    import pyeuler.benchmark as benchmark
+
+    built, original = [], benchmark.wide_resnet
+
+    def recording_wide_resnet(*args, **kwargs):
+        built.append(original(*args, **kwargs))
+        return built[-1]
+
+    monkeypatch.setattr(benchmark, "wide_resnet", recording_wide_resnet)
+    case = StepCase(1, "unrolled", "fp32", "eager", recompute="full")
+    result = time_train_step(case, depth=10, widen_factor=1, batch_size=2, image_size=8,
+                             warmup=1, iters=1)
+    policies = {m.recompute for m in built[0].modules() if hasattr(m, "recompute")}
+    assert policies == {"full"}
+    fused = dataclasses.replace(result, case=dataclasses.replace(case, backend="triton"))
+    json_path, _ = write_results([result, fused], {"depth": 10}, tmp_path)
+    rows = json.loads(json_path.read_text())["results"]
+    assert [row["case"]["recompute"] for row in rows] == [None, "full"]
+    assert [row["label"] for row in rows] == ["K=1 unrolled fp32 eager",
+                                              "K=1 unrolled fp32 triton recompute=full"]

@@ -268,11 +268,79 @@ def test_checkpoint_names_hash_every_option_the_weights_depend_on():
     assert len(names) == len(changes) + 1
     for same in (["--epochs", "99"], ["--attacks", "pgd-5"], ["--eval-samples", "8"],
                  ["--backend", "eager"], ["--eps", "0.2"], ["--beta", "3"],
-                 ["--channels-last"], ["--val-samples", "8"]):
+                 ["--channels-last"], ["--val-samples", "8"], ["--recompute", "full"]):
         assert path(*same) == base, same
     assert path("--grad", "detached", k=0) == path(k=0)
     assert path("--adv", "pgd", "--beta", "3") == path("--adv", "pgd")
     assert path("--adv", "trades", "--beta", "3") != path("--adv", "trades")
+
+
+def test_recompute_leaves_checkpoint_names_and_run_identities_as_they_were():
+    """--recompute changes only rounding: the default configuration's run identity and
+    checkpoint name are those of a configuration without the key (what runs before the
+    flag hashed), and configurations differing only in the policy share a checkpoint."""
+    import argparse
+
+    from pyeuler.cli import train
+    from pyeuler.cli._results import config_hash
+
+    parser = argparse.ArgumentParser()
+    train.add_parser(parser.add_subparsers())
+
+    def config(*argv):
+        return train.resolve_config(parser.parse_args(["train", "--data", "moons", *argv]))
+
+    default = config()
+    assert default["recompute"] == "selective"
+    before_the_flag = {key: value for key, value in default.items() if key != "recompute"}
+    for k in (0, 1):
+        identity = train.run_identity(default, k)
+        assert identity == train.run_identity(before_the_flag, k) and "recompute" not in identity
+        path = train.checkpoint_path("runs", default, k)
+        assert path == train.checkpoint_path("runs", before_the_flag, k)
+        assert path.stem.endswith("-" + config_hash(train.run_identity(before_the_flag, k)))
+        for policy in ("full", "none"):
+            other = config("--recompute", policy)
+            assert other["recompute"] == policy
+            assert train.checkpoint_path("runs", other, k) == path
+            assert train.run_identity(other, k) == identity
+
+
+def _recompute_policies(model) -> set:
+    """The ``recompute`` of every IE block of ``model``."""
+    return {module.recompute for module in model.modules() if hasattr(module, "recompute")}
+
+
+def test_recompute_builds_the_models_with_it_and_old_checkpoints_with_the_default(tmp_path,
+                                                                                   capsys):
+    """--recompute full trains IE blocks with recompute="full" and records the policy in the
+    checkpoint (model kwargs and config, not the run identity).  A checkpoint written before
+    the flag (no "recompute" anywhere) evaluates with the default policy and resumes, with
+    another policy too, into the same file."""
+    from pyeuler.robust import build_model
+
+    common = ["train", "--data", "moons", "--ie-steps", "1", "--eval-samples", "8",
+              "--threads", "1", "--out", str(tmp_path), "--no-progress"]
+    assert main([*common, "--epochs", "1", "--recompute", "full"]) == 0
+    header = capsys.readouterr().out.splitlines()[0]
+    assert "grad=unrolled, recompute=full, norm=group" in header
+    path = checkpoint_of(tmp_path, "moons-mlp-K1-unrolled")
+    ckpt = load_checkpoint(path)
+    kwargs = ckpt["model"]["kwargs"]
+    assert kwargs["recompute"] == "full" and ckpt["config"]["recompute"] == "full"
+    assert "recompute" not in ckpt["config"]["run"]
+    assert _recompute_policies(build_model("mlp", (2,), 2, **kwargs)) == {"full"}
+
+    del kwargs["recompute"], ckpt["config"]["recompute"]  # as written before the flag
+    torch.save(ckpt, path)
+    assert _recompute_policies(build_model("mlp", (2,), 2, **kwargs)) == {"selective"}
+    assert main(["eval", "--checkpoint", str(path), "--attack", "fgsm", "--eps", "0.05",
+                 "--samples", "16", "--threads", "1", "--no-progress"]) == 0
+    assert main([*common, "--epochs", "2", "--resume", "--recompute", "none"]) == 0
+    assert "resumed" in capsys.readouterr().out
+    assert [p.name for p in tmp_path.glob("*.pt")] == [path.name]
+    resumed = load_checkpoint(path)
+    assert resumed["epoch"] == 2 and resumed["model"]["kwargs"]["recompute"] == "none"
 
 
 def test_a_grad_sweep_keeps_one_checkpoint_per_configuration(tmp_path):

@@ -17,12 +17,14 @@ OUT is relative to the current directory, and the absolute paths are printed.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import itertools
 from pathlib import Path
 
 import torch
 
 from pyeuler.cli.train import _nonneg_int, _pos_int, add_threads_arg, usage_error
+from pyeuler.ops.ie_skip import RECOMPUTE_POLICIES
 
 _BACKENDS = ("reference", "eager", "triton", "cuda")
 
@@ -40,6 +42,13 @@ def add_parser(subparsers) -> None:
                         choices=["unrolled", "detached", "implicit"],
                         help="IE gradient modes (docs/benchmarks.md's rows); with 'implicit', "
                              "K is the solver's evaluation budget [unrolled detached]")
+    parser.add_argument("--recompute", nargs="+", default=["selective"],
+                        choices=RECOMPUTE_POLICIES,
+                        help="what unrolled IE-Skips on the fused backends recompute in the "
+                             "backward instead of keeping (IESkip(recompute=)): 'full' the "
+                             "least memory, 'none' the fewest bytes; one row per policy where "
+                             "one applies (K > 0, unrolled, triton or cuda), named in its label "
+                             "unless selective [selective]")
     parser.add_argument("--precisions", nargs="+", default=None, choices=["bf16", "fp32"],
                         help="[bf16 fp32 on a GPU, fp32 on a CPU]")
     parser.add_argument("--compile", dest="compile", action="store_true", default=None,
@@ -85,21 +94,31 @@ def _cases(args, gpu: bool):
             if gpu and pyeuler.available_backends()[name][0]]
     precisions = args.precisions or (["bf16", "fp32"] if gpu else ["fp32"])
     compile_reference = gpu if args.compile is None else args.compile
+    recomputes = list(dict.fromkeys(args.recompute))
+
+    def per_policy(case: StepCase) -> list:
+        """``case`` once per --recompute policy where a policy applies, else once."""
+        if not case.recompute_applies:
+            return [case]
+        return [dataclasses.replace(case, recompute=policy) for policy in recomputes]
+
     cases = []
     for precision, steps, grad in itertools.product(precisions, args.steps, args.grads):
         if steps == 0 and grad != args.grads[0]:
             continue  # K = 0 has no IE gradient mode
         for backend in backends:
-            cases.append(StepCase(steps, grad, precision, backend))
+            cases += per_policy(StepCase(steps, grad, precision, backend))
         if args.cuda_graph:
-            cases += [StepCase(steps, grad, precision, backend, graph=True)
-                      for backend in backends]
+            for backend in backends:
+                cases += per_policy(StepCase(steps, grad, precision, backend, graph=True))
         if compile_reference:
             cases.append(StepCase(steps, grad, precision, "reference", compiled=True))
             # compiled fused backends: inductor fuses the per-channel algebra around the
             # kernels (host launches), the kernels stay opaque custom ops
-            cases += [StepCase(steps, grad, precision, backend, compiled=True)
-                      for backend in backends if backend in ("triton", "cuda")]
+            for backend in backends:
+                if backend in ("triton", "cuda"):
+                    cases += per_policy(StepCase(steps, grad, precision, backend,
+                                                 compiled=True))
     return cases
 
 

@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 from pyeuler.backend import BACKENDS
+from pyeuler.ops.ie_skip import RECOMPUTE_POLICIES
 
 # Training schedules. "quick" is for the small bundled data sets; the others are the
 # papers' CIFAR schedules (milestones as fractions of the epochs, so --epochs rescales them).
@@ -143,6 +144,11 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                         "branch evaluations badly in eval mode) [group; batch for resnet-*]")
     g.add_argument("--grad", default="unrolled", choices=("unrolled", "detached", "implicit"),
                    help="IE-Skip gradient mode [unrolled]")
+    g.add_argument("--recompute", default="selective", choices=RECOMPUTE_POLICIES,
+                   help="what unrolled IE-Skips on the fused backends (triton, cuda) recompute "
+                        "in the backward instead of keeping (IESkip(recompute=)): 'full' the "
+                        "least memory, 'none' the fewest bytes; the same weights up to "
+                        "rounding, so not part of the checkpoint's name [selective]")
     g = p.add_argument_group("training")
     g.add_argument("--preset", default=None, choices=tuple(PRESETS),
                    help="schedule preset [quick for digits/moons, he2016 for cifar10]; "
@@ -207,8 +213,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                         "named "
                         "<data>-<model>-K<k>[-<grad>][-h<h>]-<adv>-seed<seed>-<hash>.pt: the "
                         "hash is of every option that changes the trained weights (all but "
-                        "--epochs and the evaluation, data-dir and backend options), so runs of "
-                        "other configurations never share a file")
+                        "--epochs and the evaluation, data-dir, backend and recompute "
+                        "options), so runs of other configurations never share a file")
     g.add_argument("--resume", action="store_true",
                    help="continue from this configuration's checkpoints in --out when they "
                         "exist; refused when --out holds only other configurations of the "
@@ -360,7 +366,7 @@ def resolve_config(args: argparse.Namespace) -> dict:
     return dict(
         data=args.data, data_dir=args.data_dir, seed=args.seed, model=model, h=args.h,
         ie_steps=list(dict.fromkeys(ie_steps)), ie_step_size=args.ie_step_size,
-        theta=args.theta, grad=args.grad,
+        theta=args.theta, grad=args.grad, recompute=args.recompute,
         norm=args.norm or ("group" if is_ie_capable(model) else "batch"), preset=preset_name,
         epochs=pick("epochs", _QUICK_EPOCHS[args.data]), batch_size=pick("batch_size", 64),
         lr=pick("lr", 1e-3), optimizer=pick("optimizer", "adam"),
@@ -387,7 +393,7 @@ def lr_at(cfg: dict, epoch: int) -> float:
 
 def model_kwargs(cfg: dict, k: int) -> dict:
     return dict(h=cfg["h"], ie_steps=k, ie_step_size=cfg["ie_step_size"], theta=cfg["theta"],
-                grad=cfg["grad"], norm=cfg["norm"])
+                grad=cfg["grad"], norm=cfg["norm"], recompute=cfg["recompute"])
 
 
 def row_name(k: int) -> str:
@@ -398,10 +404,11 @@ def row_name(k: int) -> str:
 # run's when only they differ: --epochs (a resumed run extends it; "cosine" rescales with
 # it, as it always has), the evaluation options, where the data lives, and the backend
 # (the same math, docs/semantics.md).  ie_steps is replaced by the one K of the model.
-# channels-last and the number of ranks change only rounding (the global batches and
-# the loss are the same for every number of ranks: pyeuler.robust.distributed).
+# channels-last, the IE-Skips' recompute policy (docs/semantics.md) and the number of
+# ranks change only rounding (the global batches and the loss are the same for every
+# number of ranks: pyeuler.robust.distributed).
 _NOT_RUN_IDENTITY = ("epochs", "attacks", "eval_samples", "data_dir", "backend", "preset",
-                     "channels_last", "val_samples", "world_size")
+                     "channels_last", "recompute", "val_samples", "world_size")
 
 
 def run_identity(cfg: dict, k: int) -> dict:
@@ -876,9 +883,11 @@ def _train_and_report(cfg, args, data, device, dist_run, resume, progress, threa
     ranks = "" if dist_run is None else (f" | {dist_run.world_size} ranks ({dist_run.backend}), "
                                          f"{cfg['batch_size'] // dist_run.world_size} samples "
                                          "per rank and step")
+    recompute = "" if cfg["recompute"] == "selective" else f", recompute={cfg['recompute']}"
     say(f"{cfg['data']}: {len(data.x_train)} train{val} / {len(data.x_test)} test | model "
         f"{cfg['model']}, h={cfg['h']:g}, IE step {cfg['ie_step_size']:g}, theta="
-        f"{cfg['theta']:g}, grad={cfg['grad']}, norm={cfg['norm']} | {adv}, {cfg['epochs']} epochs "
+        f"{cfg['theta']:g}, grad={cfg['grad']}{recompute}, norm={cfg['norm']} | {adv}, "
+        f"{cfg['epochs']} epochs "
         f"({cfg['preset']}: {cfg['optimizer']} lr {cfg['lr']:g}){ranks} | {device}, {threads} "
         f"threads", flush=True)
     rows = []
