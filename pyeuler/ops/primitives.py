@@ -28,8 +28,6 @@ tested against these.
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import Tensor
 
@@ -94,7 +92,9 @@ def norm_stats(x: Tensor, groups: int) -> tuple[Tensor, Tensor]:
     # CPU several times faster than torch.var_mean, forward and backward.  Sums divided
     # per statistic: the backward of a sum broadcasts without a pass, mean()'s divides
     # every element.
-    count = math.prod(xf.shape[d] for d in dims)
+    count = 1
+    for d in dims:  # a loop, not math.prod over a generator: torch.compile traces it
+        count *= xf.shape[d]
     mean = xf.sum(dims, keepdim=True) / count
     var = (xf - mean).square().sum(dims) / count
     return mean.reshape(var.shape), var.masked_fill(var == float("inf"), float("nan"))
