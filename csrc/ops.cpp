@@ -282,11 +282,16 @@ std::tuple<Tensor, Tensor, Tensor> affine_act_backward_reduce_recompute(
 std::tuple<Tensor, Tensor> affine_act_backward_apply(
     const Tensor& dy_in, const Tensor& x_in, const Tensor& scale, const Tensor& shift,
     const std::optional<Tensor>& mask_in, bool relu, const Tensor& a, const Tensor& b,
-    const Tensor& c, const Tensor& center, bool want_dshortcut) {
+    const Tensor& c, const Tensor& center, bool want_dshortcut,
+    const std::optional<Tensor>& dx_addend_in) {
   check_activation(x_in, "x");
   const Tensor x = as_kernel_layout(x_in);
   const Tensor dy = companion(dy_in, x, "dy", x.scalar_type());
   const std::optional<Tensor> mask = mask_arg(mask_in, x);
+  std::optional<Tensor> dx_addend;
+  if (dx_addend_in.has_value()) {
+    dx_addend = companion(*dx_addend_in, x, "dx_addend", x.scalar_type());
+  }
   const Coef scale_arg = coef_arg(scale, x, "scale");
   const Coef shift_arg = coef_arg(shift, x, "shift");
   const Coef a_arg = coef_arg(a, x, "a");
@@ -300,7 +305,7 @@ std::tuple<Tensor, Tensor> affine_act_backward_apply(
   check_launch(pyeuler_affine_act_backward_apply(
                    dy.data_ptr(), x.data_ptr(), mask_data(mask), kernel_dtype(x, "x"),
                    geometry_of(x), scale_arg.abi, shift_arg.abi, relu, a_arg.abi, b_arg.abi,
-                   c_arg.abi, center_arg.abi, dx.data_ptr(),
+                   c_arg.abi, center_arg.abi, data_or_null<const void>(dx_addend), dx.data_ptr(),
                    want_dshortcut ? dshortcut.data_ptr() : nullptr, current_stream(x.device())),
                "affine_act_backward_apply");
   return {dx, dshortcut};
@@ -437,14 +442,19 @@ std::tuple<Tensor, Tensor> ie_residual_with_term(const Tensor& x_in, const Tenso
   return residual_pass(x_in, c_in, fx_in, theta, step_size, "ie_residual_with_term");
 }
 
-// (dx, dc, dfx) in de's layout; at theta == 1, where dfx = -u is dc, dfx is not written and
-// comes back empty (outputs may not alias; the Python wrapper returns dc in its place).
-std::tuple<Tensor, Tensor, Tensor> ie_residual_with_term_adjoint(const Tensor& de_in,
-                                                                 const Tensor& dterm_in,
-                                                                 double theta, double step_size) {
+// (dx, dc, dfx) in de's layout, dx with the addend; at theta == 1, where dfx = -u is dc, dfx
+// is not written and comes back empty (outputs may not alias; the Python wrapper returns dc
+// in its place).
+std::tuple<Tensor, Tensor, Tensor> ie_residual_with_term_adjoint(
+    const Tensor& de_in, const Tensor& dterm_in, double theta, double step_size,
+    const std::optional<Tensor>& dx_addend_in) {
   check_activation(de_in, "de");
   const Tensor de = as_kernel_layout(de_in);
   const Tensor dterm = companion(dterm_in, de, "dterm", de.scalar_type(), "de");
+  std::optional<Tensor> dx_addend;
+  if (dx_addend_in.has_value()) {
+    dx_addend = companion(*dx_addend_in, de, "dx_addend", de.scalar_type(), "de");
+  }
   const c10::DeviceGuard guard(de.device());
   Tensor dx = empty_in_layout_of(de, de.scalar_type());
   Tensor dc = empty_in_layout_of(de, de.scalar_type());
@@ -452,8 +462,8 @@ std::tuple<Tensor, Tensor, Tensor> ie_residual_with_term_adjoint(const Tensor& d
   Tensor dfx = write_dfx ? empty_in_layout_of(de, de.scalar_type()) : at::empty({0}, de.options());
   check_launch(pyeuler_ie_residual_with_term_adjoint(
                    de.data_ptr(), dterm.data_ptr(), kernel_dtype(de, "de"), de.numel(), theta,
-                   step_size, dx.data_ptr(), dc.data_ptr(), write_dfx ? dfx.data_ptr() : nullptr,
-                   current_stream(de.device())),
+                   step_size, data_or_null<const void>(dx_addend), dx.data_ptr(), dc.data_ptr(),
+                   write_dfx ? dfx.data_ptr() : nullptr, current_stream(de.device())),
                "ie_residual_with_term_adjoint");
   return {dx, dc, dfx};
 }
@@ -888,7 +898,7 @@ TORCH_LIBRARY_FRAGMENT(pyeuler, m) {
   m.def(
       "cuda_affine_act_backward_apply(Tensor dy, Tensor x, Tensor scale, Tensor shift, "
       "Tensor? mask, bool relu, Tensor a, Tensor b, Tensor c, Tensor center, "
-      "bool want_dshortcut) -> (Tensor, Tensor)");
+      "bool want_dshortcut, Tensor? dx_addend) -> (Tensor, Tensor)");
   m.def(
       "cuda_affine_act_backward_apply_ie_update(Tensor dy, Tensor x, Tensor scale, "
       "Tensor shift, Tensor? mask, bool relu, Tensor a, Tensor b, Tensor c, Tensor center, "
@@ -908,7 +918,7 @@ TORCH_LIBRARY_FRAGMENT(pyeuler, m) {
       "-> (Tensor, Tensor)");
   m.def(
       "cuda_ie_residual_with_term_adjoint(Tensor de, Tensor dterm, float theta, "
-      "float step_size) -> (Tensor, Tensor, Tensor)");
+      "float step_size, Tensor? dx_addend) -> (Tensor, Tensor, Tensor)");
   m.def("cuda_ie_update(Tensor x, Tensor e, Tensor v, float step_size, float theta) -> Tensor");
   m.def(
       "cuda_forward_coefficients(Tensor mean, Tensor var, Tensor? weight, Tensor? bias, "

@@ -21,13 +21,21 @@ struct IeResidual {
 };
 
 // The transpose of IeResidual's linear map: u = de - 2γ·dterm; (dx, dc, dfx) = (u, -u, -θ·u).
+// kAddend: a third input, another share of x's gradient, is added to dx alone (dx = u +
+// dx_addend), summed here rather than by a pass of its own.
+template <bool kAddend>
 struct IeResidualAdjoint {
-  static constexpr int kIn = 2, kOut = 3;
+  static constexpr int kIn = kAddend ? 3 : 2, kOut = 3;
   float two_step_size, minus_theta;  // 2γ and -θ, formed in double first
   __device__ __forceinline__ void operator()(const float (&in)[kIn], float (&out)[kOut]) const {
-    out[0] = __fsub_rn(in[0], __fmul_rn(two_step_size, in[1]));
-    out[1] = -out[0];
-    out[2] = __fmul_rn(minus_theta, out[0]);
+    const float u = __fsub_rn(in[0], __fmul_rn(two_step_size, in[1]));
+    if constexpr (kAddend) {
+      out[0] = __fadd_rn(u, in[kIn - 1]);
+    } else {
+      out[0] = u;
+    }
+    out[1] = -u;
+    out[2] = __fmul_rn(minus_theta, u);
   }
 };
 
@@ -144,10 +152,16 @@ extern "C" cudaError_t pyeuler_ie_residual_with_term(const void* x, const void* 
 
 extern "C" cudaError_t pyeuler_ie_residual_with_term_adjoint(
     const void* de, const void* dterm, pyeuler_dtype_t dtype, int64_t numel, double theta,
-    double step_size, void* dx, void* dc, void* dfx, cudaStream_t stream) {
+    double step_size, const void* dx_addend, void* dx, void* dc, void* dfx,
+    cudaStream_t stream) {
   if (dc == nullptr) return cudaErrorInvalidValue;
-  return launch_map({de, dterm}, {dx, dc, dfx}, dtype, numel,
-                    IeResidualAdjoint{float(2.0 * step_size), float(-theta)}, stream);
+  const float two_step_size = float(2.0 * step_size), minus_theta = float(-theta);
+  if (dx_addend == nullptr) {
+    return launch_map({de, dterm}, {dx, dc, dfx}, dtype, numel,
+                      IeResidualAdjoint<false>{two_step_size, minus_theta}, stream);
+  }
+  return launch_map({de, dterm, dx_addend}, {dx, dc, dfx}, dtype, numel,
+                    IeResidualAdjoint<true>{two_step_size, minus_theta}, stream);
 }
 
 extern "C" cudaError_t pyeuler_ie_update(const void* x, const void* e, const void* v,

@@ -152,18 +152,20 @@ cudaError_t pyeuler_affine_act_backward_reduce_recompute(
     float* sum_g, float* sum_g_xc, void* y, pyeuler_dtype_t y_dtype, void* workspace,
     size_t workspace_bytes, cudaStream_t stream);
 
-/* dx = a * g + b * (x - center) + c with g as in the reduce
+/* dx = a * g + b * (x - center) + c + dx_addend with g as in the reduce
  * (primitives.affine_act_backward_apply); a zero b contributes exactly 0, even at
- * x = +-inf.  dshortcut (may be NULL) receives g. */
+ * x = +-inf.  dx_addend may be NULL (no term); it has x's dtype and layout and is added in
+ * float32 before dx is rounded.  dshortcut (may be NULL) receives g, without the addend. */
 cudaError_t pyeuler_affine_act_backward_apply(const void* dy, const void* x, const uint8_t* mask,
                                               pyeuler_dtype_t dtype, pyeuler_geometry_t geo,
                                               pyeuler_coef_t scale, pyeuler_coef_t shift, int relu,
                                               pyeuler_coef_t a, pyeuler_coef_t b, pyeuler_coef_t c,
-                                              pyeuler_coef_t center, void* dx, void* dshortcut,
-                                              cudaStream_t stream);
+                                              pyeuler_coef_t center, const void* dx_addend,
+                                              void* dx, void* dshortcut, cudaStream_t stream);
 
 /* The IE-Skip step fused into the apply (primitives.affine_act_backward_apply_ie_update),
- * x - 2 * step_size * (e - theta * v) with v the dx above (never written), computed as
+ * x - 2 * step_size * (e - theta * v) with v the dx above without an addend (never written),
+ * computed as
  *   x_new = (x + residual_coef * residual) + (2 * step_size * theta) * v
  * from residual = e (residual_is_term == 0; residual_coef = -2 * step_size), or from its term
  * -2 * step_size * e (residual_is_term != 0, as pyeuler_ie_residual_with_term writes it;
@@ -223,13 +225,15 @@ cudaError_t pyeuler_ie_residual_with_term(const void* x, const void* c, const vo
 
 /* The adjoint of pyeuler_ie_residual_with_term (primitives.ie_residual_with_term_adjoint),
  * from the gradients de of e and dterm of its term, in one pass:
- *   u = de - 2 * step_size * dterm,  dx = u,  dc = -u,  dfx = -theta * u.
- * dfx may be NULL: not written (at theta == 1 it equals dc, so a caller passes NULL and
- * uses dc). */
+ *   u = de - 2 * step_size * dterm,  dx = u + dx_addend,  dc = -u,  dfx = -theta * u.
+ * dx_addend may be NULL (no term); it has de's dtype and layout, is added in float32 before
+ * dx is rounded, and enters dx alone (not dc or dfx).  dfx may be NULL: not written (at
+ * theta == 1 it equals dc, so a caller passes NULL and uses dc). */
 cudaError_t pyeuler_ie_residual_with_term_adjoint(const void* de, const void* dterm,
                                                   pyeuler_dtype_t dtype, int64_t numel,
-                                                  double theta, double step_size, void* dx,
-                                                  void* dc, void* dfx, cudaStream_t stream);
+                                                  double theta, double step_size,
+                                                  const void* dx_addend, void* dx, void* dc,
+                                                  void* dfx, cudaStream_t stream);
 
 /* x_next = x - 2 * step_size * (e - theta * v) */
 cudaError_t pyeuler_ie_update(const void* x, const void* e, const void* v, pyeuler_dtype_t dtype,

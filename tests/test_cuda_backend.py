@@ -50,6 +50,12 @@ def cases(shapes=SHAPES, layouts=LAYOUTS):
 coef = random_coef
 
 
+def other_layout(layout):
+    """A layout other than ``layout`` for an operand the op copies into x's (strided: not
+    dense in either)."""
+    return "contiguous" if layout == "strided" else "strided"
+
+
 def broadcast(v, x):
     spatial = (1,) * (x.dim() - 2)
     return v.view(1, -1, *spatial) if v.dim() == 1 else v.view(*v.shape, *spatial)
@@ -165,11 +171,13 @@ def test_fakes_match_reference_outputs(shape, layout):
             assert [(f.shape, f.dtype) for f in fakes] == [(o.shape, o.dtype) for o in outputs]
             if x.is_contiguous() or x.movedim(1, -1).is_contiguous():
                 assert fakes[2].stride() == outputs[2].stride()
-    fake_dx, fake_ds = cuda_backend._fake_affine_act_backward_apply(
-        x, x, scale, shift, None, True, scale, scale, scale, scale, True)
-    dx, ds = ref.affine_act_backward_apply(x, x, scale, shift, None, True, scale, scale, scale,
-                                           scale, True)
-    assert (fake_dx.shape, fake_dx.dtype, fake_ds.shape) == (dx.shape, dx.dtype, ds.shape)
+    for dx_addend in (None, x.half()):
+        apply_args = (x, x, scale, shift, None, True, scale, scale, scale, scale, True, dx_addend)
+        fake_dx, fake_ds = cuda_backend._fake_affine_act_backward_apply(*apply_args)
+        dx, ds = ref.affine_act_backward_apply(*apply_args)
+        assert (fake_dx.shape, fake_dx.dtype, fake_ds.shape) == (dx.shape, dx.dtype, ds.shape)
+        if x.is_contiguous() or x.movedim(1, -1).is_contiguous():
+            assert fake_dx.stride() == dx.stride()
     for residual_is_term in (False, True):
         ie_args = (x, x, scale, shift, None, True, scale, scale, scale, scale, x, 0.1, 1.0,
                    residual_is_term)
@@ -192,12 +200,13 @@ def test_fakes_match_reference_outputs(shape, layout):
             assert fake.stride() == real.stride()
     assert cuda_backend._fake_ie_update(x, x, x, 0.1, 1.0).shape == x.shape
     dense = x.is_contiguous() or x.movedim(1, -1).is_contiguous()
-    for theta in (0.5, 1.0):
+    for theta, dx_addend in ((0.5, None), (1.0, None), (0.5, x.half())):
         outputs = ref.ie_residual_with_term(x, x, x, theta, 0.1)
         fakes = cuda_backend._fake_ie_residual_with_term(x, x, x, theta, 0.1)
         # the adjoint's dfx: written only at θ ≠ 1 (at θ = 1 it is dc), else an empty result
-        outputs += ref.ie_residual_with_term_adjoint(x, x, theta, 0.1)[:2 if theta == 1.0 else 3]
-        fakes += cuda_backend._fake_ie_residual_with_term_adjoint(x, x, theta, 0.1)
+        adjoint_args = (x, x, theta, 0.1, dx_addend)
+        outputs += ref.ie_residual_with_term_adjoint(*adjoint_args)[:2 if theta == 1.0 else 3]
+        fakes += cuda_backend._fake_ie_residual_with_term_adjoint(*adjoint_args)
         if theta == 1.0:
             assert fakes[-1].numel() == 0
             fakes = fakes[:-1]
@@ -282,8 +291,8 @@ lib.impl("cuda_affine_act_backward_apply_ie_update", ref.affine_act_backward_app
          "CPU")
 lib.impl("cuda_affine_act_double_backward_reduce", ref.affine_act_double_backward_reduce, "CPU")
 lib.impl("cuda_affine_act_double_backward_apply", ref.affine_act_double_backward_apply, "CPU")
-def adjoint(de, dterm, theta, step_size):
-    dx, dc, dfx = ref.ie_residual_with_term_adjoint(de, dterm, theta, step_size)
+def adjoint(de, dterm, theta, step_size, dx_addend):
+    dx, dc, dfx = ref.ie_residual_with_term_adjoint(de, dterm, theta, step_size, dx_addend)
     return dx, dc, de.new_empty((0,)) if theta == 1.0 else dfx
 
 
@@ -302,22 +311,26 @@ def step(x, dy, scale, shift):
     _, recomputed_sum_gx, y_low = ops.cuda_affine_act_backward_reduce_recompute(
         dy, x, scale, shift, mean, True, False, torch.bfloat16)
     dx, g = ops.cuda_affine_act_backward_apply(dy, x, scale, shift, mask, True, sum_g, sum_gx,
-                                               var, mean, True)
+                                               var, mean, True, None)
+    dx_relayed, _ = ops.cuda_affine_act_backward_apply(dy, x, scale, shift, mask, True, sum_g,
+                                                       sum_gx, var, mean, False, dy)
     e = ops.cuda_ie_residual(x, y, dx, 1.0)
     e_again, term = ops.cuda_ie_residual_with_term(x, y, dx, 1.0, 0.1)
     x_new = ops.cuda_affine_act_backward_apply_ie_update(dy, x, scale, shift, mask, True, sum_g,
                                                          sum_gx, var, mean, term, 0.1, 1.0, True)
     x_new_from_e = ops.cuda_affine_act_backward_apply_ie_update(
         dy, x, scale, shift, mask, True, sum_g, sum_gx, var, mean, e, 0.1, 1.0, False)
-    dx_e, dc, dfx = ops.cuda_ie_residual_with_term_adjoint(e_again, g, 0.5, 0.1)
-    _, dc_at_one, no_dfx = ops.cuda_ie_residual_with_term_adjoint(e_again, g, 1.0, 0.1)
+    dx_e, dc, dfx = ops.cuda_ie_residual_with_term_adjoint(e_again, g, 0.5, 0.1, None)
+    _, dc_at_one, no_dfx = ops.cuda_ie_residual_with_term_adjoint(e_again, g, 1.0, 0.1, None)
+    dx_e_relayed, _, _ = ops.cuda_ie_residual_with_term_adjoint(e_again, g, 0.5, 0.1, dx)
     sum_dd, sum_dd_xc, sum_dd_g = ops.cuda_affine_act_double_backward_reduce(
         dx, dy, x, scale, shift, mean, mask, True, False)
     ddy, dxx = ops.cuda_affine_act_double_backward_apply(dx, dy, x, scale, shift, mask, True,
                                                          sum_g, sum_gx, sum_dd, sum_dd_xc, mean,
                                                          g, 0.5, dx)
     return (ops.cuda_ie_update(x, e, g, 0.1, 1.0), x_new, mean, var, sum_g, sum_dd_g, ddy, dxx,
-            recomputed_sum_gx, y_low, term, x_new_from_e, dx_e, dc, dfx, dc_at_one, no_dfx)
+            recomputed_sum_gx, y_low, term, x_new_from_e, dx_e, dc, dfx, dc_at_one, no_dfx,
+            dx_relayed, dx_e_relayed)
 x = torch.randn(4, 6, 5, 5).to(memory_format=torch.channels_last)
 args = (x, torch.randn_like(x), torch.randn(6), torch.randn(6))
 compiled = torch.compile(step, backend="aot_eager", fullgraph=True)(*args)
@@ -343,9 +356,9 @@ def test_schemas_and_fakes_trace_under_torch_compile():
 def test_ie_residual_with_term_ops_count_each_operand_once():
     """pyeuler.cost's view (KERNEL_LAUNCHES, KERNEL_PASSES) of the wrappers, on CPU inside
     counting_device: one launch each; the residual reads x, c, fx and writes e and the term;
-    the adjoint reads de and dterm and writes dx, dc and, only at θ ≠ 1, dfx: at θ = 1 the
-    op's dfx is empty and the wrapper returns dc in its place.  Shapes, dtypes and layouts
-    are the contract's."""
+    the adjoint reads de, dterm and (when given) dx_addend and writes dx, dc and, only at
+    θ ≠ 1, dfx: at θ = 1 the op's dfx is empty and the wrapper returns dc in its place.
+    Shapes, dtypes and layouts are the contract's."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     from pyeuler import backend
@@ -358,10 +371,11 @@ def test_ie_residual_with_term_ops_count_each_operand_once():
             x = make((16, 32, 8, 8), "channels_last", torch.bfloat16, device="cpu")
             with recorder:
                 got = [cuda_backend.ie_residual_with_term(x, x, x, 0.5, 0.1)]
-                got += [cuda_backend.ie_residual_with_term_adjoint(x, x, theta, 0.1)
-                        for theta in (0.5, 1.0)]
+                got += [cuda_backend.ie_residual_with_term_adjoint(x, x, theta, 0.1, addend)
+                        for theta, addend in ((0.5, None), (1.0, None), (0.5, x))]
             want = [ref.ie_residual_with_term(x, x, x, 0.5, 0.1)]
-            want += [ref.ie_residual_with_term_adjoint(x, x, theta, 0.1) for theta in (0.5, 1.0)]
+            want += [ref.ie_residual_with_term_adjoint(x, x, theta, 0.1, addend)
+                     for theta, addend in ((0.5, None), (1.0, None), (0.5, x))]
     for outputs, expected in zip(got, want):
         assert ([(t.shape, t.dtype, t.stride()) for t in outputs]
                 == [(t.shape, t.dtype, t.stride()) for t in expected])
@@ -370,7 +384,8 @@ def test_ie_residual_with_term_ops_count_each_operand_once():
     assert [(k.name, k.launches, k.bytes) for k in recorder.kernels] == [
         ("pyeuler.cuda_ie_residual_with_term.default", 1, 5 * act),
         ("pyeuler.cuda_ie_residual_with_term_adjoint.default", 1, 5 * act),
-        ("pyeuler.cuda_ie_residual_with_term_adjoint.default", 1, 4 * act)]
+        ("pyeuler.cuda_ie_residual_with_term_adjoint.default", 1, 4 * act),
+        ("pyeuler.cuda_ie_residual_with_term_adjoint.default", 1, 6 * act)]
 
 
 def test_jit_build_compiles_what_setup_py_compiles():
@@ -539,6 +554,40 @@ def test_affine_act_backward_apply(shape, layout, dtype, gate, per_sample):
 @pytest.mark.parametrize("shape,layout", cases())
 @pytest.mark.parametrize("gate,per_sample", [("mask", False), ("relu", True), ("none", False)],
                          ids=["mask-per_channel", "relu-per_sample", "none-per_channel"])
+def test_affine_act_backward_apply_with_dx_addend(shape, layout, dtype, gate, per_sample):
+    """dx = a·g + b·(x − center) + c + dx_addend, the addend in another layout than x (the op
+    copies it into x's), summed in float32 before dx is rounded; dx stays in x's layout and
+    the shortcut's gradient g is the one without the addend."""
+    dy, x = make(shape, layout, dtype), make(shape, layout, dtype)
+    dx_addend = make(shape, other_layout(layout), dtype)
+    scale, shift = coef(x, per_sample), coef(x, per_sample)
+    a, b, c, center = (coef(x, per_sample) for _ in range(4))
+    mask = make(shape, layout).gt(0) if gate == "mask" else None
+    relu = gate != "none"
+    apply_args = (dy, x, scale, shift, mask, relu, a, b, c, center, True)
+    dx, dshortcut = cuda_backend.affine_act_backward_apply(*apply_args, dx_addend)
+    dx_eager, g_eager = ref.affine_act_backward_apply(*apply_args, dx_addend)
+    gate64 = mask if mask is not None else (relu_gate32(x, scale, shift) if relu else None)
+    dx_exact, _ = ref.affine_act_backward_apply(*doubles(dy, x, scale, shift), gate64, relu,
+                                                *doubles(a, b, c, center), False,
+                                                dx_addend.double())
+    assert_output(dx, dx_eager, dx_exact)
+    assert torch.equal(dshortcut, g_eager)
+    _, g_without = cuda_backend.affine_act_backward_apply(*apply_args)
+    assert torch.equal(dshortcut, g_without)
+    if layout == "channels_last" and x.dim() == 4:
+        assert dx.is_contiguous(memory_format=torch.channels_last)
+    # the keyword form, as the contract names it
+    dx_keyword, _ = cuda_backend.affine_act_backward_apply(*apply_args, dx_addend=dx_addend)
+    assert torch.equal(dx_keyword, dx)
+
+
+@gpu
+@pytest.mark.usefixtures("cuda_ready")
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape,layout", cases())
+@pytest.mark.parametrize("gate,per_sample", [("mask", False), ("relu", True), ("none", False)],
+                         ids=["mask-per_channel", "relu-per_sample", "none-per_channel"])
 @pytest.mark.parametrize("residual_is_term", [False, True], ids=["e", "term"])
 def test_affine_act_backward_apply_ie_update(shape, layout, dtype, gate, per_sample,
                                              residual_is_term):
@@ -686,27 +735,44 @@ def test_ie_residual_with_term_and_adjoint(shape, layout, dtype):
     assert torch.equal(e, e_eager) and torch.equal(term, term_eager)
     de = make(shape, layout, dtype)
     dterm = make(shape, "contiguous" if layout == "channels_last" else layout, dtype)
+    dx_addend = make(shape, other_layout(layout), dtype)
     for adjoint_theta in (theta, 1.0):
         grads = cuda_backend.ie_residual_with_term_adjoint(de, dterm, adjoint_theta, step_size)
         eager = ref.ie_residual_with_term_adjoint(de, dterm, adjoint_theta, step_size)
         for got, want in zip(grads, eager):
             assert got.dtype == dtype and torch.equal(got, want)
         assert (grads[2] is grads[1]) == (adjoint_theta == 1.0)
+        # the addend (in another layout) enters dx alone, summed before dx is rounded
+        relayed = cuda_backend.ie_residual_with_term_adjoint(de, dterm, adjoint_theta,
+                                                             step_size, dx_addend)
+        relayed_eager = ref.ie_residual_with_term_adjoint(de, dterm, adjoint_theta, step_size,
+                                                          dx_addend)
+        for got, want in zip(relayed, relayed_eager):
+            assert got.dtype == dtype and torch.equal(got, want)
+        assert torch.equal(relayed[1], grads[1]) and torch.equal(relayed[2], grads[2])
+        assert (relayed[2] is relayed[1]) == (adjoint_theta == 1.0)
         if layout == "channels_last" and x.dim() == 4:
             assert all(t.is_contiguous(memory_format=torch.channels_last)
-                       for t in (e, term, *grads))
+                       for t in (e, term, *grads, *relayed))
 
 
 @gpu
 @pytest.mark.usefixtures("cuda_ready")
 def test_ie_residual_with_term_ops_are_one_launch_each():
-    """One kernel each, the adjoint at θ = 1 too (where it writes dfx = dc once)."""
+    """One kernel each, the adjoint at θ = 1 too (where it writes dfx = dc once); an addend
+    of x's layout and dtype is summed in the same kernel (no copy, no extra pass)."""
     x = make((8, 16, 8, 8), "channels_last", torch.bfloat16)
+    scale = coef(x, False)
     calls = {"cuda_ie_residual_with_term":
              [lambda: cuda_backend.ie_residual_with_term(x, x, x, 0.5, 0.1)],
              "cuda_ie_residual_with_term_adjoint":
-             [lambda theta=theta: cuda_backend.ie_residual_with_term_adjoint(x, x, theta, 0.1)
-              for theta in (0.5, 1.0)]}
+             [lambda theta=theta, addend=addend:
+              cuda_backend.ie_residual_with_term_adjoint(x, x, theta, 0.1, addend)
+              for theta, addend in ((0.5, None), (1.0, None), (0.5, x))],
+             "cuda_affine_act_backward_apply":
+             [lambda addend=addend: cuda_backend.affine_act_backward_apply(
+                 x, x, scale, scale, None, True, scale, scale, scale, scale, True, addend)
+              for addend in (None, x)]}
     for name, name_calls in calls.items():
         for call in name_calls:
             device_events = _device_kernels(call)
@@ -756,6 +822,15 @@ def test_bad_arguments_are_named():
         cuda_backend.ie_residual_with_term_adjoint(x, x[:1], 0.5, 0.1)
     with pytest.raises(TypeError, match="de must be float32, float16 or bfloat16"):
         cuda_backend.ie_residual_with_term_adjoint(x.double(), x.double(), 0.5, 0.1)
+    with pytest.raises(RuntimeError, match=r"dx_addend has shape .* but de has shape"):
+        cuda_backend.ie_residual_with_term_adjoint(x, x, 0.5, 0.1, x[:1])
+    with pytest.raises(ValueError, match="dx_addend must be a CUDA tensor"):
+        cuda_backend.ie_residual_with_term_adjoint(x, x, 0.5, 0.1, x.cpu())
+    apply_args = (x, x, scale, scale, None, True, scale, scale, scale, scale, True)
+    with pytest.raises(RuntimeError, match=r"dx_addend has shape .* but x has shape"):
+        cuda_backend.affine_act_backward_apply(*apply_args, x[:1])
+    with pytest.raises(ValueError, match="dx_addend must be a CUDA tensor"):
+        cuda_backend.affine_act_backward_apply(*apply_args, x.cpu())
 
 
 @gpu
@@ -827,12 +902,16 @@ def test_matches_triton(shape, layout):
     for cu, tr in zip(cuda_backend.ie_residual_with_term(x, dy, y_cu, 0.75, 0.1),
                       tri.ie_residual_with_term(x, dy, y_cu, 0.75, 0.1)):
         torch.testing.assert_close(cu, tr, rtol=1e-5, atol=1e-6)
-    for theta in (0.75, 1.0):
-        cu = cuda_backend.ie_residual_with_term_adjoint(x, dy, theta, 0.1)
-        tr = tri.ie_residual_with_term_adjoint(x, dy, theta, 0.1)
+    for theta, dx_addend in ((0.75, None), (1.0, None), (0.75, y_cu)):
+        cu = cuda_backend.ie_residual_with_term_adjoint(x, dy, theta, 0.1, dx_addend)
+        tr = tri.ie_residual_with_term_adjoint(x, dy, theta, 0.1, dx_addend)
         for cu_grad, tr_grad in zip(cu, tr):
             torch.testing.assert_close(cu_grad, tr_grad, rtol=1e-5, atol=1e-6)
         assert (cu[2] is cu[1]) == (tr[2] is tr[1]) == (theta == 1.0)
+    apply_args = (dy, x, scale, shift, m_cu, True, scale, shift, center, center, True, y_cu)
+    for cu, tr in zip(cuda_backend.affine_act_backward_apply(*apply_args),
+                      tri.affine_act_backward_apply(*apply_args)):
+        torch.testing.assert_close(cu, tr, rtol=1e-4, atol=1e-5)
     ddx = make(shape, layout)
     reduce_args = (ddx, dy, x, scale, shift, center, None, True, False)
     for cu, tr in zip(cuda_backend.affine_act_double_backward_reduce(*reduce_args),
@@ -868,9 +947,17 @@ def test_mixed_dtypes_follow_the_contract():
     for got, want in zip(cuda_backend.ie_residual_with_term(x, x, low, 0.5, 0.1),
                          ref.ie_residual_with_term(x, x, low, 0.5, 0.1)):
         torch.testing.assert_close(got, want)
-    # a float32 de with a bfloat16 dterm (its term's gradient): de's dtype
-    for got, want in zip(cuda_backend.ie_residual_with_term_adjoint(x, low, 0.5, 0.1),
-                         ref.ie_residual_with_term_adjoint(x, low, 0.5, 0.1)):
+    # a float32 de with a bfloat16 dterm (its term's gradient): de's dtype; likewise a
+    # bfloat16 share of x's gradient added to dx
+    for dx_addend in (None, low):
+        for got, want in zip(cuda_backend.ie_residual_with_term_adjoint(x, low, 0.5, 0.1,
+                                                                        dx_addend),
+                             ref.ie_residual_with_term_adjoint(x, low, 0.5, 0.1, dx_addend)):
+            assert got.dtype == torch.float32
+            torch.testing.assert_close(got, want)
+    apply_args = (x, x, scale, shift, None, True, scale, shift, shift, scale, True, low)
+    for got, want in zip(cuda_backend.affine_act_backward_apply(*apply_args),
+                         ref.affine_act_backward_apply(*apply_args)):
         assert got.dtype == torch.float32
         torch.testing.assert_close(got, want)
     for got, want in zip(cuda_backend.affine_act_forward(low, scale, shift, x, True, True),

@@ -372,6 +372,11 @@ def test_opcheck_custom_ops(routed_to_primitives):
                               (torch.randn(2, 4, 5, 5), None, None, x4, w, b, mean4, var4, scale,
                                shift, 1e-5, 0, batch_stats, torch.randn(4, 3, 3, 3), [2, 3, 5, 5],
                                [1, 1], [1, 1], [1, 1], 1, keep, "triton"))
+    for batch_stats, addend in ((True, None), (True, torch.randn_like(x4)), (False, None)):
+        torch.library.opcheck(torch.ops.pyeuler.norm_relu_conv_backward.default,
+                              (torch.randn(2, 3, 5, 5), None, None, x4, w, b, mean4, var4, scale,
+                               shift, kernel, 1e-5, 0, batch_stats, [1, 1], [1, 1], [1, 1], 1,
+                               [True, True, True], addend, "triton"))
     for batch_stats in (True, False):
         torch.library.opcheck(torch.ops.pyeuler.norm_relu_backward_ie_update.default,
                               (dy, x, w, b, mean, var, scale, shift, s, 1e-5, 0, batch_stats, 0.1,
@@ -384,8 +389,9 @@ def test_opcheck_custom_ops(routed_to_primitives):
     for theta in (1.0, 0.5):
         torch.library.opcheck(torch.ops.pyeuler.ie_residual_with_term.default,
                               (x, s, x, theta, 0.1, "triton"))
-        torch.library.opcheck(torch.ops.pyeuler.ie_residual_with_term_adjoint.default,
-                              (x, s, theta, 0.1, "triton"))
+        for addend in (None, torch.randn_like(x)):
+            torch.library.opcheck(torch.ops.pyeuler.ie_residual_with_term_adjoint.default,
+                                  (x, s, theta, 0.1, addend, "triton"))
     torch.library.opcheck(torch.ops.pyeuler.ie_update.default, (x, s, x, 0.1, 0.5, "triton"))
 
 

@@ -284,9 +284,9 @@ def _run_affine_act(tri, make):
         tri.affine_act_backward_reduce(dy, x, scale, shift, center, gate_mask, relu, False)
         tri.affine_act_double_backward_reduce(ddx, dy, x, scale, shift, center, gate_mask, relu,
                                               False)
-        for want_dshortcut in (True, False):
+        for want_dshortcut, addend in ((True, None), (False, None), (False, make())):
             tri.affine_act_backward_apply(dy, x, scale, shift, gate_mask, relu, a, b, c, center,
-                                          want_dshortcut)
+                                          want_dshortcut, addend)
         for residual_is_term in (False, True):
             tri.affine_act_backward_apply_ie_update(dy, x, scale, shift, gate_mask, relu, a, b,
                                                     c, center, e, 0.1, 1.0, residual_is_term)
@@ -351,8 +351,8 @@ def _run_ie(tri, make):
     tri.ie_residual(x, c, fx, 1.0)
     tri.ie_update(x, c, fx, 0.1, 0.5)
     tri.ie_residual_with_term(x, c, fx, 1.0, 0.1)
-    for theta in (1.0, 0.5):
-        tri.ie_residual_with_term_adjoint(x, c, theta, 0.1)
+    for theta, addend in ((1.0, None), (0.5, None), (1.0, make())):
+        tri.ie_residual_with_term_adjoint(x, c, theta, 0.1, addend)
 
 
 @pytest.fixture(scope="module")

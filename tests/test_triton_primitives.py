@@ -317,6 +317,51 @@ def test_affine_act_backward_apply_fp32(shape, layout, per_sample):
             assert dshortcut is None
 
 
+@pytest.mark.parametrize("shape,layout", cases([(4, 5, 7, 5), (3, 3), (2, 6, 3, 4, 5)]))
+@pytest.mark.parametrize("addend_layout", ["contiguous", "strided"])
+def test_affine_act_backward_apply_adds_the_addend(shape, layout, addend_layout):
+    """dx = a·g + b·(x − center) + c + dx_addend, the addend in any layout; the shortcut's
+    gradient g does not see it."""
+    dy, x, scale, shift, center = _reduce_inputs(shape, layout, False)
+    a, b, c = coef(x, False), coef(x, False), coef(x, False)
+    addend = make(shape, addend_layout)
+    dx, g = tri.affine_act_backward_apply(dy, x, scale, shift, None, True, a, b, c, center, True,
+                                          addend)
+    dx_ref, g_ref = ref.affine_act_backward_apply(dy, x, scale, shift, None, True, a, b, c, center,
+                                                  True, addend)
+    assert_close32(dx, dx_ref)
+    assert_close32(g, g_ref)
+    without, _ = ref.affine_act_backward_apply(dy, x, scale, shift, None, True, a, b, c, center,
+                                               False)
+    assert_close32(dx_ref, without + addend)  # the contract itself: one more share, no more
+    if layout != "strided":
+        assert dx.stride() == x.stride()
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_backward_apply_and_adjoint_addends_low_precision(dtype):
+    """The addend is summed in float32 before dx is rounded once: within the low-precision
+    tolerance of the float64 result, whatever the addend's own dtype."""
+    shape = (3, 6, 5, 7)
+    dy, x = (make(shape, "channels_last", dtype) for _ in range(2))
+    scale, shift, center = (torch.rand(6, device=DEVICE) + 0.5 for _ in range(3))
+    a, b, c = (torch.randn(6, device=DEVICE) for _ in range(3))
+    for addend in (make(shape, "contiguous", dtype), make(shape, "channels_last")):
+        args = (dy, x, scale, shift, None, True, a, b, c, center, False, addend)
+        dx, _ = tri.affine_act_backward_apply(*args)
+        assert dx.dtype == dtype
+        exact, _ = ref.affine_act_backward_apply(*to64(dy, x), scale, shift, None, True, a, b, c,
+                                                 center, False, addend.double())
+        assert_lowp(dx, ref.affine_act_backward_apply(*args)[0], exact)
+        de, dterm = make(shape, "channels_last", dtype), make(shape, "channels_last", dtype)
+        grads = tri.ie_residual_with_term_adjoint(de, dterm, 0.5, 0.1, addend)
+        eager = ref.ie_residual_with_term_adjoint(de, dterm, 0.5, 0.1, addend)
+        exact = ref.ie_residual_with_term_adjoint(*to64(de, dterm), 0.5, 0.1, addend.double())
+        for got, lowp, want in zip(grads, eager, exact):
+            assert got.dtype == dtype
+            assert_lowp(got, lowp, want)
+
+
 @pytest.mark.parametrize("shape,layout", cases([(4, 5, 7, 5), (3, 3), (2, 6, 3, 4, 5), (1, 6, 1, 1)]))
 @pytest.mark.parametrize("per_sample", [False, True], ids=["per_channel", "per_sample"])
 def test_affine_act_backward_apply_ie_update_fp32(shape, layout, per_sample):
@@ -522,6 +567,14 @@ def test_ie_residual_with_term_and_adjoint_fp32(shape, layout, theta):
     assert (grads[2] is grads[1]) == (theta == 1.0)
     if layout != "strided":
         assert e.stride() == term.stride() == grads[0].stride() == x.stride()
+    # a share of x's gradient handed on (pyeuler.ops.gradient_relay) lands in dx only
+    addend = make(shape, "strided")
+    with_addend = tri.ie_residual_with_term_adjoint(de, dterm, theta, 0.15, addend)
+    want = ref.ie_residual_with_term_adjoint(de, dterm, theta, 0.15, addend)
+    for got, expected in zip(with_addend, want):
+        assert_close32(got, expected)
+    assert_close32(want[0], grads[0] + addend)
+    assert_close32(with_addend[1], grads[1])
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])

@@ -394,22 +394,25 @@ void test_backward_reduce_recompute(const Shape& shape, Random& rng, bool relu, 
   in.expect_sums(what, false, relu, per_sample, out);
 }
 
+// dx = a * g + b * (x - center) + c (+ dx_addend with_addend), dshortcut = g.
 template <typename T>
 void test_backward_apply(const Shape& shape, Random& rng, bool use_mask, bool relu,
-                         bool per_sample_coefs, bool misaligned) {
+                         bool per_sample_coefs, bool with_addend, bool misaligned) {
   const BackwardCase<T> in(shape, rng, per_sample_coefs);
   const int64_t coef_rows = per_sample_coefs ? shape.n : 1;
   const int64_t stride = per_sample_coefs ? shape.c : 0;
   const Coef a(rng.uniform(coef_rows * shape.c, -1.f, 1.f), stride);
   const Coef b(rng.uniform(coef_rows * shape.c, -1.f, 1.f), stride);
   const Coef c_coef(rng.uniform(coef_rows * shape.c, -0.1f, 0.1f), stride);
-  DeviceArray<T> dy(in.dy.stored, misaligned), x(in.x.stored, misaligned);
+  const Activation<T> addend(rng.uniform(shape.numel(), -1.f, 1.f));
+  DeviceArray<T> dy(in.dy.stored, misaligned), x(in.x.stored, misaligned),
+      addend_dev(addend.stored, misaligned);
   DeviceArray<uint8_t> mask(in.mask, misaligned);
   DeviceArray<T> dx(shape.numel(), misaligned), dshortcut(shape.numel(), misaligned);
   CHECK_CUDA(pyeuler_affine_act_backward_apply(
       dy.get(), x.get(), use_mask ? mask.get() : nullptr, Dtype<T>::kEnum, shape.geometry(),
       in.scale.abi(), in.shift.abi(), relu, a.abi(), b.abi(), c_coef.abi(), in.center.abi(),
-      dx.get(), dshortcut.get(), nullptr));
+      with_addend ? addend_dev.get() : nullptr, dx.get(), dshortcut.get(), nullptr));
 
   std::vector<double> want_dx(shape.numel()), want_g(shape.numel()), atol(shape.numel());
   for (int64_t n = 0; n < shape.n; ++n)
@@ -418,13 +421,16 @@ void test_backward_apply(const Shape& shape, Random& rng, bool use_mask, bool re
         const int64_t i = shape.at(n, c, s);
         const double g = in.gradient(n, c, i, use_mask, relu);
         const double xc = double(in.x.values[i]) - in.center.at(n, c);
-        want_dx[i] = a.at(n, c) * g + b.at(n, c) * xc + c_coef.at(n, c);
+        const double added = with_addend ? double(addend.values[i]) : 0.0;
+        want_dx[i] = a.at(n, c) * g + b.at(n, c) * xc + c_coef.at(n, c) + added;
         want_g[i] = g;
-        // float32 rounding of the three terms
-        atol[i] = 1e-6 * (std::fabs(a.at(n, c) * g) + std::fabs(b.at(n, c) * xc) + 1.0);
+        // float32 rounding of the terms
+        atol[i] = 1e-6 * (std::fabs(a.at(n, c) * g) + std::fabs(b.at(n, c) * xc) +
+                          std::fabs(added) + 1.0);
       }
   const std::string what = std::string("backward_apply mask=") + std::to_string(use_mask) +
-                           " relu=" + std::to_string(relu) + " ";
+                           " relu=" + std::to_string(relu) + " addend=" +
+                           std::to_string(with_addend) + " ";
   expect_close(what + "dx", to_floats(dx.download()), want_dx, Dtype<T>::kRtol, atol);
   expect_close(what + "dshortcut", to_floats(dshortcut.download()), want_g, 0.0, 0.0);
 }
@@ -604,8 +610,9 @@ void test_ie(const Shape& shape, Random& rng, bool misaligned) {
 }
 
 // The residual with its term (-2γ·e from e in float32, before rounding), and that map's
-// adjoint u = de - 2γ·dterm, (dx, dc, dfx) = (u, -u, -θ·u), with dfx written or (NULL) not:
-// bit for bit against the kernels' rounding sequence.
+// adjoint u = de - 2γ·dterm, (dx, dc, dfx) = (u, -u, -θ·u), with dfx written or (NULL) not,
+// and with an addend summed into dx alone (dx = u + dx_addend in float32): bit for bit
+// against the kernels' rounding sequence.
 template <typename T>
 void test_ie_residual_with_term(const Shape& shape, Random& rng, bool misaligned) {
   const double theta = 0.75, step_size = 0.1;
@@ -634,27 +641,36 @@ void test_ie_residual_with_term(const Shape& shape, Random& rng, bool misaligned
   expect_close(what + "term", to_floats(term.download()), want_term, 0.0, 0.0);
   expect_close(what + "ie_residual", to_floats(e_alone.download()), want_e, 0.0, 0.0);
 
-  // the adjoint, from de = x and dterm = c
-  for (const double adjoint_theta : {theta, 1.0}) {
-    const bool write_dfx = adjoint_theta != 1.0;
+  // the adjoint, from de = x and dterm = c (and dx_addend = f)
+  struct AdjointCase {
+    double theta;
+    bool with_addend;
+  };
+  for (const AdjointCase adjoint_case : {AdjointCase{theta, false}, AdjointCase{1.0, false},
+                                         AdjointCase{theta, true}, AdjointCase{1.0, true}}) {
+    const double adjoint_theta = adjoint_case.theta;
+    const bool write_dfx = adjoint_theta != 1.0, with_addend = adjoint_case.with_addend;
     DeviceArray<T> dx(numel, misaligned), dc(numel, misaligned), dfx(numel, misaligned);
     CHECK_CUDA(pyeuler_ie_residual_with_term_adjoint(
-        x_dev.get(), c_dev.get(), Dtype<T>::kEnum, numel, adjoint_theta, step_size, dx.get(),
-        dc.get(), write_dfx ? dfx.get() : nullptr, nullptr));
-    std::vector<double> want_u(numel), want_dc(numel), want_dfx(numel);
+        x_dev.get(), c_dev.get(), Dtype<T>::kEnum, numel, adjoint_theta, step_size,
+        with_addend ? f_dev.get() : nullptr, dx.get(), dc.get(), write_dfx ? dfx.get() : nullptr,
+        nullptr));
+    std::vector<double> want_dx(numel), want_dc(numel), want_dfx(numel);
     for (int64_t i = 0; i < numel; ++i) {
       const volatile float scaled = float(2.0 * step_size) * c.values[i];
       const volatile float u = x.values[i] - scaled;
-      want_u[i] = Dtype<T>::to_float(Dtype<T>::from_float(u));
+      const volatile float u_plus_addend = u + (with_addend ? f.values[i] : 0.f);
+      want_dx[i] = Dtype<T>::to_float(Dtype<T>::from_float(with_addend ? u_plus_addend : u));
       want_dc[i] = Dtype<T>::to_float(Dtype<T>::from_float(-u));
       const float minus_theta_u = float(-adjoint_theta) * u;
       // NULL dfx: the buffer keeps its zeros
       want_dfx[i] = write_dfx ? Dtype<T>::to_float(Dtype<T>::from_float(minus_theta_u)) : 0.0;
     }
     const std::string adjoint = std::string("ie_residual_with_term_adjoint theta=") +
-                                std::to_string(adjoint_theta) + " misaligned=" +
+                                std::to_string(adjoint_theta) + " addend=" +
+                                std::to_string(with_addend) + " misaligned=" +
                                 std::to_string(misaligned) + " ";
-    expect_close(adjoint + "dx", to_floats(dx.download()), want_u, 0.0, 0.0);
+    expect_close(adjoint + "dx", to_floats(dx.download()), want_dx, 0.0, 0.0);
     expect_close(adjoint + "dc", to_floats(dc.download()), want_dc, 0.0, 0.0);
     expect_close(adjoint + "dfx", to_floats(dfx.download()), want_dfx, 0.0, 0.0);
   }
@@ -678,8 +694,10 @@ void test_dtype(Random& rng) {
       for (bool misaligned : {false, true}) {
         test_forward<T>(shape, rng, true, true, false, misaligned);
         test_forward<T>(shape, rng, false, false, true, misaligned);
-        test_backward_apply<T>(shape, rng, true, true, false, misaligned);
-        test_backward_apply<T>(shape, rng, false, true, true, misaligned);
+        test_backward_apply<T>(shape, rng, true, true, false, false, misaligned);
+        test_backward_apply<T>(shape, rng, false, true, true, false, misaligned);
+        test_backward_apply<T>(shape, rng, false, true, false, true, misaligned);
+        test_backward_apply<T>(shape, rng, true, false, true, true, misaligned);
         test_backward_apply_ie_update<T>(shape, rng, true, true, false, true, misaligned);
         test_backward_apply_ie_update<T>(shape, rng, false, true, true, false, misaligned);
         test_backward_apply_ie_update<T>(shape, rng, false, false, false, true, misaligned);
@@ -1666,7 +1684,7 @@ void test_ie_errors() {
                                                      buffer, nullptr));
   auto adjoint = [&](const void* dterm, void* dx, void* dc) {
     return pyeuler_ie_residual_with_term_adjoint(buffer, dterm, PYEULER_DTYPE_FLOAT32, 4, 0.5,
-                                                 0.1, dx, dc, buffer, nullptr);
+                                                 0.1, nullptr, dx, dc, buffer, nullptr);
   };
   expect_invalid_value(what + "adjoint NULL dterm", adjoint(nullptr, buffer, buffer));
   expect_invalid_value(what + "adjoint NULL dx", adjoint(buffer, nullptr, buffer));

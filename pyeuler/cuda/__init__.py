@@ -70,7 +70,7 @@ SCHEMAS = (
     "-> (Tensor, Tensor, Tensor)",
     "cuda_affine_act_backward_apply(Tensor dy, Tensor x, Tensor scale, Tensor shift, "
     "Tensor? mask, bool relu, Tensor a, Tensor b, Tensor c, Tensor center, "
-    "bool want_dshortcut) -> (Tensor, Tensor)",
+    "bool want_dshortcut, Tensor? dx_addend) -> (Tensor, Tensor)",
     "cuda_affine_act_backward_apply_ie_update(Tensor dy, Tensor x, Tensor scale, "
     "Tensor shift, Tensor? mask, bool relu, Tensor a, Tensor b, Tensor c, Tensor center, "
     "Tensor residual, float step_size, float theta, bool residual_is_term) -> Tensor",
@@ -85,7 +85,7 @@ SCHEMAS = (
     "cuda_ie_residual_with_term(Tensor x, Tensor c, Tensor fx, float theta, float step_size) "
     "-> (Tensor, Tensor)",
     "cuda_ie_residual_with_term_adjoint(Tensor de, Tensor dterm, float theta, "
-    "float step_size) -> (Tensor, Tensor, Tensor)",
+    "float step_size, Tensor? dx_addend) -> (Tensor, Tensor, Tensor)",
     "cuda_ie_update(Tensor x, Tensor e, Tensor v, float step_size, float theta) -> Tensor",
     "cuda_forward_coefficients(Tensor mean, Tensor var, Tensor? weight, Tensor? bias, "
     "Tensor? h, float h_value, float eps, int groups, int channels) -> (Tensor, Tensor)",
@@ -359,11 +359,19 @@ def affine_act_backward_apply(
     c: Tensor,
     center: Tensor,
     want_dshortcut: bool,
+    dx_addend: Tensor | None = None,
 ) -> tuple[Tensor, Tensor | None]:
-    _check_cuda(dy=dy, x=x, scale=scale, shift=shift, mask=mask, a=a, b=b, c=c, center=center)
+    """One launch (kernels/affine_act.cu): ``dx = a·g + b·(x − center) + c + dx_addend`` in
+    x's dtype and layout, the addend (optional, x's shape, another share of x's gradient)
+    read as x's dtype, in any layout (copied into x's), and added in float32 before dx is
+    rounded; ``g`` (dy's dtype, without the addend) iff ``want_dshortcut``.  A CPU operand
+    raises ValueError, an addend of another shape or device RuntimeError, naming it."""
+    _check_cuda(dy=dy, x=x, scale=scale, shift=shift, mask=mask, a=a, b=b, c=c, center=center,
+                dx_addend=dx_addend)
     _require_extension()
     dx, dshortcut = torch.ops.pyeuler.cuda_affine_act_backward_apply(
-        _like_x(x, dy), x, scale, shift, mask, relu, a, b, c, center, want_dshortcut)
+        _like_x(x, dy), x, scale, shift, mask, relu, a, b, c, center, want_dshortcut,
+        _like_x(x, dx_addend))
     return dx, (dshortcut.to(dy.dtype) if want_dshortcut else None)
 
 
@@ -455,16 +463,20 @@ def ie_residual_with_term(x: Tensor, c: Tensor, fx: Tensor, theta: float,
     return e, term
 
 
-def ie_residual_with_term_adjoint(de: Tensor, dterm: Tensor, theta: float,
-                                  step_size: float) -> tuple[Tensor, Tensor, Tensor]:
-    """One launch (kernels/ie_update.cu): with ``u = de − 2γ·dterm``, ``(u, −u, −θ·u)`` in
-    de's dtype and layout (dterm is read as de's dtype).  At θ = 1 the third is the second,
-    the same tensor: the kernel writes it once (the op's own third result is then empty)."""
-    _check_cuda(de=de, dterm=dterm)
+def ie_residual_with_term_adjoint(de: Tensor, dterm: Tensor, theta: float, step_size: float,
+                                  dx_addend: Tensor | None = None
+                                  ) -> tuple[Tensor, Tensor, Tensor]:
+    """One launch (kernels/ie_update.cu): with ``u = de − 2γ·dterm``, ``(u + dx_addend, −u,
+    −θ·u)`` in de's dtype and layout (dterm and the optional addend, de's shape, are read as
+    de's dtype; the addend is added in float32 before dx is rounded and enters dx alone).
+    At θ = 1 the third is the second, the same tensor: the kernel writes it once (the op's
+    own third result is then empty).  A CPU operand raises ValueError, an addend of another
+    shape or device RuntimeError, naming it."""
+    _check_cuda(de=de, dterm=dterm, dx_addend=dx_addend)
     _require_extension()
     theta = float(theta)
     dx, dc, dfx = torch.ops.pyeuler.cuda_ie_residual_with_term_adjoint(
-        de, _like_x(de, dterm), theta, float(step_size))
+        de, _like_x(de, dterm), theta, float(step_size), _like_x(de, dx_addend))
     return dx, dc, (dc if theta == 1.0 else dfx)
 
 
@@ -713,7 +725,7 @@ def _fake_affine_act_backward_reduce_recompute(dy, x, scale, shift, center, relu
 
 
 def _fake_affine_act_backward_apply(dy, x, scale, shift, mask, relu, a, b, c, center,
-                                    want_dshortcut):
+                                    want_dshortcut, dx_addend):
     dshortcut = (_empty_in_layout_of(x, dy.dtype) if want_dshortcut
                  else dy.new_empty((0,)))
     return _empty_in_layout_of(x, x.dtype), dshortcut
@@ -743,7 +755,7 @@ def _fake_ie_residual_with_term(x, c, fx, theta, step_size):
     return _empty_in_layout_of(x, x.dtype), _empty_in_layout_of(x, x.dtype)
 
 
-def _fake_ie_residual_with_term_adjoint(de, dterm, theta, step_size):
+def _fake_ie_residual_with_term_adjoint(de, dterm, theta, step_size, dx_addend):
     dfx = de.new_empty((0,)) if theta == 1.0 else _empty_in_layout_of(de, de.dtype)
     return _empty_in_layout_of(de, de.dtype), _empty_in_layout_of(de, de.dtype), dfx
 

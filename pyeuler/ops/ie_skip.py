@@ -36,6 +36,7 @@ from pyeuler.ops import primitives
 from pyeuler.ops.dispatch import (dual_level_open, forward_mode_active, func_transform_active,
                                   kernel_backend)
 from pyeuler.ops.fixed_point import anderson
+from pyeuler.ops.gradient_relay import GradientRelay, hand_on, incoming, mark_relaying
 from pyeuler.ops.norm_act_fusions import cached_weight_casts
 from pyeuler.ops.sync import refuse_synchronised
 from pyeuler.ops.preact_branch import (branch_forward, branch_vjp, branch_vjp_ie_update,
@@ -84,7 +85,8 @@ torch.library.register_autograd("pyeuler::ie_residual", _ie_residual_backward,
 
 
 # ``(e, −2γ·e)`` and its adjoint: each is the other's VJP (both maps are linear), so the
-# pair is differentiable to every order.  The adjoint's third output, dfx = −θ·u, is empty at
+# pair is differentiable to every order.  The residual relays x's gradient
+# (:mod:`pyeuler.ops.gradient_relay`): the adjoint adds the share handed to it to dx.  The adjoint's third output, dfx = −θ·u, is empty at
 # θ = 1, where it equals dc (custom-op outputs may not alias each other).
 
 
@@ -103,18 +105,21 @@ def _with_term_setup(ctx, inputs, output):
     x, c, fx, theta, step_size, backend = inputs
     ctx.config, ctx.dtypes = (theta, step_size, backend), (x.dtype, c.dtype, fx.dtype)
     ctx.set_materialize_grads(False)
+    mark_relaying(ctx)
 
 
 def _with_term_backward(ctx, de, dterm):
     theta, step_size, backend = ctx.config
+    addend = incoming(ctx)  # x's gradient share from a later reader of x, if relayed
     if de is None and dterm is None:
-        return (None,) * 6
+        return (hand_on(ctx, addend),) + (None,) * 5
     de = torch.zeros_like(dterm) if de is None else de
     dterm = torch.zeros_like(de) if dterm is None else dterm
     dx, dc, dfx = _ie_residual_with_term_adjoint_op(de, dterm.to(de.dtype), theta, step_size,
-                                                    backend)
+                                                    addend, backend)
     dfx = dc if theta == 1.0 else dfx
-    return (*(g.to(dtype) for g, dtype in zip((dx, dc, dfx), ctx.dtypes)), None, None, None)
+    dx, dc, dfx = (g.to(dtype) for g, dtype in zip((dx, dc, dfx), ctx.dtypes))
+    return hand_on(ctx, dx), dc, dfx, None, None, None
 
 
 torch.library.register_autograd("pyeuler::ie_residual_with_term", _with_term_backward,
@@ -123,20 +128,23 @@ torch.library.register_autograd("pyeuler::ie_residual_with_term", _with_term_bac
 
 @torch.library.custom_op("pyeuler::ie_residual_with_term_adjoint", mutates_args=())
 def _ie_residual_with_term_adjoint_op(de: Tensor, dterm: Tensor, theta: float, step_size: float,
-                                      backend: str) -> tuple[Tensor, Tensor, Tensor]:
-    dx, dc, dfx = _kernels(backend).ie_residual_with_term_adjoint(de, dterm, theta, step_size)
+                                      dx_addend: Tensor | None, backend: str
+                                      ) -> tuple[Tensor, Tensor, Tensor]:
+    dx, dc, dfx = _kernels(backend).ie_residual_with_term_adjoint(de, dterm, theta, step_size,
+                                                                  dx_addend)
     return dx, dc, (de.new_empty(0) if theta == 1.0 else dfx)
 
 
 @_ie_residual_with_term_adjoint_op.register_fake
-def _(de, dterm, theta, step_size, backend):
+def _(de, dterm, theta, step_size, dx_addend, backend):
     return (torch.empty_like(de), torch.empty_like(de),
             de.new_empty(0) if theta == 1.0 else torch.empty_like(de))
 
 
 def _adjoint_setup(ctx, inputs, output):
-    de, dterm, theta, step_size, backend = inputs
+    de, dterm, theta, step_size, dx_addend, backend = inputs
     ctx.config, ctx.dtypes = (theta, step_size, backend), (de.dtype, dterm.dtype)
+    ctx.addend_dtype = None if dx_addend is None else dx_addend.dtype
     ctx.set_materialize_grads(False)
 
 
@@ -144,11 +152,13 @@ def _adjoint_backward(ctx, ddx, ddc, ddfx):
     theta, step_size, backend = ctx.config
     given = next((g for g in (ddx, ddc, ddfx) if g is not None and g.numel()), None)
     if given is None:
-        return (None,) * 5
+        return (None,) * 6
     ddx, ddc, ddfx = (g if g is not None and g.numel() else torch.zeros_like(given)
                       for g in (ddx, ddc, ddfx))
     dde, ddterm = _ie_residual_with_term_op(ddx, ddc, ddfx, theta, step_size, backend)
-    return dde.to(ctx.dtypes[0]), ddterm.to(ctx.dtypes[1]), None, None, None
+    # dx = u + dx_addend: the addend's gradient is dx's own
+    daddend = ddx.to(ctx.addend_dtype) if ctx.needs_input_grad[4] else None
+    return dde.to(ctx.dtypes[0]), ddterm.to(ctx.dtypes[1]), None, None, daddend, None
 
 
 torch.library.register_autograd("pyeuler::ie_residual_with_term_adjoint", _adjoint_backward,
@@ -334,8 +344,22 @@ def _refine(branch, x0, fx0, x, steps, step_size, theta, update_running, recompu
             e, residual_term = ie_residual_with_term(x, c, fx, theta, step_size, backend)
         else:  # no backward: one tensor fewer to write
             e, residual_term = ie_residual(x, c, fx, theta, backend), None
-        x = branch_vjp_ie_update(branch, cache, e, step_size, theta, backend, residual_term)
+        relays = _step_relays(cache, x, e)
+        x = branch_vjp_ie_update(branch, cache, e, step_size, theta, backend, residual_term,
+                                 relays)
     return x
+
+
+def _step_relays(cache, x, e):
+    """The gradient relays (:mod:`pyeuler.ops.gradient_relay`) of one differentiable IE
+    step on a fused backend: of x, read by the branch evaluation, the residual and the
+    update, and of conv1's output, read by the evaluation and the VJP; None elsewhere."""
+    if (not torch.is_grad_enabled() or not x.requires_grad or cache.readers is None
+            or torch.compiler.is_compiling()):
+        return None
+    x_readers = GradientRelay(cache.readers[0])
+    x_readers.join(e.grad_fn)
+    return x_readers, GradientRelay(cache.readers[1])
 
 
 def _ie_explicit(branch, x0, steps, step_size, theta, grad, bn_update, recompute, backend):

@@ -20,6 +20,7 @@ from torch import Tensor
 from pyeuler.backend import kernel_module as _kernels
 from pyeuler.ops import primitives
 from pyeuler.ops.dispatch import kernel_backend
+from pyeuler.ops.gradient_relay import hand_on, incoming, mark_relaying
 from pyeuler.ops.norm_act_ops import (Affine, BackwardInputs, NormConfig, NormStats, OutputGrads,
                                       algebra_for, backward_math, backward_terms,
                                       double_backward_math, forward_math, no_zero_gradients,
@@ -147,6 +148,7 @@ def _conv_setup_context(ctx, inputs, output):
      conv_groups, backend) = inputs
     z, mean, var, scale, shift = output
     no_zero_gradients(ctx, scale, shift)
+    mark_relaying(ctx)
     ctx.z_shape = z.shape
     ctx.save_for_backward(x, weight, bias, mean, var, conv_weight, scale, shift)
     ctx.config = (eps, groups, mean_in is None, _conv_args(conv_weight, stride, padding, dilation,
@@ -174,12 +176,14 @@ def _norm_relu_conv_backward(
     dilation: list[int],
     conv_groups: int,
     needs: list[bool],
+    dx_addend: Tensor | None,
     backend: str,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """``(dx, dweight, dbias, dconv_weight)`` of ``conv(ReLU(norm(x)))``, first order only;
-    ``needs`` flags (x, weight, bias), an unneeded gradient is empty.  The reduce pass of the
-    norm's backward also writes the recomputed activation the weight gradient reads, so x
-    is read once for both."""
+    ``needs`` flags (x, weight, bias), an unneeded gradient is empty; ``dx_addend`` (x's
+    shape, optional) is added to dx in its pass (a relayed share, :mod:`gradient_relay`).
+    The reduce pass of the norm's backward also writes the recomputed activation the weight
+    gradient reads, so x is read once for both."""
     kernels = _kernels(backend)
     conv_args = _conv_args(conv_weight, stride, padding, dilation, conv_groups)
     du = _conv_input_grad(dz, x.shape, conv_weight, conv_args).to(x.dtype)
@@ -196,16 +200,17 @@ def _norm_relu_conv_backward(
     dx = x.new_empty(0)
     if need_x:
         dx, _ = kernels.affine_act_backward_apply(du, x, scale, shift, None, True, a, b, c, center,
-                                                  False)
+                                                  False, dx_addend)
     empty = mean.new_empty(0)
     return unaliased((dx, dweight if need_weight else empty,
                       dbias if need_bias else empty.clone(), dconv),
-                     (dz, dmean, dvar, x, weight, bias, mean, var, scale, shift, conv_weight))
+                     (dz, dmean, dvar, x, weight, bias, mean, var, scale, shift, conv_weight,
+                      dx_addend))
 
 
 @_norm_relu_conv_backward.register_fake
 def _(dz, dmean, dvar, x, weight, bias, mean, var, scale, shift, conv_weight, eps, groups,
-      batch_stats, stride, padding, dilation, conv_groups, needs, backend):
+      batch_stats, stride, padding, dilation, conv_groups, needs, dx_addend, backend):
     need_x, need_weight, need_bias = needs
     param = mean.new_empty(x.shape[1])
     return (torch.empty_like(x) if need_x else x.new_empty(0),
@@ -217,9 +222,10 @@ def _(dz, dmean, dvar, x, weight, bias, mean, var, scale, shift, conv_weight, ep
 def _conv_backward(ctx, dz, dmean, dvar, dscale, dshift):
     x, weight, bias, mean, var, conv_weight, scale, shift = ctx.saved_tensors
     eps, groups, batch_stats, conv_args, backend = ctx.config
+    addend = incoming(ctx)  # x's gradient share from a later reader of x, if relayed
     if dz is None:  # only the statistics are used downstream
         if dmean is None and dvar is None:
-            return (None,) * 13
+            return (hand_on(ctx, addend),) + (None,) * 12
         dz = x.new_zeros(ctx.z_shape, dtype=conv_weight.dtype)
     need_x, need_weight, need_bias, need_conv = (ctx.needs_input_grad[i] for i in (0, 1, 2, 7))
     need_input = need_x or need_weight or need_bias
@@ -232,9 +238,9 @@ def _conv_backward(ctx, dz, dmean, dvar, dscale, dshift):
         dx, dweight, dbias, dconv = _norm_relu_conv_backward(
             dz, dmean, dvar, x, weight, bias, mean, var, scale, shift, conv_weight, eps, groups,
             batch_stats, stride, padding, dilation, conv_groups, [need_x, need_weight, need_bias],
-            backend)
-        return (none_if_empty(dx), none_if_empty(dweight), none_if_empty(dbias), None, None,
-                None, None, dconv, None, None, None, None, None)
+            addend if need_x else None, backend)
+        return (hand_on(ctx, none_if_empty(dx)), none_if_empty(dweight), none_if_empty(dbias),
+                None, None, None, None, dconv, None, None, None, None, None)
     affine = Affine(scale, shift)
     if torch.is_grad_enabled():
         # create_graph: the recomputed activation must be differentiable in the statistics
@@ -251,7 +257,10 @@ def _conv_backward(ctx, dz, dmean, dvar, dscale, dshift):
             du.to(x.dtype), x, weight, bias, None, 1.0, mean, var, None, eps, groups, True,
             batch_stats,
             needs, backend, dmean=dmean, dvar=dvar, affine=affine)
-    return dx, dweight, dbias, None, None, None, None, dconv, None, None, None, None, None
+    if addend is not None:
+        dx = addend if dx is None else dx + addend
+    return (hand_on(ctx, dx), dweight, dbias, None, None, None, None, dconv, None, None, None,
+            None, None)
 
 
 torch.library.register_autograd("pyeuler::norm_relu_conv", _conv_backward,
@@ -356,6 +365,7 @@ def _backward_conv_setup_context(ctx, inputs, output):
      backend) = inputs
     kept_input_grad = output[3]
     no_zero_gradients(ctx, kept_input_grad)
+    mark_relaying(ctx)
     sums = output[1:3] if output[1].numel() else (None, None)
     ctx.save_for_backward(dy, dmean, dvar, x, weight, bias, mean, var, scale, shift, conv_weight,
                           *sums, kept_input_grad if keep_input_grad else None)
@@ -391,6 +401,7 @@ def _backward_conv_backward(ctx, grad_input_grad, sum_g_grad, sum_gxc_grad, _):
                                   sum_gxc=none_if_empty(sum_gxc_grad)),
         NormConfig(1.0, eps, groups, True, batch_stats, _INPUT_GRAD_ONLY),
         wanted_inputs(ctx, inputs, _BACKWARD_CONV_POSITIONS), backend)
+    grads["x"] = hand_on(ctx, _plus(grads.get("x"), incoming(ctx)))
     return (*(grads.get(name) for name in _BACKWARD_CONV_POSITIONS), *(None,) * 5,
             conv_weight_grad, *(None,) * 7)
 
@@ -463,6 +474,7 @@ def _ie_update_setup_context(ctx, inputs, output):
     (dy, x, weight, bias, mean, var, scale, shift, residual, eps, groups, batch_stats,
      step_size, theta, residual_is_term, backend) = inputs
     no_zero_gradients(ctx)
+    mark_relaying(ctx)
     sums = output[1:] if output[1].numel() else (None, None)
     ctx.save_for_backward(dy, x, weight, bias, mean, var, scale, shift, *sums)
     ctx.config = (eps, groups, batch_stats, step_size, theta, backend)
@@ -486,7 +498,8 @@ def _ie_update_backward(ctx, out_grad, sum_g_grad, sum_gxc_grad):
         NormConfig(1.0, eps, groups, True, batch_stats, _INPUT_GRAD_ONLY),
         wanted_inputs(ctx, inputs, _IE_UPDATE_POSITIONS), backend,
         dx_grad_scale=2.0 * step_size * theta, x_grad_addend=out_grad)
-    g_x = grads["x"] if ctx.needs_input_grad[1] else None
+    share = incoming(ctx)  # taken even when unused: a relay keeps no stale share
+    g_x = hand_on(ctx, _plus(grads["x"], share)) if ctx.needs_input_grad[1] else None
     g_residual = None
     if ctx.needs_input_grad[8]:
         g_residual = out_grad if ctx.residual_coef == 1.0 else ctx.residual_coef * out_grad
@@ -498,6 +511,15 @@ def _ie_update_backward(ctx, out_grad, sum_g_grad, sum_gxc_grad):
 torch.library.register_autograd("pyeuler::norm_relu_backward_ie_update", _ie_update_backward,
                                 setup_context=_ie_update_setup_context)
 
+
+
+def _plus(grad: Tensor | None, addend: Tensor | None) -> Tensor | None:
+    """A gradient share plus one handed on by a relay (:mod:`gradient_relay`), where the
+    share is computed by a kernel without an addend operand: an unfused add, the relay's
+    fallback (the relays of :mod:`pyeuler.ops.ie_skip` never hand a share to these)."""
+    if addend is None:
+        return grad
+    return addend if grad is None else grad + addend
 
 
 def _affine_of(stats: NormStats, norm: torch.nn.Module) -> Affine:

@@ -38,6 +38,9 @@ class BranchCache:
     # unfused, "selective" fused, keeping the norm's input gradient, "full" fused,
     # recomputing it in the backward
     recompute: str = "none"
+    # the autograd nodes of the fused ops that read x and conv1's output, for gradient
+    # relays (pyeuler.ops.gradient_relay); None when unfused
+    readers: tuple | None = None
 
 
 def check_input_rank(x: Tensor, layer: nn.Module, owner: str) -> None:
@@ -113,7 +116,9 @@ def branch_forward(branch, x: Tensor, backend: str, update_running: bool = True,
     if fuse and not (branch.training and branch.dropout > 0):
         fx, stats2 = norm_act_module(branch.bn2, z1, update_running=update_running, backend=backend,
                                      return_stats=True, conv=branch.conv2)
-        return scale_by_step(fx, branch.h), BranchCache(stats1, stats2, None, policy)
+        # autograd nodes exist in eager mode only (a compiled graph sums shares itself)
+        readers = None if torch.compiler.is_compiling() else (z1.grad_fn, fx.grad_fn)
+        return scale_by_step(fx, branch.h), BranchCache(stats1, stats2, None, policy, readers)
     u2, stats2 = norm_act_module(branch.bn2, z1, update_running=update_running, backend=backend,
                                  return_stats=True)
     noise = _dropout_noise(u2, branch.dropout, branch.training)
@@ -143,8 +148,10 @@ def _norm_relu_input_grad(norm: nn.Module, stats: NormStats, grad_out: Tensor, b
     return dx
 
 
-def _vjp_to_first_activation(branch, cache: BranchCache, e: Tensor, backend: str) -> Tensor:
-    """The VJP back to the output of ``ReLU(bn1(x))``."""
+def _vjp_to_first_activation(branch, cache: BranchCache, e: Tensor, backend: str,
+                             hidden_relay=None) -> Tensor:
+    """The VJP back to the output of ``ReLU(bn1(x))``; the op reading conv1's output joins
+    ``hidden_relay`` (:mod:`pyeuler.ops.gradient_relay`) if given."""
     g = scale_by_step(e, branch.h)
     # conv2's input, ReLU(bn2(z1)), has z1's dtype; conv1's has x's.
     g = _layer_input_grad(branch.conv2, g, cache.stats2.x)
@@ -154,6 +161,8 @@ def _vjp_to_first_activation(branch, cache: BranchCache, e: Tensor, backend: str
         g = norm_relu_backward_conv(g, cache.stats2, branch.bn2, branch.conv1,
                                     cache.stats1.x.shape, backend,
                                     keep_input_grad=cache.recompute == "selective")
+        if hidden_relay is not None:
+            hidden_relay.join(g.grad_fn)
         return g.to(cache.stats1.x.dtype)
     g = _norm_relu_input_grad(branch.bn2, cache.stats2, g, backend)
     return _layer_input_grad(branch.conv1, g, cache.stats1.x)
@@ -166,18 +175,26 @@ def branch_vjp(branch, cache: BranchCache, e: Tensor, backend: str) -> Tensor:
 
 
 def branch_vjp_ie_update(branch, cache: BranchCache, e: Tensor, step_size: float, theta: float,
-                         backend: str, residual_term: Tensor | None = None) -> Tensor:
+                         backend: str, residual_term: Tensor | None = None,
+                         relays=None) -> Tensor:
     """``x − 2γ·(e − θ·J_fᵀe)`` at the branch input x, the update fused into the VJP's last
     pass (J_fᵀe is never written).  Given e's term ``residual_term = −2γ·e``
     (:func:`pyeuler.ops.ie_skip.ie_residual_with_term`), the update reads it and the VJP e:
     each has one reader, so their gradients never meet in the autograd engine.
+    ``relays``: the :class:`~pyeuler.ops.gradient_relay.GradientRelay` of x and of conv1's
+    output, which the update and the VJP join as those tensors' last readers.
     Differentiable like :func:`branch_vjp`."""
-    g = _vjp_to_first_activation(branch, cache, e, backend)
+    x_relay, hidden_relay = relays or (None, None)
+    g = _vjp_to_first_activation(branch, cache, e, backend, hidden_relay)
     if residual_term is None:
-        return norm_relu_backward_ie_update(g, cache.stats1, branch.bn1, e, step_size, theta,
-                                            backend)
-    return norm_relu_backward_ie_update(g, cache.stats1, branch.bn1, residual_term, step_size,
-                                        theta, backend, residual_is_term=True)
+        out = norm_relu_backward_ie_update(g, cache.stats1, branch.bn1, e, step_size, theta,
+                                           backend)
+    else:
+        out = norm_relu_backward_ie_update(g, cache.stats1, branch.bn1, residual_term, step_size,
+                                           theta, backend, residual_is_term=True)
+    if x_relay is not None:
+        x_relay.join(out.grad_fn)
+    return out
 
 
 def branch_jvp(branch, x: Tensor, v: Tensor, backend: str = "eager") -> Tensor:

@@ -240,13 +240,20 @@ def affine_act_backward_apply(
     c: Tensor,
     center: Tensor,
     want_dshortcut: bool,
+    dx_addend: Tensor | None = None,
 ) -> tuple[Tensor, Tensor | None]:
-    """``dx = a·g + b·(x − center) + c`` with ``g = dy·m`` (``m`` as in the reduce).
+    """``dx = a·g + b·(x − center) + c + dx_addend`` with ``g = dy·m`` (``m`` as in the
+    reduce).
 
     a, b, c, center are [C] or [N, C].  dx has x's dtype and memory format; the shortcut's
-    gradient ``g`` (dy's dtype) is returned iff ``want_dshortcut``.
+    gradient ``g`` (dy's dtype) is returned iff ``want_dshortcut``.  ``dx_addend``
+    (optional, x's shape, any floating dtype and layout) is another share of x's gradient,
+    added before dx is rounded: x's gradient summed where it is computed, not by a pass of
+    its own (:mod:`pyeuler.ops.gradient_relay`).
     """
     g, dx = _gated_input_grad(dy, x, scale, shift, mask, relu, a, b, c, center)
+    if dx_addend is not None:
+        dx = dx + dx_addend.to(dx.dtype)
     return dx.to(x.dtype), (g.to(dy.dtype) if want_dshortcut else None)
 
 
@@ -381,17 +388,21 @@ def ie_residual_with_term(x: Tensor, c: Tensor, fx: Tensor, theta: float,
     return e.to(x.dtype), (-2.0 * step_size * e).to(x.dtype)
 
 
-def ie_residual_with_term_adjoint(de: Tensor, dterm: Tensor, theta: float,
-                                  step_size: float) -> tuple[Tensor, Tensor, Tensor]:
+def ie_residual_with_term_adjoint(de: Tensor, dterm: Tensor, theta: float, step_size: float,
+                                  dx_addend: Tensor | None = None
+                                  ) -> tuple[Tensor, Tensor, Tensor]:
     """The transpose of :func:`ie_residual_with_term`'s linear map: from the gradients of
     ``e`` and of its term (one shape), those of x, c and f(x), in de's dtype::
 
-        u = de − 2γ·dterm,    dx = u,    dc = −u,    dfx = −θ·u
+        u = de − 2γ·dterm,    dx = u + dx_addend,    dc = −u,    dfx = −θ·u
 
-    Linear in (de, dterm), so its VJP is :func:`ie_residual_with_term`'s map again."""
+    ``dx_addend`` (optional, de's shape, any floating dtype and layout): another share of
+    x's gradient, added before dx is rounded (:mod:`pyeuler.ops.gradient_relay`).  Linear
+    in (de, dterm), so its VJP is :func:`ie_residual_with_term`'s map again."""
     acc = _acc_dtype(de)
     u = de.to(acc) - (2.0 * step_size) * dterm.to(acc)
-    return u.to(de.dtype), (-u).to(de.dtype), (-theta * u).to(de.dtype)
+    dx = u if dx_addend is None else u + dx_addend.to(acc)
+    return dx.to(de.dtype), (-u).to(de.dtype), (-theta * u).to(de.dtype)
 
 
 def ie_update(x: Tensor, e: Tensor, v: Tensor, step_size: float, theta: float) -> Tensor:

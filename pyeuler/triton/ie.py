@@ -54,18 +54,24 @@ def _ie_residual_kernel(x_ptr, c_ptr, fx_ptr, e_ptr, term_ptr, numel, theta, two
 
 
 @declare_passes(lambda launch: {"de_ptr": 1, "dterm_ptr": 1, "dx_ptr": 1, "dc_ptr": 1,
-                                 "dfx_ptr": int(launch["WRITE_DFX"])})
+                                 "dfx_ptr": int(launch["WRITE_DFX"]),
+                                 "dx_addend_ptr": int(launch["HAS_DX_ADDEND"])})
 @triton.autotune(configs=_CONFIGS, key=["numel"])
 @triton.jit
-def _ie_residual_adjoint_kernel(de_ptr, dterm_ptr, dx_ptr, dc_ptr, dfx_ptr, numel, theta,
-                                two_step_size, WRITE_DFX: tl.constexpr, TILE: tl.constexpr,
+def _ie_residual_adjoint_kernel(de_ptr, dterm_ptr, dx_addend_ptr, dx_ptr, dc_ptr, dfx_ptr, numel,
+                                theta, two_step_size, WRITE_DFX: tl.constexpr,
+                                HAS_DX_ADDEND: tl.constexpr, TILE: tl.constexpr,
                                 WIDE_INDEX: tl.constexpr):
-    """``u = de − 2γ·dterm``: ``dx = u``, ``dc = −u``, ``dfx = −θ·u`` (``WRITE_DFX``)."""
+    """``u = de − 2γ·dterm``: ``dx = u (+ dx_addend)``, ``dc = −u``, ``dfx = −θ·u``
+    (``WRITE_DFX``)."""
     offsets, ok = _flat_offsets(numel, TILE, WIDE_INDEX)
     de = tl.load(de_ptr + offsets, mask=ok, other=0.0).to(tl.float32)
     dterm = tl.load(dterm_ptr + offsets, mask=ok, other=0.0).to(tl.float32)
     u = de - two_step_size * dterm
-    tl.store(dx_ptr + offsets, u.to(dx_ptr.dtype.element_ty), mask=ok)
+    dx = u
+    if HAS_DX_ADDEND:
+        dx += tl.load(dx_addend_ptr + offsets, mask=ok, other=0.0).to(tl.float32)
+    tl.store(dx_ptr + offsets, dx.to(dx_ptr.dtype.element_ty), mask=ok)
     tl.store(dc_ptr + offsets, (-u).to(dc_ptr.dtype.element_ty), mask=ok)
     if WRITE_DFX:
         tl.store(dfx_ptr + offsets, (-theta * u).to(dfx_ptr.dtype.element_ty), mask=ok)
@@ -139,17 +145,22 @@ def ie_residual_with_term(x: torch.Tensor, c: torch.Tensor, fx: torch.Tensor, th
 
 
 def ie_residual_with_term_adjoint(de: torch.Tensor, dterm: torch.Tensor, theta: float,
-                                  step_size: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(dx, dc, dfx)`` of :func:`ie_residual_with_term` in de's dtype and layout; at θ = 1
-    ``dfx`` is ``dc`` itself (one tensor written, not two)."""
+                                  step_size: float, dx_addend: torch.Tensor | None = None
+                                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(dx, dc, dfx)`` of :func:`ie_residual_with_term` in de's dtype and layout, plus
+    ``dx_addend`` (optional, de's shape) in dx; at θ = 1 ``dfx`` is ``dc`` itself (one
+    tensor written, not two)."""
     theta = check_float(theta, "theta")
     two_step_size = 2.0 * check_float(step_size, "step_size")
-    de, dterm = _prepare(de, "de", dterm=dterm)
+    addend = {} if dx_addend is None else {"dx_addend": dx_addend}
+    de, dterm, *addend = _prepare(de, "de", dterm=dterm, **addend)
+    dx_addend = addend[0] if addend else None
     dx, dc = torch.empty_like(de), torch.empty_like(de)
     dfx = dc if theta == 1.0 else torch.empty_like(de)
     if de.numel():
         _ie_residual_adjoint_kernel[_grid(de.numel())](
-            de, dterm, dx, dc, dfx, de.numel(), theta, two_step_size, WRITE_DFX=theta != 1.0,
+            de, dterm, dx_addend, dx, dc, dfx, de.numel(), theta, two_step_size,
+            WRITE_DFX=theta != 1.0, HAS_DX_ADDEND=dx_addend is not None,
             WIDE_INDEX=needs_wide_index(de))
     return dx, dc, dfx
 
