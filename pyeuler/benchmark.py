@@ -225,10 +225,16 @@ def op_bytes(numel: int, element_size: int, op: str, backward: bool) -> int:
 
 
 def environment() -> dict:
-    """Device and library versions recorded with every result file."""
+    """Device, library versions and the pyeuler commit (and whether the checkout had
+    changes) recorded with every result file."""
+    from pyeuler.cost import source_revision
+
+    commit, dirty = source_revision()
     env = {
         "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "pyeuler": pyeuler.__version__,
+        "commit": commit,
+        "dirty": dirty,
         "torch": torch.__version__,
         "cuda": torch.version.cuda,
         "python": platform.python_version(),
@@ -247,6 +253,8 @@ def environment() -> dict:
 def _markdown(results: list[StepResult], env: dict, config: dict) -> str:
     lines = [f"# pyeuler bench — {env['device']}", "",
              f"torch {env['torch']}, CUDA {env['cuda']}, triton {env['triton']}, {env['date']}",
+             f"pyeuler {(env.get('commit') or 'outside a git checkout')[:12]}"
+             + (" (with uncommitted changes)" if env.get("dirty") else ""),
              f"config: {json.dumps(config)}", "",
              "| case | min ms | median ms | IQR ms | images/s | peak GiB | saved MiB | "
              "conv share | vs reference |",

@@ -26,9 +26,15 @@ def test_bench_cli_writes_a_table_per_run_without_overwriting(tmp_path):
 def test_results_record_the_environment(tmp_path):
     result = time_train_step(StepCase(0, "unrolled", "fp32", "eager"), depth=10, widen_factor=1,
                              batch_size=2, image_size=8, warmup=1, iters=1)
-    json_path, _ = write_results([result], {"depth": 10}, tmp_path)
+    json_path, md_path = write_results([result], {"depth": 10}, tmp_path)
     env = json.loads(json_path.read_text())["environment"]
-    assert {"torch", "triton", "cuda", "device", "date"} <= set(env)
+    assert {"torch", "triton", "cuda", "device", "date", "commit", "dirty"} <= set(env)
+    from pyeuler.cost import source_revision
+
+    commit, dirty = source_revision()  # the checkout the figures come from
+    assert (env["commit"], env["dirty"]) == (commit, dirty)
+    if commit is not None:
+        assert f"pyeuler {commit[:12]}" in md_path.read_text()
 
 
 def _cli(*argv, cwd=None):
