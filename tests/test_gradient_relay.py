@@ -126,6 +126,73 @@ def test_a_share_left_by_an_interrupted_backward_is_not_reused():
     torch.testing.assert_close(got, want)
 
 
+@pytest.mark.parametrize("on", [True, False], ids=["relays", "engine sums"])
+def test_a_backward_started_inside_another_keeps_its_own_shares(on):
+    """A backward of the same graph run from a hook of another (as two threads could run
+    them): each call sees only the shares its own nodes handed on."""
+    block, x = _block(steps=1)
+    params = list(block.parameters())
+    with _relays(on):
+        y = block(x * 1.0)
+        outer_seed, inner_seed = torch.randn_like(y), torch.randn_like(y)
+        inner = []
+
+        def nested_backward(grad_outputs):
+            if not inner:  # once: the nested backward passes this node too
+                inner.append(None)
+                inner[0] = torch.autograd.grad(y, [x], inner_seed, retain_graph=True)
+
+        _find_node(y.grad_fn, "ie_residual_with_term").register_prehook(nested_backward)
+        outer = torch.autograd.grad(y, [x, *params], outer_seed, retain_graph=True)
+        (want_inner,) = torch.autograd.grad(y, [x], inner_seed, retain_graph=True)
+        want_outer = torch.autograd.grad(y, [x, *params], outer_seed)
+    torch.testing.assert_close(inner[0][0], want_inner)
+    for got, want in zip(outer, want_outer):
+        torch.testing.assert_close(got, want)
+
+
+def test_a_share_left_by_an_interrupted_backward_is_unseen_from_inside_the_step(monkeypatch):
+    """After a backward stopped with a share handed on, a backward that starts inside the
+    IE step (from conv1's output at x, which the stopped one never reached) gets the
+    gradients it gets without the stopped one."""
+    relays = []
+
+    def recording(*args):
+        made = original(*args)
+        relays.append(made)
+        return made
+
+    original = ie_skip._step_relays
+    monkeypatch.setattr(ie_skip, "_step_relays", recording)
+    results = []
+    for interrupt in (True, False):
+        relays.clear()
+        block, x = _block(steps=1)
+        saved = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t,
+                                                      lambda t: t):
+            y = block(x * 1.0)
+        first_reader = relays[0][0]._nodes[0]()  # the evaluation at x, producing conv1's output
+        hidden = next(t for t in saved if t.grad_fn is first_reader)
+        if interrupt:
+            def stop(grad_outputs):
+                raise RuntimeError("stopped")
+
+            handle = _find_node(y.grad_fn, "ie_residual_with_term").register_prehook(stop)
+            with pytest.raises(RuntimeError, match="stopped"):
+                y.square().sum().backward(retain_graph=True)
+            handle.remove()
+            block.zero_grad()
+        seed = torch.randn_like(hidden, generator=torch.Generator().manual_seed(1))
+        results.append(torch.autograd.grad((hidden * seed).sum(), [x, *block.parameters()],
+                                           allow_unused=True))
+    for got, want in zip(*results):
+        if want is None:
+            assert got is None
+        else:
+            torch.testing.assert_close(got, want)
+
+
 def test_create_graph_does_not_relay_and_stays_exact():
     """Under create_graph every reader returns its own share (autograd sums them
     differentiably): second derivatives as without relays."""

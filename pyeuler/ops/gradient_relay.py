@@ -17,7 +17,10 @@ A relay is active only in a first-order backward: under ``create_graph`` (grad m
 the backward) every node returns its own share and autograd sums them differentiably.  It
 is also active only when the engine will run the last reader in this backward
 (``torch._C._will_engine_execute_node``), so that no share can be dropped.  Otherwise every
-node returns its share as usual.  Host-side bookkeeping only, no device sync; not under
+node returns its share as usual.  A share is held for the backward call that computed it
+(the engine's graph task), so backwards of one graph that overlap (one started from a hook
+of another, or from another thread) or that follow one stopped by an exception never see
+each other's shares.  Host-side bookkeeping only, no device sync; not under
 ``torch.compile``, whose graphs sum the shares themselves.
 """
 
@@ -47,7 +50,9 @@ class GradientRelay:
 
     def __init__(self, first):
         self._nodes: list[weakref.ref] = []
-        self._share: Tensor | None = None
+        # the share handed on, per backward call (graph task id); one left by a backward
+        # that an exception stopped stays until the graph is freed
+        self._shares: dict[int, Tensor] = {}
         self._valid = True
         self.join(first)
 
@@ -74,15 +79,13 @@ def _relay_of(ctx) -> tuple[GradientRelay | None, int]:
 
 
 def incoming(ctx) -> Tensor | None:
-    """The share handed on to this node by the reader whose backward ran before it, to add
-    to its own share; None when there is none or no relay is active."""
-    relay, position = _relay_of(ctx)
+    """The share handed on to this node, in this backward call, by the reader whose
+    backward ran before it, to add to its own share; None when there is none or no relay
+    is active."""
+    relay, _ = _relay_of(ctx)
     if relay is None:
         return None
-    share, relay._share = relay._share, None
-    # the reader that runs first takes nothing: a share left there is a stale one, from a
-    # backward that stopped half way
-    return None if position == len(relay._nodes) - 1 else share
+    return relay._shares.pop(torch._C._current_graph_task_id(), None)
 
 
 def hand_on(ctx, grad: Tensor | None) -> Tensor | None:
@@ -92,5 +95,6 @@ def hand_on(ctx, grad: Tensor | None) -> Tensor | None:
     relay, position = _relay_of(ctx)
     if relay is None or position == 0:
         return grad
-    relay._share = grad
+    if grad is not None:
+        relay._shares[torch._C._current_graph_task_id()] = grad
     return None

@@ -498,7 +498,7 @@ def _ie_update_backward(ctx, out_grad, sum_g_grad, sum_gxc_grad):
         NormConfig(1.0, eps, groups, True, batch_stats, _INPUT_GRAD_ONLY),
         wanted_inputs(ctx, inputs, _IE_UPDATE_POSITIONS), backend,
         dx_grad_scale=2.0 * step_size * theta, x_grad_addend=out_grad)
-    share = incoming(ctx)  # taken even when unused: a relay keeps no stale share
+    share = incoming(ctx)  # taken even when unused, so that the relay holds no share
     g_x = hand_on(ctx, _plus(grads["x"], share)) if ctx.needs_input_grad[1] else None
     g_residual = None
     if ctx.needs_input_grad[8]:
