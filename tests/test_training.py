@@ -174,3 +174,53 @@ def test_fused_sgd_takes_the_same_step_as_the_default():
             opt.step()
         results.append(w.detach())
     torch.testing.assert_close(results[1], results[0])
+
+
+def test_make_optimizer_takes_groups_and_named_parameters_and_names_bad_arguments():
+    from pyeuler.robust import make_optimizer
+
+    w, b = torch.nn.Parameter(torch.ones(3)), torch.nn.Parameter(torch.zeros(3))
+    grouped = make_optimizer("sgd", [{"params": [w]}, {"params": [b], "lr": 0.01}], lr=0.1)
+    assert [g["lr"] for g in grouped.param_groups] == [0.1, 0.01]
+    named = make_optimizer("adam", torch.nn.Linear(2, 2).named_parameters(), lr=1e-3)
+    assert len(named.param_groups[0]["params"]) == 2
+    for kwargs, error, match in [
+            (dict(lr="0.1"), TypeError, "lr must be a number, got str"),
+            (dict(lr=float("nan")), ValueError, "lr must be finite and >= 0"),
+            (dict(lr=0.1, momentum=-0.9), ValueError, "momentum must be finite and >= 0"),
+            (dict(lr=0.1, weight_decay=True), TypeError, "weight_decay must be a number"),
+            (dict(lr=0.1, fused="yes"), TypeError, "fused must be True, False or None")]:
+        with pytest.raises(error, match=match):
+            make_optimizer("sgd", [w], **kwargs)
+    with pytest.raises(ValueError, match="parameters: the optimizer got none"):
+        make_optimizer("sgd", iter([]), lr=0.1)
+
+
+@pytest.mark.parametrize("name", ["sgd", "adam"])
+@pytest.mark.parametrize("saved_fused,own_fused", [(False, True), (True, False)])
+def test_load_optimizer_state_keeps_the_runs_own_kernels(name, saved_fused, own_fused):
+    """Resuming restores what the optimizer learnt (momentum, Adam's moments and step
+    counts) but not how the checkpoint's run stepped: a fused optimizer stays fused."""
+    from pyeuler.robust import load_optimizer_state, make_optimizer
+
+    torch.manual_seed(0)
+    start, grads = torch.randn(5), [torch.randn(5) for _ in range(3)]
+
+    def trained(fused, steps):
+        w = torch.nn.Parameter(start.clone())
+        opt = make_optimizer(name, [w], lr=0.1, momentum=0.9, fused=fused)
+        for g in grads[:steps]:
+            w.grad = g.clone()
+            opt.step()
+        return w, opt
+
+    _, saved = trained(saved_fused, 2)
+    w, resumed = trained(own_fused, 0)
+    with torch.no_grad():
+        w.copy_(saved.param_groups[0]["params"][0])
+    load_optimizer_state(resumed, saved.state_dict())
+    assert bool(resumed.param_groups[0]["fused"]) == own_fused
+    w.grad = grads[2].clone()
+    resumed.step()  # Adam's step counts were placed for this run's kernels
+    uninterrupted, _ = trained(own_fused, 3)
+    torch.testing.assert_close(w.detach(), uninterrupted.detach())

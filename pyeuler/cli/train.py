@@ -609,7 +609,7 @@ def train_one(cfg: dict, data, k: int, device: torch.device, progress: bool | No
     from pyeuler.checkpoint import CheckpointError, load_checkpoint, load_model_state, save_checkpoint
     from pyeuler.cli._results import config_hash
     from pyeuler.data import random_crop_flip
-    from pyeuler.robust import build_model, make_optimizer, train_epoch
+    from pyeuler.robust import build_model, load_optimizer_state, make_optimizer, train_epoch
     from pyeuler.robust.capture import CapturedTraining
     from pyeuler.robust.distributed import (
         broadcast_object, derive_seed, has_batch_norm, wrap_model,
@@ -646,7 +646,7 @@ def train_one(cfg: dict, data, k: int, device: torch.device, progress: bool | No
     if ckpt is not None:
         load_model_state(model, ckpt, path)
         if ckpt.get("optimizer") is not None:
-            opt.load_state_dict(ckpt["optimizer"])
+            load_optimizer_state(opt, ckpt["optimizer"])
         if scaler is not None and ckpt.get("grad_scaler") is not None:
             scaler.load_state_dict(ckpt["grad_scaler"])
         start = ckpt["epoch"]

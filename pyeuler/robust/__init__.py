@@ -18,7 +18,7 @@ from pyeuler.robust.evaluation import (
 from pyeuler.robust.masking import MaskingReport, check_gradient_masking, ie_gradients
 from pyeuler.robust.training import (
     ADV_METHODS, OPTIMIZERS, GradientMaskingWarning, accuracy, batches, evaluate,
-    make_optimizer, pgd_at_loss,
+    load_optimizer_state, make_optimizer, pgd_at_loss,
     trades_adversarial, trades_loss, train_epoch, uses_detached_ie_gradients,
     warn_if_gradient_masking,
 )
@@ -31,7 +31,8 @@ __all__ = [
     "worst_case", "per_sample",
     "MaskingReport", "check_gradient_masking", "ie_gradients",
     "pgd_at_loss", "trades_adversarial", "trades_loss", "train_epoch", "accuracy", "evaluate",
-    "batches", "ADV_METHODS", "OPTIMIZERS", "make_optimizer", "GradientMaskingWarning",
+    "batches", "ADV_METHODS", "OPTIMIZERS", "make_optimizer", "load_optimizer_state",
+    "GradientMaskingWarning",
     "uses_detached_ie_gradients",
     "warn_if_gradient_masking", "build_model", "default_model", "MODEL_NAMES",
 ]

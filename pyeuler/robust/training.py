@@ -23,6 +23,7 @@ __all__ = [
     "GradientMaskingWarning", "uses_detached_ie_gradients", "warn_if_gradient_masking",
     "pgd_at_loss", "trades_adversarial", "trades_loss", "train_epoch", "accuracy",
     "evaluate", "batches", "ADV_METHODS", "OPTIMIZERS", "make_optimizer",
+    "load_optimizer_state",
 ]
 
 ADV_METHODS = ("none", "pgd", "trades")
@@ -83,24 +84,25 @@ def warn_if_gradient_masking(model: nn.Module, stacklevel: int = 2) -> bool:
 
 # --------------------------------------------------------------------------- data batches
 
-def make_optimizer(name: str, parameters: Iterable[torch.Tensor], *, lr: float,
-                   momentum: float = 0.0, weight_decay: float = 0.0,
-                   fused: bool | None = None) -> torch.optim.Optimizer:
+def make_optimizer(name: str, parameters, *, lr: float, momentum: float = 0.0,
+                   weight_decay: float = 0.0, fused: bool | None = None) -> torch.optim.Optimizer:
     """The optimizer ``pyeuler train`` steps: ``torch.optim.SGD`` or ``torch.optim.Adam``,
     with torch's fused update kernels on CUDA.
 
     Fused: one multi-tensor pass that reads each parameter, gradient and state tensor once
     and writes each parameter and state tensor once, where the default ``foreach`` update
     spends a pass per arithmetic op (SGD with momentum: 5 parameter-sized passes against
-    8; for WRN-34-10, 0.55 GB less per step).  Same update rule, same state dict, and
-    capturable (:mod:`pyeuler.robust.capture`).
+    8; for WRN-34-10, 0.55 GB less per step).  Same update rule, same state, and capturable
+    (:mod:`pyeuler.robust.capture`).  Resume with :func:`load_optimizer_state`, which keeps
+    this choice rather than the checkpoint's.
 
     Args:
         name: ``"sgd"`` or ``"adam"`` (:data:`OPTIMIZERS`).
-        parameters: the tensors to optimise.
-        lr: the learning rate.
-        momentum: SGD's momentum (Adam ignores it).
-        weight_decay: L2 penalty coefficient, added to the gradient.
+        parameters: the tensors to optimise, or parameter groups (dicts with ``"params"``),
+            as torch's optimizers take them.
+        lr: the learning rate, a finite number ≥ 0.
+        momentum: SGD's momentum, finite and ≥ 0 (Adam ignores it).
+        weight_decay: L2 penalty coefficient added to the gradient, finite and ≥ 0.
         fused: torch's fused kernels; None: where every parameter is a floating-point CUDA
             tensor (torch's default elsewhere).
 
@@ -108,18 +110,62 @@ def make_optimizer(name: str, parameters: Iterable[torch.Tensor], *, lr: float,
         The ``torch.optim.Optimizer``.
 
     Raises:
-        ValueError: ``name`` not in :data:`OPTIMIZERS`.
+        ValueError: ``name`` not in :data:`OPTIMIZERS`; ``lr``, ``momentum`` or
+            ``weight_decay`` negative or not finite; no parameters.
+        TypeError: ``lr``, ``momentum`` or ``weight_decay`` not a number, ``fused`` not a
+            bool or None, a parameter not a tensor.
     """
     if name not in OPTIMIZERS:
         raise ValueError(f"optimizer: expected one of {OPTIMIZERS}, got {name!r}")
+    for argument, value in (("lr", lr), ("momentum", momentum), ("weight_decay", weight_decay)):
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise TypeError(f"{argument} must be a number, got {type(value).__name__}")
+        if not 0.0 <= value < math.inf:
+            raise ValueError(f"{argument} must be finite and >= 0, got {value}")
+    if fused is not None and not isinstance(fused, bool):
+        raise TypeError(f"fused must be True, False or None, got {fused!r}")
     parameters = list(parameters)
+    tensors = [p for group in parameters
+               for p in (group["params"] if isinstance(group, dict) else [group])]
+    tensors = [p[1] if isinstance(p, tuple) else p for p in tensors]  # named parameters
+    if not tensors:
+        raise ValueError("parameters: the optimizer got none to optimise")
+    if not all(isinstance(p, torch.Tensor) for p in tensors):
+        raise TypeError("parameters must be tensors or parameter groups of tensors")
     if fused is None:
-        fused = bool(parameters) and all(p.is_cuda and p.is_floating_point() for p in parameters)
+        fused = all(p.is_cuda and p.is_floating_point() for p in tensors)
     if name == "sgd":
         return torch.optim.SGD(parameters, lr=lr, momentum=momentum, weight_decay=weight_decay,
                                fused=fused or None)
     return torch.optim.Adam(parameters, lr=lr, weight_decay=weight_decay, fused=fused or None)
 
+
+# how an optimizer runs its update, not what it has learnt: a resumed run keeps its own
+_IMPLEMENTATION = ("fused", "foreach", "capturable", "differentiable")
+
+
+def load_optimizer_state(optimizer: torch.optim.Optimizer, state: dict) -> None:
+    """``optimizer.load_state_dict(state)``, keeping the optimizer's own implementation
+    choices (``fused``, ``foreach``, ``capturable``, ``differentiable``) where torch would
+    take the checkpoint's: a run saved on a CPU and resumed on a GPU steps with the fused
+    kernels :func:`make_optimizer` chose there, and state such as Adam's step counts is
+    placed as that implementation needs it.
+
+    Args:
+        optimizer: the optimizer to restore, built for this run.
+        state: a ``state_dict()`` of an optimizer of the same class and parameters.
+
+    Returns:
+        None; ``optimizer`` is changed in place.
+
+    Raises:
+        ValueError: from torch, when ``state`` has other parameter groups or sizes.
+    """
+    groups = [dict(saved, **{key: own[key] for key in _IMPLEMENTATION if key in own})
+              for saved, own in zip(state["param_groups"], optimizer.param_groups)]
+    if len(groups) != len(state["param_groups"]):
+        groups = state["param_groups"]  # torch names the mismatch
+    optimizer.load_state_dict(dict(state, param_groups=groups))
 
 def _to_float(x: torch.Tensor) -> torch.Tensor:
     # uint8 images (CIFAR) are kept compact in memory and scaled per batch.
