@@ -297,3 +297,22 @@ def test_batch_norm_in_eval_mode_warns_once(monkeypatch):
         model(x)
     messages = [str(w.message) for w in caught if "IE-Skip with BatchNorm" in str(w.message)]
     assert len(messages) == 1 and "norm='group'" in messages[0]
+
+
+@pytest.mark.parametrize("branch", ["generic", "reference"])
+def test_inference_mode_gives_the_no_grad_values(branch):
+    """The inner gradient of the autograd path needs autograd, which torch.inference_mode
+    turns off: the steps run outside it, with the values of torch.no_grad."""
+    torch.manual_seed(0)
+    if branch == "generic":
+        module = IESkip(nn.Sequential(nn.Conv2d(4, 4, 3, padding=1), nn.Tanh()), steps=2)
+    else:
+        module = IESkip(PreActBranch(4, norm="group", norm_groups=2), steps=2,
+                        backend="reference")
+    module.eval()
+    x = torch.randn(2, 4, 5, 5)
+    with torch.no_grad():
+        want = module(x)
+    with torch.inference_mode():
+        got = module(x)
+    torch.testing.assert_close(got, want, rtol=0, atol=0)

@@ -308,7 +308,13 @@ def _ie_autograd(f, module, x0, steps, step_size, theta, grad, bn_update):
         with frozen:
             return _ie_functorch_steps(f, x, c, steps, step_size, theta, grad)
     outer_grad = torch.is_grad_enabled()
-    with frozen, torch.enable_grad():
+    # the inner gradient needs autograd, which torch.inference_mode turns off: step outside
+    # it, on normal copies of its tensors (no graph reaches the caller's: it had none)
+    inference = torch.is_inference_mode_enabled()
+    escape = torch.inference_mode(False) if inference else contextlib.nullcontext()
+    with frozen, escape, torch.enable_grad():
+        if inference:
+            x, c = x.clone(), c.clone()
         for _ in range(steps):
             create_graph = grad == "unrolled" and outer_grad and x.requires_grad
             xk = x if create_graph else x.detach().requires_grad_()
