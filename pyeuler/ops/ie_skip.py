@@ -310,7 +310,7 @@ def _ie_autograd(f, module, x0, steps, step_size, theta, grad, bn_update):
     outer_grad = torch.is_grad_enabled()
     # the inner gradient needs autograd, which torch.inference_mode turns off: step outside
     # it, on normal copies of its tensors (no graph reaches the caller's: it had none)
-    inference = torch.is_inference_mode_enabled()
+    inference = not torch.compiler.is_compiling() and torch.is_inference_mode_enabled()
     escape = torch.inference_mode(False) if inference else contextlib.nullcontext()
     with frozen, escape, torch.enable_grad():
         if inference:
