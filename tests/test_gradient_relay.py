@@ -83,6 +83,21 @@ def test_relayed_gradients_equal_the_engine_summed_ones(steps, theta, recompute,
     assert engine_adds - adds == 3 * steps
 
 
+@pytest.mark.parametrize("steps,theta", [(1, 1.0), (2, 0.5)])
+def test_relayed_gradients_equal_the_reference_backends(steps, theta):
+    """The fast path with relays against the oracle (backend="reference", plain autograd
+    through the literal composition): input and parameter gradients."""
+    results = []
+    for backend in ("triton", "reference"):
+        torch.manual_seed(0)
+        block = PreActBlock(6, 6, ie_steps=steps, theta=theta, backend=backend).to(DEVICE)
+        x = torch.randn(3, 6, 5, 5, device=DEVICE, requires_grad=True)
+        y = block(x * 1.0)
+        results.append(torch.autograd.grad(y.square().sum(), [x, *block.parameters()]))
+    for got, want in zip(*results):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
 @pytest.mark.parametrize("inputs_of", [
     lambda block, x: [x], lambda block, x: [block.branch.bn1.weight],
     lambda block, x: [block.branch.conv2.weight, x]], ids=["x", "bn1.weight", "conv2.weight+x"])
