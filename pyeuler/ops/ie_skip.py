@@ -85,9 +85,10 @@ torch.library.register_autograd("pyeuler::ie_residual", _ie_residual_backward,
 
 
 # ``(e, −2γ·e)`` and its adjoint: each is the other's VJP (both maps are linear), so the
-# pair is differentiable to every order.  The residual relays x's gradient
-# (:mod:`pyeuler.ops.gradient_relay`): the adjoint adds the share handed to it to dx.  The adjoint's third output, dfx = −θ·u, is empty at
-# θ = 1, where it equals dc (custom-op outputs may not alias each other).
+# pair is differentiable to every order.  The adjoint's third output, dfx = −θ·u, is empty at
+# θ = 1, where it equals dc (custom-op outputs may not alias each other).  The residual
+# relays x's gradient (pyeuler.ops.gradient_relay): the adjoint adds the share handed to it
+# to dx.
 
 
 @torch.library.custom_op("pyeuler::ie_residual_with_term", mutates_args=())

@@ -257,9 +257,7 @@ def _conv_backward(ctx, dz, dmean, dvar, dscale, dshift):
             du.to(x.dtype), x, weight, bias, None, 1.0, mean, var, None, eps, groups, True,
             batch_stats,
             needs, backend, dmean=dmean, dvar=dvar, affine=affine)
-    if addend is not None:
-        dx = addend if dx is None else dx + addend
-    return (hand_on(ctx, dx), dweight, dbias, None, None, None, None, dconv, None, None, None,
+    return (hand_on(ctx, _plus(dx, addend)), dweight, dbias, None, None, None, None, dconv, None, None, None,
             None, None)
 
 
@@ -515,8 +513,8 @@ torch.library.register_autograd("pyeuler::norm_relu_backward_ie_update", _ie_upd
 
 def _plus(grad: Tensor | None, addend: Tensor | None) -> Tensor | None:
     """A gradient share plus one handed on by a relay (:mod:`gradient_relay`), where the
-    share is computed by a kernel without an addend operand: an unfused add, the relay's
-    fallback (the relays of :mod:`pyeuler.ops.ie_skip` never hand a share to these)."""
+    share comes from a kernel without an addend operand: an unfused add, the relay's
+    fallback (a differentiable backward, or a reader the IE step never hands a share to)."""
     if addend is None:
         return grad
     return addend if grad is None else grad + addend
