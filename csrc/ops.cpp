@@ -103,6 +103,13 @@ Tensor companion(const Tensor& t, const Tensor& x, const char* name, at::ScalarT
   return in_layout_of(t, x);
 }
 
+// An optional activation operand (an absent term): a companion of x in x's dtype, or none.
+std::optional<Tensor> optional_companion(const std::optional<Tensor>& t, const Tensor& x,
+                                         const char* name, const char* x_name = "x") {
+  if (!t.has_value()) return std::nullopt;
+  return companion(*t, x, name, x.scalar_type(), x_name);
+}
+
 pyeuler_geometry_t geometry_of(const Tensor& x) {
   int64_t spatial = 1;
   for (int64_t d = 2; d < x.dim(); ++d) spatial *= x.size(d);
@@ -210,8 +217,7 @@ std::tuple<Tensor, Tensor> affine_act_forward(const Tensor& x_in, const Tensor& 
   const Tensor x = as_kernel_layout(x_in);
   const Coef scale_arg = coef_arg(scale, x, "scale");
   const Coef shift_arg = coef_arg(shift, x, "shift");
-  std::optional<Tensor> shortcut;
-  if (shortcut_in.has_value()) shortcut = companion(*shortcut_in, x, "shortcut", x.scalar_type());
+  const std::optional<Tensor> shortcut = optional_companion(shortcut_in, x, "shortcut");
   const c10::DeviceGuard guard(x.device());
   Tensor y = empty_in_layout_of(x, x.scalar_type());
   Tensor mask = save_mask ? empty_in_layout_of(x, at::kBool)
@@ -283,15 +289,13 @@ std::tuple<Tensor, Tensor> affine_act_backward_apply(
     const Tensor& dy_in, const Tensor& x_in, const Tensor& scale, const Tensor& shift,
     const std::optional<Tensor>& mask_in, bool relu, const Tensor& a, const Tensor& b,
     const Tensor& c, const Tensor& center, bool want_dshortcut,
-    const std::optional<Tensor>& dx_addend_in) {
+    const std::optional<Tensor>& dx_addend_in, const std::optional<Tensor>& dx_addend2_in) {
   check_activation(x_in, "x");
   const Tensor x = as_kernel_layout(x_in);
   const Tensor dy = companion(dy_in, x, "dy", x.scalar_type());
   const std::optional<Tensor> mask = mask_arg(mask_in, x);
-  std::optional<Tensor> dx_addend;
-  if (dx_addend_in.has_value()) {
-    dx_addend = companion(*dx_addend_in, x, "dx_addend", x.scalar_type());
-  }
+  const std::optional<Tensor> dx_addend = optional_companion(dx_addend_in, x, "dx_addend");
+  const std::optional<Tensor> dx_addend2 = optional_companion(dx_addend2_in, x, "dx_addend2");
   const Coef scale_arg = coef_arg(scale, x, "scale");
   const Coef shift_arg = coef_arg(shift, x, "shift");
   const Coef a_arg = coef_arg(a, x, "a");
@@ -305,7 +309,8 @@ std::tuple<Tensor, Tensor> affine_act_backward_apply(
   check_launch(pyeuler_affine_act_backward_apply(
                    dy.data_ptr(), x.data_ptr(), mask_data(mask), kernel_dtype(x, "x"),
                    geometry_of(x), scale_arg.abi, shift_arg.abi, relu, a_arg.abi, b_arg.abi,
-                   c_arg.abi, center_arg.abi, data_or_null<const void>(dx_addend), dx.data_ptr(),
+                   c_arg.abi, center_arg.abi, data_or_null<const void>(dx_addend),
+                   data_or_null<const void>(dx_addend2), dx.data_ptr(),
                    want_dshortcut ? dshortcut.data_ptr() : nullptr, current_stream(x.device())),
                "affine_act_backward_apply");
   return {dx, dshortcut};
@@ -377,14 +382,8 @@ std::tuple<Tensor, Tensor> affine_act_double_backward_apply(
   const Tensor ddx = companion(ddx_in, x, "ddx", x.scalar_type());
   const Tensor dy = companion(dy_in, x, "dy", x.scalar_type());
   const std::optional<Tensor> mask = mask_arg(mask_in, x);
-  std::optional<Tensor> ddshortcut;
-  if (ddshortcut_in.has_value()) {
-    ddshortcut = companion(*ddshortcut_in, x, "ddshortcut", x.scalar_type());
-  }
-  std::optional<Tensor> dxx_addend;
-  if (dxx_addend_in.has_value()) {
-    dxx_addend = companion(*dxx_addend_in, x, "dxx_addend", x.scalar_type());
-  }
+  const std::optional<Tensor> ddshortcut = optional_companion(ddshortcut_in, x, "ddshortcut");
+  const std::optional<Tensor> dxx_addend = optional_companion(dxx_addend_in, x, "dxx_addend");
   const Coef scale_arg = coef_arg(scale, x, "scale");
   const Coef shift_arg = coef_arg(shift, x, "shift");
   const Coef a_arg = coef_arg(a, x, "a");
@@ -451,10 +450,7 @@ std::tuple<Tensor, Tensor, Tensor> ie_residual_with_term_adjoint(
   check_activation(de_in, "de");
   const Tensor de = as_kernel_layout(de_in);
   const Tensor dterm = companion(dterm_in, de, "dterm", de.scalar_type(), "de");
-  std::optional<Tensor> dx_addend;
-  if (dx_addend_in.has_value()) {
-    dx_addend = companion(*dx_addend_in, de, "dx_addend", de.scalar_type(), "de");
-  }
+  const std::optional<Tensor> dx_addend = optional_companion(dx_addend_in, de, "dx_addend", "de");
   const c10::DeviceGuard guard(de.device());
   Tensor dx = empty_in_layout_of(de, de.scalar_type());
   Tensor dc = empty_in_layout_of(de, de.scalar_type());
@@ -898,7 +894,7 @@ TORCH_LIBRARY_FRAGMENT(pyeuler, m) {
   m.def(
       "cuda_affine_act_backward_apply(Tensor dy, Tensor x, Tensor scale, Tensor shift, "
       "Tensor? mask, bool relu, Tensor a, Tensor b, Tensor c, Tensor center, "
-      "bool want_dshortcut, Tensor? dx_addend) -> (Tensor, Tensor)");
+      "bool want_dshortcut, Tensor? dx_addend, Tensor? dx_addend2) -> (Tensor, Tensor)");
   m.def(
       "cuda_affine_act_backward_apply_ie_update(Tensor dy, Tensor x, Tensor scale, "
       "Tensor shift, Tensor? mask, bool relu, Tensor a, Tensor b, Tensor c, Tensor center, "

@@ -119,7 +119,8 @@ __global__ void __launch_bounds__(kMaxThreads, kMinBlocksPerSm)
 }
 
 // ---------------------------------------------------------------------------------------
-// Backward apply: g = dy * m, dx = a * g + b * (x - center) + c + dx_addend, dshortcut = g.
+// Backward apply: g = dy * m, dx = ((a * g + b * (x - center) + c) + dx_addend) + dx_addend2,
+// dshortcut = g.
 // kIeUpdate (the IE-Skip's last VJP pass): dx is the VJP v, and the output receives the
 // step x - 2γ·(e - θ·v) instead, so v is never written.  The step reads a residual r: e, or
 // its term -2γ·e (which ie_update.cu's residual writes with e).
@@ -142,11 +143,12 @@ struct ApplyArgs {
   pyeuler_coef_t scale, shift;
   bool relu;
   pyeuler_coef_t a, b, c, center;
-  T* dx;               // x_new with kIeUpdate
-  T* dshortcut;        // nullable
-  const T* dx_addend;  // nullable; not read with kIeUpdate
-  const T* residual;   // kIeUpdate only: e or its term -2γ·e
-  IeStep step;         // kIeUpdate only
+  T* dx;                // x_new with kIeUpdate
+  T* dshortcut;         // nullable
+  const T* dx_addend;   // nullable; not read with kIeUpdate
+  const T* dx_addend2;  // likewise; added after dx_addend
+  const T* residual;    // kIeUpdate only: e or its term -2γ·e
+  IeStep step;          // kIeUpdate only
 };
 
 template <typename T, int V, bool kChannelsLast, bool kIeUpdate>
@@ -174,14 +176,19 @@ __global__ void __launch_bounds__(kMaxThreads, kMinBlocksPerSm)
       // a zero b (running statistics) contributes nothing, even at x = ±inf (0·inf is NaN)
       dx[i] = a[i] * g[i] + (b[i] == 0.f ? 0.f : b[i] * (x[i] - center[i])) + c[i];
     }
-    // g is stored before the addend is loaded, so that fewer values are live at once (the
-    // channels-last 16-bit kernels then spill no more than without the addend)
+    // g is stored before the addends are loaded, and each addend is loaded only once the
+    // one before it is summed, so that fewer values are live at once (the channels-last
+    // 16-bit kernels then spill no more than without the addends)
     if (args.dshortcut != nullptr) store_floats<T, V>(args.dshortcut, offset, g);
     if constexpr (!kIeUpdate) {
-      // another share of x's gradient, summed here rather than by a pass of its own
-      if (args.dx_addend != nullptr) {
+      // other shares of x's gradient, summed here (in this order) rather than by passes of
+      // their own
+      const T* const addends[] = {args.dx_addend, args.dx_addend2};
+#pragma unroll
+      for (const T* addend_ptr : addends) {
+        if (addend_ptr == nullptr) continue;
         float addend[V];
-        load_floats<T, V>(args.dx_addend, offset, addend);
+        load_floats<T, V>(addend_ptr, offset, addend);
 #pragma unroll
         for (int i = 0; i < V; ++i) dx[i] += addend[i];
       }
@@ -195,7 +202,7 @@ __global__ void __launch_bounds__(kMaxThreads, kMinBlocksPerSm)
   });
 }
 
-// Both C entry points of the backward apply; `dx_addend` is read only without kIeUpdate,
+// Both C entry points of the backward apply; the addends are read only without kIeUpdate,
 // `residual` and `step` only with it.
 template <bool kIeUpdate>
 cudaError_t launch_backward_apply(const void* dy, const void* x, const uint8_t* mask,
@@ -203,17 +210,18 @@ cudaError_t launch_backward_apply(const void* dy, const void* x, const uint8_t* 
                                   pyeuler_coef_t scale, pyeuler_coef_t shift, int relu,
                                   pyeuler_coef_t a, pyeuler_coef_t b, pyeuler_coef_t c,
                                   pyeuler_coef_t center, const void* dx_addend,
-                                  const void* residual, IeStep step, void* dx, void* dshortcut,
-                                  cudaStream_t stream) {
+                                  const void* dx_addend2, const void* residual, IeStep step,
+                                  void* dx, void* dshortcut, cudaStream_t stream) {
   if (!geometry_is_valid(geo)) return cudaErrorInvalidValue;
   return dispatch_dtype(dtype, [&](auto tag) {
     using T = decltype(tag);
     const ApplyArgs<T> args{static_cast<const T*>(dy), static_cast<const T*>(x), mask,
                             scale, shift, relu != 0, a, b, c, center, static_cast<T*>(dx),
                             static_cast<T*>(dshortcut), static_cast<const T*>(dx_addend),
-                            static_cast<const T*>(residual), step};
-    const bool aligned =
-        all_vector_aligned<T>({dy, x, dx, dshortcut, dx_addend, residual}, {mask});
+                            static_cast<const T*>(dx_addend2), static_cast<const T*>(residual),
+                            step};
+    const bool aligned = all_vector_aligned<T>(
+        {dy, x, dx, dshortcut, dx_addend, dx_addend2, residual}, {mask});
     return launch_elementwise<T>(geo, aligned, [&](auto width, auto channels_last) {
       constexpr int V = decltype(width)::value;
       unsigned blocks = 0;
@@ -540,10 +548,11 @@ extern "C" cudaError_t pyeuler_affine_act_backward_apply(
     const void* dy, const void* x, const uint8_t* mask, pyeuler_dtype_t dtype,
     pyeuler_geometry_t geo, pyeuler_coef_t scale, pyeuler_coef_t shift, int relu,
     pyeuler_coef_t a, pyeuler_coef_t b, pyeuler_coef_t c, pyeuler_coef_t center,
-    const void* dx_addend, void* dx, void* dshortcut, cudaStream_t stream) {
+    const void* dx_addend, const void* dx_addend2, void* dx, void* dshortcut,
+    cudaStream_t stream) {
   return launch_backward_apply<false>(dy, x, mask, dtype, geo, scale, shift, relu, a, b, c,
-                                      center, dx_addend, nullptr, IeStep{}, dx, dshortcut,
-                                      stream);
+                                      center, dx_addend, dx_addend2, nullptr, IeStep{}, dx,
+                                      dshortcut, stream);
 }
 
 extern "C" cudaError_t pyeuler_affine_act_backward_apply_ie_update(
@@ -556,7 +565,8 @@ extern "C" cudaError_t pyeuler_affine_act_backward_apply_ie_update(
   const IeStep step{float(residual_is_term ? 1.0 : -2.0 * step_size),
                     float(2.0 * step_size * theta)};
   return launch_backward_apply<true>(dy, x, mask, dtype, geo, scale, shift, relu, a, b, c,
-                                     center, nullptr, residual, step, x_new, nullptr, stream);
+                                     center, nullptr, nullptr, residual, step, x_new, nullptr,
+                                     stream);
 }
 
 extern "C" cudaError_t pyeuler_affine_act_double_backward_apply(

@@ -152,19 +152,21 @@ cudaError_t pyeuler_affine_act_backward_reduce_recompute(
     float* sum_g, float* sum_g_xc, void* y, pyeuler_dtype_t y_dtype, void* workspace,
     size_t workspace_bytes, cudaStream_t stream);
 
-/* dx = a * g + b * (x - center) + c + dx_addend with g as in the reduce
+/* dx = ((a * g + b * (x - center) + c) + dx_addend) + dx_addend2 with g as in the reduce
  * (primitives.affine_act_backward_apply); a zero b contributes exactly 0, even at
- * x = +-inf.  dx_addend may be NULL (no term); it has x's dtype and layout and is added in
- * float32 before dx is rounded.  dshortcut (may be NULL) receives g, without the addend. */
+ * x = +-inf.  dx_addend and dx_addend2 may each be NULL (no term), independently; each has
+ * x's dtype and layout, and they are added in float32, in that order, before dx is rounded.
+ * dshortcut (may be NULL) receives g, without the addends. */
 cudaError_t pyeuler_affine_act_backward_apply(const void* dy, const void* x, const uint8_t* mask,
                                               pyeuler_dtype_t dtype, pyeuler_geometry_t geo,
                                               pyeuler_coef_t scale, pyeuler_coef_t shift, int relu,
                                               pyeuler_coef_t a, pyeuler_coef_t b, pyeuler_coef_t c,
                                               pyeuler_coef_t center, const void* dx_addend,
-                                              void* dx, void* dshortcut, cudaStream_t stream);
+                                              const void* dx_addend2, void* dx, void* dshortcut,
+                                              cudaStream_t stream);
 
 /* The IE-Skip step fused into the apply (primitives.affine_act_backward_apply_ie_update),
- * x - 2 * step_size * (e - theta * v) with v the dx above without an addend (never written),
+ * x - 2 * step_size * (e - theta * v) with v the dx above without addends (never written),
  * computed as
  *   x_new = (x + residual_coef * residual) + (2 * step_size * theta) * v
  * from residual = e (residual_is_term == 0; residual_coef = -2 * step_size), or from its term

@@ -171,8 +171,8 @@ def test_fakes_match_reference_outputs(shape, layout):
             assert [(f.shape, f.dtype) for f in fakes] == [(o.shape, o.dtype) for o in outputs]
             if x.is_contiguous() or x.movedim(1, -1).is_contiguous():
                 assert fakes[2].stride() == outputs[2].stride()
-    for dx_addend in (None, x.half()):
-        apply_args = (x, x, scale, shift, None, True, scale, scale, scale, scale, True, dx_addend)
+    for addends in ((None, None), (x.half(), None), (None, x.half()), (x.half(), x.bfloat16())):
+        apply_args = (x, x, scale, shift, None, True, scale, scale, scale, scale, True, *addends)
         fake_dx, fake_ds = cuda_backend._fake_affine_act_backward_apply(*apply_args)
         dx, ds = ref.affine_act_backward_apply(*apply_args)
         assert (fake_dx.shape, fake_dx.dtype, fake_ds.shape) == (dx.shape, dx.dtype, ds.shape)
@@ -311,9 +311,12 @@ def step(x, dy, scale, shift):
     _, recomputed_sum_gx, y_low = ops.cuda_affine_act_backward_reduce_recompute(
         dy, x, scale, shift, mean, True, False, torch.bfloat16)
     dx, g = ops.cuda_affine_act_backward_apply(dy, x, scale, shift, mask, True, sum_g, sum_gx,
-                                               var, mean, True, None)
+                                               var, mean, True, None, None)
     dx_relayed, _ = ops.cuda_affine_act_backward_apply(dy, x, scale, shift, mask, True, sum_g,
-                                                       sum_gx, var, mean, False, dy)
+                                                       sum_gx, var, mean, False, dy, None)
+    dx_relayed_twice, _ = ops.cuda_affine_act_backward_apply(dy, x, scale, shift, mask, True,
+                                                             sum_g, sum_gx, var, mean, False, dy,
+                                                             y)
     e = ops.cuda_ie_residual(x, y, dx, 1.0)
     e_again, term = ops.cuda_ie_residual_with_term(x, y, dx, 1.0, 0.1)
     x_new = ops.cuda_affine_act_backward_apply_ie_update(dy, x, scale, shift, mask, True, sum_g,
@@ -330,7 +333,7 @@ def step(x, dy, scale, shift):
                                                          g, 0.5, dx)
     return (ops.cuda_ie_update(x, e, g, 0.1, 1.0), x_new, mean, var, sum_g, sum_dd_g, ddy, dxx,
             recomputed_sum_gx, y_low, term, x_new_from_e, dx_e, dc, dfx, dc_at_one, no_dfx,
-            dx_relayed, dx_e_relayed)
+            dx_relayed, dx_e_relayed, dx_relayed_twice)
 x = torch.randn(4, 6, 5, 5).to(memory_format=torch.channels_last)
 args = (x, torch.randn_like(x), torch.randn(6), torch.randn(6))
 compiled = torch.compile(step, backend="aot_eager", fullgraph=True)(*args)
@@ -386,6 +389,47 @@ def test_ie_residual_with_term_ops_count_each_operand_once():
         ("pyeuler.cuda_ie_residual_with_term_adjoint.default", 1, 5 * act),
         ("pyeuler.cuda_ie_residual_with_term_adjoint.default", 1, 4 * act),
         ("pyeuler.cuda_ie_residual_with_term_adjoint.default", 1, 6 * act)]
+
+
+def test_backward_apply_counts_each_addend_once():
+    """pyeuler.cost's view of the backward apply, on CPU inside counting_device: one launch
+    whatever the addends; it reads dy, x, a, b, c, center (the gate from the mask, so not
+    scale or shift) and each addend given, once, and writes dx (and g when asked).  The
+    fake's outputs are the contract's; an addend off the GPU is named."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from pyeuler import backend
+    from pyeuler.cost import Recorder
+
+    recorder = Recorder()
+    with backend.counting_device(backend.H100):
+        assert cuda_backend.is_available()[0]  # defines the ops for counting
+        with FakeTensorMode():
+            x = make((16, 32, 8, 8), "channels_last", torch.bfloat16, device="cpu")
+            mask, v = x.gt(0), coef(x, False)
+            apply_args = (x, x, v, v, mask, True, v, v, v, v)
+            cases = [(False, None, None), (False, x, None), (False, None, x), (False, x, x),
+                     (True, x, x)]
+            with recorder:
+                got = [cuda_backend.affine_act_backward_apply(*apply_args, want_dshortcut,
+                                                              *addends)
+                       for want_dshortcut, *addends in cases]
+            want = [ref.affine_act_backward_apply(*apply_args, want_dshortcut, *addends)
+                    for want_dshortcut, *addends in cases]
+            # an addend off the GPU (a meta tensor here) is refused by its name
+            with pytest.raises(ValueError, match="dx_addend2 must be a CUDA tensor"):
+                cuda_backend.affine_act_backward_apply(*apply_args, False, None,
+                                                       torch.empty_like(x, device="meta"))
+    for outputs, expected in zip(got, want):
+        assert ((outputs[1] is None) == (expected[1] is None)
+                and (outputs[0].shape, outputs[0].dtype, outputs[0].stride())
+                == (expected[0].shape, expected[0].dtype, expected[0].stride()))
+    act, mask_bytes, vec = x.numel() * x.element_size(), x.numel(), v.numel() * v.element_size()
+    inputs = 2 * act + mask_bytes + 4 * vec  # dy, x, the mask, a, b, c, center
+    name = "pyeuler.cuda_affine_act_backward_apply.default"
+    assert [(k.name, k.launches, k.bytes) for k in recorder.kernels] == [
+        (name, 1, inputs + act), (name, 1, inputs + 2 * act), (name, 1, inputs + 2 * act),
+        (name, 1, inputs + 3 * act), (name, 1, inputs + 4 * act)]
 
 
 def test_jit_build_compiles_what_setup_py_compiles():
@@ -554,32 +598,42 @@ def test_affine_act_backward_apply(shape, layout, dtype, gate, per_sample):
 @pytest.mark.parametrize("shape,layout", cases())
 @pytest.mark.parametrize("gate,per_sample", [("mask", False), ("relu", True), ("none", False)],
                          ids=["mask-per_channel", "relu-per_sample", "none-per_channel"])
-def test_affine_act_backward_apply_with_dx_addend(shape, layout, dtype, gate, per_sample):
-    """dx = a·g + b·(x − center) + c + dx_addend, the addend in another layout than x (the op
-    copies it into x's), summed in float32 before dx is rounded; dx stays in x's layout and
-    the shortcut's gradient g is the one without the addend."""
+@pytest.mark.parametrize("given", ["first", "second", "both"])
+def test_affine_act_backward_apply_with_dx_addends(shape, layout, dtype, gate, per_sample,
+                                                   given):
+    """dx = ((a·g + b·(x − center) + c) + dx_addend) + dx_addend2, each addend optional, in
+    another layout than x (the op copies it into x's), summed in float32 in that order before
+    dx is rounded; dx stays in x's layout and the shortcut's gradient g is the one without
+    the addends."""
     dy, x = make(shape, layout, dtype), make(shape, layout, dtype)
-    dx_addend = make(shape, other_layout(layout), dtype)
+    addends = tuple(make(shape, other_layout(layout), dtype) if given in (which, "both")
+                    else None for which in ("first", "second"))
     scale, shift = coef(x, per_sample), coef(x, per_sample)
     a, b, c, center = (coef(x, per_sample) for _ in range(4))
     mask = make(shape, layout).gt(0) if gate == "mask" else None
     relu = gate != "none"
     apply_args = (dy, x, scale, shift, mask, relu, a, b, c, center, True)
-    dx, dshortcut = cuda_backend.affine_act_backward_apply(*apply_args, dx_addend)
-    dx_eager, g_eager = ref.affine_act_backward_apply(*apply_args, dx_addend)
+    dx, dshortcut = cuda_backend.affine_act_backward_apply(*apply_args, *addends)
+    dx_eager, g_eager = ref.affine_act_backward_apply(*apply_args, *addends)
     gate64 = mask if mask is not None else (relu_gate32(x, scale, shift) if relu else None)
     dx_exact, _ = ref.affine_act_backward_apply(*doubles(dy, x, scale, shift), gate64, relu,
                                                 *doubles(a, b, c, center), False,
-                                                dx_addend.double())
+                                                *doubles(*addends))
     assert_output(dx, dx_eager, dx_exact)
     assert torch.equal(dshortcut, g_eager)
     _, g_without = cuda_backend.affine_act_backward_apply(*apply_args)
     assert torch.equal(dshortcut, g_without)
     if layout == "channels_last" and x.dim() == 4:
         assert dx.is_contiguous(memory_format=torch.channels_last)
-    # the keyword form, as the contract names it
-    dx_keyword, _ = cuda_backend.affine_act_backward_apply(*apply_args, dx_addend=dx_addend)
+    # the keyword form, as the contract names them
+    dx_keyword, _ = cuda_backend.affine_act_backward_apply(
+        *apply_args, **{name: t for name, t in zip(("dx_addend", "dx_addend2"), addends)
+                        if t is not None})
     assert torch.equal(dx_keyword, dx)
+    if given == "second":
+        # the second alone is summed as the first alone is: the same kernel path
+        dx_as_first, _ = cuda_backend.affine_act_backward_apply(*apply_args, addends[1])
+        assert torch.equal(dx_as_first, dx)
 
 
 @gpu
@@ -759,8 +813,9 @@ def test_ie_residual_with_term_and_adjoint(shape, layout, dtype):
 @gpu
 @pytest.mark.usefixtures("cuda_ready")
 def test_ie_residual_with_term_ops_are_one_launch_each():
-    """One kernel each, the adjoint at θ = 1 too (where it writes dfx = dc once); an addend
-    of x's layout and dtype is summed in the same kernel (no copy, no extra pass)."""
+    """One kernel each, the adjoint at θ = 1 too (where it writes dfx = dc once); addends
+    of x's layout and dtype (one, or the backward apply's two) are summed in the same kernel
+    (no copy, no extra pass)."""
     x = make((8, 16, 8, 8), "channels_last", torch.bfloat16)
     scale = coef(x, False)
     calls = {"cuda_ie_residual_with_term":
@@ -770,9 +825,9 @@ def test_ie_residual_with_term_ops_are_one_launch_each():
               cuda_backend.ie_residual_with_term_adjoint(x, x, theta, 0.1, addend)
               for theta, addend in ((0.5, None), (1.0, None), (0.5, x))],
              "cuda_affine_act_backward_apply":
-             [lambda addend=addend: cuda_backend.affine_act_backward_apply(
-                 x, x, scale, scale, None, True, scale, scale, scale, scale, True, addend)
-              for addend in (None, x)]}
+             [lambda addends=addends: cuda_backend.affine_act_backward_apply(
+                 x, x, scale, scale, None, True, scale, scale, scale, scale, True, *addends)
+              for addends in ((None, None), (x, None), (None, x), (x, x))]}
     for name, name_calls in calls.items():
         for call in name_calls:
             device_events = _device_kernels(call)
@@ -831,6 +886,12 @@ def test_bad_arguments_are_named():
         cuda_backend.affine_act_backward_apply(*apply_args, x[:1])
     with pytest.raises(ValueError, match="dx_addend must be a CUDA tensor"):
         cuda_backend.affine_act_backward_apply(*apply_args, x.cpu())
+    with pytest.raises(RuntimeError, match=r"dx_addend2 has shape .* but x has shape"):
+        cuda_backend.affine_act_backward_apply(*apply_args, x, x[:1])
+    with pytest.raises(RuntimeError, match=r"dx_addend2 has shape .* but x has shape"):
+        cuda_backend.affine_act_backward_apply(*apply_args, None, x[:1])
+    with pytest.raises(ValueError, match="dx_addend2 must be a CUDA tensor"):
+        cuda_backend.affine_act_backward_apply(*apply_args, x, x.cpu())
 
 
 @gpu
@@ -908,10 +969,12 @@ def test_matches_triton(shape, layout):
         for cu_grad, tr_grad in zip(cu, tr):
             torch.testing.assert_close(cu_grad, tr_grad, rtol=1e-5, atol=1e-6)
         assert (cu[2] is cu[1]) == (tr[2] is tr[1]) == (theta == 1.0)
-    apply_args = (dy, x, scale, shift, m_cu, True, scale, shift, center, center, True, y_cu)
-    for cu, tr in zip(cuda_backend.affine_act_backward_apply(*apply_args),
-                      tri.affine_act_backward_apply(*apply_args)):
-        torch.testing.assert_close(cu, tr, rtol=1e-4, atol=1e-5)
+    apply_args = (dy, x, scale, shift, m_cu, True, scale, shift, center, center, True)
+    second_addend = make(shape, layout)
+    for addends in ((y_cu,), (None, y_cu), (y_cu, second_addend)):
+        for cu, tr in zip(cuda_backend.affine_act_backward_apply(*apply_args, *addends),
+                          tri.affine_act_backward_apply(*apply_args, *addends)):
+            torch.testing.assert_close(cu, tr, rtol=1e-4, atol=1e-5)
     ddx = make(shape, layout)
     reduce_args = (ddx, dy, x, scale, shift, center, None, True, False)
     for cu, tr in zip(cuda_backend.affine_act_double_backward_reduce(*reduce_args),
@@ -955,11 +1018,12 @@ def test_mixed_dtypes_follow_the_contract():
                              ref.ie_residual_with_term_adjoint(x, low, 0.5, 0.1, dx_addend)):
             assert got.dtype == torch.float32
             torch.testing.assert_close(got, want)
-    apply_args = (x, x, scale, shift, None, True, scale, shift, shift, scale, True, low)
-    for got, want in zip(cuda_backend.affine_act_backward_apply(*apply_args),
-                         ref.affine_act_backward_apply(*apply_args)):
-        assert got.dtype == torch.float32
-        torch.testing.assert_close(got, want)
+    apply_args = (x, x, scale, shift, None, True, scale, shift, shift, scale, True)
+    for addends in ((low,), (None, low), (low, low.half())):
+        for got, want in zip(cuda_backend.affine_act_backward_apply(*apply_args, *addends),
+                             ref.affine_act_backward_apply(*apply_args, *addends)):
+            assert got.dtype == torch.float32
+            torch.testing.assert_close(got, want)
     for got, want in zip(cuda_backend.affine_act_forward(low, scale, shift, x, True, True),
                          ref.affine_act_forward(low, scale, shift, x, True, True)):
         torch.testing.assert_close(got, want, atol=2**-7, rtol=2**-7)

@@ -284,9 +284,10 @@ def _run_affine_act(tri, make):
         tri.affine_act_backward_reduce(dy, x, scale, shift, center, gate_mask, relu, False)
         tri.affine_act_double_backward_reduce(ddx, dy, x, scale, shift, center, gate_mask, relu,
                                               False)
-        for want_dshortcut, addend in ((True, None), (False, None), (False, make())):
+        for want_dshortcut, addends in ((True, ()), (False, ()), (False, (make(),)),
+                                        (False, (make(), make()))):
             tri.affine_act_backward_apply(dy, x, scale, shift, gate_mask, relu, a, b, c, center,
-                                          want_dshortcut, addend)
+                                          want_dshortcut, *addends)
         for residual_is_term in (False, True):
             tri.affine_act_backward_apply_ie_update(dy, x, scale, shift, gate_mask, relu, a, b,
                                                     c, center, e, 0.1, 1.0, residual_is_term)

@@ -338,6 +338,24 @@ def test_affine_act_backward_apply_adds_the_addend(shape, layout, addend_layout)
         assert dx.stride() == x.stride()
 
 
+@pytest.mark.parametrize("shape,layout", cases([(4, 5, 7, 5), (2, 6, 3, 4, 5)]))
+def test_affine_act_backward_apply_adds_two_addends(shape, layout):
+    """dx = ((a·g + b·(x − center) + c) + dx_addend) + dx_addend2, each addend optional; the
+    second alone is added as the first would be."""
+    dy, x, scale, shift, center = _reduce_inputs(shape, layout, False)
+    a, b, c = coef(x, False), coef(x, False), coef(x, False)
+    first, second = make(shape, "strided"), make(shape, "contiguous")
+    args = (dy, x, scale, shift, None, True, a, b, c, center, False)
+    without, _ = ref.affine_act_backward_apply(*args)
+    for addends in ((first, second), (None, second)):
+        dx, _ = tri.affine_act_backward_apply(*args, *addends)
+        dx_ref, _ = ref.affine_act_backward_apply(*args, *addends)
+        assert_close32(dx, dx_ref)
+        assert_close32(dx_ref, sum((t for t in addends if t is not None), without))
+    with pytest.raises(ValueError, match="dx_addend2"):
+        tri.affine_act_backward_apply(*args, None, second[:1])
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_backward_apply_and_adjoint_addends_low_precision(dtype):
     """The addend is summed in float32 before dx is rounded once: within the low-precision

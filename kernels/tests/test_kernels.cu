@@ -134,6 +134,14 @@ class Random {
     for (float& v : out) v = dist(engine_);
     return out;
   }
+  // ±2^k with k uniform in [lo_exp, hi_exp]: a product with one is exact
+  std::vector<float> signed_powers_of_two(size_t count, int lo_exp, int hi_exp) {
+    std::uniform_int_distribution<int> exponent(lo_exp, hi_exp);
+    std::bernoulli_distribution negative(0.5);
+    std::vector<float> out(count);
+    for (float& v : out) v = std::ldexp(negative(engine_) ? -1.f : 1.f, exponent(engine_));
+    return out;
+  }
   std::vector<uint8_t> bits(size_t count) {
     std::bernoulli_distribution dist(0.5);
     std::vector<uint8_t> out(count);
@@ -394,16 +402,31 @@ void test_backward_reduce_recompute(const Shape& shape, Random& rng, bool relu, 
   in.expect_sums(what, false, relu, per_sample, out);
 }
 
+// An apply's a, b and c ([C], or [N, C] per sample): a and b in [-1, 1], or (exact_products)
+// signed powers of two; c in [-0.1, 0.1].
+struct ApplyCoefs {
+  Coef a, b, c;
+
+  ApplyCoefs(const Shape& shape, Random& rng, bool per_sample, bool exact_products = false)
+      : a(draw(shape, rng, per_sample, exact_products), per_sample ? shape.c : 0),
+        b(draw(shape, rng, per_sample, exact_products), per_sample ? shape.c : 0),
+        c(rng.uniform((per_sample ? shape.n : 1) * shape.c, -0.1f, 0.1f),
+          per_sample ? shape.c : 0) {}
+
+  static std::vector<float> draw(const Shape& shape, Random& rng, bool per_sample,
+                                 bool exact_products) {
+    const size_t count = (per_sample ? shape.n : 1) * shape.c;
+    return exact_products ? rng.signed_powers_of_two(count, -2, 2)
+                          : rng.uniform(count, -1.f, 1.f);
+  }
+};
+
 // dx = a * g + b * (x - center) + c (+ dx_addend with_addend), dshortcut = g.
 template <typename T>
 void test_backward_apply(const Shape& shape, Random& rng, bool use_mask, bool relu,
                          bool per_sample_coefs, bool with_addend, bool misaligned) {
   const BackwardCase<T> in(shape, rng, per_sample_coefs);
-  const int64_t coef_rows = per_sample_coefs ? shape.n : 1;
-  const int64_t stride = per_sample_coefs ? shape.c : 0;
-  const Coef a(rng.uniform(coef_rows * shape.c, -1.f, 1.f), stride);
-  const Coef b(rng.uniform(coef_rows * shape.c, -1.f, 1.f), stride);
-  const Coef c_coef(rng.uniform(coef_rows * shape.c, -0.1f, 0.1f), stride);
+  const auto& [a, b, c_coef] = ApplyCoefs(shape, rng, per_sample_coefs);
   const Activation<T> addend(rng.uniform(shape.numel(), -1.f, 1.f));
   DeviceArray<T> dy(in.dy.stored, misaligned), x(in.x.stored, misaligned),
       addend_dev(addend.stored, misaligned);
@@ -412,7 +435,7 @@ void test_backward_apply(const Shape& shape, Random& rng, bool use_mask, bool re
   CHECK_CUDA(pyeuler_affine_act_backward_apply(
       dy.get(), x.get(), use_mask ? mask.get() : nullptr, Dtype<T>::kEnum, shape.geometry(),
       in.scale.abi(), in.shift.abi(), relu, a.abi(), b.abi(), c_coef.abi(), in.center.abi(),
-      with_addend ? addend_dev.get() : nullptr, dx.get(), dshortcut.get(), nullptr));
+      with_addend ? addend_dev.get() : nullptr, nullptr, dx.get(), dshortcut.get(), nullptr));
 
   std::vector<double> want_dx(shape.numel()), want_g(shape.numel()), atol(shape.numel());
   for (int64_t n = 0; n < shape.n; ++n)
@@ -435,6 +458,57 @@ void test_backward_apply(const Shape& shape, Random& rng, bool use_mask, bool re
   expect_close(what + "dshortcut", to_floats(dshortcut.download()), want_g, 0.0, 0.0);
 }
 
+// The addends' rounding sequence, bit for bit: dx = (base + dx_addend) + dx_addend2 in
+// float32, rounded once to T, with only the first, only the second or both addends (the
+// other NULL).  a and b are signed powers of two, so that a * g and b * (x - center) are
+// exact and base = (a * g + b * (x - center)) + c rounds the same whether or not the
+// compiler fuses a multiply into an add.
+template <typename T>
+void test_backward_apply_addends(const Shape& shape, Random& rng, bool use_mask, bool relu,
+                                 bool per_sample_coefs, bool misaligned) {
+  const BackwardCase<T> in(shape, rng, per_sample_coefs);
+  const auto& [a, b, c_coef] = ApplyCoefs(shape, rng, per_sample_coefs, true);
+  const Activation<T> first(rng.uniform(shape.numel(), -1.f, 1.f));
+  const Activation<T> second(rng.uniform(shape.numel(), -0.01f, 0.01f));
+  DeviceArray<T> dy(in.dy.stored, misaligned), x(in.x.stored, misaligned),
+      first_dev(first.stored, misaligned), second_dev(second.stored, misaligned);
+  DeviceArray<uint8_t> mask(in.mask, misaligned);
+  struct AddendCase {
+    bool first, second;
+  };
+  for (const AddendCase given : {AddendCase{false, true}, AddendCase{true, true},
+                                 AddendCase{true, false}}) {
+    DeviceArray<T> dx(shape.numel(), misaligned), dshortcut(shape.numel(), misaligned);
+    CHECK_CUDA(pyeuler_affine_act_backward_apply(
+        dy.get(), x.get(), use_mask ? mask.get() : nullptr, Dtype<T>::kEnum, shape.geometry(),
+        in.scale.abi(), in.shift.abi(), relu, a.abi(), b.abi(), c_coef.abi(), in.center.abi(),
+        given.first ? first_dev.get() : nullptr, given.second ? second_dev.get() : nullptr,
+        dx.get(), dshortcut.get(), nullptr));
+
+    std::vector<double> want_dx(shape.numel()), want_g(shape.numel());
+    for (int64_t n = 0; n < shape.n; ++n)
+      for (int64_t c = 0; c < shape.c; ++c)
+        for (int64_t s = 0; s < shape.s; ++s) {
+          const int64_t i = shape.at(n, c, s);
+          const float g = in.gradient(n, c, i, use_mask, relu);
+          const volatile float xc = in.x.values[i] - in.center.at(n, c);
+          const volatile float terms = a.at(n, c) * g + b.at(n, c) * xc;  // exact products
+          volatile float sum = terms + c_coef.at(n, c);
+          if (given.first) sum = sum + first.values[i];
+          if (given.second) sum = sum + second.values[i];
+          want_dx[i] = Dtype<T>::to_float(Dtype<T>::from_float(sum));
+          want_g[i] = g;
+        }
+    const std::string what = std::string("backward_apply addends first=") +
+                             std::to_string(given.first) + " second=" +
+                             std::to_string(given.second) + " mask=" + std::to_string(use_mask) +
+                             " relu=" + std::to_string(relu) + " misaligned=" +
+                             std::to_string(misaligned) + " ";
+    expect_close(what + "dx", to_floats(dx.download()), want_dx, 0.0, 0.0);
+    expect_close(what + "dshortcut", to_floats(dshortcut.download()), want_g, 0.0, 0.0);
+  }
+}
+
 // The IE-Skip step fused into the apply: x - 2γ·(e - θ·v) as (x + residual_coef·r) + 2γθ·v,
 // from r = e (residual_coef = -2γ) or from its term r = -2γ·e (residual_coef = 1); v the
 // apply's dx (never written).
@@ -444,11 +518,7 @@ void test_backward_apply_ie_update(const Shape& shape, Random& rng, bool use_mas
                                    bool misaligned) {
   const double step_size = 0.1, theta = 0.75;
   const BackwardCase<T> in(shape, rng, per_sample_coefs);
-  const int64_t coef_rows = per_sample_coefs ? shape.n : 1;
-  const int64_t stride = per_sample_coefs ? shape.c : 0;
-  const Coef a(rng.uniform(coef_rows * shape.c, -1.f, 1.f), stride);
-  const Coef b(rng.uniform(coef_rows * shape.c, -1.f, 1.f), stride);
-  const Coef c_coef(rng.uniform(coef_rows * shape.c, -0.1f, 0.1f), stride);
+  const auto& [a, b, c_coef] = ApplyCoefs(shape, rng, per_sample_coefs);
   const Activation<T> residual(rng.uniform(shape.numel(), -1.f, 1.f));
   DeviceArray<T> dy(in.dy.stored, misaligned), x(in.x.stored, misaligned);
   DeviceArray<T> residual_dev(residual.stored, misaligned), x_new(shape.numel(), misaligned);
@@ -698,6 +768,8 @@ void test_dtype(Random& rng) {
         test_backward_apply<T>(shape, rng, false, true, true, false, misaligned);
         test_backward_apply<T>(shape, rng, false, true, false, true, misaligned);
         test_backward_apply<T>(shape, rng, true, false, true, true, misaligned);
+        test_backward_apply_addends<T>(shape, rng, true, false, false, misaligned);
+        test_backward_apply_addends<T>(shape, rng, false, true, true, misaligned);
         test_backward_apply_ie_update<T>(shape, rng, true, true, false, true, misaligned);
         test_backward_apply_ie_update<T>(shape, rng, false, true, true, false, misaligned);
         test_backward_apply_ie_update<T>(shape, rng, false, false, false, true, misaligned);

@@ -70,7 +70,7 @@ SCHEMAS = (
     "-> (Tensor, Tensor, Tensor)",
     "cuda_affine_act_backward_apply(Tensor dy, Tensor x, Tensor scale, Tensor shift, "
     "Tensor? mask, bool relu, Tensor a, Tensor b, Tensor c, Tensor center, "
-    "bool want_dshortcut, Tensor? dx_addend) -> (Tensor, Tensor)",
+    "bool want_dshortcut, Tensor? dx_addend, Tensor? dx_addend2) -> (Tensor, Tensor)",
     "cuda_affine_act_backward_apply_ie_update(Tensor dy, Tensor x, Tensor scale, "
     "Tensor shift, Tensor? mask, bool relu, Tensor a, Tensor b, Tensor c, Tensor center, "
     "Tensor residual, float step_size, float theta, bool residual_is_term) -> Tensor",
@@ -360,18 +360,20 @@ def affine_act_backward_apply(
     center: Tensor,
     want_dshortcut: bool,
     dx_addend: Tensor | None = None,
+    dx_addend2: Tensor | None = None,
 ) -> tuple[Tensor, Tensor | None]:
-    """One launch (kernels/affine_act.cu): ``dx = a·g + b·(x − center) + c + dx_addend`` in
-    x's dtype and layout, the addend (optional, x's shape, another share of x's gradient)
-    read as x's dtype, in any layout (copied into x's), and added in float32 before dx is
-    rounded; ``g`` (dy's dtype, without the addend) iff ``want_dshortcut``.  A CPU operand
-    raises ValueError, an addend of another shape or device RuntimeError, naming it."""
+    """One launch (kernels/affine_act.cu): ``dx = ((a·g + b·(x − center) + c) + dx_addend)
+    + dx_addend2`` in x's dtype and layout, each addend (optional, independently; x's shape,
+    another share of x's gradient) read as x's dtype, in any layout (copied into x's), and
+    added in float32 in that order before dx is rounded; ``g`` (dy's dtype, without the
+    addends) iff ``want_dshortcut``.  A CPU operand raises ValueError, an addend of another
+    shape or device RuntimeError, naming it."""
     _check_cuda(dy=dy, x=x, scale=scale, shift=shift, mask=mask, a=a, b=b, c=c, center=center,
-                dx_addend=dx_addend)
+                dx_addend=dx_addend, dx_addend2=dx_addend2)
     _require_extension()
     dx, dshortcut = torch.ops.pyeuler.cuda_affine_act_backward_apply(
         _like_x(x, dy), x, scale, shift, mask, relu, a, b, c, center, want_dshortcut,
-        _like_x(x, dx_addend))
+        _like_x(x, dx_addend), _like_x(x, dx_addend2))
     return dx, (dshortcut.to(dy.dtype) if want_dshortcut else None)
 
 
@@ -725,7 +727,7 @@ def _fake_affine_act_backward_reduce_recompute(dy, x, scale, shift, center, relu
 
 
 def _fake_affine_act_backward_apply(dy, x, scale, shift, mask, relu, a, b, c, center,
-                                    want_dshortcut, dx_addend):
+                                    want_dshortcut, dx_addend, dx_addend2):
     dshortcut = (_empty_in_layout_of(x, dy.dtype) if want_dshortcut
                  else dy.new_empty((0,)))
     return _empty_in_layout_of(x, x.dtype), dshortcut

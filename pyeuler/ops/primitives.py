@@ -241,19 +241,21 @@ def affine_act_backward_apply(
     center: Tensor,
     want_dshortcut: bool,
     dx_addend: Tensor | None = None,
+    dx_addend2: Tensor | None = None,
 ) -> tuple[Tensor, Tensor | None]:
-    """``dx = a·g + b·(x − center) + c + dx_addend`` with ``g = dy·m`` (``m`` as in the
-    reduce).
+    """``dx = ((a·g + b·(x − center) + c) + dx_addend) + dx_addend2`` with ``g = dy·m``
+    (``m`` as in the reduce).
 
     a, b, c, center are [C] or [N, C].  dx has x's dtype and memory format; the shortcut's
-    gradient ``g`` (dy's dtype) is returned iff ``want_dshortcut``.  ``dx_addend``
-    (optional, x's shape, any floating dtype and layout) is another share of x's gradient,
-    added before dx is rounded: x's gradient summed where it is computed, not by a pass of
-    its own (:mod:`pyeuler.ops.gradient_relay`).
+    gradient ``g`` (dy's dtype) is returned iff ``want_dshortcut``.  ``dx_addend`` and
+    ``dx_addend2`` (each optional, x's shape, any floating dtype and layout) are other
+    shares of x's gradient, added in that order before dx is rounded: x's gradient summed
+    where it is computed, not by passes of its own (:mod:`pyeuler.ops.gradient_relay`).
     """
     g, dx = _gated_input_grad(dy, x, scale, shift, mask, relu, a, b, c, center)
-    if dx_addend is not None:
-        dx = dx + dx_addend.to(dx.dtype)
+    for addend in (dx_addend, dx_addend2):
+        if addend is not None:
+            dx = dx + addend.to(dx.dtype)
     return dx.to(x.dtype), (g.to(dy.dtype) if want_dshortcut else None)
 
 

@@ -351,22 +351,26 @@ def _sum_partials_kernel(w_parts_ptr, wx_parts_ptr, wg_parts_ptr, w_sum_ptr, wx_
 @declare_passes(lambda launch: {
     "dy_ptr": 1, "x_ptr": 1, "a_ptr": 1, "b_ptr": 1, "c_ptr": 1, "center_ptr": 1, "dx_ptr": 1,
     "dshortcut_ptr": int(launch["WANT_DSHORTCUT"]), "residual_ptr": int(launch["IE_UPDATE"]),
-    "dx_addend_ptr": int(launch["HAS_DX_ADDEND"]), **_gate_passes(launch)})
+    "dx_addend_ptr": int(launch["HAS_DX_ADDEND"]),
+    "dx_addend2_ptr": int(launch["HAS_DX_ADDEND2"]), **_gate_passes(launch)})
 @triton.autotune(configs=_ELEMENTWISE_CONFIGS, key=["n_outer", "n_inner"])
 @triton.heuristics({"BLOCK_O": lambda a: outer_block(a["TILE"], a["BLOCK_I"], a["n_outer"])})
 @triton.jit
 def _affine_act_backward_apply_kernel(
     dy_ptr, x_ptr, scale_ptr, shift_ptr, mask_ptr, a_ptr, b_ptr, c_ptr, center_ptr,
-    dx_ptr, dshortcut_ptr, residual_ptr, dx_addend_ptr,
+    dx_ptr, dshortcut_ptr, residual_ptr, dx_addend_ptr, dx_addend2_ptr,
     n_outer, n_inner, C, S, residual_coef, v_coef,
     CHANNELS_LAST: tl.constexpr, PER_SAMPLE: tl.constexpr, LOAD_MASK: tl.constexpr,
     RECOMPUTE_MASK: tl.constexpr, WANT_DSHORTCUT: tl.constexpr, IE_UPDATE: tl.constexpr,
-    HAS_DX_ADDEND: tl.constexpr, BLOCK_I: tl.constexpr, TILE: tl.constexpr,
+    HAS_DX_ADDEND: tl.constexpr, HAS_DX_ADDEND2: tl.constexpr, BLOCK_I: tl.constexpr,
+    TILE: tl.constexpr,
     BLOCK_O: tl.constexpr, WIDE_INDEX: tl.constexpr,
 ):
     """``dx = a·g + b·(x − center) + c`` into ``dx_ptr``, and ``g`` into ``dshortcut_ptr``.
 
-    ``HAS_DX_ADDEND``: another share of x's gradient is added to dx before it is rounded.
+    ``HAS_DX_ADDEND``, ``HAS_DX_ADDEND2``: one or two other shares of x's gradient are added
+    to dx, in that order, before it is rounded (the host passes the second only with the
+    first).
     ``IE_UPDATE``: ``dx`` is the IE-Skip VJP ``v``, and ``dx_ptr`` receives the step
     ``x + residual_coef·r + v_coef·v = x − 2γ·(e − θ·v)`` instead (r = e with coefficient
     −2γ, or its term −2γ·e with 1; ``v_coef`` = 2γθ), so v is never written.
@@ -386,6 +390,8 @@ def _affine_act_backward_apply_kernel(
     dx = a * g + tl.where(b == 0, 0.0, b * (x - center)) + c
     if HAS_DX_ADDEND:
         dx += tl.load(dx_addend_ptr + offsets, mask=ok, other=0.0).to(tl.float32)
+    if HAS_DX_ADDEND2:
+        dx += tl.load(dx_addend2_ptr + offsets, mask=ok, other=0.0).to(tl.float32)
     if IE_UPDATE:
         r = tl.load(residual_ptr + offsets, mask=ok, other=0.0).to(tl.float32)
         dx = x + residual_coef * r + v_coef * dx
@@ -601,15 +607,14 @@ def affine_act_double_backward_reduce(
 
 
 def _backward_apply(dy, x, scale, shift, mask, relu, a, b, c, center, want_dshortcut,
-                    residual=None, residual_coef=0.0, v_coef=0.0, dx_addend=None):
-    """Validate and launch the apply kernel; with ``residual``, its IE-update epilogue."""
+                    residual=None, residual_coef=0.0, v_coef=0.0, dx_addends=()):
+    """Validate and launch the apply kernel; with ``residual``, its IE-update epilogue;
+    ``dx_addends``: at most two tensors added to dx in order, checked by the caller."""
     check_activation(x)
     check_like(dy, "dy", x)
     _check_mask(mask, x)
     if residual is not None:
         check_like(residual, "residual", x)
-    if dx_addend is not None:
-        check_like(dx_addend, "dx_addend", x)
     per_sample, (scale, shift, a, b, c, center) = coefficients(
         x, scale=scale, shift=shift, a=a, b=b, c=c, center=center)
     x, channels_last = dense_layout(x)
@@ -618,8 +623,8 @@ def _backward_apply(dy, x, scale, shift, mask, relu, a, b, c, center, want_dshor
         mask = same_layout(mask, x)
     if residual is not None:
         residual = same_layout(residual, x)
-    if dx_addend is not None:
-        dx_addend = same_layout(dx_addend, x)
+    dx_addends = [same_layout(addend, x) for addend in dx_addends]
+    dx_addend, dx_addend2 = dx_addends + [None] * (2 - len(dx_addends))
     dx = torch.empty_like(x)
     dshortcut = torch.empty_like(x, dtype=dy.dtype) if want_dshortcut else None
     if x.numel() == 0:
@@ -627,11 +632,11 @@ def _backward_apply(dy, x, scale, shift, mask, relu, a, b, c, center, want_dshor
     n_outer, n_inner, block_i = _elementwise_geometry(x, channels_last)
     _affine_act_backward_apply_kernel[_elementwise_grid(n_outer, n_inner)](
         dy, x, scale, shift, mask, a, b, c, center, dx, dshortcut, residual, dx_addend,
-        n_outer, n_inner, x.shape[1], spatial_size(x), residual_coef, v_coef,
+        dx_addend2, n_outer, n_inner, x.shape[1], spatial_size(x), residual_coef, v_coef,
         CHANNELS_LAST=channels_last, PER_SAMPLE=per_sample, LOAD_MASK=mask is not None,
         RECOMPUTE_MASK=mask is None and bool(relu), WANT_DSHORTCUT=bool(want_dshortcut),
-        IE_UPDATE=residual is not None, HAS_DX_ADDEND=dx_addend is not None, BLOCK_I=block_i,
-        WIDE_INDEX=needs_wide_index(x))
+        IE_UPDATE=residual is not None, HAS_DX_ADDEND=dx_addend is not None,
+        HAS_DX_ADDEND2=dx_addend2 is not None, BLOCK_I=block_i, WIDE_INDEX=needs_wide_index(x))
     return dx, dshortcut
 
 
@@ -648,11 +653,18 @@ def affine_act_backward_apply(
     center: torch.Tensor,
     want_dshortcut: bool,
     dx_addend: torch.Tensor | None = None,
+    dx_addend2: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """``dx = a·g + b·(x − center) + c + dx_addend`` (x's dtype and layout; the addend
-    optional, x's shape); ``g`` (dy's dtype) iff asked."""
+    """``dx = ((a·g + b·(x − center) + c) + dx_addend) + dx_addend2`` (x's dtype and layout;
+    each addend optional, x's shape); ``g`` (dy's dtype) iff asked."""
+    addends = {"dx_addend": dx_addend, "dx_addend2": dx_addend2}
+    for name, addend in addends.items():
+        if addend is not None:
+            check_like(addend, name, x)
+    # an absent first addend moves the second into its place: the same sum
+    addends = tuple(t for t in addends.values() if t is not None)
     return _backward_apply(dy, x, scale, shift, mask, relu, a, b, c, center, want_dshortcut,
-                           dx_addend=dx_addend)
+                           dx_addends=addends)
 
 
 def affine_act_backward_apply_ie_update(
