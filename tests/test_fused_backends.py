@@ -182,6 +182,20 @@ def test_ie_residual_with_term_is_exact_to_third_order(routed_to_primitives, the
     assert_tensors_close(third["triton"], third["eager"])
 
 
+def test_explicit_euler_step_op_gradcheck_gradgradcheck():
+    """``x0 + f(x0)`` as the relaying op (pyeuler.ops.ie_skip): its backward, outside a
+    relay, is the add's, to every order, in each input's dtype."""
+    step = torch.ops.pyeuler.explicit_euler_step
+    args = tuple(torch.randn(2, 3, 4, dtype=torch.float64, requires_grad=True) for _ in range(2))
+    torch.testing.assert_close(step(*args), args[0] + args[1], rtol=0, atol=0)
+    assert torch.autograd.gradcheck(step, args)
+    assert torch.autograd.gradgradcheck(step, args)
+    x, fx = torch.randn(2, 3, requires_grad=True), torch.randn(2, 3, dtype=torch.float64,
+                                                              requires_grad=True)
+    gx, gfx = torch.autograd.grad(step(x, fx).sum(), (x, fx))
+    assert (gx.dtype, gfx.dtype) == (torch.float32, torch.float64)
+
+
 @pytest.mark.parametrize("groups", [0, 2])
 @pytest.mark.parametrize("training", [True, False])
 @pytest.mark.parametrize("theta", [1.0, 0.5])
@@ -372,11 +386,13 @@ def test_opcheck_custom_ops(routed_to_primitives):
                               (torch.randn(2, 4, 5, 5), None, None, x4, w, b, mean4, var4, scale,
                                shift, 1e-5, 0, batch_stats, torch.randn(4, 3, 3, 3), [2, 3, 5, 5],
                                [1, 1], [1, 1], [1, 1], 1, keep, "triton"))
-    for batch_stats, addend in ((True, None), (True, torch.randn_like(x4)), (False, None)):
+    for batch_stats, addends in ((True, (None, None)), (True, (torch.randn_like(x4), None)),
+                                 (True, (torch.randn_like(x4), torch.randn_like(x4))),
+                                 (False, (None, None))):
         torch.library.opcheck(torch.ops.pyeuler.norm_relu_conv_backward.default,
                               (torch.randn(2, 3, 5, 5), None, None, x4, w, b, mean4, var4, scale,
                                shift, kernel, 1e-5, 0, batch_stats, [1, 1], [1, 1], [1, 1], 1,
-                               [True, True, True], addend, "triton"))
+                               [True, True, True], *addends, "triton"))
     for batch_stats in (True, False):
         torch.library.opcheck(torch.ops.pyeuler.norm_relu_backward_ie_update.default,
                               (dy, x, w, b, mean, var, scale, shift, s, 1e-5, 0, batch_stats, 0.1,
@@ -393,6 +409,9 @@ def test_opcheck_custom_ops(routed_to_primitives):
             torch.library.opcheck(torch.ops.pyeuler.ie_residual_with_term_adjoint.default,
                                   (x, s, theta, 0.1, addend, "triton"))
     torch.library.opcheck(torch.ops.pyeuler.ie_update.default, (x, s, x, 0.1, 0.5, "triton"))
+    for fx in (s, s.double()):
+        torch.library.opcheck(torch.ops.pyeuler.explicit_euler_step.default,
+                              (x.clone().requires_grad_(), fx.clone().requires_grad_()))
 
 
 def _norm_args(shape, dtype, device, channels_last):

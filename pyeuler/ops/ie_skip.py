@@ -88,7 +88,8 @@ torch.library.register_autograd("pyeuler::ie_residual", _ie_residual_backward,
 # pair is differentiable to every order.  The adjoint's third output, dfx = −θ·u, is empty at
 # θ = 1, where it equals dc (custom-op outputs may not alias each other).  The residual
 # relays x's gradient (pyeuler.ops.gradient_relay): the adjoint adds the share handed to it
-# to dx.
+# to dx.  It relays c's too, where c is the block input x0: it hands dc on beside the shares
+# of later residuals, for the branch evaluation at x0 to add.
 
 
 @torch.library.custom_op("pyeuler::ie_residual_with_term", mutates_args=())
@@ -106,21 +107,22 @@ def _with_term_setup(ctx, inputs, output):
     x, c, fx, theta, step_size, backend = inputs
     ctx.config, ctx.dtypes = (theta, step_size, backend), (x.dtype, c.dtype, fx.dtype)
     ctx.set_materialize_grads(False)
-    mark_relaying(ctx)
+    mark_relaying(ctx, "x", "c")
 
 
 def _with_term_backward(ctx, de, dterm):
     theta, step_size, backend = ctx.config
-    addend = incoming(ctx)  # x's gradient share from a later reader of x, if relayed
+    # the gradient shares of x and c from their later readers, if relayed
+    x_addends, c_shares = incoming(ctx, "x", at_most=1), incoming(ctx, "c")
     if de is None and dterm is None:
-        return (hand_on(ctx, addend),) + (None,) * 5
+        return (hand_on(ctx, *x_addends), hand_on(ctx, *c_shares, input="c")) + (None,) * 4
     de = torch.zeros_like(dterm) if de is None else de
     dterm = torch.zeros_like(de) if dterm is None else dterm
     dx, dc, dfx = _ie_residual_with_term_adjoint_op(de, dterm.to(de.dtype), theta, step_size,
-                                                    addend, backend)
+                                                    next(iter(x_addends), None), backend)
     dfx = dc if theta == 1.0 else dfx
     dx, dc, dfx = (g.to(dtype) for g, dtype in zip((dx, dc, dfx), ctx.dtypes))
-    return hand_on(ctx, dx), dc, dfx, None, None, None
+    return hand_on(ctx, dx), hand_on(ctx, dc, *c_shares, input="c"), dfx, None, None, None
 
 
 torch.library.register_autograd("pyeuler::ie_residual_with_term", _with_term_backward,
@@ -191,6 +193,37 @@ def _ie_update_backward(ctx, dout):
 
 torch.library.register_autograd("pyeuler::ie_update", _ie_update_backward,
                                 setup_context=_ie_update_setup)
+
+
+# The explicit Euler step ``x0 + f(x0)``, as an op only so that it can relay x0's gradient
+# (pyeuler.ops.gradient_relay): its share, the output's gradient, goes on beside the shares
+# the residuals handed it, for the branch evaluation at x0 to add in its kernel.  The add
+# itself is torch's.
+
+
+@torch.library.custom_op("pyeuler::explicit_euler_step", mutates_args=())
+def _explicit_euler_step_op(x: Tensor, fx: Tensor) -> Tensor:
+    return x + fx
+
+
+@_explicit_euler_step_op.register_fake
+def _(x, fx):
+    return x + fx
+
+
+def _explicit_step_setup(ctx, inputs, output):
+    x, fx = inputs
+    ctx.dtypes = (x.dtype, fx.dtype)
+    mark_relaying(ctx)
+
+
+def _explicit_step_backward(ctx, grad):
+    x_dtype, fx_dtype = ctx.dtypes
+    return hand_on(ctx, grad.to(x_dtype), *incoming(ctx)), grad.to(fx_dtype)
+
+
+torch.library.register_autograd("pyeuler::explicit_euler_step", _explicit_step_backward,
+                                setup_context=_explicit_step_setup)
 
 
 def _elementwise_operands(names: tuple[str, ...], tensors: tuple) -> tuple[Tensor, ...]:
@@ -341,8 +374,10 @@ def _ie_functorch_steps(f, x, c, steps, step_size, theta, grad):
     return x
 
 
-def _refine(branch, x0, fx0, x, steps, step_size, theta, update_running, recompute, backend):
+def _refine(branch, x0, fx0, x, steps, step_size, theta, update_running, recompute, backend,
+            x0_relay=None):
     c = x0 if theta == 1.0 else x0 + (1.0 - theta) * fx0
+    x0_relay = x0_relay if c is x0 else None  # the residuals read x0 itself only at θ = 1
     recompute = recompute if torch.is_grad_enabled() else "none"
     for _ in range(steps):
         fx, cache = branch_forward(branch, x, backend, update_running=update_running,
@@ -351,16 +386,19 @@ def _refine(branch, x0, fx0, x, steps, step_size, theta, update_running, recompu
             e, residual_term = ie_residual_with_term(x, c, fx, theta, step_size, backend)
         else:  # no backward: one tensor fewer to write
             e, residual_term = ie_residual(x, c, fx, theta, backend), None
-        relays = _step_relays(cache, x, e)
+        relays = _step_relays(cache, x, e, x0_relay)
         x = branch_vjp_ie_update(branch, cache, e, step_size, theta, backend, residual_term,
                                  relays)
     return x
 
 
-def _step_relays(cache, x, e):
+def _step_relays(cache, x, e, x0_relay):
     """The gradient relays (:mod:`pyeuler.ops.gradient_relay`) of one differentiable IE
     step on a fused backend: of x, read by the branch evaluation, the residual and the
-    update, and of conv1's output, read by the evaluation and the VJP; None elsewhere."""
+    update, and of conv1's output, read by the evaluation and the VJP; None elsewhere.
+    The residual joins ``x0_relay`` too, the relay of its c, the block input x0."""
+    if x0_relay is not None:
+        x0_relay.join(e.grad_fn, "c")
     if (not torch.is_grad_enabled() or not x.requires_grad or cache.readers is None
             or torch.compiler.is_compiling()):
         return None
@@ -374,15 +412,15 @@ def _ie_explicit(branch, x0, steps, step_size, theta, grad, bn_update, recompute
     # unless the caller has the memory and would rather save the passes (recompute="none").
     unrolled = grad == "unrolled" and steps > 0 and torch.is_grad_enabled()
     recompute = recompute if unrolled else "none"
-    fx0, _ = branch_forward(branch, x0, backend, recompute=recompute)
+    fx0, cache = branch_forward(branch, x0, backend, recompute=recompute)
     _check_shape_preserving(fx0, x0)
-    x = x0 + fx0
+    x, x0_relay = _explicit_step(x0, fx0, cache)
     if steps == 0:
         return x
     update_running = bn_update == "all"
     if grad == "unrolled" and torch.is_grad_enabled():
         return _refine(branch, x0, fx0, x, steps, step_size, theta, update_running, recompute,
-                       backend)
+                       backend, x0_relay)
     with torch.no_grad():
         refined = _refine(branch, x0, fx0, x, steps, step_size, theta, update_running, "none",
                           backend)
@@ -390,6 +428,20 @@ def _ie_explicit(branch, x0, steps, step_size, theta, grad, bn_update, recompute
         return refined
     # "detached": the value of x⁽ᴷ⁾, the gradient of x0 + f(x0).
     return x + (refined - x).detach()
+
+
+def _explicit_step(x0, fx0, cache):
+    """``x0 + f(x0)`` and the relay of x0's gradient (:mod:`pyeuler.ops.gradient_relay`),
+    which the branch evaluation at x0 and the step join, and the residuals later; the relay
+    is None, and the add torch's, where no relay applies: no gradient to x0, an unfused
+    branch evaluation, under torch.compile."""
+    if (not torch.is_grad_enabled() or not x0.requires_grad or cache.readers is None
+            or torch.compiler.is_compiling()):
+        return x0 + fx0, None
+    x = _explicit_euler_step_op(x0, fx0)
+    relay = GradientRelay(cache.readers[0])
+    relay.join(x.grad_fn)
+    return x, relay
 
 
 def _explicit_evaluator(branch, backend):

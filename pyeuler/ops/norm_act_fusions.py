@@ -177,11 +177,13 @@ def _norm_relu_conv_backward(
     conv_groups: int,
     needs: list[bool],
     dx_addend: Tensor | None,
+    dx_addend2: Tensor | None,
     backend: str,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """``(dx, dweight, dbias, dconv_weight)`` of ``conv(ReLU(norm(x)))``, first order only;
-    ``needs`` flags (x, weight, bias), an unneeded gradient is empty; ``dx_addend`` (x's
-    shape, optional) is added to dx in its pass (a relayed share, :mod:`gradient_relay`).
+    ``needs`` flags (x, weight, bias), an unneeded gradient is empty; ``dx_addend`` and
+    ``dx_addend2`` (x's shape, optional) are added to dx in its pass (relayed shares,
+    :mod:`gradient_relay`).
     The reduce pass of the norm's backward also writes the recomputed activation the weight
     gradient reads, so x is read once for both."""
     kernels = _kernels(backend)
@@ -200,17 +202,17 @@ def _norm_relu_conv_backward(
     dx = x.new_empty(0)
     if need_x:
         dx, _ = kernels.affine_act_backward_apply(du, x, scale, shift, None, True, a, b, c, center,
-                                                  False, dx_addend)
+                                                  False, dx_addend, dx_addend2)
     empty = mean.new_empty(0)
     return unaliased((dx, dweight if need_weight else empty,
                       dbias if need_bias else empty.clone(), dconv),
                      (dz, dmean, dvar, x, weight, bias, mean, var, scale, shift, conv_weight,
-                      dx_addend))
+                      dx_addend, dx_addend2))
 
 
 @_norm_relu_conv_backward.register_fake
 def _(dz, dmean, dvar, x, weight, bias, mean, var, scale, shift, conv_weight, eps, groups,
-      batch_stats, stride, padding, dilation, conv_groups, needs, dx_addend, backend):
+      batch_stats, stride, padding, dilation, conv_groups, needs, dx_addend, dx_addend2, backend):
     need_x, need_weight, need_bias = needs
     param = mean.new_empty(x.shape[1])
     return (torch.empty_like(x) if need_x else x.new_empty(0),
@@ -222,10 +224,10 @@ def _(dz, dmean, dvar, x, weight, bias, mean, var, scale, shift, conv_weight, ep
 def _conv_backward(ctx, dz, dmean, dvar, dscale, dshift):
     x, weight, bias, mean, var, conv_weight, scale, shift = ctx.saved_tensors
     eps, groups, batch_stats, conv_args, backend = ctx.config
-    addend = incoming(ctx)  # x's gradient share from a later reader of x, if relayed
+    addends = incoming(ctx, at_most=2)  # x's gradient shares from later readers, if relayed
     if dz is None:  # only the statistics are used downstream
         if dmean is None and dvar is None:
-            return (hand_on(ctx, addend),) + (None,) * 12
+            return (hand_on(ctx, *addends),) + (None,) * 12
         dz = x.new_zeros(ctx.z_shape, dtype=conv_weight.dtype)
     need_x, need_weight, need_bias, need_conv = (ctx.needs_input_grad[i] for i in (0, 1, 2, 7))
     need_input = need_x or need_weight or need_bias
@@ -238,7 +240,7 @@ def _conv_backward(ctx, dz, dmean, dvar, dscale, dshift):
         dx, dweight, dbias, dconv = _norm_relu_conv_backward(
             dz, dmean, dvar, x, weight, bias, mean, var, scale, shift, conv_weight, eps, groups,
             batch_stats, stride, padding, dilation, conv_groups, [need_x, need_weight, need_bias],
-            addend if need_x else None, backend)
+            *(addends + (None, None))[:2], backend)
         return (hand_on(ctx, none_if_empty(dx)), none_if_empty(dweight), none_if_empty(dbias),
                 None, None, None, None, dconv, None, None, None, None, None)
     affine = Affine(scale, shift)
@@ -257,7 +259,7 @@ def _conv_backward(ctx, dz, dmean, dvar, dscale, dshift):
             du.to(x.dtype), x, weight, bias, None, 1.0, mean, var, None, eps, groups, True,
             batch_stats,
             needs, backend, dmean=dmean, dvar=dvar, affine=affine)
-    return (hand_on(ctx, _plus(dx, addend)), dweight, dbias, None, None, None, None, dconv, None, None, None,
+    return (hand_on(ctx, dx, *addends), dweight, dbias, None, None, None, None, dconv, None, None, None,
             None, None)
 
 
@@ -399,7 +401,7 @@ def _backward_conv_backward(ctx, grad_input_grad, sum_g_grad, sum_gxc_grad, _):
                                   sum_gxc=none_if_empty(sum_gxc_grad)),
         NormConfig(1.0, eps, groups, True, batch_stats, _INPUT_GRAD_ONLY),
         wanted_inputs(ctx, inputs, _BACKWARD_CONV_POSITIONS), backend)
-    grads["x"] = hand_on(ctx, _plus(grads.get("x"), incoming(ctx)))
+    grads["x"] = hand_on(ctx, grads.get("x"), *incoming(ctx))
     return (*(grads.get(name) for name in _BACKWARD_CONV_POSITIONS), *(None,) * 5,
             conv_weight_grad, *(None,) * 7)
 
@@ -496,8 +498,8 @@ def _ie_update_backward(ctx, out_grad, sum_g_grad, sum_gxc_grad):
         NormConfig(1.0, eps, groups, True, batch_stats, _INPUT_GRAD_ONLY),
         wanted_inputs(ctx, inputs, _IE_UPDATE_POSITIONS), backend,
         dx_grad_scale=2.0 * step_size * theta, x_grad_addend=out_grad)
-    share = incoming(ctx)  # taken even when unused, so that the relay holds no share
-    g_x = hand_on(ctx, _plus(grads["x"], share)) if ctx.needs_input_grad[1] else None
+    shares = incoming(ctx)  # taken even when unused, so that the relay holds no share
+    g_x = hand_on(ctx, grads["x"], *shares) if ctx.needs_input_grad[1] else None
     g_residual = None
     if ctx.needs_input_grad[8]:
         g_residual = out_grad if ctx.residual_coef == 1.0 else ctx.residual_coef * out_grad
@@ -509,15 +511,6 @@ def _ie_update_backward(ctx, out_grad, sum_g_grad, sum_gxc_grad):
 torch.library.register_autograd("pyeuler::norm_relu_backward_ie_update", _ie_update_backward,
                                 setup_context=_ie_update_setup_context)
 
-
-
-def _plus(grad: Tensor | None, addend: Tensor | None) -> Tensor | None:
-    """A gradient share plus one handed on by a relay (:mod:`gradient_relay`), where the
-    share comes from a kernel without an addend operand: an unfused add, the relay's
-    fallback (a differentiable backward, or a reader the IE step never hands a share to)."""
-    if addend is None:
-        return grad
-    return addend if grad is None else grad + addend
 
 
 def _affine_of(stats: NormStats, norm: torch.nn.Module) -> Affine:
