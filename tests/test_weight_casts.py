@@ -14,8 +14,12 @@ from pyeuler.nn import PreActBranch
 from pyeuler.ops.norm_act_fusions import cached_weight_casts, conv_weight_for
 
 
+_CASTS = (torch.ops.aten._to_copy.default, torch.ops.pyeuler.cast_weight.default)
+
+
 class _WeightCasts(TorchDispatchMode):
-    """Counts ``aten._to_copy`` of the given weights."""
+    """Counts casts of the given weights: torch's (autocast's own) and pyeuler's
+    (``conv_weight_for``)."""
 
     def __init__(self, weights):
         super().__init__()
@@ -23,8 +27,7 @@ class _WeightCasts(TorchDispatchMode):
         self.count = 0
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if (func is torch.ops.aten._to_copy.default
-                and args[0].untyped_storage()._cdata in self.weights):
+        if func in _CASTS and args[0].untyped_storage()._cdata in self.weights:
             self.count += 1
         return func(*args, **(kwargs or {}))
 
@@ -82,6 +85,33 @@ def test_in_place_change_and_grad_mode_recast():
         recast = conv_weight_for(x, weight)
         assert recast is not tracked
         torch.testing.assert_close(recast.float(), weight.detach().bfloat16().float())
+
+
+@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last])
+def test_weight_gradient_comes_in_the_weights_strides(memory_format):
+    """The cast's backward writes the float32 gradient in the weight's own strides, whatever
+    the summed bf16 gradient's (a transposed convolution's double backward gives it
+    transposed), so that AccumulateGrad can take it without another copy."""
+    weight = torch.randn(4, 3, 3, 3).to(memory_format=memory_format).requires_grad_()
+    x = torch.randn(2, 3, 5, 5)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        cast = conv_weight_for(x, weight)
+    transposed = torch.randn(3, 4, 3, 3, dtype=torch.bfloat16).transpose(0, 1)
+    (grad,) = torch.autograd.grad(cast, weight, transposed)
+    assert grad.dtype == torch.float32 and grad.stride() == weight.stride()
+    torch.testing.assert_close(grad, transposed.float(), rtol=0, atol=0)
+
+
+def test_cast_op_gradcheck_gradgradcheck_and_opcheck():
+    """The cast op's backward, a copy into the weight's strides, to every order (float64 to
+    float64 here: gradcheck needs the precision), and its registrations."""
+    cast = torch.ops.pyeuler.cast_weight.default
+    weight = torch.randn(4, 3, 3, 3, dtype=torch.float64).to(
+        memory_format=torch.channels_last).requires_grad_()
+    assert torch.autograd.gradcheck(lambda w: cast(w, torch.float64), (weight,))
+    assert torch.autograd.gradgradcheck(lambda w: cast(w, torch.float64), (weight,))
+    for dtype in (torch.float64, torch.bfloat16):
+        torch.library.opcheck(cast, (weight, dtype))
 
 
 def test_no_cache_outside_a_scope():

@@ -76,21 +76,53 @@ def cached_weight_casts() -> Iterator[None]:
         _open_cast_scopes.pop()
 
 
+# The cast of a conv weight to the autocast dtype, whose backward casts the summed gradient
+# back into the weight's own strides.  Torch's cast keeps the gradient's strides, and the
+# weight gradient of a transposed convolution's double backward (the VJP inside an unrolled
+# IE step) comes transposed: the sum takes that layout, and AccumulateGrad then copies the
+# float32 gradient once more into the parameter's.
+
+
+@torch.library.custom_op("pyeuler::cast_weight", mutates_args=())
+def _cast_weight_op(weight: Tensor, dtype: torch.dtype) -> Tensor:
+    return weight.to(dtype, copy=True)  # a copy even in weight's dtype: outputs never alias
+
+
+@_cast_weight_op.register_fake
+def _(weight, dtype):
+    return torch.empty_like(weight, dtype=dtype)
+
+
+def _cast_weight_setup(ctx, inputs, output):
+    weight, _ = inputs
+    ctx.layout = (weight.shape, weight.stride(), weight.dtype)
+
+
+def _cast_weight_backward(ctx, grad):
+    shape, stride, dtype = ctx.layout
+    return grad.new_empty_strided(shape, stride, dtype=dtype).copy_(grad), None
+
+
+torch.library.register_autograd("pyeuler::cast_weight", _cast_weight_backward,
+                                setup_context=_cast_weight_setup)
+
+
 def conv_weight_for(x: Tensor, weight: Tensor) -> Tensor:
     """The conv weight as a convolution on ``x`` uses it: cast to the autocast dtype when
-    autocast is on for x's device (as ``F.conv*d`` would, differentiably; cached inside
-    :func:`cached_weight_casts`), else as is."""
+    autocast is on for x's device (as ``F.conv*d`` would, differentiably, the gradient in
+    the weight's strides; cached inside :func:`cached_weight_casts`), else as is."""
     if torch.is_autocast_enabled(x.device.type):
         dtype = torch.get_autocast_dtype(x.device.type)
-        if (not _open_cast_scopes or weight.dtype == dtype or weight.is_inference()
-                or torch.compiler.is_compiling()):
+        if weight.dtype == dtype or weight.is_inference() or torch.compiler.is_compiling():
             return weight.to(dtype)
+        if not _open_cast_scopes:
+            return _cast_weight_op(weight, dtype)
         scope = _open_cast_scopes[-1]
         key = (id(weight), dtype, torch.is_grad_enabled())
         cached = scope.get(key)
         if cached is not None and cached[0] is weight and cached[1] == weight._version:
             return cached[2]
-        cast = weight.to(dtype)
+        cast = _cast_weight_op(weight, dtype)
         scope[key] = (weight, weight._version, cast)
         return cast
     if weight.dtype != x.dtype:
