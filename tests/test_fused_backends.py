@@ -196,6 +196,26 @@ def test_explicit_euler_step_op_gradcheck_gradgradcheck():
     assert (gx.dtype, gfx.dtype) == (torch.float32, torch.float64)
 
 
+def test_value_with_gradient_of_op_gradcheck_gradgradcheck():
+    """The "detached" IE-Skip's output as one op (pyeuler.ops.ie_skip): the refined value
+    with x's gradient, to every order as ``x + (refined − x).detach()``.  The gradient is
+    defined, not the value's derivative, so gradcheck's finite differences cannot see it:
+    compare with the expression's autograd instead."""
+    op = torch.ops.pyeuler.value_with_gradient_of
+    refined, x = (torch.randn(2, 3, 4, dtype=torch.float64) for _ in range(2))
+    x.requires_grad_()
+    weights = torch.randn_like(x)
+    results = []
+    for f in (lambda x: op(refined, x), lambda x: x + (refined - x).detach()):
+        out = f(x)
+        (g,) = torch.autograd.grad((weights * out.square()).sum(), x, create_graph=True)
+        (gg,) = torch.autograd.grad(g.sum(), x)
+        results.append((out.detach(), g.detach(), gg))
+    for got, want in zip(*results):
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-12)
+    torch.library.opcheck(op.default, (refined, x))
+
+
 @pytest.mark.parametrize("groups", [0, 2])
 @pytest.mark.parametrize("training", [True, False])
 @pytest.mark.parametrize("theta", [1.0, 0.5])

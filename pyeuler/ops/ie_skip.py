@@ -226,6 +226,32 @@ torch.library.register_autograd("pyeuler::explicit_euler_step", _explicit_step_b
                                 setup_context=_explicit_step_setup)
 
 
+# ``x + (refined − x).detach()`` of a "detached" IE-Skip as one copy instead of a subtraction
+# and an add (each reading two tensors and writing one): refined's value, x's gradient.
+
+
+@torch.library.custom_op("pyeuler::value_with_gradient_of", mutates_args=())
+def _value_with_gradient_of(value: Tensor, x: Tensor) -> Tensor:
+    return value.clone()  # outputs never alias inputs
+
+
+@_value_with_gradient_of.register_fake
+def _(value, x):
+    return torch.empty_like(value)
+
+
+def _value_with_gradient_setup(ctx, inputs, output):
+    ctx.x_dtype = inputs[1].dtype
+
+
+def _value_with_gradient_backward(ctx, grad):
+    return None, grad.to(ctx.x_dtype)
+
+
+torch.library.register_autograd("pyeuler::value_with_gradient_of", _value_with_gradient_backward,
+                                setup_context=_value_with_gradient_setup)
+
+
 def _elementwise_operands(names: tuple[str, ...], tensors: tuple) -> tuple[Tensor, ...]:
     """Check the operands of an elementwise IE op (same shape, no broadcasting; one device;
     floating point) and return them in their promoted dtype, as torch's arithmetic would
@@ -427,7 +453,9 @@ def _ie_explicit(branch, x0, steps, step_size, theta, grad, bn_update, recompute
     if not torch.is_grad_enabled():
         return refined
     # "detached": the value of x⁽ᴷ⁾, the gradient of x0 + f(x0).
-    return x + (refined - x).detach()
+    if backend in ("eager", "reference") or torch.compiler.is_compiling():
+        return x + (refined - x).detach()  # forward mode and torch.func take this path
+    return _value_with_gradient_of(refined, x)
 
 
 def _explicit_step(x0, fx0, cache):
