@@ -183,17 +183,42 @@ def test_ie_residual_with_term_is_exact_to_third_order(routed_to_primitives, the
 
 
 def test_explicit_euler_step_op_gradcheck_gradgradcheck():
-    """``x0 + f(x0)`` as the relaying op (pyeuler.ops.ie_skip): its backward, outside a
+    """``x + h·f`` as the relaying op (pyeuler.ops.residual): its backward, outside a
     relay, is the add's, to every order, in each input's dtype."""
     step = torch.ops.pyeuler.explicit_euler_step
     args = tuple(torch.randn(2, 3, 4, dtype=torch.float64, requires_grad=True) for _ in range(2))
-    torch.testing.assert_close(step(*args), args[0] + args[1], rtol=0, atol=0)
-    assert torch.autograd.gradcheck(step, args)
-    assert torch.autograd.gradgradcheck(step, args)
+    for h in (1.0, 0.3):
+        torch.testing.assert_close(step(*args, h), args[0] + h * args[1], rtol=0, atol=1e-15)
+        assert torch.autograd.gradcheck(lambda x, f: step(x, f, h), args)
+        assert torch.autograd.gradgradcheck(lambda x, f: step(x, f, h), args)
     x, fx = torch.randn(2, 3, requires_grad=True), torch.randn(2, 3, dtype=torch.float64,
                                                               requires_grad=True)
-    gx, gfx = torch.autograd.grad(step(x, fx).sum(), (x, fx))
+    gx, gfx = torch.autograd.grad(step(x, fx, 0.5).sum(), (x, fx))
     assert (gx.dtype, gfx.dtype) == (torch.float32, torch.float64)
+
+
+def test_norm_act_bwd_addends_gradcheck_gradgradcheck(routed_to_primitives):
+    """``dx = (...) + dx_addend + dx_addend2`` in norm_act_bwd (relayed shares): first and
+    second derivatives in every input, the addends included, in float64."""
+    dt = torch.float64
+    x, dy, a1, a2 = (torch.randn(3, 4, 5, dtype=dt, requires_grad=True) for _ in range(4))
+    w, b = torch.rand(4, dtype=dt, requires_grad=True), torch.randn(4, dtype=dt,
+                                                                     requires_grad=True)
+    var, mean = torch.var_mean(x.detach(), (0, 2), correction=0)
+    needs = [True, False, True, True, False]
+
+    def f(dy, x, w, b, a1, a2):
+        return norm_act_ops._norm_act_bwd(dy, None, None, x, w, b, None, mean, var, None, None,
+                                          None, 1.0, 1e-5, 0, True, False, needs, a1, a2,
+                                          "triton")[0]
+
+    args = (dy, x, w, b, a1, a2)
+    without = norm_act_ops._norm_act_bwd(dy, None, None, x, w, b, None, mean, var, None, None,
+                                         None, 1.0, 1e-5, 0, True, False, needs, None, None,
+                                         "triton")[0]
+    torch.testing.assert_close(f(*args), without + a1 + a2)
+    assert torch.autograd.gradcheck(f, args)
+    assert torch.autograd.gradgradcheck(f, args)
 
 
 def test_value_with_gradient_of_op_gradcheck_gradgradcheck():
@@ -377,10 +402,12 @@ def test_opcheck_custom_ops(routed_to_primitives):
     var, mean = torch.var_mean(x, (0, 2), correction=0)
     dy, needs = torch.randn_like(x), [True, False, True, True, False]
     scale, shift = torch.rand(4) + 0.5, torch.randn(4)  # the forward's, or None: recomputed
-    for affine in ((None, None), (scale, shift)):
+    for affine, addends in (((None, None), (None, None)),
+                            ((scale, shift), (torch.randn_like(x), None)),
+                            ((scale, shift), (torch.randn_like(x), torch.randn_like(x)))):
         torch.library.opcheck(torch.ops.pyeuler.norm_act_bwd.default,
                               (dy, None, None, x, w, b, None, mean, var, None, *affine, 1.0,
-                               1e-5, 0, True, True, needs, "triton"))
+                               1e-5, 0, True, True, needs, *addends, "triton"))
     ddx, coef = torch.randn_like(x), [torch.randn(4) for _ in range(4)]
     for mask in (None, x > 0):
         torch.library.opcheck(torch.ops.pyeuler.affine_act_double_backward_reduce.default,
@@ -429,9 +456,9 @@ def test_opcheck_custom_ops(routed_to_primitives):
             torch.library.opcheck(torch.ops.pyeuler.ie_residual_with_term_adjoint.default,
                                   (x, s, theta, 0.1, addend, "triton"))
     torch.library.opcheck(torch.ops.pyeuler.ie_update.default, (x, s, x, 0.1, 0.5, "triton"))
-    for fx in (s, s.double()):
+    for fx, h in ((s, 1.0), (s.double(), 0.5)):
         torch.library.opcheck(torch.ops.pyeuler.explicit_euler_step.default,
-                              (x.clone().requires_grad_(), fx.clone().requires_grad_()))
+                              (x.clone().requires_grad_(), fx.clone().requires_grad_(), h))
 
 
 def _norm_args(shape, dtype, device, channels_last):

@@ -10,6 +10,7 @@ import contextlib
 
 import pytest
 import torch
+import torch.autograd.forward_ad as fwAD
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import pyeuler.ops.ie_skip as ie_skip
@@ -48,10 +49,11 @@ def _relays(on: bool):
         GradientRelay._active = original
 
 
-def _block(steps=1, theta=1.0, recompute="selective", channels_last=False, dtype=torch.float32):
+def _block(steps=1, theta=1.0, recompute="selective", channels_last=False, dtype=torch.float32,
+           **options):
     torch.manual_seed(0)
     block = PreActBlock(6, 6, ie_steps=steps, theta=theta, recompute=recompute,
-                        backend="triton").to(DEVICE, dtype).train()
+                        backend="triton", **options).to(DEVICE, dtype).train()
     x = torch.randn(3, 6, 5, 5, device=DEVICE, dtype=dtype)
     if channels_last:
         block, x = block.to(memory_format=torch.channels_last), x.contiguous(
@@ -85,6 +87,22 @@ def test_relayed_gradients_equal_the_engine_summed_ones(steps, theta, recompute,
     # at x0 adding two shares in its kernel (the residuals' beyond the first cost an add)
     x0_sums_saved = 2 if theta == 1.0 else 1
     assert engine_adds - adds == 3 * steps + x0_sums_saved
+
+
+@pytest.mark.parametrize("options,sums_saved", [
+    (dict(steps=0), 1),  # a plain block: the residual add's share, to the first norm
+    (dict(steps=1, grad="detached"), 1),  # the explicit step's, to the unfused evaluation
+    (dict(steps=1, recompute="none"), 4),  # x's two sums, x0's two; conv1's output unrelayed
+    (dict(steps=1, dropout=0.3), 4),  # the same: dropout runs conv2's half unfused
+], ids=["plain", "detached", "none", "dropout"])
+def test_unfused_first_readers_relay_too(options, sums_saved):
+    """Where the branch's first norm runs unfused (``norm_act_fwd`` then torch's conv), it
+    adds the shares handed to it in its apply pass all the same."""
+    got, adds = _gradients(True, **options)
+    want, engine_adds = _gradients(False, **options)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w)
+    assert engine_adds - adds == sums_saved
 
 
 @pytest.mark.parametrize("steps,theta", [(1, 1.0), (2, 0.5)])
@@ -254,3 +272,24 @@ def _find_node(root, name):
             return node
         stack.extend(next_node for next_node, _ in node.next_functions)
     raise AssertionError(f"no {name} node in the graph")
+
+
+@pytest.mark.parametrize("backend", ["eager", "triton"])
+def test_relaying_ops_stay_out_of_forward_mode_and_torch_func(backend):
+    """The relaying ops have reverse-mode formulas only.  Forward mode (an input that also
+    requires grad) and torch.func (a Hessian-vector product, jvp over grad) must run
+    without them, and agree with the reference."""
+    results = {}
+    for name in ("reference", backend):
+        torch.manual_seed(0)
+        block = PreActBlock(4, 4, ie_steps=1, norm="group", backend=name).to(DEVICE)
+        gen = torch.Generator().manual_seed(1)
+        x = torch.randn(2, 4, 5, 5, generator=gen).to(DEVICE).requires_grad_()
+        t = torch.randn(2, 4, 5, 5, generator=gen).to(DEVICE)
+        with fwAD.dual_level():
+            tangent = fwAD.unpack_dual(block(fwAD.make_dual(x, t))).tangent
+        _, hvp = torch.func.jvp(torch.func.grad(lambda z: block(z).square().sum()),
+                                (x.detach(),), (t,))
+        results[name] = (tangent, hvp)
+    for got, want in zip(results[backend], results["reference"]):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)

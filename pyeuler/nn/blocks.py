@@ -11,7 +11,7 @@ from pyeuler.nn.ie_skip import warn_batch_norm_in_eval
 from pyeuler.ops.ie_skip import check_recompute, ie_skip, validate_ie_args
 from pyeuler.ops.norm_act import norm_act_module
 from pyeuler.ops.preact_branch import check_input_rank, scale_by_step
-from pyeuler.ops.residual import scaled_residual_add
+from pyeuler.ops.residual import relayed_residual_add, scaled_residual_add
 
 __all__ = ["EulerBasicBlock", "PreActBlock", "PreActBottleneck", "PreActBottleneckBranch",
            "DOWNSAMPLES"]
@@ -173,7 +173,9 @@ class PreActBlock(nn.Module):
                 return ie_skip(branch, x, self.steps, self.step_size, self.theta, self.grad,
                                self.bn_update, branch.backend, tol=self.tol,
                                recompute=self.recompute)
-            return scaled_residual_add(x, branch.tail(branch.head(x)), branch.h)
+            a = branch.head(x)
+            # relayed: the first norm adds the add's share of x's gradient in its kernel
+            return relayed_residual_add(x, branch.tail(a), branch.h, a)[0]
         if isinstance(self.shortcut, nn.Sequential):  # norm → ReLU → conv3x3 on x
             return scaled_residual_add(self.shortcut(x), branch.tail(branch.head(x)), branch.h)
         a = branch.head(x)  # WRN convention: project ReLU(bn1(x))

@@ -7,7 +7,8 @@ readers of the iterate x, and of the branch's hidden activation, run their backw
 fixed order, the reverse of the forward's, because each reader's output feeds the next one:
 the update's backward, then the residual's, then the branch evaluation's at x.  The block
 input x0 likewise: the residuals read it as c, the explicit step ``x0 + f(x0)`` reads it,
-and the branch evaluation at x0 read it first.  A :class:`GradientRelay` joins those
+and the branch evaluation at x0 read it first; and a plain block's input, read by its
+branch and by the residual add.  A :class:`GradientRelay` joins those
 readers' autograd nodes.  Each node but the last hands its shares on instead of returning
 them: a node whose kernel can add them (``dx_addend`` of
 :func:`pyeuler.ops.primitives.affine_act_backward_apply` and

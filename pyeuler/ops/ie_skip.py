@@ -41,6 +41,7 @@ from pyeuler.ops.norm_act_fusions import cached_weight_casts
 from pyeuler.ops.sync import refuse_synchronised
 from pyeuler.ops.preact_branch import (branch_forward, branch_vjp, branch_vjp_ie_update,
                                        has_explicit_vjp)
+from pyeuler.ops.residual import relayed_residual_add
 
 __all__ = ["GRAD_MODES", "BN_UPDATES", "RECOMPUTE_POLICIES", "ie_skip", "ie_residual",
            "ie_residual_with_term", "ie_update", "validate_ie_args", "check_recompute"]
@@ -193,37 +194,6 @@ def _ie_update_backward(ctx, dout):
 
 torch.library.register_autograd("pyeuler::ie_update", _ie_update_backward,
                                 setup_context=_ie_update_setup)
-
-
-# The explicit Euler step ``x0 + f(x0)``, as an op only so that it can relay x0's gradient
-# (pyeuler.ops.gradient_relay): its share, the output's gradient, goes on beside the shares
-# the residuals handed it, for the branch evaluation at x0 to add in its kernel.  The add
-# itself is torch's.
-
-
-@torch.library.custom_op("pyeuler::explicit_euler_step", mutates_args=())
-def _explicit_euler_step_op(x: Tensor, fx: Tensor) -> Tensor:
-    return x + fx
-
-
-@_explicit_euler_step_op.register_fake
-def _(x, fx):
-    return x + fx
-
-
-def _explicit_step_setup(ctx, inputs, output):
-    x, fx = inputs
-    ctx.dtypes = (x.dtype, fx.dtype)
-    mark_relaying(ctx)
-
-
-def _explicit_step_backward(ctx, grad):
-    x_dtype, fx_dtype = ctx.dtypes
-    return hand_on(ctx, grad.to(x_dtype), *incoming(ctx)), grad.to(fx_dtype)
-
-
-torch.library.register_autograd("pyeuler::explicit_euler_step", _explicit_step_backward,
-                                setup_context=_explicit_step_setup)
 
 
 # ``x + (refined − x).detach()`` of a "detached" IE-Skip as one copy instead of a subtraction
@@ -440,7 +410,8 @@ def _ie_explicit(branch, x0, steps, step_size, theta, grad, bn_update, recompute
     recompute = recompute if unrolled else "none"
     fx0, cache = branch_forward(branch, x0, backend, recompute=recompute)
     _check_shape_preserving(fx0, x0)
-    x, x0_relay = _explicit_step(x0, fx0, cache)
+    # x0 + f(x0), and the relay of x0's gradient that the residuals join
+    x, x0_relay = relayed_residual_add(x0, fx0, 1.0, cache.readers and cache.readers[0])
     if steps == 0:
         return x
     update_running = bn_update == "all"
@@ -456,20 +427,6 @@ def _ie_explicit(branch, x0, steps, step_size, theta, grad, bn_update, recompute
     if backend in ("eager", "reference") or torch.compiler.is_compiling():
         return x + (refined - x).detach()  # forward mode and torch.func take this path
     return _value_with_gradient_of(refined, x)
-
-
-def _explicit_step(x0, fx0, cache):
-    """``x0 + f(x0)`` and the relay of x0's gradient (:mod:`pyeuler.ops.gradient_relay`),
-    which the branch evaluation at x0 and the step join, and the residuals later; the relay
-    is None, and the add torch's, where no relay applies: no gradient to x0, an unfused
-    branch evaluation, under torch.compile."""
-    if (not torch.is_grad_enabled() or not x0.requires_grad or cache.readers is None
-            or torch.compiler.is_compiling()):
-        return x0 + fx0, None
-    x = _explicit_euler_step_op(x0, fx0)
-    relay = GradientRelay(cache.readers[0])
-    relay.join(x.grad_fn)
-    return x, relay
 
 
 def _explicit_evaluator(branch, backend):

@@ -41,6 +41,7 @@ from pyeuler.backend import kernel_module as _kernels
 from pyeuler.ops import norm_algebra, primitives
 from pyeuler.ops import sync as collectives
 from pyeuler.ops.dispatch import kernel_backend
+from pyeuler.ops.gradient_relay import hand_on, incoming, mark_relaying
 from pyeuler.ops.norm_algebra import center_of, forward_coefficients, statistic_count
 
 __all__ = ["Affine", "BackwardInputs", "NormConfig", "NormStats", "OutputGrads",
@@ -131,9 +132,10 @@ def backward_terms(kernels, dy, dmean, dvar, x, weight, bias, h, h_value, mean, 
 
 
 def backward_math(kernels, dy, dmean, dvar, x, weight, bias, h, h_value, mean, var, mask, eps,
-                   groups, relu, batch_stats, needs, affine=None):
+                   groups, relu, batch_stats, needs, affine=None, dx_addends=()):
     """Gradients (dx, dshortcut, dweight, dbias, dh) of the forward, and the reduce sums
-    (see backward_terms)."""
+    (see backward_terms); ``dx_addends``, at most two other shares of x's gradient, are
+    added to dx in its pass (:mod:`pyeuler.ops.gradient_relay`)."""
     (scale, shift, a, b, c, center), dweight, dbias, dh, sums = backward_terms(
         kernels, dy, dmean, dvar, x, weight, bias, h, h_value, mean, var, mask, eps, groups, relu,
         batch_stats, needs, affine)
@@ -141,7 +143,7 @@ def backward_math(kernels, dy, dmean, dvar, x, weight, bias, h, h_value, mean, v
     dx = dshortcut = None
     if need_x or need_shortcut:
         dx, dshortcut = kernels.affine_act_backward_apply(dy, x, scale, shift, mask, relu, a, b, c,
-                                                          center, need_shortcut)
+                                                          center, need_shortcut, *dx_addends)
         if not need_x:
             dx = None
     return (dx, dshortcut, dweight, dbias, dh), sums
@@ -407,6 +409,7 @@ def _fwd_setup_context(ctx, inputs, output):
      backend) = inputs
     _, mean, var, mask, scale, shift = output
     no_zero_gradients(ctx, mask, scale, shift)
+    mark_relaying(ctx)
     ctx.save_for_backward(x, weight, bias, h, mean, var, mask if save_mask else None, scale, shift)
     ctx.config = (h_value, eps, groups, relu, mean_in is None, backend)
     ctx.has_shortcut = shortcut is not None
@@ -414,18 +417,21 @@ def _fwd_setup_context(ctx, inputs, output):
 
 def _fwd_backward(ctx, dy, dmean, dvar, dmask, dscale, dshift):
     x, weight, bias, h, mean, var, mask, scale, shift = ctx.saved_tensors
+    addends = incoming(ctx, at_most=2)  # x's gradient shares from later readers, if relayed
     if dy is None:  # only the statistics are used downstream
         if dmean is None and dvar is None:
-            return (None,) * 13
+            return (hand_on(ctx, *addends),) + (None,) * 12
         dy = torch.zeros_like(x)
     h_value, eps, groups, relu, batch_stats, backend = ctx.config
     needs = (ctx.needs_input_grad[0], ctx.has_shortcut and ctx.needs_input_grad[3],
              ctx.needs_input_grad[1], ctx.needs_input_grad[2], ctx.needs_input_grad[4])
     dx, dshortcut, dweight, dbias, dh = norm_act_backward(
         dy, x, weight, bias, h, h_value, mean, var, mask, eps, groups, relu, batch_stats, needs,
-        backend, dmean=dmean, dvar=dvar, affine=Affine(scale, shift))
+        backend, dmean=dmean, dvar=dvar, affine=Affine(scale, shift),
+        dx_addends=addends if needs[0] else ())
     # running statistics (mean_in, var_in) are buffers: no gradient.
-    return (dx, dweight, dbias, dshortcut, dh, None, None, None, None, None, None, None, None)
+    return (hand_on(ctx, dx), dweight, dbias, dshortcut, dh, None, None, None, None, None, None,
+            None, None)
 
 
 torch.library.register_autograd("pyeuler::norm_act_fwd", _fwd_backward,
@@ -456,22 +462,27 @@ def _norm_act_bwd(
     relu: bool,
     batch_stats: bool,
     needs: list[bool],
+    dx_addend: Tensor | None,
+    dx_addend2: Tensor | None,
     backend: str,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """The five gradients, then the reduce sums (Σg, Σg·(x − center)), kept for the
     second order; empty tensors stand for None.  ``scale``/``shift``: the forward's
-    coefficients (None: recomputed)."""
+    coefficients (None: recomputed).  ``dx_addend``, ``dx_addend2`` (x's shape, optional):
+    other shares of x's gradient, added to dx in its pass (:mod:`gradient_relay`)."""
     affine = None if scale is None else Affine(scale, shift)
+    addends = tuple(t for t in (dx_addend, dx_addend2) if t is not None)
     grads, sums = backward_math(_kernels(backend), dy, dmean, dvar, x, weight, bias, h, h_value,
                                  mean, var, mask, eps, groups, relu, batch_stats, tuple(needs),
-                                 affine)
+                                 affine, addends)
     return unaliased(_empty_if_none(grads + (sums or (None, None)), x),
-                      (dy, dmean, dvar, x, weight, bias, h, mean, var, mask, scale, shift))
+                      (dy, dmean, dvar, x, weight, bias, h, mean, var, mask, scale, shift,
+                       dx_addend, dx_addend2))
 
 
 @_norm_act_bwd.register_fake
 def _(dy, dmean, dvar, x, weight, bias, h, mean, var, mask, scale, shift, h_value, eps, groups,
-      relu, batch_stats, needs, backend):
+      relu, batch_stats, needs, dx_addend, dx_addend2, backend):
     empty = x.new_empty(0)
     param = mean.new_empty(x.shape[1])
     sum_shape = (x.shape[1],) if groups == 0 else (x.shape[0], x.shape[1])
@@ -491,8 +502,9 @@ def _bwd_setup_context(ctx, inputs, output):
     no_zero_gradients(ctx)
     sums = output[5:] if output[5].numel() else (None, None)
     ctx.save_for_backward(*inputs[:12], *sums)
-    h_value, eps, groups, relu, batch_stats, needs, backend = inputs[12:]
+    h_value, eps, groups, relu, batch_stats, needs, *addends, backend = inputs[12:]
     ctx.config = NormConfig(h_value, eps, groups, relu, batch_stats, tuple(needs))
+    ctx.addend_dtypes = tuple(None if t is None else t.dtype for t in addends)
     ctx.backend = backend
 
 
@@ -515,10 +527,15 @@ def _bwd_backward(ctx, *output_grads):
     *saved, sum_g, sum_gxc = ctx.saved_tensors
     inputs = BackwardInputs(*saved)
     sums = None if sum_g is None else (sum_g, sum_gxc)
-    grads = double_backward_math(inputs, sums, OutputGrads(*map(none_if_empty, output_grads)),
-                                 ctx.config, wanted_inputs(ctx, inputs, _BWD_POSITIONS),
-                                 ctx.backend)
-    return (*(grads.get(name) for name in DIFFERENTIABLE_INPUTS), *(None,) * 10)
+    output_grads = OutputGrads(*map(none_if_empty, output_grads))
+    grads = double_backward_math(inputs, sums, output_grads, ctx.config,
+                                 wanted_inputs(ctx, inputs, _BWD_POSITIONS), ctx.backend)
+    # dx = (...) + dx_addend + dx_addend2: each addend's gradient is dx's own
+    addend_grads = tuple(
+        output_grads.dx.to(dtype) if needed and output_grads.dx is not None else None
+        for needed, dtype in zip(ctx.needs_input_grad[18:20], ctx.addend_dtypes))
+    return (*(grads.get(name) for name in DIFFERENTIABLE_INPUTS), *(None,) * 9, *addend_grads,
+            None)
 
 
 torch.library.register_autograd("pyeuler::norm_act_bwd", _bwd_backward,
@@ -528,7 +545,7 @@ torch.library.register_autograd("pyeuler::norm_act_bwd", _bwd_backward,
 
 def norm_act_backward(dy, x, weight, bias, h, h_value, mean, var, mask, eps, groups, relu,
                       batch_stats, needs, backend, *, dmean=None, dvar=None,
-                      affine: Affine | None = None, sync=None):
+                      affine: Affine | None = None, sync=None, dx_addends=()):
     """Explicit gradients ``(dx, dshortcut, dweight, dbias, dh)`` of :func:`norm_act`.
 
     Differentiable once more on every backend (so IE-Skip VJPs built from it have exact
@@ -537,19 +554,26 @@ def norm_act_backward(dy, x, weight, bias, h, h_value, mean, var, mask, eps, gro
     spare recomputing them; they only gate the ReLU.  ``sync``: the
     :class:`~pyeuler.ops.sync.SyncGroup` of a synchronised BatchNorm evaluation
     (:attr:`NormStats.sync`), whose gradients then follow docs/semantics.md §10.
+    ``dx_addends``: at most two other shares of x's gradient (x needed), added to dx
+    (:mod:`pyeuler.ops.gradient_relay`), in its pass where the backward is fused.
     """
+    if len(dx_addends) > 2 or (dx_addends and not needs[0]):
+        raise ValueError("dx_addends takes at most two tensors, and only when dx is needed")
     if sync is not None:
-        return collectives.run_eagerly(synced_norm_act_backward)(
+        dx, *rest = collectives.run_eagerly(synced_norm_act_backward)(
             dy, x, weight, bias, h, h_value, mean, var, mask, eps, relu, needs, sync, backend,
             dmean=dmean, dvar=dvar, affine=affine)
+        return (sum(dx_addends, dx) if dx is not None else None, *rest)
     backend = kernel_backend(backend, dy, x, weight, bias, h, mean, var, dmean, dvar)
     if backend == "eager":
         grads, _ = backward_math(primitives, dy, dmean, dvar, x, weight, bias, h, h_value, mean,
-                                  var, mask, eps, groups, relu, batch_stats, tuple(needs), affine)
+                                  var, mask, eps, groups, relu, batch_stats, tuple(needs), affine,
+                                  dx_addends)
         return grads
     scale, shift = affine or (None, None)
     grads = _norm_act_bwd(dy, dmean, dvar, x, weight, bias, h, mean, var, mask, scale, shift,
-                          h_value, eps, groups, relu, batch_stats, list(needs), backend)
+                          h_value, eps, groups, relu, batch_stats, list(needs),
+                          *(tuple(dx_addends) + (None, None))[:2], backend)
     return tuple(g if need else None for g, need in zip(grads[:5], needs))
 
 

@@ -38,8 +38,10 @@ class BranchCache:
     # unfused, "selective" fused, keeping the norm's input gradient, "full" fused,
     # recomputing it in the backward
     recompute: str = "none"
-    # the autograd nodes of the fused ops that read x and conv1's output, for gradient
-    # relays (pyeuler.ops.gradient_relay); None when unfused
+    # the autograd nodes of the first readers of x and of conv1's output, for gradient
+    # relays (pyeuler.ops.gradient_relay); None under torch.compile.  A reader that is not a
+    # relaying pyeuler op (the eager backends', an unfused conv1 output's: None) only keeps
+    # its relay from activating
     readers: tuple | None = None
 
 
@@ -123,7 +125,9 @@ def branch_forward(branch, x: Tensor, backend: str, update_running: bool = True,
                                  return_stats=True)
     noise = _dropout_noise(u2, branch.dropout, branch.training)
     fx = branch.conv2(u2 if noise is None else u2 * noise)
-    return scale_by_step(fx, branch.h), BranchCache(stats1, stats2, noise, policy)
+    # x's first reader relays on a fused backend; conv1's output has no relaying reader here
+    readers = None if torch.compiler.is_compiling() else ((z1 if fuse else u1).grad_fn, None)
+    return scale_by_step(fx, branch.h), BranchCache(stats1, stats2, noise, policy, readers)
 
 
 def _layer_input_grad(layer: nn.Module, grad_out: Tensor, layer_input: Tensor) -> Tensor:
