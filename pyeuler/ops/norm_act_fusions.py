@@ -19,7 +19,7 @@ from torch import Tensor
 
 from pyeuler.backend import kernel_module as _kernels
 from pyeuler.ops import primitives
-from pyeuler.ops.dispatch import kernel_backend
+from pyeuler.ops.dispatch import forward_mode_active, func_transform_active, kernel_backend
 from pyeuler.ops.gradient_relay import hand_on, incoming, mark_relaying
 from pyeuler.ops.norm_act_ops import (Affine, BackwardInputs, NormConfig, NormStats, OutputGrads,
                                       algebra_for, backward_math, backward_terms,
@@ -77,10 +77,11 @@ def cached_weight_casts() -> Iterator[None]:
 
 
 # The cast of a conv weight to the autocast dtype, whose backward casts the summed gradient
-# back into the weight's own strides.  Torch's cast keeps the gradient's strides, and the
-# weight gradient of a transposed convolution's double backward (the VJP inside an unrolled
-# IE step) comes transposed: the sum takes that layout, and AccumulateGrad then copies the
-# float32 gradient once more into the parameter's.
+# back into the weight's own memory format.  Torch's cast keeps the gradient's strides, and
+# the weight gradient of a transposed convolution's double backward (the VJP inside an
+# unrolled IE step) comes transposed: the sum takes that layout, and AccumulateGrad then
+# copies the float32 gradient once more into the parameter's.  A reverse-mode formula only,
+# as for every custom op: forward mode and torch.func transforms take torch's cast.
 
 
 @torch.library.custom_op("pyeuler::cast_weight", mutates_args=())
@@ -93,14 +94,23 @@ def _(weight, dtype):
     return torch.empty_like(weight, dtype=dtype)
 
 
+def _memory_format_of(weight: Tensor) -> torch.memory_format:
+    """The format ``weight`` is dense in; for another layout (a view, an expanded weight)
+    ``preserve_format``: the gradient's strides, as torch's cast gives them."""
+    if weight.dim() == 4 and weight.is_contiguous(memory_format=torch.channels_last):
+        return torch.channels_last
+    if weight.dim() == 5 and weight.is_contiguous(memory_format=torch.channels_last_3d):
+        return torch.channels_last_3d
+    return torch.contiguous_format if weight.is_contiguous() else torch.preserve_format
+
+
 def _cast_weight_setup(ctx, inputs, output):
     weight, _ = inputs
-    ctx.layout = (weight.shape, weight.stride(), weight.dtype)
+    ctx.dtype, ctx.memory_format = weight.dtype, _memory_format_of(weight)
 
 
 def _cast_weight_backward(ctx, grad):
-    shape, stride, dtype = ctx.layout
-    return grad.new_empty_strided(shape, stride, dtype=dtype).copy_(grad), None
+    return grad.to(ctx.dtype, memory_format=ctx.memory_format), None
 
 
 torch.library.register_autograd("pyeuler::cast_weight", _cast_weight_backward,
@@ -113,7 +123,8 @@ def conv_weight_for(x: Tensor, weight: Tensor) -> Tensor:
     the weight's strides; cached inside :func:`cached_weight_casts`), else as is."""
     if torch.is_autocast_enabled(x.device.type):
         dtype = torch.get_autocast_dtype(x.device.type)
-        if weight.dtype == dtype or weight.is_inference() or torch.compiler.is_compiling():
+        if (weight.dtype == dtype or weight.is_inference() or torch.compiler.is_compiling()
+                or func_transform_active() or forward_mode_active(weight)):
             return weight.to(dtype)
         if not _open_cast_scopes:
             return _cast_weight_op(weight, dtype)
