@@ -120,7 +120,7 @@ torch.library.register_autograd("pyeuler::cast_weight", _cast_weight_backward,
 def conv_weight_for(x: Tensor, weight: Tensor) -> Tensor:
     """The conv weight as a convolution on ``x`` uses it: cast to the autocast dtype when
     autocast is on for x's device (as ``F.conv*d`` would, differentiably, the gradient in
-    the weight's strides; cached inside :func:`cached_weight_casts`), else as is."""
+    the weight's memory format; cached inside :func:`cached_weight_casts`), else as is."""
     if torch.is_autocast_enabled(x.device.type):
         dtype = torch.get_autocast_dtype(x.device.type)
         if (weight.dtype == dtype or weight.is_inference() or torch.compiler.is_compiling()
