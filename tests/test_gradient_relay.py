@@ -105,14 +105,17 @@ def test_unfused_first_readers_relay_too(options, sums_saved):
     assert engine_adds - adds == sums_saved
 
 
-@pytest.mark.parametrize("steps,theta", [(1, 1.0), (2, 0.5)])
-def test_relayed_gradients_equal_the_reference_backends(steps, theta):
+@pytest.mark.parametrize("steps,theta,options", [
+    (1, 1.0, {}), (2, 0.5, {}), (0, 1.0, {}), (1, 1.0, dict(grad="detached")),
+    (1, 1.0, dict(recompute="none"))], ids=["K1", "K2-theta0.5", "plain", "detached", "none"])
+def test_relayed_gradients_equal_the_reference_backends(steps, theta, options):
     """The fast path with relays against the oracle (backend="reference", plain autograd
     through the literal composition): input and parameter gradients."""
     results = []
     for backend in ("triton", "reference"):
         torch.manual_seed(0)
-        block = PreActBlock(6, 6, ie_steps=steps, theta=theta, backend=backend).to(DEVICE)
+        block = PreActBlock(6, 6, ie_steps=steps, theta=theta, backend=backend,
+                            **options).to(DEVICE)
         x = torch.randn(3, 6, 5, 5, device=DEVICE, requires_grad=True)
         y = block(x * 1.0)
         results.append(torch.autograd.grad(y.square().sum(), [x, *block.parameters()]))
