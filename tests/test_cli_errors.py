@@ -148,6 +148,16 @@ def moons_checkpoint(tmp_path_factory):
                  "--backends: backend='cuda' is not available", marks=_NO_CUDA),
     (["bench", "--out", "{file}/results"], "--out: cannot write .*a-file is not a folder"),
     (["bench", "--depth", "11"], "--depth: a WideResNet's depth is 6n\\+4"),
+    # a policy no row can show would be a silent no-op
+    (["bench", "--backends", "reference", "eager", "--recompute", "full"],
+     "--recompute full: a policy applies only to unrolled IE-Skips .* no requested row is one"),
+    (["bench", "--steps", "0", "--recompute", "none"],
+     "--recompute none: a policy applies only to unrolled IE-Skips"),
+    (["cost", "--backend", "reference", "--recompute", "none", "full"],
+     "--recompute none full: a policy applies only to unrolled IE-Skips .* no requested "
+     "configuration is one"),
+    (["cost", "--ie-steps", "0", "--recompute", "full"],
+     "--recompute full: a policy applies only to unrolled IE-Skips"),
     (["cost", "--json", "{file}/c.json"], "--json: cannot write .*a-file is not a folder"),
 ])
 def test_mistakes_are_one_line_exit_2_before_any_work(argv, message, tmp_path,

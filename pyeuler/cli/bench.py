@@ -147,6 +147,10 @@ def run(args) -> int:
         usage_error(f"--depth: a WideResNet's depth is 6n+4 (10, 16, 28, 34), got "
                     f"{config['depth']}")
     cases = _cases(args, gpu)
+    if set(args.recompute) != {"selective"} and not any(c.recompute_applies for c in cases):
+        usage_error(f"--recompute {' '.join(args.recompute)}: a policy applies only to unrolled "
+                    "IE-Skips (--steps above 0, --grads unrolled) on the triton or cuda backend, "
+                    "and no requested row is one")
     print(f"bench: {environment()['device']}, WRN-{config['depth']}-{config['widen_factor']}, "
           f"batch {config['batch_size']}, {config['image_size']}×{config['image_size']}, "
           f"{config['warmup']} warm-up + {config['iters']} timed steps, {len(cases)} rows | "

@@ -200,6 +200,11 @@ def run(args: argparse.Namespace) -> int:
         todo = configs(args)
     except ValueError as exc:
         usage_error(str(exc))
+    if set(args.recompute) != {"selective"} and not any(
+            _recomputes(c.backend, c.ie_steps, c.grad) for c in todo):
+        usage_error(f"--recompute {' '.join(args.recompute)}: a policy applies only to unrolled "
+                    "IE-Skips (--ie-steps above 0, --grad unrolled) on the triton or cuda "
+                    "backend, and no requested configuration is one")
     references: dict = {}  # the reference backend's host time, measured once per step
     reports = []
     for config in todo:
