@@ -1,7 +1,13 @@
 import functools
+import os
 
 import pytest
 import torch
+
+# Without a GPU the Triton experiments' parity tests run in the CPU interpreter, which must
+# be chosen before triton is first imported (as tests/conftest.py does).
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(),
                                    reason="op benchmarks run at WRN-34-10 sizes on a GPU only")

@@ -5,6 +5,7 @@
 #   bash benchmarks/gpu_session.sh kernels     # CMake build + ctest + compute-sanitizer memcheck/racecheck
 #   bash benchmarks/gpu_session.sh ops         # fused-op benchmarks -> benchmarks/results/ops-<gpu>-<date>.json
 #   bash benchmarks/gpu_session.sh step        # headline training step -> benchmarks/results/<gpu>-<date>.{json,md}
+#   bash benchmarks/gpu_session.sh conv        # prologue-fused Triton conv vs cuDNN -> benchmarks/results/conv-<gpu>-<date>.json
 #
 # Extra arguments go to the command of the stage (e.g. `ops -k bf16` to split the op
 # benchmarks over two calls, `step --steps 1 --precisions bf16` for part of the table: the
@@ -31,7 +32,10 @@ case "$stage" in
       --benchmark-json "benchmarks/results/ops-$gpu-$today.json" "$@" ;;
   step)
     python -m pyeuler bench --profile --no-progress --out benchmarks/results "$@" ;;
+  conv)
+    python -m pytest benchmarks/test_bench_conv_prologue.py -q -p no:cacheprovider \
+      --benchmark-json "benchmarks/results/conv-$gpu-$today.json" "$@" ;;
   *)
-    echo "usage: $0 tests|kernels|ops|step" >&2
+    echo "usage: $0 tests|kernels|ops|step|conv" >&2
     exit 2 ;;
 esac
