@@ -153,6 +153,9 @@ def moons_checkpoint(tmp_path_factory):
      "--recompute full: a policy applies only to unrolled IE-Skips .* no requested row is one"),
     (["bench", "--steps", "0", "--recompute", "none"],
      "--recompute none: a policy applies only to unrolled IE-Skips"),
+    pytest.param(["bench", "--recompute", "full"],
+                 "no requested row is one \\(the default --backends here: eager reference\\)",
+                 marks=_NO_CUDA),
     (["cost", "--backend", "reference", "--recompute", "none", "full"],
      "--recompute none full: a policy applies only to unrolled IE-Skips .* no requested "
      "configuration is one"),

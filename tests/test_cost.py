@@ -391,6 +391,24 @@ def test_cli_sweeps_recompute_policies_where_they_apply(tmp_path, capsys):
         assert f"K=1 unrolled · recompute {policy} ·" in text
 
 
+def test_cli_names_no_row_after_a_policy_it_cannot_show(tmp_path):
+    """Rows where no policy applies (K = 0, detached, eager, reference) are counted once, with
+    the default policy and no policy in their name, whichever policy comes first; a policy
+    given twice is counted once."""
+    from pyeuler.cli import main
+
+    out = tmp_path / "c.json"
+    assert main(["cost", "--model", "wrn-10-1", "--data", "digits", "--batch-size", "2",
+                 "--ie-steps", "0", "1", "--backend", "triton", "eager", "--recompute", "none",
+                 "full", "none", "--no-host-time", "--top", "0", "--json", str(out)]) == 0
+    reports = json.loads(out.read_text())["reports"]
+    assert sorted(reports) == sorted(["triton-K0-unrolled-bf16", "eager-K0-unrolled-bf16",
+                                      "eager-K1-unrolled-bf16",
+                                      "triton-K1-unrolled-bf16-recompute-none",
+                                      "triton-K1-unrolled-bf16-recompute-full"])
+    assert reports["eager-K1-unrolled-bf16"]["config"]["recompute"] == "selective"
+
+
 # ------------------------------------------------------------------ (e) a captured step
 
 

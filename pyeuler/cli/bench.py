@@ -148,9 +148,11 @@ def run(args) -> int:
                     f"{config['depth']}")
     cases = _cases(args, gpu)
     if set(args.recompute) != {"selective"} and not any(c.recompute_applies for c in cases):
+        hint = "" if args.backends else (
+            f" (the default --backends here: {' '.join(sorted({c.backend for c in cases}))})")
         usage_error(f"--recompute {' '.join(args.recompute)}: a policy applies only to unrolled "
                     "IE-Skips (--steps above 0, --grads unrolled) on the triton or cuda backend, "
-                    "and no requested row is one")
+                    f"and no requested row is one{hint}")
     print(f"bench: {environment()['device']}, WRN-{config['depth']}-{config['widen_factor']}, "
           f"batch {config['batch_size']}, {config['image_size']}×{config['image_size']}, "
           f"{config['warmup']} warm-up + {config['iters']} timed steps, {len(cases)} rows | "

@@ -81,16 +81,20 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 def configs(args: argparse.Namespace) -> list:
     """Every (backend, K, grad, recompute) combination; K = 0 with the first grad mode only,
-    and the first policy only where policies do not apply (:func:`_recomputes`)."""
+    and one row with the default policy where policies do not apply (:func:`_recomputes`),
+    so that no row is named after a policy it cannot show."""
     from pyeuler.cost import StepConfig
 
+    policies = list(dict.fromkeys(args.recompute))
     out = []
     for backend, k, grad, recompute in itertools.product(args.backend, args.ie_steps, args.grad,
-                                                         args.recompute):
+                                                         policies):
         if k == 0 and grad != args.grad[0]:
             continue
-        if not _recomputes(backend, k, grad) and recompute != args.recompute[0]:
-            continue
+        if not _recomputes(backend, k, grad):
+            if recompute != policies[0]:
+                continue
+            recompute = "selective"
         out.append(StepConfig(model=args.model, data=args.data, batch_size=args.batch_size,
                               precision=args.precision, ie_steps=k, grad=grad, norm=args.norm,
                               adv=args.adv, attack_steps=args.attack_steps, backend=backend,
