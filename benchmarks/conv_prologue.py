@@ -10,8 +10,9 @@ Triton convolution is not slower than cuDNN's by more than the apply pass costs;
 a GPU to measure (``benchmarks/test_bench_conv_prologue.py``, ``gpu_session.sh conv``).
 Until then nothing in pyeuler uses these kernels.
 
-Both kernels are implicit GEMMs over channels-last tensors (``x`` of shape (N, H, W, C) in
-memory, ``stride(1) == 1``), padding 1, stride 1 or 2, accumulating in float32:
+Both kernels are implicit GEMMs over channels-last 16-bit tensors (``x`` of shape (N, H, W, C)
+in memory, ``stride(1) == 1``; bf16 or fp16, the precisions the byte target is about),
+padding 1, stride 1 or 2, accumulating in float32:
 
 - forward: ``y[n, p, q, k] = Σ_{r, s, c} a[n, p·st − 1 + r, q·st − 1 + s, c] · w[k, c, r, s]``,
   GEMM rows ``m = (n, p, q)``, columns ``k``, reduction over ``(r, s, c)``;
@@ -51,6 +52,16 @@ class ConvTiles:
     num_warps: int = 8
     num_stages: int = 3
     split_m: int = 8
+
+    def __post_init__(self):
+        for name in ("block_m", "block_n", "block_k"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 16 or value & (value - 1):
+                raise ValueError(f"{name}: expected a power of two of at least 16, got {value!r}")
+        for name in ("num_warps", "num_stages", "split_m"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{name}: expected a positive int, got {value!r}")
 
 
 # tilings the GPU benchmark compares; the first is the default.  The weight gradient's
@@ -164,26 +175,32 @@ def _conv3x3_weight_grad_kernel(x_ptr, scale_ptr, shift_ptr, dy_ptr, dw_ptr, N, 
 
 def _dot_fp32(x: torch.Tensor) -> bool:
     """Whether the kernels multiply in float32: only in the CPU interpreter, whose
-    ``tl.dot`` of 16-bit operands returns garbage (Triton 3.9).  The products of 16-bit
+    ``tl.dot`` of bf16 operands returns garbage (Triton 3.9).  The products of 16-bit
     values are exact in float32, so the sums differ from the GPU's only in their order."""
     return x.device.type == "cpu"
 
 
 def _check(x: torch.Tensor, scale: torch.Tensor | None, shift: torch.Tensor | None,
-           stride: int) -> None:
-    if x.dim() != 4 or not x.is_contiguous(memory_format=torch.channels_last):
-        raise ValueError(f"x: expected a channels-last (N, C, H, W) tensor, got shape "
-                         f"{tuple(x.shape)} with strides {x.stride()}")
-    if x.dtype not in (torch.float16, torch.bfloat16, torch.float32):
-        raise TypeError(f"x: expected float16, bfloat16 or float32, got {x.dtype}")
-    if stride not in (1, 2):
-        raise ValueError(f"stride: expected 1 or 2, got {stride}")
+           stride: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """Raise on what the kernels do not take; returns scale and shift contiguous (the kernels
+    index them densely)."""
+    if not isinstance(x, torch.Tensor) or x.dim() != 4 \
+            or not x.is_contiguous(memory_format=torch.channels_last):
+        raise ValueError(f"x: expected a channels-last (N, C, H, W) tensor, got "
+                         f"{getattr(x, 'shape', type(x).__name__)} with strides "
+                         f"{x.stride() if isinstance(x, torch.Tensor) else None}")
+    if x.dtype not in (torch.float16, torch.bfloat16):
+        raise TypeError(f"x: expected bfloat16 or float16, got {x.dtype}")
+    if not isinstance(stride, int) or isinstance(stride, bool) or stride not in (1, 2):
+        raise ValueError(f"stride: expected the int 1 or 2, got {stride!r}")
     if (scale is None) != (shift is None):
         raise ValueError("scale and shift: give both (the norm's prologue) or neither")
     for name, t in (("scale", scale), ("shift", shift)):
-        if t is not None and (t.shape != (x.shape[1],) or t.dtype != torch.float32):
-            raise ValueError(f"{name}: expected float32 of shape ({x.shape[1]},), got "
-                             f"{t.dtype} of shape {tuple(t.shape)}")
+        if t is not None and (t.shape != (x.shape[1],) or t.dtype != torch.float32
+                              or t.device != x.device):
+            raise ValueError(f"{name}: expected float32 of shape ({x.shape[1]},) on {x.device}, "
+                             f"got {t.dtype} of shape {tuple(t.shape)} on {t.device}")
+    return (None, None) if scale is None else (scale.contiguous(), shift.contiguous())
 
 
 def gemm_weight(weight: torch.Tensor) -> torch.Tensor:
@@ -201,7 +218,7 @@ def conv3x3(x: torch.Tensor, weight_rsck: torch.Tensor, scale: torch.Tensor | No
     scale and shift).
 
     Args:
-        x: (N, C, H, W) channels-last, float16, bfloat16 or float32.
+        x: (N, C, H, W) channels-last, bfloat16 or float16.
         weight_rsck: (3, 3, C, K) contiguous, x's dtype (:func:`gemm_weight`).
         scale, shift: (C,) float32, or both None.
         stride: 1 or 2.
@@ -210,12 +227,14 @@ def conv3x3(x: torch.Tensor, weight_rsck: torch.Tensor, scale: torch.Tensor | No
     Raises:
         ValueError, TypeError: a layout, shape or dtype the kernel does not take.
     """
-    _check(x, scale, shift, stride)
+    scale, shift = _check(x, scale, shift, stride)
     N, C, H, W = x.shape
-    if weight_rsck.shape[:3] != (3, 3, C) or weight_rsck.dtype != x.dtype \
+    if weight_rsck.dim() != 4 or weight_rsck.shape[:3] != (3, 3, C) \
+            or weight_rsck.dtype != x.dtype or weight_rsck.device != x.device \
             or not weight_rsck.is_contiguous():
-        raise ValueError(f"weight_rsck: expected contiguous (3, 3, {C}, K) in {x.dtype}, got "
-                         f"{weight_rsck.dtype} of shape {tuple(weight_rsck.shape)}")
+        raise ValueError(f"weight_rsck: expected contiguous (3, 3, {C}, K) in {x.dtype} on "
+                         f"{x.device}, got {weight_rsck.dtype} of shape "
+                         f"{tuple(weight_rsck.shape)} on {weight_rsck.device}")
     K = weight_rsck.shape[3]
     P, Q = (H - 1) // stride + 1, (W - 1) // stride + 1
     y = torch.empty((N, K, P, Q), device=x.device, dtype=x.dtype,
@@ -238,19 +257,20 @@ def conv3x3_weight_grad(x: torch.Tensor, dy: torch.Tensor, scale: torch.Tensor |
 
     Args:
         x: as in :func:`conv3x3`.
-        dy: (N, K, P, Q) channels-last, x's dtype.
+        dy: (N, K, P, Q) channels-last, x's dtype; K is taken from it.
     Returns:
         (K, C, 3, 3) float32 (a view of the (3, 3, C, K) sums).
     Raises:
         ValueError, TypeError: a layout, shape or dtype the kernel does not take.
     """
-    _check(x, scale, shift, stride)
+    scale, shift = _check(x, scale, shift, stride)
     N, C, H, W = x.shape
     P, Q = (H - 1) // stride + 1, (W - 1) // stride + 1
     if dy.dim() != 4 or dy.shape[0] != N or dy.shape[2:] != (P, Q) or dy.dtype != x.dtype \
-            or not dy.is_contiguous(memory_format=torch.channels_last):
-        raise ValueError(f"dy: expected channels-last ({N}, K, {P}, {Q}) in {x.dtype}, got "
-                         f"{dy.dtype} of shape {tuple(dy.shape)} with strides {dy.stride()}")
+            or dy.device != x.device or not dy.is_contiguous(memory_format=torch.channels_last):
+        raise ValueError(f"dy: expected channels-last ({N}, K, {P}, {Q}) in {x.dtype} on "
+                         f"{x.device}, got {dy.dtype} of shape {tuple(dy.shape)} with strides "
+                         f"{dy.stride()} on {dy.device}")
     K = dy.shape[1]
     dw = torch.zeros((3, 3, C, K), device=x.device, dtype=torch.float32)
     grid = (9 * triton.cdiv(C, tiles.block_k), triton.cdiv(K, tiles.block_n), tiles.split_m)
@@ -264,11 +284,23 @@ def conv3x3_weight_grad(x: torch.Tensor, dy: torch.Tensor, scale: torch.Tensor |
     return dw.permute(3, 2, 0, 1)
 
 
+# the most shared memory one block may use (bytes), per compute capability
+_MAX_SHARED = {80: 166912, 90: 232448}
+
+
+def _check_launchable(shared: int, arch: int) -> None:
+    """A kernel that needs more shared memory than a block may have compiles, but raises
+    OutOfResources at its first launch."""
+    if shared > _MAX_SHARED.get(arch, shared):
+        raise RuntimeError(f"needs {shared} B of shared memory, sm_{arch} gives a block at most "
+                           f"{_MAX_SHARED[arch]} B")
+
+
 def _check_hopper_path(ttgir: str, arch: int, dtype: str, tiles: ConvTiles) -> None:
-    """On sm_90, a bf16 tile of 64 channels must multiply with wgmma and load through
+    """On sm_90, a tile of 64 channels must multiply with wgmma and load through
     pipelined asynchronous copies: without either the timing would say nothing of what a
     good Triton convolution can do."""
-    if arch < 90 or dtype != "bf16" or tiles.block_k < 64:
+    if arch < 90 or tiles.block_k < 64:
         return
     missing = [op for op in ("ttng.warp_group_dot", "ttg.async_copy_global_to_local")
                if op not in ttgir]
@@ -278,8 +310,9 @@ def _check_hopper_path(ttgir: str, arch: int, dtype: str, tiles: ConvTiles) -> N
 
 
 def compile_check(arch: int, tilings: tuple[ConvTiles, ...] = TILINGS) -> list[str]:
-    """Lower both kernels, with and without the prologue, stride 1 and 2, bf16 and fp32,
-    each of ``tilings``, to cubin for sm_``arch``, and check the Hopper code path
+    """Lower both kernels, with and without the prologue, stride 1 and 2, bf16 and fp16,
+    each of ``tilings``, to cubin for sm_``arch``, and check that each fits the block's
+    shared memory (:func:`_check_launchable`) and takes the Hopper code path
     (:func:`_check_hopper_path`); returns the failures (empty: all passed).  Run without
     ``TRITON_INTERPRET`` (the interpreter replaces the kernels)."""
     from triton.backends.compiler import GPUTarget
@@ -287,7 +320,7 @@ def compile_check(arch: int, tilings: tuple[ConvTiles, ...] = TILINGS) -> list[s
     failures = []
     for kernel, tensors in ((_conv3x3_forward_kernel, ("x_ptr", "w_ptr", "y_ptr")),
                             (_conv3x3_weight_grad_kernel, ("x_ptr", "dy_ptr"))):
-        for dtype in ("bf16", "fp32"):
+        for dtype in ("bf16", "fp16"):
             for tiles in tilings:
                 for stride in (1, 2):
                     for prologue in (False, True):
@@ -319,6 +352,7 @@ def compile_check(arch: int, tilings: tuple[ConvTiles, ...] = TILINGS) -> list[s
                                          "num_stages": tiles.num_stages})
                             if not compiled.asm.get("cubin"):
                                 raise RuntimeError("no cubin produced")
+                            _check_launchable(compiled.metadata.shared, arch)
                             _check_hopper_path(compiled.asm["ttgir"], arch, dtype, tiles)
                         except Exception as exc:  # report every failure, not only the first
                             failures.append(f"{label}: {type(exc).__name__}: {exc}")

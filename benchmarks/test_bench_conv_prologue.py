@@ -112,6 +112,8 @@ def test_conv(benchmark, shape, direction, impl, tiling):
         torch.cuda.synchronize()
 
     benchmark.pedantic(timed, rounds=30, warmup_rounds=2)
+    if benchmark.disabled:  # --benchmark-disable: ran once, no statistics
+        return
     flops = 2 * n * p * q * k * c * 9
     benchmark.extra_info.update({
         "impl": impl, "tiling": None if tiles is None else repr(tiles), "direction": direction,

@@ -65,6 +65,8 @@ def test_op(benchmark, op, shape, dtype, layout, backward, impl):
         torch.cuda.synchronize()
 
     benchmark.pedantic(timed, rounds=30, warmup_rounds=2)
+    if benchmark.disabled:  # --benchmark-disable: ran once, no statistics
+        return
     moved = op_bytes(x.numel(), x.element_size(), op, backward)
     achieved = moved / benchmark.stats["median"] / 1e9
     benchmark.extra_info.update({"bytes": moved, "GB/s": achieved,
