@@ -289,18 +289,23 @@ def _json_row(result: StepResult) -> dict:
     return row
 
 
-def write_results(results: list[StepResult], config: dict, out_dir: str | Path) -> tuple[Path, Path]:
+def write_results(results: list[StepResult], config: dict, out_dir: str | Path,
+                  over: Path | None = None) -> tuple[Path, Path]:
     """Write ``<device>-<date>.json`` and ``.md`` (``-2``, ``-3``… when a run of the same day
-    is already there: a table split over several runs keeps every part); returns both paths."""
+    is already there: a table split over several runs keeps every part); returns both paths.
+    ``over``: a JSON path this run wrote before, rewritten with the rows so far (a run cut
+    short keeps the rows it finished)."""
     env = environment()
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     device = "".join(c if c.isalnum() else "-" for c in env["device"]).strip("-").lower()
     base = f"{device}-{env['date'][:10]}"
     stem, part = out_dir / base, 1
-    while stem.with_suffix(".json").exists():
+    while over is None and stem.with_suffix(".json").exists():
         part += 1
         stem = out_dir / f"{base}-{part}"
+    if over is not None:
+        stem = Path(over).with_suffix("")
     payload = {"environment": env, "config": config,
                "results": [_json_row(r) for r in results]}
     json_path, md_path = stem.with_suffix(".json"), stem.with_suffix(".md")

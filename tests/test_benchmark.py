@@ -23,6 +23,33 @@ def test_bench_cli_writes_a_table_per_run_without_overwriting(tmp_path):
     assert "| case | min ms | median ms | IQR ms |" in first.with_suffix(".md").read_text()
 
 
+def test_a_bench_run_cut_short_keeps_the_rows_it_finished(tmp_path, monkeypatch):
+    """The files are rewritten after every row: a run stopped by a time limit (a lent GPU's)
+    leaves the rows it timed, and says how many were planned."""
+    import pyeuler.benchmark
+
+    timed = []
+
+    def time_then_stop(case, **kwargs):
+        if timed:
+            raise KeyboardInterrupt  # as a timeout's signal would stop the run
+        timed.append(case)
+        return real(case, **kwargs)
+
+    real = pyeuler.benchmark.time_train_step
+    monkeypatch.setattr(pyeuler.benchmark, "time_train_step", time_then_stop)
+    with pytest.raises(KeyboardInterrupt):
+        main(["bench", "--depth", "10", "--widen-factor", "1", "--batch-size", "2",
+              "--image-size", "8", "--steps", "1", "--grads", "unrolled", "--backends",
+              "reference", "eager", "--warmup", "1", "--iters", "1", "--no-progress",
+              "--out", str(tmp_path)])
+    (written,) = tmp_path.glob("*.json")
+    payload = json.loads(written.read_text())
+    assert [r["label"] for r in payload["results"]] == ["K=1 unrolled fp32 reference"]
+    assert payload["config"]["rows_planned"] == 2
+    assert "K=1 unrolled fp32 reference" in written.with_suffix(".md").read_text()
+
+
 def test_results_record_the_environment(tmp_path):
     result = time_train_step(StepCase(0, "unrolled", "fp32", "eager"), depth=10, widen_factor=1,
                              batch_size=2, image_size=8, warmup=1, iters=1)

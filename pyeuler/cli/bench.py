@@ -157,13 +157,18 @@ def run(args) -> int:
           f"batch {config['batch_size']}, {config['image_size']}×{config['image_size']}, "
           f"{config['warmup']} warm-up + {config['iters']} timed steps, {len(cases)} rows | "
           f"{threads} threads | results to {out}", flush=True)
-    results = []
+    results, json_path = [], None
+    header = dict(config, threads=threads, rows_planned=len(cases))
     for case in tqdm(cases, desc="bench", disable=args.no_progress):
         try:
             results.append(time_train_step(case, profile=args.profile, **config))
         except Exception as error:  # one failing row must not hide the others
             print(f"{case.label}: failed: {type(error).__name__}: {error}")
-    json_path, md_path = write_results(results, dict(config, threads=threads), out)
+            continue
+        # after every row: a run stopped by a time limit (a lent GPU's) keeps what it timed
+        json_path, md_path = write_results(results, header, out, over=json_path)
+    if json_path is None:
+        json_path, md_path = write_results(results, header, out)
     print(md_path.read_text())
     print(f"wrote {json_path} and {md_path}")
     return 0 if len(results) == len(cases) else 1
