@@ -28,3 +28,19 @@ def copy_bandwidth_gbs() -> float:
     end.record()
     torch.cuda.synchronize()
     return 2 * src.numel() * 20 / (start.elapsed_time(end) / 1e3) / 1e9
+
+
+def median_seconds(benchmark, run) -> float | None:
+    """Time ``run`` on the GPU with pytest-benchmark (three untimed calls, then 30 rounds,
+    each synchronised); the median in seconds, or None under ``--benchmark-disable`` (one
+    call, no statistics)."""
+    for _ in range(3):
+        run()
+    torch.cuda.synchronize()
+
+    def timed():
+        run()
+        torch.cuda.synchronize()
+
+    benchmark.pedantic(timed, rounds=30, warmup_rounds=2)
+    return None if benchmark.disabled else benchmark.stats["median"]

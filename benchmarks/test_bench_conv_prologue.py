@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 import pyeuler
-from conftest import requires_cuda
+from conftest import median_seconds, requires_cuda
 
 DEVICE = "cuda"
 # (N, C, H, W, K, stride): the 3×3 convolutions of a WRN-34-10 block (the first of a group
@@ -91,31 +91,23 @@ def test_conv(benchmark, shape, direction, impl, tiling):
                "triton+prologue": lambda: cp.conv3x3_weight_grad(x, dy, scale, shift, stride,
                                                                  tiles=tiles)}[impl]
 
-    u = torch.finfo(dtype).eps
+    eps = torch.finfo(dtype).eps
     with torch.backends.cudnn.flags(enabled=True, allow_tf32=False):
         if direction == "fwd":
             expected = F.conv2d(a.float(), weight.float(), padding=1, stride=stride)
-            bound = 2 * u * F.conv2d(a.float().abs(), weight.float().abs(), padding=1,
-                                     stride=stride) + u * expected.abs() + 1e-3
+            bound = 2 * eps * F.conv2d(a.float().abs(), weight.float().abs(), padding=1,
+                                     stride=stride) + eps * expected.abs() + 1e-3
         else:
             expected = _weight_grad(dy.float(), a.float(), weight.float(), stride)
-            bound = 2 * u * _weight_grad(dy.float().abs(), a.float().abs(), weight.float(),
-                                         stride) + u * expected.abs() + 1e-3
+            bound = 2 * eps * _weight_grad(dy.float().abs(), a.float().abs(), weight.float(),
+                                         stride) + eps * expected.abs() + 1e-3
     worst = _check(run(), expected, bound, f"{impl} {direction}")
 
-    for _ in range(3):
-        run()
-    torch.cuda.synchronize()
-
-    def timed():
-        run()
-        torch.cuda.synchronize()
-
-    benchmark.pedantic(timed, rounds=30, warmup_rounds=2)
-    if benchmark.disabled:  # --benchmark-disable: ran once, no statistics
+    median = median_seconds(benchmark, run)
+    if median is None:
         return
     flops = 2 * n * p * q * k * c * 9
     benchmark.extra_info.update({
         "impl": impl, "tiling": None if tiles is None else repr(tiles), "direction": direction,
-        "shape": list(shape), "TFLOP/s": flops / benchmark.stats["median"] / 1e12,
+        "shape": list(shape), "TFLOP/s": flops / median / 1e12,
         "error / bound": worst})

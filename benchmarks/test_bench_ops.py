@@ -14,7 +14,7 @@ import torch.nn.functional as F
 import pyeuler
 from pyeuler import functional as PF
 from pyeuler.benchmark import op_bytes
-from conftest import copy_bandwidth_gbs, requires_cuda
+from conftest import copy_bandwidth_gbs, median_seconds, requires_cuda
 
 SHAPES = [(128, 160, 32, 32), (128, 320, 16, 16), (128, 640, 8, 8)]
 IMPLS = ["eager", "compile", "triton", "cuda"]
@@ -56,18 +56,10 @@ def test_op(benchmark, op, shape, dtype, layout, backward, impl):
             torch.autograd.backward(y, dy)
         return y
 
-    for _ in range(3):
-        run()
-    torch.cuda.synchronize()
-
-    def timed():
-        run()
-        torch.cuda.synchronize()
-
-    benchmark.pedantic(timed, rounds=30, warmup_rounds=2)
-    if benchmark.disabled:  # --benchmark-disable: ran once, no statistics
+    median = median_seconds(benchmark, run)
+    if median is None:
         return
     moved = op_bytes(x.numel(), x.element_size(), op, backward)
-    achieved = moved / benchmark.stats["median"] / 1e9
+    achieved = moved / median / 1e9
     benchmark.extra_info.update({"bytes": moved, "GB/s": achieved,
                                  "% of copy bandwidth": 100 * achieved / copy_bandwidth_gbs()})
