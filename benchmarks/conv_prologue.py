@@ -245,8 +245,7 @@ def conv3x3(x: torch.Tensor, weight_rsck: torch.Tensor, scale: torch.Tensor | No
         x, scale if prologue else x, shift if prologue else x, weight_rsck, y,
         N, H, W, C, P, Q, K, STRIDE=stride, PROLOGUE=prologue, BLOCK_M=tiles.block_m,
         BLOCK_N=tiles.block_n, BLOCK_K=tiles.block_k, GROUP_M=8, DOT_FP32=_dot_fp32(x),
-        num_warps=tiles.num_warps,
-        num_stages=tiles.num_stages)
+        num_warps=tiles.num_warps, num_stages=tiles.num_stages)
     return y
 
 
@@ -279,8 +278,7 @@ def conv3x3_weight_grad(x: torch.Tensor, dy: torch.Tensor, scale: torch.Tensor |
         x, scale if prologue else x, shift if prologue else x, dy, dw, N, H, W, C, P, Q, K,
         STRIDE=stride, PROLOGUE=prologue, BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n,
         BLOCK_K=tiles.block_k, SPLIT_M=tiles.split_m, DOT_FP32=_dot_fp32(x),
-        num_warps=tiles.num_warps,
-        num_stages=tiles.num_stages)
+        num_warps=tiles.num_warps, num_stages=tiles.num_stages)
     return dw.permute(3, 2, 0, 1)
 
 
